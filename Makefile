@@ -1,0 +1,47 @@
+# presence-bridge developer commands. `make run` and `make test` are the two that matter.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: run test lint clean bench soak fuzz deps
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+deps: $(STAMP) $(NODE_STAMP)
+
+## make run: the whole local world (Azurite, Zoom and Entra/Graph emulators, the local
+## Functions host), a seeded organisation and a scripted day of presence, with a live view.
+run: deps
+	$(PY) -m sandbox.run
+
+## make test: lint and the whole test suite (unit, integration on Azurite, end-to-end on the sandbox).
+test: deps lint
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+bench: deps
+	$(PY) -m bench.run
+
+soak: deps
+	$(PY) -m pytest -q -m soak --run-soak tests/soak
+
+fuzz: deps
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/fuzz
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache .hypothesis .sandbox
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,99 @@
+"""Start and stop Azurite (the Azure Storage emulator, npm package ``azurite``).
+
+Installed locally by ``npm install`` (see package.json); Blob, Queue and Table services on free
+loopback ports, in-memory, so every test session starts from empty storage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandbox.ports import free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+# The well-known development account of Azurite and the Storage emulator (public, not a secret).
+ACCOUNT = "devstoreaccount1"
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_binary() -> str:
+    local = ROOT / "node_modules" / ".bin" / "azurite"
+    if local.exists():
+        return str(local)
+    found = shutil.which("azurite")
+    if found:
+        return found
+    raise FileNotFoundError("azurite is not installed: run `npm install` (or `make test`, which does it)")
+
+
+@dataclass
+class Azurite:
+    """One Azurite process with its three services on free ports."""
+
+    blob_port: int = field(default_factory=free_port)
+    queue_port: int = field(default_factory=free_port)
+    table_port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    workdir: str | None = None
+
+    @property
+    def connection_string(self) -> str:
+        host = "http://127.0.0.1"
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint={host}:{self.blob_port}/{ACCOUNT};"
+            f"QueueEndpoint={host}:{self.queue_port}/{ACCOUNT};"
+            f"TableEndpoint={host}:{self.table_port}/{ACCOUNT};"
+        )
+
+    def start(self) -> Azurite:
+        self.workdir = tempfile.mkdtemp(prefix="azurite-")
+        cmd = [
+            azurite_binary(),
+            "--silent",
+            "--inMemoryPersistence",
+            "--skipApiVersionCheck",
+            "--disableProductStyleUrl",
+            "--blobHost", "127.0.0.1", "--blobPort", str(self.blob_port),
+            "--queueHost", "127.0.0.1", "--queuePort", str(self.queue_port),
+            "--tableHost", "127.0.0.1", "--tablePort", str(self.table_port),
+        ]
+        # cwd is a scratch folder: Azurite writes its debug/extent files where it runs.
+        self.process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            cmd, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        for port in (self.blob_port, self.queue_port, self.table_port):
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                raise RuntimeError(f"azurite exited at start: {err.strip()[:500]}")
+            wait_for_port(port)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process = None
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def restart(self) -> None:
+        """Stop and start on the same ports (fault injection: storage goes away and comes back empty)."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Azurite:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,158 @@
+"""One settings object, read lazily from app settings (environment variables).
+
+Settings are never read at import time: the Functions host indexes the app with whatever
+environment it has, and an exception at import makes it load zero functions. Code asks for
+``get_settings()`` inside an invocation; a missing required value raises ``SettingMissing``
+naming the setting, which fails only the invocation that needed it.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingMissing(RuntimeError):
+    """A required app setting is not configured."""
+
+    def __init__(self, name: str, purpose: str = "") -> None:
+        hint = f" ({purpose})" if purpose else ""
+        super().__init__(f"app setting {name} is not configured{hint}")
+        self.setting = name
+
+
+class Settings(BaseSettings):
+    """App settings. Environment variable names are the public contract (DESIGN.md §3)."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", populate_by_name=True)
+
+    # --- storage -------------------------------------------------------------------------
+    storage_connection_string: str | None = Field(
+        default=None, validation_alias=AliasChoices("AzureWebJobsStorage")
+    )
+    storage_account_name: str | None = Field(
+        default=None, validation_alias=AliasChoices("AzureWebJobsStorage__accountName")
+    )
+    storage_table_service_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("AzureWebJobsStorage__tableServiceUri")
+    )
+    storage_queue_service_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("AzureWebJobsStorage__queueServiceUri")
+    )
+    storage_credential: str | None = Field(
+        default=None, validation_alias=AliasChoices("AzureWebJobsStorage__credential")
+    )
+    storage_client_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("AzureWebJobsStorage__clientId")
+    )
+
+    # --- Zoom ----------------------------------------------------------------------------
+    zoom_account_id: str | None = Field(default=None, validation_alias=AliasChoices("ZOOM_ACCOUNT_ID"))
+    zoom_client_id: str | None = Field(default=None, validation_alias=AliasChoices("ZOOM_CLIENT_ID"))
+    zoom_client_secret: str | None = Field(default=None, validation_alias=AliasChoices("ZOOM_CLIENT_SECRET"))
+    zoom_webhook_secret_token: str | None = Field(
+        default=None, validation_alias=AliasChoices("ZOOM_WEBHOOK_SECRET_TOKEN")
+    )
+    zoom_api_base_url: str = Field(
+        default="https://api.zoom.us/v2", validation_alias=AliasChoices("ZOOM_API_BASE_URL")
+    )
+    zoom_oauth_base_url: str = Field(
+        default="https://zoom.us", validation_alias=AliasChoices("ZOOM_OAUTH_BASE_URL")
+    )
+    # Zoom publishes no timestamp tolerance (API-FACTS §1, UNCONFIRMED): 300 s is the common choice.
+    zoom_webhook_max_skew_seconds: int = Field(
+        default=300, validation_alias=AliasChoices("ZOOM_WEBHOOK_MAX_SKEW_SECONDS")
+    )
+    zoom_webhook_max_body_bytes: int = Field(
+        default=65536, validation_alias=AliasChoices("ZOOM_WEBHOOK_MAX_BODY_BYTES")
+    )
+    # "A user's status cannot be updated more than once per minute" (API-FACTS §3).
+    zoom_presence_min_interval_seconds: float = Field(
+        default=60.0, validation_alias=AliasChoices("ZOOM_PRESENCE_MIN_INTERVAL_SECONDS")
+    )
+    zoom_dnd_duration_minutes: int = Field(
+        default=60, ge=1, le=1440, validation_alias=AliasChoices("ZOOM_DND_DURATION_MINUTES")
+    )
+    # How long to leave a user alone after Zoom says 5301 (not signed in to a Zoom client).
+    zoom_not_signed_in_backoff_seconds: int = Field(
+        default=900, validation_alias=AliasChoices("ZOOM_NOT_SIGNED_IN_BACKOFF_SECONDS")
+    )
+
+    # --- Entra / Graph -------------------------------------------------------------------
+    entra_tenant_id: str | None = Field(default=None, validation_alias=AliasChoices("ENTRA_TENANT_ID"))
+    entra_client_id: str | None = Field(default=None, validation_alias=AliasChoices("ENTRA_CLIENT_ID"))
+    entra_client_secret: str | None = Field(
+        default=None, validation_alias=AliasChoices("ENTRA_CLIENT_SECRET")
+    )
+    entra_client_certificate: str | None = Field(
+        default=None, validation_alias=AliasChoices("ENTRA_CLIENT_CERTIFICATE")
+    )
+    # Client id of a user-assigned managed identity used as a federated credential
+    # (managed-identity token as client assertion); empty = system-assigned when enabled.
+    entra_managed_identity_client_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("ENTRA_MANAGED_IDENTITY_CLIENT_ID")
+    )
+    entra_use_managed_identity: bool = Field(
+        default=False, validation_alias=AliasChoices("ENTRA_USE_MANAGED_IDENTITY")
+    )
+    entra_authority_host: str = Field(
+        default="https://login.microsoftonline.com", validation_alias=AliasChoices("ENTRA_AUTHORITY_HOST")
+    )
+    graph_base_url: str = Field(
+        default="https://graph.microsoft.com/v1.0", validation_alias=AliasChoices("GRAPH_BASE_URL")
+    )
+    # PEM (certificate + private key) used to decrypt rich notifications; empty = basic ones.
+    graph_notification_certificate: str | None = Field(
+        default=None, validation_alias=AliasChoices("GRAPH_NOTIFICATION_CERTIFICATE")
+    )
+    # Lifetime of presence overlays we write to Teams (bound on a stuck state), minutes.
+    teams_overlay_minutes: int = Field(
+        default=60, ge=5, le=240, validation_alias=AliasChoices("TEAMS_OVERLAY_MINUTES")
+    )
+
+    # --- the app ---------------------------------------------------------------------------
+    public_base_url: str | None = Field(default=None, validation_alias=AliasChoices("PUBLIC_BASE_URL"))
+    presence_mapping: str | None = Field(default=None, validation_alias=AliasChoices("PRESENCE_MAPPING"))
+    token_encryption_key: str | None = Field(
+        default=None, validation_alias=AliasChoices("TOKEN_ENCRYPTION_KEY")
+    )
+    # Upper bound on one outbound call including retries, seconds.
+    http_total_timeout_seconds: float = Field(
+        default=30.0, validation_alias=AliasChoices("HTTP_TOTAL_TIMEOUT_SECONDS")
+    )
+
+    def require(self, attribute: str, setting: str, purpose: str = "") -> str:
+        value = getattr(self, attribute)
+        if value in (None, ""):
+            raise SettingMissing(setting, purpose)
+        return value
+
+    @cached_property
+    def zoom_webhook_secrets(self) -> list[str]:
+        """Every accepted webhook secret token (two during a rotation)."""
+        raw = self.require("zoom_webhook_secret_token", "ZOOM_WEBHOOK_SECRET_TOKEN", "Zoom webhook signatures")
+        return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+_lock = threading.Lock()
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    global _settings
+    if _settings is None:
+        with _lock:
+            if _settings is None:
+                _settings = Settings()
+    return _settings
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests and the local host change the environment)."""
+    global _settings
+    with _lock:
+        _settings = None

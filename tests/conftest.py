@@ -1,0 +1,8 @@
+"""Shared pytest fixtures: each area's fixtures live in tests/fixtures/ and are loaded here."""
+
+pytest_plugins = [
+    "tests.fixtures.azurite",
+    "tests.fixtures.graph",
+    "tests.fixtures.zoom",
+    "tests.fixtures.host",
+]
