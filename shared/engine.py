@@ -1,0 +1,360 @@
+"""The level-triggered sync engine (DESIGN.md §5), pure Python: no I/O, no clock of its own.
+
+Events only update what we know about each side (``observe_zoom`` / ``observe_teams``); the
+reconciler (``plan``) computes what each side *should* show from the other side's native
+state and returns the difference as operations. The caller records the plan's bookkeeping
+before it performs the operations, so that echoes of our own writes are recognised even when
+they arrive before the write call returns.
+
+Vocabulary used here:
+- *native*: the person's own state on a side — never our overlay. While a side shows our
+  overlay, its native state is what was there before (or "not busier than ours").
+- *overlay*: what we put on a side, derived from the other side's native state; ``source``
+  says which native state (and since when) it was derived from.
+- *yielded*: the person took the slot back from an overlay derived from ``source``; we do not
+  write that overlay again until the source state changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from shared.mapping import CLEAR, NO_CHANGE, Mapping, TeamsOverlay, ZoomOverlay
+from shared.presence import (
+    ZOOM_MANUAL_STATES,
+    Presence,
+    parse_teams,
+    parse_zoom,
+    priority,
+    render_zoom_put,
+    teams_pair_matches,
+)
+
+ZOOM_TO_TEAMS = "zoom_to_teams"
+TEAMS_TO_ZOOM = "teams_to_zoom"
+ALL_DIRECTIONS = (ZOOM_TO_TEAMS, TEAMS_TO_ZOOM)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    teams_overlay_seconds: float = 3600.0  # setPresence/setUserPreferredPresence expiration (bound)
+    zoom_dnd_minutes: int = 60  # duration of a Do_Not_Disturb we put on Zoom (bound)
+    renew_leeway_seconds: float = 600.0  # renew an overlay this long before it expires
+    zoom_echo_window_seconds: float = 600.0  # a Zoom report equal to our recent write is our echo
+
+
+@dataclass(frozen=True)
+class TeamsOverlayRecord:
+    overlay: TeamsOverlay
+    written_at: float
+    expires_at: float
+    source: str
+
+
+@dataclass(frozen=True)
+class ZoomOverlayRecord:
+    status: str  # PUT vocabulary
+    written_at: float
+    expires_at: float | None  # Do_Not_Disturb carries a duration; the others do not expire
+    source: str
+    restore: str  # the person's own manual status to put back when we let go (PUT vocabulary)
+
+
+@dataclass
+class UserSync:
+    """Everything the engine knows about one linked person."""
+
+    zoom_user_id: str
+    entra_user_id: str
+    directions: frozenset[str] = frozenset(ALL_DIRECTIONS)
+    active: bool = True
+
+    zoom_native: Presence | None = None
+    zoom_native_since: int = 0  # ms: when the person's Zoom state became zoom_native
+    zoom_seen_ts: int = 0  # ms: newest Zoom report applied (event_ts, or read time)
+    zoom_shows_ours: bool = False
+    zoom_overlay: ZoomOverlayRecord | None = None
+    zoom_yielded: str = ""
+    zoom_last_put: str = ""  # last status we PUT (PUT vocabulary), our own echo candidate
+    zoom_last_put_at: float = 0.0
+
+    teams_native: Presence | None = None
+    teams_native_since: int = 0
+    teams_seen_seq: str = ""
+    teams_seen_ts: int = 0
+    teams_shows_ours: bool = False
+    teams_overlay: TeamsOverlayRecord | None = None
+    teams_yielded: str = ""
+
+    def enabled(self, direction: str) -> bool:
+        return self.active and direction in self.directions
+
+
+class Observed(StrEnum):
+    APPLIED = "applied"  # the person's native state on that side changed
+    UNCHANGED = "unchanged"  # a report of what we already knew
+    ECHO = "echo"  # the side shows our own overlay
+    STALE = "stale"  # older than what is applied: dropped
+    IGNORED = "ignored"  # no information (empty)
+
+
+# --- observations --------------------------------------------------------------------------
+
+
+def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: EngineConfig) -> Observed:
+    """Apply a Zoom report (webhook, GET or our own echo) to ``user`` in place."""
+    if ts_ms <= user.zoom_seen_ts:
+        return Observed.STALE
+    state = parse_zoom(status)
+    user.zoom_seen_ts = ts_ms
+    overlay = user.zoom_overlay
+    if overlay is not None and state == parse_zoom(overlay.status):
+        # Zoom shows what we put there. If the person's own state was an automatic one
+        # (meeting, phone call, presenting) it has ended: beneath it is the manual slot, ours.
+        user.zoom_shows_ours = True
+        if user.zoom_native is None or user.zoom_native not in ZOOM_MANUAL_STATES:
+            return _set_zoom_native(user, parse_zoom(overlay.restore), ts_ms) or Observed.ECHO
+        return Observed.ECHO
+    if (
+        overlay is None
+        and user.zoom_last_put
+        and state == parse_zoom(user.zoom_last_put)
+        and now - user.zoom_last_put_at <= cfg.zoom_echo_window_seconds
+    ):
+        # The echo of a status we put back when letting go: it is the person's own state again.
+        user.zoom_shows_ours = False
+        _set_zoom_native(user, state, ts_ms)
+        return Observed.ECHO
+    user.zoom_shows_ours = False
+    if overlay is not None and state in ZOOM_MANUAL_STATES:
+        # Zoom has one manual slot: a manual status we did not write means the person took it.
+        user.zoom_yielded = overlay.source
+        user.zoom_overlay = None
+    return _set_zoom_native(user, state, ts_ms) or Observed.UNCHANGED
+
+
+def _set_zoom_native(user: UserSync, state: Presence, ts_ms: int) -> Observed | None:
+    if user.zoom_native == state:
+        return None
+    user.zoom_native = state
+    user.zoom_native_since = ts_ms
+    return Observed.APPLIED
+
+
+def observe_teams(
+    user: UserSync,
+    availability: str | None,
+    activity: str | None,
+    *,
+    sequence: str | None,
+    ts_ms: int,
+) -> Observed:
+    """Apply a Graph presence report to ``user`` in place.
+
+    Reports are ordered by ``sequenceNumber`` when both have one (lexicographically sortable,
+    API-FACTS §6), otherwise by the time we read them.
+    """
+    if not availability:
+        return Observed.IGNORED
+    if sequence and user.teams_seen_seq:
+        if sequence <= user.teams_seen_seq:
+            return Observed.STALE
+    elif ts_ms <= user.teams_seen_ts:
+        return Observed.STALE
+    if sequence:
+        user.teams_seen_seq = sequence
+    user.teams_seen_ts = max(user.teams_seen_ts, ts_ms)
+    state = parse_teams(availability, activity)
+    overlay = user.teams_overlay
+    if overlay is not None and teams_pair_matches(overlay.overlay.pair, availability, activity):
+        user.teams_shows_ours = True
+        if priority(user.teams_native) >= priority(overlay.overlay.state):
+            # We see our overlay again, so whatever busier state of the person's covered it has
+            # ended; what is beneath is not busier than ours.
+            return _set_teams_native(user, Presence.AVAILABLE, ts_ms) or Observed.ECHO
+        return Observed.ECHO
+    user.teams_shows_ours = False
+    if overlay is not None:
+        if overlay.overlay.kind == "preferred":
+            # The user-preferred slot is the person's once Teams shows anything else (DESIGN.md §5).
+            user.teams_yielded = overlay.source
+            user.teams_overlay = None
+        elif priority(state) < priority(overlay.overlay.state):
+            # Less busy than our session: the session is gone (expired). Sessions are ours alone,
+            # so the reconciler may write it again while its source holds.
+            user.teams_overlay = None
+    return _set_teams_native(user, state, ts_ms) or Observed.UNCHANGED
+
+
+def _set_teams_native(user: UserSync, state: Presence, ts_ms: int) -> Observed | None:
+    if user.teams_native == state:
+        return None
+    user.teams_native = state
+    user.teams_native_since = ts_ms
+    return Observed.APPLIED
+
+
+# --- the reconciler --------------------------------------------------------------------------
+
+
+class TeamsOpKind(StrEnum):
+    SET_SESSION = "set_session"
+    CLEAR_SESSION = "clear_session"
+    SET_PREFERRED = "set_preferred"
+    CLEAR_PREFERRED = "clear_preferred"
+
+
+@dataclass(frozen=True)
+class TeamsOp:
+    kind: TeamsOpKind
+    overlay: TeamsOverlay | None = None
+    expiration_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ZoomOp:
+    status: str  # PUT vocabulary
+    duration_minutes: int | None = None
+    release: bool = False  # putting the person's own status back
+
+
+@dataclass
+class Plan:
+    teams_ops: list[TeamsOp] = field(default_factory=list)
+    zoom_op: ZoomOp | None = None
+    teams_overlay: TeamsOverlayRecord | None = None  # after the plan
+    zoom_overlay: ZoomOverlayRecord | None = None  # after the plan
+    need_teams_read: bool = False  # Teams' state is unknown: read it before writing there
+    need_zoom_read: bool = False  # Zoom's state is unknown: read it before writing there
+
+    @property
+    def empty(self) -> bool:
+        return not self.teams_ops and self.zoom_op is None and not self.need_teams_read and not self.need_zoom_read
+
+
+def plan(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig) -> Plan:
+    """What to do so that each side shows what it should. Pure: ``user`` is not changed."""
+    result = Plan(teams_overlay=user.teams_overlay, zoom_overlay=user.zoom_overlay)
+    _plan_teams(user, mapping, now, cfg, result)
+    _plan_zoom(user, mapping, now, cfg, result)
+    return result
+
+
+def _source_key(state: Presence, since: int) -> str:
+    return f"{state.value}@{since}"
+
+
+def _release_teams(record: TeamsOverlayRecord) -> TeamsOp:
+    if record.overlay.kind == "session":
+        return TeamsOp(TeamsOpKind.CLEAR_SESSION)
+    return TeamsOp(TeamsOpKind.CLEAR_PREFERRED)
+
+
+def _plan_teams(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig, out: Plan) -> None:
+    current = user.teams_overlay
+    if not user.enabled(ZOOM_TO_TEAMS) or user.zoom_native is None:
+        if current is not None and not user.enabled(ZOOM_TO_TEAMS):
+            out.teams_ops.append(_release_teams(current))
+            out.teams_overlay = None
+        return
+    rule = mapping.teams_rule(user.zoom_native)
+    source = _source_key(user.zoom_native, user.zoom_native_since)
+    if rule in (CLEAR, NO_CHANGE) or not isinstance(rule, TeamsOverlay):
+        # Idle, or no information: nothing of ours belongs there any more.
+        if current is not None:
+            out.teams_ops.append(_release_teams(current))
+            out.teams_overlay = None
+        return
+    if user.teams_yielded == source:
+        return
+    if current is not None and current.overlay == rule:
+        if current.expires_at - now <= cfg.renew_leeway_seconds:
+            _write_teams(rule, source, now, cfg, out)
+        return
+    if priority(user.teams_native) >= priority(rule.state):
+        # Busier wins: the person's own Teams state already says as much or more.
+        if current is not None:
+            out.teams_ops.append(_release_teams(current))
+            out.teams_overlay = None
+        return
+    if rule.kind == "preferred" and user.teams_native is None:
+        # The preferred slot may hold the person's own choice: look before writing over it.
+        out.need_teams_read = True
+        return
+    if current is not None and current.overlay.kind != rule.kind:
+        out.teams_ops.append(_release_teams(current))
+    _write_teams(rule, source, now, cfg, out)
+
+
+def _write_teams(rule: TeamsOverlay, source: str, now: float, cfg: EngineConfig, out: Plan) -> None:
+    kind = TeamsOpKind.SET_SESSION if rule.kind == "session" else TeamsOpKind.SET_PREFERRED
+    out.teams_ops.append(TeamsOp(kind, rule, cfg.teams_overlay_seconds))
+    out.teams_overlay = TeamsOverlayRecord(rule, now, now + cfg.teams_overlay_seconds, source)
+
+
+def _plan_zoom(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig, out: Plan) -> None:
+    current = user.zoom_overlay
+    if user.zoom_native == Presence.OFFLINE:
+        # Not signed in to any Zoom client: Zoom refuses presence updates (400/5301). What we
+        # hold is let go when the person signs in and Zoom reports the slot again.
+        return
+    if not user.enabled(TEAMS_TO_ZOOM) or user.teams_native is None:
+        if current is not None and not user.enabled(TEAMS_TO_ZOOM):
+            _release_zoom(current, out)
+        return
+    rule = mapping.zoom_rule(user.teams_native)
+    source = _source_key(user.teams_native, user.teams_native_since)
+    if rule in (CLEAR, NO_CHANGE) or not isinstance(rule, ZoomOverlay):
+        if current is not None:
+            _release_zoom(current, out)
+        return
+    if user.zoom_yielded == source:
+        return
+    if current is not None and current.status == rule.status:
+        if current.expires_at is not None and current.expires_at - now <= cfg.renew_leeway_seconds:
+            _write_zoom(rule, source, current.restore, now, cfg, out)
+        return
+    if user.zoom_native is None:
+        out.need_zoom_read = True
+        return
+    native = user.zoom_native
+    if priority(native) >= priority(rule.state):
+        # Busier wins: the person's own Zoom state says as much or more.
+        if current is not None:
+            _release_zoom(current, out)
+        return
+    restore = current.restore if current is not None else _restore_status(native)
+    _write_zoom(rule, source, restore, now, cfg, out)
+
+
+def _restore_status(native: Presence) -> str:
+    if native in ZOOM_MANUAL_STATES and native != Presence.DO_NOT_DISTURB:
+        return render_zoom_put(native)
+    return "Available"
+
+
+def _write_zoom(rule: ZoomOverlay, source: str, restore: str, now: float, cfg: EngineConfig, out: Plan) -> None:
+    duration = cfg.zoom_dnd_minutes if rule.state == Presence.DO_NOT_DISTURB else None
+    expires = now + duration * 60 if duration else None
+    out.zoom_op = ZoomOp(rule.status, duration)
+    out.zoom_overlay = ZoomOverlayRecord(rule.status, now, expires, source, restore)
+
+
+def _release_zoom(current: ZoomOverlayRecord, out: Plan) -> None:
+    out.zoom_op = ZoomOp(current.restore, None, release=True)
+    out.zoom_overlay = None
+
+
+def apply_plan(user: UserSync, result: Plan, now: float, *, zoom_written: bool) -> UserSync:
+    """The bookkeeping of a plan, recorded before its operations run (intent first)."""
+    updated = replace(user, teams_overlay=result.teams_overlay)
+    if result.teams_overlay is None and user.teams_overlay is not None:
+        updated.teams_shows_ours = False
+    if zoom_written and result.zoom_op is not None:
+        updated.zoom_overlay = result.zoom_overlay
+        updated.zoom_last_put = result.zoom_op.status
+        updated.zoom_last_put_at = now
+        if result.zoom_op.release:
+            updated.zoom_shows_ours = False
+    return updated

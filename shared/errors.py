@@ -1,0 +1,83 @@
+"""Errors raised by the Zoom and Graph clients (and token acquisition).
+
+Messages come from the vendors' error bodies; they never carry a token, and anything that
+looks like an email address is masked before it reaches a message (and so a log line).
+"""
+
+from __future__ import annotations
+
+import re
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+\-']+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
+_MAX_MESSAGE = 300
+
+
+def scrub(text: object) -> str:
+    """Mask email addresses and cap the length of a vendor-provided message."""
+    value = _EMAIL.sub("<email>", str(text or ""))
+    return value if len(value) <= _MAX_MESSAGE else value[: _MAX_MESSAGE - 1] + "…"
+
+
+class VendorError(Exception):
+    """A Zoom or Graph call failed. ``status`` is the HTTP status (0: no response)."""
+
+    def __init__(self, status: int, code: str | int | None = None, message: str = "") -> None:
+        self.status = status
+        self.code = code
+        self.message = scrub(message)
+        detail = f" {self.code}" if self.code not in (None, "") else ""
+        text = f"HTTP {status}{detail}"
+        super().__init__(f"{text}: {self.message}" if self.message else text)
+
+
+class BadRequest(VendorError):
+    """400: the request was rejected as invalid."""
+
+
+class Unauthorized(VendorError):
+    """401 that a fresh token did not cure (or an explicit token that is no longer valid)."""
+
+
+class Forbidden(VendorError):
+    """403: the app or user lacks the permission (scope, admin consent, role)."""
+
+
+class NotFound(VendorError):
+    """404: no such user, session or subscription."""
+
+
+class AlreadyExists(VendorError):
+    """409: e.g. a duplicate Graph subscription (API-FACTS §7)."""
+
+
+class Throttled(VendorError):
+    """429 whose wait does not fit in this invocation: defer by ``retry_after_s`` through the queue."""
+
+    def __init__(self, retry_after_s: float, code: str | int | None = None, message: str = "",
+                 status: int = 429) -> None:
+        super().__init__(status, code, message)
+        self.retry_after_s = float(retry_after_s)
+
+
+class TransientVendorError(VendorError):
+    """5xx (or no response) after the allowed retries: worth retrying later."""
+
+
+class ZoomUserNotSignedIn(BadRequest):
+    """Zoom code 5301: the user is not signed in to a Zoom client, so presence cannot be set."""
+
+
+class ZoomNoPermission(VendorError):
+    """Zoom code 5411: no permission to update this user's presence."""
+
+
+class TokenError(Exception):
+    """An access token could not be obtained. Carries the vendor's error code, never a secret."""
+
+    def __init__(self, provider: str, code: str | int | None, message: str = "",
+                 *, transient: bool = False) -> None:
+        self.provider = provider
+        self.code = code
+        self.transient = transient
+        detail = f": {scrub(message)}" if message else ""
+        super().__init__(f"{provider} token request failed ({code}){detail}")

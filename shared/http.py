@@ -1,0 +1,256 @@
+"""Outbound HTTP: one pooled session per process, bounded retries, honest Retry-After.
+
+Every call to Zoom, Entra and Graph goes through :func:`send`. It retries throttling (429),
+server errors (500/502/503/504) and connection failures with exponential backoff and full
+jitter, honours ``Retry-After`` (seconds, HTTP-date, or Zoom's ISO 8601 date-time), and never
+runs past its time budget: these calls happen inside queue-triggered functions, and a long
+wait belongs in the queue (a delayed message), not in a sleeping worker. When it gives up it
+returns the last response (callers map statuses) or raises :class:`TransientHttpError` if no
+response was ever received.
+
+Tests replace the module attributes ``sleep`` and ``monotonic`` with a fake clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from shared.config import get_settings
+
+log = logging.getLogger(__name__)
+
+# (connect, read) seconds. The connect value is a little over a multiple of 3 s, the TCP
+# retransmission window (requests docs, "Timeouts").
+DEFAULT_CONNECT_TIMEOUT = 3.05
+DEFAULT_READ_TIMEOUT = 10.0
+# Sized for a Functions worker running many invocations on threads at once.
+POOL_MAXSIZE = 32
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+# Injectable for tests (a fake clock replaces both); looked up at call time.
+sleep = time.sleep
+monotonic = time.monotonic
+
+
+class TransientHttpError(Exception):
+    """No HTTP response after the allowed attempts (connection refused, reset, timed out)."""
+
+    def __init__(self, message: str, *, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard :func:`send` tries.
+
+    ``total_seconds`` bounds the whole call including waits; ``None`` takes
+    ``HTTP_TOTAL_TIMEOUT_SECONDS`` from the settings.
+    """
+
+    max_attempts: int = 4
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    total_seconds: float | None = None
+    retry_statuses: frozenset[int] = field(default=RETRY_STATUSES)
+
+    def backoff(self, attempt: int) -> float:
+        """Full-jitter exponential backoff before retry number ``attempt`` (1-based)."""
+        cap = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
+        return random.uniform(0.0, cap)
+
+
+DEFAULT_POLICY = RetryPolicy()
+# One attempt, no retries: for callers that defer through their queue themselves.
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+_session_lock = threading.Lock()
+_session: requests.Session | None = None
+
+
+def session() -> requests.Session:
+    """The process-wide session (connection pooling; created on first use)."""
+    global _session
+    if _session is None:
+        with _session_lock:
+            if _session is None:
+                s = requests.Session()
+                # Retries are ours (with budget and Retry-After); urllib3's are off.
+                adapter = HTTPAdapter(pool_connections=8, pool_maxsize=POOL_MAXSIZE, max_retries=0)
+                s.mount("https://", adapter)
+                s.mount("http://", adapter)
+                _session = s
+    return _session
+
+
+def reset_http_session() -> None:
+    """Close and forget the pooled session (tests)."""
+    global _session
+    with _session_lock:
+        if _session is not None:
+            _session.close()
+        _session = None
+
+
+_NUMBER = re.compile(r"^\s*\d+(\.\d+)?\s*$")
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait according to a ``Retry-After`` header value; ``None`` if absent or unparseable.
+
+    Accepts delta-seconds and an HTTP-date (RFC 9110 §10.2.3) and, for Zoom, an ISO 8601
+    date-time: on a daily limit Zoom sends ``Retry-After`` as a date-time, not seconds
+    (developers.zoom.us, "Rate limits"). A date without a zone is taken as UTC. Never negative.
+    """
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text:
+        return None
+    if _NUMBER.match(text):
+        seconds = float(text)
+        return seconds if math.isfinite(seconds) else None
+    current = time.time() if now is None else now
+    when: datetime | None = None
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        when = None
+    if when is None:
+        iso = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
+        try:
+            when = datetime.fromisoformat(iso)
+        except ValueError:
+            return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - current)
+
+
+def safe_url(url: str) -> str:
+    """Host and path for logs: no query string (tokens, validation codes), no email-like segments."""
+    parts = urlsplit(url)
+    segments = [
+        "{redacted}" if ("@" in seg or "%40" in seg.lower()) else seg for seg in parts.path.split("/")
+    ]
+    return f"{parts.netloc}{'/'.join(segments)}"
+
+
+def _budget(policy: RetryPolicy) -> float:
+    if policy.total_seconds is not None:
+        return float(policy.total_seconds)
+    return float(get_settings().http_total_timeout_seconds)
+
+
+def _attempt_timeout(
+    timeout: float | tuple[float, float] | None, remaining: float
+) -> float | tuple[float, float]:
+    """Per-attempt (connect, read) timeout, never much beyond what is left of the budget."""
+    if timeout is None:
+        connect, read = DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
+    elif isinstance(timeout, tuple):
+        connect, read = timeout
+    else:
+        connect = read = float(timeout)
+    # Clip to what is left of the budget, but not below a floor at which no call can succeed.
+    left = max(0.5, remaining)
+    return (min(connect, left), min(read, left))
+
+
+def send(
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    json: Any = None,
+    data: Any = None,
+    auth: Any = None,
+    policy: RetryPolicy | None = None,
+    timeout: float | tuple[float, float] | None = None,
+) -> requests.Response:
+    """Send a request with bounded retries; return the final response, whatever its status.
+
+    Gives up (returning the last response) when attempts run out, when the next wait would
+    cross the time budget, or at once when ``Retry-After`` asks for longer than what is left:
+    the caller then defers through its queue. Raises :class:`TransientHttpError` when no
+    response arrived at all.
+    """
+    policy = policy or DEFAULT_POLICY
+    budget = _budget(policy)
+    clock = monotonic
+    started = clock()
+    where = safe_url(url)
+    attempts = max(1, policy.max_attempts)
+    last_error: requests.RequestException | None = None
+    response: requests.Response | None = None
+
+    for attempt in range(1, attempts + 1):
+        remaining = budget - (clock() - started)
+        try:
+            response = session().request(
+                method,
+                url,
+                headers=dict(headers) if headers else None,
+                params=params,
+                json=json,
+                data=data,
+                auth=auth,
+                timeout=_attempt_timeout(timeout, remaining),
+            )
+            last_error = None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            response, last_error = None, exc
+
+        if response is not None and response.status_code not in policy.retry_statuses:
+            return response
+
+        retry_after = (
+            parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
+        )
+        outcome = str(response.status_code) if response is not None else type(last_error).__name__
+        if attempt >= attempts:
+            break
+        remaining = budget - (clock() - started)
+        if retry_after is not None and retry_after > remaining:
+            log.warning(
+                "http %s %s: %s asks to retry after %.1fs, beyond the %.1fs left; giving up",
+                method, where, outcome, retry_after, max(0.0, remaining),
+            )
+            break
+        wait = retry_after if retry_after is not None else policy.backoff(attempt)
+        if wait >= remaining:
+            log.warning(
+                "http %s %s: %s on attempt %d; next wait %.2fs would exceed the budget; giving up",
+                method, where, outcome, attempt, wait,
+            )
+            break
+        log.log(
+            logging.WARNING if attempt > 1 else logging.INFO,
+            "http %s %s: %s on attempt %d/%d; retrying in %.2fs",
+            method, where, outcome, attempt, attempts, wait,
+        )
+        if wait > 0:
+            sleep(wait)
+
+    if response is not None:
+        return response
+    raise TransientHttpError(
+        f"{method} {where}: no response after {attempt} attempt(s) ({type(last_error).__name__})",
+        attempts=attempt,
+    ) from last_error

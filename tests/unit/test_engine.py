@@ -1,0 +1,287 @@
+"""The reconciler's decisions, one scenario at a time (pure: no storage, no HTTP)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.engine import (
+    TEAMS_TO_ZOOM,
+    ZOOM_TO_TEAMS,
+    EngineConfig,
+    Observed,
+    TeamsOpKind,
+    UserSync,
+    apply_plan,
+    observe_teams,
+    observe_zoom,
+    plan,
+)
+from shared.mapping import parse_mapping
+
+CFG = EngineConfig()
+MAPPING = parse_mapping(None)
+
+
+class World:
+    """Drives one user through observations and applies each plan, recording the writes."""
+
+    def __init__(self, directions=(ZOOM_TO_TEAMS, TEAMS_TO_ZOOM)) -> None:
+        self.user = UserSync("zu1", "eu1", frozenset(directions))
+        self.now = 1_000_000.0
+        self.ts = 1_000_000_000
+        self.teams_writes: list = []
+        self.zoom_writes: list = []
+        self.seq = 0
+
+    def tick(self, seconds: float = 1.0) -> None:
+        self.now += seconds
+        self.ts += int(seconds * 1000)
+
+    def zoom(self, status: str) -> Observed:
+        self.tick()
+        outcome = observe_zoom(self.user, status, self.ts, self.now, CFG)
+        self.reconcile()
+        return outcome
+
+    def teams(self, availability: str, activity: str) -> Observed:
+        self.tick()
+        self.seq += 1
+        outcome = observe_teams(self.user, availability, activity, sequence=f"{self.seq:020d}", ts_ms=self.ts)
+        self.reconcile()
+        return outcome
+
+    def reconcile(self):
+        result = plan(self.user, MAPPING, self.now, CFG)
+        self.teams_writes.extend(result.teams_ops)
+        if result.zoom_op:
+            self.zoom_writes.append(result.zoom_op)
+        self.user = apply_plan(self.user, result, self.now, zoom_written=True)
+        return result
+
+
+@pytest.mark.parametrize(
+    ("zoom_status", "expected"),
+    [
+        ("In_Meeting", (TeamsOpKind.SET_SESSION, "Busy", "InACall")),
+        ("On_Phone_Call", (TeamsOpKind.SET_SESSION, "Busy", "InACall")),
+        ("Presenting", (TeamsOpKind.SET_SESSION, "DoNotDisturb", "Presenting")),
+        ("In_Calendar_Event", (TeamsOpKind.SET_PREFERRED, "Busy", "Busy")),
+        ("Busy", (TeamsOpKind.SET_PREFERRED, "Busy", "Busy")),
+        ("Do_Not_Disturb", (TeamsOpKind.SET_PREFERRED, "DoNotDisturb", "DoNotDisturb")),
+        ("Away", (TeamsOpKind.SET_PREFERRED, "Away", "Away")),
+        ("Available", None),
+        ("Offline", None),
+        ("Mobile_signed_in", None),
+        ("Out_of_Office", None),
+        ("Something_New", None),
+    ],
+)
+def test_zoom_to_teams_rows(zoom_status, expected):
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom(zoom_status)
+    ops = [(op.kind, op.overlay.availability, op.overlay.activity) for op in w.teams_writes if op.overlay]
+    assert ops == ([expected] if expected else [])
+
+
+def test_available_removes_only_our_overlay():
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("In_Meeting")
+    w.teams("Busy", "InACall")  # our own write comes back
+    w.zoom("Available")
+    assert [op.kind for op in w.teams_writes] == [TeamsOpKind.SET_SESSION, TeamsOpKind.CLEAR_SESSION]
+    assert w.zoom_writes == []  # the echo was never sent back to Zoom
+
+
+def test_teams_echo_with_busy_activity_is_still_an_echo():
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("On_Phone_Call")
+    assert w.teams("Busy", "Busy") == Observed.ECHO  # Microsoft Q&A 2237086: Busy or InACall
+    assert w.zoom_writes == []
+
+
+def test_native_teams_call_through_a_zoom_meeting():
+    w = World(directions=(ZOOM_TO_TEAMS,))
+    w.teams("Busy", "InACall")  # a real Teams call
+    w.zoom("In_Meeting")  # busier-or-equal native: no write needed
+    assert w.teams_writes == []
+    w.zoom("Available")
+    assert w.teams_writes == []  # nothing of ours to remove; the call is the person's
+
+
+def test_duplicate_and_stale_zoom_events_are_dropped():
+    w = World()
+    w.teams("Available", "Available")
+    w.tick()
+    first = observe_zoom(w.user, "In_Meeting", w.ts, w.now, CFG)
+    assert first == Observed.APPLIED
+    assert observe_zoom(w.user, "In_Meeting", w.ts, w.now, CFG) == Observed.STALE
+    assert observe_zoom(w.user, "Available", w.ts - 3_600_000, w.now, CFG) == Observed.STALE
+    assert w.user.zoom_native.value == "in_meeting"
+
+
+def test_preferred_slot_taken_back_by_the_person_is_left_alone():
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("Do_Not_Disturb")
+    assert w.teams_writes[-1].kind == TeamsOpKind.SET_PREFERRED
+    w.teams("Available", "Available")  # the person picks Available in Teams
+    assert w.user.teams_overlay is None
+    w.reconcile()
+    assert len(w.teams_writes) == 1  # never overwritten, never cleared
+    w.zoom("Away")  # a new Zoom state may be shown again
+    assert w.teams_writes[-1].overlay.availability == "Away"
+
+
+def test_overlay_renewed_only_near_expiry():
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("In_Meeting")
+    w.reconcile()
+    assert len(w.teams_writes) == 1
+    w.tick(CFG.teams_overlay_seconds - CFG.renew_leeway_seconds + 1)
+    w.reconcile()
+    assert [op.kind for op in w.teams_writes] == [TeamsOpKind.SET_SESSION, TeamsOpKind.SET_SESSION]
+
+
+@pytest.mark.parametrize(
+    ("availability", "activity", "expected"),
+    [
+        ("DoNotDisturb", "Presenting", "Presenting"),
+        ("DoNotDisturb", "DoNotDisturb", "Do_Not_Disturb"),
+        ("Busy", "InACall", "On_A_Call"),
+        ("Busy", "InAConferenceCall", "On_A_Call"),
+        ("Busy", "InAMeeting", "In_Calendar_Event"),
+        ("Busy", "Busy", "Busy"),
+        ("BusyIdle", "Busy", "Busy"),
+        ("Away", "Away", "Away"),
+        ("BeRightBack", "BeRightBack", "Away"),
+        ("Available", "OutOfOffice", "Out_of_Office"),
+        ("Available", "Available", None),
+        ("AvailableIdle", "Available", None),
+        ("Offline", "OffWork", None),
+        ("Offline", "Offline", None),
+        ("PresenceUnknown", "PresenceUnknown", None),
+    ],
+)
+def test_teams_to_zoom_rows(availability, activity, expected):
+    w = World()
+    w.zoom("Available")
+    w.teams(availability, activity)
+    assert [op.status for op in w.zoom_writes] == ([expected] if expected else [])
+    if expected == "Do_Not_Disturb":
+        assert w.zoom_writes[0].duration_minutes == CFG.zoom_dnd_minutes
+
+
+def test_zoom_echo_is_not_sent_back_to_teams():
+    w = World()
+    w.zoom("Available")
+    w.teams("Busy", "InACall")
+    assert [op.status for op in w.zoom_writes] == ["On_A_Call"]
+    assert w.zoom("On_Phone_Call") == Observed.ECHO
+    assert w.teams_writes == []
+
+
+def test_zoom_meeting_keeps_showing_through_a_teams_call():
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("In_Meeting")
+    w.teams("Busy", "InACall")  # echo of our session; a real call beneath looks the same
+    w.teams("Busy", "InAConferenceCall")
+    assert w.zoom_writes == []
+
+
+def test_native_zoom_meeting_then_teams_call_then_end():
+    w = World()
+    w.zoom("In_Meeting")
+    w.teams("Busy", "InACall")  # our own session's echo
+    w.teams("DoNotDisturb", "DoNotDisturb")  # the person sets DND in Teams: busier than a meeting
+    assert [op.status for op in w.zoom_writes] == ["Do_Not_Disturb"]
+
+
+def test_zoom_dnd_set_by_the_user_is_never_cleared_by_teams():
+    w = World()
+    w.zoom("Do_Not_Disturb")
+    w.teams("Busy", "InACall")
+    w.teams("Available", "Available")
+    assert w.zoom_writes == []
+
+
+def test_zoom_release_puts_back_the_persons_own_status():
+    w = World()
+    w.zoom("Away")
+    w.teams("Busy", "InACall")
+    w.zoom("On_Phone_Call")  # echo
+    w.teams("Available", "Available")
+    assert [(op.status, op.release) for op in w.zoom_writes] == [("On_A_Call", False), ("Away", True)]
+    assert w.zoom("Away") == Observed.ECHO
+
+
+def test_person_taking_the_zoom_slot_is_respected():
+    w = World()
+    w.zoom("Available")
+    w.teams("Busy", "InACall")
+    w.zoom("Do_Not_Disturb")  # the person sets DND in Zoom meanwhile
+    assert w.user.zoom_overlay is None
+    w.teams("Available", "Available")
+    assert [op.status for op in w.zoom_writes] == ["On_A_Call"]
+
+
+def test_meeting_end_reveals_our_slot_then_releases_it():
+    w = World()
+    w.zoom("Available")
+    w.teams("Busy", "InACall")  # Zoom gets On_A_Call
+    w.zoom("On_Phone_Call")  # echo
+    w.zoom("In_Meeting")  # the person joins a meeting (automatic state over our slot)
+    w.teams("Available", "Available")  # Teams call ends: let go of the slot under the meeting
+    assert [(op.status, op.release) for op in w.zoom_writes][-1] == ("Available", True)
+
+
+def test_unknown_teams_state_reads_before_writing_preferred():
+    w = World()
+    w.tick()
+    observe_zoom(w.user, "Do_Not_Disturb", w.ts, w.now, CFG)
+    result = plan(w.user, MAPPING, w.now, CFG)
+    assert result.need_teams_read and not result.teams_ops
+
+
+def test_disabled_direction_writes_nothing_and_releases():
+    w = World(directions=(TEAMS_TO_ZOOM,))
+    w.teams("Available", "Available")
+    w.zoom("In_Meeting")
+    assert w.teams_writes == []
+
+
+def test_offline_zoom_is_not_written():
+    w = World()
+    w.zoom("Offline")
+    w.teams("Busy", "InACall")
+    assert w.zoom_writes == []
+
+
+def test_mapping_override():
+    mapping = parse_mapping('{"zoom_to_teams": {"in_calendar_event": "no_change"}, '
+                            '"teams_to_zoom": {"busy": "Do_Not_Disturb"}}')
+    from shared.presence import Presence
+
+    assert mapping.teams_rule(Presence.IN_CALENDAR_EVENT) == "no_change"
+    assert mapping.zoom_rule(Presence.BUSY).status == "Do_Not_Disturb"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "{not json",
+        '{"zoom_to_teams": {"in_meeting": {"kind": "session", "availability": "Busy", "activity": "Busy"}}}',
+        '{"teams_to_zoom": {"busy": "In_Meeting"}}',
+        '{"zoom_to_teams": {"nonsense": "clear"}}',
+        '{"other": {}}',
+    ],
+)
+def test_mapping_override_errors(raw):
+    from shared.mapping import MappingError
+
+    with pytest.raises(MappingError):
+        parse_mapping(raw)
