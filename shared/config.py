@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     teams_overlay_minutes: int = Field(
         default=60, ge=5, le=240, validation_alias=AliasChoices("TEAMS_OVERLAY_MINUTES")
     )
+    # Overlays are confirmed against their source and renewed this long before they expire.
+    overlay_renew_leeway_seconds: float = Field(
+        default=600.0, ge=0, validation_alias=AliasChoices("OVERLAY_RENEW_LEEWAY_SECONDS")
+    )
 
     # --- the app ---------------------------------------------------------------------------
     public_base_url: str | None = Field(default=None, validation_alias=AliasChoices("PUBLIC_BASE_URL"))

@@ -1,0 +1,30 @@
+"""/api/admin/links: create, read, list and delete user links (admin key)."""
+
+import azure.functions as func
+
+from functions.http_util import json_response, not_configured
+
+bp = func.Blueprint()
+
+
+@bp.route(route="admin/links", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
+def admin_list_links(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import admin
+
+    return json_response(*admin.get_links(req.params.get("page_size"), req.params.get("continuation")))
+
+
+@bp.route(route="admin/links/{zoom_user_id}", methods=["GET", "PUT", "DELETE"], auth_level=func.AuthLevel.ADMIN)
+def admin_link(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import admin
+    from shared.config import SettingMissing
+
+    zoom_user_id = req.route_params.get("zoom_user_id", "")
+    try:
+        if req.method == "PUT":
+            return json_response(*admin.put_link(zoom_user_id, req.get_body()))
+        if req.method == "DELETE":
+            return json_response(*admin.remove_link(zoom_user_id))
+        return json_response(*admin.get_link(zoom_user_id))
+    except SettingMissing as exc:
+        return not_configured(exc)

@@ -1,0 +1,369 @@
+"""User links and their sync state: one Table Storage entity per linked person.
+
+The link (Zoom user id ↔ Entra object id, directions, origin) and what the engine knows about
+both sides live in the same entity, so a change costs one point read and one conditional
+write. A second table indexes links by Entra object id for Graph notifications, which name
+users by their Entra id only.
+
+Keys: PartitionKey = Zoom user id (lowercase: Zoom is not consistent about case, API-FACTS §2),
+RowKey = ``"link"``. Index: PartitionKey = Entra object id (lowercase), RowKey = ``"link"``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from shared import names, storage
+from shared.engine import ALL_DIRECTIONS, TeamsOverlayRecord, UserSync, ZoomOverlayRecord
+from shared.mapping import TeamsOverlay
+from shared.presence import Presence
+
+LINKS_TABLE = names.LINKS_TABLE
+ENTRA_INDEX_TABLE = names.ENTRA_INDEX_TABLE
+ROW = "link"
+
+STATUS_ACTIVE = "active"
+STATUS_DISABLED = "disabled"
+STATUS_ERROR = "error"
+
+ORIGIN_ADMIN = "admin"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Link:
+    """A linked person: the link itself, its health, and the engine's state for them."""
+
+    sync: UserSync
+    email: str = ""
+    origin: str = ORIGIN_ADMIN
+    status: str = STATUS_ACTIVE
+    error_kind: str = ""
+    error_detail: str = ""
+    error_at: str = ""
+    created_at: str = ""
+    updated_at: str = ""
+    zoom_shows: str = ""  # the last Zoom status reported, as Zoom spelled it
+    teams_shows: str = ""  # the last Teams availability/activity reported
+    last_sync_at: str = ""
+    last_sync_direction: str = ""
+    zoom_deferred_until: float = 0.0  # a reconcile is scheduled for then (one PUT a minute)
+    zoom_blocked_until: float = 0.0  # Zoom said 5301 (not signed in): leave the person alone until then
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def zoom_user_id(self) -> str:
+        return self.sync.zoom_user_id
+
+    @property
+    def entra_user_id(self) -> str:
+        return self.sync.entra_user_id
+
+    def to_public(self) -> dict[str, Any]:
+        """The link as the admin API shows it (no tokens; email is the admin's own data)."""
+        s = self.sync
+        return {
+            "zoom_user_id": s.zoom_user_id,
+            "entra_user_id": s.entra_user_id,
+            "email": self.email,
+            "directions": sorted(s.directions),
+            "origin": self.origin,
+            "status": self.status,
+            "error": {"kind": self.error_kind, "detail": self.error_detail, "at": self.error_at}
+            if self.error_kind else None,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "sync": {
+                "zoom": {
+                    "shows": self.zoom_shows or None,
+                    "native": s.zoom_native.value if s.zoom_native else None,
+                    "shows_ours": s.zoom_shows_ours,
+                    "ours": {"status": s.zoom_overlay.status, "written_at": _iso(s.zoom_overlay.written_at),
+                             "expires_at": _iso(s.zoom_overlay.expires_at)} if s.zoom_overlay else None,
+                    "deferred_until": _iso(self.zoom_deferred_until) if self.zoom_deferred_until else None,
+                    "blocked_until": _iso(self.zoom_blocked_until) if self.zoom_blocked_until else None,
+                },
+                "teams": {
+                    "shows": self.teams_shows or None,
+                    "native": s.teams_native.value if s.teams_native else None,
+                    "shows_ours": s.teams_shows_ours,
+                    "ours": {"kind": s.teams_overlay.overlay.kind,
+                             "availability": s.teams_overlay.overlay.availability,
+                             "activity": s.teams_overlay.overlay.activity,
+                             "written_at": _iso(s.teams_overlay.written_at),
+                             "expires_at": _iso(s.teams_overlay.expires_at)} if s.teams_overlay else None,
+                },
+                "last_sync_at": self.last_sync_at or None,
+                "last_sync_direction": self.last_sync_direction or None,
+            },
+        }
+
+
+def _iso(ts: float | None) -> str | None:
+    if not ts:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --- entity <-> Link ------------------------------------------------------------------------------
+
+
+def _presence(value: str | None) -> Presence | None:
+    if not value:
+        return None
+    try:
+        return Presence(value)
+    except ValueError:
+        return Presence.UNKNOWN
+
+
+def _teams_overlay_from(value: str | None) -> TeamsOverlayRecord | None:
+    data = storage.from_json_column(value)
+    if not data:
+        return None
+    return TeamsOverlayRecord(
+        TeamsOverlay(data["kind"], data["availability"], data["activity"]),
+        float(data["written_at"]), float(data["expires_at"]), data.get("source", ""),
+    )
+
+
+def _teams_overlay_to(record: TeamsOverlayRecord | None) -> str:
+    if record is None:
+        return ""
+    return storage.to_json_column({
+        "kind": record.overlay.kind, "availability": record.overlay.availability,
+        "activity": record.overlay.activity, "written_at": record.written_at, "expires_at": record.expires_at,
+        "source": record.source,
+    })
+
+
+def _zoom_overlay_from(value: str | None) -> ZoomOverlayRecord | None:
+    data = storage.from_json_column(value)
+    if not data:
+        return None
+    expires = data.get("expires_at")
+    return ZoomOverlayRecord(data["status"], float(data["written_at"]), float(expires) if expires else None,
+                             data.get("source", ""), data.get("restore", "Available"))
+
+
+def _zoom_overlay_to(record: ZoomOverlayRecord | None) -> str:
+    if record is None:
+        return ""
+    return storage.to_json_column({
+        "status": record.status, "written_at": record.written_at, "expires_at": record.expires_at,
+        "source": record.source, "restore": record.restore,
+    })
+
+
+_KNOWN = {
+    "PartitionKey", "RowKey", "entra_user_id", "email", "directions", "origin", "status", "error_kind",
+    "error_detail", "error_at", "created_at", "updated_at", "zoom_shows", "teams_shows", "last_sync_at",
+    "last_sync_direction", "zoom_deferred_until", "zoom_blocked_until", "zoom_native", "zoom_native_since",
+    "zoom_seen_ts", "zoom_shows_ours", "zoom_overlay", "zoom_yielded", "zoom_last_put", "zoom_last_put_at",
+    "teams_native", "teams_native_since", "teams_seen_seq", "teams_seen_ts", "teams_shows_ours",
+    "teams_overlay", "teams_yielded", "Timestamp",
+}
+
+
+def link_from_entity(entity: dict) -> Link:
+    directions = frozenset(d for d in (entity.get("directions") or "").split(",") if d in ALL_DIRECTIONS)
+    sync = UserSync(
+        zoom_user_id=entity["PartitionKey"],
+        entra_user_id=entity.get("entra_user_id", ""),
+        directions=directions,
+        active=entity.get("status", STATUS_ACTIVE) == STATUS_ACTIVE,
+        zoom_native=_presence(entity.get("zoom_native")),
+        zoom_native_since=int(entity.get("zoom_native_since") or 0),
+        zoom_seen_ts=int(entity.get("zoom_seen_ts") or 0),
+        zoom_shows_ours=bool(entity.get("zoom_shows_ours")),
+        zoom_overlay=_zoom_overlay_from(entity.get("zoom_overlay")),
+        zoom_yielded=entity.get("zoom_yielded") or "",
+        zoom_last_put=entity.get("zoom_last_put") or "",
+        zoom_last_put_at=float(entity.get("zoom_last_put_at") or 0.0),
+        teams_native=_presence(entity.get("teams_native")),
+        teams_native_since=int(entity.get("teams_native_since") or 0),
+        teams_seen_seq=entity.get("teams_seen_seq") or "",
+        teams_seen_ts=int(entity.get("teams_seen_ts") or 0),
+        teams_shows_ours=bool(entity.get("teams_shows_ours")),
+        teams_overlay=_teams_overlay_from(entity.get("teams_overlay")),
+        teams_yielded=entity.get("teams_yielded") or "",
+    )
+    return Link(
+        sync=sync,
+        email=entity.get("email", ""),
+        origin=entity.get("origin", ORIGIN_ADMIN),
+        status=entity.get("status", STATUS_ACTIVE),
+        error_kind=entity.get("error_kind", ""),
+        error_detail=entity.get("error_detail", ""),
+        error_at=entity.get("error_at", ""),
+        created_at=entity.get("created_at", ""),
+        updated_at=entity.get("updated_at", ""),
+        zoom_shows=entity.get("zoom_shows", ""),
+        teams_shows=entity.get("teams_shows", ""),
+        last_sync_at=entity.get("last_sync_at", ""),
+        last_sync_direction=entity.get("last_sync_direction", ""),
+        zoom_deferred_until=float(entity.get("zoom_deferred_until") or 0.0),
+        zoom_blocked_until=float(entity.get("zoom_blocked_until") or 0.0),
+        extra={k: v for k, v in entity.items() if k not in _KNOWN},
+    )
+
+
+def link_to_entity(link: Link) -> dict:
+    s = link.sync
+    entity = dict(link.extra)
+    entity.update({
+        "PartitionKey": s.zoom_user_id,
+        "RowKey": ROW,
+        "entra_user_id": s.entra_user_id,
+        "email": link.email,
+        "directions": ",".join(sorted(s.directions)),
+        "origin": link.origin,
+        "status": link.status,
+        "error_kind": link.error_kind,
+        "error_detail": link.error_detail,
+        "error_at": link.error_at,
+        "created_at": link.created_at,
+        "updated_at": link.updated_at,
+        "zoom_shows": link.zoom_shows,
+        "teams_shows": link.teams_shows,
+        "last_sync_at": link.last_sync_at,
+        "last_sync_direction": link.last_sync_direction,
+        "zoom_deferred_until": link.zoom_deferred_until,
+        "zoom_blocked_until": link.zoom_blocked_until,
+        "zoom_native": s.zoom_native.value if s.zoom_native else "",
+        "zoom_native_since": s.zoom_native_since,
+        "zoom_seen_ts": s.zoom_seen_ts,
+        "zoom_shows_ours": s.zoom_shows_ours,
+        "zoom_overlay": _zoom_overlay_to(s.zoom_overlay),
+        "zoom_yielded": s.zoom_yielded,
+        "zoom_last_put": s.zoom_last_put,
+        "zoom_last_put_at": s.zoom_last_put_at,
+        "teams_native": s.teams_native.value if s.teams_native else "",
+        "teams_native_since": s.teams_native_since,
+        "teams_seen_seq": s.teams_seen_seq,
+        "teams_seen_ts": s.teams_seen_ts,
+        "teams_shows_ours": s.teams_shows_ours,
+        "teams_overlay": _teams_overlay_to(s.teams_overlay),
+        "teams_yielded": s.teams_yielded,
+    })
+    return entity
+
+
+# --- store operations ---------------------------------------------------------------------------------
+
+
+def read_link(zoom_user_id: str) -> tuple[Link | None, str | None]:
+    entity, etag = storage.read_entity(LINKS_TABLE, zoom_user_id.lower(), ROW)
+    if entity is None:
+        return None, None
+    return link_from_entity(entity), etag
+
+
+def write_link(link: Link, etag: str | None) -> None:
+    """Insert or conditionally replace; raises ``storage.Conflict`` on a lost race."""
+    storage.write_entity(LINKS_TABLE, link_to_entity(link), etag)
+
+
+def delete_link(zoom_user_id: str, entra_user_id: str) -> None:
+    storage.delete_entity(LINKS_TABLE, zoom_user_id.lower(), ROW)
+    if entra_user_id:
+        _delete_index_if_points_to(entra_user_id, zoom_user_id)
+
+
+def _delete_index_if_points_to(entra_user_id: str, zoom_user_id: str) -> None:
+    entity, etag = storage.read_entity(ENTRA_INDEX_TABLE, entra_user_id.lower(), ROW)
+    if entity and entity.get("zoom_user_id") == zoom_user_id.lower():
+        try:
+            storage.delete_entity(ENTRA_INDEX_TABLE, entra_user_id.lower(), ROW, etag)
+        except storage.Conflict:
+            pass  # re-pointed meanwhile: it belongs to another link now
+    _index_cache.forget(entra_user_id)
+
+
+def index_entra(entra_user_id: str, zoom_user_id: str) -> None:
+    storage.upsert_entity(ENTRA_INDEX_TABLE, {
+        "PartitionKey": entra_user_id.lower(), "RowKey": ROW, "zoom_user_id": zoom_user_id.lower(),
+    })
+    _index_cache.put(entra_user_id, zoom_user_id.lower())
+
+
+class _IndexCache:
+    """Entra id → Zoom id, cached briefly: links change rarely, notifications arrive in bursts."""
+
+    def __init__(self, ttl_s: float = 60.0, max_entries: int = 200_000) -> None:
+        self._ttl = ttl_s
+        self._max = max_entries
+        self._data: dict[str, tuple[str | None, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[bool, str | None]:
+        with self._lock:
+            hit = self._data.get(key.lower())
+        if hit and hit[1] > time.monotonic():
+            return True, hit[0]
+        return False, None
+
+    def put(self, key: str, value: str | None) -> None:
+        with self._lock:
+            if len(self._data) >= self._max:
+                self._data.clear()
+            self._data[key.lower()] = (value, time.monotonic() + self._ttl)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._data.pop(key.lower(), None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+_index_cache = _IndexCache()
+
+
+def zoom_id_for_entra(entra_user_id: str) -> str | None:
+    found, value = _index_cache.get(entra_user_id)
+    if found:
+        return value
+    entity, _ = storage.read_entity(ENTRA_INDEX_TABLE, entra_user_id.lower(), ROW)
+    value = entity.get("zoom_user_id") if entity else None
+    _index_cache.put(entra_user_id, value)
+    return value
+
+
+def reset_link_caches() -> None:
+    _index_cache.clear()
+
+
+def list_links(page_size: int = 100, continuation: str | None = None) -> tuple[list[Link], str | None]:
+    """One page of links (admin API): a scan, never used on a hot path."""
+    client = storage.table(LINKS_TABLE)
+    pager = client.query_entities("RowKey eq @row", parameters={"row": ROW},
+                                  results_per_page=page_size).by_page(continuation_token=_decode_token(continuation))
+    page = next(pager, [])
+    links = [link_from_entity(storage.entity_dict(e)) for e in page]
+    return links, _encode_token(pager.continuation_token)
+
+
+def _encode_token(token: Any) -> str | None:
+    if not token:
+        return None
+    return base64.urlsafe_b64encode(json.dumps(token).encode()).decode()
+
+
+def _decode_token(token: str | None) -> Any:
+    if not token:
+        return None
+    try:
+        return json.loads(base64.urlsafe_b64decode(token.encode()))
+    except ValueError:
+        raise ValueError("invalid continuation token") from None

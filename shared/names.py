@@ -1,0 +1,12 @@
+"""Names of the app's queues and tables, in one light module (function modules import it at
+indexing time, so it must stay free of heavy imports)."""
+
+# Queues
+ZOOM_PRESENCE_QUEUE = "zoom-presence"  # verified user.presence_status_updated events
+ZOOM_USERS_QUEUE = "zoom-user-events"  # verified Zoom user lifecycle events
+RECONCILE_QUEUE = "reconcile"  # deferred, retried and keep-alive reconciles of one person
+
+# Tables
+LINKS_TABLE = "links"  # one entity per linked person: the link and its sync state
+ENTRA_INDEX_TABLE = "linksbyentra"  # Entra object id -> Zoom user id
+OVERLAYS_TABLE = "overlays"  # overlays that expire, by side, for the keep-alive

@@ -1,0 +1,391 @@
+"""The sync service: observations in, reconciled writes out, for one person at a time.
+
+Every path (a Zoom webhook, a Graph notification, the sweep, a deferred retry, the keep-alive)
+funnels into :func:`sync_user`: read the person's link (one point read), apply the
+observation, plan with the engine, record the plan's bookkeeping with an ETag-conditional write
+(intent first, so an echo arriving before the vendor call returns is recognised), then perform
+the vendor writes. A failed write reverts its bookkeeping and is retried — through a delayed
+queue message when the vendor said when (``Retry-After``), through the queue's own retry and
+poison queue otherwise — so nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared import graph_client, names, storage, zoom_client
+from shared.config import get_settings
+from shared.engine import (
+    TEAMS_TO_ZOOM,
+    ZOOM_TO_TEAMS,
+    EngineConfig,
+    Observed,
+    Plan,
+    TeamsOp,
+    TeamsOpKind,
+    apply_plan,
+    observe_teams,
+    observe_zoom,
+    plan,
+)
+from shared.errors import (
+    Forbidden,
+    NotFound,
+    Throttled,
+    VendorError,
+    ZoomUserNotSignedIn,
+)
+from shared.links import STATUS_ERROR, Link, now_iso, read_link, write_link, zoom_id_for_entra
+from shared.mapping import current_mapping
+
+log = logging.getLogger(__name__)
+
+QUEUE_RECONCILE = names.RECONCILE_QUEUE
+OVERLAYS_TABLE = names.OVERLAYS_TABLE
+TEAMS_PARTITION = "teams"
+ZOOM_PARTITION = "zoom"
+
+
+def engine_config() -> EngineConfig:
+    s = get_settings()
+    return EngineConfig(
+        teams_overlay_seconds=s.teams_overlay_minutes * 60.0,
+        zoom_dnd_minutes=s.zoom_dnd_duration_minutes,
+        renew_leeway_seconds=min(s.overlay_renew_leeway_seconds, s.teams_overlay_minutes * 60.0),
+    )
+
+
+@dataclass
+class Outcome:
+    """What one sync did (tests and the benchmark count these)."""
+
+    linked: bool = True
+    observed: Observed | None = None
+    teams_writes: int = 0
+    zoom_writes: int = 0
+    deferred_until: float | None = None
+    error: str | None = None
+    reads: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+Observer = Callable[[Link, float], Observed]
+
+
+def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str = "event",
+              cid: str = "", confirm_zoom: bool = False, confirm_teams: bool = False) -> Outcome:
+    """Bring one person's two sides in step. Raises only for failures worth a queue retry."""
+    settings = get_settings()
+    cfg = engine_config()
+    mapping = current_mapping()
+    outcome = Outcome()
+    confirmed_zoom: str | None = None
+    confirmed_teams: dict | None = None
+    if confirm_zoom or confirm_teams:
+        # Keep-alive: re-read the source before renewing an overlay (DESIGN.md §5 "self-healing").
+        link, _ = read_link(zoom_user_id)
+        if link is None:
+            outcome.linked = False
+            return outcome
+        if confirm_zoom:
+            confirmed_zoom = _read_zoom(link, outcome)
+        if confirm_teams:
+            confirmed_teams = _read_teams(link, outcome)
+
+    for _attempt in range(8):
+        link, etag = read_link(zoom_user_id)
+        if link is None:
+            log.info("sync: Zoom user %s is not linked; nothing to do (%s)", zoom_user_id, reason)
+            outcome.linked = False
+            return outcome
+        before = link.sync, link.zoom_shows, link.teams_shows, link.zoom_deferred_until, link.last_sync_at
+        now = time.time()
+        if observe is not None:
+            outcome.observed = observe(link, now)
+        if confirmed_zoom is not None:
+            _apply_zoom_report(link, confirmed_zoom, int(now * 1000), now, cfg)
+        if confirmed_teams is not None:
+            _apply_teams_report(link, confirmed_teams, int(now * 1000))
+        result = plan(link.sync, mapping, now, cfg)
+        if result.need_zoom_read or result.need_teams_read:
+            # One side was never seen: look before writing over what the person may have set.
+            if result.need_zoom_read and link.status == "active":
+                status = _read_zoom(link, outcome)
+                if status is not None:
+                    _apply_zoom_report(link, status, int(now * 1000), now, cfg)
+            if result.need_teams_read and link.status == "active":
+                presence = _read_teams(link, outcome)
+                if presence is not None:
+                    _apply_teams_report(link, presence, int(now * 1000))
+            result = plan(link.sync, mapping, now, cfg)
+        zoom_allowed, schedule_at = _zoom_gate(link, result, now, settings.zoom_presence_min_interval_seconds)
+        previous = link.sync
+        link.sync = apply_plan(link.sync, result, now, zoom_written=zoom_allowed)
+        if schedule_at is not None:
+            link.zoom_deferred_until = schedule_at
+        if result.teams_ops or zoom_allowed:
+            link.last_sync_at = now_iso()
+            link.last_sync_direction = (
+                ZOOM_TO_TEAMS if result.teams_ops and not zoom_allowed
+                else TEAMS_TO_ZOOM if zoom_allowed and not result.teams_ops else "both"
+            )
+        after = link.sync, link.zoom_shows, link.teams_shows, link.zoom_deferred_until, link.last_sync_at
+        if after != before:
+            try:
+                write_link(link, etag)
+            except storage.Conflict:
+                continue  # someone else updated this person meanwhile: start over from their state
+        break
+    else:
+        raise storage.Conflict(f"sync: could not update link {zoom_user_id} after repeated conflicts")
+
+    if schedule_at is not None:
+        storage.enqueue(QUEUE_RECONCILE, {"kind": "reconcile", "zoom_user_id": zoom_user_id,
+                                          "reason": "zoom_rate_limit", "cid": cid},
+                        delay_seconds=max(1.0, schedule_at - time.time()))
+        outcome.deferred_until = schedule_at
+        log.info("sync: Zoom update for user %s deferred %.0fs (one update a minute)",
+                 zoom_user_id, schedule_at - time.time())
+
+    if result.teams_ops:
+        _run_teams_ops(link, previous, result, outcome, cid)
+    if zoom_allowed and result.zoom_op is not None:
+        _run_zoom_op(link, previous, result, outcome, cid)
+    return outcome
+
+
+# --- observations -----------------------------------------------------------------------------
+
+
+def _apply_zoom_report(link: Link, status: str, ts_ms: int, now: float, cfg: EngineConfig) -> Observed:
+    outcome = observe_zoom(link.sync, status, ts_ms, now, cfg)
+    if outcome != Observed.STALE:
+        link.zoom_shows = status
+    return outcome
+
+
+def _apply_teams_report(link: Link, presence: dict, ts_ms: int) -> Observed:
+    availability = presence.get("availability")
+    activity = presence.get("activity")
+    outcome = observe_teams(link.sync, availability, activity, sequence=presence.get("sequenceNumber") or None,
+                            ts_ms=ts_ms)
+    if outcome not in (Observed.STALE, Observed.IGNORED):
+        link.teams_shows = f"{availability}/{activity}"
+    return outcome
+
+
+def zoom_observer(status: str, event_ts: int) -> Observer:
+    cfg = engine_config()
+    return lambda link, now: _apply_zoom_report(link, status, event_ts, now, cfg)
+
+
+def teams_observer(presence: dict, ts_ms: int) -> Observer:
+    return lambda link, now: _apply_teams_report(link, presence, ts_ms)
+
+
+def _read_zoom(link: Link, outcome: Outcome) -> str | None:
+    outcome.reads += 1
+    try:
+        return zoom_client.get_presence_status(link.zoom_user_id)
+    except VendorError as exc:
+        log.warning("sync: could not read Zoom presence of user %s: %s", link.zoom_user_id, exc)
+        return None
+
+
+def _read_teams(link: Link, outcome: Outcome) -> dict | None:
+    outcome.reads += 1
+    try:
+        return graph_client.get_presence(link.entra_user_id)
+    except VendorError as exc:
+        log.warning("sync: could not read Teams presence of user %s: %s", link.zoom_user_id, exc)
+        return None
+
+
+# --- the per-user Zoom rate limit ------------------------------------------------------------------
+
+
+def _zoom_gate(link: Link, result: Plan, now: float, min_interval: float) -> tuple[bool, float | None]:
+    """May the planned Zoom PUT go now? If not, when should we try again (None: already scheduled)?"""
+    if result.zoom_op is None:
+        return False, None
+    due = max(link.sync.zoom_last_put_at + min_interval, link.zoom_blocked_until)
+    if due <= now:
+        return True, None
+    # Zoom takes one presence update per user per minute (API-FACTS §3): coalesce and defer.
+    if link.zoom_deferred_until >= due - 0.5 and link.zoom_deferred_until > now:
+        return False, None  # a reconcile is already scheduled; it will read the latest state
+    return False, due + 0.5
+
+
+# --- performing the plan ---------------------------------------------------------------------------
+
+
+def _run_teams_ops(link: Link, previous, result: Plan, outcome: Outcome, cid: str) -> None:
+    settings = get_settings()
+    session_id = settings.require("entra_client_id", "ENTRA_CLIENT_ID", "setPresence sessionId")
+    entra = link.entra_user_id
+    try:
+        for op in result.teams_ops:
+            _teams_call(op, entra, session_id)
+            outcome.teams_writes += 1
+            log.info("sync: Teams %s %s for user %s (cid %s)", op.kind.value,
+                     f"{op.overlay.availability}/{op.overlay.activity}" if op.overlay else "", link.zoom_user_id, cid)
+    except Throttled as exc:
+        _revert(link.zoom_user_id, teams=(previous.teams_overlay, result.teams_overlay))
+        _schedule(link.zoom_user_id, exc.retry_after_s, "graph_throttled", cid)
+        outcome.deferred_until = time.time() + exc.retry_after_s
+        return
+    except NotFound:
+        _revert(link.zoom_user_id, teams=(previous.teams_overlay, result.teams_overlay),
+                error=("teams_user_not_found", "Graph does not know this Entra user"))
+        outcome.error = "teams_user_not_found"
+        return
+    except Forbidden as exc:
+        _revert(link.zoom_user_id, teams=(previous.teams_overlay, result.teams_overlay),
+                error=("graph_forbidden", f"Graph refused the presence write ({exc.code})"))
+        outcome.error = "graph_forbidden"
+        return
+    except Exception:
+        _revert(link.zoom_user_id, teams=(previous.teams_overlay, result.teams_overlay))
+        raise
+    _index_overlay(TEAMS_PARTITION, link.zoom_user_id,
+                   result.teams_overlay.expires_at if result.teams_overlay else None)
+
+
+def _teams_call(op: TeamsOp, entra: str, session_id: str) -> None:
+    expiration = f"PT{max(5, int(op.expiration_seconds // 60))}M"
+    if op.kind == TeamsOpKind.SET_SESSION:
+        graph_client.set_presence(entra, session_id, op.overlay.availability, op.overlay.activity, expiration)
+    elif op.kind == TeamsOpKind.CLEAR_SESSION:
+        graph_client.clear_presence(entra, session_id)
+    elif op.kind == TeamsOpKind.SET_PREFERRED:
+        graph_client.set_user_preferred_presence(entra, op.overlay.availability, op.overlay.activity, expiration)
+    elif op.kind == TeamsOpKind.CLEAR_PREFERRED:
+        graph_client.clear_user_preferred_presence(entra)
+
+
+def _run_zoom_op(link: Link, previous, result: Plan, outcome: Outcome, cid: str) -> None:
+    op = result.zoom_op
+    settings = get_settings()
+    undo = (previous.zoom_overlay, previous.zoom_last_put, previous.zoom_last_put_at, result.zoom_overlay)
+    try:
+        zoom_client.put_presence_status(link.zoom_user_id, op.status, op.duration_minutes)
+    except ZoomUserNotSignedIn:
+        until = time.time() + settings.zoom_not_signed_in_backoff_seconds
+        _revert(link.zoom_user_id, zoom=undo, blocked_until=until,
+                error=("zoom_not_signed_in", "the person is not signed in to a Zoom client (5301)"))
+        _schedule(link.zoom_user_id, settings.zoom_not_signed_in_backoff_seconds, "zoom_not_signed_in", cid)
+        outcome.error = "zoom_not_signed_in"
+        return
+    except Throttled as exc:
+        _revert(link.zoom_user_id, zoom=undo)
+        _schedule(link.zoom_user_id, exc.retry_after_s, "zoom_throttled", cid)
+        outcome.deferred_until = time.time() + exc.retry_after_s
+        return
+    except NotFound:
+        _revert(link.zoom_user_id, zoom=undo, error=("zoom_user_not_found", "Zoom does not know this user (1001)"))
+        outcome.error = "zoom_user_not_found"
+        return
+    except Forbidden as exc:
+        _revert(link.zoom_user_id, zoom=undo, error=("zoom_forbidden", f"Zoom refused the update ({exc.code})"))
+        outcome.error = "zoom_forbidden"
+        return
+    except Exception:
+        _revert(link.zoom_user_id, zoom=undo)
+        raise
+    outcome.zoom_writes += 1
+    log.info("sync: Zoom %s %s for user %s (cid %s)", "release to" if op.release else "put", op.status,
+             link.zoom_user_id, cid)
+    expires = result.zoom_overlay.expires_at if result.zoom_overlay else None
+    _index_overlay(ZOOM_PARTITION, link.zoom_user_id, expires)
+
+
+def _schedule(zoom_user_id: str, delay_s: float, reason: str, cid: str) -> None:
+    storage.enqueue(QUEUE_RECONCILE, {"kind": "reconcile", "zoom_user_id": zoom_user_id, "reason": reason,
+                                      "cid": cid}, delay_seconds=max(1.0, delay_s))
+    log.info("sync: user %s retried in %.0fs (%s)", zoom_user_id, delay_s, reason)
+
+
+def _revert(zoom_user_id: str, *, teams=None, zoom=None, error: tuple[str, str] | None = None,
+            blocked_until: float | None = None) -> None:
+    """Undo the bookkeeping of a write that did not happen (only if nobody changed it since)."""
+
+    def mutate(entity: dict | None) -> dict | None:
+        if entity is None:
+            return None
+        from shared.links import link_from_entity, link_to_entity
+
+        link = link_from_entity(entity)
+        s = link.sync
+        if teams is not None and s.teams_overlay == teams[1]:
+            s.teams_overlay = teams[0]
+        if zoom is not None and s.zoom_overlay == zoom[3]:
+            s.zoom_overlay, s.zoom_last_put, s.zoom_last_put_at = zoom[0], zoom[1], zoom[2]
+        if blocked_until is not None:
+            link.zoom_blocked_until = blocked_until
+        if error is not None:
+            link.error_kind, link.error_detail, link.error_at = error[0], error[1], now_iso()
+            if error[0] in ("teams_user_not_found", "zoom_user_not_found"):
+                link.status = STATUS_ERROR
+                link.sync.active = False
+        return link_to_entity(link)
+
+    storage.mutate_entity(names.LINKS_TABLE, zoom_user_id, "link", mutate)
+    if error is not None:
+        log.warning("sync: user %s: %s", zoom_user_id, error[1])
+
+
+def _index_overlay(partition: str, zoom_user_id: str, expires_at: float | None) -> None:
+    """Overlays that expire are listed by expiry so the keep-alive finds them without a scan."""
+    if expires_at is None:
+        storage.delete_entity(OVERLAYS_TABLE, partition, zoom_user_id)
+    else:
+        storage.upsert_entity(OVERLAYS_TABLE, {"PartitionKey": partition, "RowKey": zoom_user_id,
+                                               "expires_at": float(expires_at)})
+
+
+# --- entry points for the queue-triggered functions ---------------------------------------------------
+
+
+def handle_zoom_presence(message: dict) -> Outcome:
+    """A ``user.presence_status_updated`` event taken from the intake queue."""
+    zoom_user_id = str(message["zoom_user_id"]).lower()
+    return sync_user(zoom_user_id, observe=zoom_observer(str(message["status"]), int(message["event_ts"])),
+                     reason="zoom_webhook", cid=str(message.get("cid", "")))
+
+
+def handle_teams_presence(presence: dict, *, ts_ms: int | None = None, cid: str = "") -> Outcome:
+    """A Graph presence (from a notification, a batch read or the sweep) for one Entra user."""
+    entra = str(presence.get("id", "")).lower()
+    zoom_user_id = zoom_id_for_entra(entra) if entra else None
+    if zoom_user_id is None:
+        return Outcome(linked=False)
+    ts = ts_ms if ts_ms is not None else int(time.time() * 1000)
+    return sync_user(zoom_user_id, observe=teams_observer(presence, ts), reason="teams", cid=cid)
+
+
+def handle_reconcile(message: dict) -> Outcome:
+    return sync_user(str(message["zoom_user_id"]).lower(), reason=str(message.get("reason", "reconcile")),
+                     cid=str(message.get("cid", "")), confirm_zoom=bool(message.get("confirm_zoom")),
+                     confirm_teams=bool(message.get("confirm_teams")))
+
+
+def keepalive_due(now: float | None = None) -> int:
+    """Queue a confirm-and-renew for every overlay that expires within the renewal leeway."""
+    now = time.time() if now is None else now
+    horizon = now + engine_config().renew_leeway_seconds
+    client = storage.table(OVERLAYS_TABLE)
+    count = 0
+    for partition, flag in ((TEAMS_PARTITION, "confirm_zoom"), (ZOOM_PARTITION, "confirm_teams")):
+        rows = client.query_entities("PartitionKey eq @pk and expires_at le @t",
+                                     parameters={"pk": partition, "t": float(horizon)}, select=["RowKey"])
+        for row in rows:
+            storage.enqueue(QUEUE_RECONCILE, {"kind": "reconcile", "zoom_user_id": row["RowKey"],
+                                              "reason": "keepalive", flag: True})
+            count += 1
+    if count:
+        log.info("keep-alive: %d overlays near expiry queued for confirmation", count)
+    return count

@@ -1,0 +1,63 @@
+"""The host can index the app with an empty environment (API-FACTS §10: an exception or a
+missing setting at import makes it load zero functions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+EXPECTED = {
+    "health": ("httpTrigger", {"route": "health", "methods": ["GET"], "authLevel": "ANONYMOUS"}),
+    "zoom_webhook": ("httpTrigger", {"route": "zoom/webhook", "methods": ["POST"], "authLevel": "ANONYMOUS"}),
+    "admin_list_links": ("httpTrigger", {"route": "admin/links", "methods": ["GET"], "authLevel": "ADMIN"}),
+    "admin_link": ("httpTrigger", {"route": "admin/links/{zoom_user_id}", "methods": ["DELETE", "GET", "PUT"],
+                                   "authLevel": "ADMIN"}),
+    "zoom_presence_worker": ("queueTrigger", {"queueName": "zoom-presence"}),
+    "reconcile_worker": ("queueTrigger", {"queueName": "reconcile"}),
+    "overlay_keepalive": ("timerTrigger", {"schedule": "0 */5 * * * *"}),
+}
+
+_DUMP = """
+import json, function_app
+out = {}
+for fn in function_app.app.get_functions():
+    trig = fn.get_trigger()
+    d = trig.get_dict_repr()
+    info = {"type": trig.type}
+    for key in ("route", "authLevel", "queueName", "schedule", "connection"):
+        if key in d:
+            v = d[key]
+            info[key] = getattr(v, "name", v)
+    if "methods" in d:
+        info["methods"] = sorted(getattr(m, "name", str(m)) for m in d["methods"])
+    out[fn.get_function_name()] = info
+print(json.dumps(out))
+"""
+
+
+def test_function_app_indexes_with_an_empty_environment():
+    # A fresh interpreter with nothing but PATH: no settings at all.
+    proc = subprocess.run([sys.executable, "-c", _DUMP], cwd=ROOT, env={"PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    functions = json.loads(proc.stdout)
+    assert set(functions) == set(EXPECTED)
+    for name, (trigger, fields) in EXPECTED.items():
+        assert functions[name]["type"] == trigger, name
+        for key, value in fields.items():
+            assert functions[name][key] == value, (name, key)
+        if trigger == "queueTrigger":
+            assert functions[name]["connection"] == "AzureWebJobsStorage"
+
+
+def test_host_json_queue_settings_match_the_code():
+    from shared.queue_messages import MAX_DEQUEUE_COUNT
+
+    host = json.loads((ROOT / "host.json").read_text())
+    queues = host["extensions"]["queues"]
+    assert queues["messageEncoding"] == "base64"  # shared.storage sends base64 (TextBase64EncodePolicy)
+    assert queues["maxDequeueCount"] == MAX_DEQUEUE_COUNT
