@@ -6,9 +6,19 @@ app with whatever environment it has); see tests/unit/test_indexing.py.
 
 import azure.functions as func
 
-from functions import admin_links, health, keepalive, sync_queues, zoom_webhook
+from functions import (
+    graph_subscriptions,
+    graph_webhooks,
+    health,
+    keepalive,
+    manage_links,
+    sync_queues,
+    teams_sync,
+    zoom_webhook,
+)
 
 app = func.FunctionApp()
 
-for blueprint in (health.bp, zoom_webhook.bp, sync_queues.bp, keepalive.bp, admin_links.bp):
+for blueprint in (health.bp, zoom_webhook.bp, sync_queues.bp, keepalive.bp, teams_sync.bp, manage_links.bp,
+                  graph_webhooks.bp, graph_subscriptions.bp):
     app.register_functions(blueprint)

@@ -21,6 +21,11 @@ class Clock:
         with self._lock:
             self._offset += seconds
 
+    def reset(self) -> None:
+        """Back to wall-clock time (between tests that moved it)."""
+        with self._lock:
+            self._offset = 0.0
+
     @property
     def offset(self) -> float:
         return self._offset

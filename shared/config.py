@@ -108,6 +108,34 @@ class Settings(BaseSettings):
     graph_notification_certificate: str | None = Field(
         default=None, validation_alias=AliasChoices("GRAPH_NOTIFICATION_CERTIFICATE")
     )
+    # The encryptionCertificateId sent with that certificate; empty = derived from its thumbprint.
+    graph_notification_certificate_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("GRAPH_NOTIFICATION_CERTIFICATE_ID")
+    )
+    # Function key Graph presents on the notification and lifecycle URLs (?code=); empty = none.
+    graph_notification_key: str | None = Field(
+        default=None, validation_alias=AliasChoices("GRAPH_NOTIFICATION_KEY")
+    )
+    graph_notification_max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, validation_alias=AliasChoices("GRAPH_NOTIFICATION_MAX_BODY_BYTES")
+    )
+    # Delegated scopes of connected accounts; MSAL adds the reserved ones (offline_access, openid, profile).
+    graph_delegated_scopes: str = Field(
+        default="Presence.Read.All Presence.ReadWrite User.Read offline_access",
+        validation_alias=AliasChoices("GRAPH_DELEGATED_SCOPES"),
+    )
+    # Presence subscriptions one connected sync account holds (Graph allows one per user per app,
+    # API-FACTS §7; NICE CXone uses one account per 650 users).
+    subscriptions_per_account: int = Field(
+        default=1, ge=1, validation_alias=AliasChoices("SUBSCRIPTIONS_PER_ACCOUNT")
+    )
+    # Presence subscriptions live at most 60 minutes (API-FACTS §7).
+    subscription_lifetime_minutes: int = Field(
+        default=55, ge=10, le=60, validation_alias=AliasChoices("SUBSCRIPTION_LIFETIME_MINUTES")
+    )
+    subscription_renew_leeway_seconds: float = Field(
+        default=900.0, ge=0, validation_alias=AliasChoices("SUBSCRIPTION_RENEW_LEEWAY_SECONDS")
+    )
     # Lifetime of presence overlays we write to Teams (bound on a stuck state), minutes.
     teams_overlay_minutes: int = Field(
         default=60, ge=5, le=240, validation_alias=AliasChoices("TEAMS_OVERLAY_MINUTES")
@@ -115,6 +143,11 @@ class Settings(BaseSettings):
     # Overlays are confirmed against their source and renewed this long before they expire.
     overlay_renew_leeway_seconds: float = Field(
         default=600.0, ge=0, validation_alias=AliasChoices("OVERLAY_RENEW_LEEWAY_SECONDS")
+    )
+
+    # Shards whose Graph subscription is healthy are swept this often (others on every run).
+    sweep_subscribed_interval_seconds: float = Field(
+        default=300.0, ge=0, validation_alias=AliasChoices("SWEEP_SUBSCRIBED_INTERVAL_SECONDS")
     )
 
     # --- the app ---------------------------------------------------------------------------

@@ -60,7 +60,15 @@ class Throttled(VendorError):
 
 
 class TransientVendorError(VendorError):
-    """5xx (or no response) after the allowed retries: worth retrying later."""
+    """5xx (or no response, status 0) after the allowed retries: worth retrying later.
+
+    ``retry_after_s`` is the vendor's ``Retry-After`` when it sent one (a 503 may).
+    """
+
+    def __init__(self, status: int, code: str | int | None = None, message: str = "",
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(status, code, message)
+        self.retry_after_s = retry_after_s
 
 
 class ZoomUserNotSignedIn(BadRequest):

@@ -225,6 +225,8 @@ def send(
         )
         outcome = str(response.status_code) if response is not None else type(last_error).__name__
         if attempt >= attempts:
+            log.warning("http %s %s: %s on attempt %d/%d; no attempts left", method, where, outcome,
+                        attempt, attempts)
             break
         remaining = budget - (clock() - started)
         if retry_after is not None and retry_after > remaining:

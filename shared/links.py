@@ -58,6 +58,11 @@ class Link:
     last_sync_direction: str = ""
     zoom_deferred_until: float = 0.0  # a reconcile is scheduled for then (one PUT a minute)
     zoom_blocked_until: float = 0.0  # Zoom said 5301 (not signed in): leave the person alone until then
+    # One invocation at a time writes to the vendors for a person (their calls could otherwise land
+    # out of order); others record what they learnt and set ``pending`` for the lease holder.
+    lease_owner: str = ""
+    lease_until: float = 0.0
+    pending: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -170,7 +175,7 @@ _KNOWN = {
     "last_sync_direction", "zoom_deferred_until", "zoom_blocked_until", "zoom_native", "zoom_native_since",
     "zoom_seen_ts", "zoom_shows_ours", "zoom_overlay", "zoom_yielded", "zoom_last_put", "zoom_last_put_at",
     "teams_native", "teams_native_since", "teams_seen_seq", "teams_seen_ts", "teams_shows_ours",
-    "teams_overlay", "teams_yielded", "Timestamp",
+    "teams_overlay", "teams_yielded", "lease_owner", "lease_until", "pending", "Timestamp",
 }
 
 
@@ -213,6 +218,9 @@ def link_from_entity(entity: dict) -> Link:
         last_sync_direction=entity.get("last_sync_direction", ""),
         zoom_deferred_until=float(entity.get("zoom_deferred_until") or 0.0),
         zoom_blocked_until=float(entity.get("zoom_blocked_until") or 0.0),
+        lease_owner=entity.get("lease_owner") or "",
+        lease_until=float(entity.get("lease_until") or 0.0),
+        pending=bool(entity.get("pending")),
         extra={k: v for k, v in entity.items() if k not in _KNOWN},
     )
 
@@ -239,6 +247,9 @@ def link_to_entity(link: Link) -> dict:
         "last_sync_direction": link.last_sync_direction,
         "zoom_deferred_until": link.zoom_deferred_until,
         "zoom_blocked_until": link.zoom_blocked_until,
+        "lease_owner": link.lease_owner,
+        "lease_until": link.lease_until,
+        "pending": link.pending,
         "zoom_native": s.zoom_native.value if s.zoom_native else "",
         "zoom_native_since": s.zoom_native_since,
         "zoom_seen_ts": s.zoom_seen_ts,
@@ -268,9 +279,9 @@ def read_link(zoom_user_id: str) -> tuple[Link | None, str | None]:
     return link_from_entity(entity), etag
 
 
-def write_link(link: Link, etag: str | None) -> None:
-    """Insert or conditionally replace; raises ``storage.Conflict`` on a lost race."""
-    storage.write_entity(LINKS_TABLE, link_to_entity(link), etag)
+def write_link(link: Link, etag: str | None) -> str | None:
+    """Insert or conditionally replace; returns the new ETag; raises ``storage.Conflict`` on a lost race."""
+    return storage.write_entity(LINKS_TABLE, link_to_entity(link), etag)
 
 
 def delete_link(zoom_user_id: str, entra_user_id: str) -> None:

@@ -5,8 +5,13 @@ indexing time, so it must stay free of heavy imports)."""
 ZOOM_PRESENCE_QUEUE = "zoom-presence"  # verified user.presence_status_updated events
 ZOOM_USERS_QUEUE = "zoom-user-events"  # verified Zoom user lifecycle events
 RECONCILE_QUEUE = "reconcile"  # deferred, retried and keep-alive reconciles of one person
+TEAMS_PRESENCE_QUEUE = "teams-presence"  # Graph notifications and sweep changes to apply
+GRAPH_LIFECYCLE_QUEUE = "graph-lifecycle"  # Graph lifecycle notifications to act on
 
 # Tables
 LINKS_TABLE = "links"  # one entity per linked person: the link and its sync state
 ENTRA_INDEX_TABLE = "linksbyentra"  # Entra object id -> Zoom user id
 OVERLAYS_TABLE = "overlays"  # overlays that expire, by side, for the keep-alive
+SHARDS_TABLE = "shards"  # groups of <=650 Teams-watched people: one subscription, one sweep read each
+CONNECTIONS_TABLE = "connections"  # connected accounts and their encrypted delegated tokens
+SUBSCRIPTIONS_TABLE = "subscriptions"  # Graph subscription id -> shard and clientState

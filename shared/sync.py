@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from shared.engine import (
     Plan,
     TeamsOp,
     TeamsOpKind,
+    UserSync,
     apply_plan,
     observe_teams,
     observe_zoom,
@@ -74,13 +76,19 @@ class Outcome:
 
 Observer = Callable[[Link, float], Observed]
 
+# How long one invocation may hold a person's write lease (vendor calls and their retries fit).
+LEASE_SECONDS = 45.0
+
+
+def _state(link: Link) -> tuple:
+    return (link.sync, link.zoom_shows, link.teams_shows, link.zoom_deferred_until, link.last_sync_at,
+            link.lease_owner, link.lease_until, link.pending, link.status)
+
 
 def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str = "event",
               cid: str = "", confirm_zoom: bool = False, confirm_teams: bool = False) -> Outcome:
     """Bring one person's two sides in step. Raises only for failures worth a queue retry."""
-    settings = get_settings()
-    cfg = engine_config()
-    mapping = current_mapping()
+    me = cid or uuid.uuid4().hex
     outcome = Outcome()
     confirmed_zoom: str | None = None
     confirmed_teams: dict | None = None
@@ -95,66 +103,138 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
         if confirm_teams:
             confirmed_teams = _read_teams(link, outcome)
 
-    for _attempt in range(8):
+    def learn(link: Link, now: float) -> None:
+        if observe is not None:
+            outcome.observed = observe(link, now)
+        if confirmed_zoom is not None:
+            _apply_zoom_report(link, confirmed_zoom, int(now * 1000), now, engine_config())
+        if confirmed_teams is not None:
+            _apply_teams_report(link, confirmed_teams, int(now * 1000))
+
+    for _attempt in range(10):
         link, etag = read_link(zoom_user_id)
         if link is None:
             log.info("sync: Zoom user %s is not linked; nothing to do (%s)", zoom_user_id, reason)
             outcome.linked = False
             return outcome
-        before = link.sync, link.zoom_shows, link.teams_shows, link.zoom_deferred_until, link.last_sync_at
+        before = _state(link)
         now = time.time()
-        if observe is not None:
-            outcome.observed = observe(link, now)
-        if confirmed_zoom is not None:
-            _apply_zoom_report(link, confirmed_zoom, int(now * 1000), now, cfg)
-        if confirmed_teams is not None:
-            _apply_teams_report(link, confirmed_teams, int(now * 1000))
-        result = plan(link.sync, mapping, now, cfg)
-        if result.need_zoom_read or result.need_teams_read:
-            # One side was never seen: look before writing over what the person may have set.
-            if result.need_zoom_read and link.status == "active":
-                status = _read_zoom(link, outcome)
-                if status is not None:
-                    _apply_zoom_report(link, status, int(now * 1000), now, cfg)
-            if result.need_teams_read and link.status == "active":
-                presence = _read_teams(link, outcome)
-                if presence is not None:
-                    _apply_teams_report(link, presence, int(now * 1000))
-            result = plan(link.sync, mapping, now, cfg)
-        zoom_allowed, schedule_at = _zoom_gate(link, result, now, settings.zoom_presence_min_interval_seconds)
-        previous = link.sync
-        link.sync = apply_plan(link.sync, result, now, zoom_written=zoom_allowed)
-        if schedule_at is not None:
-            link.zoom_deferred_until = schedule_at
-        if result.teams_ops or zoom_allowed:
-            link.last_sync_at = now_iso()
-            link.last_sync_direction = (
-                ZOOM_TO_TEAMS if result.teams_ops and not zoom_allowed
-                else TEAMS_TO_ZOOM if zoom_allowed and not result.teams_ops else "both"
-            )
-        after = link.sync, link.zoom_shows, link.teams_shows, link.zoom_deferred_until, link.last_sync_at
-        if after != before:
+        learn(link, now)
+        if link.lease_owner and link.lease_owner != me and link.lease_until > now:
+            # Someone is writing to the vendors for this person right now: leave what we learnt
+            # for them (they re-plan before letting go) rather than race their calls.
+            if _state(link) == before:
+                return outcome
+            link.pending = True
             try:
                 write_link(link, etag)
             except storage.Conflict:
-                continue  # someone else updated this person meanwhile: start over from their state
+                continue
+            # Should the holder die without letting go, this picks the work up after the lease.
+            _schedule(zoom_user_id, link.lease_until - now + 1.0, "after_lease", cid)
+            outcome.notes.append("left for the lease holder")
+            return outcome
+        step = _plan_step(link, now, outcome)
+        if step is None:
+            if _state(link) != before:
+                try:
+                    write_link(link, etag)
+                except storage.Conflict:
+                    continue
+            return outcome
+        link.lease_owner, link.lease_until, link.pending = me, now + LEASE_SECONDS, False
+        try:
+            etag = write_link(link, etag)
+        except storage.Conflict:
+            continue
         break
     else:
         raise storage.Conflict(f"sync: could not update link {zoom_user_id} after repeated conflicts")
 
-    if schedule_at is not None:
-        storage.enqueue(QUEUE_RECONCILE, {"kind": "reconcile", "zoom_user_id": zoom_user_id,
-                                          "reason": "zoom_rate_limit", "cid": cid},
-                        delay_seconds=max(1.0, schedule_at - time.time()))
-        outcome.deferred_until = schedule_at
-        log.info("sync: Zoom update for user %s deferred %.0fs (one update a minute)",
-                 zoom_user_id, schedule_at - time.time())
-
-    if result.teams_ops:
-        _run_teams_ops(link, previous, result, outcome, cid)
-    if zoom_allowed and result.zoom_op is not None:
-        _run_zoom_op(link, previous, result, outcome, cid)
+    # We hold the lease: perform, then let go — unless news arrived meanwhile, then go again.
+    for _round in range(10):
+        if not _perform(link, step, outcome, cid):
+            return outcome  # failed: bookkeeping reverted and lease released by _revert
+        while True:
+            link.lease_owner, link.lease_until = "", 0.0
+            try:
+                write_link(link, etag)
+                return outcome
+            except storage.Conflict:
+                link, etag = read_link(zoom_user_id)
+                if link is None or link.lease_owner != me:
+                    return outcome
+                if link.pending:
+                    break
+        now = time.time()
+        link.pending = False
+        step = _plan_step(link, now, outcome)
+        if step is None:
+            link.lease_owner, link.lease_until = "", 0.0
+            try:
+                write_link(link, etag)
+            except storage.Conflict:
+                _schedule(zoom_user_id, 1.0, "release_conflict", cid)
+            return outcome
+        link.lease_until = now + LEASE_SECONDS
+        try:
+            etag = write_link(link, etag)
+        except storage.Conflict:
+            _schedule(zoom_user_id, 1.0, "lease_conflict", cid)
+            return outcome
+    _schedule(zoom_user_id, 1.0, "busy_person", cid)
     return outcome
+
+
+@dataclass
+class _Step:
+    previous: UserSync
+    result: Plan
+    zoom_allowed: bool
+    schedule_at: float | None
+
+
+def _plan_step(link: Link, now: float, outcome: Outcome) -> _Step | None:
+    """Plan on ``link`` (in place: bookkeeping recorded as intent). None when there is nothing to write."""
+    settings = get_settings()
+    cfg = engine_config()
+    mapping = current_mapping()
+    result = plan(link.sync, mapping, now, cfg)
+    if result.need_zoom_read or result.need_teams_read:
+        # One side was never seen: look before writing over what the person may have set.
+        if result.need_zoom_read and link.status == "active":
+            status = _read_zoom(link, outcome)
+            if status is not None:
+                _apply_zoom_report(link, status, int(now * 1000), now, cfg)
+        if result.need_teams_read and link.status == "active":
+            presence = _read_teams(link, outcome)
+            if presence is not None:
+                _apply_teams_report(link, presence, int(now * 1000))
+        result = plan(link.sync, mapping, now, cfg)
+    zoom_allowed, schedule_at = _zoom_gate(link, result, now, settings.zoom_presence_min_interval_seconds)
+    previous = link.sync
+    link.sync = apply_plan(link.sync, result, now, zoom_written=zoom_allowed)
+    if schedule_at is not None:
+        link.zoom_deferred_until = schedule_at
+        _schedule(link.zoom_user_id, schedule_at - now, "zoom_rate_limit", "")
+        outcome.deferred_until = schedule_at
+    if not result.teams_ops and not zoom_allowed:
+        return None
+    link.last_sync_at = now_iso()
+    link.last_sync_direction = (
+        ZOOM_TO_TEAMS if result.teams_ops and not zoom_allowed
+        else TEAMS_TO_ZOOM if zoom_allowed and not result.teams_ops else "both"
+    )
+    return _Step(previous, result, zoom_allowed, schedule_at)
+
+
+def _perform(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
+    """Run the vendor calls of a step; False when one failed (and was reverted or rescheduled)."""
+    if step.result.teams_ops and not _run_teams_ops(link, step.previous, step.result, outcome, cid):
+        return False
+    if step.zoom_allowed and step.result.zoom_op is not None:
+        return _run_zoom_op(link, step.previous, step.result, outcome, cid)
+    return True
 
 
 # --- observations -----------------------------------------------------------------------------
@@ -223,36 +303,36 @@ def _zoom_gate(link: Link, result: Plan, now: float, min_interval: float) -> tup
 # --- performing the plan ---------------------------------------------------------------------------
 
 
-def _run_teams_ops(link: Link, previous, result: Plan, outcome: Outcome, cid: str) -> None:
+def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcome, cid: str) -> bool:
     settings = get_settings()
     session_id = settings.require("entra_client_id", "ENTRA_CLIENT_ID", "setPresence sessionId")
-    entra = link.entra_user_id
+    undo = {"teams": (previous.teams_overlay, result.teams_overlay), "owner": link.lease_owner}
     try:
         for op in result.teams_ops:
-            _teams_call(op, entra, session_id)
+            _teams_call(op, link.entra_user_id, session_id)
             outcome.teams_writes += 1
             log.info("sync: Teams %s %s for user %s (cid %s)", op.kind.value,
                      f"{op.overlay.availability}/{op.overlay.activity}" if op.overlay else "", link.zoom_user_id, cid)
     except Throttled as exc:
-        _revert(link.zoom_user_id, teams=(previous.teams_overlay, result.teams_overlay))
+        _revert(link.zoom_user_id, **undo)
         _schedule(link.zoom_user_id, exc.retry_after_s, "graph_throttled", cid)
         outcome.deferred_until = time.time() + exc.retry_after_s
-        return
+        return False
     except NotFound:
-        _revert(link.zoom_user_id, teams=(previous.teams_overlay, result.teams_overlay),
-                error=("teams_user_not_found", "Graph does not know this Entra user"))
+        _revert(link.zoom_user_id, **undo, error=("teams_user_not_found", "Graph does not know this Entra user"))
         outcome.error = "teams_user_not_found"
-        return
+        return False
     except Forbidden as exc:
-        _revert(link.zoom_user_id, teams=(previous.teams_overlay, result.teams_overlay),
+        _revert(link.zoom_user_id, **undo,
                 error=("graph_forbidden", f"Graph refused the presence write ({exc.code})"))
         outcome.error = "graph_forbidden"
-        return
+        return False
     except Exception:
-        _revert(link.zoom_user_id, teams=(previous.teams_overlay, result.teams_overlay))
+        _revert(link.zoom_user_id, **undo)
         raise
     _index_overlay(TEAMS_PARTITION, link.zoom_user_id,
                    result.teams_overlay.expires_at if result.teams_overlay else None)
+    return True
 
 
 def _teams_call(op: TeamsOp, entra: str, session_id: str) -> None:
@@ -267,40 +347,42 @@ def _teams_call(op: TeamsOp, entra: str, session_id: str) -> None:
         graph_client.clear_user_preferred_presence(entra)
 
 
-def _run_zoom_op(link: Link, previous, result: Plan, outcome: Outcome, cid: str) -> None:
+def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome, cid: str) -> bool:
     op = result.zoom_op
     settings = get_settings()
-    undo = (previous.zoom_overlay, previous.zoom_last_put, previous.zoom_last_put_at, result.zoom_overlay)
+    undo = {"zoom": (previous.zoom_overlay, previous.zoom_last_put, previous.zoom_last_put_at, result.zoom_overlay),
+            "owner": link.lease_owner}
     try:
         zoom_client.put_presence_status(link.zoom_user_id, op.status, op.duration_minutes)
     except ZoomUserNotSignedIn:
         until = time.time() + settings.zoom_not_signed_in_backoff_seconds
-        _revert(link.zoom_user_id, zoom=undo, blocked_until=until,
+        _revert(link.zoom_user_id, **undo, blocked_until=until,
                 error=("zoom_not_signed_in", "the person is not signed in to a Zoom client (5301)"))
         _schedule(link.zoom_user_id, settings.zoom_not_signed_in_backoff_seconds, "zoom_not_signed_in", cid)
         outcome.error = "zoom_not_signed_in"
-        return
+        return False
     except Throttled as exc:
-        _revert(link.zoom_user_id, zoom=undo)
+        _revert(link.zoom_user_id, **undo)
         _schedule(link.zoom_user_id, exc.retry_after_s, "zoom_throttled", cid)
         outcome.deferred_until = time.time() + exc.retry_after_s
-        return
+        return False
     except NotFound:
-        _revert(link.zoom_user_id, zoom=undo, error=("zoom_user_not_found", "Zoom does not know this user (1001)"))
+        _revert(link.zoom_user_id, **undo, error=("zoom_user_not_found", "Zoom does not know this user (1001)"))
         outcome.error = "zoom_user_not_found"
-        return
+        return False
     except Forbidden as exc:
-        _revert(link.zoom_user_id, zoom=undo, error=("zoom_forbidden", f"Zoom refused the update ({exc.code})"))
+        _revert(link.zoom_user_id, **undo, error=("zoom_forbidden", f"Zoom refused the update ({exc.code})"))
         outcome.error = "zoom_forbidden"
-        return
+        return False
     except Exception:
-        _revert(link.zoom_user_id, zoom=undo)
+        _revert(link.zoom_user_id, **undo)
         raise
     outcome.zoom_writes += 1
     log.info("sync: Zoom %s %s for user %s (cid %s)", "release to" if op.release else "put", op.status,
              link.zoom_user_id, cid)
     expires = result.zoom_overlay.expires_at if result.zoom_overlay else None
     _index_overlay(ZOOM_PARTITION, link.zoom_user_id, expires)
+    return True
 
 
 def _schedule(zoom_user_id: str, delay_s: float, reason: str, cid: str) -> None:
@@ -309,9 +391,10 @@ def _schedule(zoom_user_id: str, delay_s: float, reason: str, cid: str) -> None:
     log.info("sync: user %s retried in %.0fs (%s)", zoom_user_id, delay_s, reason)
 
 
-def _revert(zoom_user_id: str, *, teams=None, zoom=None, error: tuple[str, str] | None = None,
+def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom=None, error: tuple[str, str] | None = None,
             blocked_until: float | None = None) -> None:
-    """Undo the bookkeeping of a write that did not happen (only if nobody changed it since)."""
+    """Undo the bookkeeping of a write that did not happen (only if nobody changed it since), and
+    let go of the person's write lease."""
 
     def mutate(entity: dict | None) -> dict | None:
         if entity is None:
@@ -326,6 +409,8 @@ def _revert(zoom_user_id: str, *, teams=None, zoom=None, error: tuple[str, str] 
             s.zoom_overlay, s.zoom_last_put, s.zoom_last_put_at = zoom[0], zoom[1], zoom[2]
         if blocked_until is not None:
             link.zoom_blocked_until = blocked_until
+        if link.lease_owner == owner:
+            link.lease_owner, link.lease_until = "", 0.0
         if error is not None:
             link.error_kind, link.error_detail, link.error_at = error[0], error[1], now_iso()
             if error[0] in ("teams_user_not_found", "zoom_user_not_found"):

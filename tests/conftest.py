@@ -5,4 +5,6 @@ pytest_plugins = [
     "tests.fixtures.graph",
     "tests.fixtures.zoom",
     "tests.fixtures.host",
+    "tests.fixtures.world",
+    "tests.fixtures.connections",
 ]

@@ -13,12 +13,19 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "health": ("httpTrigger", {"route": "health", "methods": ["GET"], "authLevel": "ANONYMOUS"}),
     "zoom_webhook": ("httpTrigger", {"route": "zoom/webhook", "methods": ["POST"], "authLevel": "ANONYMOUS"}),
-    "admin_list_links": ("httpTrigger", {"route": "admin/links", "methods": ["GET"], "authLevel": "ADMIN"}),
-    "admin_link": ("httpTrigger", {"route": "admin/links/{zoom_user_id}", "methods": ["DELETE", "GET", "PUT"],
-                                   "authLevel": "ADMIN"}),
+    "manage_list_links": ("httpTrigger", {"route": "manage/links", "methods": ["GET"], "authLevel": "ADMIN"}),
+    "manage_link": ("httpTrigger", {"route": "manage/links/{zoom_user_id}", "methods": ["DELETE", "GET", "PUT"],
+                                    "authLevel": "ADMIN"}),
     "zoom_presence_worker": ("queueTrigger", {"queueName": "zoom-presence"}),
     "reconcile_worker": ("queueTrigger", {"queueName": "reconcile"}),
     "overlay_keepalive": ("timerTrigger", {"schedule": "0 */5 * * * *"}),
+    "presence_sweep": ("timerTrigger", {"schedule": "%PRESENCE_SWEEP_SCHEDULE%"}),
+    "teams_presence_worker": ("queueTrigger", {"queueName": "teams-presence"}),
+    "graph_notifications": ("httpTrigger", {"route": "graph/notifications", "methods": ["POST"],
+                                            "authLevel": "FUNCTION"}),
+    "graph_lifecycle": ("httpTrigger", {"route": "graph/lifecycle", "methods": ["POST"], "authLevel": "FUNCTION"}),
+    "graph_subscriptions": ("timerTrigger", {"schedule": "0 */5 * * * *"}),
+    "graph_lifecycle_worker": ("queueTrigger", {"queueName": "graph-lifecycle"}),
 }
 
 _DUMP = """

@@ -1,4 +1,9 @@
-"""/api/admin/links: create, read, list and delete user links (admin key)."""
+"""/api/manage/links: create, read, list and delete user links (admin key).
+
+DESIGN.md names this /api/admin/...; the Functions host reserves routes (and function names)
+beginning with "admin" for its own admin API (azure-functions-host #1781, #7634), so the
+app's administration lives under /api/manage/.
+"""
 
 import azure.functions as func
 
@@ -7,15 +12,15 @@ from functions.http_util import json_response, not_configured
 bp = func.Blueprint()
 
 
-@bp.route(route="admin/links", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
-def admin_list_links(req: func.HttpRequest) -> func.HttpResponse:
+@bp.route(route="manage/links", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
+def manage_list_links(req: func.HttpRequest) -> func.HttpResponse:
     from shared import admin
 
     return json_response(*admin.get_links(req.params.get("page_size"), req.params.get("continuation")))
 
 
-@bp.route(route="admin/links/{zoom_user_id}", methods=["GET", "PUT", "DELETE"], auth_level=func.AuthLevel.ADMIN)
-def admin_link(req: func.HttpRequest) -> func.HttpResponse:
+@bp.route(route="manage/links/{zoom_user_id}", methods=["GET", "PUT", "DELETE"], auth_level=func.AuthLevel.ADMIN)
+def manage_link(req: func.HttpRequest) -> func.HttpResponse:
     from shared import admin
     from shared.config import SettingMissing
 

@@ -1,0 +1,22 @@
+"""Graph presence subscriptions: the maintenance timer and the lifecycle-notification worker."""
+
+import azure.functions as func
+
+from shared.names import GRAPH_LIFECYCLE_QUEUE
+
+bp = func.Blueprint()
+
+
+@bp.timer_trigger(arg_name="timer", schedule="0 */5 * * * *", run_on_startup=False)
+def graph_subscriptions(timer: func.TimerRequest) -> None:
+    from shared.subscriptions import maintain_subscriptions
+
+    maintain_subscriptions()
+
+
+@bp.queue_trigger(arg_name="msg", queue_name=GRAPH_LIFECYCLE_QUEUE, connection="AzureWebJobsStorage")
+def graph_lifecycle_worker(msg: func.QueueMessage) -> None:
+    from shared.queue_messages import run_queue_message
+    from shared.subscriptions import handle_lifecycle_message
+
+    run_queue_message(GRAPH_LIFECYCLE_QUEUE, msg.get_body(), msg.dequeue_count, handle_lifecycle_message)

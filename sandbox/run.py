@@ -1,0 +1,163 @@
+"""``make run``: the whole local world, a small organisation and a scripted day, with a live view.
+
+Starts Azurite, the Zoom and Entra/Graph emulators and the local Functions host serving
+``function_app.app``; seeds people linked across Zoom and Teams; then plays presence changes on
+both sides (meetings, calls, presenting, DND, away…) while showing what each side shows and each
+sync as it happens. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import random
+import signal
+import threading
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from sandbox.world import Person, World
+
+NAMES = [
+    "Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra", "Barbara Liskov", "Donald Knuth",
+    "Margaret Hamilton", "Ken Thompson", "Frances Allen", "John McCarthy", "Radia Perlman", "Tim Berners-Lee",
+    "Hedy Lamarr", "Linus Torvalds", "Katherine Johnson", "Dennis Ritchie", "Shafi Goldwasser", "Niklaus Wirth",
+    "Leslie Lamport", "Adele Goldberg", "Vint Cerf", "Sophie Wilson", "Bjarne Stroustrup", "Anita Borg",
+    "Guido van Rossum",
+]
+
+
+class SyncFeed(logging.Handler):
+    """Keeps the last sync lines the app logs, for the live view."""
+
+    def __init__(self, size: int = 12) -> None:
+        super().__init__(logging.INFO)
+        self.lines: collections.deque[str] = collections.deque(maxlen=size)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("sync: Teams ") or message.startswith("sync: Zoom "):
+            self.count += 1
+            self.lines.append(time.strftime("%H:%M:%S ") + message.removeprefix("sync: "))
+
+
+# What people do during the day: (side, gesture, weight).
+ZOOM_GESTURES = [
+    ("join a Zoom meeting", lambda w, p: w.zoom.join_meeting(p.zoom_id), 5),
+    ("leave the Zoom meeting", lambda w, p: w.zoom.leave_meeting(p.zoom_id), 5),
+    ("take a Zoom Phone call", lambda w, p: w.zoom.start_phone_call(p.zoom_id), 3),
+    ("end the Zoom Phone call", lambda w, p: w.zoom.end_phone_call(p.zoom_id), 3),
+    ("present in Zoom", lambda w, p: w.zoom.start_presenting(p.zoom_id), 1),
+    ("stop presenting", lambda w, p: w.zoom.stop_presenting(p.zoom_id), 1),
+    ("set Zoom to Away", lambda w, p: w.zoom.set_status_by_user(p.zoom_id, "Away"), 1),
+    ("set Zoom to Available", lambda w, p: w.zoom.set_status_by_user(p.zoom_id, "Available"), 2),
+]
+TEAMS_GESTURES = [
+    ("take a Teams call", lambda w, p: w.graph.set_teams_client(p.entra_id, "Busy", "InACall"), 3),
+    ("end the Teams call", lambda w, p: w.graph.set_teams_client(p.entra_id, "Available", "Available"), 3),
+    ("set Teams to Do not disturb",
+     lambda w, p: w.graph.set_preferred_by_user(p.entra_id, "DoNotDisturb", "DoNotDisturb"), 1),
+    ("reset Teams status", lambda w, p: w.graph.clear_preferred_by_user(p.entra_id), 2),
+    ("step away from Teams", lambda w, p: w.graph.set_teams_client(p.entra_id, "Away", "Away"), 1),
+]
+
+
+def play_day(world: World, people: list[Person], stop: threading.Event, feed: collections.deque,
+             pace_s: float, seed: int) -> None:
+    rng = random.Random(seed)
+    gestures = [(name, fn) for name, fn, weight in ZOOM_GESTURES + TEAMS_GESTURES for _ in range(weight)]
+    while not stop.wait(pace_s):
+        person = rng.choice(people)
+        name, gesture = rng.choice(gestures)
+        try:
+            gesture(world, person)
+            feed.append(f"{time.strftime('%H:%M:%S')} {person.name} → {name}")
+        except Exception as exc:  # noqa: BLE001 - the demo keeps going
+            feed.append(f"{time.strftime('%H:%M:%S')} {person.name} could not {name}: {exc}")
+
+
+def view(world: World, people: list[Person], feed: SyncFeed, actions: collections.deque) -> Group:
+    table = Table(title="Who shows what", expand=True)
+    table.add_column("Person")
+    table.add_column("Zoom shows")
+    table.add_column("Teams shows")
+    for person in people:
+        try:
+            zoom = world.zoom_shows(person)
+            availability, activity = world.teams_shows(person)
+        except Exception:  # noqa: BLE001 - a redraw never fails the demo
+            zoom, availability, activity = "?", "?", "?"
+        teams = availability if availability == activity else f"{availability} / {activity}"
+        table.add_row(person.name, zoom, teams)
+    gestures = Panel("\n".join(actions) or "…", title="What people do")
+    syncs = Panel("\n".join(feed.lines) or "…", title=f"Syncs ({feed.count})")
+    assert world.host is not None
+    urls = (f"Functions host {world.host.base_url}/api  ·  Zoom emulator {world.zoom.base_url}  ·  "
+            f"Graph emulator {world.graph.base_url}  ·  admin key {world.host.master_key}")
+    return Group(table, gestures, syncs, urls)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--people", type=int, default=25)
+    parser.add_argument("--pace", type=float, default=1.5, help="seconds between gestures")
+    parser.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
+    parser.add_argument("--port", type=int, default=7071, help="port of the local Functions host")
+    parser.add_argument("--no-live", action="store_true", help="print plain lines instead of the live view")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    console = Console()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    feed = SyncFeed()
+    logging.getLogger("shared.sync").addHandler(feed)
+    logging.getLogger("shared.sync").setLevel(logging.INFO)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with console.status("Starting Azurite, the Zoom and Graph emulators and the local Functions host…"):
+        world = World(run_timers=True, host_port=args.port)
+        world.start()
+    try:
+        people = [world.add_person(NAMES[i % len(NAMES)] + ("" if i < len(NAMES) else f" {i}"))
+                  for i in range(args.people)]
+        console.print(f"[bold]presence-bridge sandbox[/bold] — {len(people)} people linked across Zoom and Teams")
+        console.print(f"  Functions host   {world.host.base_url}/api   (admin key {world.host.master_key})")
+        console.print(f"  Zoom emulator    {world.zoom.base_url}")
+        console.print(f"  Graph emulator   {world.graph.base_url}   (CA bundle {world.graph.ca_bundle_path})")
+        console.print(f"  Azurite          {world.azurite.connection_string.split(';TableEndpoint=')[-1]}")
+        actions: collections.deque[str] = collections.deque(maxlen=8)
+        player = threading.Thread(target=play_day, args=(world, people, stop, actions, args.pace, args.seed),
+                                  daemon=True)
+        player.start()
+        deadline = time.monotonic() + args.duration if args.duration else None
+        if args.no_live:
+            while not stop.wait(2.0):
+                for line in list(actions)[-2:]:
+                    console.print(line)
+                console.print(f"syncs so far: {feed.count}")
+                if deadline and time.monotonic() > deadline:
+                    break
+        else:
+            with Live(view(world, people, feed, actions), console=console, refresh_per_second=2) as live:
+                while not stop.wait(0.5):
+                    live.update(view(world, people, feed, actions))
+                    if deadline and time.monotonic() > deadline:
+                        break
+        console.print(f"done: {feed.count} syncs")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        world.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

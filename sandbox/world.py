@@ -1,0 +1,221 @@
+"""The whole local world in one object: Azurite, the Zoom and Entra/Graph emulators, and the
+local Functions host serving the real app, wired together through app settings only.
+
+Used by ``make run`` (sandbox/run.py), the end-to-end tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import requests
+
+from sandbox.azurite import Azurite
+from sandbox.clock import Clock
+
+# Credentials of the sandbox's own apps (they exist only inside the emulators).
+ZOOM_ACCOUNT_ID = "sandbox-account"
+ZOOM_CLIENT_ID = "sandbox-zoom-client"
+ZOOM_CLIENT_SECRET = "sandbox-zoom-secret-" + "x" * 12
+ZOOM_WEBHOOK_SECRET = "sandbox-webhook-secret"
+ENTRA_CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+ENTRA_CLIENT_SECRET = "sandbox-entra-secret-" + "y" * 12
+# The key that encrypts connected accounts' tokens at rest (sandbox only).
+TOKEN_ENCRYPTION_KEY = "k1:" + "c2FuZGJveC10b2tlbi1lbmNyeXB0aW9uLWtleS0zMmI="
+APP_PERMISSIONS = ("Presence.ReadWrite.All", "Presence.Read.All", "User.Read.All", "GroupMember.Read.All")
+
+
+@dataclass
+class Person:
+    name: str
+    zoom_id: str
+    entra_id: str
+    email: str
+
+
+class World:
+    def __init__(self, *, zoom_min_interval_s: float = 60.0, retry_scale: float = 0.001,
+                 run_timers: bool = False, host_port: int = 0, extra_env: dict[str, str] | None = None) -> None:
+        from sandbox.graph import GraphEmulator
+        from sandbox.zoom_emulator import ZoomEmulator
+
+        self.clock = Clock()
+        self.azurite = Azurite()
+        self.graph = GraphEmulator(clock=self.clock)
+        self.zoom = ZoomEmulator(clock=self.clock, account_id=ZOOM_ACCOUNT_ID, webhook_secret_token=ZOOM_WEBHOOK_SECRET,
+                                 retry_scale=retry_scale, presence_min_interval_s=zoom_min_interval_s)
+        self.zoom_min_interval_s = zoom_min_interval_s
+        self.run_timers = run_timers
+        self.host_port = host_port
+        self.extra_env = dict(extra_env or {})
+        self.host = None
+        self.env: dict[str, str] = {}
+        self._saved_env: dict[str, str | None] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> World:
+        from sandbox.functions_host import LocalFunctionsHost
+
+        self.azurite.start()
+        self.graph.start()
+        self.zoom.start()
+        self.graph.register_app(ENTRA_CLIENT_ID, client_secret=ENTRA_CLIENT_SECRET,
+                                application_permissions=APP_PERMISSIONS)
+        self.zoom.register_s2s_app(ZOOM_CLIENT_ID, ZOOM_CLIENT_SECRET, ZOOM_ACCOUNT_ID)
+        self.host = LocalFunctionsHost(port=self.host_port, run_timers=self.run_timers)
+        self.env = self.app_settings()
+        self.apply_env(self.env)
+        self.host.start()
+        self.zoom.webhook_url = self.host.url("zoom/webhook", key=None)
+        return self
+
+    def app_settings(self) -> dict[str, str]:
+        assert self.host is not None
+        env = {
+            "AzureWebJobsStorage": self.azurite.connection_string,
+            "ZOOM_ACCOUNT_ID": ZOOM_ACCOUNT_ID,
+            "ZOOM_CLIENT_ID": ZOOM_CLIENT_ID,
+            "ZOOM_CLIENT_SECRET": ZOOM_CLIENT_SECRET,
+            "ZOOM_WEBHOOK_SECRET_TOKEN": ZOOM_WEBHOOK_SECRET,
+            "ZOOM_API_BASE_URL": self.zoom.api_base_url,
+            "ZOOM_OAUTH_BASE_URL": self.zoom.oauth_base_url,
+            "ZOOM_PRESENCE_MIN_INTERVAL_SECONDS": str(self.zoom_min_interval_s),
+            "ENTRA_TENANT_ID": self.graph.tenant_id,
+            "ENTRA_CLIENT_ID": ENTRA_CLIENT_ID,
+            "ENTRA_CLIENT_SECRET": ENTRA_CLIENT_SECRET,
+            "ENTRA_AUTHORITY_HOST": self.graph.base_url,
+            "GRAPH_BASE_URL": self.graph.graph_url,
+            "REQUESTS_CA_BUNDLE": self.graph.ca_bundle_path,
+            "PUBLIC_BASE_URL": self.host.base_url,
+            "GRAPH_NOTIFICATION_KEY": self.host.function_key,
+            "TOKEN_ENCRYPTION_KEY": TOKEN_ENCRYPTION_KEY,
+            # Timers fire on demand in tests; `make run` runs them on this schedule.
+            "PRESENCE_SWEEP_SCHEDULE": "*/30 * * * * *",
+        }
+        env.update(self.extra_env)
+        return env
+
+    def apply_env(self, env: dict[str, str]) -> None:
+        for key, value in env.items():
+            self._saved_env.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+        reset_app_caches()
+
+    def restore_env(self) -> None:
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env.clear()
+        reset_app_caches()
+
+    def stop(self) -> None:
+        for part in (self.host, self.zoom, self.graph):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception:  # noqa: BLE001 - stop everything we can
+                    pass
+        self.azurite.stop()
+        self.restore_env()
+
+    def __enter__(self) -> World:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- people ------------------------------------------------------------------------------
+    def add_person(self, name: str | None = None, *, link: bool = True, directions: list[str] | None = None,
+                   teams: tuple[str, str] | None = ("Available", "Available"), zoom_signed_in: bool = True) -> Person:
+        tag = uuid.uuid4().hex[:10]
+        name = name or f"person-{tag}"
+        email = f"{name.lower().replace(' ', '.')}.{tag}@contoso.example"
+        zoom_user = self.zoom.add_user(email=email, display_name=name, signed_in=zoom_signed_in)
+        entra_user = self.graph.add_user(display_name=name, mail=email, user_principal_name=email)
+        if teams is not None:
+            self.graph.set_teams_client(entra_user["id"], teams[0], teams[1])
+        person = Person(name, zoom_user["id"].lower(), entra_user["id"].lower(), email)
+        if link:
+            self.link(person, directions)
+        return person
+
+    def admin(self, method: str, route: str, **kwargs) -> requests.Response:
+        assert self.host is not None
+        return requests.request(method, self.host.url(f"manage/{route}", key="master"), timeout=30, **kwargs)
+
+    def link(self, person: Person, directions: list[str] | None = None) -> dict:
+        body: dict = {"entra_user_id": person.entra_id, "email": person.email}
+        if directions is not None:
+            body["directions"] = directions
+        response = self.admin("PUT", f"links/{person.zoom_id}", json=body)
+        response.raise_for_status()
+        return response.json()
+
+    # --- what each side shows ------------------------------------------------------------------
+    def teams_shows(self, person: Person) -> tuple[str, str]:
+        presence = self.graph.presence(person.entra_id)
+        return presence["availability"], presence["activity"]
+
+    def zoom_shows(self, person: Person) -> str:
+        return self.zoom.status(person.zoom_id)
+
+    # --- waiting --------------------------------------------------------------------------------
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until webhooks are delivered, queues drained and notifications delivered, twice in a row."""
+        assert self.host is not None
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while quiet < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the world did not settle")
+            before = (len(self.zoom.deliveries), len(self.graph.delivered), len(self.host.invocations))
+            self.zoom.wait_for_deliveries(timeout=max(0.1, deadline - time.monotonic()))
+            self.graph.wait_for_deliveries(timeout=max(0.1, deadline - time.monotonic()))
+            self.host.drain(timeout=max(0.1, deadline - time.monotonic()))
+            after = (len(self.zoom.deliveries), len(self.graph.delivered), len(self.host.invocations))
+            quiet = quiet + 1 if after == before else 0
+            if quiet < 2:
+                time.sleep(0.05)
+
+    def wait_until(self, predicate, timeout: float = 30.0, interval: float = 0.1) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError("condition not reached")
+            time.sleep(interval)
+
+
+def reset_app_caches() -> None:
+    """Forget everything the app cached from settings (the environment changed)."""
+    from shared.config import reset_settings
+
+    reset_settings()
+    for module, name in (("shared.storage", "reset_storage_clients"), ("shared.tokens", "reset_token_caches"),
+                         ("shared.http", "reset_http_session"), ("shared.links", "reset_link_caches")):
+        try:
+            mod = __import__(module, fromlist=[name])
+            getattr(mod, name)()
+        except (ImportError, AttributeError):
+            pass
+    try:
+        from shared.mapping import mapping_for
+
+        mapping_for.cache_clear()
+    except ImportError:
+        pass
+
+
+@contextmanager
+def running_world(**kwargs) -> Iterator[World]:
+    world = World(**kwargs)
+    try:
+        yield world.start()
+    finally:
+        world.stop()

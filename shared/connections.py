@@ -1,0 +1,500 @@
+"""Connected Microsoft accounts and their delegated tokens, encrypted at rest.
+
+Graph presence subscriptions need a signed-in user's token (API-FACTS §7), so an admin connects
+dedicated sync accounts (or people connect themselves) and we keep each account's MSAL token
+cache. Table ``connections``: PartitionKey ``"microsoft"``, RowKey the account's Entra object id
+(lowercase), with ``purpose``, ``status``, ``broken_reason``, ``key_id``, ``token_cache``
+(AES-GCM ciphertext of MSAL's ``SerializableTokenCache`` serialisation), a masked
+``display_hint`` and timestamps. No token, UPN or email address is stored in the clear.
+
+Keys come from ``TOKEN_ENCRYPTION_KEY``: comma-separated ``keyid:base64key`` entries (16, 24 or
+32 bytes), the first being the one new records are written with. Each record names its key id;
+a record written with an older key is re-encrypted with the current one whenever it is written
+again (a token refresh, ``mark_broken``, or :func:`reencrypt_connections`), after which the
+old key can be removed from the setting.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from shared import names, storage
+from shared.config import SettingMissing, get_settings
+from shared.errors import TokenError, scrub
+
+log = logging.getLogger(__name__)
+
+TABLE = names.CONNECTIONS_TABLE
+PARTITION = "microsoft"
+
+PURPOSE_SYNC_ACCOUNT = "sync-account"
+PURPOSE_SELF = "self"
+PURPOSES = (PURPOSE_SYNC_ACCOUNT, PURPOSE_SELF)
+STATUS_OK = "ok"
+STATUS_BROKEN = "broken"
+
+# MSAL adds these itself and refuses them in ``scopes`` (MSAL Python, ClientApplication
+# ``_decorate_scope``: "You cannot use any scope value that is reserved").
+RESERVED_SCOPES = frozenset({"openid", "profile", "offline_access"})
+# Token errors that mean this account's grant is gone for good: the person (or an admin) must
+# connect it again (RFC 6749 §5.2 invalid_grant; OpenID Connect Core §3.1.2.6 for the others).
+# Errors about the app itself (invalid_client, ...) are not the account's fault and are raised
+# as TokenError without breaking the connection.
+_ACCOUNT_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
+_TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
+
+# Authenticated data binds a ciphertext to its row: a cache copied onto another account's
+# record does not decrypt.
+_AAD_PREFIX = b"presence-bridge/connections/v1|"
+_NONCE_BYTES = 12
+# A Table string property holds at most 64 KiB (32K UTF-16 characters).
+_MAX_CIPHERTEXT_CHARS = 32_000
+_KEY_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
+# MSAL's discovery responses (no tokens) shared by every per-account client in this process.
+_HTTP_CACHE: dict = {}
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+class ConnectionBroken(Exception):
+    """The account cannot give us a token any more (revoked, consent withdrawn, never connected)."""
+
+    def __init__(self, account_id: str, reason: str) -> None:
+        super().__init__(f"connection {account_id} is broken: {reason}")
+        self.account_id = account_id
+        self.reason = reason
+
+
+class TokenDecryptError(Exception):
+    """A stored token cache cannot be decrypted with the configured ``TOKEN_ENCRYPTION_KEY``."""
+
+
+class TokenKeyInvalid(ValueError):
+    """``TOKEN_ENCRYPTION_KEY`` is malformed (the message never contains key material)."""
+
+
+class ConnectFailed(Exception):
+    """The authorization-code exchange was refused (the Entra error code only)."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"connecting the account failed: {code}")
+        self.code = code
+
+
+# --- the key ring ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KeyRing:
+    current_id: str
+    keys: Mapping[str, bytes]
+
+    def __repr__(self) -> str:  # never show key material
+        return f"KeyRing(current={self.current_id!r}, ids={sorted(self.keys)!r})"
+
+
+@lru_cache(maxsize=4)
+def parse_key_ring(raw: str) -> KeyRing:
+    """``keyid:base64key[,keyid:base64key…]`` → key ring; the first entry is the current key."""
+    keys: dict[str, bytes] = {}
+    current = ""
+    for position, entry in enumerate((part.strip() for part in raw.split(",")), start=1):
+        if not entry:
+            continue
+        key_id, sep, encoded = entry.partition(":")
+        key_id = key_id.strip()
+        if not sep or not _KEY_ID.match(key_id):
+            raise TokenKeyInvalid(f"TOKEN_ENCRYPTION_KEY entry {position} must look like 'keyid:base64key'")
+        if key_id in keys:
+            raise TokenKeyInvalid(f"TOKEN_ENCRYPTION_KEY names key id {key_id!r} twice")
+        try:
+            text = encoded.strip()
+            key = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_" if ("-" in text or "_" in text)
+                                   else None, validate=True)
+        except (binascii.Error, ValueError):
+            raise TokenKeyInvalid(f"TOKEN_ENCRYPTION_KEY key {key_id!r} is not valid base64") from None
+        if len(key) not in (16, 24, 32):
+            raise TokenKeyInvalid(f"TOKEN_ENCRYPTION_KEY key {key_id!r} must be 16, 24 or 32 bytes "
+                                  f"(AES-128/192/256), not {len(key)}")
+        keys[key_id] = key
+        current = current or key_id
+    if not keys:
+        raise TokenKeyInvalid("TOKEN_ENCRYPTION_KEY holds no key")
+    return KeyRing(current, keys)
+
+
+def key_ring() -> KeyRing:
+    raw = get_settings().require("token_encryption_key", "TOKEN_ENCRYPTION_KEY",
+                                 "encrypting connected accounts' tokens")
+    return parse_key_ring(raw)
+
+
+def _aad(account_id: str, key_id: str) -> bytes:
+    return _AAD_PREFIX + account_id.encode() + b"|" + key_id.encode()
+
+
+def encrypt_cache(account_id: str, plaintext: str, ring: KeyRing) -> tuple[str, str]:
+    """(key id, base64(nonce ‖ AES-GCM ciphertext and tag)) with the ring's current key."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(_NONCE_BYTES)  # 96-bit random nonce (NIST SP 800-38D §8.2.2)
+    sealed = AESGCM(ring.keys[ring.current_id]).encrypt(nonce, plaintext.encode("utf-8"),
+                                                         _aad(account_id, ring.current_id))
+    text = base64.b64encode(nonce + sealed).decode("ascii")
+    if len(text) > _MAX_CIPHERTEXT_CHARS:
+        raise ValueError(f"connection {account_id}: the token cache is too large to store ({len(text)} chars)")
+    return ring.current_id, text
+
+
+def decrypt_cache(account_id: str, key_id: str, ciphertext: str, ring: KeyRing) -> str:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key = ring.keys.get(key_id)
+    if key is None:
+        raise TokenDecryptError(f"connection {account_id}: its token cache was encrypted with key id {key_id!r}, "
+                                "which TOKEN_ENCRYPTION_KEY does not hold")
+    try:
+        blob = base64.b64decode(ciphertext, validate=True)
+        plaintext = AESGCM(key).decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], _aad(account_id, key_id))
+    except (InvalidTag, binascii.Error, ValueError):
+        raise TokenDecryptError(f"connection {account_id}: its token cache does not decrypt with key id "
+                                f"{key_id!r} (wrong key for that id, or the record was altered)") from None
+    return plaintext.decode("utf-8")
+
+
+# --- the record -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Connection:
+    """A connected account as others may see it: no token material."""
+
+    account_id: str
+    purpose: str
+    status: str
+    broken_reason: str = ""
+    key_id: str = ""
+    display_hint: str = ""
+    created_at: str = ""
+    updated_at: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+
+_PUBLIC_FIELDS = ["RowKey", "purpose", "status", "broken_reason", "key_id", "display_hint", "created_at",
+                  "updated_at"]
+
+
+def _connection(entity: Mapping[str, Any]) -> Connection:
+    return Connection(
+        account_id=str(entity["RowKey"]),
+        purpose=str(entity.get("purpose") or ""),
+        status=str(entity.get("status") or ""),
+        broken_reason=str(entity.get("broken_reason") or ""),
+        key_id=str(entity.get("key_id") or ""),
+        display_hint=str(entity.get("display_hint") or ""),
+        created_at=str(entity.get("created_at") or ""),
+        updated_at=str(entity.get("updated_at") or ""),
+    )
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def mask_login(login: str | None) -> str:
+    """``ada.lovelace@contoso.com`` → ``a***@contoso.com``: enough to recognise, not an address."""
+    text = (login or "").strip()
+    if not text:
+        return ""
+    local, at, domain = text.partition("@")
+    return f"{local[:1]}***{at}{domain}"
+
+
+def _normalise_id(account_id: str) -> str:
+    value = str(account_id or "").strip().lower()
+    if not value or not re.fullmatch(r"[0-9a-z\-]{1,64}", value):
+        raise ValueError("account_id must be an Entra object id")
+    return value
+
+
+def _matches(account: Mapping[str, Any], account_id: str) -> bool:
+    local = str(account.get("local_account_id") or "").lower()
+    home = str(account.get("home_account_id") or "").lower()
+    return local == account_id or home.split(".", 1)[0] == account_id
+
+
+_locks_guard = threading.Lock()
+_locks: dict[str, threading.Lock] = {}
+
+
+@contextmanager
+def _account_lock(account_id: str) -> Iterator[None]:
+    """One refresh per account at a time in this process (racing processes meet the ETag)."""
+    with _locks_guard:
+        lock = _locks.setdefault(account_id, threading.Lock())
+    with lock:
+        yield
+
+
+def delegated_scopes(scopes: list[str] | tuple[str, ...] | str | None = None) -> list[str]:
+    """The delegated scopes to ask for, without the ones MSAL reserves for itself."""
+    raw = scopes if scopes is not None else get_settings().graph_delegated_scopes
+    items = raw.replace(",", " ").split() if isinstance(raw, str) else [str(s) for s in raw]
+    out = [s for s in dict.fromkeys(items) if s.lower() not in RESERVED_SCOPES]
+    if not out:
+        raise SettingMissing("GRAPH_DELEGATED_SCOPES", "at least one non-reserved delegated scope")
+    return out
+
+
+# --- API --------------------------------------------------------------------------------------------------
+
+def store_connection(account_id: str, purpose: str, cache: Any) -> Connection:
+    """Store (or replace) the account's token cache, encrypted, as a healthy connection.
+
+    ``cache`` is an ``msal.SerializableTokenCache`` holding the account's tokens (from an
+    authorization-code sign-in); it must contain that account and a refresh token.
+    """
+    account_id = _normalise_id(account_id)
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}")
+    accounts = [a for a in cache.search(cache.CredentialType.ACCOUNT) if _matches(a, account_id)]
+    if not accounts:
+        raise ValueError(f"the token cache holds no account {account_id}")
+    if not list(cache.search(cache.CredentialType.REFRESH_TOKEN)):
+        raise ValueError("the token cache holds no refresh token (was offline_access granted?)")
+    ring = key_ring()
+    key_id, sealed = encrypt_cache(account_id, cache.serialize(), ring)
+    hint = mask_login(accounts[0].get("username"))
+    now = _now_iso()
+
+    def mutate(current: dict | None) -> dict:
+        return {
+            "purpose": purpose,
+            "status": STATUS_OK,
+            "broken_reason": "",
+            "key_id": key_id,
+            "token_cache": sealed,
+            "display_hint": hint,
+            "created_at": (current or {}).get("created_at") or now,
+            "updated_at": now,
+        }
+
+    stored = storage.mutate_entity(TABLE, PARTITION, account_id, mutate)
+    log.info("connections: account %s connected (%s)", account_id, purpose)
+    return _connection(stored or {"RowKey": account_id})
+
+
+def get_connection(account_id: str) -> Connection | None:
+    entity, _ = storage.read_entity(TABLE, PARTITION, _normalise_id(account_id))
+    return _connection(entity) if entity else None
+
+
+def list_connections(purpose: str | None = None, status: str | None = STATUS_OK) -> list[Connection]:
+    """Connected accounts (one partition read, token caches not fetched), by account id."""
+    found = [_connection(e) for e in storage.query_partition(TABLE, PARTITION, select=_PUBLIC_FIELDS)]
+    return sorted(
+        (c for c in found if (purpose is None or c.purpose == purpose) and (status is None or c.status == status)),
+        key=lambda c: c.account_id,
+    )
+
+
+def _rewrite_cache(account_id: str, entity: dict, ring: KeyRing) -> None:
+    """Re-encrypt a record's cache with the current key, in place (if the stored key still works)."""
+    if entity.get("key_id") == ring.current_id or not entity.get("token_cache"):
+        return
+    try:
+        plaintext = decrypt_cache(account_id, str(entity.get("key_id") or ""), str(entity["token_cache"]), ring)
+    except TokenDecryptError:
+        return  # leave it as it is: nothing we could do with it anyway
+    entity["key_id"], entity["token_cache"] = encrypt_cache(account_id, plaintext, ring)
+
+
+def mark_broken(account_id: str, reason: str) -> None:
+    """Take the account out of service until it is connected again; ``reason`` is a short code."""
+    account_id = _normalise_id(account_id)
+    short = scrub(reason)[:200]
+    try:
+        ring: KeyRing | None = key_ring()
+    except (SettingMissing, TokenKeyInvalid):
+        ring = None
+
+    def mutate(current: dict | None) -> dict | None:
+        if current is None:
+            return None
+        current.update({"status": STATUS_BROKEN, "broken_reason": short, "updated_at": _now_iso()})
+        if ring is not None:
+            _rewrite_cache(account_id, current, ring)
+        return current
+
+    storage.mutate_entity(TABLE, PARTITION, account_id, mutate)
+    log.warning("connections: account %s marked broken: %s", account_id, short)
+
+
+def delete_connection(account_id: str) -> None:
+    storage.delete_entity(TABLE, PARTITION, _normalise_id(account_id))
+    log.info("connections: account %s deleted", account_id)
+
+
+def reencrypt_connections() -> int:
+    """Re-encrypt every record still under an older key (finish a key rotation); returns how many."""
+    ring = key_ring()
+    done = 0
+    for entity in storage.query_partition(TABLE, PARTITION, select=["RowKey", "key_id"]):
+        if entity.get("key_id") == ring.current_id:
+            continue
+        account_id = str(entity["RowKey"])
+
+        def mutate(current: dict | None, account_id: str = account_id) -> dict | None:
+            if current is None or current.get("key_id") == ring.current_id:
+                return None
+            before = current.get("key_id")
+            _rewrite_cache(account_id, current, ring)
+            return current if current.get("key_id") != before else None
+
+        stored = storage.mutate_entity(TABLE, PARTITION, account_id, mutate)
+        if stored and stored.get("key_id") == ring.current_id:
+            done += 1
+    return done
+
+
+def _error_code(result: Mapping[str, Any]) -> str:
+    code = str(result.get("error") or "unknown")
+    codes = result.get("error_codes") or []
+    return f"{code} (AADSTS{codes[0]})" if codes else code
+
+
+def delegated_token(account_id: str, scopes: list[str] | None = None, *, force_refresh: bool = False) -> str:
+    """A delegated Graph access token of a connected account, refreshed through MSAL as needed.
+
+    Raises :class:`ConnectionBroken` (after marking the record) when the account's grant is
+    gone, :class:`TokenDecryptError` when the stored cache cannot be decrypted, and
+    :class:`~shared.errors.TokenError` for app-side or transient failures.
+    """
+    import msal
+
+    from shared import tokens
+
+    account_id = _normalise_id(account_id)
+    wanted = delegated_scopes(scopes)
+    with _account_lock(account_id):
+        entity, etag = storage.read_entity(TABLE, PARTITION, account_id)
+        if entity is None:
+            raise ConnectionBroken(account_id, "not_connected")
+        if entity.get("status") != STATUS_OK:
+            raise ConnectionBroken(account_id, str(entity.get("broken_reason") or "broken"))
+        ring = key_ring()
+        plaintext = decrypt_cache(account_id, str(entity.get("key_id") or ""), str(entity.get("token_cache") or ""),
+                                  ring)
+        cache = msal.SerializableTokenCache()
+        cache.deserialize(plaintext)
+        app = tokens.confidential_client(cache, http_cache=_HTTP_CACHE)
+        try:
+            account = next((a for a in app.get_accounts() if _matches(a, account_id)), None)
+            if account is None:
+                result: Any = {"error": "account_missing_from_cache"}
+            else:
+                try:
+                    # acquire_token_silent, but keeping the error: a revoked grant (break the
+                    # connection) must not look like an outage (retry later).
+                    result = app.acquire_token_silent_with_error(wanted, account, force_refresh=force_refresh)
+                except Exception as exc:  # noqa: BLE001 - network errors surface as requests exceptions
+                    raise TokenError("entra", type(exc).__name__, "token endpoint unreachable",
+                                     transient=True) from exc
+        finally:
+            try:
+                app.http_client.close()
+            except Exception:  # noqa: BLE001 - closing an idle session must not fail the call
+                log.debug("connections: closing MSAL's session failed", exc_info=True)
+
+        if result is None:
+            # Neither an access token nor a refresh token for these scopes: sign in again.
+            _break(account_id, "no_refresh_token")
+        if "error" in result:
+            error = str(result.get("error"))
+            code = _error_code(result)
+            if error in _ACCOUNT_ERRORS or error == "account_missing_from_cache":
+                _break(account_id, code)
+            raise TokenError("entra", code, "delegated token refresh failed", transient=error in _TRANSIENT_ERRORS)
+        if cache.has_state_changed:
+            _persist(account_id, entity, etag, cache.serialize(), ring)
+        return str(result["access_token"])
+
+
+def _break(account_id: str, reason: str) -> None:
+    mark_broken(account_id, reason)
+    raise ConnectionBroken(account_id, reason)
+
+
+def _persist(account_id: str, entity: dict, etag: str | None, plaintext: str, ring: KeyRing) -> None:
+    """Write a refreshed cache back (always under the current key). A lost race keeps the
+    other writer's record: their cache is as good as ours, and a newer status wins."""
+    updated = dict(entity)
+    updated["key_id"], updated["token_cache"] = encrypt_cache(account_id, plaintext, ring)
+    updated["updated_at"] = _now_iso()
+    updated.pop("Timestamp", None)
+    try:
+        storage.write_entity(TABLE, updated, etag)
+    except storage.Conflict:
+        log.info("connections: account %s changed meanwhile; kept the stored token cache", account_id)
+
+
+# --- connecting (authorization code with PKCE, through MSAL) -----------------------------------------------
+
+def begin_auth_code_flow(redirect_uri: str, *, login_hint: str | None = None,
+                         scopes: list[str] | None = None, response_mode: str | None = None) -> dict:
+    """Start a sign-in: MSAL's flow dict (state, nonce, PKCE verifier and the ``auth_uri`` to send
+    the browser to). Keep it server-side until the callback; it is single-use. ``response_mode``
+    ``"form_post"`` makes Entra POST the code to the callback instead of putting it in the URL."""
+    from shared import tokens
+
+    app = tokens.confidential_client(http_cache=_HTTP_CACHE)
+    return app.initiate_auth_code_flow(delegated_scopes(scopes), redirect_uri=redirect_uri, login_hint=login_hint,
+                                       response_mode=response_mode)
+
+
+def complete_auth_code_flow(flow: dict, auth_response: Mapping[str, str], purpose: str) -> Connection:
+    """Finish a sign-in with the callback's query parameters and store the connection.
+
+    Raises ``ValueError`` when the response does not belong to ``flow`` (state mismatch) and
+    :class:`ConnectFailed` when Entra refuses the code.
+    """
+    import msal
+
+    from shared import tokens
+
+    cache = msal.SerializableTokenCache()
+    app = tokens.confidential_client(cache, http_cache=_HTTP_CACHE)
+    try:
+        result = app.acquire_token_by_auth_code_flow(flow, dict(auth_response))
+    finally:
+        try:
+            app.http_client.close()
+        except Exception:  # noqa: BLE001
+            log.debug("connections: closing MSAL's session failed", exc_info=True)
+    if "error" in result:
+        raise ConnectFailed(_error_code(result))
+    claims = result.get("id_token_claims") or {}
+    account_id = str(claims.get("oid") or "")
+    if not account_id:
+        raise ConnectFailed("no_oid_in_id_token")
+    return store_connection(account_id, purpose, cache)
+
+
+
+def reset_connection_caches() -> None:
+    """Forget MSAL's shared discovery responses and parsed keys (tests, settings changes)."""
+    _HTTP_CACHE.clear()
+    parse_key_ring.cache_clear()

@@ -1,0 +1,626 @@
+"""Graph presence subscriptions: one per shard, held by a connected sync account.
+
+Presence subscriptions need a delegated token and name at most 650 ids; they live at most
+60 minutes and Graph allows one per signed-in user per app (API-FACTS §7). So each shard
+(≤650 people, ``shared.shards``) gets one subscription created with the delegated token of a
+connected ``sync-account`` (at most ``SUBSCRIPTIONS_PER_ACCOUNT`` shards each, as NICE CXone
+does with one account per 650 users). A timer runs :func:`maintain_subscriptions` every few
+minutes: it creates what is missing, re-creates what no longer matches its shard, renews what
+expires soon and deletes what nothing references. A shard without a healthy account stays on
+the poll (``shared.sweep``), which is the safety net for everyone anyway.
+
+Per shard, in ``shard.extra``: ``subscription_id``, ``subscription_client_state``,
+``subscription_expires_at`` (epoch seconds), ``subscription_account``, ``subscription_status``
+(``active`` | ``none`` | ``error``), ``subscription_version`` (the shard version it was made
+for), ``subscription_error``, ``subscription_certificate_id`` (rich notifications: the
+certificate it encrypts for; a change of certificate re-creates it, since ``includeResourceData``
+is fixed at creation); and, while a creation is in flight, ``subscription_pending_*``
+(the clientState we are about to use, so that a retry after a lost answer adopts the
+subscription Graph made instead of orphaning it).
+
+Table ``subscriptions``: PartitionKey ``"sub"``, RowKey the subscription id → shard number,
+clientState, account: what the notification endpoint checks each notification against.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+from shared import graph_client, names, storage
+from shared.config import get_settings
+from shared.connections import (
+    PURPOSE_SYNC_ACCOUNT,
+    ConnectionBroken,
+    TokenDecryptError,
+    delegated_token,
+    list_connections,
+)
+from shared.errors import AlreadyExists, NotFound, TokenError, Unauthorized, VendorError
+from shared.shards import PARTITION as SHARD_PARTITION
+from shared.shards import SHARDS_TABLE, Shard, plan_shards, read_shards, shard_from_entity
+
+log = logging.getLogger(__name__)
+
+LOOKUP_TABLE = names.SUBSCRIPTIONS_TABLE
+LOOKUP_PARTITION = "sub"
+LOOKUP_CACHE_SECONDS = 60.0
+# A subscription younger than this is never taken for an orphan: a concurrent creation (the
+# lifecycle worker) may not have reached its shard yet.
+ORPHAN_GRACE_SECONDS = 120.0
+
+STATUS_ACTIVE = "active"
+STATUS_NONE = "none"
+STATUS_ERROR = "error"
+
+NOTIFICATIONS_ROUTE = "/api/graph/notifications"
+LIFECYCLE_ROUTE = "/api/graph/lifecycle"
+
+_FIELDS = ("subscription_id", "subscription_client_state", "subscription_expires_at", "subscription_account",
+           "subscription_status", "subscription_version", "subscription_error", "subscription_certificate_id")
+_PENDING = ("subscription_pending_state", "subscription_pending_version", "subscription_pending_account")
+
+T = TypeVar("T")
+
+
+# --- the lookup the notification endpoint uses ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SubscriptionRef:
+    subscription_id: str
+    shard: int
+    client_state: str
+    account: str
+
+    def __repr__(self) -> str:  # the clientState is a shared secret
+        return f"SubscriptionRef({self.subscription_id!r}, shard={self.shard}, account={self.account!r})"
+
+
+_cache_lock = threading.Lock()
+_cache: dict[str, tuple[float, SubscriptionRef]] = {}
+
+
+def lookup_subscription(subscription_id: str, *, fresh: bool = False) -> SubscriptionRef | None:
+    """What we know about a subscription id (cached briefly in this process), or None."""
+    key = str(subscription_id).strip().lower()
+    if not key or len(key) > 128:
+        return None
+    now = time.monotonic()
+    if not fresh:
+        with _cache_lock:
+            hit = _cache.get(key)
+        if hit is not None and now - hit[0] < LOOKUP_CACHE_SECONDS:
+            return hit[1]
+    entity, _ = storage.read_entity(LOOKUP_TABLE, LOOKUP_PARTITION, key)
+    if entity is None:
+        with _cache_lock:
+            _cache.pop(key, None)
+        return None
+    ref = SubscriptionRef(key, int(entity.get("shard") or 0), str(entity.get("client_state") or ""),
+                          str(entity.get("account") or ""))
+    with _cache_lock:
+        _cache[key] = (now, ref)
+    return ref
+
+
+def _record_lookup(subscription_id: str, shard: int, client_state: str, account: str, version: int) -> None:
+    key = subscription_id.lower()
+    storage.upsert_entity(LOOKUP_TABLE, {
+        "PartitionKey": LOOKUP_PARTITION, "RowKey": key, "shard": shard, "client_state": client_state,
+        "account": account, "version": version, "created_wall": time.time(),
+    })
+    with _cache_lock:
+        _cache[key] = (time.monotonic(), SubscriptionRef(key, shard, client_state, account))
+
+
+def _forget_lookup(subscription_id: str | None) -> None:
+    if not subscription_id:
+        return
+    key = str(subscription_id).lower()
+    storage.delete_entity(LOOKUP_TABLE, LOOKUP_PARTITION, key)
+    with _cache_lock:
+        _cache.pop(key, None)
+
+
+def reset_lookup_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+# --- building blocks ----------------------------------------------------------------------------------------
+
+def presence_resource(ids: list[str]) -> str:
+    """``/communications/presences?$filter=id in ('id1','id2',…)`` (API-FACTS §7)."""
+    quoted = ",".join("'" + str(i).replace("'", "''") + "'" for i in ids)
+    return f"/communications/presences?$filter=id in ({quoted})"
+
+
+def _resource_ids(resource: Any) -> frozenset[str] | None:
+    if not isinstance(resource, str):
+        return None
+    match = re.search(r"id\s+in\s*\((.*)\)", resource, re.IGNORECASE | re.DOTALL)
+    if not match:
+        return None
+    return frozenset(i.lower() for i in re.findall(r"'([^']*)'", match.group(1)))
+
+
+def notification_urls() -> tuple[str, str]:
+    """(notificationUrl, lifecycleNotificationUrl); ``?code=`` carries the function key Graph
+    must present (Graph keeps query strings, API-FACTS §7)."""
+    s = get_settings()
+    base = s.require("public_base_url", "PUBLIC_BASE_URL", "Graph notification URLs").rstrip("/")
+    key = (s.graph_notification_key or "").strip()
+    query = f"?code={quote(key, safe='')}" if key else ""
+    return f"{base}{NOTIFICATIONS_ROUTE}{query}", f"{base}{LIFECYCLE_ROUTE}{query}"
+
+
+def _is_ours(sub: dict) -> bool:
+    """A presence subscription pointing at this deployment's notification endpoint."""
+    try:
+        ours = urlsplit(notification_urls()[0])
+    except Exception:  # noqa: BLE001 - without PUBLIC_BASE_URL nothing can be recognised as ours
+        return False
+    theirs = urlsplit(str(sub.get("notificationUrl") or ""))
+    resource = str(sub.get("resource") or "").lstrip("/").lower()
+    return (theirs.netloc.lower(), theirs.path.rstrip("/").lower()) == (
+        ours.netloc.lower(), ours.path.rstrip("/").lower()) and resource.startswith("communications/presences")
+
+
+def _same_kind(sub: dict, body: dict) -> bool:
+    """Basic or rich (with the same certificate) as ``body`` asks for."""
+    rich = bool(body.get("includeResourceData"))
+    return bool(sub.get("includeResourceData")) == rich and (
+        not rich or sub.get("encryptionCertificateId") == body.get("encryptionCertificateId"))
+
+
+def _iso(ts: float) -> str:
+    moment = datetime.fromtimestamp(ts, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _parse_expiry(value: Any, fallback: float) -> float:
+    """Graph's expirationDateTime (up to 7 fraction digits) as epoch seconds."""
+    if not isinstance(value, str):
+        return fallback
+    match = re.fullmatch(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})?", value.strip(),
+                         re.IGNORECASE)
+    if not match:
+        return fallback
+    zone = match.group(3) or "Z"
+    text = match.group(1) + (match.group(2) or ".0")[:7] + ("+00:00" if zone.upper() == "Z" else zone)
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return fallback
+
+
+def read_shard(number: int) -> Shard | None:
+    entity, etag = storage.read_entity(SHARDS_TABLE, SHARD_PARTITION, f"{int(number):05d}")
+    return shard_from_entity(entity, etag) if entity else None
+
+
+def _update_shard(shard: Shard, fields: dict[str, Any]) -> None:
+    """Write only our fields onto the shard (re-read on conflict; the sweep writes it too)."""
+
+    def mutate(current: dict | None) -> dict | None:
+        if current is None:
+            return None
+        changed = False
+        for key, value in fields.items():
+            if value is None:
+                changed |= current.pop(key, None) is not None
+            elif current.get(key) != value:
+                current[key] = value
+                changed = True
+        current.pop("Timestamp", None)
+        return current if changed else None
+
+    storage.mutate_entity(SHARDS_TABLE, SHARD_PARTITION, shard.row_key, mutate)
+    for key, value in fields.items():
+        if value is None:
+            shard.extra.pop(key, None)
+        else:
+            shard.extra[key] = value
+
+
+def _released(error: str = "") -> dict[str, Any]:
+    fields: dict[str, Any] = dict.fromkeys(_FIELDS + _PENDING)
+    fields["subscription_status"] = STATUS_NONE
+    fields["subscription_error"] = error or None
+    return fields
+
+
+# --- one run ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    shards: int = 0
+    active: int = 0
+    created: int = 0
+    renewed: int = 0
+    adopted: int = 0
+    replaced: int = 0
+    orphans_deleted: int = 0
+    on_poll: int = 0
+    errors: int = 0
+    broken_accounts: list[str] = field(default_factory=list)
+
+
+class _ShardFailed(Exception):
+    """This shard could not be served this run (the reason goes to ``subscription_error``)."""
+
+
+class _Run:
+    def __init__(self, now: float, shards: list[Shard]) -> None:
+        s = get_settings()
+        self.now = now
+        self.limit = s.subscriptions_per_account
+        self.lifetime_s = s.subscription_lifetime_minutes * 60.0
+        self.leeway_s = s.subscription_renew_leeway_seconds
+        self.report = Report()
+        from shared.graph_crypto import notification_certificate
+
+        self.certificate = notification_certificate()
+        self.certificate_id = self.certificate.certificate_id if self.certificate else ""
+        self.healthy: set[str] = {c.account_id for c in list_connections(purpose=PURPOSE_SYNC_ACCOUNT)}
+        self.tokens: dict[str, str] = {}
+        self.deleted: set[str] = set()
+        self.load: Counter[str] = Counter()
+        self.shards = {sh.number: sh for sh in shards}
+        for sh in shards:
+            owner = sh.extra.get("subscription_account")
+            if owner in self.healthy and sh.ids:
+                self.load[owner] += 1
+        self._warned_no_account = False
+
+    # -- accounts and tokens -------------------------------------------------------------------------
+
+    def pick(self) -> str | None:
+        free = [a for a in self.healthy if self.load[a] < self.limit]
+        return min(free, key=lambda a: (self.load[a], a)) if free else None
+
+    def token(self, account: str, *, refresh: bool = False) -> str:
+        if refresh or account not in self.tokens:
+            try:
+                self.tokens[account] = delegated_token(account, force_refresh=refresh)
+            except ConnectionBroken:
+                self.lose(account)
+                raise
+        return self.tokens[account]
+
+    def lose(self, account: str) -> None:
+        if account in self.healthy:
+            self.healthy.discard(account)
+            self.tokens.pop(account, None)
+            self.report.broken_accounts.append(account)
+            log.warning("subscriptions: account %s is broken; its shards fall back to the poll or move", account)
+
+    def call(self, account: str, fn: Callable[[str], T]) -> T:
+        """A Graph call with the account's token; a 401 gets one fresh token and one retry."""
+        try:
+            return fn(self.token(account))
+        except Unauthorized:
+            log.info("subscriptions: account %s token rejected (401); refreshing it", account)
+            return fn(self.token(account, refresh=True))
+
+    def no_account(self) -> None:
+        if not self._warned_no_account:
+            self._warned_no_account = True
+            log.warning("subscriptions: no connected sync account has room; shards stay on the poll "
+                        "(connect more sync accounts, or raise SUBSCRIPTIONS_PER_ACCOUNT)")
+
+    def referenced(self, except_shard: int | None = None) -> dict[str, int]:
+        return {str(sh.extra["subscription_id"]).lower(): n for n, sh in self.shards.items()
+                if sh.extra.get("subscription_id") and n != except_shard}
+
+    # -- one shard -------------------------------------------------------------------------------------------
+
+    def maintain(self, shard: Shard) -> None:
+        self.report.shards += 1
+        ext = shard.extra
+        owner = ext.get("subscription_account") or None
+        if not shard.ids:
+            self._retire(shard)
+            return
+        if owner and owner not in self.healthy:
+            self.release(shard, "account unavailable")
+            owner = None
+        while True:
+            if owner is None:
+                owner = self.pick()
+                if owner is None:
+                    self.no_account()
+                    if ext.get("subscription_status") != STATUS_NONE or ext.get("subscription_id"):
+                        _update_shard(shard, _released("no sync account available"))
+                    self.report.on_poll += 1
+                    return
+                self.load[owner] += 1
+            try:
+                self._ensure(shard, owner)
+                self.report.active += 1
+                return
+            except ConnectionBroken:
+                self.load[owner] -= 1
+                self.release(shard, "account broken")
+                owner = None
+            except (VendorError, TokenError, TokenDecryptError, _ShardFailed) as exc:
+                self._failed(shard, exc)
+                return
+
+    def release(self, shard: Shard, why: str) -> None:
+        """The shard leaves its account: its subscription (if any) can no longer be renewed by us,
+        and notifications from it are no longer accepted."""
+        old = shard.extra.get("subscription_id")
+        if old:
+            _forget_lookup(old)
+        _update_shard(shard, _released(why))
+
+    def _retire(self, shard: Shard) -> None:
+        old, owner = shard.extra.get("subscription_id"), shard.extra.get("subscription_account")
+        if old and owner in self.healthy:
+            try:
+                self.call(owner, lambda t: graph_client.delete_subscription(old, t))
+            except (ConnectionBroken, VendorError, TokenError, TokenDecryptError) as exc:
+                log.info("subscriptions: could not delete %s of empty shard %s: %s", old, shard.number, exc)
+        if old or shard.extra.get("subscription_status") != STATUS_NONE:
+            self.release(shard, "")
+
+    def _failed(self, shard: Shard, exc: Exception) -> None:
+        self.report.errors += 1
+        message = f"{type(exc).__name__}: {exc}"[:300]
+        log.warning("subscriptions: shard %s: %s", shard.number, message)
+        ext = shard.extra
+        still_good = (ext.get("subscription_status") == STATUS_ACTIVE
+                      and int(ext.get("subscription_version") or -1) == shard.version
+                      and float(ext.get("subscription_expires_at") or 0) > self.now)
+        _update_shard(shard, {"subscription_status": STATUS_ACTIVE if still_good else STATUS_ERROR,
+                              "subscription_error": message})
+
+    def _ensure(self, shard: Shard, account: str) -> None:
+        ext = shard.extra
+        sub_id = ext.get("subscription_id") if ext.get("subscription_account") == account else None
+        # Made for these ids, and rich exactly when (and with the certificate) configured now:
+        # includeResourceData and the certificate can only be set at creation.
+        fits = (int(ext.get("subscription_version") or -1) == shard.version
+                and str(ext.get("subscription_certificate_id") or "") == self.certificate_id)
+        expires_at = float(ext.get("subscription_expires_at") or 0)
+        if sub_id and fits and expires_at > self.now:
+            if expires_at - self.now > self.leeway_s:
+                if ext.get("subscription_status") != STATUS_ACTIVE or ext.get("subscription_error"):
+                    _update_shard(shard, {"subscription_status": STATUS_ACTIVE, "subscription_error": None})
+                return
+            try:
+                body = self.renew(account, sub_id)
+            except NotFound:
+                log.info("subscriptions: %s of shard %s is gone (404); re-creating it", sub_id, shard.number)
+                _forget_lookup(sub_id)
+                _update_shard(shard, {"subscription_id": None, "subscription_status": STATUS_ERROR})
+            else:
+                _update_shard(shard, {
+                    "subscription_expires_at": _parse_expiry(body.get("expirationDateTime"),
+                                                             self.now + self.lifetime_s),
+                    "subscription_status": STATUS_ACTIVE, "subscription_error": None,
+                })
+                self.report.renewed += 1
+                return
+        self.create(shard, account)
+
+    def renew(self, account: str, sub_id: str) -> dict:
+        expiry = _iso(self.now + self.lifetime_s)
+        return self.call(account, lambda t: graph_client.renew_subscription(sub_id, expiry, t))
+
+    def create(self, shard: Shard, account: str) -> None:
+        ext = shard.extra
+        old_id, old_account = ext.get("subscription_id"), ext.get("subscription_account")
+        if (ext.get("subscription_pending_state") and ext.get("subscription_pending_account") == account
+                and int(ext.get("subscription_pending_version") or -1) == shard.version):
+            client_state = str(ext["subscription_pending_state"])
+        else:
+            # Recorded before the POST: if its answer is lost, the retry meets 409 and adopts it.
+            client_state = secrets.token_urlsafe(48)  # 64 characters; Graph allows 128
+            _update_shard(shard, {"subscription_pending_state": client_state,
+                                  "subscription_pending_version": shard.version,
+                                  "subscription_pending_account": account})
+        notification_url, lifecycle_url = notification_urls()
+        resource = presence_resource(shard.ids)
+        body: dict[str, Any] = {
+            "changeType": "updated",
+            "resource": resource,
+            "notificationUrl": notification_url,
+            "lifecycleNotificationUrl": lifecycle_url,
+            "expirationDateTime": _iso(self.now + self.lifetime_s),
+            "clientState": client_state,
+        }
+        cert = self.certificate
+        if cert is not None:
+            body.update({"includeResourceData": True, "encryptionCertificate": cert.certificate_b64,
+                         "encryptionCertificateId": cert.certificate_id})
+        adopted = False
+        try:
+            created = self.call(account, lambda t: graph_client.create_subscription(body, t))
+        except AlreadyExists:
+            created, adopted = self._resolve_conflict(shard, account, body, old_id)
+        sub_id = str(created["id"]).lower()
+        if adopted and isinstance(created.get("clientState"), str) and created["clientState"]:
+            client_state = created["clientState"]
+        expires_at = _parse_expiry(created.get("expirationDateTime"), self.now + self.lifetime_s)
+        _record_lookup(sub_id, shard.number, client_state, account, shard.version)
+        fields: dict[str, Any] = dict.fromkeys(_PENDING)
+        fields.update({
+            "subscription_id": sub_id, "subscription_client_state": client_state,
+            "subscription_expires_at": expires_at, "subscription_account": account,
+            "subscription_status": STATUS_ACTIVE, "subscription_version": shard.version,
+            "subscription_error": None, "subscription_certificate_id": self.certificate_id or None,
+        })
+        _update_shard(shard, fields)
+        if adopted:
+            self.report.adopted += 1
+            log.info("subscriptions: shard %s adopted existing subscription %s", shard.number, sub_id)
+        else:
+            self.report.created += 1
+            log.info("subscriptions: shard %s subscribed (%d ids) as %s, held by %s", shard.number,
+                     len(shard.ids), sub_id, account)
+        if old_id and str(old_id).lower() != sub_id:
+            self.report.replaced += 1
+            self._delete_quietly(old_account, str(old_id))
+
+    def _delete_quietly(self, account: str | None, sub_id: str) -> None:
+        _forget_lookup(sub_id)
+        if not account or account not in self.healthy or sub_id.lower() in self.deleted:
+            return  # it expires on its own within the hour
+        try:
+            self.call(account, lambda t: graph_client.delete_subscription(sub_id, t))
+        except (ConnectionBroken, VendorError, TokenError, TokenDecryptError) as exc:
+            log.info("subscriptions: could not delete replaced subscription %s: %s", sub_id, exc)
+
+    def _resolve_conflict(self, shard: Shard, account: str, body: dict, old_id: str | None) -> tuple[dict, bool]:
+        """409 on create. The account already holds a subscription: ours with the same ids (adopt
+        and renew it), or a stale or orphaned one (delete it, create again); one that another
+        shard uses blocks this account for this shard."""
+        existing = self.call(account, graph_client.list_subscriptions)
+        wanted = _resource_ids(body["resource"])
+        for sub in existing:
+            if _resource_ids(sub.get("resource")) == wanted and sub.get("id") and _same_kind(sub, body):
+                renewed = self.renew(account, str(sub["id"]))
+                merged = {**sub, **{k: v for k, v in renewed.items() if v is not None}}
+                if not merged.get("clientState"):
+                    merged["clientState"] = body["clientState"]
+                return merged, True
+        others = self.referenced(except_shard=shard.number)
+        blocking = [s for s in existing if str(s.get("id") or "").lower() in others]
+        if blocking:
+            raise _ShardFailed(f"account {account} already holds the subscription of shard "
+                               f"{others[str(blocking[0]['id']).lower()]}")
+        for sub in existing:
+            sid = str(sub.get("id") or "")
+            if sid and (_is_ours(sub) or sid.lower() == str(old_id or "").lower()):
+                log.info("subscriptions: deleting %s held by %s to make room for shard %s", sid, account,
+                         shard.number)
+                self.call(account, lambda t, sid=sid: graph_client.delete_subscription(sid, t))
+                self.deleted.add(sid.lower())
+                _forget_lookup(sid)
+        try:
+            return self.call(account, lambda t: graph_client.create_subscription(body, t)), False
+        except AlreadyExists as exc:
+            raise _ShardFailed(f"account {account} already holds a presence subscription") from exc
+
+    # -- orphans ------------------------------------------------------------------------------------------
+
+    def delete_orphans(self) -> None:
+        current = {sh.number: sh for sh in read_shards()}
+        self.shards.update(current)
+        referenced = self.referenced()
+        lookups = {e["RowKey"]: e for e in storage.query_partition(LOOKUP_TABLE, LOOKUP_PARTITION)}
+        wall = time.time()
+
+        def young(sid: str) -> bool:
+            row = lookups.get(sid)
+            return row is not None and wall - float(row.get("created_wall") or 0) < ORPHAN_GRACE_SECONDS
+
+        for account in sorted(self.healthy):
+            try:
+                existing = self.call(account, graph_client.list_subscriptions)
+            except (ConnectionBroken, VendorError, TokenError, TokenDecryptError) as exc:
+                log.info("subscriptions: listing %s's subscriptions failed: %s", account, exc)
+                continue
+            for sub in existing:
+                sid = str(sub.get("id") or "").lower()
+                if not sid or sid in referenced or young(sid) or not _is_ours(sub):
+                    continue
+                try:
+                    self.call(account, lambda t, sid=sid: graph_client.delete_subscription(sid, t))
+                except (ConnectionBroken, VendorError, TokenError, TokenDecryptError) as exc:
+                    log.info("subscriptions: deleting orphan %s failed: %s", sid, exc)
+                    continue
+                self.report.orphans_deleted += 1
+                log.info("subscriptions: deleted orphan subscription %s of %s", sid, account)
+        for sid in lookups:
+            if sid not in referenced and not young(sid):
+                _forget_lookup(sid)
+
+
+def maintain_subscriptions(now: float | None = None) -> Report:
+    """Re-shard, then give every shard a live subscription (or leave it on the poll)."""
+    now = time.time() if now is None else now
+    plan = plan_shards()
+    run = _Run(now, plan.shards)
+    if run.healthy:
+        notification_urls()  # a missing PUBLIC_BASE_URL fails the run here, before anything changes
+    for shard in plan.shards:
+        run.maintain(shard)
+    run.delete_orphans()
+    r = run.report
+    log.info("subscriptions: %d shards: %d active (%d created, %d adopted, %d renewed, %d replaced), "
+             "%d on the poll, %d errors, %d orphans deleted", r.shards, r.active, r.created, r.adopted, r.renewed,
+             r.replaced, r.on_poll, r.errors, r.orphans_deleted)
+    return r
+
+
+# --- lifecycle notifications -------------------------------------------------------------------------------
+
+LIFECYCLE_EVENTS = ("reauthorizationRequired", "subscriptionRemoved", "missed")
+
+
+def handle_lifecycle_message(message: dict) -> list[str]:
+    """Act on queued lifecycle events (``{"kind": "graph_lifecycle", "events": [...]}``); returns
+    what was done per event. Raises on failures worth a retry (the queue retries them)."""
+    if message.get("kind") != "graph_lifecycle":
+        raise ValueError(f"unknown message kind {message.get('kind')!r}")
+    done = []
+    for event in message["events"]:
+        done.append(_lifecycle_event(str(event["subscription_id"]).lower(), str(event["event"])))
+    return done
+
+
+def _lifecycle_event(sub_id: str, event: str) -> str:
+    from shared.sweep import sweep
+
+    ref = lookup_subscription(sub_id, fresh=True)
+    shard = read_shard(ref.shard) if ref else None
+    if shard is None or str(shard.extra.get("subscription_id") or "").lower() != sub_id:
+        log.info("subscriptions: lifecycle %s for %s, which no shard uses any more; ignored", event, sub_id)
+        return "ignored"
+    now = time.time()
+    if event == "missed":
+        sweep(now, only_shard=shard.number)
+        return "resynced"
+    run = _Run(now, read_shards())
+    run.shards[shard.number] = shard
+    if event == "reauthorizationRequired":
+        account = str(shard.extra.get("subscription_account") or "")
+        try:
+            if account not in run.healthy:
+                raise NotFound(404, message="account unavailable")
+            body = run.renew(account, sub_id)
+        except (ConnectionBroken, VendorError) as exc:
+            log.info("subscriptions: renewing %s after reauthorizationRequired failed (%s); re-creating", sub_id, exc)
+            _recreate(run, shard)
+            return "recreated"
+        _update_shard(shard, {"subscription_expires_at": _parse_expiry(body.get("expirationDateTime"),
+                                                                       now + run.lifetime_s),
+                              "subscription_status": STATUS_ACTIVE, "subscription_error": None})
+        return "renewed"
+    if event == "subscriptionRemoved":
+        _forget_lookup(sub_id)
+        _update_shard(shard, {"subscription_id": None, "subscription_status": STATUS_ERROR,
+                              "subscription_error": "removed by Graph"})
+        _recreate(run, shard)
+        sweep(now, only_shard=shard.number)
+        return "recreated"
+    log.warning("subscriptions: unknown lifecycle event %r for %s; ignored", event, sub_id)
+    return "ignored"
+
+
+def _recreate(run: _Run, shard: Shard) -> None:
+    """Force a new subscription for one shard (expired in our records, so ``maintain`` creates)."""
+    shard.extra["subscription_expires_at"] = 0.0
+    run.maintain(shard)

@@ -1,0 +1,125 @@
+"""The presence sweep (poll): app-only ``getPresencesByUserId`` over every shard, and the worker
+that applies Teams presence reports from notifications and from the sweep.
+
+One Graph read per shard (≤650 ids, API-FACTS §6). The sweep compares each person's
+``sequenceNumber`` with the last one it saw (kept on the shard) and queues only the changes,
+so a quiet organisation costs one read per 650 people and no Table writes per person. Shards
+whose subscription is healthy are swept less often, never skipped entirely (notifications can
+silently stop: MicrosoftDocs/msteams-docs#11452).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from shared import graph_client, names, storage
+from shared.config import get_settings
+from shared.errors import Throttled, VendorError
+from shared.shards import Shard, read_shards, save_shard
+from shared.sync import Outcome, handle_teams_presence
+
+log = logging.getLogger(__name__)
+
+# A queue message must stay under 64 KiB after base64: ~200 trimmed presences fit comfortably.
+PRESENCES_PER_MESSAGE = 200
+_FIELDS = ("id", "availability", "activity", "sequenceNumber")
+
+
+def shard_subscription_healthy(shard: Shard, now: float) -> bool:
+    extra = shard.extra
+    return (
+        extra.get("subscription_status") == "active"
+        and int(extra.get("subscription_version") or -1) == shard.version
+        and float(extra.get("subscription_expires_at") or 0) > now
+    )
+
+
+def trim(presence: dict) -> dict:
+    return {k: presence.get(k) for k in _FIELDS if presence.get(k) is not None}
+
+
+@dataclass
+class SweepReport:
+    shards: int = 0
+    swept: int = 0
+    graph_reads: int = 0
+    changes: int = 0
+    throttled: bool = False
+
+
+def sweep(now: float | None = None, *, only_shard: int | None = None, force: bool = False) -> SweepReport:
+    """Read presence for every due shard and queue what changed. Returns counts."""
+    settings = get_settings()
+    now = time.time() if now is None else now
+    report = SweepReport()
+    for shard in read_shards():
+        if only_shard is not None and shard.number != only_shard:
+            continue
+        report.shards += 1
+        if not shard.ids:
+            continue
+        due = force or only_shard is not None or not shard_subscription_healthy(shard, now) or (
+            now - shard.last_swept_at >= settings.sweep_subscribed_interval_seconds
+        )
+        if not due:
+            continue
+        try:
+            presences = graph_client.get_presences(shard.ids)
+        except Throttled as exc:
+            # Respect Graph's throttling: stop this sweep; the next one continues where it must.
+            log.warning("sweep: Graph throttled (Retry-After %.0fs); remaining shards wait for the next run",
+                        exc.retry_after_s)
+            report.throttled = True
+            break
+        except VendorError as exc:
+            log.warning("sweep: reading shard %s failed: %s", shard.number, exc)
+            continue
+        report.graph_reads += (len(shard.ids) + 649) // 650
+        report.swept += 1
+        changed = [p for p in presences if _is_change(shard, p)]
+        # Ordered by sequenceNumber where present (the engine also drops older reports).
+        changed.sort(key=lambda p: p.get("sequenceNumber") or "")
+        for start in range(0, len(changed), PRESENCES_PER_MESSAGE):
+            chunk = [trim(p) for p in changed[start:start + PRESENCES_PER_MESSAGE]]
+            storage.enqueue(names.TEAMS_PRESENCE_QUEUE, {"kind": "teams_presences", "presences": chunk,
+                                                         "read_at": now, "source": "sweep"})
+        report.changes += len(changed)
+        for presence in changed:
+            shard.seqs[str(presence.get("id", "")).lower()] = _seq_of(presence)
+        shard.last_swept_at = now
+        try:
+            save_shard(shard)
+        except storage.Conflict:
+            log.info("sweep: shard %s changed meanwhile; its bookkeeping is refreshed next run", shard.number)
+    log.info("sweep: %d shards, %d read, %d Graph reads, %d changes", report.shards, report.swept,
+             report.graph_reads, report.changes)
+    return report
+
+
+def _seq_of(presence: dict) -> str:
+    seq = presence.get("sequenceNumber")
+    if seq:
+        return str(seq)
+    return f"{presence.get('availability')}/{presence.get('activity')}"
+
+
+def _is_change(shard: Shard, presence: dict) -> bool:
+    return shard.seqs.get(str(presence.get("id", "")).lower()) != _seq_of(presence)
+
+
+def handle_teams_message(message: dict) -> list[Outcome]:
+    """Apply one queued batch: presences read already, or ids to read first (basic notifications)."""
+    kind = message.get("kind")
+    cid = str(message.get("cid", ""))
+    if kind == "teams_ids":
+        ids = [str(i) for i in message["ids"]]
+        presences = graph_client.get_presences(ids)  # one read per ≤650 ids
+        ts_ms = int(time.time() * 1000)
+    elif kind == "teams_presences":
+        presences = list(message["presences"])
+        ts_ms = int(float(message.get("read_at") or time.time()) * 1000)
+    else:
+        raise ValueError(f"unknown message kind {kind!r}")
+    return [handle_teams_presence(p, ts_ms=ts_ms, cid=cid) for p in presences]

@@ -1,0 +1,96 @@
+"""The admin links API through the local host: validation, paging, state, release on delete."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import requests
+
+from sandbox.world import World
+
+pytestmark = pytest.mark.e2e
+
+
+def test_put_get_and_case_insensitive_ids(world: World):
+    person = world.add_person(link=False)
+    response = world.admin("PUT", f"links/{person.zoom_id.upper()}",
+                           json={"entra_user_id": person.entra_id.upper(), "email": person.email})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["zoom_user_id"] == person.zoom_id
+    assert body["entra_user_id"] == person.entra_id
+    assert body["directions"] == ["teams_to_zoom", "zoom_to_teams"]
+    got = world.admin("GET", f"links/{person.zoom_id.upper()}").json()
+    assert got["entra_user_id"] == person.entra_id
+    assert got["sync"]["zoom"]["shows"] is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"entra_user_id": "not-a-guid"},
+        {"entra_user_id": str(uuid.uuid4()), "directions": ["sideways"]},
+        {"entra_user_id": str(uuid.uuid4()), "email": "no-at-sign"},
+        {"entra_user_id": str(uuid.uuid4()), "unexpected": 1},
+    ],
+)
+def test_invalid_link_bodies_are_400(world: World, body):
+    response = world.admin("PUT", f"links/u{uuid.uuid4().hex[:8]}", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid link"
+
+
+def test_malformed_json_and_bad_ids_are_400(world: World):
+    assert world.admin("PUT", "links/abc", data=b"{nope").status_code == 400
+    assert world.admin("GET", "links/bad%20id").status_code == 400
+    assert world.admin("GET", "links?page_size=0").status_code == 400
+    assert world.admin("GET", "links?continuation=%%%").status_code == 400
+
+
+def test_admin_routes_need_the_admin_key(world: World):
+    url = world.host.url("manage/links", key=None)
+    assert requests.get(url, timeout=10).status_code == 401
+    assert requests.get(world.host.url("manage/links", key="function"), timeout=10).status_code == 401
+
+
+def test_list_pages_through_links(world: World):
+    people = [world.add_person() for _ in range(5)]
+    seen: set[str] = set()
+    token = None
+    for _ in range(1000):
+        params = {"page_size": 2}
+        if token:
+            params["continuation"] = token
+        page = world.admin("GET", "links", params=params).json()
+        assert len(page["value"]) <= 2
+        seen.update(item["zoom_user_id"] for item in page["value"])
+        token = page["continuation"]
+        if not token:
+            break
+    assert {p.zoom_id for p in people} <= seen
+
+
+def test_get_shows_sync_state_after_a_change(world: World):
+    person = world.add_person()
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    state = world.admin("GET", f"links/{person.zoom_id}").json()["sync"]
+    assert state["zoom"]["shows"] == "In_Meeting"
+    assert state["teams"]["ours"]["activity"] == "InACall"
+    assert state["last_sync_at"]
+
+
+def test_delete_releases_our_overlay_and_unlinks(world: World):
+    person = world.add_person()
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+    assert world.teams_shows(person) == ("Available", "Available")
+    assert world.admin("GET", f"links/{person.zoom_id}").status_code == 404
+    world.zoom.leave_meeting(person.zoom_id)
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Available", "Available")  # unlinked: no more writes

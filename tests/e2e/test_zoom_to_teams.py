@@ -1,0 +1,223 @@
+"""Zoom → Teams end to end: signed webhooks from the Zoom emulator, the real app on the local
+host over Azurite, presence writes to the Graph emulator — asserting what Teams *shows*."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+
+from sandbox.world import Person, World
+
+pytestmark = pytest.mark.e2e
+
+
+def presence_writes(world: World, person: Person) -> list:
+    """Presence write requests the app made to Graph for this person."""
+    kinds = ("setPresence", "clearPresence", "setUserPreferredPresence", "clearUserPreferredPresence")
+    return [r for r in world.graph.requests
+            if r.method == "POST" and person.entra_id in r.path.lower() and r.path.rsplit("/", 1)[-1] in kinds]
+
+
+def worker_runs(world: World, name: str = "zoom_presence_worker") -> int:
+    return sum(1 for inv in world.host.invocations if inv.function == name)
+
+
+def signed_presence_event(world: World, person: Person, status: str, event_ts: int | None = None) -> None:
+    """A presence event Zoom would send for a state the emulator has no gesture for."""
+    event_ts = event_ts or int(time.time() * 1000)
+    world.zoom.send_event({
+        "event": "user.presence_status_updated", "event_ts": event_ts,
+        "payload": {"account_id": world.zoom.account_id, "object": {
+            "id": person.zoom_id, "email": person.email, "date_time": "2026-11-23T10:00:00Z",
+            "presence_status": status}},
+    })
+
+
+GESTURES = {
+    "In_Meeting": lambda z, u: z.join_meeting(u),
+    "On_Phone_Call": lambda z, u: z.start_phone_call(u),
+    "Presenting": lambda z, u: z.start_presenting(u),
+    "Busy": lambda z, u: z.set_status_by_user(u, "Busy"),
+    "Do_Not_Disturb": lambda z, u: z.set_status_by_user(u, "Do_Not_Disturb"),
+    "Away": lambda z, u: z.set_status_by_user(u, "Away"),
+}
+
+
+@pytest.mark.parametrize(
+    ("zoom_status", "teams_shows"),
+    [
+        ("In_Meeting", ("Busy", "InACall")),
+        ("On_Phone_Call", ("Busy", "InACall")),
+        ("Presenting", ("DoNotDisturb", "Presenting")),
+        ("In_Calendar_Event", ("Busy", "Busy")),
+        ("Busy", ("Busy", "Busy")),
+        ("Do_Not_Disturb", ("DoNotDisturb", "DoNotDisturb")),
+        ("Away", ("Away", "Away")),
+    ],
+)
+def test_each_zoom_state_shows_in_teams(world: World, zoom_status, teams_shows):
+    person = world.add_person()
+    if zoom_status in GESTURES:
+        GESTURES[zoom_status](world.zoom, person.zoom_id)
+    else:
+        signed_presence_event(world, person, zoom_status)
+    world.settle()
+    assert world.teams_shows(person) == teams_shows
+    assert len(presence_writes(world, person)) == 1
+
+
+@pytest.mark.parametrize("zoom_status", ["Offline", "Mobile_signed_in", "Out_of_Office", "Brand_New_Status"])
+def test_states_without_a_teams_equivalent_change_nothing(world: World, zoom_status):
+    person = world.add_person()
+    signed_presence_event(world, person, zoom_status)
+    world.settle()
+    assert world.teams_shows(person) == ("Available", "Available")
+    assert presence_writes(world, person) == []
+
+
+def test_available_returns_teams_to_the_persons_own_state(world: World):
+    person = world.add_person(teams=("Away", "Away"))
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    world.zoom.leave_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Away", "Away")
+    assert [r.path.rsplit("/", 1)[-1] for r in presence_writes(world, person)] == ["setPresence", "clearPresence"]
+
+
+def test_native_teams_call_survives_a_zoom_meeting(world: World):
+    person = world.add_person(teams=("Busy", "InACall"))  # a real Teams call
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    world.zoom.leave_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")  # the call is theirs: untouched
+    world.graph.set_teams_client(person.entra_id, "Available", "Available")  # the call ends
+    world.settle()
+    assert world.teams_shows(person) == ("Available", "Available")
+    assert world.graph.sessions(person.entra_id).keys() <= {"teams-client"}  # nothing of ours left
+
+
+def test_duplicated_reordered_and_late_webhooks(world: World):
+    person = world.add_person()
+    base = int(time.time() * 1000)
+    world.zoom.faults.webhook_duplicate(count=3)
+    signed_presence_event(world, person, "In_Meeting", base)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    # Reordered: "Available" (newer) is delivered before "Presenting" (older).
+    world.zoom.faults.webhook_reorder(count=2)
+    signed_presence_event(world, person, "Presenting", base + 1000)
+    signed_presence_event(world, person, "Available", base + 2000)
+    world.settle()
+    # An hour-late event older than everything applied.
+    signed_presence_event(world, person, "Do_Not_Disturb", base - 3_600_000)
+    world.settle()
+    assert world.teams_shows(person) == ("Available", "Available")
+    writes = [r.path.rsplit("/", 1)[-1] for r in presence_writes(world, person)]
+    # One write per effective change: into the meeting, out of it. Nothing for the duplicates,
+    # the stale Presenting or the hour-late DND.
+    assert writes == ["setPresence", "clearPresence"]
+
+
+def test_rejected_webhooks_queue_nothing(world: World):
+    person = world.add_person()
+    url = world.host.url("zoom/webhook", key=None)
+    body = json.dumps({"event": "user.presence_status_updated", "event_ts": 1,
+                       "payload": {"object": {"id": person.zoom_id, "presence_status": "In_Meeting"}}}).encode()
+    now = str(int(time.time()))
+    from sandbox.zoom_emulator import sign_webhook
+
+    cases = [
+        ({}, 401),
+        ({"x-zm-request-timestamp": now, "x-zm-signature": "v0=" + "0" * 64}, 401),
+        ({"x-zm-request-timestamp": str(int(now) - 3600),
+          "x-zm-signature": sign_webhook(world.zoom.webhook_secret_token, int(now) - 3600, body)}, 401),
+    ]
+    runs_before = worker_runs(world)
+    for headers, status in cases:
+        response = requests.post(url, data=body, headers={"content-type": "application/json", **headers}, timeout=10)
+        assert response.status_code == status
+        assert "error" in response.json()
+    big = b'{"event":"x","pad":"' + b"a" * 70_000 + b'"}'
+    response = requests.post(url, data=big, timeout=10, headers={
+        "x-zm-request-timestamp": now, "x-zm-signature": sign_webhook(world.zoom.webhook_secret_token, now, big)})
+    assert response.status_code == 413
+    for bad in (b"{not json", b'{"event": "user.presence_status_updated", "event_ts": 1, "payload": {}}'):
+        response = requests.post(url, data=bad, timeout=10, headers={
+            "x-zm-request-timestamp": now, "x-zm-signature": sign_webhook(world.zoom.webhook_secret_token, now, bad)})
+        assert response.status_code == 400
+    world.settle()
+    assert worker_runs(world) == runs_before
+    assert presence_writes(world, person) == []
+
+
+def test_url_validation_through_the_host(world: World):
+    assert world.zoom.validate_endpoint() is True
+
+
+def test_graph_throttling_storm_loses_nothing(world: World):
+    people = [world.add_person() for _ in range(4)]
+    world.graph.faults.throttle(count=12, retry_after=1, paths="/presence/")
+    for person in people:
+        world.zoom.join_meeting(person.zoom_id)
+    world.settle(timeout=60)
+    for person in people:
+        world.zoom.leave_meeting(person.zoom_id)
+        world.zoom.start_presenting(person.zoom_id)
+    world.settle(timeout=60)
+    for person in people:
+        assert world.teams_shows(person) == ("DoNotDisturb", "Presenting")
+
+
+def test_keepalive_releases_an_overlay_whose_available_was_lost(world: World, app_setting):
+    # Overlays live 5 minutes (Graph's minimum) and are confirmed as soon as the keep-alive runs.
+    app_setting(TEAMS_OVERLAY_MINUTES="5", OVERLAY_RENEW_LEEWAY_SECONDS="300")
+    person = world.add_person()
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    set_call = presence_writes(world, person)[0]
+    assert set_call.json["expirationDuration"] == "PT5M"  # Graph itself drops it within the bound
+    world.zoom.faults.webhook_drop(count=1)
+    world.zoom.leave_meeting(person.zoom_id)  # the Available webhook is lost
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    world.host.fire_timer("overlay_keepalive")
+    world.settle()
+    assert world.teams_shows(person) == ("Available", "Available")
+
+
+def test_overlay_expires_at_graph_within_the_bound_even_without_keepalive(world: World, app_setting):
+    app_setting(TEAMS_OVERLAY_MINUTES="5")
+    person = world.add_person()
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    world.clock.advance(5 * 60 + 1)
+    assert world.teams_shows(person) == ("Available", "Available")
+
+
+def test_unlinked_and_disabled_direction_make_no_graph_calls(world: World):
+    stranger = world.add_person(link=False)
+    one_way = world.add_person(directions=["teams_to_zoom"])
+    for person in (stranger, one_way):
+        world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    for person in (stranger, one_way):
+        assert presence_writes(world, person) == []
+        assert world.teams_shows(person) == ("Available", "Available")
+
+
+def test_unknown_entra_user_marks_the_link_in_error(world: World):
+    person = world.add_person()
+    world.graph.delete_user(person.entra_id)
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert link["status"] == "error"
+    assert link["error"]["kind"] == "teams_user_not_found"

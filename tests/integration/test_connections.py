@@ -1,0 +1,176 @@
+"""shared.connections against Azurite and the Entra emulator: accounts connected through the real
+authorization-code flow, tokens encrypted at rest, key rotation, and revoked grants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared import connections, storage
+from shared.config import reset_settings
+from tests.fixtures.connections import connect_account_via_auth_code, new_key
+
+pytestmark = pytest.mark.integration
+
+
+def raw_entity(account_id: str) -> dict:
+    return dict(storage.table("connections").get_entity("microsoft", account_id.lower()))
+
+
+def token_requests(graph) -> list:
+    return [r for r in graph.requests_matching("POST", "/oauth2/v2.0/token")]
+
+
+def test_connect_stores_no_plaintext_token_or_address(graph_app_env):
+    graph = graph_app_env
+    user = graph.add_user(display_name="Sync One", mail="sync.one@contoso.example",
+                          user_principal_name="sync.one@contoso.example")
+    conn = connect_account_via_auth_code(graph, user, "sync-account")
+    assert conn.account_id == user["id"].lower()
+    assert conn.status == "ok" and conn.purpose == "sync-account" and conn.key_id == "k1"
+    assert conn.display_hint == "s***@contoso.example"
+
+    access = connections.delegated_token(user["id"])
+    refresh_tokens = list(graph.entra.refresh_tokens)
+    assert access and len(refresh_tokens) == 1
+    entity = raw_entity(user["id"])
+    stored = json.dumps({k: str(v) for k, v in entity.items()})
+    for secret in (access, refresh_tokens[0], "sync.one@contoso.example", "sync.one"):
+        assert secret not in stored
+    # The ciphertext really holds the tokens (so the check above looked at the right thing).
+    ring = connections.key_ring()
+    plaintext = connections.decrypt_cache(user["id"].lower(), entity["key_id"], entity["token_cache"], ring)
+    assert refresh_tokens[0] in plaintext and access in plaintext
+    # The token works against Graph as that user.
+    from shared.graph_client import default_client
+
+    assert default_client().request("GET", "/me", token=access).json()["id"] == user["id"]
+
+
+def test_listing_filters_by_purpose_and_status(graph_app_env):
+    graph = graph_app_env
+    a = graph.add_user(display_name="Sync A")
+    b = graph.add_user(display_name="Self B")
+    connect_account_via_auth_code(graph, a, "sync-account")
+    connect_account_via_auth_code(graph, b, "self")
+    assert [c.account_id for c in connections.list_connections(purpose="sync-account")] == [a["id"].lower()]
+    assert {c.account_id for c in connections.list_connections()} == {a["id"].lower(), b["id"].lower()}
+    connections.mark_broken(b["id"], "invalid_grant")
+    assert [c.account_id for c in connections.list_connections()] == [a["id"].lower()]
+    assert [c.status for c in connections.list_connections(status="broken")] == ["broken"]
+    connections.delete_connection(a["id"])
+    assert connections.get_connection(a["id"]) is None
+    with pytest.raises(connections.ConnectionBroken):
+        connections.delegated_token(a["id"])
+
+
+def test_wrong_or_missing_key_fails_loudly_and_breaks_nothing(graph_app_env, monkeypatch):
+    graph = graph_app_env
+    user = graph.add_user(display_name="Sync Key")
+    connect_account_via_auth_code(graph, user, "sync-account")
+
+    monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", new_key("k1"))  # same id, different key
+    reset_settings()
+    with pytest.raises(connections.TokenDecryptError, match="does not decrypt with key id 'k1'"):
+        connections.delegated_token(user["id"])
+
+    monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", new_key("k9"))  # the record's key id is gone
+    reset_settings()
+    with pytest.raises(connections.TokenDecryptError, match="key id 'k1'"):
+        connections.delegated_token(user["id"])
+
+    monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", "k1:not-base64!!")
+    reset_settings()
+    with pytest.raises(connections.TokenKeyInvalid) as info:
+        connections.delegated_token(user["id"])
+    assert "not-base64" not in str(info.value)
+    # A key problem is ours, not the account's: it stays connected.
+    assert connections.get_connection(user["id"]).status == "ok"
+
+
+def test_rotation_reencrypts_on_the_next_write(graph_app_env, monkeypatch):
+    graph = graph_app_env
+    import os
+
+    old = os.environ["TOKEN_ENCRYPTION_KEY"]
+    user = graph.add_user(display_name="Sync Rotate")
+    connect_account_via_auth_code(graph, user, "sync-account")
+    first = connections.delegated_token(user["id"])
+
+    current = new_key("k2")
+    monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", f"{current},{old}")
+    reset_settings()
+    # Reading with the old key still works; nothing was written, so the record keeps k1.
+    assert connections.delegated_token(user["id"]) == first
+    assert raw_entity(user["id"])["key_id"] == "k1"
+    # A refresh writes the cache back: now under k2.
+    refreshed = connections.delegated_token(user["id"], force_refresh=True)
+    assert refreshed != first
+    assert raw_entity(user["id"])["key_id"] == "k2"
+    # The old key can go.
+    monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", current)
+    reset_settings()
+    assert connections.delegated_token(user["id"]) == refreshed
+
+
+def test_reencrypt_connections_finishes_a_rotation(graph_app_env, monkeypatch):
+    import os
+
+    graph = graph_app_env
+    old = os.environ["TOKEN_ENCRYPTION_KEY"]
+    users = [graph.add_user(display_name=f"Sync {i}") for i in range(2)]
+    for user in users:
+        connect_account_via_auth_code(graph, user, "sync-account")
+    current = new_key("k2")
+    monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", f"{current},{old}")
+    reset_settings()
+    assert connections.reencrypt_connections() == 2
+    monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", current)
+    reset_settings()
+    assert all(connections.delegated_token(u["id"]) for u in users)
+    assert {c.key_id for c in connections.list_connections()} == {"k2"}
+
+
+def test_revoked_refresh_token_breaks_the_connection(graph_app_env):
+    graph = graph_app_env
+    user = graph.add_user(display_name="Sync Revoked")
+    connect_account_via_auth_code(graph, user, "sync-account")
+    assert connections.delegated_token(user["id"])
+    graph.revoke_refresh_tokens(user["id"])
+    with pytest.raises(connections.ConnectionBroken) as info:
+        connections.delegated_token(user["id"], force_refresh=True)
+    assert "invalid_grant" in info.value.reason
+    conn = connections.get_connection(user["id"])
+    assert conn.status == "broken" and "invalid_grant" in conn.broken_reason
+    assert connections.list_connections(purpose="sync-account") == []
+    # Broken stays broken without asking Entra again, until the account is connected anew.
+    before = len(token_requests(graph))
+    with pytest.raises(connections.ConnectionBroken):
+        connections.delegated_token(user["id"])
+    assert len(token_requests(graph)) == before
+    connect_account_via_auth_code(graph, user, "sync-account")
+    assert connections.get_connection(user["id"]).status == "ok"
+    assert connections.delegated_token(user["id"], force_refresh=True)
+
+
+def test_store_rejects_a_cache_without_that_account(graph_app_env):
+    import msal
+
+    with pytest.raises(ValueError, match="no account"):
+        connections.store_connection("0b1c2d3e-0000-0000-0000-000000000000", "sync-account",
+                                     msal.SerializableTokenCache())
+    with pytest.raises(ValueError, match="purpose"):
+        connections.store_connection("0b1c2d3e-0000-0000-0000-000000000000", "admin", msal.SerializableTokenCache())
+
+
+def test_key_ring_parsing():
+    ring = connections.parse_key_ring(f"{new_key('new')}, {new_key('old')}")
+    assert ring.current_id == "new" and set(ring.keys) == {"new", "old"}
+    assert "new" in repr(ring) and all(len(k) == 32 for k in ring.keys.values())
+    for bad in ("", "nokey", "k1:" + "A" * 8, f"{new_key('a')},{new_key('a')}"):
+        with pytest.raises(connections.TokenKeyInvalid):
+            connections.parse_key_ring(bad)
+    assert connections.mask_login("ada@contoso.com") == "a***@contoso.com"
+    assert connections.delegated_scopes("Presence.Read.All offline_access openid User.Read") == [
+        "Presence.Read.All", "User.Read"]

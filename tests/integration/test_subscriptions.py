@@ -1,0 +1,244 @@
+"""shared.subscriptions against Azurite, the Graph emulator and the local host serving the
+notification endpoints (Graph validates them whenever a subscription is created).
+
+Outcomes are read from the emulator (which subscriptions exist, for which ids, held by whom)
+and from the shards the sweep consults."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared import connections, graph_client, storage, subscriptions
+from shared.shards import read_shards
+from shared.sweep import shard_subscription_healthy
+from tests.fixtures.connections import connect_account_via_auth_code, link_people
+
+pytestmark = pytest.mark.integration
+
+HOUR = 3600.0
+
+
+def people(graph, n: int) -> list[str]:
+    ids = [graph.add_user(display_name=f"Person {i}")["id"].lower() for i in range(n)]
+    link_people(ids)
+    return ids
+
+
+def sync_accounts(graph, n: int) -> list[str]:
+    accounts = []
+    for i in range(n):
+        user = graph.add_user(display_name=f"Sync account {i}")
+        connect_account_via_auth_code(graph, user, "sync-account")
+        accounts.append(user["id"].lower())
+    return accounts
+
+
+def run(graph) -> subscriptions.Report:
+    return subscriptions.maintain_subscriptions(now=graph.clock.now())
+
+
+def live(graph) -> dict[str, object]:
+    """The emulator's subscriptions by id (expired ones are gone)."""
+    return {sid.lower(): sub for sid, sub in graph.subscriptions.items()}
+
+
+def shard_state() -> dict[int, dict]:
+    return {sh.number: {**sh.extra, "ids": sh.ids, "version": sh.version, "shard": sh} for sh in read_shards()}
+
+
+def lookups() -> dict[str, dict]:
+    return {e["RowKey"]: e for e in storage.query_partition("subscriptions", "sub")}
+
+
+def test_shards_get_one_subscription_each_and_stay_in_step(graph_app_env, webhook_host):
+    graph = graph_app_env
+    everyone = people(graph, 1400)
+    accounts = sync_accounts(graph, 3)
+
+    report = run(graph)
+    assert (report.shards, report.created, report.active, report.on_poll, report.errors) == (3, 3, 3, 0, 0)
+    subs = live(graph)
+    assert len(subs) == 3
+    sizes = sorted(len(s.user_ids) for s in subs.values())
+    assert sizes == [100, 650, 650]
+    assert {s.owner_user_id.lower() for s in subs.values()} == set(accounts)
+    assert {u.lower() for s in subs.values() for u in s.user_ids} == set(everyone)
+    shards = shard_state()
+    for number, state in shards.items():
+        sub = subs[state["subscription_id"]]
+        assert sorted(u.lower() for u in sub.user_ids) == sorted(state["ids"])
+        assert state["subscription_account"] == sub.owner_user_id.lower()
+        assert sub.client_state == state["subscription_client_state"] and len(sub.client_state) <= 128
+        assert sub.change_type == "updated" and sub.lifecycle_notification_url
+        assert sub.notification_url == webhook_host.url("graph/notifications")
+        assert shard_subscription_healthy(state["shard"], graph.clock.now())
+    assert set(lookups()) == set(subs)
+    assert all(h.status == 200 for h in graph.handshakes) and len(graph.handshakes) == 6
+
+    # A quiet run changes nothing.
+    graph.clear_requests()
+    report = run(graph)
+    assert (report.created, report.renewed, report.active) == (0, 0, 3)
+    assert not graph.requests_matching("POST", "/v1.0/subscriptions")
+    assert not graph.requests_matching("PATCH", "/v1.0/subscriptions")
+
+    # Renewal before expiry: 45 minutes on, inside the 15-minute leeway of the 55-minute lifetime.
+    before = {sid: s.expires_at for sid, s in subs.items()}
+    graph.clock.advance(45 * 60)
+    report = run(graph)
+    assert (report.renewed, report.created) == (3, 0)
+    after = live(graph)
+    assert set(after) == set(before)
+    assert all(after[sid].expires_at > before[sid] + 40 * 60 for sid in before)
+    assert all(shard_subscription_healthy(s["shard"], graph.clock.now()) for s in shard_state().values())
+
+    # One more person: only the shard with room changes, so only its subscription is replaced.
+    newcomer = graph.add_user(display_name="Newcomer")["id"].lower()
+    link_people([newcomer])
+    old = {n: s["subscription_id"] for n, s in shard_state().items()}
+    report = run(graph)
+    assert (report.created, report.replaced, report.errors) == (1, 1, 0)
+    now_state = shard_state()
+    changed = [n for n in now_state if now_state[n]["subscription_id"] != old[n]]
+    assert len(changed) == 1
+    assert newcomer in now_state[changed[0]]["ids"] and len(now_state[changed[0]]["ids"]) == 101
+    subs = live(graph)
+    assert len(subs) == 3 and set(subs) == {s["subscription_id"] for s in now_state.values()}
+    assert any(u.lower() == newcomer for u in subs[now_state[changed[0]]["subscription_id"]].user_ids)
+    assert set(lookups()) == set(subs)
+
+    # An orphan: a subscription for our endpoint that no shard references.
+    spare = sync_accounts(graph, 1)[0]
+    body = {"changeType": "updated", "resource": subscriptions.presence_resource(everyone[:3]),
+            "notificationUrl": subscriptions.notification_urls()[0], "clientState": "x",
+            "expirationDateTime": subscriptions._iso(graph.clock.now() + 1800)}
+    orphan = graph_client.create_subscription(body, connections.delegated_token(spare))["id"].lower()
+    assert orphan in live(graph)
+    report = run(graph)
+    assert report.orphans_deleted == 1
+    assert orphan not in live(graph) and len(live(graph)) == 3
+
+
+def test_a_subscription_gone_from_graph_is_recreated(graph_app_env, webhook_host):
+    graph = graph_app_env
+    people(graph, 10)
+    [account] = sync_accounts(graph, 1)
+    run(graph)
+    [first] = live(graph)
+    graph_client.delete_subscription(first, connections.delegated_token(account))
+    graph.clock.advance(45 * 60)
+    report = run(graph)
+    assert (report.renewed, report.created) == (0, 1)
+    assert [r.status for r in graph.requests_matching("PATCH", "/subscriptions/")] == [404]
+    [second] = live(graph)
+    assert second != first
+    [state] = shard_state().values()
+    assert state["subscription_id"] == second and state["subscription_status"] == "active"
+    assert set(lookups()) == {second}
+
+
+def test_a_lost_create_answer_is_adopted_on_409(graph_app_env, webhook_host):
+    graph = graph_app_env
+    people(graph, 10)
+    [account] = sync_accounts(graph, 1)
+    run(graph)
+    [sub_id] = live(graph)
+    [shard] = read_shards()
+    client_state = shard.extra["subscription_client_state"]
+    # As if the POST succeeded but its answer never arrived: only the intent was recorded.
+    entity = shard.to_entity()
+    for key in list(entity):
+        if key.startswith("subscription_"):
+            entity.pop(key)
+    entity.update({"subscription_pending_state": client_state, "subscription_pending_version": shard.version,
+                   "subscription_pending_account": account})
+    storage.upsert_entity("shards", entity)
+    storage.delete_entity("subscriptions", "sub", sub_id)
+    graph.clear_requests()
+
+    report = run(graph)
+    assert (report.adopted, report.created, report.errors) == (1, 0, 0)
+    assert [r.status for r in graph.requests_matching("POST", "/v1.0/subscriptions")] == [409]
+    assert live(graph).keys() == {sub_id}
+    [state] = shard_state().values()
+    assert state["subscription_id"] == sub_id and state["subscription_client_state"] == client_state
+    assert "subscription_pending_state" not in state
+    assert lookups()[sub_id]["client_state"] == client_state
+
+
+def test_a_rejected_token_is_refreshed_once(graph_app_env, webhook_host):
+    graph = graph_app_env
+    people(graph, 10)
+    sync_accounts(graph, 1)  # its access token is issued now and lives an hour
+    graph.clock.advance(10 * 60)
+    run(graph)  # the subscription expires 65 minutes after the token was issued
+    graph.clock.advance(51 * 60)  # token expired for Graph, subscription due for renewal
+    graph.clear_requests()
+    report = run(graph)
+    assert (report.renewed, report.errors) == (1, 0)
+    assert [r.status for r in graph.requests_matching("PATCH", "/subscriptions/")] == [401, 200]
+    grants = [r.form.get("grant_type") for r in graph.requests_matching("POST", "/oauth2/v2.0/token")]
+    assert grants == ["refresh_token"]
+    [state] = shard_state().values()
+    assert shard_subscription_healthy(state["shard"], graph.clock.now())
+
+
+def test_a_broken_account_hands_its_shard_over_or_to_the_poll(graph_app_env, webhook_host):
+    graph = graph_app_env
+    people(graph, 10)
+    accounts = sync_accounts(graph, 2)
+    run(graph)
+    [state] = shard_state().values()
+    holder = state["subscription_account"]
+    spare = next(a for a in accounts if a != holder)
+
+    graph.revoke_refresh_tokens(holder)
+    graph.clock.advance(HOUR + 60)  # tokens and the subscription have expired
+    report = run(graph)
+    assert report.broken_accounts == [holder] and report.active == 1
+    [state] = shard_state().values()
+    assert state["subscription_account"] == spare and state["subscription_status"] == "active"
+    assert [s.owner_user_id.lower() for s in live(graph).values()] == [spare]
+    assert connections.get_connection(holder).status == "broken"
+
+    graph.revoke_refresh_tokens(spare)
+    graph.clock.advance(HOUR + 60)
+    report = run(graph)
+    assert report.broken_accounts == [spare] and (report.on_poll, report.active) == (1, 0)
+    [state] = shard_state().values()
+    assert state["subscription_status"] == "none" and "subscription_id" not in state
+    assert not shard_subscription_healthy(state["shard"], graph.clock.now())
+    assert lookups() == {}
+
+
+def test_no_sync_account_leaves_shards_on_the_poll(graph_app_env, webhook_host):
+    graph = graph_app_env
+    people(graph, 5)
+    self_user = graph.add_user(display_name="Self connected")
+    connect_account_via_auth_code(graph, self_user, "self")  # not a sync account
+    report = run(graph)
+    assert (report.on_poll, report.created) == (1, 0)
+    assert live(graph) == {}
+    [state] = shard_state().values()
+    assert state["subscription_status"] == "none"
+
+
+def test_turning_rich_notifications_on_recreates_the_subscription(graph_app_env, webhook_host, monkeypatch):
+    from tests.fixtures.connections import reset_app_caches
+    from tests.integration.test_graph_notifications import notification_certificate_pem
+
+    graph = graph_app_env
+    people(graph, 5)
+    sync_accounts(graph, 1)
+    run(graph)
+    [basic] = live(graph).values()
+    assert not basic.include_resource_data
+    monkeypatch.setenv("GRAPH_NOTIFICATION_CERTIFICATE", notification_certificate_pem())
+    reset_app_caches()
+    report = run(graph)
+    assert (report.created, report.replaced) == (1, 1)
+    [rich] = live(graph).values()
+    assert rich.id != basic.id and rich.include_resource_data
+    [state] = shard_state().values()
+    assert state["subscription_certificate_id"] == rich.encryption_certificate_id
+    assert run(graph).created == 0  # and it stays
