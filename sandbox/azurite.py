@@ -78,11 +78,10 @@ class Azurite:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+            # In-memory storage has nothing to flush, and Azurite ignores SIGTERM once it has
+            # served queue traffic: stop it outright.
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
         self.process = None
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from functools import cached_property
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     )
     zoom_oauth_base_url: str = Field(
         default="https://zoom.us", validation_alias=AliasChoices("ZOOM_OAUTH_BASE_URL")
+    )
+    # A Zoom user-level OAuth app (authorization code): identifies a person's Zoom user when they
+    # connect themselves. Empty = self-service links are made by the admin only.
+    zoom_oauth_client_id: str | None = Field(default=None, validation_alias=AliasChoices("ZOOM_OAUTH_CLIENT_ID"))
+    zoom_oauth_client_secret: str | None = Field(
+        default=None, validation_alias=AliasChoices("ZOOM_OAUTH_CLIENT_SECRET")
     )
     # Zoom publishes no timestamp tolerance (API-FACTS §1, UNCONFIRMED): 300 s is the common choice.
     zoom_webhook_max_skew_seconds: int = Field(
@@ -136,6 +142,10 @@ class Settings(BaseSettings):
     subscription_renew_leeway_seconds: float = Field(
         default=900.0, ge=0, validation_alias=AliasChoices("SUBSCRIPTION_RENEW_LEEWAY_SECONDS")
     )
+    # Who writes a person's Teams presence: "app" (application Presence.ReadWrite.All), "delegated"
+    # (the person's own connected account, Presence.ReadWrite: self only), or "auto" (the app while
+    # Graph accepts it, else the person's own account).
+    teams_write_mode: str = Field(default="app", validation_alias=AliasChoices("TEAMS_WRITE_MODE"))
     # Lifetime of presence overlays we write to Teams (bound on a stuck state), minutes.
     teams_overlay_minutes: int = Field(
         default=60, ge=5, le=240, validation_alias=AliasChoices("TEAMS_OVERLAY_MINUTES")
@@ -150,16 +160,55 @@ class Settings(BaseSettings):
         default=300.0, ge=0, validation_alias=AliasChoices("SWEEP_SUBSCRIBED_INTERVAL_SECONDS")
     )
 
+    # --- enablement scopes (defaults; the stored scopes edited through /api/manage/scopes win) ----
+    sync_zoom_to_teams: bool = Field(default=True, validation_alias=AliasChoices("SYNC_ZOOM_TO_TEAMS"))
+    sync_teams_to_zoom: bool = Field(default=True, validation_alias=AliasChoices("SYNC_TEAMS_TO_ZOOM"))
+    # Comma-separated group ids; empty = no restriction. With groups set, only their members sync.
+    scope_entra_group_ids: str = Field(default="", validation_alias=AliasChoices("SCOPE_ENTRA_GROUP_IDS"))
+    scope_zoom_group_ids: str = Field(default="", validation_alias=AliasChoices("SCOPE_ZOOM_GROUP_IDS"))
+
+    # --- directory matching and scope runs ---------------------------------------------------
+    # Work time one invocation spends before it checkpoints and continues through the queue
+    # (the Consumption plan's default function timeout is 5 minutes).
+    directory_run_budget_seconds: float = Field(
+        default=240.0, ge=0, validation_alias=AliasChoices("DIRECTORY_RUN_BUDGET_SECONDS")
+    )
+    # Entries kept per list (ambiguous, unmatched...) in the stored matching report.
+    matching_report_list_cap: int = Field(
+        default=200, ge=0, le=2000, validation_alias=AliasChoices("MATCHING_REPORT_LIST_CAP")
+    )
+    # Page sizes of the directory listings (Zoom allows 300, Graph 999).
+    matching_zoom_page_size: int = Field(
+        default=300, ge=1, le=300, validation_alias=AliasChoices("MATCHING_ZOOM_PAGE_SIZE")
+    )
+    matching_entra_page_size: int = Field(
+        default=999, ge=1, le=999, validation_alias=AliasChoices("MATCHING_ENTRA_PAGE_SIZE")
+    )
+
     # --- the app ---------------------------------------------------------------------------
     public_base_url: str | None = Field(default=None, validation_alias=AliasChoices("PUBLIC_BASE_URL"))
     presence_mapping: str | None = Field(default=None, validation_alias=AliasChoices("PRESENCE_MAPPING"))
     token_encryption_key: str | None = Field(
         default=None, validation_alias=AliasChoices("TOKEN_ENCRYPTION_KEY")
     )
+    # How long a connect flow may take from its start to its callback, minutes (single-use either way).
+    connect_flow_minutes: int = Field(default=10, ge=1, le=60, validation_alias=AliasChoices("CONNECT_FLOW_MINUTES"))
+    # How long an admin's one-time invitation to connect a sync account stays valid, minutes.
+    connect_invite_minutes: int = Field(
+        default=60, ge=5, le=7 * 24 * 60, validation_alias=AliasChoices("CONNECT_INVITE_MINUTES")
+    )
     # Upper bound on one outbound call including retries, seconds.
     http_total_timeout_seconds: float = Field(
         default=30.0, validation_alias=AliasChoices("HTTP_TOTAL_TIMEOUT_SECONDS")
     )
+
+    @field_validator("teams_write_mode")
+    @classmethod
+    def _write_mode(cls, value: str) -> str:
+        mode = (value or "app").strip().lower()
+        if mode not in ("app", "delegated", "auto"):
+            raise ValueError("TEAMS_WRITE_MODE must be app, delegated or auto")
+        return mode
 
     def require(self, attribute: str, setting: str, purpose: str = "") -> str:
         value = getattr(self, attribute)

@@ -32,7 +32,9 @@ STATUS_ACTIVE = "active"
 STATUS_DISABLED = "disabled"
 STATUS_ERROR = "error"
 
-ORIGIN_ADMIN = "admin"
+ORIGIN_ADMIN = "admin"  # set through the admin API: directory matching never changes it
+ORIGIN_MATCH = "match"  # made by directory matching (email match)
+ORIGIN_SELF = "self"  # the person connected themselves: directory matching never changes it
 
 
 def now_iso() -> str:
@@ -63,6 +65,17 @@ class Link:
     lease_owner: str = ""
     lease_until: float = 0.0
     pending: bool = False
+    # Enablement: the directions asked for (admin, person or matching; None = as ``directions``),
+    # the person's opt-out, and whether the last scope run found them in the scope groups
+    # ("yes" | "no" | "" unknown). ``sync.directions`` is what is in effect after the scopes.
+    wanted_directions: frozenset[str] | None = None
+    opt_out: bool = False
+    scope_member: str = ""
+    # Why the link is disabled (Zoom lifecycle, Entra account, lost match...), and the newest
+    # Zoom user lifecycle event applied (event_ts, ms) so late events do not undo newer ones.
+    disabled_reason: str = ""
+    disabled_at: str = ""
+    lifecycle_ts: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -73,6 +86,10 @@ class Link:
     def entra_user_id(self) -> str:
         return self.sync.entra_user_id
 
+    @property
+    def wanted(self) -> frozenset[str]:
+        return self.sync.directions if self.wanted_directions is None else self.wanted_directions
+
     def to_public(self) -> dict[str, Any]:
         """The link as the admin API shows it (no tokens; email is the admin's own data)."""
         s = self.sync
@@ -81,8 +98,12 @@ class Link:
             "entra_user_id": s.entra_user_id,
             "email": self.email,
             "directions": sorted(s.directions),
+            "wanted_directions": sorted(self.wanted),
+            "opt_out": self.opt_out,
             "origin": self.origin,
             "status": self.status,
+            "disabled_reason": self.disabled_reason or None,
+            "disabled_at": self.disabled_at or None,
             "error": {"kind": self.error_kind, "detail": self.error_detail, "at": self.error_at}
             if self.error_kind else None,
             "created_at": self.created_at,
@@ -176,11 +197,17 @@ _KNOWN = {
     "zoom_seen_ts", "zoom_shows_ours", "zoom_overlay", "zoom_yielded", "zoom_last_put", "zoom_last_put_at",
     "teams_native", "teams_native_since", "teams_seen_seq", "teams_seen_ts", "teams_shows_ours",
     "teams_overlay", "teams_yielded", "lease_owner", "lease_until", "pending", "Timestamp",
+    "wanted_directions", "opt_out", "scope_member", "disabled_reason", "disabled_at", "lifecycle_ts",
 }
 
 
+def _directions(value: str | None) -> frozenset[str]:
+    return frozenset(d for d in (value or "").split(",") if d in ALL_DIRECTIONS)
+
+
 def link_from_entity(entity: dict) -> Link:
-    directions = frozenset(d for d in (entity.get("directions") or "").split(",") if d in ALL_DIRECTIONS)
+    directions = _directions(entity.get("directions"))
+    wanted = entity.get("wanted_directions")
     sync = UserSync(
         zoom_user_id=entity["PartitionKey"],
         entra_user_id=entity.get("entra_user_id", ""),
@@ -221,6 +248,12 @@ def link_from_entity(entity: dict) -> Link:
         lease_owner=entity.get("lease_owner") or "",
         lease_until=float(entity.get("lease_until") or 0.0),
         pending=bool(entity.get("pending")),
+        wanted_directions=None if wanted is None else _directions(wanted),
+        opt_out=bool(entity.get("opt_out")),
+        scope_member=entity.get("scope_member") or "",
+        disabled_reason=entity.get("disabled_reason") or "",
+        disabled_at=entity.get("disabled_at") or "",
+        lifecycle_ts=int(entity.get("lifecycle_ts") or 0),
         extra={k: v for k, v in entity.items() if k not in _KNOWN},
     )
 
@@ -250,6 +283,12 @@ def link_to_entity(link: Link) -> dict:
         "lease_owner": link.lease_owner,
         "lease_until": link.lease_until,
         "pending": link.pending,
+        "wanted_directions": None if link.wanted_directions is None else ",".join(sorted(link.wanted_directions)),
+        "opt_out": link.opt_out,
+        "scope_member": link.scope_member,
+        "disabled_reason": link.disabled_reason,
+        "disabled_at": link.disabled_at,
+        "lifecycle_ts": link.lifecycle_ts,
         "zoom_native": s.zoom_native.value if s.zoom_native else "",
         "zoom_native_since": s.zoom_native_since,
         "zoom_seen_ts": s.zoom_seen_ts,

@@ -7,6 +7,7 @@ ZOOM_USERS_QUEUE = "zoom-user-events"  # verified Zoom user lifecycle events
 RECONCILE_QUEUE = "reconcile"  # deferred, retried and keep-alive reconciles of one person
 TEAMS_PRESENCE_QUEUE = "teams-presence"  # Graph notifications and sweep changes to apply
 GRAPH_LIFECYCLE_QUEUE = "graph-lifecycle"  # Graph lifecycle notifications to act on
+DIRECTORY_QUEUE = "directory"  # directory matching and scope runs: starts and continuations
 
 # Tables
 LINKS_TABLE = "links"  # one entity per linked person: the link and its sync state
@@ -15,3 +16,5 @@ OVERLAYS_TABLE = "overlays"  # overlays that expire, by side, for the keep-alive
 SHARDS_TABLE = "shards"  # groups of <=650 Teams-watched people: one subscription, one sweep read each
 CONNECTIONS_TABLE = "connections"  # connected accounts and their encrypted delegated tokens
 SUBSCRIPTIONS_TABLE = "subscriptions"  # Graph subscription id -> shard and clientState
+DIRECTORY_TABLE = "directory"  # enablement scopes, matching and scope runs (checkpoints, snapshots, reports)
+CONNECT_FLOWS_TABLE = "connectflows"  # connect flows between redirect and callback; admin invitations

@@ -20,7 +20,7 @@ import azure.functions as func
 from azure.functions import _abc as azf_abc
 
 from sandbox.host.routing import RouteTemplate
-from sandbox.host.schedule import Schedule
+from sandbox.host.schedule import Schedule, schedule_timezone
 from sandbox.host.settings import (
     HostStartupError,
     normalize_queue_name,
@@ -267,7 +267,10 @@ def index_functions(
         unknown = sorted(set(only) - known)
         if unknown:
             raise HostStartupError(f"host.json \"functions\" names unknown functions: {', '.join(unknown)}")
-    tz = None
+    try:
+        tz = schedule_timezone(env)
+    except ValueError as exc:
+        raise HostStartupError(str(exc)) from None
     for fn in built:
         name = fn.get_function_name()
         if only is not None and name not in only:
@@ -275,13 +278,6 @@ def index_functions(
         if str(env.get(f"AzureWebJobs.{name}.Disabled", "")).lower() in ("true", "1"):
             log.info("Function '%s' is disabled (AzureWebJobs.%s.Disabled)", name, name)
             continue
-        if tz is None:
-            from sandbox.host.schedule import schedule_timezone
-
-            try:
-                tz = schedule_timezone(env)
-            except ValueError as exc:
-                raise HostStartupError(str(exc)) from None
         try:
             info = _index_one(fn, env, tz)
             if info.trigger == HTTP:

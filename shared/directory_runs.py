@@ -1,0 +1,177 @@
+"""Checkpointed background runs (directory matching, scope application) in Table Storage.
+
+A run may need longer than one invocation may take (100k people, a 5-minute function
+timeout), so it works in steps: after each step it saves its checkpoint with an ETag-conditional
+write, and when its time budget is spent it queues a continuation message carrying its run id.
+Only one run of a kind is live at a time; a newer run supersedes an older one, whose
+continuations then stop on the run-id mismatch. A checkpoint lost to a concurrent writer means
+someone else owns the run now: the loser stops.
+
+Table ``directory``: PartitionKey = the run kind, RowKey ``"run"``: the live or last run.
+Large JSON (snapshots, reports) is stored compressed across several string properties.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared import names, storage
+
+log = logging.getLogger(__name__)
+
+TABLE = names.DIRECTORY_TABLE
+RUN_ROW = "run"
+STATUS_RUNNING = "running"
+STATUS_DONE = "done"
+STATUS_FAILED = "failed"
+
+# A Table string property holds 64 KiB (32K UTF-16 characters); an entity at most 1 MiB.
+_PART_CHARS = 30_000
+_MAX_PARTS = 15
+
+
+class TooLarge(ValueError):
+    """A packed value does not fit in one entity."""
+
+
+def pack(value: Any, prefix: str = "p") -> dict[str, Any]:
+    """``value`` as compressed JSON split over properties ``p0``, ``p1``... (plus ``p_parts``)."""
+    data = base64.b64encode(zlib.compress(storage.to_json_column(value).encode(), 6)).decode()
+    parts = [data[i:i + _PART_CHARS] for i in range(0, len(data), _PART_CHARS)] or [""]
+    if len(parts) > _MAX_PARTS:
+        raise TooLarge(f"{len(data)} characters do not fit in one entity")
+    out: dict[str, Any] = {f"{prefix}_parts": len(parts)}
+    for i, part in enumerate(parts):
+        out[f"{prefix}{i}"] = part
+    return out
+
+
+def unpack(entity: dict | None, prefix: str = "p", default: Any = None) -> Any:
+    if not entity or not entity.get(f"{prefix}_parts"):
+        return default
+    data = "".join(str(entity.get(f"{prefix}{i}") or "") for i in range(int(entity[f"{prefix}_parts"])))
+    try:
+        return storage.from_json_column(zlib.decompress(base64.b64decode(data)).decode(), default)
+    except (ValueError, zlib.error):
+        log.warning("directory: an unreadable packed value; using the default")
+        return default
+
+
+@dataclass
+class Run:
+    kind: str
+    run_id: str
+    status: str = STATUS_RUNNING
+    trigger: str = ""
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    finished_at: float = 0.0
+    invocations: int = 0
+    rerun: bool = False  # another run was asked for while this one ran: start it when this ends
+    error: str = ""
+    state: dict[str, Any] = field(default_factory=dict)
+    etag: str | None = None
+
+    def to_entity(self) -> dict:
+        entity = {
+            "PartitionKey": self.kind, "RowKey": RUN_ROW, "run_id": self.run_id, "status": self.status,
+            "trigger": self.trigger, "started_at": self.started_at, "updated_at": self.updated_at,
+            "finished_at": self.finished_at, "invocations": self.invocations, "rerun": self.rerun,
+            "error": self.error,
+        }
+        entity.update(pack(self.state, "s"))
+        return entity
+
+    def public(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "status": self.status, "trigger": self.trigger,
+                "started_at": iso(self.started_at), "updated_at": iso(self.updated_at),
+                "finished_at": iso(self.finished_at) if self.finished_at else None,
+                "invocations": self.invocations, "error": self.error or None}
+
+
+def iso(ts: float | None) -> str | None:
+    if not ts:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _run_from(entity: dict, etag: str | None) -> Run:
+    return Run(
+        kind=entity["PartitionKey"], run_id=str(entity.get("run_id") or ""), status=str(entity.get("status") or ""),
+        trigger=str(entity.get("trigger") or ""), started_at=float(entity.get("started_at") or 0.0),
+        updated_at=float(entity.get("updated_at") or 0.0), finished_at=float(entity.get("finished_at") or 0.0),
+        invocations=int(entity.get("invocations") or 0), rerun=bool(entity.get("rerun")),
+        error=str(entity.get("error") or ""), state=unpack(entity, "s", {}) or {}, etag=etag,
+    )
+
+
+def read_run(kind: str) -> Run | None:
+    entity, etag = storage.read_entity(TABLE, kind, RUN_ROW)
+    return _run_from(entity, etag) if entity else None
+
+
+def is_live(run: Run | None, now: float, stale_after_s: float) -> bool:
+    """Running and checkpointed recently (a run whose invocations died is not live)."""
+    return run is not None and run.status == STATUS_RUNNING and now - run.updated_at < stale_after_s
+
+
+def start_run(kind: str, trigger: str, state: dict, *, now: float | None = None,
+              stale_after_s: float, rerun_if_live: bool = False) -> tuple[Run | None, Run | None]:
+    """Begin a run: ``(new run, None)``, or ``(None, the live run)`` when one is live (with
+    ``rerun_if_live`` the live run is asked to start another when it ends)."""
+    now = time.time() if now is None else now
+    for _ in range(5):
+        current = read_run(kind)
+        if is_live(current, now, stale_after_s):
+            if rerun_if_live and not current.rerun:
+                current.rerun = True
+                if not save(current):
+                    continue
+            return None, current
+        run = Run(kind, uuid.uuid4().hex[:16], STATUS_RUNNING, trigger, now, now, state=dict(state),
+                  etag=current.etag if current else None)
+        if save(run):
+            log.info("directory: %s run %s started (%s)", kind, run.run_id, trigger)
+            return run, None
+    raise storage.Conflict(f"directory: could not start a {kind} run")
+
+
+def save(run: Run) -> bool:
+    """Checkpoint; False when someone else wrote the run meanwhile (they own it now)."""
+    try:
+        run.etag = storage.write_entity(TABLE, run.to_entity(), run.etag)
+    except storage.Conflict:
+        return False
+    return True
+
+
+class Budget:
+    """The work time left in this invocation."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + max(0.0, seconds)
+
+    def spent(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+def continue_later(kind: str, run_id: str, *, delay_s: float = 0.0) -> None:
+    storage.enqueue(names.DIRECTORY_QUEUE, {"kind": f"{kind}_continue", "run_id": run_id}, delay_seconds=delay_s)
+
+
+def write_blob(kind: str, row: str, value: Any, **extra: Any) -> None:
+    """A packed value in its own entity (snapshot pages, reports); one unconditional write."""
+    entity = {"PartitionKey": kind, "RowKey": row, **extra}
+    entity.update(pack(value))
+    storage.upsert_entity(TABLE, entity)
+
+
+def read_blob(kind: str, row: str) -> tuple[Any, dict | None]:
+    entity, _ = storage.read_entity(TABLE, kind, row)
+    return unpack(entity), entity

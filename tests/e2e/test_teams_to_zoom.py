@@ -1,0 +1,228 @@
+"""Teams → Zoom end to end, by push (a connected sync account's subscription and Graph
+notifications) and by poll (the app-only sweep): what Zoom *shows*, how many PUTs it took, and
+that nothing ping-pongs. Zoom's one-update-per-minute rule is scaled to a few seconds here, in the
+emulator and the app alike (tests/fixtures/world.py)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from sandbox.world import Person, World
+from tests.fixtures.connections import sync_accounts
+from tests.fixtures.world import E2E_ZOOM_MIN_INTERVAL_S
+
+pytestmark = pytest.mark.e2e
+
+
+def zoom_puts(world: World, person: Person) -> list[dict]:
+    return [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id and p["status"] == 204]
+
+
+def graph_writes(world: World, person: Person) -> list:
+    kinds = ("setPresence", "clearPresence", "setUserPreferredPresence", "clearUserPreferredPresence")
+    return [r for r in world.graph.requests
+            if r.method == "POST" and person.entra_id in r.path.lower() and r.path.rsplit("/", 1)[-1] in kinds]
+
+
+@contextmanager
+def listening(world: World, path: str, people: int = 1):
+    """Push: enough sync accounts for every shard, subscriptions created. Poll: shards planned."""
+    world.host.fire_timer("graph_subscriptions")  # plans the shards (and subscriptions, if accounts)
+    if path == "poll":
+        yield
+        return
+    from shared.shards import read_shards
+
+    with sync_accounts(world, max(1, len(read_shards()))):
+        world.host.fire_timer("graph_subscriptions")
+        world.settle()
+        yield
+
+
+def propagate(world: World, path: str) -> None:
+    if path == "poll":
+        world.host.fire_timer("presence_sweep")
+    world.settle()
+
+
+TEAMS_GESTURES = {
+    "DoNotDisturb/Presenting": lambda g, u: g.set_teams_client(u, "DoNotDisturb", "Presenting"),
+    "DoNotDisturb/DoNotDisturb": lambda g, u: g.set_preferred_by_user(u, "DoNotDisturb", "DoNotDisturb"),
+    "Busy/InACall": lambda g, u: g.set_teams_client(u, "Busy", "InACall"),
+    "Busy/InAConferenceCall": lambda g, u: g.set_teams_client(u, "Busy", "InAConferenceCall"),
+    "Busy/InAMeeting": lambda g, u: g.set_teams_client(u, "Busy", "InAMeeting"),
+    "Busy/Busy": lambda g, u: g.set_preferred_by_user(u, "Busy", "Busy"),
+    "Away/Away": lambda g, u: g.set_teams_client(u, "Away", "Away"),
+    "BeRightBack/BeRightBack": lambda g, u: g.set_preferred_by_user(u, "BeRightBack", "BeRightBack"),
+    "any/OutOfOffice": lambda g, u: g.set_out_of_office(u, True),
+}
+
+# Zoom's answer in the webhook vocabulary (what Zoom shows) for the PUT we expect.
+ROWS = [
+    ("DoNotDisturb/Presenting", "Presenting"),
+    ("DoNotDisturb/DoNotDisturb", "Do_Not_Disturb"),
+    ("Busy/InACall", "On_Phone_Call"),
+    ("Busy/InAConferenceCall", "On_Phone_Call"),
+    ("Busy/InAMeeting", "In_Calendar_Event"),
+    ("Busy/Busy", "Busy"),
+    ("Away/Away", "Away"),
+    ("BeRightBack/BeRightBack", "Away"),
+    ("any/OutOfOffice", "Out_of_Office"),
+]
+
+
+@pytest.mark.parametrize("path", ["push", "poll"])
+@pytest.mark.parametrize(("teams", "zoom_shows"), ROWS)
+def test_each_teams_state_shows_in_zoom(world: World, path, teams, zoom_shows):
+    person = world.add_person()
+    with listening(world, path):
+        TEAMS_GESTURES[teams](world.graph, person.entra_id)
+        propagate(world, path)
+        assert world.zoom_shows(person) == zoom_shows
+        assert len(zoom_puts(world, person)) == 1
+
+
+@pytest.mark.parametrize("path", ["push", "poll"])
+def test_available_returns_zoom_to_the_persons_own_state(world: World, path):
+    # One way only: Zoom's Away would otherwise sit in Teams' preferred slot, which hides calls.
+    person = world.add_person(directions=["teams_to_zoom"])
+    world.zoom.set_status_by_user(person.zoom_id, "Away")  # the person's own Zoom status
+    world.settle()
+    with listening(world, path):
+        world.graph.set_teams_client(person.entra_id, "Busy", "InACall")
+        propagate(world, path)
+        assert world.zoom_shows(person) == "On_Phone_Call"
+        world.graph.set_teams_client(person.entra_id, "Available", "Available")
+        propagate(world, path)
+        assert world.zoom_shows(person) == "Away"  # put back, after the per-minute wait
+        assert [p["body"]["status"] for p in zoom_puts(world, person)] == ["On_A_Call", "Away"]
+
+
+@pytest.mark.parametrize("path", ["push", "poll"])
+@pytest.mark.parametrize("gesture", ["appear_offline", "teams_closed"])
+def test_offline_teams_changes_nothing_in_zoom(world: World, path, gesture):
+    person = world.add_person()
+    with listening(world, path):
+        if gesture == "appear_offline":
+            world.graph.set_preferred_by_user(person.entra_id, "Offline", "OffWork")
+        else:
+            world.graph.set_teams_client(person.entra_id, None)
+        propagate(world, path)
+        assert world.zoom_shows(person) == "Available"
+        assert zoom_puts(world, person) == []
+
+
+def test_ping_pong_fifty_people_one_write_per_change(world: World):
+    people = [world.add_person() for _ in range(50)]
+    with listening(world, "push", people=len(people)):
+        start_puts = {p.zoom_id: len(zoom_puts(world, p)) for p in people}
+        steps = [
+            (lambda p: world.zoom.join_meeting(p.zoom_id), None, ("Busy", "InACall")),
+            (lambda p: world.zoom.leave_meeting(p.zoom_id), None, ("Available", "Available")),
+            (lambda p: world.graph.set_preferred_by_user(p.entra_id, "DoNotDisturb", "DoNotDisturb"),
+             "Do_Not_Disturb", ("DoNotDisturb", "DoNotDisturb")),
+            (lambda p: world.graph.clear_preferred_by_user(p.entra_id), "Available", ("Available", "Available")),
+            (lambda p: world.graph.set_teams_client(p.entra_id, "Busy", "InACall"), "On_Phone_Call",
+             ("Busy", "InACall")),
+            (lambda p: world.zoom.join_meeting(p.zoom_id), "In_Meeting", ("Busy", "InACall")),
+            (lambda p: world.graph.set_teams_client(p.entra_id, "Available", "Available"), "In_Meeting",
+             ("Busy", "InACall")),
+            (lambda p: world.zoom.leave_meeting(p.zoom_id), "Available", ("Available", "Available")),
+        ]
+        for gesture, zoom_expected, teams_expected in steps:
+            for person in people:
+                gesture(person)
+            world.settle(timeout=90)
+            for person in people:
+                if zoom_expected:
+                    assert world.zoom_shows(person) == zoom_expected
+                assert world.teams_shows(person) == teams_expected
+        for person in people:
+            # Teams: into the meeting, out; into the second meeting (after the Teams call ended), out.
+            assert [r.path.rsplit("/", 1)[-1] for r in graph_writes(world, person)] == [
+                "setPresence", "clearPresence", "setPresence", "clearPresence"]
+            # Zoom: DND, released; On_A_Call, released under the meeting.
+            puts = zoom_puts(world, person)[start_puts[person.zoom_id]:]
+            assert [p["body"]["status"] for p in puts] == ["Do_Not_Disturb", "Available", "On_A_Call", "Available"]
+            assert [r for r in world.zoom.rate_limited if (r.get("user_id") or "").lower() == person.zoom_id] == []
+        # A sweep afterwards finds nothing to repair.
+        writes_before = sum(len(graph_writes(world, p)) for p in people)
+        puts_before = sum(len(zoom_puts(world, p)) for p in people)
+        world.host.fire_timer("presence_sweep")
+        world.settle()
+        world.host.fire_timer("presence_sweep")
+        world.settle()
+        assert sum(len(graph_writes(world, p)) for p in people) == writes_before
+        assert sum(len(zoom_puts(world, p)) for p in people) == puts_before
+
+
+def test_zoom_meeting_keeps_showing_through_a_teams_call(world: World):
+    person = world.add_person()
+    with listening(world, "push"):
+        world.zoom.join_meeting(person.zoom_id)
+        world.settle()
+        for availability, activity in (("Busy", "InACall"), ("Available", "Available")):
+            world.graph.set_teams_client(person.entra_id, availability, activity)
+            world.settle()
+            world.host.fire_timer("presence_sweep")
+            world.settle()
+            assert world.zoom_shows(person) == "In_Meeting"
+        world.zoom.leave_meeting(person.zoom_id)
+        world.settle()
+        assert world.zoom_shows(person) == "Available"
+        assert world.teams_shows(person) == ("Available", "Available")
+        assert zoom_puts(world, person) == []
+
+
+def test_zoom_dnd_set_by_the_person_is_never_cleared_from_teams(world: World):
+    person = world.add_person()
+    world.zoom.set_status_by_user(person.zoom_id, "Do_Not_Disturb")
+    world.settle()
+    with listening(world, "push"):
+        for availability, activity in (("Busy", "InACall"), ("Available", "Available"), ("Away", "Away"),
+                                       ("Available", "Available")):
+            world.graph.set_teams_client(person.entra_id, availability, activity)
+            world.settle()
+        world.host.fire_timer("presence_sweep")
+        world.settle()
+        assert world.zoom_shows(person) == "Do_Not_Disturb"
+        assert zoom_puts(world, person) == []
+
+
+def test_rate_limit_coalesces_rapid_teams_changes(world: World):
+    person = world.add_person()
+    interval = E2E_ZOOM_MIN_INTERVAL_S
+    with listening(world, "push"):
+        changes = [("Busy", "InACall"), ("Away", "Away"), ("DoNotDisturb", "Presenting"), ("Busy", "InAMeeting"),
+                   ("Away", "Away")]
+        for availability, activity in changes:  # five changes within half the interval
+            world.graph.set_teams_client(person.entra_id, availability, activity)
+            time.sleep(interval / 10)
+        last_change = time.time()
+        world.settle(timeout=60)
+        assert world.zoom_shows(person) == "Away"
+        puts = zoom_puts(world, person)
+        times = [p["time"] for p in puts]
+        # Never two PUTs within the interval, and the last state arrived about one interval later
+        # (plus slack for a loaded machine; a replay of every change would take several).
+        assert all(b - a >= interval - 0.05 for a, b in zip(times, times[1:], strict=False))
+        assert puts[-1]["time"] - last_change <= 2 * interval + 2.0
+        assert len(puts) < len(changes)  # coalesced, not replayed
+        assert [r for r in world.zoom.rate_limited if (r.get("user_id") or "").lower() == person.zoom_id] == []
+
+
+def test_unlinked_and_disabled_direction_make_no_zoom_calls(world: World):
+    one_way = world.add_person(directions=["zoom_to_teams"])
+    stranger = world.add_person(link=False)
+    with listening(world, "poll"):
+        for person in (one_way, stranger):
+            world.graph.set_teams_client(person.entra_id, "Busy", "InACall")
+        propagate(world, "poll")
+        for person in (one_way, stranger):
+            assert world.zoom_shows(person) == "Available"
+            assert zoom_puts(world, person) == []
+
+
