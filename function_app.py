@@ -7,10 +7,12 @@ app with whatever environment it has); see tests/unit/test_indexing.py.
 import azure.functions as func
 
 from functions import (
+    connect,
     graph_subscriptions,
     graph_webhooks,
     health,
     keepalive,
+    manage_connections,
     manage_links,
     sync_queues,
     teams_sync,
@@ -20,5 +22,5 @@ from functions import (
 app = func.FunctionApp()
 
 for blueprint in (health.bp, zoom_webhook.bp, sync_queues.bp, keepalive.bp, teams_sync.bp, manage_links.bp,
-                  graph_webhooks.bp, graph_subscriptions.bp):
+                  graph_webhooks.bp, graph_subscriptions.bp, connect.bp, manage_connections.bp):
     app.register_functions(blueprint)

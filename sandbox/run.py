@@ -116,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     feed = SyncFeed()
-    logging.getLogger("shared.sync").addHandler(feed)
-    logging.getLogger("shared.sync").setLevel(logging.INFO)
+    sync_log = logging.getLogger("shared.sync")
+    sync_log.addHandler(feed)
+    sync_log.setLevel(logging.INFO)
+    sync_log.propagate = False  # shown in the live view, not printed over it
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -127,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         people = [world.add_person(NAMES[i % len(NAMES)] + ("" if i < len(NAMES) else f" {i}"))
                   for i in range(args.people)]
+        # An admin-connected sync account holds the Teams presence subscription (push); the
+        # sweep polls every 30 s as well.
+        world.connect_sync_account()
+        world.host.fire_timer("graph_subscriptions")
         console.print(f"[bold]presence-bridge sandbox[/bold] — {len(people)} people linked across Zoom and Teams")
         console.print(f"  Functions host   {world.host.base_url}/api   (admin key {world.host.master_key})")
         console.print(f"  Zoom emulator    {world.zoom.base_url}")

@@ -28,6 +28,10 @@ ENTRA_CLIENT_SECRET = "sandbox-entra-secret-" + "y" * 12
 # The key that encrypts connected accounts' tokens at rest (sandbox only).
 TOKEN_ENCRYPTION_KEY = "k1:" + "c2FuZGJveC10b2tlbi1lbmNyeXB0aW9uLWtleS0zMmI="
 APP_PERMISSIONS = ("Presence.ReadWrite.All", "Presence.Read.All", "User.Read.All", "GroupMember.Read.All")
+DELEGATED_SCOPES = ("Presence.Read.All", "Presence.ReadWrite", "User.Read", "offline_access", "openid", "profile")
+# The Zoom user-level OAuth app people sign in with to link themselves (sandbox only).
+ZOOM_OAUTH_CLIENT_ID = "sandbox-zoom-oauth-client"
+ZOOM_OAUTH_CLIENT_SECRET = "sandbox-zoom-oauth-secret-" + "z" * 12
 
 
 @dataclass
@@ -64,15 +68,23 @@ class World:
         self.azurite.start()
         self.graph.start()
         self.zoom.start()
-        self.graph.register_app(ENTRA_CLIENT_ID, client_secret=ENTRA_CLIENT_SECRET,
-                                application_permissions=APP_PERMISSIONS)
-        self.zoom.register_s2s_app(ZOOM_CLIENT_ID, ZOOM_CLIENT_SECRET, ZOOM_ACCOUNT_ID)
+        # The host binds its port at construction, so its URL is known before it starts.
         self.host = LocalFunctionsHost(port=self.host_port, run_timers=self.run_timers)
+        self.graph.register_app(ENTRA_CLIENT_ID, client_secret=ENTRA_CLIENT_SECRET,
+                                application_permissions=APP_PERMISSIONS, delegated_scopes=DELEGATED_SCOPES,
+                                redirect_uris=[f"{self.host_base_url()}/api/connect/microsoft/callback"])
+        self.zoom.register_s2s_app(ZOOM_CLIENT_ID, ZOOM_CLIENT_SECRET, ZOOM_ACCOUNT_ID)
+        self.zoom.register_oauth_app(ZOOM_OAUTH_CLIENT_ID, ZOOM_OAUTH_CLIENT_SECRET,
+                                     [f"{self.host_base_url()}/api/connect/zoom/callback"])
         self.env = self.app_settings()
         self.apply_env(self.env)
         self.host.start()
         self.zoom.webhook_url = self.host.url("zoom/webhook", key=None)
         return self
+
+    def host_base_url(self) -> str:
+        assert self.host is not None
+        return self.host.base_url
 
     def app_settings(self) -> dict[str, str]:
         assert self.host is not None
@@ -84,6 +96,8 @@ class World:
             "ZOOM_WEBHOOK_SECRET_TOKEN": ZOOM_WEBHOOK_SECRET,
             "ZOOM_API_BASE_URL": self.zoom.api_base_url,
             "ZOOM_OAUTH_BASE_URL": self.zoom.oauth_base_url,
+            "ZOOM_OAUTH_CLIENT_ID": ZOOM_OAUTH_CLIENT_ID,
+            "ZOOM_OAUTH_CLIENT_SECRET": ZOOM_OAUTH_CLIENT_SECRET,
             "ZOOM_PRESENCE_MIN_INTERVAL_SECONDS": str(self.zoom_min_interval_s),
             "ENTRA_TENANT_ID": self.graph.tenant_id,
             "ENTRA_CLIENT_ID": ENTRA_CLIENT_ID,
@@ -157,6 +171,21 @@ class World:
         response = self.admin("PUT", f"links/{person.zoom_id}", json=body)
         response.raise_for_status()
         return response.json()
+
+    def connect_sync_account(self, name: str = "Presence sync account") -> str:
+        """An admin connects a dedicated sync account (the authorization-code flow against the
+        Entra emulator, as the connect endpoint does); returns its account id."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        from shared import connections
+
+        user = self.graph.add_user(display_name=name)
+        flow = connections.begin_auth_code_flow(f"{self.host_base_url()}/api/connect/microsoft/callback",
+                                                login_hint=user["userPrincipalName"])
+        response = requests.get(flow["auth_uri"], allow_redirects=False, verify=self.graph.ca_bundle_path, timeout=10)
+        response.raise_for_status()
+        params = dict(parse_qsl(urlsplit(response.headers["Location"]).query))
+        return connections.complete_auth_code_flow(flow, params, "sync-account").account_id
 
     # --- what each side shows ------------------------------------------------------------------
     def teams_shows(self, person: Person) -> tuple[str, str]:

@@ -170,8 +170,10 @@ WEBHOOK_TIMEOUT_S = 3.0
 
 DEFAULT_S2S_SCOPES = (
     "user:read:admin user:write:admin user:read:list_users:admin "
-    "user:read:presence_status:admin user:update:presence_status:admin"
+    "user:read:presence_status:admin user:update:presence_status:admin group:read:admin"
 )
+# Classic and granular scopes that allow listing a group's members (List group members).
+GROUP_MEMBER_SCOPES = frozenset({"group:read:admin", "group:read:list_members:admin"})
 DEFAULT_USER_SCOPES = "user:read user:write user:read:presence_status user:update:presence_status"
 
 
@@ -683,6 +685,9 @@ class ZoomEmulator:
         self._refresh: dict[str, _Grant] = {}
         self._users: dict[str, _User] = {}  # lower-case id -> user, in insertion order
         self._page_tokens: dict[str, tuple[str, str, int, float]] = {}  # -> (account, status, offset, t)
+        # Groups: lower-case id -> {"id", "name", "account_id", "members": [user ids, in order added]}
+        self._groups: dict[str, dict[str, Any]] = {}
+        self._group_page_tokens: dict[str, tuple[str, str, int, float]] = {}  # -> (account, group, offset, t)
         self._windows: dict[tuple[str, str], deque[float]] = {}
         self._default_authorizing_user: str | None = None
 
@@ -710,6 +715,7 @@ class ZoomEmulator:
                 Rule("/v2/users/<user_id>", endpoint="get_user", methods=["GET"]),
                 Rule("/v2/users/<user_id>/presence_status", endpoint="get_presence", methods=["GET"]),
                 Rule("/v2/users/<user_id>/presence_status", endpoint="put_presence", methods=["PUT"]),
+                Rule("/v2/groups/<group_id>/members", endpoint="group_members", methods=["GET"]),
             ]
         )
 
@@ -791,6 +797,8 @@ class ZoomEmulator:
             self._refresh.clear()
             self._tokens = {k: t for k, t in self._tokens.items() if t.kind == "s2s"}
             self._page_tokens.clear()
+            self._groups.clear()
+            self._group_page_tokens.clear()
             self._windows.clear()
             self._default_authorizing_user = None
             if config:
@@ -904,6 +912,8 @@ class ZoomEmulator:
         with self._lock:
             user = self._require_user(user_id)
             del self._users[user.id.lower()]
+            for group in self._groups.values():
+                group["members"] = [m for m in group["members"] if m.lower() != user.id.lower()]
             self._emit_user_event("user.deleted", user)
 
     def deactivate_user(self, user_id: str) -> None:
@@ -919,6 +929,44 @@ class ZoomEmulator:
             user = self._require_user(user_id)
             user.status = "active"
             self._emit_user_event("user.activated", user)
+
+    # ---- groups ------------------------------------------------------------------------------
+    def add_group(self, name: str, member_ids: Iterable[str] = (), *, id: str | None = None,
+                  account_id: str | None = None) -> dict:
+        """A group of the account (Group Management), with these users as members."""
+        group_id = id or _new_user_id()
+        with self._lock:
+            if group_id.lower() in self._groups:
+                raise ValueError(f"group id {group_id} exists")
+            self._groups[group_id.lower()] = {"id": group_id, "name": name,
+                                              "account_id": account_id or self.account_id, "members": []}
+        self.add_group_members(group_id, member_ids)
+        return {"id": group_id, "name": name}
+
+    def add_group_members(self, group_id: str, user_ids: Iterable[str]) -> None:
+        with self._lock:
+            group = self._require_group(group_id)
+            present = {m.lower() for m in group["members"]}
+            for user_id in user_ids:
+                user = self._require_user(user_id)
+                if user.id.lower() not in present:
+                    group["members"].append(user.id)
+                    present.add(user.id.lower())
+
+    def remove_group_member(self, group_id: str, user_id: str) -> None:
+        with self._lock:
+            group = self._require_group(group_id)
+            group["members"] = [m for m in group["members"] if m.lower() != user_id.lower()]
+
+    def group_members(self, group_id: str) -> list[str]:
+        with self._lock:
+            return list(self._require_group(group_id)["members"])
+
+    def _require_group(self, group_id: str) -> dict[str, Any]:
+        group = self._groups.get(group_id.lower())
+        if group is None:
+            raise KeyError(f"no Zoom group {group_id}")
+        return group
 
     # ---- what the person does in Zoom ------------------------------------------------------
     def sign_in(self, user_id: str) -> None:
@@ -1653,6 +1701,62 @@ class ZoomEmulator:
                     "total_records": len(matching),
                     "next_page_token": next_token,
                     "users": [u.api_dict() for u in page],
+                },
+            )
+
+    def _h_group_members(self, request: Request, ctx: dict, group_id: str) -> Response:
+        """List group members: ``page_size`` (default 30, max 300) and ``next_page_token`` (15 min);
+        404 code 4130 for an unknown group; Group APIs need a paid plan (code 200 otherwise)."""
+        q = request.args
+        with self._lock:
+            began = self._begin(request, ctx, "Medium", None)
+            if isinstance(began, Response):
+                return began
+            token, _ = began
+            if not token.admin:
+                return _zoom_error(400, 200, "No permission.")
+            if not GROUP_MEMBER_SCOPES & set(token.scope.split()):
+                return _zoom_error(400, 4711, "Invalid access token, does not contain scopes:[group:read:admin].")
+            if self._plans.get(token.account_id, self._initial["plan"]) == "free":
+                return _zoom_error(400, 200, f"Only available for Paid account,{token.account_id}")
+            group = self._groups.get(group_id.lower())
+            if group is None or group["account_id"] != token.account_id:
+                return _zoom_error(404, 4130, f"Group does not exist: {group_id}.")
+            try:
+                page_size = int(q.get("page_size", "30"))
+            except ValueError:
+                return _zoom_error(400, 300, "Invalid field: page_size.")
+            if page_size < 1:
+                return _zoom_error(400, 300, "Invalid field: page_size.")
+            page_size = min(page_size, 300)
+            offset = 0
+            npt = q.get("next_page_token", "")
+            if npt:
+                entry = self._group_page_tokens.get(npt)
+                if (entry is None or entry[0] != token.account_id or entry[1] != group["id"]
+                        or entry[3] + PAGE_TOKEN_TTL_S <= self.clock.now()):
+                    return _zoom_error(400, 300, "The next page token is invalid or expired.")
+                offset = entry[2]
+            members = [self._users[m.lower()] for m in group["members"] if m.lower() in self._users]
+            page = members[offset : offset + page_size]
+            next_token = ""
+            if offset + page_size < len(members):
+                next_token = secrets.token_urlsafe(24)
+                self._group_page_tokens[next_token] = (token.account_id, group["id"], offset + page_size,
+                                                       self.clock.now())
+            return _json(
+                200,
+                {
+                    "page_count": max(1, math.ceil(len(members) / page_size)),
+                    "page_number": offset // page_size + 1,
+                    "page_size": page_size,
+                    "total_records": len(members),
+                    "next_page_token": next_token,
+                    "members": [
+                        {"id": u.id, "email": u.email, "first_name": u.first_name, "last_name": u.last_name,
+                         "type": u.type, "primary_group": False}
+                        for u in page
+                    ],
                 },
             )
 

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared import graph_client, names, storage, zoom_client
+from shared import graph_client, names, storage, write_path, zoom_client
 from shared.config import get_settings
 from shared.engine import (
     TEAMS_TO_ZOOM,
@@ -337,14 +337,20 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
 
 def _teams_call(op: TeamsOp, entra: str, session_id: str) -> None:
     expiration = f"PT{max(5, int(op.expiration_seconds // 60))}M"
-    if op.kind == TeamsOpKind.SET_SESSION:
-        graph_client.set_presence(entra, session_id, op.overlay.availability, op.overlay.activity, expiration)
-    elif op.kind == TeamsOpKind.CLEAR_SESSION:
-        graph_client.clear_presence(entra, session_id)
-    elif op.kind == TeamsOpKind.SET_PREFERRED:
-        graph_client.set_user_preferred_presence(entra, op.overlay.availability, op.overlay.activity, expiration)
-    elif op.kind == TeamsOpKind.CLEAR_PREFERRED:
-        graph_client.clear_user_preferred_presence(entra)
+
+    def call(token: str | None) -> None:  # token None: the app's; else the person's own (write_path)
+        if op.kind == TeamsOpKind.SET_SESSION:
+            graph_client.set_presence(entra, session_id, op.overlay.availability, op.overlay.activity, expiration,
+                                      token=token)
+        elif op.kind == TeamsOpKind.CLEAR_SESSION:
+            graph_client.clear_presence(entra, session_id, token=token)
+        elif op.kind == TeamsOpKind.SET_PREFERRED:
+            graph_client.set_user_preferred_presence(entra, op.overlay.availability, op.overlay.activity,
+                                                     expiration, token=token)
+        elif op.kind == TeamsOpKind.CLEAR_PREFERRED:
+            graph_client.clear_user_preferred_presence(entra, token=token)
+
+    write_path.teams_write(entra, call)
 
 
 def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome, cid: str) -> bool:

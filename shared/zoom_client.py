@@ -157,6 +157,20 @@ class ZoomClient:
     def get_user(self, user_id: str) -> dict:
         return self.request("GET", self._user_path(user_id)).json()
 
+    # --- groups -----------------------------------------------------------------------------------
+    def list_group_members(self, group_id: str, page_size: int = PAGE_SIZE_MAX) -> Iterator[list[dict]]:
+        """Pages of a group's members (``GET /groups/{groupId}/members``; 404 code 4130 when the
+        group does not exist, raised as :class:`NotFound`)."""
+        path = "/groups/" + quote(str(group_id), safe="") + "/members"
+        params: dict[str, Any] = {"page_size": max(1, min(PAGE_SIZE_MAX, page_size))}
+        while True:
+            body = self.request("GET", path, params=params).json()
+            yield list(body.get("members") or [])
+            next_token = body.get("next_page_token")
+            if not next_token:
+                return
+            params = {**params, "next_page_token": next_token}
+
 
 _default = ZoomClient()
 
@@ -179,3 +193,7 @@ def list_users(status: str = "active", page_size: int = PAGE_SIZE_MAX) -> Iterat
 
 def get_user(user_id: str) -> dict:
     return _default.get_user(user_id)
+
+
+def list_group_members(group_id: str, page_size: int = PAGE_SIZE_MAX) -> Iterator[list[dict]]:
+    return _default.list_group_members(group_id, page_size)

@@ -26,6 +26,22 @@ EXPECTED = {
     "graph_lifecycle": ("httpTrigger", {"route": "graph/lifecycle", "methods": ["POST"], "authLevel": "FUNCTION"}),
     "graph_subscriptions": ("timerTrigger", {"schedule": "0 */5 * * * *"}),
     "graph_lifecycle_worker": ("queueTrigger", {"queueName": "graph-lifecycle"}),
+    "connect_microsoft_start": ("httpTrigger", {"route": "connect/microsoft/start", "methods": ["GET"],
+                                                "authLevel": "ANONYMOUS"}),
+    "connect_microsoft_callback": ("httpTrigger", {"route": "connect/microsoft/callback",
+                                                   "methods": ["GET", "POST"], "authLevel": "ANONYMOUS"}),
+    "connect_zoom_start": ("httpTrigger", {"route": "connect/zoom/start", "methods": ["GET"],
+                                           "authLevel": "ANONYMOUS"}),
+    "connect_zoom_callback": ("httpTrigger", {"route": "connect/zoom/callback", "methods": ["GET"],
+                                              "authLevel": "ANONYMOUS"}),
+    "connect_disconnect": ("httpTrigger", {"route": "connect/{provider}/disconnect", "methods": ["POST"],
+                                           "authLevel": "ANONYMOUS"}),
+    "manage_list_connections": ("httpTrigger", {"route": "manage/connections", "methods": ["GET"],
+                                                "authLevel": "ADMIN"}),
+    "manage_connection_invitation": ("httpTrigger", {"route": "manage/connections/invitations",
+                                                     "methods": ["POST"], "authLevel": "ADMIN"}),
+    "manage_delete_connection": ("httpTrigger", {"route": "manage/connections/{account_id}",
+                                                 "methods": ["DELETE"], "authLevel": "ADMIN"}),
 }
 
 _DUMP = """

@@ -1,0 +1,147 @@
+metadata name = 'function-app'
+metadata description = 'The Flex Consumption (FC1) plan and the Python function app, running as the user-assigned identity, HTTPS only, TLS 1.2, FTP and basic publishing credentials off. App settings are applied by app-settings.bicep once the hostname and the Entra app exist.'
+
+@description('Required. Name of the function app (globally unique; becomes <name>.azurewebsites.net).')
+@minLength(2)
+@maxLength(60)
+param name string
+
+@description('Required. Name of the Flex Consumption plan.')
+@minLength(1)
+@maxLength(60)
+param planName string
+
+@description('Required. Resource id of the user-assigned managed identity the app runs as.')
+param identityResourceId string
+
+@description('Required. Blob endpoint of the storage account holding the deployment container (ends with "/").')
+param blobEndpoint string
+
+@description('Required. Name of the deployment container.')
+param deploymentContainerName string
+
+@description('Optional. Location of the plan and the app (a region that offers Flex Consumption).')
+param location string = resourceGroup().location
+
+@description('Optional. Tags applied to the plan and the app.')
+param tags object = {}
+
+@description('Optional. Upper bound on instances the app scales out to.')
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
+@description('Optional. Memory of each instance, in MB.')
+@allowed([
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Optional. Name azd uses to find this app for `azd deploy` (azure.yaml service name).')
+param azdServiceName string = 'api'
+
+// pyproject.toml pins the project to Python 3.11.
+var pythonVersion = '3.11'
+
+// Flex Consumption: FC1 SKU, Linux only (learn.microsoft.com/azure/azure-functions/flex-consumption-how-to).
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+resource site 'Microsoft.Web/sites@2024-04-01' = {
+  name: name
+  location: location
+  tags: union(tags, {
+    'azd-service-name': azdServiceName
+  })
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityResourceId}': {}
+    }
+  }
+  //checkov:skip=CKV_AZURE_56:App Service Authentication would reject Zoom and Graph webhooks (they cannot sign in); each route authenticates itself (Zoom HMAC signature, function keys, admin key).
+  //checkov:skip=CKV_AZURE_17:Client certificates cannot be required: Zoom and Microsoft Graph call the webhooks without one.
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    clientCertEnabled: false
+    // Key Vault references resolve with the user-assigned identity, not a system-assigned one
+    // (learn.microsoft.com/azure/app-service/app-service-key-vault-references).
+    keyVaultReferenceIdentity: identityResourceId
+    siteConfig: {
+      minTlsVersion: '1.2'
+      scmMinTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+      http20Enabled: true
+    }
+    // Flex Consumption moves runtime, scale and deployment source here; FUNCTIONS_WORKER_RUNTIME
+    // and FUNCTIONS_EXTENSION_VERSION are not app settings on this plan
+    // (learn.microsoft.com/azure/azure-functions/functions-app-settings#flex-consumption-plan-deprecations).
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${blobEndpoint}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityResourceId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        maximumInstanceCount: maximumInstanceCount
+        instanceMemoryMB: instanceMemoryMB
+      }
+      runtime: {
+        name: 'python'
+        version: pythonVersion
+      }
+    }
+  }
+}
+
+// Publishing uses Entra ID (az login / func with an Azure token), never FTP or SCM basic auth
+// (learn.microsoft.com/azure/app-service/configure-basic-auth-disable).
+resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: site
+  name: 'ftp'
+  properties: {
+    allow: false
+  }
+}
+
+resource scmPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: site
+  name: 'scm'
+  properties: {
+    allow: false
+  }
+}
+
+@description('The name of the function app.')
+output name string = site.name
+
+@description('The resource id of the function app.')
+output resourceId string = site.id
+
+@description('The default hostname of the function app.')
+output defaultHostName string = site.properties.defaultHostName
+
+@description('The resource id of the Flex Consumption plan.')
+output planResourceId string = plan.id
+
+@description('The resource group the app was deployed into.')
+output resourceGroupName string = resourceGroup().name

@@ -1,0 +1,803 @@
+"""Directory matching: link Zoom users to Entra users by email, incrementally and idempotently.
+
+A run lists the active Zoom users (``GET /users?status=active``) and the Entra users
+(``GET /users?$select=id,mail,userPrincipalName,proxyAddresses,accountEnabled``), page by page,
+saving each page as a compressed snapshot entity, then matches and applies the result link by
+link in Zoom-id order. Every step is checkpointed (``shared.directory_runs``): when the time
+budget of an invocation is spent the run continues from its checkpoint through the
+``directory`` queue, so 100k people fit in any function timeout. Applying compares each link
+with what it should be and writes only differences: a second run over an unchanged directory
+writes no link.
+
+Matching rules:
+- A Zoom user's email matches an Entra user's ``mail``, ``userPrincipalName`` or any ``smtp:``
+  proxy address (``SMTP:`` primary or ``smtp:`` alias), case-insensitively.
+- One email, several Entra users; or one Entra user matched by several Zoom users: *ambiguous*,
+  reported, and nobody in it is linked by matching. No candidate: *unmatched*, reported.
+- Links set by an admin (origin ``admin``) or by the person (``self``) keep their pairing; an
+  Entra user they hold is not given to anybody else (reported as a *conflict*).
+- Status follows the directories: an Entra account with ``accountEnabled=false``, an Entra user
+  gone, a Zoom user no longer active, or a lost match disables the link (``disabled_reason``
+  says which; a reconcile releases our overlays); when the cause goes away the link is enabled
+  again. Links disabled for other reasons (errors, an admin) are left as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared import directory_runs as runs
+from shared import graph_client, names, scopes, storage, zoom_client
+from shared.config import get_settings
+from shared.engine import ALL_DIRECTIONS, UserSync
+from shared.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from shared.links import (
+    ENTRA_INDEX_TABLE,
+    LINKS_TABLE,
+    ORIGIN_ADMIN,
+    ORIGIN_MATCH,
+    ORIGIN_SELF,
+    ROW,
+    STATUS_ACTIVE,
+    STATUS_DISABLED,
+    Link,
+    _delete_index_if_points_to,
+    index_entra,
+    now_iso,
+    read_link,
+    write_link,
+    zoom_id_for_entra,
+)
+
+log = logging.getLogger(__name__)
+
+KIND = "matching"
+SNAPSHOT = "matching-snapshot"
+REPORT_ROW = "report"
+ENTRA_SELECT = "id,mail,userPrincipalName,proxyAddresses,accountEnabled"
+PINNED_ORIGINS = (ORIGIN_ADMIN, ORIGIN_SELF)
+# Reasons matching sets and clears itself.
+MATCH_REASONS = frozenset({"zoom_inactive", "entra_disabled", "entra_not_found", "match_lost"})
+# Reasons set by Zoom user lifecycle webhooks: cleared only by a Zoom listing newer than the event.
+LIFECYCLE_REASONS = frozenset({"zoom_deactivated", "zoom_deleted", "zoom_disassociated"})
+# How many links one checkpoint covers in the apply phase.
+APPLY_STEP = 200
+# Zoom's next_page_token lives 15 minutes (API-FACTS §3): restart the listing before that.
+ZOOM_TOKEN_TTL_S = 14 * 60
+
+
+# --- addresses ---------------------------------------------------------------------------------------
+
+
+def _address(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    value = value.strip().lower()
+    return value if "@" in value else None
+
+
+def entra_addresses(user: dict) -> list[str]:
+    """The email addresses an Entra user answers to: mail, UPN and smtp proxy addresses."""
+    found = {_address(user.get("mail")), _address(user.get("userPrincipalName"))}
+    for proxy in user.get("proxyAddresses") or []:
+        if isinstance(proxy, str) and proxy[:5].lower() == "smtp:":
+            found.add(_address(proxy[5:]))
+    return sorted(a for a in found if a)
+
+
+# --- the pure matcher ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkRow:
+    """What matching needs of an existing link."""
+
+    zoom_user_id: str
+    entra_user_id: str
+    origin: str
+    status: str = STATUS_ACTIVE
+    disabled_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a link should be: its Entra user and why it is disabled ("" = enabled)."""
+
+    entra_user_id: str
+    reason: str
+    email: str | None  # the Zoom email (match links); None = leave as is
+    create: bool = False
+
+
+@dataclass
+class MatchPlan:
+    targets: dict[str, Target]
+    pairs: dict[str, str]
+    ambiguous_zoom: list[dict] = field(default_factory=list)
+    ambiguous_entra: list[dict] = field(default_factory=list)
+    conflicts: list[dict] = field(default_factory=list)
+    unmatched_zoom: list[str] = field(default_factory=list)
+    unmatched_entra: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def plan_matches(zoom: dict[str, str], entra: dict[str, tuple[bool, list[str]]],
+                 links: dict[str, LinkRow]) -> MatchPlan:
+    """Decide every link from the two directories and the existing links. Pure.
+
+    ``zoom``: active Zoom user id → email (lowercase); ``entra``: Entra id → (accountEnabled,
+    addresses); ``links``: Zoom user id → existing link.
+    """
+    by_address: dict[str, set[str]] = defaultdict(set)
+    for entra_id, (_enabled, addresses) in entra.items():
+        for address in addresses:
+            by_address[address].add(entra_id)
+    plan = MatchPlan(targets={}, pairs={})
+    proposals: dict[str, str] = {}
+    claimed_by: dict[str, list[str]] = defaultdict(list)
+    for zoom_id in sorted(zoom):
+        email = zoom[zoom_id]
+        candidates = sorted(by_address.get(email, ())) if email else []
+        if not candidates:
+            plan.unmatched_zoom.append(zoom_id)
+        elif len(candidates) > 1:
+            plan.ambiguous_zoom.append({"zoom_user_id": zoom_id, "entra_user_ids": candidates})
+        else:
+            proposals[zoom_id] = candidates[0]
+            claimed_by[candidates[0]].append(zoom_id)
+    pinned = {row.entra_user_id: row.zoom_user_id for row in links.values()
+              if row.origin in PINNED_ORIGINS and row.entra_user_id}
+    for zoom_id, entra_id in proposals.items():
+        if len(claimed_by[entra_id]) > 1:
+            continue
+        row = links.get(zoom_id)
+        if row is not None and row.origin in PINNED_ORIGINS:
+            continue  # the admin's (or the person's) pairing stands
+        holder = pinned.get(entra_id)
+        if holder is not None and holder != zoom_id:
+            plan.conflicts.append({"zoom_user_id": zoom_id, "entra_user_id": entra_id, "linked_to": holder})
+            continue
+        plan.pairs[zoom_id] = entra_id
+    plan.ambiguous_entra = [{"entra_user_id": e, "zoom_user_ids": sorted(z)} for e, z in sorted(claimed_by.items())
+                            if len(z) > 1]
+    candidates_seen = set(proposals.values()) | {e for item in plan.ambiguous_zoom for e in item["entra_user_ids"]}
+    linked_entra = {row.entra_user_id for row in links.values()} | set(plan.pairs.values())
+    plan.unmatched_entra = sorted(e for e, (enabled, _a) in entra.items()
+                                  if enabled and e not in candidates_seen and e not in linked_entra)
+
+    for zoom_id in sorted(set(zoom) | set(links)):
+        row = links.get(zoom_id)
+        active = zoom_id in zoom
+        if row is None:
+            if zoom_id in plan.pairs:
+                entra_id = plan.pairs[zoom_id]
+                reason = "" if entra[entra_id][0] else "entra_disabled"
+                plan.targets[zoom_id] = Target(entra_id, reason, zoom[zoom_id], create=True)
+            continue
+        if row.origin in PINNED_ORIGINS:
+            entra_id = row.entra_user_id
+            email = None
+        elif zoom_id in plan.pairs:
+            entra_id = plan.pairs[zoom_id]
+            email = zoom[zoom_id]
+        else:
+            entra_id = row.entra_user_id
+            email = zoom.get(zoom_id)
+        if not active:
+            reason = "zoom_inactive"
+        elif row.origin not in PINNED_ORIGINS and zoom_id not in plan.pairs:
+            reason = "match_lost"
+        elif entra_id not in entra:
+            reason = "entra_not_found"
+        elif not entra[entra_id][0]:
+            reason = "entra_disabled"
+        else:
+            reason = ""
+        plan.targets[zoom_id] = Target(entra_id, reason, email)
+
+    plan.counts = {
+        "zoom_users": len(zoom), "entra_users": len(entra),
+        "entra_disabled": sum(1 for enabled, _a in entra.values() if not enabled),
+        "matched": len(plan.pairs), "ambiguous_zoom": len(plan.ambiguous_zoom),
+        "ambiguous_entra": len(plan.ambiguous_entra), "conflicts": len(plan.conflicts),
+        "unmatched_zoom": len(plan.unmatched_zoom), "unmatched_entra": len(plan.unmatched_entra),
+        "kept_admin": sum(1 for r in links.values() if r.origin == ORIGIN_ADMIN),
+        "kept_self": sum(1 for r in links.values() if r.origin == ORIGIN_SELF),
+    }
+    return plan
+
+
+def apply_target(link: Link, target: Target, zoom_listed_at: float) -> tuple[bool, bool]:
+    """Bring ``link`` (in place) to ``target``. Returns (changed, re-pointed to another Entra user)."""
+    before = (link.sync.entra_user_id, link.status, link.disabled_reason, link.email)
+    repointed = False
+    if link.origin not in PINNED_ORIGINS and target.entra_user_id != link.sync.entra_user_id:
+        # Another person on the Teams side: what we knew about the old one no longer applies.
+        link.sync = UserSync(link.zoom_user_id, target.entra_user_id, link.sync.directions)
+        link.status, link.disabled_reason, link.disabled_at = STATUS_ACTIVE, "", ""
+        link.error_kind = link.error_detail = link.error_at = ""
+        link.zoom_shows = link.teams_shows = ""
+        repointed = True
+    if target.email is not None and link.origin not in PINNED_ORIGINS:
+        link.email = target.email
+    # A Zoom listing older than the newest lifecycle event of this person says nothing about them.
+    zoom_news = link.lifecycle_ts / 1000.0 < zoom_listed_at
+    if link.status == STATUS_DISABLED and link.disabled_reason in LIFECYCLE_REASONS:
+        if not (zoom_news and target.reason != "zoom_inactive"):
+            return _changed(link, before), repointed
+    reason = target.reason
+    if reason == "zoom_inactive" and not zoom_news:
+        reason = ""
+    if reason:
+        if link.status != STATUS_DISABLED or link.disabled_reason != reason:
+            link.status, link.disabled_reason, link.disabled_at = STATUS_DISABLED, reason, now_iso()
+    elif link.status == STATUS_DISABLED and link.disabled_reason in MATCH_REASONS | LIFECYCLE_REASONS:
+        link.status, link.disabled_reason, link.disabled_at = STATUS_ACTIVE, "", ""
+    link.sync.active = link.status == STATUS_ACTIVE
+    return _changed(link, before), repointed
+
+
+def _changed(link: Link, before: tuple) -> bool:
+    return (link.sync.entra_user_id, link.status, link.disabled_reason, link.email) != before
+
+
+# --- snapshots -----------------------------------------------------------------------------------------------
+
+
+def _save_page(source: str, number: int, run_id: str, records: list) -> None:
+    runs.write_blob(SNAPSHOT, f"{source}-{number:05d}", records, run_id=run_id, count=len(records))
+
+
+def _load_pages(source: str, pages: int, run_id: str) -> list:
+    out: list = []
+    for number in range(pages):
+        records, entity = runs.read_blob(SNAPSHOT, f"{source}-{number:05d}")
+        if entity is None or entity.get("run_id") != run_id:
+            raise _Fatal(f"snapshot page {source} {number} of run {run_id} is missing")
+        out.extend(records or [])
+    return out
+
+
+def _entra_record(user: dict) -> list | None:
+    entra_id = str(user.get("id") or "").lower()
+    if not entra_id:
+        return None
+    return [entra_id, user.get("accountEnabled") is not False, entra_addresses(user)]
+
+
+def _zoom_record(user: dict) -> list | None:
+    zoom_id = str(user.get("id") or "").lower()
+    if not zoom_id:
+        return None
+    if str(user.get("status") or "active").lower() != "active":
+        return None
+    return [zoom_id, _address(user.get("email")) or ""]
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+
+
+def _stale_after() -> float:
+    return 2 * get_settings().directory_run_budget_seconds + 120.0
+
+
+def _new_state() -> dict[str, Any]:
+    return {"phase": "entra", "entra_next": None, "entra_pages": 0, "zoom_next": None, "zoom_pages": 0,
+            "zoom_token_at": 0.0, "zoom_listed_at": 0.0, "cursor": "", "counts": {}}
+
+
+def start(trigger: str) -> tuple[runs.Run | None, runs.Run | None]:
+    """Begin a matching run unless one is live: ``(new, None)`` or ``(None, live)``."""
+    return runs.start_run(KIND, trigger, _new_state(), stale_after_s=_stale_after())
+
+
+def request_run(trigger: str) -> tuple[int, dict]:
+    """Admin API ``POST /api/manage/links/sync``: start a run; the directory queue works on it."""
+    run, live = start(trigger)
+    if run is None:
+        log.info("matching: a run is in progress (%s); not starting another", live.run_id if live else "?")
+        return 409, {"error": "a matching run is in progress", "run": live.public() if live else None}
+    runs.continue_later(KIND, run.run_id)
+    return 202, {"run_id": run.run_id, "status": run.status}
+
+
+def run_now(trigger: str, *, budget_s: float | None = None) -> runs.Run | None:
+    """Timer: start a run and work on it in this invocation (continuing through the queue)."""
+    run, live = start(trigger)
+    if run is None:
+        log.info("matching: run %s is in progress; this trigger adds nothing", live.run_id if live else "?")
+        return None
+    return continue_run(run.run_id, budget_s=budget_s)
+
+
+def continue_run(run_id: str, *, budget_s: float | None = None) -> runs.Run | None:
+    """Work on the run from its checkpoint until it ends or the budget is spent."""
+    run = runs.read_run(KIND)
+    if run is None or run.run_id != run_id or run.status != runs.STATUS_RUNNING:
+        log.info("matching: run %s is no longer current; continuation dropped", run_id)
+        return None
+    settings = get_settings()
+    budget = runs.Budget(settings.directory_run_budget_seconds if budget_s is None else budget_s)
+    run.invocations += 1
+    state = run.state
+    while True:
+        phase = state["phase"]
+        try:
+            if phase == "entra":
+                _entra_step(run)
+            elif phase == "zoom":
+                _zoom_step(run)
+            elif phase == "apply":
+                if _apply_step(run, budget):
+                    return _finish(run)
+            else:  # pragma: no cover - only the phases above are ever stored
+                raise ValueError(f"unknown matching phase {phase!r}")
+        except _TakenOver:
+            log.info("matching: run %s was taken over; stopping", run_id)
+            return None
+        except (_Fatal, BadRequest, Forbidden, Unauthorized) as exc:
+            # Retrying cannot help (a permission is missing, a listing is unusable): end the run
+            # with its reason for the status page; throttling and outages raise for a retry.
+            log.error("matching: run %s failed in phase %s: %s", run_id, phase, exc)
+            return _finish(run, error=f"{phase}: {exc}"[:300])
+        run.updated_at = time.time()
+        if not runs.save(run):
+            log.info("matching: run %s was taken over; stopping", run_id)
+            return None
+        if budget.spent():
+            runs.continue_later(KIND, run_id)
+            return run
+
+
+def _entra_step(run: runs.Run) -> None:
+    state = run.state
+    client = graph_client.default_client()
+    if state["entra_next"]:
+        body = client.request("GET", state["entra_next"]).json()
+    else:
+        page_size = get_settings().matching_entra_page_size
+        body = client.request("GET", "/users", params={"$select": ENTRA_SELECT, "$top": page_size}).json()
+    records = [r for r in (_entra_record(u) for u in body.get("value") or []) if r]
+    _save_page("entra", state["entra_pages"], run.run_id, records)
+    state["entra_pages"] += 1
+    state["entra_next"] = body.get("@odata.nextLink")
+    if not state["entra_next"]:
+        state["phase"] = "zoom"
+
+
+def _zoom_step(run: runs.Run) -> None:
+    state = run.state
+    now = time.time()
+    token = state["zoom_next"]
+    if token and now - float(state["zoom_token_at"]) > ZOOM_TOKEN_TTL_S:
+        log.info("matching: Zoom page token too old; listing Zoom users again")
+        token = None
+        state["zoom_pages"] = 0
+    if not token and state["zoom_pages"] == 0:
+        state["zoom_listed_at"] = now
+    params: dict[str, Any] = {"status": "active", "page_size": get_settings().matching_zoom_page_size}
+    if token:
+        params["next_page_token"] = token
+    try:
+        body = zoom_client.default_client().request("GET", "/users", params=params).json()
+    except BadRequest as exc:
+        if not token:
+            raise
+        log.info("matching: Zoom refused the page token (%s); listing Zoom users again", exc.code)
+        state["zoom_next"], state["zoom_pages"] = None, 0
+        return
+    records = [r for r in (_zoom_record(u) for u in body.get("users") or []) if r]
+    _save_page("zoom", state["zoom_pages"], run.run_id, records)
+    state["zoom_pages"] += 1
+    state["zoom_next"] = body.get("next_page_token") or None
+    state["zoom_token_at"] = time.time()
+    if not state["zoom_next"]:
+        state["phase"] = "apply"
+
+
+@dataclass
+class _World:
+    zoom: dict[str, str]
+    entra: dict[str, tuple[bool, list[str]]]
+    links: dict[str, LinkRow]
+    index: dict[str, str]
+
+
+def _load_world(run: runs.Run) -> _World:
+    state = run.state
+    entra = {r[0]: (bool(r[1]), list(r[2])) for r in _load_pages("entra", state["entra_pages"], run.run_id)}
+    zoom = {r[0]: r[1] for r in _load_pages("zoom", state["zoom_pages"], run.run_id)}
+    links: dict[str, LinkRow] = {}
+    client = storage.table(LINKS_TABLE)
+    select = ["PartitionKey", "entra_user_id", "origin", "status", "disabled_reason"]
+    for page in client.query_entities("RowKey eq @row", parameters={"row": ROW}, select=select).by_page():
+        storage.count_operation()
+        for e in page:
+            zoom_id = str(e["PartitionKey"])
+            links[zoom_id] = LinkRow(zoom_id, str(e.get("entra_user_id") or "").lower(),
+                                     str(e.get("origin") or ORIGIN_ADMIN), str(e.get("status") or STATUS_ACTIVE),
+                                     str(e.get("disabled_reason") or ""))
+    index: dict[str, str] = {}
+    client = storage.table(ENTRA_INDEX_TABLE)
+    for page in client.query_entities("RowKey eq @row", parameters={"row": ROW},
+                                      select=["PartitionKey", "zoom_user_id"]).by_page():
+        storage.count_operation()
+        for e in page:
+            index[str(e["PartitionKey"])] = str(e.get("zoom_user_id") or "")
+    return _World(zoom, entra, links, index)
+
+
+def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
+    """Apply decisions after the cursor until done (True) or the budget is spent (False)."""
+    state = run.state
+    world = _load_world(run)
+    if not world.zoom or not world.entra:
+        # An empty listing is far likelier a permission or paging problem than an empty directory:
+        # never disable everybody on its word.
+        raise _Fatal("a directory listing came back empty; nothing applied")
+    plan = plan_matches(world.zoom, world.entra, world.links)
+    counts = state["counts"]
+    owners = _index_owners(plan, world)
+    pending = [z for z in sorted(plan.targets) if z > state["cursor"]]
+    for start_at in range(0, len(pending), APPLY_STEP):
+        step = pending[start_at:start_at + APPLY_STEP]
+        for zoom_id in step:
+            _apply_one(zoom_id, plan.targets[zoom_id], world, owners, float(state["zoom_listed_at"]), counts)
+        state["cursor"] = step[-1]
+        if start_at + APPLY_STEP < len(pending):
+            run.updated_at = time.time()
+            if not runs.save(run):
+                raise _TakenOver()
+            if budget.spent():
+                return False
+    _save_report(run, plan)
+    return True
+
+
+class _TakenOver(Exception):
+    pass
+
+
+class _Fatal(RuntimeError):
+    """The run cannot go on with what it has."""
+
+
+def _index_owners(plan: MatchPlan, world: _World) -> dict[str, str]:
+    """Entra id → the Zoom id its index entry must name: the one enabled link that holds it (or the
+    only link, enabled or not); nobody where that is not clear."""
+    holders: dict[str, list[tuple[str, bool]]] = defaultdict(list)
+    for zoom_id, row in world.links.items():
+        target = plan.targets.get(zoom_id)
+        entra_id = target.entra_user_id if target else row.entra_user_id
+        if entra_id:
+            holders[entra_id].append((zoom_id, bool(target) and not target.reason))
+    for zoom_id, target in plan.targets.items():
+        if target.create:
+            holders[target.entra_user_id].append((zoom_id, not target.reason))
+    owners: dict[str, str] = {}
+    for entra_id, held in holders.items():
+        enabled = [z for z, on in held if on]
+        if len(enabled) == 1:
+            owners[entra_id] = enabled[0]
+        elif not enabled and len(held) == 1:
+            owners[entra_id] = held[0][0]
+    return owners
+
+
+def _bump(counts: dict, key: str) -> None:
+    counts[key] = int(counts.get(key, 0)) + 1
+
+
+def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, str], zoom_listed_at: float,
+               counts: dict) -> None:
+    old: Link | None = None
+    link: Link | None = None
+    repointed = False
+    for _ in range(8):
+        current, etag = read_link(zoom_id)
+        if current is None:
+            if not target.create:
+                return  # deleted meanwhile: nothing to keep in step
+            link = _new_link(zoom_id, target)
+        else:
+            old = _copy(current)
+            link = current
+            changed, repointed = apply_target(link, target, zoom_listed_at)
+            if not changed:
+                link = None
+                break
+            link.updated_at = now_iso()
+        try:
+            write_link(link, etag)
+        except storage.Conflict:
+            continue
+        break
+    else:
+        log.warning("matching: link %s kept changing; left for the next run", zoom_id)
+        return
+    if link is not None:
+        if old is None:
+            _bump(counts, "created")
+            if link.status == STATUS_DISABLED:
+                _bump(counts, "created_disabled")
+        else:
+            _bump(counts, "updated")
+            _after_change(old, link, repointed, counts)
+    entra_id = link.entra_user_id if link is not None else (old.entra_user_id if old else "")
+    if entra_id and owners.get(entra_id) == zoom_id and world.index.get(entra_id) != zoom_id:
+        index_entra(entra_id, zoom_id)
+        world.index[entra_id] = zoom_id
+        if old is not None and link is None:
+            _bump(counts, "index_repaired")
+
+
+def _new_link(zoom_id: str, target: Target) -> Link:
+    stamp = now_iso()
+    link = Link(sync=UserSync(zoom_id, target.entra_user_id, frozenset(ALL_DIRECTIONS)), email=target.email or "",
+                origin=ORIGIN_MATCH, created_at=stamp, updated_at=stamp)
+    link.wanted_directions = frozenset(ALL_DIRECTIONS)
+    current_scopes = _scopes_for_new_links()
+    scopes.refresh(link, current_scopes)
+    if target.reason:
+        link.status, link.disabled_reason, link.disabled_at = STATUS_DISABLED, target.reason, stamp
+        link.sync.active = False
+    return link
+
+
+_scopes_cache: dict[str, Any] = {}
+
+
+def _scopes_for_new_links() -> scopes.Scopes:
+    # Read once per invocation burst (not per new link); the scope run corrects any drift.
+    cached = _scopes_cache.get("value")
+    if cached is None or time.monotonic() - _scopes_cache.get("at", 0.0) > 30.0:
+        cached = scopes.read_scopes()
+        _scopes_cache.update(value=cached, at=time.monotonic())
+    return cached
+
+
+def _copy(link: Link) -> Link:
+    from shared.links import link_from_entity, link_to_entity
+
+    entity = link_to_entity(link)
+    return link_from_entity({k: v for k, v in entity.items() if v is not None})
+
+
+def _after_change(old: Link, new: Link, repointed: bool, counts: dict) -> None:
+    if repointed:
+        _bump(counts, "repointed")
+        from shared.admin import release_overlays
+
+        release_overlays(old)
+        _delete_index_if_points_to(old.entra_user_id, old.zoom_user_id)
+        return
+    if old.status != STATUS_DISABLED and new.status == STATUS_DISABLED:
+        _bump(counts, "disabled")
+        # The engine releases our overlays of a disabled link; Zoom is read first, since a
+        # Zoom user who is no longer active shows Offline and takes no presence update.
+        storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": new.zoom_user_id,
+                                                "reason": f"disabled:{new.disabled_reason}",
+                                                "confirm_zoom": True})
+    elif old.status == STATUS_DISABLED and new.status == STATUS_ACTIVE:
+        _bump(counts, "enabled")
+        storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": new.zoom_user_id,
+                                                "reason": "enabled", "confirm_zoom": True, "confirm_teams": True})
+
+
+def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
+    run.status = runs.STATUS_FAILED if error else runs.STATUS_DONE
+    run.error = error
+    run.finished_at = run.updated_at = time.time()
+    if not runs.save(run):
+        return None
+    if error:
+        return run
+    c = run.state.get("counts", {})
+    log.info("matching: run %s done in %d invocation(s): %d created, %d updated, %d disabled, %d enabled",
+             run.run_id, run.invocations, c.get("created", 0), c.get("updated", 0), c.get("disabled", 0),
+             c.get("enabled", 0))
+    if scopes.read_scopes().restricted and c.get("created"):
+        scopes.request_run("new links from matching")
+    return run
+
+
+def _save_report(run: runs.Run, plan: MatchPlan) -> None:
+    cap = get_settings().matching_report_list_cap
+    counts = dict(plan.counts)
+    for key in ("created", "created_disabled", "updated", "disabled", "enabled", "repointed", "index_repaired"):
+        counts[key] = int(run.state["counts"].get(key, 0))
+    lists = {
+        "ambiguous_zoom": plan.ambiguous_zoom, "ambiguous_entra": plan.ambiguous_entra,
+        "conflicts": plan.conflicts, "unmatched_zoom": plan.unmatched_zoom, "unmatched_entra": plan.unmatched_entra,
+    }
+    report = {
+        "run_id": run.run_id, "trigger": run.trigger, "started_at": runs.iso(run.started_at),
+        "finished_at": runs.iso(time.time()), "invocations": run.invocations, "counts": counts,
+        "truncated": {k: len(v) > cap for k, v in lists.items()},
+        **{k: v[:cap] for k, v in lists.items()},
+    }
+    runs.write_blob(KIND, REPORT_ROW, report, run_id=run.run_id)
+
+
+def read_report() -> dict | None:
+    report, _ = runs.read_blob(KIND, REPORT_ROW)
+    return report
+
+
+def status() -> dict[str, Any]:
+    """The live or last run and the last report (status API)."""
+    run = runs.read_run(KIND)
+    return {"run": run.public() if run else None, "report": read_report()}
+
+
+# --- one Zoom user (lifecycle) ------------------------------------------------------------------------------
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "''")
+
+
+def entra_candidates(email: str) -> dict[str, dict]:
+    """Entra users answering to ``email`` (mail, UPN or smtp proxy address), by id."""
+    found: dict[str, dict] = {}
+    quoted = _quote(email)
+    filters = [f"mail eq '{quoted}'", f"userPrincipalName eq '{quoted}'",
+               f"proxyAddresses/any(p:p eq 'SMTP:{quoted}')", f"proxyAddresses/any(p:p eq 'smtp:{quoted}')"]
+    for odata_filter in filters:
+        for page in graph_client.list_users(ENTRA_SELECT, odata_filter):
+            for user in page:
+                if email in entra_addresses(user):  # the directory compares case-insensitively; so do we
+                    found[str(user["id"]).lower()] = user
+    return found
+
+
+def match_zoom_user(zoom_user_id: str) -> str:
+    """Link one Zoom user (``user.created`` / ``user.activated``) if exactly one Entra user matches."""
+    zoom_id = zoom_user_id.lower()
+    try:
+        user = zoom_client.get_user(zoom_id)
+    except NotFound:
+        log.info("matching: Zoom user %s not found; not linked", zoom_id)
+        return "zoom_user_not_found"
+    if str(user.get("status") or "active").lower() != "active":
+        return "zoom_user_inactive"
+    email = _address(user.get("email"))
+    if not email:
+        return "no_email"
+    candidates = entra_candidates(email)
+    if not candidates:
+        log.info("matching: Zoom user %s matches no Entra user", zoom_id)
+        return "unmatched"
+    if len(candidates) > 1:
+        log.warning("matching: Zoom user %s matches %d Entra users (%s); not linked", zoom_id, len(candidates),
+                    ", ".join(sorted(candidates)))
+        return "ambiguous"
+    entra_id, entra_user = next(iter(candidates.items()))
+    holder = zoom_id_for_entra(entra_id)
+    if holder and holder != zoom_id:
+        other, _ = read_link(holder)
+        if other is not None and other.entra_user_id == entra_id:
+            log.warning("matching: Entra user %s is linked to Zoom user %s already; %s not linked", entra_id,
+                        holder, zoom_id)
+            return "conflict"
+    target = Target(entra_id, "" if entra_user.get("accountEnabled") is not False else "entra_disabled", email,
+                    create=True)
+    link = _new_link(zoom_id, target)
+    try:
+        write_link(link, None)
+    except storage.Conflict:
+        return "exists"
+    index_entra(entra_id, zoom_id)
+    log.info("matching: Zoom user %s linked to Entra user %s", zoom_id, entra_id)
+    if scopes.read_scopes().restricted:
+        scopes.request_run("new link from a Zoom user event")
+    return "linked"
+
+
+# --- Zoom user lifecycle --------------------------------------------------------------------------------------
+
+DISABLING_EVENTS = {"user.deactivated": "zoom_deactivated", "user.deleted": "zoom_deleted",
+                    "user.disassociated": "zoom_disassociated"}
+ENABLING_EVENTS = ("user.created", "user.activated")
+# Disabled for one of these, a link comes back when Zoom says the user is active again.
+REACTIVATABLE = frozenset({"zoom_deactivated", "zoom_inactive"})
+
+
+def handle_user_event(message: dict) -> str:
+    """A queued Zoom user lifecycle event (``shared.zoom_webhook``): disable, re-enable or match."""
+    if message.get("kind") != "zoom_user_event":
+        raise ValueError(f"unknown message kind {message.get('kind')!r}")
+    event = str(message["event"])
+    zoom_id = str(message["zoom_user_id"]).lower()
+    event_ts = int(message.get("event_ts") or 0)
+    if event in DISABLING_EVENTS:
+        return _disable_for_event(zoom_id, DISABLING_EVENTS[event], event_ts)
+    if event in ENABLING_EVENTS:
+        outcome = _enable_for_event(zoom_id, event_ts)
+        if outcome == "not_linked":
+            return match_zoom_user(zoom_id)
+        return outcome
+    log.info("matching: Zoom %s for user %s needs nothing (the next matching run sees any change)", event, zoom_id)
+    return "ignored"
+
+
+def _disable_for_event(zoom_id: str, reason: str, event_ts: int) -> str:
+    gone = reason != "zoom_deactivated"
+    for _ in range(8):
+        link, etag = read_link(zoom_id)
+        if link is None:
+            return "not_linked"
+        if event_ts and event_ts <= link.lifecycle_ts:
+            log.info("matching: stale Zoom lifecycle event for user %s dropped", zoom_id)
+            return "stale"
+        link.lifecycle_ts = max(link.lifecycle_ts, event_ts)
+        link.status, link.disabled_reason, link.disabled_at = STATUS_DISABLED, reason, now_iso()
+        link.sync.active = False
+        if gone:
+            # The Zoom user is gone from the account: there is nothing of ours left to take back there.
+            link.sync.zoom_overlay = None
+            link.sync.zoom_shows_ours = False
+        link.updated_at = now_iso()
+        try:
+            write_link(link, etag)
+        except storage.Conflict:
+            continue
+        break
+    else:
+        raise storage.Conflict(f"matching: link {zoom_id} kept changing")
+    if gone:
+        from shared.sync import OVERLAYS_TABLE, ZOOM_PARTITION
+
+        storage.delete_entity(OVERLAYS_TABLE, ZOOM_PARTITION, zoom_id)
+    storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": zoom_id, "reason": reason,
+                                            "confirm_zoom": not gone})
+    log.info("matching: link of Zoom user %s disabled (%s)", zoom_id, reason)
+    return "disabled"
+
+
+def _enable_for_event(zoom_id: str, event_ts: int) -> str:
+    for _ in range(8):
+        link, etag = read_link(zoom_id)
+        if link is None:
+            return "not_linked"
+        if event_ts and event_ts <= link.lifecycle_ts:
+            log.info("matching: stale Zoom lifecycle event for user %s dropped", zoom_id)
+            return "stale"
+        link.lifecycle_ts = max(link.lifecycle_ts, event_ts)
+        enabled = link.status == STATUS_DISABLED and link.disabled_reason in REACTIVATABLE
+        if enabled:
+            link.status, link.disabled_reason, link.disabled_at = STATUS_ACTIVE, "", ""
+            link.sync.active = True
+        link.updated_at = now_iso()
+        try:
+            write_link(link, etag)
+        except storage.Conflict:
+            continue
+        break
+    else:
+        raise storage.Conflict(f"matching: link {zoom_id} kept changing")
+    if not enabled:
+        return "unchanged"
+    storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": zoom_id, "reason": "zoom_activated",
+                                            "confirm_zoom": True, "confirm_teams": True})
+    log.info("matching: link of Zoom user %s enabled again", zoom_id)
+    return "enabled"
+
+
+# --- the directory queue -----------------------------------------------------------------------------------------
+
+
+def handle_directory_message(message: dict) -> Any:
+    """Starts and continuations of matching and scope runs."""
+    kind = message.get("kind")
+    if kind == "matching_continue":
+        return continue_run(str(message["run_id"]))
+    if kind == "scopes_start":
+        return scopes.start_and_run(str(message.get("trigger") or "queued"))
+    if kind == "scopes_continue":
+        return scopes.continue_run(str(message["run_id"]))
+    raise ValueError(f"unknown message kind {kind!r}")
