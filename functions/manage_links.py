@@ -16,10 +16,12 @@ bp = func.Blueprint()
 def manage_list_links(req: func.HttpRequest) -> func.HttpResponse:
     from shared import admin
 
-    return json_response(*admin.get_links(req.params.get("page_size"), req.params.get("continuation")))
+    return json_response(*admin.get_links(req.params.get("page_size"), req.params.get("continuation"),
+                                          req.params.get("state"), req.params.get("direction")))
 
 
-@bp.route(route="manage/links/{zoom_user_id}", methods=["GET", "PUT", "DELETE"], auth_level=func.AuthLevel.ADMIN)
+@bp.route(route="manage/links/{zoom_user_id}", methods=["GET", "PUT", "PATCH", "DELETE"],
+          auth_level=func.AuthLevel.ADMIN)
 def manage_link(req: func.HttpRequest) -> func.HttpResponse:
     from shared import admin
     from shared.config import SettingMissing
@@ -30,6 +32,10 @@ def manage_link(req: func.HttpRequest) -> func.HttpResponse:
             return json_response(*admin.put_link(zoom_user_id, req.get_body()))
         if req.method == "DELETE":
             return json_response(*admin.remove_link(zoom_user_id))
+        if req.method == "PATCH":
+            from shared.scopes import patch_link
+
+            return json_response(*patch_link(zoom_user_id, req.get_body()))
         return json_response(*admin.get_link(zoom_user_id))
     except SettingMissing as exc:
         return not_configured(exc)

@@ -83,9 +83,6 @@ param federatedCredentialAudience string = 'api://AzureADTokenExchange'
 @description('Optional. With createEntraApp = false: the application (client) id of your app registration.')
 param entraClientId string = ''
 
-@description('Optional. With createEntraApp = false: your app trusts the managed identity through a federated credential you created (see docs/deploy.md).')
-param entraUseManagedIdentity bool = true
-
 @description('Optional. Entra client secret, if the app registration authenticates with one instead of the managed identity (stored in Key Vault).')
 @secure()
 param entraClientSecret string = ''
@@ -93,6 +90,9 @@ param entraClientSecret string = ''
 @description('Optional. Entra client certificate (PEM: certificate and unencrypted key), instead of a secret (stored in Key Vault).')
 @secure()
 param entraClientCertificate string = ''
+
+@description('Optional. With createEntraApp = false: the app registration trusts the managed identity through a federated credential you created (docs/deploy.md); defaults to true unless a secret or certificate is given.')
+param entraUseManagedIdentity bool = empty(entraClientSecret) && empty(entraClientCertificate)
 
 // --- the app -------------------------------------------------------------------------------------
 
@@ -241,50 +241,44 @@ module keyVault 'modules/keyvault.bicep' = {
     location: location
     tags: allTags
     softDeleteRetentionInDays: keyVaultSoftDeleteRetentionInDays
-    secrets: union(
-      {
-        'zoom-client-secret': {
-          value: zoomClientSecret
-          contentType: 'text/plain'
-        }
-        'zoom-webhook-secret-token': {
-          value: zoomWebhookSecretToken
-          contentType: 'text/plain'
-        }
-        'token-encryption-key': {
-          value: tokenEncryptionKey
-          contentType: 'text/plain'
-        }
-        'graph-notification-key': {
-          value: graphNotificationKey
-          contentType: 'text/plain'
-        }
-      },
-      empty(zoomOAuthClientSecret) ? {} : {
-            'zoom-oauth-client-secret': {
-              value: zoomOAuthClientSecret
-              contentType: 'text/plain'
-            }
-          },
-      empty(entraClientSecret) ? {} : {
-            'entra-client-secret': {
-              value: entraClientSecret
-              contentType: 'text/plain'
-            }
-          },
-      empty(entraClientCertificate) ? {} : {
-            'entra-client-certificate': {
-              value: entraClientCertificate
-              contentType: 'application/x-pem-file'
-            }
-          },
-      empty(graphNotificationCertificate) ? {} : {
-            'graph-notification-certificate': {
-              value: graphNotificationCertificate
-              contentType: 'application/x-pem-file'
-            }
-          }
-    )
+    secrets: union({
+      'zoom-client-secret': {
+        value: zoomClientSecret
+        contentType: 'text/plain'
+      }
+      'zoom-webhook-secret-token': {
+        value: zoomWebhookSecretToken
+        contentType: 'text/plain'
+      }
+      'token-encryption-key': {
+        value: tokenEncryptionKey
+        contentType: 'text/plain'
+      }
+      'graph-notification-key': {
+        value: graphNotificationKey
+        contentType: 'text/plain'
+      }
+    }, empty(zoomOAuthClientSecret) ? {} : {
+      'zoom-oauth-client-secret': {
+        value: zoomOAuthClientSecret
+        contentType: 'text/plain'
+      }
+    }, empty(entraClientSecret) ? {} : {
+      'entra-client-secret': {
+        value: entraClientSecret
+        contentType: 'text/plain'
+      }
+    }, empty(entraClientCertificate) ? {} : {
+      'entra-client-certificate': {
+        value: entraClientCertificate
+        contentType: 'application/x-pem-file'
+      }
+    }, empty(graphNotificationCertificate) ? {} : {
+      'graph-notification-certificate': {
+        value: graphNotificationCertificate
+        contentType: 'application/x-pem-file'
+      }
+    })
   }
 }
 
@@ -325,92 +319,82 @@ var appClientId = createEntraApp ? entraApp.outputs.appId : entraClientId
 // Every setting shared/config.py reads (tests/infra checks none is missing). Secrets appear only
 // as Key Vault references resolved with the user-assigned identity
 // (learn.microsoft.com/azure/app-service/app-service-key-vault-references); defaults equal the code's.
-var appSettings = union(
-  {
-    // Host storage, identity-based (learn.microsoft.com/azure/azure-functions/functions-reference#connecting-to-host-storage-with-an-identity).
-    AzureWebJobsStorage__accountName: storage.outputs.name
-    AzureWebJobsStorage__blobServiceUri: storage.outputs.blobEndpoint
-    AzureWebJobsStorage__queueServiceUri: storage.outputs.queueEndpoint
-    AzureWebJobsStorage__tableServiceUri: storage.outputs.tableEndpoint
-    AzureWebJobsStorage__credential: 'managedidentity'
-    AzureWebJobsStorage__clientId: identity.outputs.clientId
-    // Entra-authenticated telemetry (learn.microsoft.com/azure/azure-monitor/app/azure-ad-authentication).
-    APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString
-    APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.outputs.clientId};Authorization=AAD'
+var appSettings = union({
+  // Host storage, identity-based (learn.microsoft.com/azure/azure-functions/functions-reference#connecting-to-host-storage-with-an-identity).
+  AzureWebJobsStorage__accountName: storage.outputs.name
+  AzureWebJobsStorage__blobServiceUri: storage.outputs.blobEndpoint
+  AzureWebJobsStorage__queueServiceUri: storage.outputs.queueEndpoint
+  AzureWebJobsStorage__tableServiceUri: storage.outputs.tableEndpoint
+  AzureWebJobsStorage__credential: 'managedidentity'
+  AzureWebJobsStorage__clientId: identity.outputs.clientId
+  // Entra-authenticated telemetry (learn.microsoft.com/azure/azure-monitor/app/azure-ad-authentication).
+  APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.outputs.clientId};Authorization=AAD'
 
-    // Zoom
-    ZOOM_ACCOUNT_ID: zoomAccountId
-    ZOOM_CLIENT_ID: zoomClientId
-    ZOOM_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/zoom-client-secret/)'
-    ZOOM_WEBHOOK_SECRET_TOKEN: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/zoom-webhook-secret-token/)'
-    ZOOM_API_BASE_URL: 'https://api.zoom.us/v2'
-    ZOOM_OAUTH_BASE_URL: 'https://zoom.us'
-    ZOOM_WEBHOOK_MAX_SKEW_SECONDS: '300'
-    ZOOM_WEBHOOK_MAX_BODY_BYTES: '65536'
-    ZOOM_PRESENCE_MIN_INTERVAL_SECONDS: '60'
-    ZOOM_DND_DURATION_MINUTES: '60'
-    ZOOM_NOT_SIGNED_IN_BACKOFF_SECONDS: '900'
+  // Zoom
+  ZOOM_ACCOUNT_ID: zoomAccountId
+  ZOOM_CLIENT_ID: zoomClientId
+  ZOOM_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/zoom-client-secret/)'
+  ZOOM_WEBHOOK_SECRET_TOKEN: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/zoom-webhook-secret-token/)'
+  ZOOM_API_BASE_URL: 'https://api.zoom.us/v2'
+  ZOOM_OAUTH_BASE_URL: 'https://zoom.us'
+  ZOOM_WEBHOOK_MAX_SKEW_SECONDS: '300'
+  ZOOM_WEBHOOK_MAX_BODY_BYTES: '65536'
+  ZOOM_PRESENCE_MIN_INTERVAL_SECONDS: '60'
+  ZOOM_DND_DURATION_MINUTES: '60'
+  ZOOM_NOT_SIGNED_IN_BACKOFF_SECONDS: '900'
 
-    // Entra / Graph: the managed identity is the app registration's credential (federated).
-    ENTRA_TENANT_ID: entraTenantId
-    ENTRA_CLIENT_ID: appClientId
-    ENTRA_USE_MANAGED_IDENTITY: (createEntraApp || entraUseManagedIdentity) ? 'true' : 'false'
-    ENTRA_MANAGED_IDENTITY_CLIENT_ID: identity.outputs.clientId
-    ENTRA_AUTHORITY_HOST: 'https://login.microsoftonline.com'
-    GRAPH_BASE_URL: 'https://graph.microsoft.com/v1.0'
-    GRAPH_NOTIFICATION_KEY: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/graph-notification-key/)'
-    GRAPH_NOTIFICATION_MAX_BODY_BYTES: '1048576'
-    GRAPH_DELEGATED_SCOPES: 'Presence.Read.All Presence.ReadWrite User.Read offline_access'
-    SUBSCRIPTIONS_PER_ACCOUNT: '1'
-    SUBSCRIPTION_LIFETIME_MINUTES: '55'
-    SUBSCRIPTION_RENEW_LEEWAY_SECONDS: '900'
-    TEAMS_WRITE_MODE: teamsWriteMode
-    TEAMS_OVERLAY_MINUTES: '60'
-    OVERLAY_RENEW_LEEWAY_SECONDS: '600'
-    SWEEP_SUBSCRIBED_INTERVAL_SECONDS: '300'
+  // Entra / Graph: the managed identity is the app registration's credential (federated).
+  ENTRA_TENANT_ID: entraTenantId
+  ENTRA_CLIENT_ID: appClientId
+  ENTRA_USE_MANAGED_IDENTITY: (createEntraApp || entraUseManagedIdentity) ? 'true' : 'false'
+  ENTRA_MANAGED_IDENTITY_CLIENT_ID: identity.outputs.clientId
+  ENTRA_AUTHORITY_HOST: 'https://login.microsoftonline.com'
+  GRAPH_BASE_URL: 'https://graph.microsoft.com/v1.0'
+  GRAPH_NOTIFICATION_KEY: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/graph-notification-key/)'
+  GRAPH_NOTIFICATION_MAX_BODY_BYTES: '1048576'
+  GRAPH_DELEGATED_SCOPES: 'Presence.Read.All Presence.ReadWrite User.Read offline_access'
+  SUBSCRIPTIONS_PER_ACCOUNT: '1'
+  SUBSCRIPTION_LIFETIME_MINUTES: '55'
+  SUBSCRIPTION_RENEW_LEEWAY_SECONDS: '900'
+  TEAMS_WRITE_MODE: teamsWriteMode
+  TEAMS_OVERLAY_MINUTES: '60'
+  OVERLAY_RENEW_LEEWAY_SECONDS: '600'
+  SWEEP_SUBSCRIBED_INTERVAL_SECONDS: '300'
 
-    // Enablement defaults (the scopes stored through /api/manage win) and directory matching.
-    SYNC_ZOOM_TO_TEAMS: 'true'
-    SYNC_TEAMS_TO_ZOOM: 'true'
-    SCOPE_ENTRA_GROUP_IDS: ''
-    SCOPE_ZOOM_GROUP_IDS: ''
-    DIRECTORY_RUN_BUDGET_SECONDS: '240'
-    MATCHING_REPORT_LIST_CAP: '200'
-    MATCHING_ZOOM_PAGE_SIZE: '300'
-    MATCHING_ENTRA_PAGE_SIZE: '999'
+  // Enablement defaults (the scopes stored through /api/manage win) and directory matching.
+  SYNC_ZOOM_TO_TEAMS: 'true'
+  SYNC_TEAMS_TO_ZOOM: 'true'
+  SCOPE_ENTRA_GROUP_IDS: ''
+  SCOPE_ZOOM_GROUP_IDS: ''
+  DIRECTORY_RUN_BUDGET_SECONDS: '240'
+  MATCHING_REPORT_LIST_CAP: '200'
+  MATCHING_ZOOM_PAGE_SIZE: '300'
+  MATCHING_ENTRA_PAGE_SIZE: '999'
 
-    // The app
-    PUBLIC_BASE_URL: publicBase
-    TOKEN_ENCRYPTION_KEY: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/token-encryption-key/)'
-    // Read by the host for the sweep timer's schedule (%PRESENCE_SWEEP_SCHEDULE% in functions/teams_sync.py).
-    PRESENCE_SWEEP_SCHEDULE: presenceSweepSchedule
-    CONNECT_FLOW_MINUTES: '10'
-    CONNECT_INVITE_MINUTES: '60'
-    HTTP_TOTAL_TIMEOUT_SECONDS: '30'
-  },
-  empty(zoomOAuthClientId) ? {} : {
-        ZOOM_OAUTH_CLIENT_ID: zoomOAuthClientId
-      },
-  empty(zoomOAuthClientSecret) ? {} : {
-        ZOOM_OAUTH_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/zoom-oauth-client-secret/)'
-      },
-  empty(entraClientSecret) ? {} : {
-        ENTRA_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/entra-client-secret/)'
-      },
-  empty(entraClientCertificate) ? {} : {
-        ENTRA_CLIENT_CERTIFICATE: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/entra-client-certificate/)'
-      },
-  empty(graphNotificationCertificate) ? {} : {
-        GRAPH_NOTIFICATION_CERTIFICATE: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/graph-notification-certificate/)'
-      },
-  empty(graphNotificationCertificateId) ? {} : {
-        GRAPH_NOTIFICATION_CERTIFICATE_ID: graphNotificationCertificateId
-      },
-  empty(presenceMapping) ? {} : {
-        PRESENCE_MAPPING: presenceMapping
-      },
-  additionalAppSettings
-)
+  // The app
+  PUBLIC_BASE_URL: publicBase
+  TOKEN_ENCRYPTION_KEY: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/token-encryption-key/)'
+  // Read by the host for the sweep timer's schedule (%PRESENCE_SWEEP_SCHEDULE% in functions/teams_sync.py).
+  PRESENCE_SWEEP_SCHEDULE: presenceSweepSchedule
+  CONNECT_FLOW_MINUTES: '10'
+  CONNECT_INVITE_MINUTES: '60'
+  HTTP_TOTAL_TIMEOUT_SECONDS: '30'
+}, empty(zoomOAuthClientId) ? {} : {
+  ZOOM_OAUTH_CLIENT_ID: zoomOAuthClientId
+}, empty(zoomOAuthClientSecret) ? {} : {
+  ZOOM_OAUTH_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/zoom-oauth-client-secret/)'
+}, empty(entraClientSecret) ? {} : {
+  ENTRA_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/entra-client-secret/)'
+}, empty(entraClientCertificate) ? {} : {
+  ENTRA_CLIENT_CERTIFICATE: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/entra-client-certificate/)'
+}, empty(graphNotificationCertificate) ? {} : {
+  GRAPH_NOTIFICATION_CERTIFICATE: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.uri}secrets/graph-notification-certificate/)'
+}, empty(graphNotificationCertificateId) ? {} : {
+  GRAPH_NOTIFICATION_CERTIFICATE_ID: graphNotificationCertificateId
+}, empty(presenceMapping) ? {} : {
+  PRESENCE_MAPPING: presenceMapping
+}, additionalAppSettings)
 
 module settings 'modules/app-settings.bicep' = {
   name: 'app-settings'

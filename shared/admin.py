@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared import graph_client, storage, zoom_client
+from shared import graph_client, names, storage, zoom_client
 from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, UserSync
 from shared.errors import VendorError
@@ -40,6 +40,7 @@ class LinkBody(BaseModel):
     entra_user_id: uuid.UUID
     email: str = Field(default="", max_length=320)
     directions: list[Direction] = Field(default_factory=lambda: list(ALL_DIRECTIONS), max_length=2)
+    opt_out: bool | None = None  # None: keep the person's current choice
 
     @field_validator("email")
     @classmethod
@@ -68,6 +69,9 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
         return _error(400, "invalid link", fields=fields)
     zoom_id = zoom_user_id.lower()
     entra_id = str(body.entra_user_id).lower()
+    from shared import scopes
+
+    current_scopes = scopes.read_scopes()
     for _ in range(8):
         existing, etag = read_link(zoom_id)
         stamp = now_iso()
@@ -83,6 +87,12 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
         link.origin = "admin"
         link.status = STATUS_ACTIVE
         link.sync.active = True
+        link.disabled_reason = link.disabled_at = ""
+        # Directions asked for, narrowed by the enablement scopes (and the person's opt-out).
+        link.wanted_directions = frozenset(body.directions)
+        if body.opt_out is not None:
+            link.opt_out = body.opt_out
+        scopes.refresh(link, current_scopes)
         link.error_kind = link.error_detail = link.error_at = ""
         link.updated_at = stamp
         try:
@@ -97,7 +107,13 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
         from shared.links import _delete_index_if_points_to
 
         _delete_index_if_points_to(existing.entra_user_id, zoom_id)
+    elif existing is not None:
+        # Same person: a narrowed direction or a re-enabled link is settled by a reconcile.
+        before = existing.sync.directions if existing.status == STATUS_ACTIVE else frozenset()
+        scopes.reconcile_after_change(zoom_id, before, link.sync.directions, "admin_change")
     index_entra(entra_id, zoom_id)
+    if current_scopes.restricted and link.scope_member == scopes.MEMBER_UNKNOWN:
+        scopes.request_run("admin link")
     log.info("admin: link for Zoom user %s saved", zoom_id)
     return 200, link.to_public()
 
@@ -111,18 +127,75 @@ def get_link(zoom_user_id: str) -> tuple[int, dict]:
     return 200, link.to_public()
 
 
-def get_links(page_size: str | None, continuation: str | None) -> tuple[int, dict]:
+LINK_STATES = ("active", "disabled", "error")
+DIRECTION_FILTERS = (*ALL_DIRECTIONS, "none")
+
+
+def get_links(page_size: str | None, continuation: str | None, state: str | None = None,
+              direction: str | None = None) -> tuple[int, dict]:
+    """A page of links, optionally only one state (``active|disabled|error``) and/or those with a
+    direction in effect (``zoom_to_teams|teams_to_zoom``, or ``none``). Filtered in the query, so a
+    page may hold fewer than ``page_size`` links while the continuation says there are more."""
     try:
         size = int(page_size) if page_size else 100
     except ValueError:
+        log.info("admin: links listing with a non-integer page_size rejected")
         return _error(400, "page_size must be an integer")
     if not 1 <= size <= 1000:
+        log.info("admin: links listing with page_size %s rejected", size)
         return _error(400, "page_size must be between 1 and 1000")
+    if state is not None and state not in LINK_STATES:
+        log.info("admin: links listing with an unknown state rejected")
+        return _error(400, f"state must be one of {', '.join(LINK_STATES)}")
+    if direction is not None and direction not in DIRECTION_FILTERS:
+        log.info("admin: links listing with an unknown direction rejected")
+        return _error(400, f"direction must be one of {', '.join(DIRECTION_FILTERS)}")
     try:
-        links, token = list_links(size, continuation)
+        if state is None and direction is None:
+            links, token = list_links(size, continuation)
+        else:
+            links, token = _list_filtered(size, continuation, state, direction)
     except ValueError:
+        log.info("admin: links listing with an invalid continuation token rejected")
         return _error(400, "invalid continuation token")
     return 200, {"value": [link.to_public() for link in links], "continuation": token}
+
+
+def _list_filtered(size: int, continuation: str | None, state: str | None,
+                   direction: str | None) -> tuple[list[Link], str | None]:
+    from shared.links import LINKS_TABLE, _decode_token, _encode_token, link_from_entity
+
+    clauses, params = ["RowKey eq @row"], {"row": ROW}
+    if state is not None:
+        clauses.append("status eq @state")
+        params["state"] = state
+    if direction == "none":
+        clauses.append("directions eq @none")
+        params["none"] = ""
+    elif direction is not None:
+        # ``directions`` is the sorted, comma-joined set: a direction is on in two spellings.
+        clauses.append("(directions eq @one or directions eq @both)")
+        params["one"], params["both"] = direction, ",".join(sorted(ALL_DIRECTIONS))
+    client = storage.table(LINKS_TABLE)
+    pager = client.query_entities(" and ".join(clauses), parameters=params, results_per_page=size).by_page(
+        continuation_token=_decode_token(continuation))
+    page = next(pager, [])
+    storage.count_operation()
+    return [link_from_entity(storage.entity_dict(e)) for e in page], _encode_token(pager.continuation_token)
+
+
+def resync_link(zoom_user_id: str) -> tuple[int, dict]:
+    """Queue a reconcile that re-reads both sides first (``POST /api/manage/links/{id}/resync``)."""
+    if not valid_zoom_id(zoom_user_id):
+        log.info("admin: resync of an invalid Zoom user id rejected")
+        return _error(400, "invalid Zoom user id")
+    link, _ = read_link(zoom_user_id.lower())
+    if link is None:
+        return _error(404, "no link for this Zoom user")
+    storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": link.zoom_user_id,
+                                            "reason": "admin_resync", "confirm_zoom": True, "confirm_teams": True})
+    log.info("admin: resync of Zoom user %s queued", link.zoom_user_id)
+    return 202, {"zoom_user_id": link.zoom_user_id, "status": "queued"}
 
 
 def remove_link(zoom_user_id: str) -> tuple[int, dict]:
@@ -137,7 +210,7 @@ def remove_link(zoom_user_id: str) -> tuple[int, dict]:
     return 204, {}
 
 
-def _release(link: Link) -> None:
+def release_overlays(link: Link) -> None:
     """Remove whatever we put on either side for this person (never what they set themselves)."""
     s = link.sync
     settings = get_settings()
@@ -158,4 +231,7 @@ def _release(link: Link) -> None:
         storage.delete_entity(OVERLAYS_TABLE, ZOOM_PARTITION, s.zoom_user_id)
 
 
-__all__ = ["put_link", "get_link", "get_links", "remove_link", "ENTRA_INDEX_TABLE", "ROW"]
+_release = release_overlays
+
+__all__ = ["put_link", "get_link", "get_links", "remove_link", "resync_link", "release_overlays",
+           "ENTRA_INDEX_TABLE", "ROW"]

@@ -101,6 +101,23 @@ class LinkRow:
     origin: str
     status: str = STATUS_ACTIVE
     disabled_reason: str = ""
+    email: str = ""
+    lifecycle_ts: int = 0
+
+    def probe(self) -> Link:
+        """A stand-in link to test a target against without reading the whole entity."""
+        return Link(sync=UserSync(self.zoom_user_id, self.entra_user_id, frozenset(),
+                                  active=self.status == STATUS_ACTIVE),
+                    email=self.email, origin=self.origin, status=self.status, disabled_reason=self.disabled_reason,
+                    lifecycle_ts=self.lifecycle_ts)
+
+    _FIELDS = ("PartitionKey", "entra_user_id", "origin", "status", "disabled_reason", "email", "lifecycle_ts")
+
+    @classmethod
+    def from_entity(cls, e: dict) -> LinkRow:
+        return cls(str(e["PartitionKey"]), str(e.get("entra_user_id") or "").lower(),
+                   str(e.get("origin") or ORIGIN_ADMIN), str(e.get("status") or STATUS_ACTIVE),
+                   str(e.get("disabled_reason") or ""), str(e.get("email") or ""), int(e.get("lifecycle_ts") or 0))
 
 
 @dataclass(frozen=True)
@@ -413,14 +430,12 @@ def _load_world(run: runs.Run) -> _World:
     zoom = {r[0]: r[1] for r in _load_pages("zoom", state["zoom_pages"], run.run_id)}
     links: dict[str, LinkRow] = {}
     client = storage.table(LINKS_TABLE)
-    select = ["PartitionKey", "entra_user_id", "origin", "status", "disabled_reason"]
+    select = list(LinkRow._FIELDS)
     for page in client.query_entities("RowKey eq @row", parameters={"row": ROW}, select=select).by_page():
         storage.count_operation()
         for e in page:
-            zoom_id = str(e["PartitionKey"])
-            links[zoom_id] = LinkRow(zoom_id, str(e.get("entra_user_id") or "").lower(),
-                                     str(e.get("origin") or ORIGIN_ADMIN), str(e.get("status") or STATUS_ACTIVE),
-                                     str(e.get("disabled_reason") or ""))
+            row = LinkRow.from_entity(storage.entity_dict(e))
+            links[row.zoom_user_id] = row
     index: dict[str, str] = {}
     client = storage.table(ENTRA_INDEX_TABLE)
     for page in client.query_entities("RowKey eq @row", parameters={"row": ROW},
@@ -442,11 +457,13 @@ def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
     plan = plan_matches(world.zoom, world.entra, world.links)
     counts = state["counts"]
     owners = _index_owners(plan, world)
+    current_scopes = scopes.read_scopes()
     pending = [z for z in sorted(plan.targets) if z > state["cursor"]]
     for start_at in range(0, len(pending), APPLY_STEP):
         step = pending[start_at:start_at + APPLY_STEP]
         for zoom_id in step:
-            _apply_one(zoom_id, plan.targets[zoom_id], world, owners, float(state["zoom_listed_at"]), counts)
+            _apply_one(zoom_id, plan.targets[zoom_id], world, owners, float(state["zoom_listed_at"]), counts,
+                       current_scopes)
         state["cursor"] = step[-1]
         if start_at + APPLY_STEP < len(pending):
             run.updated_at = time.time()
@@ -493,16 +510,23 @@ def _bump(counts: dict, key: str) -> None:
 
 
 def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, str], zoom_listed_at: float,
-               counts: dict) -> None:
-    old: Link | None = None
-    link: Link | None = None
-    repointed = False
+               counts: dict, current_scopes: scopes.Scopes) -> None:
+    row = world.links.get(zoom_id)
+    if row is not None and not apply_target(row.probe(), target, zoom_listed_at)[0]:
+        # Decided from the scanned columns: an unchanged link costs no read and no write.
+        _check_index(zoom_id, row.entra_user_id, world, owners, counts, repaired=True)
+        return
+    fresh = row is None  # nothing to read: try to create it straight away
     for _ in range(8):
-        current, etag = read_link(zoom_id)
+        old: Link | None = None
+        link: Link | None = None
+        repointed = False
+        current, etag = (None, None) if fresh else read_link(zoom_id)
+        fresh = False
         if current is None:
             if not target.create:
                 return  # deleted meanwhile: nothing to keep in step
-            link = _new_link(zoom_id, target)
+            link = _new_link(zoom_id, target, current_scopes)
         else:
             old = _copy(current)
             link = current
@@ -528,36 +552,30 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
             _bump(counts, "updated")
             _after_change(old, link, repointed, counts)
     entra_id = link.entra_user_id if link is not None else (old.entra_user_id if old else "")
+    _check_index(zoom_id, entra_id, world, owners, counts, repaired=link is None)
+
+
+def _check_index(zoom_id: str, entra_id: str, world: _World, owners: dict[str, str], counts: dict, *,
+                 repaired: bool) -> None:
+    """Point the Entra index at this link when it is the rightful holder (also repairs an index
+    entry a crash between the link write and the index write left behind)."""
     if entra_id and owners.get(entra_id) == zoom_id and world.index.get(entra_id) != zoom_id:
         index_entra(entra_id, zoom_id)
         world.index[entra_id] = zoom_id
-        if old is not None and link is None:
+        if repaired:
             _bump(counts, "index_repaired")
 
 
-def _new_link(zoom_id: str, target: Target) -> Link:
+def _new_link(zoom_id: str, target: Target, current_scopes: scopes.Scopes) -> Link:
     stamp = now_iso()
     link = Link(sync=UserSync(zoom_id, target.entra_user_id, frozenset(ALL_DIRECTIONS)), email=target.email or "",
                 origin=ORIGIN_MATCH, created_at=stamp, updated_at=stamp)
     link.wanted_directions = frozenset(ALL_DIRECTIONS)
-    current_scopes = _scopes_for_new_links()
     scopes.refresh(link, current_scopes)
     if target.reason:
         link.status, link.disabled_reason, link.disabled_at = STATUS_DISABLED, target.reason, stamp
         link.sync.active = False
     return link
-
-
-_scopes_cache: dict[str, Any] = {}
-
-
-def _scopes_for_new_links() -> scopes.Scopes:
-    # Read once per invocation burst (not per new link); the scope run corrects any drift.
-    cached = _scopes_cache.get("value")
-    if cached is None or time.monotonic() - _scopes_cache.get("at", 0.0) > 30.0:
-        cached = scopes.read_scopes()
-        _scopes_cache.update(value=cached, at=time.monotonic())
-    return cached
 
 
 def _copy(link: Link) -> Link:
@@ -686,14 +704,15 @@ def match_zoom_user(zoom_user_id: str) -> str:
             return "conflict"
     target = Target(entra_id, "" if entra_user.get("accountEnabled") is not False else "entra_disabled", email,
                     create=True)
-    link = _new_link(zoom_id, target)
+    current_scopes = scopes.read_scopes()
+    link = _new_link(zoom_id, target, current_scopes)
     try:
         write_link(link, None)
     except storage.Conflict:
         return "exists"
     index_entra(entra_id, zoom_id)
     log.info("matching: Zoom user %s linked to Entra user %s", zoom_id, entra_id)
-    if scopes.read_scopes().restricted:
+    if current_scopes.restricted:
         scopes.request_run("new link from a Zoom user event")
     return "linked"
 

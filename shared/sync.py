@@ -331,6 +331,7 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
         _revert(link.zoom_user_id, **undo)
         raise
     _index_overlay(TEAMS_PARTITION, link.zoom_user_id,
+                   previous.teams_overlay.expires_at if previous.teams_overlay else None,
                    result.teams_overlay.expires_at if result.teams_overlay else None)
     return True
 
@@ -386,8 +387,9 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
     outcome.zoom_writes += 1
     log.info("sync: Zoom %s %s for user %s (cid %s)", "release to" if op.release else "put", op.status,
              link.zoom_user_id, cid)
-    expires = result.zoom_overlay.expires_at if result.zoom_overlay else None
-    _index_overlay(ZOOM_PARTITION, link.zoom_user_id, expires)
+    _index_overlay(ZOOM_PARTITION, link.zoom_user_id,
+                   previous.zoom_overlay.expires_at if previous.zoom_overlay else None,
+                   result.zoom_overlay.expires_at if result.zoom_overlay else None)
     return True
 
 
@@ -429,10 +431,12 @@ def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom=None, error: tupl
         log.warning("sync: user %s: %s", zoom_user_id, error[1])
 
 
-def _index_overlay(partition: str, zoom_user_id: str, expires_at: float | None) -> None:
-    """Overlays that expire are listed by expiry so the keep-alive finds them without a scan."""
+def _index_overlay(partition: str, zoom_user_id: str, was: float | None, expires_at: float | None) -> None:
+    """Overlays that expire are listed by expiry so the keep-alive finds them without a scan
+    (one Table operation, and none when neither the old nor the new overlay expires)."""
     if expires_at is None:
-        storage.delete_entity(OVERLAYS_TABLE, partition, zoom_user_id)
+        if was is not None:
+            storage.delete_entity(OVERLAYS_TABLE, partition, zoom_user_id)
     else:
         storage.upsert_entity(OVERLAYS_TABLE, {"PartitionKey": partition, "RowKey": zoom_user_id,
                                                "expires_at": float(expires_at)})

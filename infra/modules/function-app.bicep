@@ -38,6 +38,14 @@ param maximumInstanceCount int = 40
 ])
 param instanceMemoryMB int = 2048
 
+@description('Optional. Instances kept warm for HTTP triggers (always ready, billed while idle); 1 keeps Zoom\'s 3-second webhook deadline safe from cold starts.')
+@minValue(0)
+@maxValue(20)
+param alwaysReadyHttpInstances int = 0
+
+@description('Optional. Spread the plan\'s instances across availability zones (only in regions that offer it for Flex Consumption).')
+param zoneRedundant bool = false
+
 @description('Optional. Name azd uses to find this app for `azd deploy` (azure.yaml service name).')
 param azdServiceName string = 'api'
 
@@ -54,8 +62,10 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
     name: 'FC1'
     tier: 'FlexConsumption'
   }
+  //checkov:skip=CKV_AZURE_225:Zone redundancy is opt-in (zoneRedundant) because not every Flex Consumption region offers it; the engine is level-triggered and its sweep repairs what an outage delays.
   properties: {
     reserved: true
+    zoneRedundant: zoneRedundant
   }
 }
 
@@ -72,11 +82,13 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
       '${identityResourceId}': {}
     }
   }
-  //checkov:skip=CKV_AZURE_56:App Service Authentication would reject Zoom and Graph webhooks (they cannot sign in); each route authenticates itself (Zoom HMAC signature, function keys, admin key).
-  //checkov:skip=CKV_AZURE_17:Client certificates cannot be required: Zoom and Microsoft Graph call the webhooks without one.
+  //checkov:skip=CKV_AZURE_222:The webhooks must be reachable from Zoom and Microsoft Graph over the internet.
+  //checkov:skip=CKV_AZURE_212:Flex Consumption scales from zero; warm instances are opt-in (alwaysReadyHttpInstances) and Zoom retries, the sweep repairs drift.
+  //checkov:skip=CKV_AZURE_213:Flex Consumption does not support the App Service health check; /api/health serves external probes.
   properties: {
     serverFarmId: plan.id
     httpsOnly: true
+    //checkov:skip=CKV_AZURE_17:Client certificates cannot be required: Zoom and Microsoft Graph call the webhooks without one.
     clientCertEnabled: false
     // Key Vault references resolve with the user-assigned identity, not a system-assigned one
     // (learn.microsoft.com/azure/app-service/app-service-key-vault-references).
@@ -104,6 +116,12 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: instanceMemoryMB
+        alwaysReady: alwaysReadyHttpInstances > 0 ? [
+          {
+            name: 'http'
+            instanceCount: alwaysReadyHttpInstances
+          }
+        ] : []
       }
       runtime: {
         name: 'python'

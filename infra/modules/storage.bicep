@@ -56,6 +56,9 @@ resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   sku: {
     name: skuName
   }
+  //checkov:skip=CKV_AZURE_35:Flex Consumption without VNet integration reaches its storage over the public endpoint; access is Entra-only (shared keys off, TLS 1.2).
+  //checkov:skip=CKV_AZURE_59:Same reason; no anonymous access either (allowBlobPublicAccess false).
+  //checkov:skip=CKV_AZURE_206:Replication is the operator's choice (storageSkuName); LRS keeps the default deployable in every Flex Consumption region.
   properties: {
     accessTier: 'Hot'
     allowBlobPublicAccess: false

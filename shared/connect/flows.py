@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlencode
@@ -103,7 +104,7 @@ def _bad_state(reason: str, purpose: str = PURPOSE_SELF) -> WebResponse:
         "no_state": "The sign-in response is incomplete.",
         "not_this_browser": "This sign-in was not started in this browser (or its cookie was changed), so it "
                             "cannot be completed here.",
-        "unknown": "This sign-in link is not known here.",
+        "unknown": "This sign-in link is not known here, or was already used.",
         "used": "This sign-in link was already used.",
         "expired": "This sign-in took too long and has expired.",
         "unreadable": "This sign-in could not be verified.",
@@ -180,7 +181,12 @@ def _hint(value: str | None) -> str | None:
 
 def _begin_microsoft(purpose: str, carried: dict[str, str], *, login_hint: str | None = None,
                      scopes: list[str] | None = None) -> WebResponse:
-    flow = connections.begin_auth_code_flow(redirect_uri(MICROSOFT), login_hint=login_hint, scopes=scopes)
+    with warnings.catch_warnings():
+        # MSAL recommends form_post (RFC 9700 §4.3.1: codes in browser history). Entra's form_post is
+        # a cross-site POST that carries no SameSite=Lax cookie, so the browser binding would be
+        # lost; the code in the URL is single-use, PKCE-bound and redeemed at once instead.
+        warnings.filterwarnings("ignore", message="response_mode='form_post' is recommended")
+        flow = connections.begin_auth_code_flow(redirect_uri(MICROSOFT), login_hint=login_hint, scopes=scopes)
     auth_uri = flow.pop("auth_uri")
     state.save_flow(flow["state"], MICROSOFT, purpose, {"flow": flow, **carried})
     cookie = state.binding_cookie(flow["state"], state.flow_lifetime_s())

@@ -221,3 +221,18 @@ def test_unknown_entra_user_marks_the_link_in_error(world: World):
     link = world.admin("GET", f"links/{person.zoom_id}").json()
     assert link["status"] == "error"
     assert link["error"]["kind"] == "teams_user_not_found"
+
+
+def test_table_operations_per_change(world: World):
+    from shared.storage import storage_operation_count
+
+    people = [world.add_person() for _ in range(5)]
+    world.settle()
+    before = storage_operation_count()
+    for person in people:
+        world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    per_change = (storage_operation_count() - before) / len(people)
+    # One point read, the conditional write of intent + lease, the lease release, the expiry index.
+    assert per_change <= 4
+    assert all(world.teams_shows(p) == ("Busy", "InACall") for p in people)

@@ -1,0 +1,30 @@
+"""/api/manage/status (JSON) and /api/manage (the status page, HTML): admin key."""
+
+import azure.functions as func
+
+from functions.http_util import json_response, not_configured
+
+bp = func.Blueprint()
+
+
+@bp.route(route="manage/status", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
+def manage_status(req: func.HttpRequest) -> func.HttpResponse:
+    from shared.config import SettingMissing
+    from shared.status import get_status
+
+    try:
+        return json_response(*get_status())
+    except SettingMissing as exc:
+        return not_configured(exc)
+
+
+@bp.route(route="manage", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
+def manage_page(req: func.HttpRequest) -> func.HttpResponse:
+    from shared.admin_page import page_response
+    from shared.config import SettingMissing
+
+    try:
+        status, body, headers = page_response(dict(req.params))
+    except SettingMissing as exc:
+        return not_configured(exc)
+    return func.HttpResponse(body, status_code=status, headers=headers, mimetype="text/html", charset="utf-8")

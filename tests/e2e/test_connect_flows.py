@@ -1,0 +1,197 @@
+"""The connect flows end to end: a scripted browser goes through the real start endpoints, the
+Entra and Zoom emulators' authorize pages and the callbacks on the local host; outcomes are read
+from the emulators (subscriptions, what Teams shows, which token wrote it) and the tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sandbox.world import APP_PERMISSIONS, World
+from tests.e2e.connect_browser import (  # noqa: F401 - connect_world is a fixture
+    Browser,
+    connect_world,
+    connections_table,
+    flow_rows,
+    register_apps,
+)
+
+pytestmark = pytest.mark.e2e
+
+WITHOUT_APP_WRITE = tuple(p for p in APP_PERMISSIONS if p != "Presence.ReadWrite.All")
+
+
+def invitation(world: World) -> str:
+    response = world.admin("POST", "connections/invitations", json={})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["single_use"] and body["url"].startswith(world.host.base_url + "/api/connect/microsoft/start?")
+    return body["url"]
+
+
+def connection(world: World, account_id: str) -> dict | None:
+    listed = world.admin("GET", "connections").json()["value"]
+    return next((c for c in listed if c["account_id"] == account_id), None)
+
+
+def self_connect(world: World, person, *, start: str = "microsoft") -> Browser:
+    """The person links themselves: Microsoft sign-in, then Zoom sign-in (or the other way round)."""
+    world.zoom.set_default_authorizing_user(person.zoom_id)
+    world.graph.set_default_signin_user(person.entra_id)
+    browser = Browser(world)
+    path = "/api/connect/microsoft/start?purpose=self" if start == "microsoft" else "/api/connect/zoom/start"
+    browser.response = browser.go(browser.app_url(path))
+    return browser
+
+
+def test_sync_account_connects_through_the_browser_and_holds_a_subscription(connect_world: World):
+    world = connect_world
+    person = world.add_person()
+    account = world.graph.add_user(display_name="Sync account 01")
+    browser = Browser(world)
+    page = browser.go(invitation(world) + "&login_hint=" + account["userPrincipalName"])
+    assert page.status_code == 200, page.text
+    assert "Sync account connected" in page.text
+    # The path went through Entra's authorize endpoint and back to our callback, nothing else.
+    assert [u.split("?")[0].rsplit("/", 1)[-1] for u in browser.trail] == ["start", "authorize", "callback"]
+    account_id = account["id"].lower()
+
+    listed = connection(world, account_id)
+    assert listed["purpose"] == "sync-account" and listed["status"] == "ok"
+    assert "token_cache" not in json.dumps(listed)
+    assert not flow_rows()  # the flow was single-use
+
+    world.host.fire_timer("graph_subscriptions")
+    [sub] = [s for s in world.graph.subscriptions.values() if (s.owner_user_id or "").lower() == account_id]
+    assert sub.covers(person.entra_id)
+    assert connection(world, account_id)["subscribed_shards"] == [0]
+
+    # The admin disconnects it: its subscription is deleted at Graph with its own token, the
+    # tokens are gone, and the shard is back on the poll.
+    removed = world.admin("DELETE", f"connections/{account_id}")
+    assert removed.status_code == 200, removed.text
+    assert removed.json()["subscriptions_deleted"] == 1 and removed.json()["replanned"]
+    assert not [s for s in world.graph.subscriptions.values() if (s.owner_user_id or "").lower() == account_id]
+    assert account_id not in connections_table()
+    assert connection(world, account_id) is None
+    assert world.admin("DELETE", f"connections/{account_id}").status_code == 404
+
+
+def test_a_sync_account_needs_a_valid_one_time_invitation(connect_world: World):
+    world = connect_world
+    account = world.graph.add_user(display_name="Sync account 02")
+    hint = "&login_hint=" + account["userPrincipalName"]
+    base = world.host.base_url + "/api/connect/microsoft/start?purpose=sync-account"
+    for url in (base + hint, base + "&invite=made-up" + hint):
+        response = Browser(world).go(url)
+        assert response.status_code == 403 and "Invitation needed" in response.text
+    url = invitation(world) + hint
+    assert Browser(world).go(url).status_code == 200
+    # The same invitation again: refused, nothing more stored.
+    again = Browser(world).go(url)
+    assert again.status_code == 403
+    assert list(connections_table()) .count(account["id"].lower()) == 1
+    # Only admins issue invitations.
+    import requests
+
+    assert requests.post(world.host.url("manage/connections/invitations", key="function"), json={},
+                         timeout=10).status_code == 401
+    assert world.admin("POST", "connections/invitations", json={"purpose": "self"}).status_code == 400
+
+
+def test_self_connect_links_the_person_and_writes_with_their_own_token(connect_world: World, app_setting):
+    """No application permission to write presence: Teams writes use the person's own token."""
+    world = connect_world
+    register_apps(world, WITHOUT_APP_WRITE)
+    app_setting(TEAMS_WRITE_MODE="auto")
+    person = world.add_person(link=False)
+
+    browser = self_connect(world, person)
+    assert browser.response.status_code == 200, browser.response.text
+    assert "now linked" in browser.response.text
+    hops = [u.split("?")[0].rsplit("/", 2)[-2:] for u in browser.trail]
+    assert hops == [["microsoft", "start"], ["v2.0", "authorize"], ["microsoft", "callback"],
+                    ["oauth", "authorize"], ["zoom", "callback"]]
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert (link["entra_user_id"], link["origin"], link["status"]) == (person.entra_id, "self", "active")
+    assert connection(world, person.entra_id)["purpose"] == "self"
+    assert browser.cookie() is None  # the binding cookie is cleared at the end
+
+    world.settle()
+    world.graph.clear_requests()
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    writes = [r for r in world.graph.requests_matching("POST", "/presence/setPresence")
+              if person.entra_id in r.path.lower()]
+    assert writes and writes[-1].status == 200
+    assert (writes[-1].token_kind, writes[-1].user_id.lower()) == ("delegated", person.entra_id)
+    # The app's own attempt was refused once; afterwards the person's token is used first.
+    world.zoom.leave_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Available", "Available")
+    clears = [r for r in world.graph.requests_matching("POST", "/presence/clearPresence")
+              if person.entra_id in r.path.lower()]
+    assert [(r.token_kind, r.status) for r in clears] == [("delegated", 200)]
+
+
+def test_self_connect_from_zoom_keeps_no_zoom_token(connect_world: World, monkeypatch):
+    world = connect_world
+    person = world.add_person(link=False)
+    from shared.connect import zoom_oauth
+
+    seen: list[str] = []
+    exchange = zoom_oauth.exchange_code
+
+    def capture(*args, **kwargs):
+        token = exchange(*args, **kwargs)
+        seen.append(token)
+        return token
+
+    monkeypatch.setattr(zoom_oauth, "exchange_code", capture)
+    browser = self_connect(world, person, start="zoom")
+    assert browser.response.status_code == 200, browser.response.text
+    hops = [u.split("?")[0].rsplit("/", 2)[-2:] for u in browser.trail]
+    assert hops == [["zoom", "start"], ["oauth", "authorize"], ["zoom", "callback"],
+                    ["v2.0", "authorize"], ["microsoft", "callback"]]
+    assert world.admin("GET", f"links/{person.zoom_id}").json()["origin"] == "self"
+
+    # The Zoom grant was only used to learn who the person is: revoked, and stored nowhere.
+    [token] = seen
+    assert world.zoom.requests[-1] is not None
+    from shared import storage
+
+    for name in ("connections", "connectflows", "links", "linksbyentra"):
+        rows = list(storage.table(name).list_entities())
+        assert token not in json.dumps([{k: str(v) for k, v in r.items()} for r in rows])
+    me = world.zoom.base_url + "/v2/users/me"
+    import requests
+
+    assert requests.get(me, headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 401
+
+
+def test_self_connect_never_overwrites_an_admin_link(connect_world: World):
+    world = connect_world
+    owner = world.add_person()  # linked by the admin
+    other = world.add_person(link=False)
+    world.zoom.set_default_authorizing_user(owner.zoom_id)  # owner's Zoom user ...
+    world.graph.set_default_signin_user(other.entra_id)  # ... with someone else's Microsoft account
+    response = Browser(world).go(world.host.base_url + "/api/connect/zoom/start")
+    assert response.status_code == 409 and "Already linked elsewhere" in response.text
+    link = world.admin("GET", f"links/{owner.zoom_id}").json()
+    assert (link["entra_user_id"], link["origin"]) == (owner.entra_id, "admin")
+    assert world.admin("GET", f"links/{other.zoom_id}").status_code == 404
+
+
+def test_delegated_writes_without_a_connection_leave_teams_alone_and_say_why(connect_world: World, app_setting):
+    world = connect_world
+    app_setting(TEAMS_WRITE_MODE="delegated")
+    person = world.add_person()  # linked by the admin, never connected their Microsoft account
+    world.settle()
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Available", "Available")
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert link["error"]["kind"] == "graph_forbidden"
+    assert "no_delegated_connection" in link["error"]["detail"]
