@@ -1,0 +1,144 @@
+"""Directory matching decisions, enablement arithmetic and the status page's escaping (no I/O)."""
+
+from __future__ import annotations
+
+from shared import scopes
+from shared.admin_page import render
+from shared.engine import ALL_DIRECTIONS, TEAMS_TO_ZOOM, ZOOM_TO_TEAMS, UserSync
+from shared.links import Link, link_from_entity, link_to_entity
+from shared.matching import LinkRow, Target, apply_target, entra_addresses, plan_matches
+
+
+def entra(enabled=True, *addresses):
+    return (enabled, sorted(a.lower() for a in addresses))
+
+
+def test_addresses_are_mail_upn_and_smtp_proxies_only():
+    user = {"mail": "Ada@Contoso.com", "userPrincipalName": "ada@contoso.onmicrosoft.com",
+            "proxyAddresses": ["SMTP:Ada@Contoso.com", "smtp:ada.l@contoso.com", "sip:ada.sip@contoso.com",
+                               "X500:/o=Contoso/ou=x", "SMTP:"]}
+    assert entra_addresses(user) == ["ada.l@contoso.com", "ada@contoso.com", "ada@contoso.onmicrosoft.com"]
+    assert entra_addresses({"mail": None, "userPrincipalName": None, "proxyAddresses": None}) == []
+
+
+def test_unique_matches_ambiguity_both_ways_and_unmatched():
+    zoom = {"z1": "a@x.com", "z2": "b@x.com", "z3": "c@x.com", "z4": "d@x.com", "z5": "d2@x.com", "z6": ""}
+    directory = {
+        "e1": entra(True, "a@x.com"),
+        "e2": entra(True, "b@x.com"), "e3": entra(True, "b@x.com"),  # one email, two Entra users
+        "e4": entra(True, "d@x.com", "d2@x.com"),  # one Entra user, two Zoom users
+        "e5": entra(True, "nobody@x.com"),
+        "e6": entra(False, "gone@x.com"),
+    }
+    plan = plan_matches(zoom, directory, {})
+    assert plan.pairs == {"z1": "e1"}
+    assert plan.ambiguous_zoom == [{"zoom_user_id": "z2", "entra_user_ids": ["e2", "e3"]}]
+    assert plan.ambiguous_entra == [{"entra_user_id": "e4", "zoom_user_ids": ["z4", "z5"]}]
+    assert plan.unmatched_zoom == ["z3", "z6"]
+    assert plan.unmatched_entra == ["e5"]  # disabled accounts are not reported as unmatched
+    assert plan.targets == {"z1": Target("e1", "", "a@x.com", create=True)}
+
+
+def test_admin_links_are_kept_and_hold_their_entra_user():
+    zoom = {"z1": "a@x.com", "z2": "b@x.com"}
+    directory = {"e1": entra(True, "a@x.com"), "e2": entra(True, "b@x.com"), "e9": entra(True, "n@x.com")}
+    links = {"z1": LinkRow("z1", "e9", "admin"), "z7": LinkRow("z7", "e2", "self")}
+    plan = plan_matches(zoom, directory, links)
+    assert plan.pairs == {}
+    assert plan.conflicts == [{"zoom_user_id": "z2", "entra_user_id": "e2", "linked_to": "z7"}]
+    assert plan.targets["z1"] == Target("e9", "", None)
+    assert plan.targets["z7"].reason == "zoom_inactive"  # z7 is not an active Zoom user
+
+
+def test_disabled_entra_accounts_and_lost_matches_disable_links():
+    zoom = {"z1": "a@x.com", "z2": "b@x.com"}
+    directory = {"e1": entra(False, "a@x.com"), "e2": entra(True, "other@x.com")}
+    links = {"z2": LinkRow("z2", "e2", "match")}
+    plan = plan_matches(zoom, directory, links)
+    assert plan.targets["z1"] == Target("e1", "entra_disabled", "a@x.com", create=True)
+    assert plan.targets["z2"] == Target("e2", "match_lost", "b@x.com")
+
+
+def _link(status="active", reason="", origin="match", lifecycle_ts=0) -> Link:
+    link = Link(sync=UserSync("z1", "e1"), email="a@x.com", origin=origin, status=status, disabled_reason=reason,
+                lifecycle_ts=lifecycle_ts)
+    link.sync.active = status == "active"
+    return link
+
+
+def test_apply_target_is_idempotent_and_reverses_its_own_reasons():
+    link = _link()
+    assert apply_target(link, Target("e1", "", "a@x.com"), 1000.0) == (False, False)
+    assert apply_target(link, Target("e1", "entra_disabled", "a@x.com"), 1000.0) == (True, False)
+    assert (link.status, link.disabled_reason) == ("disabled", "entra_disabled")
+    assert apply_target(link, Target("e1", "entra_disabled", "a@x.com"), 1000.0) == (False, False)
+    assert apply_target(link, Target("e1", "", "a@x.com"), 1000.0) == (True, False)
+    assert (link.status, link.disabled_reason) == ("active", "")
+
+
+def test_apply_target_respects_newer_lifecycle_events_and_errors():
+    # Deactivated by a webhook after the Zoom listing began: the listing cannot undo that.
+    link = _link("disabled", "zoom_deactivated", lifecycle_ts=2_000_000)
+    assert apply_target(link, Target("e1", "", "a@x.com"), 1000.0) == (False, False)
+    # A listing newer than the event, still showing the user active, re-enables.
+    assert apply_target(link, Target("e1", "", "a@x.com"), 3000.0)[0]
+    assert link.status == "active"
+    # Engine errors are not matching's to clear.
+    errored = _link("error")
+    assert apply_target(errored, Target("e1", "", "a@x.com"), 1000.0) == (False, False)
+
+
+def test_apply_target_repoints_match_links_only():
+    link = _link()
+    assert apply_target(link, Target("e2", "", "a@x.com"), 1000.0) == (True, True)
+    assert link.entra_user_id == "e2"
+    admin = _link(origin="admin")
+    assert apply_target(admin, Target("e1", "", None), 1000.0) == (False, False)
+
+
+def test_effective_directions():
+    everyone = scopes.Scopes()
+    teams_off = scopes.Scopes(teams_to_zoom=False)
+    grouped = scopes.Scopes(entra_group_ids=("g",))
+    both = frozenset(ALL_DIRECTIONS)
+    assert scopes.effective_directions(both, False, everyone, "") == both
+    assert scopes.effective_directions(both, True, everyone, "") == frozenset()
+    assert scopes.effective_directions(both, False, teams_off, "") == {ZOOM_TO_TEAMS}
+    assert scopes.effective_directions(both, False, grouped, "yes") == both
+    assert scopes.effective_directions(both, False, grouped, "no") == frozenset()
+    assert scopes.effective_directions(both, False, grouped, "") == frozenset()
+    assert scopes.effective_directions(frozenset({TEAMS_TO_ZOOM}), False, teams_off, "") == frozenset()
+
+
+def test_refresh_pins_what_was_asked_for():
+    link = Link(sync=UserSync("z1", "e1", frozenset(ALL_DIRECTIONS)))
+    assert link.wanted_directions is None
+    scopes.refresh(link, scopes.Scopes(zoom_to_teams=False))
+    assert link.sync.directions == {TEAMS_TO_ZOOM}
+    assert link.wanted_directions == frozenset(ALL_DIRECTIONS)
+    scopes.refresh(link, scopes.Scopes())
+    assert link.sync.directions == frozenset(ALL_DIRECTIONS)
+
+
+def test_new_link_fields_round_trip_through_the_entity():
+    link = Link(sync=UserSync("z1", "e1", frozenset({ZOOM_TO_TEAMS})), origin="match", status="disabled",
+                wanted_directions=frozenset(ALL_DIRECTIONS), opt_out=True, scope_member="no",
+                disabled_reason="zoom_deactivated", disabled_at="2026-01-01T00:00:00Z", lifecycle_ts=1_750_000_000_123)
+    again = link_from_entity({k: v for k, v in link_to_entity(link).items() if v is not None})
+    assert (again.wanted_directions, again.opt_out, again.scope_member, again.disabled_reason, again.disabled_at,
+            again.lifecycle_ts) == (frozenset(ALL_DIRECTIONS), True, "no", "zoom_deactivated",
+                                    "2026-01-01T00:00:00Z", 1_750_000_000_123)
+    legacy = link_to_entity(Link(sync=UserSync("z2", "e2", frozenset({TEAMS_TO_ZOOM}))))
+    legacy.pop("wanted_directions", None)
+    assert link_from_entity({k: v for k, v in legacy.items() if v is not None}).wanted == {TEAMS_TO_ZOOM}
+
+
+def test_status_page_escapes_everything():
+    evil = '<script>alert("x")</script>'
+    link = Link(sync=UserSync("z1", "e1"), email=evil + "@x.com", status="error", error_kind="teams_user_not_found",
+                error_detail=evil)
+    page, nonce = render({"generated_at": evil, "links": {"error": evil}}, [link], {"z1": "in_scope"}, q=evil,
+                         key='k"><b>')
+    assert evil not in page and "&lt;script&gt;" in page
+    assert 'k"><b>' not in page
+    assert page.count("<script") == 1 and f'nonce="{nonce}"' in page
