@@ -39,12 +39,16 @@ class SyncFeed(logging.Handler):
         super().__init__(logging.INFO)
         self.lines: collections.deque[str] = collections.deque(maxlen=size)
         self.count = 0
+        self.names: dict[str, str] = {}  # Zoom user id -> display name, for readable lines
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if message.startswith("sync: Teams ") or message.startswith("sync: Zoom "):
             self.count += 1
-            self.lines.append(time.strftime("%H:%M:%S ") + message.removeprefix("sync: "))
+            text = message.removeprefix("sync: ").split(" (cid", 1)[0]
+            for zoom_id, name in self.names.items():
+                text = text.replace(f"for user {zoom_id}", f"for {name}")
+            self.lines.append(time.strftime("%H:%M:%S ") + text)
 
 
 # What people do during the day: (side, gesture, weight).
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         people = [world.add_person(NAMES[i % len(NAMES)] + ("" if i < len(NAMES) else f" {i}"))
                   for i in range(args.people)]
+        feed.names = {p.zoom_id: p.name for p in people}
         # An admin-connected sync account holds the Teams presence subscription (push); the
         # sweep polls every 30 s as well.
         world.connect_sync_account()
