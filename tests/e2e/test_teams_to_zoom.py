@@ -226,3 +226,27 @@ def test_unlinked_and_disabled_direction_make_no_zoom_calls(world: World):
             assert zoom_puts(world, person) == []
 
 
+
+
+def test_zoom_dnd_is_renewed_while_teams_holds_it_and_released_after(world: World, app_setting):
+    # A one-minute DND renewed within its last 50 s, so the keep-alive acts after ~10 s.
+    app_setting(ZOOM_DND_DURATION_MINUTES="1", OVERLAY_RENEW_LEEWAY_SECONDS="50")
+    person = world.add_person()
+    with listening(world, "poll"):
+        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        propagate(world, "poll")
+        assert world.zoom_shows(person) == "Do_Not_Disturb"
+        assert zoom_puts(world, person)[0]["body"] == {"status": "Do_Not_Disturb", "duration": 1}
+        time.sleep(11)
+        world.host.fire_timer("overlay_keepalive")  # Teams still shows DND: renewed
+        world.settle()
+        assert [p["body"]["status"] for p in zoom_puts(world, person)] == ["Do_Not_Disturb", "Do_Not_Disturb"]
+        # Teams leaves DND and the change is missed (no sweep, no notification): the keep-alive
+        # confirms against Teams and lets go instead of renewing.
+        world.graph.clear_preferred_by_user(person.entra_id)
+        time.sleep(11)
+        world.host.fire_timer("overlay_keepalive")
+        world.settle()
+        assert world.zoom_shows(person) == "Available"
+        assert [p["body"]["status"] for p in zoom_puts(world, person)] == [
+            "Do_Not_Disturb", "Do_Not_Disturb", "Available"]

@@ -237,3 +237,27 @@ def test_table_operations_per_change(world: World):
     # One point read, the conditional write of intent + lease, the lease release, the expiry index.
     assert per_change <= 4
     assert all(world.teams_shows(p) == ("Busy", "InACall") for p in people)
+
+
+def test_persistent_graph_failure_ends_in_poison_with_its_reason(world: World, caplog):
+    person = world.add_person()
+    world.graph.faults.server_error(count=1000, status=500, paths=f"/users/{person.entra_id}/presence")
+    caplog.set_level("WARNING")
+    world.zoom.join_meeting(person.zoom_id)
+    world.wait_until(lambda: _in_poison_queue(person), timeout=120, interval=0.5)
+    world.graph.faults.clear()
+    assert "giving up after 5 attempts" in caplog.text
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert link["sync"]["teams"]["ours"] is None  # the write never happened: nothing recorded as ours
+    # Once Graph is back, the next change goes through.
+    world.zoom.leave_meeting(person.zoom_id)
+    world.zoom.start_presenting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("DoNotDisturb", "Presenting")
+
+
+def _in_poison_queue(person: Person) -> bool:
+    from shared import storage
+
+    messages = storage.queue("zoom-presence-poison").peek_messages(max_messages=32)
+    return any(person.zoom_id in str(m.content) for m in messages)
