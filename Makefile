@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+# checkov gets its own environment: its pins conflict with requirements-dev.txt (tests/infra).
+CHECKOV_VENV := $(VENV)/tools/checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 PYTEST_WORKERS ?= 2
 
 .PHONY: run test lint clean bench soak fuzz deps
@@ -15,11 +18,16 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
+$(CHECKOV_STAMP): infra/requirements-checkov.txt $(STAMP)
+	test -d $(CHECKOV_VENV) || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet -r infra/requirements-checkov.txt
+	touch $(CHECKOV_STAMP)
+
 $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 
-deps: $(STAMP) $(NODE_STAMP)
+deps: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
 ## make run: the whole local world (Azurite, Zoom and Entra/Graph emulators, the local
 ## Functions host), a seeded organisation and a scripted day of presence, with a live view.

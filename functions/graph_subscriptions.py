@@ -10,8 +10,12 @@ bp = func.Blueprint()
 @bp.timer_trigger(arg_name="timer", schedule="0 */5 * * * *", run_on_startup=False)
 def graph_subscriptions(timer: func.TimerRequest) -> None:
     from shared.subscriptions import maintain_subscriptions
+    from shared.telemetry import refresh_gauges
 
-    maintain_subscriptions()
+    try:
+        maintain_subscriptions()
+    finally:
+        refresh_gauges()  # the gauges' figures (subscriptions, connections, links, poison queues)
 
 
 @bp.queue_trigger(arg_name="msg", queue_name=GRAPH_LIFECYCLE_QUEUE, connection="AzureWebJobsStorage")

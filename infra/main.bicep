@@ -34,6 +34,14 @@ param maximumInstanceCount int = 40
 ])
 param instanceMemoryMB int = 2048
 
+@description('Optional. Instances kept warm for HTTP triggers (billed while idle); 1 keeps Zoom\'s 3-second webhook deadline safe from cold starts.')
+@minValue(0)
+@maxValue(20)
+param alwaysReadyHttpInstances int = 0
+
+@description('Optional. Spread the plan\'s instances across availability zones (in regions that offer it for Flex Consumption).')
+param zoneRedundant bool = false
+
 // --- Zoom ----------------------------------------------------------------------------------------
 
 @description('Required. Zoom Server-to-Server OAuth app: Account ID.')
@@ -193,6 +201,7 @@ var tableNames = [
   'connections'
   'subscriptions'
   'directory'
+  'connectflows'
 ]
 
 // --- resources -----------------------------------------------------------------------------------
@@ -294,6 +303,8 @@ module functionApp 'modules/function-app.bicep' = {
     tags: allTags
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
+    alwaysReadyHttpInstances: alwaysReadyHttpInstances
+    zoneRedundant: zoneRedundant
   }
 }
 
@@ -371,6 +382,7 @@ var appSettings = union({
   MATCHING_REPORT_LIST_CAP: '200'
   MATCHING_ZOOM_PAGE_SIZE: '300'
   MATCHING_ENTRA_PAGE_SIZE: '999'
+  MATCHING_PARALLELISM: '8'
 
   // The app
   PUBLIC_BASE_URL: publicBase

@@ -44,15 +44,18 @@ class Person:
 
 class World:
     def __init__(self, *, zoom_min_interval_s: float = 60.0, retry_scale: float = 0.001,
-                 run_timers: bool = False, host_port: int = 0, extra_env: dict[str, str] | None = None) -> None:
+                 run_timers: bool = False, host_port: int = 0, extra_env: dict[str, str] | None = None,
+                 zoom_webhook_workers: int = 1, graph_delivery_workers: int = 1) -> None:
         from sandbox.graph import GraphEmulator
         from sandbox.zoom_emulator import ZoomEmulator
 
         self.clock = Clock()
         self.azurite = Azurite()
-        self.graph = GraphEmulator(clock=self.clock)
+        # Zoom and Graph deliver concurrently; the benchmark raises these to model that (tests keep 1).
+        self.graph = GraphEmulator(clock=self.clock, delivery_workers=graph_delivery_workers)
         self.zoom = ZoomEmulator(clock=self.clock, account_id=ZOOM_ACCOUNT_ID, webhook_secret_token=ZOOM_WEBHOOK_SECRET,
-                                 retry_scale=retry_scale, presence_min_interval_s=zoom_min_interval_s)
+                                 retry_scale=retry_scale, presence_min_interval_s=zoom_min_interval_s,
+                                 webhook_workers=zoom_webhook_workers)
         self.zoom_min_interval_s = zoom_min_interval_s
         self.run_timers = run_timers
         self.host_port = host_port

@@ -38,10 +38,11 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import requests
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import Map, Rule
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.wrappers import Request, Response
 
 from sandbox.clock import Clock
+from sandbox.http_keepalive import KeepAliveRequestHandler, read_body
 
 __all__ = [
     "DEFAULT_ACCOUNT_ID",
@@ -602,8 +603,8 @@ class _WebhookSender:
             emu._record_failed({"url": d.url, "event": d.event, "attempts": d.attempt, "time": emu.clock.now()})
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """No per-request access log lines: the emulator records requests itself."""
+class _QuietHandler(KeepAliveRequestHandler):
+    """No per-request access log lines: the emulator records requests itself. Keep-alive, as Zoom serves."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
@@ -874,7 +875,10 @@ class ZoomEmulator:
         dept: str = "",
         signed_in: bool = True,
         account_id: str | None = None,
+        emit_created: bool = False,
     ) -> dict:
+        """Add a user; ``emit_created`` also sends ``user.created`` as Zoom does for a new user
+        (off by default so that seeding a world stays quiet)."""
         if status not in ("active", "inactive", "pending"):
             raise ValueError("status must be active, inactive or pending")
         display_name = display_name or email.split("@")[0]
@@ -898,6 +902,8 @@ class ZoomEmulator:
             if self._find_user(email) is not None:
                 raise ValueError("a user with this email exists")
             self._users[user.id.lower()] = user
+            if emit_created:
+                self._emit_user_event("user.created", user)
             return user.api_dict()
 
     def get_user(self, user_id: str) -> dict:
@@ -1334,6 +1340,7 @@ class ZoomEmulator:
     # ---- internals: HTTP --------------------------------------------------------------------
     def _wsgi(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         request = Request(environ)
+        read_body(request)
         ctx: dict[str, Any] = {}
         response = self._dispatch(request, ctx)
         self._record_request(request, response, ctx)

@@ -174,7 +174,8 @@ def _list_filtered(size: int, continuation: str | None, state: str | None,
         params["none"] = ""
     elif direction is not None:
         # ``directions`` is the sorted, comma-joined set: a direction is on in two spellings.
-        clauses.append("(directions eq @one or directions eq @both)")
+        # (The SDK substitutes parameters between spaces: keep the parentheses apart.)
+        clauses.append("( directions eq @one or directions eq @both )")
         params["one"], params["both"] = direction, ",".join(sorted(ALL_DIRECTIONS))
     client = storage.table(LINKS_TABLE)
     pager = client.query_entities(" and ".join(clauses), parameters=params, results_per_page=size).by_page(

@@ -184,6 +184,10 @@ class Settings(BaseSettings):
     matching_entra_page_size: int = Field(
         default=999, ge=1, le=999, validation_alias=AliasChoices("MATCHING_ENTRA_PAGE_SIZE")
     )
+    # Links one matching invocation writes at the same time (each is its own storage round trip).
+    matching_parallelism: int = Field(
+        default=8, ge=1, le=64, validation_alias=AliasChoices("MATCHING_PARALLELISM")
+    )
 
     # --- the app ---------------------------------------------------------------------------
     public_base_url: str | None = Field(default=None, validation_alias=AliasChoices("PUBLIC_BASE_URL"))
@@ -201,6 +205,17 @@ class Settings(BaseSettings):
     http_total_timeout_seconds: float = Field(
         default=30.0, validation_alias=AliasChoices("HTTP_TOTAL_TIMEOUT_SECONDS")
     )
+
+    # --- telemetry (shared/telemetry.py; configured on first use, never at import) ----------------
+    applicationinsights_connection_string: str | None = Field(
+        default=None, validation_alias=AliasChoices("APPLICATIONINSIGHTS_CONNECTION_STRING")
+    )
+    # "ClientId=<managed identity client id>;Authorization=AAD": Entra-authenticated ingestion.
+    applicationinsights_authentication_string: str | None = Field(
+        default=None, validation_alias=AliasChoices("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")
+    )
+    # Without Application Insights: "console" or "otlp" exports metrics and traces (the sandbox); empty = none.
+    telemetry_exporter: str = Field(default="", validation_alias=AliasChoices("TELEMETRY_EXPORTER"))
 
     @field_validator("teams_write_mode")
     @classmethod

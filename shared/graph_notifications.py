@@ -19,6 +19,7 @@ import hmac
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -209,7 +210,12 @@ def handle_notifications(query: Mapping[str, str], body: bytes, *,
     reply = handshake(query)
     if reply is not None:
         return reply
-    return _guarded("notifications", lambda: _notifications(body, enqueue, now))
+    from shared import telemetry
+
+    with telemetry.intake_span("graph_notifications"):
+        reply = _guarded("notifications", lambda: _notifications(body, enqueue, now))
+    telemetry.webhook_received("graph", reply.status)
+    return reply
 
 
 def _notifications(body: bytes, enqueue: Callable[[str, dict], None] | None, now: float | None) -> Reply:
@@ -256,29 +262,34 @@ def _notifications(body: bytes, enqueue: Callable[[str, dict], None] | None, now
             continue
         ids[user_id] = None
     read_at = time.time() if now is None else now
+    # One correlation id per delivery, carried by every message it becomes (logs and traces).
+    cid = uuid.uuid4().hex
     messages: list[dict] = []
     batch_presences = sorted(presences.values(), key=lambda p: str(p.get("sequenceNumber") or ""))
     for start in range(0, len(batch_presences), PRESENCES_PER_MESSAGE):
         messages.append({"kind": "teams_presences", "presences": batch_presences[start:start + PRESENCES_PER_MESSAGE],
-                         "read_at": read_at, "source": "push"})
+                         "read_at": read_at, "source": "push", "cid": cid})
     # Ids already covered by a decrypted presence need no read.
     basic = [i for i in ids if i not in presences]
     for start in range(0, len(basic), IDS_PER_MESSAGE):
-        messages.append({"kind": "teams_ids", "ids": basic[start:start + IDS_PER_MESSAGE], "source": "push"})
+        messages.append({"kind": "teams_ids", "ids": basic[start:start + IDS_PER_MESSAGE], "source": "push",
+                         "received_at": read_at, "cid": cid})
     reply = _send(messages, names.TEAMS_PRESENCE_QUEUE, enqueue, "notifications")
     if reply is not None:
         return reply
-    log.info("graph notifications: %d items: %d presences, %d ids queued; %d ignored, %d rejected",
-             len(batch.value), len(presences), len(basic), ignored, rejected)
+    log.debug("graph notifications: %d items: %d presences, %d ids queued; %d ignored, %d rejected (cid %s)",
+              len(batch.value), len(presences), len(basic), ignored, rejected, cid)
     return Reply(202)
 
 
 def _send(messages: list[dict], queue_name: str, enqueue: Callable[[str, dict], None] | None,
           what: str) -> Reply | None:
+    from shared import telemetry
+
     put = enqueue or _default_enqueue
     try:
         for message in messages:
-            put(queue_name, message)
+            put(queue_name, telemetry.inject(message))
     except Exception as exc:  # noqa: BLE001 - storage down: let Graph retry the delivery
         log.error("graph %s: queueing failed (%s); asking Graph to retry", what, type(exc).__name__)
         return _error(503, "unavailable", "try again later")

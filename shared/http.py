@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from shared import telemetry
 from shared.config import get_settings
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ def send(
 
     for attempt in range(1, attempts + 1):
         remaining = budget - (clock() - started)
+        attempt_started = clock()
         try:
             response = session().request(
                 method,
@@ -216,6 +218,8 @@ def send(
             last_error = None
         except (requests.ConnectionError, requests.Timeout) as exc:
             response, last_error = None, exc
+        telemetry.vendor_request(method, url, str(response.status_code) if response is not None
+                                 else type(last_error).__name__, (clock() - attempt_started) * 1000.0)
 
         if response is not None and response.status_code not in policy.retry_statuses:
             return response

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +158,9 @@ def plan_matches(zoom: dict[str, str], entra: dict[str, tuple[bool, list[str]]],
     proposals: dict[str, str] = {}
     claimed_by: dict[str, list[str]] = defaultdict(list)
     for zoom_id in sorted(zoom):
+        row = links.get(zoom_id)
+        if row is not None and row.origin in PINNED_ORIGINS:
+            continue  # the admin's (or the person's) pairing stands; their email claims nobody
         email = zoom[zoom_id]
         candidates = sorted(by_address.get(email, ())) if email else []
         if not candidates:
@@ -171,9 +175,6 @@ def plan_matches(zoom: dict[str, str], entra: dict[str, tuple[bool, list[str]]],
     for zoom_id, entra_id in proposals.items():
         if len(claimed_by[entra_id]) > 1:
             continue
-        row = links.get(zoom_id)
-        if row is not None and row.origin in PINNED_ORIGINS:
-            continue  # the admin's (or the person's) pairing stands
         holder = pinned.get(entra_id)
         if holder is not None and holder != zoom_id:
             plan.conflicts.append({"zoom_user_id": zoom_id, "entra_user_id": entra_id, "linked_to": holder})
@@ -459,12 +460,18 @@ def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
     owners = _index_owners(plan, world)
     current_scopes = scopes.read_scopes()
     pending = [z for z in sorted(plan.targets) if z > state["cursor"]]
-    for start_at in range(0, len(pending), APPLY_STEP):
-        step = pending[start_at:start_at + APPLY_STEP]
-        for zoom_id in step:
-            _apply_one(zoom_id, plan.targets[zoom_id], world, owners, float(state["zoom_listed_at"]), counts,
-                       current_scopes)
-        state["cursor"] = step[-1]
+    listed_at = float(state["zoom_listed_at"])
+    workers = max(1, get_settings().matching_parallelism)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="matching") as pool:
+        for start_at in range(0, len(pending), APPLY_STEP):
+            step = pending[start_at:start_at + APPLY_STEP]
+            # Links are independent of each other: overlap their storage round trips.
+            results = list(pool.map(lambda z: _apply_one(z, plan.targets[z], world, owners, listed_at,
+                                                         current_scopes), step))
+            for bumps in results:
+                for key in bumps:
+                    _bump(counts, key)
+            state["cursor"] = step[-1]
         if start_at + APPLY_STEP < len(pending):
             run.updated_at = time.time()
             if not runs.save(run):
@@ -510,12 +517,14 @@ def _bump(counts: dict, key: str) -> None:
 
 
 def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, str], zoom_listed_at: float,
-               counts: dict, current_scopes: scopes.Scopes) -> None:
+               current_scopes: scopes.Scopes) -> list[str]:
+    """Bring one link in step; returns the report counters to bump."""
+    counts: list[str] = []
     row = world.links.get(zoom_id)
     if row is not None and not apply_target(row.probe(), target, zoom_listed_at)[0]:
         # Decided from the scanned columns: an unchanged link costs no read and no write.
         _check_index(zoom_id, row.entra_user_id, world, owners, counts, repaired=True)
-        return
+        return counts
     fresh = row is None  # nothing to read: try to create it straight away
     for _ in range(8):
         old: Link | None = None
@@ -525,7 +534,7 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
         fresh = False
         if current is None:
             if not target.create:
-                return  # deleted meanwhile: nothing to keep in step
+                return counts  # deleted meanwhile: nothing to keep in step
             link = _new_link(zoom_id, target, current_scopes)
         else:
             old = _copy(current)
@@ -542,20 +551,21 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
         break
     else:
         log.warning("matching: link %s kept changing; left for the next run", zoom_id)
-        return
+        return counts
     if link is not None:
         if old is None:
-            _bump(counts, "created")
+            counts.append("created")
             if link.status == STATUS_DISABLED:
-                _bump(counts, "created_disabled")
+                counts.append("created_disabled")
         else:
-            _bump(counts, "updated")
+            counts.append("updated")
             _after_change(old, link, repointed, counts)
     entra_id = link.entra_user_id if link is not None else (old.entra_user_id if old else "")
     _check_index(zoom_id, entra_id, world, owners, counts, repaired=link is None)
+    return counts
 
 
-def _check_index(zoom_id: str, entra_id: str, world: _World, owners: dict[str, str], counts: dict, *,
+def _check_index(zoom_id: str, entra_id: str, world: _World, owners: dict[str, str], counts: list[str], *,
                  repaired: bool) -> None:
     """Point the Entra index at this link when it is the rightful holder (also repairs an index
     entry a crash between the link write and the index write left behind)."""
@@ -563,7 +573,7 @@ def _check_index(zoom_id: str, entra_id: str, world: _World, owners: dict[str, s
         index_entra(entra_id, zoom_id)
         world.index[entra_id] = zoom_id
         if repaired:
-            _bump(counts, "index_repaired")
+            counts.append("index_repaired")
 
 
 def _new_link(zoom_id: str, target: Target, current_scopes: scopes.Scopes) -> Link:
@@ -585,23 +595,23 @@ def _copy(link: Link) -> Link:
     return link_from_entity({k: v for k, v in entity.items() if v is not None})
 
 
-def _after_change(old: Link, new: Link, repointed: bool, counts: dict) -> None:
+def _after_change(old: Link, new: Link, repointed: bool, counts: list[str]) -> None:
     if repointed:
-        _bump(counts, "repointed")
+        counts.append("repointed")
         from shared.admin import release_overlays
 
         release_overlays(old)
         _delete_index_if_points_to(old.entra_user_id, old.zoom_user_id)
         return
     if old.status != STATUS_DISABLED and new.status == STATUS_DISABLED:
-        _bump(counts, "disabled")
+        counts.append("disabled")
         # The engine releases our overlays of a disabled link; Zoom is read first, since a
         # Zoom user who is no longer active shows Offline and takes no presence update.
         storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": new.zoom_user_id,
                                                 "reason": f"disabled:{new.disabled_reason}",
                                                 "confirm_zoom": True})
     elif old.status == STATUS_DISABLED and new.status == STATUS_ACTIVE:
-        _bump(counts, "enabled")
+        counts.append("enabled")
         storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": new.zoom_user_id,
                                                 "reason": "enabled", "confirm_zoom": True, "confirm_teams": True})
 
@@ -750,9 +760,11 @@ def _disable_for_event(zoom_id: str, reason: str, event_ts: int) -> str:
         link, etag = read_link(zoom_id)
         if link is None:
             return "not_linked"
-        if event_ts and event_ts <= link.lifecycle_ts:
+        if event_ts and event_ts < link.lifecycle_ts:
             log.info("matching: stale Zoom lifecycle event for user %s dropped", zoom_id)
             return "stale"
+        if link.status == STATUS_DISABLED and link.disabled_reason == reason and event_ts <= link.lifecycle_ts:
+            return "unchanged"  # a duplicate delivery
         link.lifecycle_ts = max(link.lifecycle_ts, event_ts)
         link.status, link.disabled_reason, link.disabled_at = STATUS_DISABLED, reason, now_iso()
         link.sync.active = False
@@ -783,11 +795,13 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
         link, etag = read_link(zoom_id)
         if link is None:
             return "not_linked"
-        if event_ts and event_ts <= link.lifecycle_ts:
+        if event_ts and event_ts < link.lifecycle_ts:
             log.info("matching: stale Zoom lifecycle event for user %s dropped", zoom_id)
             return "stale"
-        link.lifecycle_ts = max(link.lifecycle_ts, event_ts)
         enabled = link.status == STATUS_DISABLED and link.disabled_reason in REACTIVATABLE
+        if not enabled and event_ts <= link.lifecycle_ts:
+            return "unchanged"
+        link.lifecycle_ts = max(link.lifecycle_ts, event_ts)
         if enabled:
             link.status, link.disabled_reason, link.disabled_at = STATUS_ACTIVE, "", ""
             link.sync.active = True

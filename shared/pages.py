@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qsl
 
 # Larger bodies are not a sign-in response or one of our forms.
@@ -57,17 +56,16 @@ class WebRequest:
             return {}
         return dict(parse_qsl(text, keep_blank_values=True, max_num_fields=32))
 
-    def cookie(self, name: str) -> str | None:
-        raw = self.header("cookie")
-        if not raw:
-            return None
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(raw)
-        except CookieError:
-            return None
-        morsel = jar.get(name)
-        return morsel.value if morsel is not None else None
+    def cookies(self, name: str) -> list[str]:
+        """Every value sent for cookie ``name`` (RFC 6265 §4.2 ``name=value; name=value``; a name may
+        come more than once, for different paths). Parsed by hand: ``http.cookies`` gives up on the
+        whole header when a neighbouring cookie is malformed."""
+        values = []
+        for pair in self.header("cookie").split(";"):
+            key, sep, value = pair.strip().partition("=")
+            if sep and key == name:
+                values.append(value.strip().strip('"'))
+        return values
 
 
 @dataclass

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from shared import storage
+from shared import storage, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ MAX_DEQUEUE_COUNT = 5
 def dead_letter(queue_name: str, body: bytes | str, reason: str) -> None:
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     storage.enqueue(f"{queue_name}-poison", text)
+    telemetry.dead_lettered(queue_name, reason.split(" ", 1)[0].rstrip(":"))
     log.error("queue %s: message dead-lettered: %s", queue_name, reason)
 
 
@@ -37,12 +38,15 @@ def run_queue_message(queue_name: str, body: bytes, dequeue_count: int | None,
         dead_letter(queue_name, body, f"undecodable message ({exc.__class__.__name__})")
         return None
     try:
-        return handler(message)
+        # One change, one trace: continue the intake's trace (traceparent in the message).
+        with telemetry.work_span(queue_name, message):
+            return handler(message)
     except (KeyError, TypeError, ValueError) as exc:
         dead_letter(queue_name, body, f"malformed message: {exc.__class__.__name__}: {exc}")
         return None
     except Exception as exc:
         if (dequeue_count or 1) >= MAX_DEQUEUE_COUNT:
+            telemetry.dead_lettered(queue_name, "retries_exhausted")
             log.error("queue %s: giving up after %s attempts (%s: %s); the host moves it to %s-poison",
                       queue_name, dequeue_count, exc.__class__.__name__, exc, queue_name)
         else:

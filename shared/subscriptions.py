@@ -302,6 +302,9 @@ class _Run:
             self.healthy.discard(account)
             self.tokens.pop(account, None)
             self.report.broken_accounts.append(account)
+            from shared import telemetry
+
+            telemetry.subscription_renewal_failed("account_broken")
             log.warning("subscriptions: account %s is broken; its shards fall back to the poll or move", account)
 
     def call(self, account: str, fn: Callable[[str], T]) -> T:
@@ -375,7 +378,10 @@ class _Run:
             self.release(shard, "")
 
     def _failed(self, shard: Shard, exc: Exception) -> None:
+        from shared import telemetry
+
         self.report.errors += 1
+        telemetry.subscription_renewal_failed(type(exc).__name__)
         message = f"{type(exc).__name__}: {exc}"[:300]
         log.warning("subscriptions: shard %s: %s", shard.number, message)
         ext = shard.extra

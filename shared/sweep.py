@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
-from shared import graph_client, names, storage
+from shared import graph_client, names, storage, telemetry
 from shared.config import get_settings
 from shared.errors import Throttled, VendorError
 from shared.shards import Shard, read_shards, save_shard
@@ -51,6 +52,12 @@ class SweepReport:
 
 def sweep(now: float | None = None, *, only_shard: int | None = None, force: bool = False) -> SweepReport:
     """Read presence for every due shard and queue what changed. Returns counts."""
+    # The changes it queues continue this trace (traceparent in each message).
+    with telemetry.root_span("sweep"):
+        return _sweep(now, only_shard=only_shard, force=force)
+
+
+def _sweep(now: float | None, *, only_shard: int | None, force: bool) -> SweepReport:
     settings = get_settings()
     now = time.time() if now is None else now
     report = SweepReport()
@@ -83,8 +90,9 @@ def sweep(now: float | None = None, *, only_shard: int | None = None, force: boo
         changed.sort(key=lambda p: p.get("sequenceNumber") or "")
         for start in range(0, len(changed), PRESENCES_PER_MESSAGE):
             chunk = [trim(p) for p in changed[start:start + PRESENCES_PER_MESSAGE]]
-            storage.enqueue(names.TEAMS_PRESENCE_QUEUE, {"kind": "teams_presences", "presences": chunk,
-                                                         "read_at": now, "source": "sweep"})
+            storage.enqueue(names.TEAMS_PRESENCE_QUEUE, telemetry.inject({
+                "kind": "teams_presences", "presences": chunk, "read_at": now, "source": "sweep",
+                "cid": uuid.uuid4().hex}))
         report.changes += len(changed)
         for presence in changed:
             shard.seqs[str(presence.get("id", "")).lower()] = _seq_of(presence)
@@ -93,8 +101,9 @@ def sweep(now: float | None = None, *, only_shard: int | None = None, force: boo
             save_shard(shard)
         except storage.Conflict:
             log.info("sweep: shard %s changed meanwhile; its bookkeeping is refreshed next run", shard.number)
-    log.info("sweep: %d shards, %d read, %d Graph reads, %d changes", report.shards, report.swept,
-             report.graph_reads, report.changes)
+    # One line per run is routine (every 30 s): DEBUG unless it found changes.
+    log.log(logging.INFO if report.changes else logging.DEBUG, "sweep: %d shards, %d read, %d Graph reads, %d changes",
+            report.shards, report.swept, report.graph_reads, report.changes)
     return report
 
 

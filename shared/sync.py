@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared import graph_client, names, storage, write_path, zoom_client
+from shared import graph_client, logs, names, storage, telemetry, write_path, zoom_client
 from shared.config import get_settings
 from shared.engine import (
     TEAMS_TO_ZOOM,
@@ -212,6 +212,8 @@ def _plan_step(link: Link, now: float, outcome: Outcome) -> _Step | None:
                 _apply_teams_report(link, presence, int(now * 1000))
         result = plan(link.sync, mapping, now, cfg)
     zoom_allowed, schedule_at = _zoom_gate(link, result, now, settings.zoom_presence_min_interval_seconds)
+    if result.zoom_op is not None and not zoom_allowed:
+        telemetry.coalesced("deferred" if schedule_at is not None else "already_scheduled")
     previous = link.sync
     link.sync = apply_plan(link.sync, result, now, zoom_written=zoom_allowed)
     if schedule_at is not None:
@@ -230,10 +232,14 @@ def _plan_step(link: Link, now: float, outcome: Outcome) -> _Step | None:
 
 def _perform(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     """Run the vendor calls of a step; False when one failed (and was reverted or rescheduled)."""
-    if step.result.teams_ops and not _run_teams_ops(link, step.previous, step.result, outcome, cid):
-        return False
+    if step.result.teams_ops:
+        with telemetry.write_span(ZOOM_TO_TEAMS, "teams", link.zoom_user_id,
+                                  ",".join(op.kind.value for op in step.result.teams_ops)):
+            if not _run_teams_ops(link, step.previous, step.result, outcome, cid):
+                return False
     if step.zoom_allowed and step.result.zoom_op is not None:
-        return _run_zoom_op(link, step.previous, step.result, outcome, cid)
+        with telemetry.write_span(TEAMS_TO_ZOOM, "zoom", link.zoom_user_id, step.result.zoom_op.status):
+            return _run_zoom_op(link, step.previous, step.result, outcome, cid)
     return True
 
 
@@ -311,25 +317,31 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
         for op in result.teams_ops:
             _teams_call(op, link.entra_user_id, session_id)
             outcome.teams_writes += 1
-            log.info("sync: Teams %s %s for user %s (cid %s)", op.kind.value,
-                     f"{op.overlay.availability}/{op.overlay.activity}" if op.overlay else "", link.zoom_user_id, cid)
+            logs.debug(log, f"sync: Teams {op.kind.value}"
+                            f"{f' {op.overlay.availability}/{op.overlay.activity}' if op.overlay else ''}",
+                       user=link.zoom_user_id, cid=cid)
     except Throttled as exc:
+        telemetry.failed(ZOOM_TO_TEAMS, "graph_throttled")
         _revert(link.zoom_user_id, **undo)
         _schedule(link.zoom_user_id, exc.retry_after_s, "graph_throttled", cid)
         outcome.deferred_until = time.time() + exc.retry_after_s
         return False
     except NotFound:
+        telemetry.failed(ZOOM_TO_TEAMS, "teams_user_not_found")
         _revert(link.zoom_user_id, **undo, error=("teams_user_not_found", "Graph does not know this Entra user"))
         outcome.error = "teams_user_not_found"
         return False
     except Forbidden as exc:
+        telemetry.failed(ZOOM_TO_TEAMS, "graph_forbidden")
         _revert(link.zoom_user_id, **undo,
                 error=("graph_forbidden", f"Graph refused the presence write ({exc.code})"))
         outcome.error = "graph_forbidden"
         return False
     except Exception:
+        telemetry.failed(ZOOM_TO_TEAMS, "error")
         _revert(link.zoom_user_id, **undo)
         raise
+    telemetry.written(ZOOM_TO_TEAMS)
     _index_overlay(TEAMS_PARTITION, link.zoom_user_id,
                    previous.teams_overlay.expires_at if previous.teams_overlay else None,
                    result.teams_overlay.expires_at if result.teams_overlay else None)
@@ -362,6 +374,7 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
     try:
         zoom_client.put_presence_status(link.zoom_user_id, op.status, op.duration_minutes)
     except ZoomUserNotSignedIn:
+        telemetry.failed(TEAMS_TO_ZOOM, "zoom_not_signed_in")
         until = time.time() + settings.zoom_not_signed_in_backoff_seconds
         _revert(link.zoom_user_id, **undo, blocked_until=until,
                 error=("zoom_not_signed_in", "the person is not signed in to a Zoom client (5301)"))
@@ -369,24 +382,28 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
         outcome.error = "zoom_not_signed_in"
         return False
     except Throttled as exc:
+        telemetry.failed(TEAMS_TO_ZOOM, "zoom_throttled")
         _revert(link.zoom_user_id, **undo)
         _schedule(link.zoom_user_id, exc.retry_after_s, "zoom_throttled", cid)
         outcome.deferred_until = time.time() + exc.retry_after_s
         return False
     except NotFound:
+        telemetry.failed(TEAMS_TO_ZOOM, "zoom_user_not_found")
         _revert(link.zoom_user_id, **undo, error=("zoom_user_not_found", "Zoom does not know this user (1001)"))
         outcome.error = "zoom_user_not_found"
         return False
     except Forbidden as exc:
+        telemetry.failed(TEAMS_TO_ZOOM, "zoom_forbidden")
         _revert(link.zoom_user_id, **undo, error=("zoom_forbidden", f"Zoom refused the update ({exc.code})"))
         outcome.error = "zoom_forbidden"
         return False
     except Exception:
+        telemetry.failed(TEAMS_TO_ZOOM, "error")
         _revert(link.zoom_user_id, **undo)
         raise
     outcome.zoom_writes += 1
-    log.info("sync: Zoom %s %s for user %s (cid %s)", "release to" if op.release else "put", op.status,
-             link.zoom_user_id, cid)
+    telemetry.written(TEAMS_TO_ZOOM)
+    logs.debug(log, f"sync: Zoom {'release to' if op.release else 'put'} {op.status}", user=link.zoom_user_id, cid=cid)
     _index_overlay(ZOOM_PARTITION, link.zoom_user_id,
                    previous.zoom_overlay.expires_at if previous.zoom_overlay else None,
                    result.zoom_overlay.expires_at if result.zoom_overlay else None)
@@ -396,7 +413,7 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
 def _schedule(zoom_user_id: str, delay_s: float, reason: str, cid: str) -> None:
     storage.enqueue(QUEUE_RECONCILE, {"kind": "reconcile", "zoom_user_id": zoom_user_id, "reason": reason,
                                       "cid": cid}, delay_seconds=max(1.0, delay_s))
-    log.info("sync: user %s retried in %.0fs (%s)", zoom_user_id, delay_s, reason)
+    logs.debug(log, "sync: retry scheduled", user=zoom_user_id, delay_s=float(delay_s), reason=reason, cid=cid)
 
 
 def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom=None, error: tuple[str, str] | None = None,
@@ -448,8 +465,10 @@ def _index_overlay(partition: str, zoom_user_id: str, was: float | None, expires
 def handle_zoom_presence(message: dict) -> Outcome:
     """A ``user.presence_status_updated`` event taken from the intake queue."""
     zoom_user_id = str(message["zoom_user_id"]).lower()
-    return sync_user(zoom_user_id, observe=zoom_observer(str(message["status"]), int(message["event_ts"])),
-                     reason="zoom_webhook", cid=str(message.get("cid", "")))
+    outcome = sync_user(zoom_user_id, observe=zoom_observer(str(message["status"]), int(message["event_ts"])),
+                        reason="zoom_webhook", cid=str(message.get("cid", "")))
+    telemetry.observed(ZOOM_TO_TEAMS, str(outcome.observed) if outcome.linked else "unlinked")
+    return outcome
 
 
 def handle_teams_presence(presence: dict, *, ts_ms: int | None = None, cid: str = "") -> Outcome:
@@ -457,9 +476,12 @@ def handle_teams_presence(presence: dict, *, ts_ms: int | None = None, cid: str 
     entra = str(presence.get("id", "")).lower()
     zoom_user_id = zoom_id_for_entra(entra) if entra else None
     if zoom_user_id is None:
+        telemetry.observed(TEAMS_TO_ZOOM, "unlinked")
         return Outcome(linked=False)
     ts = ts_ms if ts_ms is not None else int(time.time() * 1000)
-    return sync_user(zoom_user_id, observe=teams_observer(presence, ts), reason="teams", cid=cid)
+    outcome = sync_user(zoom_user_id, observe=teams_observer(presence, ts), reason="teams", cid=cid)
+    telemetry.observed(TEAMS_TO_ZOOM, str(outcome.observed) if outcome.linked else "unlinked")
+    return outcome
 
 
 def handle_reconcile(message: dict) -> Outcome:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared import names
+from shared import names, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,14 @@ def verify(headers: Mapping[str, str], body: bytes, secrets: list[str], now: flo
     return matched
 
 
-def handle(
+def handle(headers: Mapping[str, str], body: bytes, **kwargs) -> WebhookResponse:
+    """One webhook request → the response to give Zoom. Never raises for bad input."""
+    response = _handle(headers, body, **kwargs)
+    telemetry.webhook_received("zoom", response.status)
+    return response
+
+
+def _handle(
     headers: Mapping[str, str],
     body: bytes,
     *,
@@ -173,12 +180,25 @@ def _url_validation(event: ZoomEvent, secret: str) -> WebhookResponse:
     )
 
 
+def _put(enqueue, queue_name: str, message: dict) -> None:
+    """Queue an accepted event; storage trouble is a 503 (Zoom retries), never a 500."""
+    try:
+        enqueue(queue_name, message)
+    except Exception as exc:  # noqa: BLE001 - storage down: refuse so that Zoom delivers it again
+        raise _Rejected(503, "unavailable", f"queueing failed ({type(exc).__name__})") from None
+
+
 def _presence(event: ZoomEvent, headers: Mapping[str, str], now: float, enqueue) -> WebhookResponse:
     try:
         payload = PresencePayload.model_validate(event.payload)
     except ValidationError as exc:
         raise _Rejected(400, "bad_shape", f"presence payload invalid: {_fields(exc)}") from None
     tracking = _header(headers, "x-zm-trackingid") or ""
+    with telemetry.intake_span("zoom_webhook", zoom_user_id=payload.object.id.lower()):
+        return _queue_presence(event, payload, tracking, now, enqueue)
+
+
+def _queue_presence(event: ZoomEvent, payload: PresencePayload, tracking: str, now: float, enqueue) -> WebhookResponse:
     message = {
         "kind": "zoom_presence",
         # Zoom sends ids in lowercase in some places (API-FACTS §2): compare case-insensitively.
@@ -188,8 +208,8 @@ def _presence(event: ZoomEvent, headers: Mapping[str, str], now: float, enqueue)
         "received_at": now,
         "cid": tracking[:64] or uuid.uuid4().hex,
     }
-    enqueue(QUEUE_ZOOM_PRESENCE, message)
-    log.info("zoom webhook: presence for user %s queued", message["zoom_user_id"])
+    _put(enqueue, QUEUE_ZOOM_PRESENCE, telemetry.inject(message))
+    log.debug("zoom webhook: presence for user %s queued (cid %s)", message["zoom_user_id"], message["cid"])
     return WebhookResponse(200, {"status": "queued"})
 
 
@@ -198,7 +218,7 @@ def _user_event(event: ZoomEvent, enqueue) -> WebhookResponse:
         payload = UserPayload.model_validate(event.payload)
     except ValidationError as exc:
         raise _Rejected(400, "bad_shape", f"user event payload invalid: {_fields(exc)}") from None
-    enqueue(QUEUE_ZOOM_USERS, {
+    _put(enqueue, QUEUE_ZOOM_USERS, {
         "kind": "zoom_user_event", "event": event.event, "zoom_user_id": payload.object.id.lower(),
         "event_ts": event.event_ts,
     })

@@ -57,19 +57,10 @@ resource graphServicePrincipal 'Microsoft.Graph/servicePrincipals@v1.0' existing
   appId: graphAppId
 }
 
-var applicationAccess = [
-  for permission in applicationPermissions: {
-    id: filter(graphServicePrincipal.appRoles, role => role.value == permission)[0].id
-    type: 'Role'
-  }
-]
-
-var delegatedAccess = [
-  for permission in delegatedPermissions: {
-    id: filter(graphServicePrincipal.oauth2PermissionScopes, scope => scope.value == permission)[0].id
-    type: 'Scope'
-  }
-]
+var requestedPermissions = concat(
+  map(applicationPermissions, permission => { name: permission, type: 'Role' }),
+  map(delegatedPermissions, permission => { name: permission, type: 'Scope' })
+)
 
 resource application 'Microsoft.Graph/applications@v1.0' = {
   uniqueName: uniqueName
@@ -85,7 +76,13 @@ resource application 'Microsoft.Graph/applications@v1.0' = {
   requiredResourceAccess: [
     {
       resourceAppId: graphAppId
-      resourceAccess: concat(applicationAccess, delegatedAccess)
+      // A property loop: the ids are runtime values of the existing service principal.
+      resourceAccess: [
+        for permission in requestedPermissions: {
+          id: filter(permission.type == 'Role' ? graphServicePrincipal.appRoles : graphServicePrincipal.oauth2PermissionScopes, entry => entry.value == permission.name)[0].id
+          type: permission.type
+        }
+      ]
     }
   ]
 

@@ -152,8 +152,7 @@ def _take(req: WebRequest, provider: str, params: Mapping[str, str]) -> state.Fl
     given = params.get("state") or ""
     if not given:
         raise Refused(_bad_state("no_state"))
-    bound = state.bound_state(req.cookie(state.COOKIE_NAME))
-    if bound is None or not secrets.compare_digest(bound.encode(), given.encode()):
+    if not state.browser_holds(req.cookies(state.COOKIE_NAME), given):
         log.info("connect: %s callback refused: state not bound to this browser", provider)
         raise Refused(_bad_state("not_this_browser"))
     try:
@@ -409,9 +408,8 @@ def disconnect(provider: str, req: WebRequest) -> WebResponse:
         return _begin_zoom(PURPOSE_DISCONNECT, {})
     # Step 2: the confirmation button of the page step 1 ended on, in the same browser.
     ticket = state.read_ticket(form.get("confirm"))
-    bound = state.bound_state(req.cookie(state.COOKIE_NAME))
-    if ticket is None or ticket.get("p") != provider or bound is None or not secrets.compare_digest(
-            bound.encode(), str(ticket.get("n") or "").encode()):
+    if ticket is None or ticket.get("p") != provider or not state.browser_holds(
+            req.cookies(state.COOKIE_NAME), str(ticket.get("n") or "")):
         log.info("connect: %s disconnect confirmation refused", provider)
         return page(400, "Confirmation not accepted",
                     ["This confirmation is not valid in this browser, or it has expired. Nothing was changed.",

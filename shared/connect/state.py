@@ -127,9 +127,12 @@ def clear_cookie() -> str:
     return f"{COOKIE_NAME}=; Path={COOKIE_PATH}; Max-Age=0; HttpOnly; SameSite=Lax{secure}"
 
 
-def bound_state(cookie_value: str | None) -> str | None:
-    """The flow state this browser's cookie vouches for (None: no cookie, or not ours)."""
-    return verify(cookie_value)
+def browser_holds(cookie_values: list[str], expected: str) -> bool:
+    """Whether one of this browser's binding cookies vouches for ``expected`` (a state or nonce)."""
+    if not expected:
+        return False
+    return any(hmac.compare_digest(value.encode(), expected.encode())
+               for value in (verify(v) for v in cookie_values) if value is not None)
 
 
 def issue_ticket(payload: dict[str, Any], ttl_s: float) -> str:

@@ -100,8 +100,8 @@ def register_apps(world: World, application_permissions: tuple[str, ...] = APP_P
                                   [f"{world.host.base_url}/api/connect/zoom/callback"])
 
 
-@pytest.fixture
-def connect_world(world: World) -> Iterator[World]:
+@pytest.fixture(name="connect_world")
+def connect_world_fixture(world: World) -> Iterator[World]:
     from shared import connections
     from shared.write_path import reset_write_path_cache
 

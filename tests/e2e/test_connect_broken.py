@@ -10,7 +10,7 @@ import time
 import pytest
 
 from sandbox.world import World
-from tests.e2e.connect_browser import Browser, connect_world  # noqa: F401 - connect_world is a fixture
+from tests.e2e.connect_browser import Browser, connect_world_fixture  # noqa: F401 - the connect_world fixture
 from tests.e2e.test_connect_flows import connection, invitation
 
 pytestmark = pytest.mark.e2e

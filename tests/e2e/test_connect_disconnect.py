@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from sandbox.world import World
-from tests.e2e.connect_browser import (  # noqa: F401 - connect_world is a fixture
+from tests.e2e.connect_browser import (  # noqa: F401 - connect_world_fixture is the connect_world fixture
     Browser,
-    connect_world,
+    connect_world_fixture,
     connections_table,
 )
 from tests.e2e.test_connect_flows import self_connect

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 from sandbox.world import World
-from tests.e2e.connect_browser import (  # noqa: F401 - connect_world is a fixture
+from tests.e2e.connect_browser import (  # noqa: F401 - connect_world_fixture is the connect_world fixture
     Browser,
     Stopped,
-    connect_world,
+    connect_world_fixture,
     connections_table,
     flow_rows,
     is_callback,
@@ -67,6 +67,7 @@ def test_replayed_callback_is_refused(connect_world: World):
     first = browser.load(callback)
     assert first.status_code == 302, first.text
     before = connections_table()[user["id"].lower()]
+    browser.session.cookies.clear()
     browser.session.cookies.set("pb_connect", cookie, path="/api/connect")  # even with the old cookie back
     assert_refused(browser.load(callback), "already used")
     after = connections_table()[user["id"].lower()]
@@ -88,7 +89,6 @@ def test_a_callback_in_another_browser_or_with_a_forged_cookie_is_refused(connec
     assert_refused(forged.load(callback), "not started in this browser")
     # A validly signed cookie for a different flow.
     other_browser, _ = to_callback(world, world.graph.add_user(display_name="Other"))
-    other_browser.session.cookies.set("pb_connect", other_browser.cookie(), path="/api/connect")
     assert_refused(other_browser.load(callback), "not started in this browser")
     nothing_stored_for(world, user)
 

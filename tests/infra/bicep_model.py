@@ -1,19 +1,25 @@
 """Read infra/*.bicep offline (pycep-parser) and compare them with what the code needs.
 
-pycep turns a Bicep file into JSON: literal objects stay dicts, literal strings and identifiers
-both become plain strings, and expressions become ``{"function": ...}`` / ``{"operator": ...}``
-nodes; interpolated strings keep their ``${...}`` text. The helpers below walk that shape.
+pycep turns a Bicep file into JSON-like data: literal objects stay dicts (quoted keys keep their
+quotes), literal strings are ``str`` and identifiers ``BicepElement`` (a ``str`` subclass),
+expressions become ``{"function": ...}`` / ``{"operator": ...}`` nodes, and interpolated strings
+keep their ``${...}`` text. The helpers below walk that shape.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from pycep import BicepParser
+from pycep.models import BicepElement
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -21,7 +27,8 @@ MAIN = INFRA / "main.bicep"
 PARAMS = INFRA / "main.bicepparam"
 
 # @Microsoft.KeyVault(SecretUri=${<vault uri>}secrets/<name>/) - the versionless form, so a new
-# secret version is picked up without a redeploy (learn.microsoft.com/azure/app-service/app-service-key-vault-references).
+# secret version is picked up without a redeploy
+# (learn.microsoft.com/azure/app-service/app-service-key-vault-references).
 KV_REFERENCE = re.compile(r"@Microsoft\.KeyVault\(SecretUri=\$\{(?P<vault>[^}]+)\}secrets/(?P<name>[A-Za-z0-9-]+)/?\)")
 HOST_EXPRESSION = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 
@@ -31,8 +38,13 @@ def bicep_files() -> list[Path]:
 
 
 @cache
+def _parser() -> BicepParser:
+    return BicepParser()
+
+
+@cache
 def parse(path: Path) -> dict[str, Any]:
-    return BicepParser().parse(file_path=path)
+    return _parser().parse(file_path=path)
 
 
 def _ast_children(node: dict[str, Any]) -> list[Any] | None:
@@ -60,6 +72,16 @@ def literal_objects(value: Any) -> Iterator[dict[str, Any]]:
             yield from literal_objects(child)
 
 
+def key(name: str) -> str:
+    """An object key without the quotes Bicep needs for keys like 'zoom-client-secret'."""
+    return name[1:-1] if len(name) > 1 and name[0] == name[-1] == "'" else name
+
+
+def is_reference(value: Any) -> bool:
+    """True for an identifier (parameter, variable, resource), False for a literal string."""
+    return isinstance(value, BicepElement)
+
+
 def strings(value: Any) -> Iterator[str]:
     if isinstance(value, str):
         yield value
@@ -78,7 +100,7 @@ def app_settings(template: dict[str, Any] | None = None) -> dict[str, Any]:
     template = template if template is not None else parse(MAIN)
     settings: dict[str, Any] = {}
     for obj in literal_objects(template["variables"]["appSettings"]["value"]):
-        settings.update(obj)
+        settings.update({key(name): value for name, value in obj.items()})
     return settings
 
 
@@ -88,7 +110,7 @@ def key_vault_secret_names(template: dict[str, Any] | None = None) -> set[str]:
     secrets = template["modules"]["keyVault"]["config"]["params"]["secrets"]
     names: set[str] = set()
     for obj in literal_objects(secrets):
-        names.update(key for key, val in obj.items() if isinstance(val, dict) and "value" in val)
+        names.update(key(name) for name, val in obj.items() if isinstance(val, dict) and "value" in val)
     return names
 
 
@@ -144,23 +166,40 @@ def settings_read_by_code(settings_cls: type | None = None) -> set[str]:
     return names
 
 
-def settings_read_by_host(app: Any | None = None) -> tuple[set[str], set[str]]:
-    """(``%NAME%`` binding expressions, connection names) of the indexed function app."""
-    if app is None:
-        import function_app
+_DUMP_BINDINGS = """
+import json, function_app
+bindings = [b.get_dict_repr() for f in function_app.app.get_functions() for b in f.get_bindings()]
+print(json.dumps(bindings, default=lambda o: getattr(o, "value", str(o))))
+"""
 
-        app = function_app.app
+
+@cache
+def indexed_bindings() -> tuple[dict[str, Any], ...]:
+    """Binding specs of every function, indexed in a clean process with an empty environment
+    (as the host does; FunctionApp.get_functions() can only run once per app object)."""
+    result = subprocess.run([sys.executable, "-c", _DUMP_BINDINGS], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}, timeout=120,
+                            check=True)
+    return tuple(json.loads(result.stdout))
+
+
+def settings_read_by_host(app: Any | None = None) -> tuple[set[str], set[str]]:
+    """(``%NAME%`` binding expressions, connection names) of the function app (or ``app``)."""
+    specs = (indexed_bindings() if app is None
+             else [b.get_dict_repr() for f in app.get_functions() for b in f.get_bindings()])
     expressions: set[str] = set()
     connections: set[str] = set()
-    for function in app.get_functions():
-        for binding in function.get_bindings():
-            spec = binding.get_dict_repr()
-            for value in spec.values():
-                if isinstance(value, str):
-                    expressions.update(HOST_EXPRESSION.findall(value))
-            if isinstance(spec.get("connection"), str):
-                connections.add(spec["connection"])
+    for spec in specs:
+        for value in spec.values():
+            if isinstance(value, str):
+                expressions.update(HOST_EXPRESSION.findall(value))
+        if isinstance(spec.get("connection"), str):
+            connections.add(spec["connection"])
     return expressions, connections
+
+
+def http_routes() -> set[str]:
+    return {spec["route"] for spec in indexed_bindings() if spec.get("type") == "httpTrigger" and spec.get("route")}
 
 
 def missing_settings(read: set[str], connections: set[str], set_by_bicep: set[str],

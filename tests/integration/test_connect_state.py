@@ -109,21 +109,23 @@ def test_binding_cookie_is_signed_rotatable_and_secure_on_https(flow_env, monkey
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "; Secure" in cookie
     assert "Path=/api/connect" in cookie and "Max-Age=600" in cookie
     value = cookie.split(";")[0].split("=", 1)[1]
-    assert state.bound_state(value) == "abc"
+    assert state.browser_holds([value], "abc") and state.browser_holds(["junk", value], "abc")
+    assert not state.browser_holds([value], "abd")
     body, mac, key_id = value.split(".", 2)
-    assert state.bound_state(f"abd.{mac}.{key_id}") is None
-    assert state.bound_state(f"{body}.{mac[:-2]}AA.{key_id}") is None
-    assert state.bound_state(None) is None and state.bound_state("abc") is None
+    assert not state.browser_holds([f"abd.{mac}.{key_id}"], "abd")
+    assert not state.browser_holds([f"{body}.{mac[:-2]}AA.{key_id}"], "abc")
+    assert not state.browser_holds([], "abc") and not state.browser_holds(["abc"], "abc")
+    assert not state.browser_holds([value], "")
 
     import os
 
     old = os.environ["TOKEN_ENCRYPTION_KEY"]
     monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", f"{new_key('k2')},{old}")
     reset_settings()
-    assert state.bound_state(value) == "abc"  # made with the previous key: still good
+    assert state.browser_holds([value], "abc")  # made with the previous key: still good
     monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", new_key("k2"))
     reset_settings()
-    assert state.bound_state(value) is None  # its key is gone
+    assert not state.browser_holds([value], "abc")  # its key is gone
     monkeypatch.setenv("PUBLIC_BASE_URL", "http://127.0.0.1:7071")
     reset_settings()
     assert "Secure" not in state.binding_cookie("abc", 600)

@@ -1,0 +1,196 @@
+"""``make bench``: the load benchmark on the sandbox. Writes ``bench/results/latest.json``, prints a
+table, and draws the latency CDF and the burst throughput plot into ``bench/results/``.
+
+    python -m bench.run                 # steady, burst, cold, sweep cost (several minutes)
+    python -m bench.run --quick         # a smoke run on a few dozen people (~1 min)
+    python -m bench.run --runs 3        # median of three runs per figure
+    python -m bench.run --only steady,cold
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.figures import capacity_plan, sweep_cost
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {
+    "zoom_to_teams.p99_ms": ("<=", 250), "teams_to_zoom.p99_ms": ("<=", 500),
+    "throughput_changes_per_s": (">=", 300), "converge_ratio": ("<=", 1.2), "lost": ("==", 0),
+    "echo_writes": ("==", 0), "burst.zoom_to_teams.writes_per_change": ("==", 1.0),
+    "burst.teams_to_zoom.writes_per_change": ("==", 1.0), "cold_import_ms": ("<=", 600),
+    "cold_first_ack_ms": ("<=", 1000), "table_ops_per_change": ("<=", 4),
+}
+
+
+def median_merge(runs: list[dict]) -> dict:
+    """One result from several: the median of every number, the first value of anything else.
+    Series (lists) are taken from the median run of the first numeric figure's... simply the first run."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, Any] = {}
+    for key, first in runs[0].items():
+        values = [r.get(key) for r in runs]
+        if isinstance(first, dict):
+            out[key] = median_merge([v for v in values if isinstance(v, dict)])
+        elif isinstance(first, bool) or not isinstance(first, int | float):
+            out[key] = first
+        else:
+            numbers = [v for v in values if isinstance(v, int | float)]
+            out[key] = round(statistics.median(numbers), 2) if numbers else None
+    return out
+
+
+def get(result: dict, dotted: str) -> Any:
+    node: Any = result
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def verdict(value: Any, rule: tuple[str, float]) -> str:
+    if value is None:
+        return "-"
+    op, target = rule
+    ok = {"<=": value <= target, ">=": value >= target, "==": math.isclose(value, target)}[op]
+    return "met" if ok else "MISSED"
+
+
+def assemble(steady: dict | None, burst: dict | None, cold: dict | None, runs: int, quick: bool) -> dict:
+    result: dict[str, Any] = {
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_avg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "runs": runs, "quick": quick, "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if steady:
+        result["zoom_to_teams"] = steady["zoom_to_teams"]
+        result["teams_to_zoom"] = steady["teams_to_zoom"]
+        result["table_ops_per_change"] = steady["table_ops_per_change"]
+    echo = lost = 0
+    for part in (steady, burst):
+        if part:
+            echo += part["echo_writes"]
+            lost += part["lost"]
+    result["echo_writes"] = echo
+    result["lost"] = lost
+    if burst:
+        result["throughput_changes_per_s"] = burst["throughput_changes_per_s"]
+        result["converge_s"] = burst["converge_s"]
+        result["converge_bound_s"] = burst["converge_bound_s"]
+        result["converge_ratio"] = round(burst["converge_s"] / burst["converge_bound_s"], 2) \
+            if burst["converge_bound_s"] else None
+    if cold:
+        result["cold_import_ms"] = cold["cold_import_ms"]
+        result["cold_first_ack_ms"] = cold["cold_first_ack_ms"]
+    sweeps = {}
+    if steady:
+        sweeps[str(steady["users"])] = steady["sweep"]
+    if burst:
+        sweeps[str(burst["users"])] = burst["sweep"]
+        result["graph_reads_per_sweep_10k"] = burst["sweep"]["graph_reads_per_sweep"]
+    big = sweep_cost(100_000)
+    if burst and burst["sweep"].get("graph_reads_per_sweep"):
+        per_read = burst["sweep"]["seconds"] / burst["sweep"]["graph_reads_per_sweep"]
+        big["seconds"] = round(per_read * big["graph_reads_per_sweep"], 2)
+    big["measured"] = False
+    big["note"] = "computed from the shard math and the measured per-shard time of the largest run"
+    sweeps["100000"] = big
+    result["sweep"] = sweeps
+    if "graph_reads_per_sweep_10k" not in result:
+        result["graph_reads_per_sweep_10k"] = sweep_cost(10_000)["graph_reads_per_sweep"]
+    result["capacity"] = capacity_plan()
+    result["steady"] = {k: v for k, v in (steady or {}).items() if k != "series"}
+    result["burst"] = {k: v for k, v in (burst or {}).items() if k != "series"}
+    result["cold"] = cold or {}
+    result["targets"] = {key: {"target": f"{op} {val}", "value": get(result, key), "verdict": verdict(get(result, key),
+                               (op, val))} for key, (op, val) in TARGETS.items()}
+    return result
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"presence-bridge benchmark ({'quick' if result['quick'] else 'full'}, "
+                        f"{result['runs']} run(s), {result['machine']['cores']} cores)")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    table.add_column("", justify="left")
+    for key, row in result["targets"].items():
+        table.add_row(key, str(row["value"]), row["target"], row["verdict"])
+    for key in ("zoom_to_teams.p50_ms", "zoom_to_teams.p95_ms", "teams_to_zoom.p50_ms", "teams_to_zoom.p95_ms",
+                "converge_s", "converge_bound_s", "graph_reads_per_sweep_10k"):
+        table.add_row(key, str(get(result, key)), "", "")
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run on a few dozen people")
+    parser.add_argument("--runs", type=int, default=1, help="runs per scenario; figures are medians")
+    parser.add_argument("--only", default="steady,burst,cold", help="comma-separated scenarios")
+    parser.add_argument("--out", default=str(RESULTS / "latest.json"))
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("azure").setLevel(logging.ERROR)
+    params = scenarios.Params.quick() if args.quick else scenarios.Params()
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+                  TimeElapsedColumn(), transient=False) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(phase: str, done: float, total: float) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        def repeat(name: str, fn):
+            if name not in only:
+                return None
+            runs = []
+            for i in range(max(1, args.runs)):
+                runs.append(fn(lambda phase, d, t: progress(f"{phase} ({i + 1}/{args.runs})", d, t)))
+            merged = median_merge(runs)
+            merged["series"] = runs[0].get("series", {})
+            return merged
+
+        cold = repeat("cold", lambda p: scenarios.cold(p))
+        steady = repeat("steady", lambda p: scenarios.steady(params, p))
+        burst = repeat("burst", lambda p: scenarios.burst(params, p))
+
+    result = assemble(steady, burst, cold, max(1, args.runs), args.quick)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    series = {"steady": (steady or {}).get("series", {}), "burst": (burst or {}).get("series", {})}
+    (out.parent / f"{out.stem}-series.json").write_text(json.dumps(series) + "\n")
+    if not args.no_plots:
+        from bench.plots import draw
+
+        draw(series, out.parent, quick=args.quick)
+    print_table(result)
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

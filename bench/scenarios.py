@@ -1,0 +1,348 @@
+"""The benchmark scenarios, each on its own sandbox world (Azurite, both emulators, the local host
+serving the real app at host.json's concurrency). See docs/performance.md for the method."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.figures import Change, converge_bound_s, match, sweep_cost
+from bench.world_probe import Arrivals, graph_presence_requests, graph_writes, tap_arrivals, zoom_writes
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARD = 650
+Progress = Callable[[str, float, float], None]  # (phase, done, total)
+
+
+def _quiet(*_a) -> None:
+    pass
+
+
+@dataclass
+class Params:
+    steady_users: int = 1000
+    steady_rate: float = 20.0  # changes per second, both sides together
+    steady_seconds: float = 60.0
+    burst_users: int = 10_000
+    burst_zoom: int = 3000
+    burst_teams: int = 2000
+    burst_teams_window_s: float = 10.0
+    webhook_workers: int = 16  # concurrent deliveries by each emulator (Zoom and Graph deliver in parallel)
+
+    @classmethod
+    def quick(cls) -> Params:
+        return cls(steady_users=40, steady_rate=10.0, steady_seconds=4.0, burst_users=120, burst_zoom=60,
+                   burst_teams=40, burst_teams_window_s=2.0, webhook_workers=4)
+
+
+def new_world(params: Params):
+    from sandbox.world import World
+
+    return World(zoom_min_interval_s=60.0, run_timers=False, zoom_webhook_workers=params.webhook_workers,
+                 graph_delivery_workers=params.webhook_workers)
+
+
+def seed(world, n: int, progress: Progress, phase: str = "seed") -> list:
+    """n linked people (Teams client Available, signed in to Zoom), plus one sync account per
+    650 people holding the presence subscriptions; then a first sweep so both sides are known."""
+    done = 0
+    lock = threading.Lock()
+
+    def one(_i: int):
+        nonlocal done
+        person = world.add_person()
+        with lock:
+            done += 1
+            if done % 50 == 0 or done == n:
+                progress(phase, done, n)
+        return person
+
+    with ThreadPoolExecutor(8) as pool:
+        people = list(pool.map(one, range(n)))
+    for _ in range(math.ceil(n / SHARD)):
+        world.connect_sync_account()
+    world.host.fire_timer("graph_subscriptions")
+    world.settle(timeout=120)
+    return people
+
+
+def warm_up(world, people: list, zoom_known: list, timeout: float) -> dict:
+    """Learn both sides before measuring, as a deployment that has run for a while has: one sweep
+    (Teams, every shard) and one presence event for people whose Zoom state we would otherwise read."""
+    from shared import storage
+    from shared.sweep import sweep
+
+    ops0 = storage.storage_operation_count()
+    t0 = time.time()
+    report = sweep(force=True)
+    first = {"graph_reads": report.graph_reads, "changes": report.changes,
+             "table_ops": storage.storage_operation_count() - ops0, "seconds": round(time.time() - t0, 3)}
+    for p in zoom_known:
+        world.zoom.send_event(world.zoom.presence_event(p.zoom_id, "Available"))
+    world.settle(timeout=timeout)
+    return first
+
+
+def measure_sweep(world, users: int) -> dict:
+    """One full quiet poll (every shard read, nothing changed) in this process, as the timer runs it."""
+    from shared import storage
+    from shared.sweep import sweep
+
+    since = world.clock.now()
+    ops0 = storage.storage_operation_count()
+    t0 = time.perf_counter()
+    report = sweep(force=True)
+    seconds = time.perf_counter() - t0
+    reads = sum(1 for r in world.graph.requests if r.time >= since and r.path.lower().endswith("getpresencesbyuserid"))
+    out = sweep_cost(users)
+    out.update({"graph_reads_per_sweep": reads, "reported_reads": report.graph_reads, "changes": report.changes,
+                "table_ops": storage.storage_operation_count() - ops0, "seconds": round(seconds, 3),
+                "measured": True})
+    return out
+
+
+def _dead_lettered(world) -> int:
+    return len(world.host.poisoned)
+
+
+def _side_summary(changes: list[Change], writes, extra_writes: int = 0) -> tuple[dict, list[float]]:
+    m = match(changes, writes)
+    return m.summary(), m.latencies_ms
+
+
+def _arrived(arrivals: Arrivals, side: str, triggered: list[tuple[str, float]]) -> list[Change]:
+    """Changes with their arrival at our endpoint (the trigger time when no arrival was seen)."""
+    out = []
+    for user, at in triggered:
+        seen = arrivals.first_after(side, user, at - 0.001)
+        out.append(Change(user, seen if seen is not None else at))
+    return out
+
+
+# --- steady ---------------------------------------------------------------------------------------
+
+
+def steady(params: Params, progress: Progress = _quiet) -> dict:
+    from shared import storage
+
+    world = new_world(params)
+    world.start()
+    try:
+        people = seed(world, params.steady_users, progress, "steady: seed")
+        n_zoom_side = max(1, int(len(people) * 0.4))
+        zoom_side, teams_side = people[:n_zoom_side], people[n_zoom_side:]
+        first_sweep = warm_up(world, people, teams_side, timeout=120)
+        sweep_1k = measure_sweep(world, len(people))
+        sweep_1k["first_sweep"] = first_sweep
+        arrivals = tap_arrivals(world)
+
+        total = int(params.steady_rate * params.steady_seconds)
+        since = world.clock.now()
+        ops0 = storage.storage_operation_count()
+        zoom_trig: list[tuple[str, float]] = []
+        teams_trig: list[tuple[str, float]] = []
+        in_meeting: dict[str, bool] = {}
+        start = time.time()
+        zi = ti = 0
+        for i in range(total):
+            due = start + i / params.steady_rate
+            wait = due - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            if i % 2 == 0 or ti >= len(teams_side):
+                p = zoom_side[zi % len(zoom_side)]
+                zi += 1
+                now = world.clock.now()
+                if in_meeting.get(p.zoom_id):
+                    world.zoom.leave_meeting(p.zoom_id)
+                else:
+                    world.zoom.join_meeting(p.zoom_id)
+                in_meeting[p.zoom_id] = not in_meeting.get(p.zoom_id)
+                zoom_trig.append((p.zoom_id, now))
+            else:
+                p = teams_side[ti % len(teams_side)]
+                ti += 1
+                now = world.clock.now()
+                world.graph.set_teams_client(p.entra_id, "DoNotDisturb")
+                teams_trig.append((p.entra_id, now))
+            if i % 20 == 0:
+                progress("steady: run", i, total)
+        progress("steady: run", total, total)
+        world.settle(timeout=180)
+        ops = storage.storage_operation_count() - ops0
+
+        entra_of = {p.zoom_id: p.entra_id for p in people}
+        zoom_of = {p.entra_id: p.zoom_id for p in people}
+        zoom_changes = [Change(entra_of[c.user], c.arrived_at) for c in _arrived(arrivals, "zoom", zoom_trig)]
+        teams_changes = [Change(zoom_of[c.user], c.arrived_at) for c in _arrived(arrivals, "graph", teams_trig)]
+        gw = graph_writes(world, since)
+        zw = zoom_writes(world, since)
+        z2t, z2t_lat = _side_summary(zoom_changes, [w for w in gw if w.user in {p.entra_id for p in zoom_side}])
+        t2z, t2z_lat = _side_summary(teams_changes, [w for w in zw if w.user in {p.zoom_id for p in teams_side}])
+        zoom_ids, teams_entra = {p.zoom_id for p in zoom_side}, {p.entra_id for p in teams_side}
+        echo = sum(1 for w in zw if w.ok and w.user in zoom_ids) + sum(1 for w in gw if w.ok and w.user in teams_entra)
+        wrong = 0
+        for p in zoom_side:
+            if p.zoom_id in in_meeting:
+                want = ("Busy", "InACall") if in_meeting[p.zoom_id] else ("Available", "Available")
+                wrong += world.teams_shows(p) != want
+        touched = {u for u, _ in teams_trig}
+        wrong += sum(1 for p in teams_side if p.entra_id in touched and world.zoom_shows(p) != "Do_Not_Disturb")
+        dead = _dead_lettered(world)
+        return {
+            "users": len(people), "changes": total, "seconds": params.steady_seconds, "rate": params.steady_rate,
+            "zoom_to_teams": z2t, "teams_to_zoom": t2z, "echo_writes": echo, "wrong_at_end": wrong,
+            "dead_lettered": dead, "lost": max(0, wrong - dead),
+            "table_ops": ops, "table_ops_per_change": round(ops / total, 2) if total else None,
+            "graph_requests": graph_presence_requests(world, since),
+            "zoom_rate_limited": sum(1 for r in world.zoom.rate_limited if r["time"] >= since),
+            "sweep": sweep_1k,
+            "series": {"zoom_to_teams_ms": z2t_lat, "teams_to_zoom_ms": t2z_lat},
+        }
+    finally:
+        world.stop()
+
+
+# --- burst ----------------------------------------------------------------------------------------
+
+
+def burst(params: Params, progress: Progress = _quiet) -> dict:
+    world = new_world(params)
+    world.start()
+    try:
+        people = seed(world, params.burst_users, progress, "burst: seed")
+        zoom_side = people[:params.burst_zoom]
+        teams_side = people[params.burst_zoom:params.burst_zoom + params.burst_teams]
+        first_sweep = warm_up(world, people, teams_side, timeout=300)
+        sweep_10k = measure_sweep(world, len(people))
+        sweep_10k["first_sweep"] = first_sweep
+        arrivals = tap_arrivals(world)
+        plan = world.zoom.plan
+
+        since = world.clock.now()
+        teams_trig: list[tuple[str, float]] = []
+
+        def teams_driver() -> None:
+            start = time.time()
+            for i, p in enumerate(teams_side):
+                due = start + i * params.burst_teams_window_s / max(1, len(teams_side))
+                wait = due - time.time()
+                if wait > 0:
+                    time.sleep(wait)
+                now = world.clock.now()
+                world.graph.set_teams_client(p.entra_id, "DoNotDisturb")
+                teams_trig.append((p.entra_id, now))
+
+        driver = threading.Thread(target=teams_driver, name="bench-teams-burst", daemon=True)
+        driver.start()
+        zoom_trig: list[tuple[str, float]] = []
+        for p in zoom_side:  # the top of the hour: everyone joins at once
+            now = world.clock.now()
+            world.zoom.join_meeting(p.zoom_id)
+            zoom_trig.append((p.zoom_id, now))
+        driver.join()
+        deadline = time.time() + 600
+        want = len(zoom_side) + len(teams_side)
+        zoom_ids, entra_ids = {p.zoom_id for p in teams_side}, {p.entra_id for p in zoom_side}
+        while time.time() < deadline:
+            done = sum(1 for w in graph_writes(world, since) if w.ok and w.user in entra_ids) + \
+                sum(1 for w in zoom_writes(world, since) if w.ok and w.user in zoom_ids)
+            progress("burst: converge", min(done, want), want)
+            if done >= want:
+                break
+            time.sleep(0.5)
+        world.settle(timeout=300)
+
+        entra_of = {p.zoom_id: p.entra_id for p in people}
+        zoom_of = {p.entra_id: p.zoom_id for p in people}
+        zoom_changes = [Change(entra_of[c.user], c.arrived_at) for c in _arrived(arrivals, "zoom", zoom_trig)]
+        teams_changes = [Change(zoom_of[c.user], c.arrived_at) for c in _arrived(arrivals, "graph", teams_trig)]
+        gw = [w for w in graph_writes(world, since)]
+        zw = [w for w in zoom_writes(world, since)]
+        gw_target = [w for w in gw if w.user in entra_ids]
+        zw_target = [w for w in zw if w.user in zoom_ids]
+        z2t, z2t_lat = _side_summary(zoom_changes, gw_target)
+        t2z, t2z_lat = _side_summary(teams_changes, zw_target)
+        echo = sum(1 for w in zw if w.ok and w.user in {p.zoom_id for p in zoom_side}) + \
+            sum(1 for w in gw if w.ok and w.user in {p.entra_id for p in teams_side})
+        first_arrival = min(c.arrived_at for c in zoom_changes + teams_changes)
+        last_arrival = max(c.arrived_at for c in zoom_changes + teams_changes)
+        ok_g = [w.at for w in gw_target if w.ok]
+        ok_z = [w.at for w in zw_target if w.ok]
+        last_write = max(ok_g + ok_z) if ok_g or ok_z else last_arrival
+        first_zoom = min(c.arrived_at for c in zoom_changes)
+        throughput = len(zoom_changes) / max(1e-6, (max(ok_g) if ok_g else last_arrival) - first_zoom)
+        greq = graph_presence_requests(world, since)
+        bound = converge_bound_s(zoom_changes=len(zoom_changes), teams_changes=len(teams_changes),
+                                 arrival_span_s=last_arrival - first_arrival, zoom_plan=plan)
+        wrong = sum(1 for p in zoom_side if world.teams_shows(p) != ("Busy", "InACall"))
+        wrong += sum(1 for p in teams_side if world.zoom_shows(p) != "Do_Not_Disturb")
+        dead = _dead_lettered(world)
+        zoom_arrivals = sorted(c.arrived_at - first_arrival for c in zoom_changes)
+        return {
+            "users": len(people), "zoom_changes": len(zoom_changes), "teams_changes": len(teams_changes),
+            "zoom_arrival_span_s": round(zoom_arrivals[-1] - zoom_arrivals[0], 2) if zoom_arrivals else None,
+            "zoom_to_teams": z2t, "teams_to_zoom": t2z, "echo_writes": echo,
+            "wrong_at_end": wrong, "dead_lettered": dead, "lost": max(0, wrong - dead),
+            "throughput_changes_per_s": round(throughput, 1),
+            "converge_s": round(last_write - first_arrival, 2), **bound,
+            "graph_requests": greq,
+            "zoom_rate_limited": sum(1 for r in world.zoom.rate_limited if r["time"] >= since),
+            "sweep": sweep_10k,
+            "series": {
+                "zoom_arrivals_s": zoom_arrivals,
+                "teams_arrivals_s": sorted(c.arrived_at - first_arrival for c in teams_changes),
+                "graph_writes_s": sorted(t - first_arrival for t in ok_g),
+                "zoom_puts_s": sorted(t - first_arrival for t in ok_z),
+            },
+        }
+    finally:
+        world.stop()
+
+
+# --- cold -----------------------------------------------------------------------------------------
+
+_IMPORT_SNIPPET = """
+import time, sys
+t0 = time.perf_counter()
+import function_app
+print(round((time.perf_counter() - t0) * 1000, 1))
+"""
+
+
+def cold(progress: Progress = _quiet) -> dict:
+    """A fresh interpreter: import time of function_app (empty environment, as at indexing), and the
+    time from spawning the process to the first answered (signed) Zoom webhook."""
+    env_min = {"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1"}
+    out = subprocess.run([sys.executable, "-c", _IMPORT_SNIPPET], cwd=ROOT, env=env_min, capture_output=True,
+                         text=True, timeout=120, check=True)
+    import_ms = float(out.stdout.strip().splitlines()[-1])
+    progress("cold", 1, 2)
+    from sandbox.azurite import Azurite
+
+    azurite = Azurite()
+    azurite.start()
+    try:
+        env = dict(os.environ)
+        env.update({"AzureWebJobsStorage": azurite.connection_string, "ZOOM_WEBHOOK_SECRET_TOKEN": "bench-secret",
+                    "PRESENCE_SWEEP_SCHEDULE": "0 */5 * * * *",
+                    "PYTHONDONTWRITEBYTECODE": "1"})
+        spawned = time.time()
+        out = subprocess.run([sys.executable, "-m", "bench.cold_child", str(spawned)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"cold child failed: {out.stderr[-2000:]}")
+        child = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        azurite.stop()
+    progress("cold", 2, 2)
+    return {"cold_import_ms": import_ms, **child}

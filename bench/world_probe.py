@@ -1,0 +1,87 @@
+"""Instruments a running sandbox world for the benchmark: when each change reached our endpoints,
+and which writes each emulator saw. Nothing here changes what the app does."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+from bench.figures import Write
+
+WRITE_ACTIONS = ("setpresence", "clearpresence", "setuserpreferredpresence", "clearuserpreferredpresence")
+
+
+@dataclass
+class Arrivals:
+    """Arrival times at our intake endpoints, per person: Zoom ids (webhooks), Entra ids (Graph)."""
+
+    zoom: dict[str, list[float]] = field(default_factory=dict)
+    graph: dict[str, list[float]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def first_after(self, side: str, user: str, after: float) -> float | None:
+        with self.lock:
+            times = list((self.zoom if side == "zoom" else self.graph).get(user, ()))
+        return next((t for t in sorted(times) if t >= after), None)
+
+
+def tap_arrivals(world) -> Arrivals:
+    """Wrap the local host's request dispatch to note when each webhook/notification arrives."""
+    arrivals = Arrivals()
+    host = world.host
+    original = host._dispatch
+
+    def dispatch(request):
+        now = time.time()
+        path = request.path
+        if path.endswith("/zoom/webhook") or path.endswith("/graph/notifications"):
+            try:
+                body = json.loads(request.get_data(cache=True) or b"{}")
+            except ValueError:
+                body = {}
+            with arrivals.lock:
+                if path.endswith("/zoom/webhook"):
+                    obj = ((body.get("payload") or {}).get("object") or {})
+                    if obj.get("id"):
+                        arrivals.zoom.setdefault(str(obj["id"]).lower(), []).append(now)
+                else:
+                    for item in body.get("value") or []:
+                        uid = ((item.get("resourceData") or {}).get("id"))
+                        if uid:
+                            arrivals.graph.setdefault(str(uid).lower(), []).append(now)
+        return original(request)
+
+    host._dispatch = dispatch
+    return arrivals
+
+
+def graph_writes(world, since: float) -> list[Write]:
+    out = []
+    for r in world.graph.requests:
+        if r.time < since or r.method != "POST":
+            continue
+        parts = r.path.lower().split("/")
+        if len(parts) >= 5 and parts[-1] in WRITE_ACTIONS and parts[-2] == "presence":
+            out.append(Write(parts[-3], r.time, 200 <= r.status < 300))
+    return out
+
+
+def graph_presence_requests(world, since: float) -> dict:
+    reads = writes = throttled = 0
+    for r in world.graph.requests:
+        if r.time < since or "presence" not in r.path.lower():
+            continue
+        if r.status == 429:
+            throttled += 1
+        if r.path.lower().endswith("getpresencesbyuserid") or r.method == "GET":
+            reads += 1
+        else:
+            writes += 1
+    return {"reads": reads, "writes": writes, "throttled": throttled}
+
+
+def zoom_writes(world, since: float) -> list[Write]:
+    return [Write(str(p["user_id"]).lower(), p["time"], 200 <= int(p["status"]) < 300)
+            for p in list(world.zoom.presence_puts) if p["time"] >= since]

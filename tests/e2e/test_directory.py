@@ -1,0 +1,476 @@
+"""Directory matching, enablement scopes, Zoom user lifecycle and the admin API, end to end: the
+real app on the local host against Azurite and both emulators. Outcomes are what the links say
+and what Teams and Zoom show."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from sandbox.world import Person, World
+from tests.e2e.directory_support import all_links, directory_world, etags, run_matching, wipe
+
+pytestmark = pytest.mark.e2e
+
+DOMAIN = "contoso.example"
+TENANT = "contoso.onmicrosoft.com"
+
+
+@pytest.fixture(scope="module")
+def dworld() -> Iterator[World]:
+    world = directory_world()
+    world.start()
+    try:
+        yield world
+    finally:
+        world.stop()
+
+
+@pytest.fixture
+def world(dworld: World) -> Iterator[World]:
+    wipe(dworld)
+    yield dworld
+    dworld.graph.faults.clear()
+    dworld.zoom.faults.clear()
+
+
+# --- the directory at scale -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Expected:
+    links: dict[str, tuple[str, str, str, str]] = field(default_factory=dict)  # zoom -> (entra, origin, status, why)
+    ambiguous_zoom: list[dict] = field(default_factory=list)
+    ambiguous_entra: list[dict] = field(default_factory=list)
+    conflicts: list[dict] = field(default_factory=list)
+    unmatched_zoom: set[str] = field(default_factory=set)
+    unmatched_entra: set[str] = field(default_factory=set)
+    admin: list[tuple[str, str]] = field(default_factory=list)  # admin links to create before the run
+    zoom_total: int = 0
+    entra_total: int = 0
+
+
+def seed_directory(world: World) -> Expected:
+    """2,000 Zoom and 2,100 Entra users with every variation matching has to get right."""
+    zoom, graph = world.zoom, world.graph
+    exp = Expected()
+
+    def z(email: str, **kw) -> str:
+        exp.zoom_total += 1
+        return zoom.add_user(email=email, **kw)["id"].lower()
+
+    def e(**kw) -> str:
+        exp.entra_total += 1
+        return graph.add_user(**kw)["id"].lower()
+
+    # 1,600 people who match exactly once, through every address kind and spelling.
+    for i in range(1600):
+        email = f"person{i:04d}@{DOMAIN}"
+        kind = i % 8
+        disabled = i % 16 == 7  # 100 accounts switched off in Entra
+        if kind == 0:
+            entra_id = e(mail=email, account_enabled=not disabled)
+        elif kind == 1:  # UPN only, no mailbox
+            entra_id = e(user_principal_name=email, account_enabled=not disabled)
+        elif kind == 2:  # an smtp: alias (secondary address)
+            entra_id = e(mail=f"primary{i:04d}@{DOMAIN}", user_principal_name=f"p{i:04d}@{TENANT}",
+                         proxy_addresses=[f"SMTP:primary{i:04d}@{DOMAIN}", f"smtp:{email}"],
+                         account_enabled=not disabled)
+        elif kind == 3:  # the primary SMTP: address only, in capitals
+            entra_id = e(user_principal_name=f"u{i:04d}@{TENANT}", proxy_addresses=[f"SMTP:{email.upper()}"],
+                         account_enabled=not disabled)
+        elif kind == 5:  # Entra spells it in capitals
+            entra_id = e(mail=email.upper(), user_principal_name=f"u{i:04d}@{TENANT}", account_enabled=not disabled)
+        elif kind == 6:  # sip: and X500: addresses are not email addresses
+            entra_id = e(mail=email, proxy_addresses=[f"SMTP:{email}", f"sip:other{i:04d}@{DOMAIN}",
+                                                      f"X500:/o=Contoso/ou=Exchange/cn=Recipients/cn=u{i:04d}"],
+                         account_enabled=not disabled)
+        else:
+            entra_id = e(mail=email, account_enabled=not disabled)
+        zoom_email = email.title() if kind == 4 else email  # Zoom spells it with capitals
+        zoom_id = z(zoom_email)
+        exp.links[zoom_id] = (entra_id, "match", "disabled" if disabled else "active",
+                              "entra_disabled" if disabled else "")
+
+    # One email, two Entra users (one's mail, the other's UPN): ambiguous, nobody linked.
+    for j in range(50):
+        email = f"shared{j:02d}@{DOMAIN}"
+        first = e(mail=email, user_principal_name=f"x{j:02d}@{TENANT}")
+        second = e(user_principal_name=email)
+        exp.ambiguous_zoom.append({"zoom_user_id": z(email), "entra_user_ids": sorted([first, second])})
+
+    # One Entra user answering two Zoom users' emails: ambiguous the other way.
+    for j in range(50):
+        entra_id = e(mail=f"dual{j:02d}@{DOMAIN}", user_principal_name=f"w{j:02d}@{TENANT}",
+                     proxy_addresses=[f"SMTP:dual{j:02d}@{DOMAIN}", f"smtp:dual-alias{j:02d}@{DOMAIN}"])
+        zooms = sorted([z(f"dual{j:02d}@{DOMAIN}"), z(f"dual-alias{j:02d}@{DOMAIN}")])
+        exp.ambiguous_entra.append({"entra_user_id": entra_id, "zoom_user_ids": zooms})
+
+    # A sip: address is no match: unmatched on both sides.
+    for j in range(20):
+        exp.unmatched_zoom.add(z(f"sip{j:02d}@{DOMAIN}"))
+        exp.unmatched_entra.add(e(user_principal_name=f"s{j:02d}@{TENANT}",
+                                  proxy_addresses=[f"sip:sip{j:02d}@{DOMAIN}"]))
+
+    # Admin-set links that matching would pair differently: they stand.
+    for j in range(10):
+        zoom_id = z(f"kept{j:02d}@{DOMAIN}")
+        exp.unmatched_entra.add(e(mail=f"kept{j:02d}@{DOMAIN}"))  # the email match nobody is linked to
+        chosen = e(mail=f"chosen{j:02d}@{DOMAIN}")
+        exp.admin.append((zoom_id, chosen))
+        exp.links[zoom_id] = (chosen, "admin", "active", "")
+
+    # An Entra user an admin linked to one Zoom user while another's email matches it: a conflict.
+    for j in range(5):
+        holder = z(f"holder{j:02d}@{DOMAIN}")
+        claimant = z(f"claimant{j:02d}@{DOMAIN}")
+        entra_id = e(mail=f"claimant{j:02d}@{DOMAIN}")
+        exp.admin.append((holder, entra_id))
+        exp.links[holder] = (entra_id, "admin", "active", "")
+        exp.conflicts.append({"zoom_user_id": claimant, "entra_user_id": entra_id, "linked_to": holder})
+
+    # Zoom users who are not active are not listed, so not linked.
+    for j in range(20):
+        z(f"inactive{j:02d}@{DOMAIN}", status="inactive")
+        exp.unmatched_entra.add(e(mail=f"inactive{j:02d}@{DOMAIN}"))
+
+    # Fill up: Zoom-only and Teams-only people, and Entra accounts of leavers (disabled, not reported).
+    for j in range(20):
+        e(mail=f"leaver{j:02d}@{DOMAIN}", account_enabled=False)
+    j = 0
+    while exp.zoom_total < 2000:
+        exp.unmatched_zoom.add(z(f"zoom-only{j:03d}@{DOMAIN}"))
+        j += 1
+    j = 0
+    while exp.entra_total < 2100:
+        exp.unmatched_entra.add(e(mail=f"teams-only{j:03d}@{DOMAIN}"))
+        j += 1
+    return exp
+
+
+def test_matching_2000_zoom_and_2100_entra_users(world: World):
+    exp = seed_directory(world)
+    assert (exp.zoom_total, exp.entra_total) == (2000, 2100)
+    for zoom_id, entra_id in exp.admin:
+        assert world.admin("PUT", f"links/{zoom_id}", json={"entra_user_id": entra_id}).status_code == 200
+
+    matching = run_matching(world)
+    report = matching["report"]
+
+    links = all_links(world)
+    got = {z: (item["entra_user_id"], item["origin"], item["status"], item["disabled_reason"] or "")
+           for z, item in links.items()}
+    assert got == exp.links
+    assert report["ambiguous_zoom"] == sorted(exp.ambiguous_zoom, key=lambda item: item["zoom_user_id"])
+    assert report["ambiguous_entra"] == sorted(exp.ambiguous_entra, key=lambda item: item["entra_user_id"])
+    assert report["conflicts"] == sorted(exp.conflicts, key=lambda item: item["zoom_user_id"])
+    assert set(report["unmatched_zoom"]) == exp.unmatched_zoom
+    assert set(report["unmatched_entra"]) == exp.unmatched_entra
+    counts = report["counts"]
+    assert counts["zoom_users"] == 1980 and counts["entra_users"] == 2100  # active Zoom users only
+    assert (counts["matched"], counts["created"], counts["created_disabled"]) == (1600, 1600, 100)
+    assert (counts["kept_admin"], counts["updated"], counts["disabled"]) == (15, 0, 0)
+    # The run worked in many checkpointed steps, continued through the queue.
+    assert matching["run"]["invocations"] > 10
+    # Graph notifications name people by Entra id: every enabled match is findable that way.
+    index = etags("linksbyentra")
+    for zoom_id, (entra_id, _origin, _status, _why) in exp.links.items():
+        assert (entra_id, "link") in index, zoom_id
+    # Emails are the admin's own data: the report names people by id only.
+    assert DOMAIN not in str(report)
+
+    # A second run over the same directories writes no link and no index entry.
+    before = (etags("links"), etags("linksbyentra"))
+    again = run_matching(world)["report"]["counts"]
+    assert (etags("links"), etags("linksbyentra")) == before
+    assert all(again[k] == 0 for k in ("created", "updated", "disabled", "enabled", "repointed", "index_repaired"))
+
+
+def _person(world: World, name: str, *, enabled: bool = True) -> Person:
+    tag = uuid.uuid4().hex[:6]
+    email = f"{name}.{tag}@{DOMAIN}"
+    zoom_user = world.zoom.add_user(email=email, display_name=name)
+    entra_user = world.graph.add_user(display_name=name, mail=email, account_enabled=enabled)
+    world.graph.set_teams_client(entra_user["id"], "Available", "Available")
+    return Person(name, zoom_user["id"].lower(), entra_user["id"].lower(), email)
+
+
+def _link(world: World, person: Person) -> dict:
+    return world.admin("GET", f"links/{person.zoom_id}").json()
+
+
+def test_entra_account_disabled_and_enabled_again(world: World):
+    ada, bob = _person(world, "ada"), _person(world, "bob")
+    run_matching(world)
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+
+    world.graph.update_user(ada.entra_id, accountEnabled=False)
+    counts = run_matching(world)["report"]["counts"]
+    assert counts["disabled"] == 1 and counts["updated"] == 1
+    link = _link(world, ada)
+    assert (link["status"], link["disabled_reason"]) == ("disabled", "entra_disabled")
+    assert world.teams_shows(ada) == ("Available", "Available")  # our overlay was released
+    assert _link(world, bob)["status"] == "active"
+
+    world.graph.update_user(ada.entra_id, accountEnabled=True)
+    assert run_matching(world)["report"]["counts"]["enabled"] == 1
+    assert _link(world, ada)["status"] == "active"
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")  # still in the meeting: shown again
+
+
+def test_a_changed_email_moves_a_match_and_releases_the_old_one(world: World):
+    ada = _person(world, "ada")
+    run_matching(world)
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+    # The mailbox moves to another Entra user (ada's old account keeps only its UPN).
+    new_entra = world.graph.add_user(mail=ada.email.upper(), user_principal_name=f"ada2@{TENANT}")["id"].lower()
+    world.graph.set_teams_client(new_entra, "Available", "Available")
+    world.graph.update_user(ada.entra_id, mail=None, userPrincipalName=f"old.{uuid.uuid4().hex[:6]}@{TENANT}",
+                            proxyAddresses=[])
+    counts = run_matching(world)["report"]["counts"]
+    assert counts["repointed"] == 1
+    assert _link(world, ada)["entra_user_id"] == new_entra
+    assert world.teams_shows(ada) == ("Available", "Available")  # released on the old account
+
+
+# --- scopes --------------------------------------------------------------------------------------------------------
+
+
+def _linked(world: World, name: str) -> Person:
+    return world.add_person(name)
+
+
+def test_group_restriction_and_opt_out_release_overlays_on_both_sides(world: World):
+    # Per category, one person whose Zoom meeting shows in Teams and one whose Teams Away shows in Zoom.
+    cats = ("entra_group", "zoom_group", "outside", "opted_out")
+    people = {(c, side): _linked(world, f"{c}-{side}") for c in cats for side in ("z", "t")}
+    entra_group = str(uuid.uuid4())
+    world.graph.add_group(entra_group, [people[("entra_group", s)].entra_id for s in "zt"] +
+                          [people[("opted_out", s)].entra_id for s in "zt"])
+    zoom_group = world.zoom.add_group("presence pilots", [people[("zoom_group", s)].zoom_id for s in "zt"])["id"]
+
+    world.host.fire_timer("graph_subscriptions")  # plans the shards the sweep reads
+    for c in cats:
+        world.zoom.join_meeting(people[(c, "z")].zoom_id)
+        world.graph.set_teams_client(people[(c, "t")].entra_id, "Away", "Away")
+    world.host.fire_timer("presence_sweep")
+    world.settle()
+    for c in cats:
+        assert world.teams_shows(people[(c, "z")]) == ("Busy", "InACall"), c
+        assert world.zoom_shows(people[(c, "t")]) == "Away", c
+
+    response = world.admin("PUT", "scopes", json={"entra_group_ids": [entra_group], "zoom_group_ids": [zoom_group]})
+    assert response.status_code == 200 and response.json()["applying"] is True
+    for side in "zt":
+        assert world.admin("PATCH", f"links/{people[('opted_out', side)].zoom_id}",
+                           json={"opt_out": True}).status_code == 200
+    world.host.fire_timer("scopes_apply")  # the next scope run (the change also queued one)
+    world.settle(timeout=60)
+
+    for c in ("entra_group", "zoom_group"):
+        assert world.teams_shows(people[(c, "z")]) == ("Busy", "InACall"), c
+        assert world.zoom_shows(people[(c, "t")]) == "Away", c
+        assert _link(world, people[(c, "z")])["directions"] == ["teams_to_zoom", "zoom_to_teams"]
+    for c in ("outside", "opted_out"):
+        assert world.teams_shows(people[(c, "z")]) == ("Available", "Available"), c
+        assert world.zoom_shows(people[(c, "t")]) == "Available", c
+        link = _link(world, people[(c, "t")])
+        assert link["directions"] == [] and link["wanted_directions"] == ["teams_to_zoom", "zoom_to_teams"]
+    assert _link(world, people[("opted_out", "z")])["opt_out"] is True
+
+    # The planner drops people out of scope, so later Teams changes of theirs reach nobody.
+    world.host.fire_timer("graph_subscriptions")
+    world.graph.set_teams_client(people[("outside", "t")].entra_id, "Busy", "InACall")
+    world.host.fire_timer("presence_sweep")
+    world.settle()
+    assert world.zoom_shows(people[("outside", "t")]) == "Available"
+
+    status = world.admin("GET", "status").json()
+    assert status["scopes"]["last_run"]["status"] == "done"
+    assert status["links"]["by_direction"]["none"] == 4
+
+    # Lifting the restriction brings the people outside back, with what is due now.
+    assert world.admin("DELETE", "scopes").status_code == 200
+    world.settle(timeout=60)
+    assert world.teams_shows(people[("outside", "z")]) == ("Busy", "InACall")
+    assert world.teams_shows(people[("opted_out", "z")]) == ("Available", "Available")  # still opted out
+
+
+def test_account_wide_direction_switch(world: World):
+    ada = _linked(world, "ada")
+    assert world.admin("PUT", "scopes", json={"zoom_to_teams": False}).status_code == 200
+    world.settle(timeout=60)
+    assert _link(world, ada)["directions"] == ["teams_to_zoom"]
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Available", "Available")
+    body = world.admin("GET", "scopes").json()
+    assert body["zoom_to_teams"] is False and body["source"] == "stored"
+    # A new admin link gets the scopes at once.
+    bob = world.add_person("bob")
+    assert _link(world, bob)["directions"] == ["teams_to_zoom"]
+
+
+def test_missing_scope_group_changes_nothing(world: World):
+    ada = _linked(world, "ada")
+    missing = str(uuid.uuid4())
+    assert world.admin("PUT", "scopes", json={"entra_group_ids": [missing]}).status_code == 200
+    world.settle(timeout=60)
+    last = world.admin("GET", "scopes").json()["last_run"]
+    assert last["status"] == "failed" and missing in last["error"]
+    assert _link(world, ada)["directions"] == ["teams_to_zoom", "zoom_to_teams"]
+
+
+@pytest.mark.parametrize("body", [
+    {"zoom_to_teams": "sometimes"},
+    {"entra_group_ids": ["not-a-guid"]},
+    {"zoom_group_ids": ["no spaces allowed"]},
+    {"unknown": True},
+    {"entra_group_ids": [str(uuid.uuid4()) for _ in range(51)]},
+])
+def test_bad_scopes_are_400(world: World, body):
+    response = world.admin("PUT", "scopes", json=body)
+    assert response.status_code == 400 and response.json()["error"] == "invalid scopes"
+
+
+def test_bad_scopes_json_is_400(world: World):
+    assert world.admin("PUT", "scopes", data=b"{nope").status_code == 400
+
+
+# --- Zoom user lifecycle ----------------------------------------------------------------------------------------
+
+
+def test_lifecycle_webhooks_disable_and_enable_links(world: World):
+    ada, bob = _person(world, "ada"), _person(world, "bob")
+    run_matching(world)
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+
+    world.zoom.deactivate_user(ada.zoom_id)
+    world.settle()
+    link = _link(world, ada)
+    assert (link["status"], link["disabled_reason"]) == ("disabled", "zoom_deactivated")
+    assert world.teams_shows(ada) == ("Available", "Available")  # released
+
+    world.zoom.activate_user(ada.zoom_id)
+    world.settle()
+    assert _link(world, ada)["status"] == "active"
+    world.zoom.sign_in(ada.zoom_id)
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+
+    world.zoom.remove_user(bob.zoom_id)
+    world.settle()
+    link = _link(world, bob)
+    assert (link["status"], link["disabled_reason"]) == ("disabled", "zoom_deleted")
+    # A matching run does not bring a deleted user back, nor undo what the webhooks said.
+    run_matching(world)
+    assert _link(world, bob)["disabled_reason"] == "zoom_deleted"
+    assert _link(world, ada)["status"] == "active"
+
+
+def test_user_created_is_matched_and_linked(world: World):
+    email = f"newcomer.{uuid.uuid4().hex[:6]}@{DOMAIN}"
+    entra_id = world.graph.add_user(user_principal_name=f"n@{TENANT}", proxy_addresses=[f"smtp:{email}"])["id"]
+    world.graph.set_teams_client(entra_id, "Available", "Available")
+    zoom_id = world.zoom.add_user(email=email.upper(), emit_created=True)["id"].lower()
+    world.settle()
+    link = _link(world, Person("n", zoom_id, entra_id.lower(), email))
+    assert (link["entra_user_id"], link["origin"], link["status"]) == (entra_id.lower(), "match", "active")
+    world.zoom.join_meeting(zoom_id)
+    world.settle()
+    assert world.graph.presence(entra_id)["activity"] == "InACall"
+
+    # Two Entra users answer the next one's email: nobody is linked.
+    email2 = f"twice.{uuid.uuid4().hex[:6]}@{DOMAIN}"
+    world.graph.add_user(mail=email2, user_principal_name=f"t1.{uuid.uuid4().hex[:4]}@{TENANT}")
+    world.graph.add_user(user_principal_name=email2)
+    zoom2 = world.zoom.add_user(email=email2, emit_created=True)["id"].lower()
+    world.settle()
+    assert world.admin("GET", f"links/{zoom2}").status_code == 404
+
+
+# --- the admin API ---------------------------------------------------------------------------------------------
+
+
+def test_links_filters_resync_and_status(world: World):
+    ada, bob, cy = _person(world, "ada"), _person(world, "bob", enabled=False), _person(world, "cy")
+    run_matching(world)
+    assert world.admin("PATCH", f"links/{cy.zoom_id}", json={"directions": ["zoom_to_teams"]}).status_code == 200
+
+    def ids(**params) -> set[str]:
+        body = world.admin("GET", "links", params=params).json()
+        return {item["zoom_user_id"] for item in body["value"]}
+
+    assert ids(state="active") == {ada.zoom_id, cy.zoom_id}
+    assert ids(state="disabled") == {bob.zoom_id}
+    assert ids(state="error") == set()
+    assert ids(direction="teams_to_zoom") == {ada.zoom_id, bob.zoom_id}
+    assert ids(direction="zoom_to_teams", state="active") == {ada.zoom_id, cy.zoom_id}
+    for bad in ({"state": "sleeping"}, {"direction": "sideways"}, {"page_size": "x"}):
+        assert world.admin("GET", "links", params=bad).status_code == 400
+
+    # Resync re-reads both sides: a change Zoom never announced shows up.
+    world.zoom.faults.webhook_drop(count=1)
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Available", "Available")
+    assert world.admin("POST", f"links/{ada.zoom_id}/resync").status_code == 202
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+    assert world.admin("POST", "links/nobody/resync").status_code == 404
+    assert world.admin("POST", "links/bad%20id/resync").status_code == 400
+
+    status = world.admin("GET", "status").json()
+    assert status["links"]["by_state"] == {"active": 2, "disabled": 1, "error": 0}
+    assert status["links"]["disabled_reasons"] == {"entra_disabled": 1}
+    assert status["links"]["by_direction"] == {"zoom_to_teams": 3, "teams_to_zoom": 2, "none": 0}
+    assert set(status["queues"]["items"]) >= {"reconcile", "zoom-presence", "directory", "zoom-user-events"}
+    assert status["queues"]["items"]["reconcile"] == {"messages": 0, "poison": 0}
+    assert status["matching"]["report"]["counts"]["matched"] == 3
+    assert "items" in status["subscriptions"] and "items" in status["connections"]
+    # A second run while one is in progress is refused.
+    world.host.pause_queues()
+    try:
+        assert world.admin("POST", "links/sync").status_code == 202
+        assert world.admin("POST", "links/sync").status_code == 409
+    finally:
+        world.host.resume_queues()
+    world.settle(timeout=60)
+
+
+def test_status_counts_recent_errors_and_dead_letters(world: World):
+    ada = _person(world, "ada")
+    run_matching(world)
+    world.graph.delete_user(ada.entra_id)  # Graph answers 404 for her now
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    from shared import storage
+
+    storage.enqueue("reconcile-poison", "{}")
+    status = world.admin("GET", "status").json()
+    assert status["links"]["by_state"]["error"] == 1
+    assert status["errors"]["by_kind"] == {"teams_user_not_found": 1}
+    assert status["errors"]["latest"][0]["zoom_user_id"] == ada.zoom_id
+    assert status["queues"]["items"]["reconcile"]["poison"] == 1 and status["queues"]["poison"] == 1
+    assert {item["zoom_user_id"] for item in world.admin("GET", "links", params={"state": "error"}).json()["value"]} \
+        == {ada.zoom_id}
+
+
+def test_manage_routes_need_the_admin_key(world: World):
+    import requests
+
+    for route in ("manage", "manage/status", "manage/scopes"):
+        assert requests.get(world.host.url(route, key=None), timeout=10).status_code == 401
+        assert requests.get(world.host.url(route, key="function"), timeout=10).status_code == 401
+    assert requests.post(world.host.url("manage/links/sync", key="function"), timeout=10).status_code == 401
