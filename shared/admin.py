@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared import graph_client, names, storage, zoom_client
+from shared import names, storage, zoom_client
 from shared.config import get_settings
-from shared.engine import ALL_DIRECTIONS, UserSync
+from shared.engine import ALL_DIRECTIONS, TeamsOp, TeamsOpKind, UserSync
 from shared.errors import VendorError
 from shared.links import (
     ENTRA_INDEX_TABLE,
@@ -25,7 +25,7 @@ from shared.links import (
     read_link,
     write_link,
 )
-from shared.sync import OVERLAYS_TABLE, TEAMS_PARTITION, ZOOM_PARTITION
+from shared.sync import OVERLAYS_TABLE, TEAMS_PARTITION, ZOOM_PARTITION, teams_call
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     else:
         return _error(409, "the link changed concurrently; try again")
     if existing is not None and existing.entra_user_id != entra_id:
-        _release(existing)
+        release_overlays(existing)
         from shared.links import _delete_index_if_points_to
 
         _delete_index_if_points_to(existing.entra_user_id, zoom_id)
@@ -205,7 +205,7 @@ def remove_link(zoom_user_id: str) -> tuple[int, dict]:
     link, _ = read_link(zoom_user_id.lower())
     if link is None:
         return _error(404, "no link for this Zoom user")
-    _release(link)
+    release_overlays(link)
     delete_link(link.zoom_user_id, link.entra_user_id)
     log.info("admin: link for Zoom user %s deleted", link.zoom_user_id)
     return 204, {}
@@ -216,11 +216,14 @@ def release_overlays(link: Link) -> None:
     s = link.sync
     settings = get_settings()
     if s.teams_overlay is not None:
+        session_id = settings.require("entra_client_id", "ENTRA_CLIENT_ID")
         try:
+            # Through the sync's own write path, so a deployment writing with people's delegated
+            # tokens (TEAMS_WRITE_MODE) releases the same way it wrote.
             if s.teams_overlay.overlay.kind == "session":
-                graph_client.clear_presence(s.entra_user_id, settings.require("entra_client_id", "ENTRA_CLIENT_ID"))
+                teams_call(TeamsOp(TeamsOpKind.CLEAR_SESSION), s.entra_user_id, session_id)
             elif s.teams_shows_ours or s.teams_native is None:
-                graph_client.clear_user_preferred_presence(s.entra_user_id)
+                teams_call(TeamsOp(TeamsOpKind.CLEAR_PREFERRED), s.entra_user_id, session_id)
         except VendorError as exc:
             log.warning("admin: could not release the Teams overlay of user %s: %s", s.zoom_user_id, exc)
         storage.delete_entity(OVERLAYS_TABLE, TEAMS_PARTITION, s.zoom_user_id)
@@ -232,7 +235,6 @@ def release_overlays(link: Link) -> None:
         storage.delete_entity(OVERLAYS_TABLE, ZOOM_PARTITION, s.zoom_user_id)
 
 
-_release = release_overlays
 
 __all__ = ["put_link", "get_link", "get_links", "remove_link", "resync_link", "release_overlays",
            "ENTRA_INDEX_TABLE", "ROW"]

@@ -297,6 +297,19 @@ class _Run:
                 raise
         return self.tokens[account]
 
+    def check_accounts(self) -> None:
+        """Refresh every account's token once per run: a revoked grant (consent withdrawn, password
+        changed) is found now, so its shards move or fall back to the poll in this same run rather
+        than when the cached access token happens to expire."""
+        for account in sorted(self.healthy):
+            try:
+                self.token(account, refresh=True)
+            except ConnectionBroken:
+                pass  # lose() has recorded it
+            except Exception as exc:  # noqa: BLE001 - an outage is not a broken grant; shards keep their owner
+                log.warning("subscriptions: could not refresh account %s this run: %s", account,
+                            exc.__class__.__name__)
+
     def lose(self, account: str) -> None:
         if account in self.healthy:
             self.healthy.discard(account)
@@ -561,6 +574,7 @@ def maintain_subscriptions(now: float | None = None) -> Report:
     run = _Run(now, plan.shards)
     if run.healthy:
         notification_urls()  # a missing PUBLIC_BASE_URL fails the run here, before anything changes
+    run.check_accounts()
     for shard in plan.shards:
         run.maintain(shard)
     run.delete_orphans()

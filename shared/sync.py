@@ -315,7 +315,7 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
     undo = {"teams": (previous.teams_overlay, result.teams_overlay), "owner": link.lease_owner}
     try:
         for op in result.teams_ops:
-            _teams_call(op, link.entra_user_id, session_id)
+            teams_call(op, link.entra_user_id, session_id)
             outcome.teams_writes += 1
             logs.debug(log, f"sync: Teams {op.kind.value}"
                             f"{f' {op.overlay.availability}/{op.overlay.activity}' if op.overlay else ''}",
@@ -348,7 +348,8 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
     return True
 
 
-def _teams_call(op: TeamsOp, entra: str, session_id: str) -> None:
+def teams_call(op: TeamsOp, entra: str, session_id: str) -> None:
+    """One Teams presence write, with the app's token or the person's own (``TEAMS_WRITE_MODE``)."""
     expiration = f"PT{max(5, int(op.expiration_seconds // 60))}M"
 
     def call(token: str | None) -> None:  # token None: the app's; else the person's own (write_path)

@@ -172,15 +172,34 @@ def test_a_rejected_token_is_refreshed_once(graph_app_env, webhook_host):
     sync_accounts(graph, 1)  # its access token is issued now and lives an hour
     graph.clock.advance(10 * 60)
     run(graph)  # the subscription expires 65 minutes after the token was issued
-    graph.clock.advance(51 * 60)  # token expired for Graph, subscription due for renewal
+    graph.clock.advance(51 * 60)  # subscription due for renewal
     graph.clear_requests()
+    # Each run refreshes every account once (so a revoked grant is found at once); Graph may
+    # still reject a token (revoked sessions, clock skew): the renewal then refreshes once more.
+    graph.faults.server_error(count=1, status=401, paths="/subscriptions/")
     report = run(graph)
     assert (report.renewed, report.errors) == (1, 0)
     assert [r.status for r in graph.requests_matching("PATCH", "/subscriptions/")] == [401, 200]
     grants = [r.form.get("grant_type") for r in graph.requests_matching("POST", "/oauth2/v2.0/token")]
-    assert grants == ["refresh_token"]
+    assert grants == ["refresh_token", "refresh_token"]
     [state] = shard_state().values()
     assert shard_subscription_healthy(state["shard"], graph.clock.now())
+
+
+def test_a_revoked_grant_is_found_in_the_next_run_even_when_nothing_is_due(graph_app_env, webhook_host):
+    graph = graph_app_env
+    people(graph, 10)
+    accounts = sync_accounts(graph, 2)
+    run(graph)
+    [state] = shard_state().values()
+    holder = state["subscription_account"]
+    spare = next(a for a in accounts if a != holder)
+    graph.revoke_refresh_tokens(holder)  # consent withdrawn; its access token and subscription still live
+    report = run(graph)
+    assert report.broken_accounts == [holder]
+    [state] = shard_state().values()
+    assert state["subscription_account"] == spare and state["subscription_status"] == "active"
+    assert connections.get_connection(holder).status == "broken"
 
 
 def test_a_broken_account_hands_its_shard_over_or_to_the_poll(graph_app_env, webhook_host):
