@@ -8,8 +8,10 @@ NODE_STAMP := node_modules/.installed
 CHECKOV_VENV := $(VENV)/tools/checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 PYTEST_WORKERS ?= 2
+# The headless browser of the status-page test: Debian's Chromium, driven by Playwright.
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test lint clean bench soak fuzz deps
+.PHONY: run test lint clean bench soak fuzz deps browser
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -29,13 +31,20 @@ $(NODE_STAMP): package.json package-lock.json
 
 deps: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
+## make browser: Chromium for the status-page test (apt, when missing and we are root).
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "Chromium is required at $(CHROMIUM): install the 'chromium' package (apt-get install chromium)"; exit 1; fi
+
 ## make run: the whole local world (Azurite, Zoom and Entra/Graph emulators, the local
 ## Functions host), a seeded organisation and a scripted day of presence, with a live view.
 run: deps
 	$(PY) -m sandbox.run
 
 ## make test: lint and the whole test suite (unit, integration on Azurite, end-to-end on the sandbox).
-test: deps lint
+test: deps browser lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q
 
 lint: $(STAMP)

@@ -152,8 +152,9 @@ def capacity_plan(*, changes_per_user_per_hour: float = 12.0, sweep_interval_s: 
         sustained = qps * 3600 / (changes_per_user_per_hour * teams_share)
         # Peak: the top-of-the-hour minute must drain within a few minutes (here: 5).
         peak = qps * 300 / (peak_fraction_per_minute * teams_share)
-        plans[plan] = {"zoom_medium_qps": qps, "users_sustained": int(sustained), "users_peak_5min_drain": int(peak),
-                       "users": int(min(sustained, peak))}
+        plans[plan] = {"zoom_medium_qps": qps, "users_sustained": round(sustained),
+                       "users_peak_5min_drain": round(peak),
+                       "users": round(min(sustained, peak))}
     graph_per_s = GRAPH_PRESENCE_REQUESTS / GRAPH_PRESENCE_WINDOW_S
     # Graph: Zoom-side changes need one write; each sweep read counts too (budgeted at 1,500/30 s).
     graph_writes_users = graph_per_s * 3600 / (changes_per_user_per_hour * (1 - teams_share))
@@ -164,6 +165,6 @@ def capacity_plan(*, changes_per_user_per_hour: float = 12.0, sweep_interval_s: 
         "assumptions": {"changes_per_user_per_hour": changes_per_user_per_hour, "sweep_interval_s": sweep_interval_s,
                         "peak_fraction_per_minute": peak_fraction_per_minute, "teams_share": teams_share},
         "zoom": plans,
-        "graph": {"presence_requests_per_s": round(graph_per_s, 1), "users_by_writes": int(graph_writes_users),
-                  "users_by_peak_writes": int(graph_peak_users), "users_by_sweep_reads": int(sweep_users)},
+        "graph": {"presence_requests_per_s": round(graph_per_s, 1), "users_by_writes": round(graph_writes_users),
+                  "users_by_peak_writes": round(graph_peak_users), "users_by_sweep_reads": round(sweep_users)},
     }

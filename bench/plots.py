@@ -39,8 +39,9 @@ def draw(series: dict, out_dir: Path, *, quick: bool = False) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         end = max([0.0] + [max(v) for v in burst.values() if v])
         buckets = int(end) + 2
-        for key, label in (("zoom_arrivals_s", "Zoom changes arriving"), ("teams_arrivals_s", "Teams changes arriving"),
-                           ("graph_writes_s", "Graph writes (Zoom → Teams)"), ("zoom_puts_s", "Zoom PUTs (Teams → Zoom)")):
+        lines = (("zoom_arrivals_s", "Zoom changes arriving"), ("teams_arrivals_s", "Teams changes arriving"),
+                 ("graph_writes_s", "Graph writes (Zoom → Teams)"), ("zoom_puts_s", "Zoom PUTs (Teams → Zoom)"))
+        for key, label in lines:
             values = burst.get(key) or []
             counts = [0] * buckets
             for v in values:

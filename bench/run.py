@@ -25,6 +25,7 @@ from bench import scenarios
 from bench.figures import capacity_plan, sweep_cost
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ALL = {"steady", "burst", "cold"}
 TARGETS = {
     "zoom_to_teams.p99_ms": ("<=", 250), "teams_to_zoom.p99_ms": ("<=", 500),
     "throughput_changes_per_s": (">=", 300), "converge_ratio": ("<=", 1.2), "lost": ("==", 0),
@@ -146,10 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="steady,burst,cold", help="comma-separated scenarios")
     parser.add_argument("--out", default=str(RESULTS / "latest.json"))
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--burst-scale", type=float, default=1.0,
+                        help="scale the burst (people and changes), e.g. 0.2 for 2,000 people")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("azure").setLevel(logging.ERROR)
     params = scenarios.Params.quick() if args.quick else scenarios.Params()
+    if args.burst_scale != 1.0:
+        params.burst_users = max(10, round(params.burst_users * args.burst_scale))
+        params.burst_zoom = max(1, round(params.burst_zoom * args.burst_scale))
+        params.burst_teams = max(1, round(params.burst_teams * args.burst_scale))
     only = {s.strip() for s in args.only.split(",") if s.strip()}
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -168,19 +175,38 @@ def main(argv: list[str] | None = None) -> int:
                 return None
             runs = []
             for i in range(max(1, args.runs)):
-                runs.append(fn(lambda phase, d, t: progress(f"{phase} ({i + 1}/{args.runs})", d, t)))
+                runs.append(fn(lambda phase, d, t, n=i + 1: progress(f"{phase} ({n}/{args.runs})", d, t)))
             merged = median_merge(runs)
             merged["series"] = runs[0].get("series", {})
             return merged
 
-        cold = repeat("cold", lambda p: scenarios.cold(p))
-        steady = repeat("steady", lambda p: scenarios.steady(params, p))
-        burst = repeat("burst", lambda p: scenarios.burst(params, p))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
 
-    result = assemble(steady, burst, cold, max(1, args.runs), args.quick)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+        def save(steady=None, burst=None, cold=None) -> dict:  # after every scenario: a crash keeps the rest
+            result = assemble(steady, burst, cold, max(1, args.runs), args.quick)
+            out.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+            return result
+
+        # Scenarios not run this time keep their figures from the existing results file (--only).
+        previous = json.loads(out.read_text()) if out.exists() and only != ALL else {}
+        old_series = {}
+        series_path = out.parent / f"{out.stem}-series.json"
+        if previous and series_path.exists():
+            old_series = json.loads(series_path.read_text())
+
+        def kept(name: str) -> dict | None:
+            section = previous.get(name) or None
+            if section is not None and name in old_series:
+                section = dict(section, series=old_series[name])
+            return section
+
+        cold = repeat("cold", lambda p: scenarios.cold(p)) or kept("cold")
+        save(cold=cold)
+        steady = repeat("steady", lambda p: scenarios.steady(params, p)) or kept("steady")
+        save(steady, None, cold)
+        burst = repeat("burst", lambda p: scenarios.burst(params, p)) or kept("burst")
+        result = save(steady, burst, cold)
     series = {"steady": (steady or {}).get("series", {}), "burst": (burst or {}).get("series", {})}
     (out.parent / f"{out.stem}-series.json").write_text(json.dumps(series) + "\n")
     if not args.no_plots:

@@ -37,6 +37,7 @@ class Params:
     burst_teams: int = 2000
     burst_teams_window_s: float = 10.0
     webhook_workers: int = 16  # concurrent deliveries by each emulator (Zoom and Graph deliver in parallel)
+    converge_timeout_s: float = 600.0
 
     @classmethod
     def quick(cls) -> Params:
@@ -110,6 +111,15 @@ def measure_sweep(world, users: int) -> dict:
     return out
 
 
+def _settle(world, timeout: float) -> bool:
+    """Wait for the world to go quiet; False (recorded in the results) if it did not in time."""
+    try:
+        world.settle(timeout=timeout)
+        return True
+    except TimeoutError:
+        return False
+
+
 def _dead_lettered(world) -> int:
     return len(world.host.poisoned)
 
@@ -177,7 +187,7 @@ def steady(params: Params, progress: Progress = _quiet) -> dict:
             if i % 20 == 0:
                 progress("steady: run", i, total)
         progress("steady: run", total, total)
-        world.settle(timeout=180)
+        settled = _settle(world, 180)
         ops = storage.storage_operation_count() - ops0
 
         entra_of = {p.zoom_id: p.entra_id for p in people}
@@ -200,6 +210,7 @@ def steady(params: Params, progress: Progress = _quiet) -> dict:
         dead = _dead_lettered(world)
         return {
             "users": len(people), "changes": total, "seconds": params.steady_seconds, "rate": params.steady_rate,
+            "settled": settled,
             "zoom_to_teams": z2t, "teams_to_zoom": t2z, "echo_writes": echo, "wrong_at_end": wrong,
             "dead_lettered": dead, "lost": max(0, wrong - dead),
             "table_ops": ops, "table_ops_per_change": round(ops / total, 2) if total else None,
@@ -250,7 +261,8 @@ def burst(params: Params, progress: Progress = _quiet) -> dict:
             world.zoom.join_meeting(p.zoom_id)
             zoom_trig.append((p.zoom_id, now))
         driver.join()
-        deadline = time.time() + 600
+        wait_started = time.time()
+        deadline = wait_started + params.converge_timeout_s
         want = len(zoom_side) + len(teams_side)
         zoom_ids, entra_ids = {p.zoom_id for p in teams_side}, {p.entra_id for p in zoom_side}
         while time.time() < deadline:
@@ -260,7 +272,7 @@ def burst(params: Params, progress: Progress = _quiet) -> dict:
             if done >= want:
                 break
             time.sleep(0.5)
-        world.settle(timeout=300)
+        settled = _settle(world, 300)
 
         entra_of = {p.zoom_id: p.entra_id for p in people}
         zoom_of = {p.entra_id: p.zoom_id for p in people}
@@ -290,6 +302,7 @@ def burst(params: Params, progress: Progress = _quiet) -> dict:
         zoom_arrivals = sorted(c.arrived_at - first_arrival for c in zoom_changes)
         return {
             "users": len(people), "zoom_changes": len(zoom_changes), "teams_changes": len(teams_changes),
+            "settled": settled, "converge_wait_s": round(time.time() - wait_started, 1),
             "zoom_arrival_span_s": round(zoom_arrivals[-1] - zoom_arrivals[0], 2) if zoom_arrivals else None,
             "zoom_to_teams": z2t, "teams_to_zoom": t2z, "echo_writes": echo,
             "wrong_at_end": wrong, "dead_lettered": dead, "lost": max(0, wrong - dead),

@@ -164,6 +164,9 @@ param keyVaultSoftDeleteRetentionInDays int = 90
 @maxValue(730)
 param logRetentionInDays int = 30
 
+@description('Optional. Resource id of an action group the alert rules notify (docs/operations.md, "Alerts"); empty = alerts show in the portal only.')
+param alertActionGroupId string = ''
+
 // --- names ---------------------------------------------------------------------------------------
 
 var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, baseName))
@@ -224,6 +227,18 @@ module monitoring 'modules/monitoring.bicep' = {
     location: location
     tags: allTags
     retentionInDays: logRetentionInDays
+  }
+}
+
+// The workbook and alert rules over the app's metrics and traces (shared/telemetry.py).
+module observability 'modules/observability.bicep' = {
+  name: 'observability'
+  params: {
+    applicationInsightsId: monitoring.outputs.resourceId
+    namePrefix: 'alert-${prefix}-${resourceToken}'
+    location: location
+    tags: allTags
+    actionGroupId: alertActionGroupId
   }
 }
 

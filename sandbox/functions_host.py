@@ -42,7 +42,7 @@ from azure.functions.queue import QueueMessage as FunctionQueueMessage
 from azure.functions.timer import TimerRequest
 from azure.storage.queue import LinearRetry, QueueClient
 from werkzeug.datastructures import Headers
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from sandbox.host.bindings import (
@@ -60,7 +60,6 @@ from sandbox.host.bindings import (
 from sandbox.host.queues import QueueListener, encode_body, poison_queue_name, send_creating
 from sandbox.host.routing import split_path
 from sandbox.host.settings import HostConfig, HostStartupError
-from sandbox.http_keepalive import KeepAliveRequestHandler, read_body
 
 __all__ = ["FunctionInfo", "HostStartupError", "Invocation", "LocalFunctionsHost", "PoisonedMessage"]
 
@@ -83,9 +82,8 @@ def _empty(status: int) -> Response:
     return response
 
 
-class _QuietRequestHandler(KeepAliveRequestHandler):
-    """Request lines go to the Host.Http logger at DEBUG instead of stderr. Keep-alive, as the
-    Functions host (Kestrel) serves."""
+class _QuietRequestHandler(WSGIRequestHandler):
+    """Request lines go to the Host.Http logger at DEBUG instead of stderr."""
 
     def log(self, type: str, message: str, *args: Any) -> None:  # noqa: A002 - Werkzeug's signature
         level = logging.WARNING if type == "error" else logging.DEBUG
@@ -526,7 +524,6 @@ class LocalFunctionsHost:
 
     def _wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
         request = Request(environ)
-        read_body(request)
         try:
             response = self._dispatch(request)
         except Exception:  # noqa: BLE001 - logged with its stack trace; the client gets a bare 500

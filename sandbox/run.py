@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import os
 import random
 import signal
 import threading
@@ -33,10 +34,10 @@ NAMES = [
 
 
 class SyncFeed(logging.Handler):
-    """Keeps the last sync lines the app logs, for the live view."""
+    """Keeps the last sync lines the app logs (per-change lines are DEBUG), for the live view."""
 
     def __init__(self, size: int = 12) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.lines: collections.deque[str] = collections.deque(maxlen=size)
         self.count = 0
         self.names: dict[str, str] = {}  # Zoom user id -> display name, for readable lines
@@ -45,9 +46,9 @@ class SyncFeed(logging.Handler):
         message = record.getMessage()
         if message.startswith("sync: Teams ") or message.startswith("sync: Zoom "):
             self.count += 1
-            text = message.removeprefix("sync: ").split(" (cid", 1)[0]
+            text = message.removeprefix("sync: ").split(" cid=", 1)[0]
             for zoom_id, name in self.names.items():
-                text = text.replace(f"for user {zoom_id}", f"for {name}")
+                text = text.replace(f"user={zoom_id}", f"for {name}")
             self.lines.append(time.strftime("%H:%M:%S ") + text)
 
 
@@ -86,7 +87,59 @@ def play_day(world: World, people: list[Person], stop: threading.Event, feed: co
             feed.append(f"{time.strftime('%H:%M:%S')} {person.name} could not {name}: {exc}")
 
 
-def view(world: World, people: list[Person], feed: SyncFeed, actions: collections.deque) -> Group:
+class Figures:
+    """The app's own metrics (shared/telemetry.py), read from an in-memory OpenTelemetry reader:
+    the same figures the Application Insights workbook shows."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        from shared import telemetry
+
+        self.reader = InMemoryMetricReader()
+        # TELEMETRY_EXPORTER=console|otlp exports the same figures as well.
+        telemetry.use_sdk(metric_readers=[self.reader], exporter=os.environ.get("TELEMETRY_EXPORTER"))
+        self._last: tuple[float, float] | None = None  # (time, observed) at the previous redraw
+        self.rate = 0.0
+
+    def panel(self) -> Panel:
+        from shared import telemetry as t
+
+        f = t.read_figures(self.reader)
+        now, observed = time.monotonic(), f.total(t.CHANGES_OBSERVED)
+        if self._last is not None and now - self._last[0] >= 1.0:
+            self.rate = (observed - self._last[1]) / (now - self._last[0])
+            self._last = (now, observed)
+        elif self._last is None:
+            self._last = (now, observed)
+        table = Table(expand=True, box=None)
+        for column in ("direction", "observed", "written", "echoes suppressed", "stale dropped", "coalesced",
+                       "failed", "latency p50 / p95"):
+            table.add_column(column)
+        for direction in (t.ZOOM_TO_TEAMS, t.TEAMS_TO_ZOOM):
+            p50 = f.quantile(t.SYNC_LATENCY, 0.5, direction=direction)
+            p95 = f.quantile(t.SYNC_LATENCY, 0.95, direction=direction)
+            latency = f"≤{p50:,.0f} / ≤{p95:,.0f} ms" if p50 is not None and p95 is not None else "–"
+            table.add_row(direction.replace("_", " "), *(f"{f.total(name, direction=direction):,.0f}" for name in (
+                t.CHANGES_OBSERVED, t.CHANGES_WRITTEN, t.CHANGES_SUPPRESSED_ECHO, t.CHANGES_DROPPED_STALE,
+                t.CHANGES_COALESCED, t.CHANGES_FAILED)), latency)
+        title = (f"Metrics · {self.rate:.1f} events/s · {f.count(t.VENDOR_REQUEST_DURATION):,} vendor calls · "
+                 f"{f.total(t.CHANGES_DEAD_LETTERED):,.0f} dead-lettered")
+        return Panel(table, title=title)
+
+    def line(self) -> str:
+        from shared import telemetry as t
+
+        f = t.read_figures(self.reader)
+        p95 = f.quantile(t.SYNC_LATENCY, 0.95)
+        return (f"metrics: observed {f.total(t.CHANGES_OBSERVED):.0f}, written {f.total(t.CHANGES_WRITTEN):.0f}, "
+                f"echoes suppressed {f.total(t.CHANGES_SUPPRESSED_ECHO):.0f}, "
+                f"coalesced {f.total(t.CHANGES_COALESCED):.0f}, latency p95 "
+                f"{'–' if p95 is None else f'≤{p95:,.0f} ms'}")
+
+
+def view(world: World, people: list[Person], feed: SyncFeed, actions: collections.deque,
+         figures: Figures | None = None) -> Group:
     table = Table(title="Who shows what", expand=True)
     table.add_column("Person")
     table.add_column("Zoom shows")
@@ -104,6 +157,8 @@ def view(world: World, people: list[Person], feed: SyncFeed, actions: collection
     assert world.host is not None
     urls = (f"Functions host {world.host.base_url}/api  ·  Zoom emulator {world.zoom.base_url}  ·  "
             f"Graph emulator {world.graph.base_url}  ·  admin key {world.host.master_key}")
+    if figures is not None:
+        return Group(table, figures.panel(), gestures, syncs, urls)
     return Group(table, gestures, syncs, urls)
 
 
@@ -122,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     feed = SyncFeed()
     sync_log = logging.getLogger("shared.sync")
     sync_log.addHandler(feed)
-    sync_log.setLevel(logging.INFO)
+    sync_log.setLevel(logging.DEBUG)
     sync_log.propagate = False  # shown in the live view, not printed over it
 
+    figures = Figures()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with console.status("Starting Azurite, the Zoom and Graph emulators and the local Functions host…"):
@@ -153,14 +209,16 @@ def main(argv: list[str] | None = None) -> int:
                 for line in list(actions)[-2:]:
                     console.print(line)
                 console.print(f"syncs so far: {feed.count}")
+                console.print(figures.line())
                 if deadline and time.monotonic() > deadline:
                     break
         else:
-            with Live(view(world, people, feed, actions), console=console, refresh_per_second=2) as live:
+            with Live(view(world, people, feed, actions, figures), console=console, refresh_per_second=2) as live:
                 while not stop.wait(0.5):
-                    live.update(view(world, people, feed, actions))
+                    live.update(view(world, people, feed, actions, figures))
                     if deadline and time.monotonic() > deadline:
                         break
+        console.print(figures.line())
         console.print(f"done: {feed.count} syncs")
     except KeyboardInterrupt:
         pass

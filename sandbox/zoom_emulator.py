@@ -38,11 +38,10 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import requests
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import Map, Rule
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from sandbox.clock import Clock
-from sandbox.http_keepalive import KeepAliveRequestHandler, read_body
 
 __all__ = [
     "DEFAULT_ACCOUNT_ID",
@@ -603,8 +602,8 @@ class _WebhookSender:
             emu._record_failed({"url": d.url, "event": d.event, "attempts": d.attempt, "time": emu.clock.now()})
 
 
-class _QuietHandler(KeepAliveRequestHandler):
-    """No per-request access log lines: the emulator records requests itself. Keep-alive, as Zoom serves."""
+class _QuietHandler(WSGIRequestHandler):
+    """No per-request access log lines: the emulator records requests itself."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
@@ -1340,7 +1339,6 @@ class ZoomEmulator:
     # ---- internals: HTTP --------------------------------------------------------------------
     def _wsgi(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         request = Request(environ)
-        read_body(request)
         ctx: dict[str, Any] = {}
         response = self._dispatch(request, ctx)
         self._record_request(request, response, ctx)

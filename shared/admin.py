@@ -151,6 +151,7 @@ def get_links(page_size: str | None, continuation: str | None, state: str | None
         log.info("admin: links listing with an unknown direction rejected")
         return _error(400, f"direction must be one of {', '.join(DIRECTION_FILTERS)}")
     try:
+        checked_token(continuation)
         if state is None and direction is None:
             links, token = list_links(size, continuation)
         else:
@@ -163,7 +164,7 @@ def get_links(page_size: str | None, continuation: str | None, state: str | None
 
 def _list_filtered(size: int, continuation: str | None, state: str | None,
                    direction: str | None) -> tuple[list[Link], str | None]:
-    from shared.links import LINKS_TABLE, _decode_token, _encode_token, link_from_entity
+    from shared.links import LINKS_TABLE, _encode_token, link_from_entity
 
     clauses, params = ["RowKey eq @row"], {"row": ROW}
     if state is not None:
@@ -179,10 +180,20 @@ def _list_filtered(size: int, continuation: str | None, state: str | None,
         params["one"], params["both"] = direction, ",".join(sorted(ALL_DIRECTIONS))
     client = storage.table(LINKS_TABLE)
     pager = client.query_entities(" and ".join(clauses), parameters=params, results_per_page=size).by_page(
-        continuation_token=_decode_token(continuation))
+        continuation_token=checked_token(continuation))
     page = next(pager, [])
     storage.count_operation()
     return [link_from_entity(storage.entity_dict(e)) for e in page], _encode_token(pager.continuation_token)
+
+
+def checked_token(continuation: str | None) -> dict | None:
+    """A continuation token from a caller: ValueError unless it is what the table service gave us."""
+    from shared.links import _decode_token
+
+    token = _decode_token(continuation)
+    if token is not None and not (isinstance(token, dict) and all(isinstance(v, str) for v in token.values())):
+        raise ValueError("invalid continuation token")
+    return token
 
 
 def resync_link(zoom_user_id: str) -> tuple[int, dict]:

@@ -148,11 +148,11 @@ def _cards(status: dict) -> str:
                            f'{_e(queues.get("poison", 0))} dead-lettered</span>', bad=bool(queues.get("poison"))))
     scopes = status.get("scopes") or {}
     if "error" not in scopes:
-        on = [name for key, name in (("zoom_to_teams", "Zoom→Teams"), ("teams_to_zoom", "Teams→Zoom"))
-              if scopes.get(key)]
+        z2t, t2z = bool(scopes.get("zoom_to_teams")), bool(scopes.get("teams_to_zoom"))
+        big = "Both ways" if z2t and t2z else "Zoom→Teams only" if z2t else "Teams→Zoom only" if t2z else "Off"
         groups = len(scopes.get("entra_group_ids") or []) + len(scopes.get("zoom_group_ids") or [])
-        cards.append(_card("Scopes", " + ".join(on) or "sync off",
-                           f'{_e(groups)} scope group(s)' if groups else "everyone linked"))
+        cards.append(_card("Scopes", big, f'members of {_e(groups)} group(s)' if groups else "everyone linked",
+                           bad=big == "Off"))
     matching = status.get("matching") or {}
     report = matching.get("report") if isinstance(matching, dict) else None
     run = matching.get("run") if isinstance(matching, dict) else None
@@ -164,14 +164,19 @@ def _cards(status: dict) -> str:
                            f'{_e(report.get("finished_at") or "")}'))
     elif run:
         cards.append(_card("Directory matching", run.get("status", "?"), _e(run.get("started_at") or "")))
+    else:
+        cards.append(_card("Directory matching", "not run yet", "runs daily, or on POST manage/links/sync"))
     return '<div class="cards">' + "".join(cards) + "</div>"
 
 
-def _shows(value: str, ours: bool) -> str:
-    if not value:
+def _shows(reported: str, ours: str, shows_ours: bool) -> str:
+    """What a side shows: the last report from it, or the overlay we put there (marked as ours)."""
+    if ours and (shows_ours or not reported or reported == ours):
+        return f'{_e(ours)} <span class="ours">(ours)</span>'
+    if not reported:
         return '<span class="muted">–</span>'
-    badge = ' <span class="ours">(ours)</span>' if ours else ""
-    return f"{_e(value)}{badge}"
+    extra = f' <span class="ours">· ours: {_e(ours)}</span>' if ours else ""
+    return f"{_e(reported)}{extra}"
 
 
 def _row(link: Link, scope_state: str) -> str:
@@ -184,6 +189,8 @@ def _row(link: Link, scope_state: str) -> str:
     search = " ".join([link.email, link.zoom_user_id, link.entra_user_id, state, detail, link.error_kind]).lower()
     cls = ' class="error"' if state == "error" or link.error_kind else ""
     directions = ", ".join("Zoom→Teams" if d == "zoom_to_teams" else "Teams→Zoom" for d in sorted(s.directions))
+    zoom_ours = s.zoom_overlay.status if s.zoom_overlay else ""
+    teams_ours = f"{s.teams_overlay.overlay.availability}/{s.teams_overlay.overlay.activity}" if s.teams_overlay else ""
     return (
         f'<tr{cls} data-search="{_e(search)}">'
         f'<td>{_e(link.email) or "<span class=muted>–</span>"}</td>'
@@ -191,8 +198,8 @@ def _row(link: Link, scope_state: str) -> str:
         f'<td class="mono">{_e(link.entra_user_id)}</td>'
         f'<td><span class="pill {_e(state)}">{_e(state)}</span> <span class="muted">{_e(detail)}</span></td>'
         f'<td>{_e(directions) or "<span class=muted>none</span>"}</td>'
-        f'<td>{_shows(link.zoom_shows, s.zoom_shows_ours)}</td>'
-        f'<td>{_shows(link.teams_shows, s.teams_shows_ours)}</td>'
+        f'<td>{_shows(link.zoom_shows, zoom_ours, s.zoom_shows_ours)}</td>'
+        f'<td>{_shows(link.teams_shows, teams_ours, s.teams_shows_ours)}</td>'
         f'<td class="mono">{_e(link.last_sync_at) or "<span class=muted>never</span>"}</td>'
         f'<td class="bad">{_e(error)}</td>'
         "</tr>"
@@ -277,10 +284,11 @@ def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:
 
     q = (params.get("q") or "").strip()[:200]
     state = (params.get("state") or "").strip()
-    notice = ""
+    notices: list[str] = []
     if state and state not in LINK_STATES:
         log.info("admin page: unknown state filter ignored")
-        notice, state = "Unknown state filter ignored.", ""
+        notices.append("Unknown state filter ignored.")
+        state = ""
     try:
         page_size = int(params.get("page_size") or PAGE_SIZE_DEFAULT)
     except ValueError:
@@ -290,13 +298,13 @@ def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:
         links, token = search_links(q, state or None, page_size, params.get("continuation") or None)
     except ValueError:
         log.info("admin page: invalid continuation token ignored")
-        notice = "That page link has expired; showing the first page."
+        notices.append("That page link is not valid; showing the first page.")
         links, token = search_links(q, state or None, page_size, None)
     status = collect_status()
     current = scopes.read_scopes()
     states = {link.zoom_user_id: scopes.scope_state(link, current) for link in links}
     body, nonce = render(status, links, states, q=q, state=state, continuation=token, page_size=page_size,
-                         key=params.get("code"), notice=notice)
+                         key=params.get("code"), notice=" ".join(notices))
     headers = {
         "Content-Security-Policy": content_security_policy(nonce),
         "Cache-Control": "no-store",

@@ -73,7 +73,6 @@ class Run:
     updated_at: float = 0.0
     finished_at: float = 0.0
     invocations: int = 0
-    rerun: bool = False  # another run was asked for while this one ran: start it when this ends
     error: str = ""
     state: dict[str, Any] = field(default_factory=dict)
     etag: str | None = None
@@ -82,8 +81,7 @@ class Run:
         entity = {
             "PartitionKey": self.kind, "RowKey": RUN_ROW, "run_id": self.run_id, "status": self.status,
             "trigger": self.trigger, "started_at": self.started_at, "updated_at": self.updated_at,
-            "finished_at": self.finished_at, "invocations": self.invocations, "rerun": self.rerun,
-            "error": self.error,
+            "finished_at": self.finished_at, "invocations": self.invocations, "error": self.error,
         }
         entity.update(pack(self.state, "s"))
         return entity
@@ -106,8 +104,8 @@ def _run_from(entity: dict, etag: str | None) -> Run:
         kind=entity["PartitionKey"], run_id=str(entity.get("run_id") or ""), status=str(entity.get("status") or ""),
         trigger=str(entity.get("trigger") or ""), started_at=float(entity.get("started_at") or 0.0),
         updated_at=float(entity.get("updated_at") or 0.0), finished_at=float(entity.get("finished_at") or 0.0),
-        invocations=int(entity.get("invocations") or 0), rerun=bool(entity.get("rerun")),
-        error=str(entity.get("error") or ""), state=unpack(entity, "s", {}) or {}, etag=etag,
+        invocations=int(entity.get("invocations") or 0), error=str(entity.get("error") or ""),
+        state=unpack(entity, "s", {}) or {}, etag=etag,
     )
 
 
@@ -121,18 +119,20 @@ def is_live(run: Run | None, now: float, stale_after_s: float) -> bool:
     return run is not None and run.status == STATUS_RUNNING and now - run.updated_at < stale_after_s
 
 
+RERUN_ROW = "rerun"
+
+
 def start_run(kind: str, trigger: str, state: dict, *, now: float | None = None,
               stale_after_s: float, rerun_if_live: bool = False) -> tuple[Run | None, Run | None]:
     """Begin a run: ``(new run, None)``, or ``(None, the live run)`` when one is live (with
-    ``rerun_if_live`` the live run is asked to start another when it ends)."""
+    ``rerun_if_live`` another run is asked for: see :func:`rerun_requested`)."""
     now = time.time() if now is None else now
     for _ in range(5):
         current = read_run(kind)
         if is_live(current, now, stale_after_s):
-            if rerun_if_live and not current.rerun:
-                current.rerun = True
-                if not save(current):
-                    continue
+            if rerun_if_live:
+                # A separate entity: writing the run's own would take its checkpoint from under it.
+                storage.upsert_entity(TABLE, {"PartitionKey": kind, "RowKey": RERUN_ROW, "requested_at": now})
             return None, current
         run = Run(kind, uuid.uuid4().hex[:16], STATUS_RUNNING, trigger, now, now, state=dict(state),
                   etag=current.etag if current else None)
@@ -140,6 +140,12 @@ def start_run(kind: str, trigger: str, state: dict, *, now: float | None = None,
             log.info("directory: %s run %s started (%s)", kind, run.run_id, trigger)
             return run, None
     raise storage.Conflict(f"directory: could not start a {kind} run")
+
+
+def rerun_requested(run: Run) -> bool:
+    """Was another run asked for after this one started?"""
+    entity, _ = storage.read_entity(TABLE, run.kind, RERUN_ROW)
+    return bool(entity) and float(entity.get("requested_at") or 0.0) >= run.started_at
 
 
 def save(run: Run) -> bool:

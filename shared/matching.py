@@ -329,7 +329,12 @@ def run_now(trigger: str, *, budget_s: float | None = None) -> runs.Run | None:
     if run is None:
         log.info("matching: run %s is in progress; this trigger adds nothing", live.run_id if live else "?")
         return None
-    return continue_run(run.run_id, budget_s=budget_s)
+    try:
+        return continue_run(run.run_id, budget_s=budget_s)
+    except Exception:
+        # Throttling or an outage: the queue retries the run from its checkpoint.
+        runs.continue_later(KIND, run.run_id, delay_s=30)
+        raise
 
 
 def continue_run(run_id: str, *, budget_s: float | None = None) -> runs.Run | None:
@@ -472,12 +477,12 @@ def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
                 for key in bumps:
                     _bump(counts, key)
             state["cursor"] = step[-1]
-        if start_at + APPLY_STEP < len(pending):
-            run.updated_at = time.time()
-            if not runs.save(run):
-                raise _TakenOver()
-            if budget.spent():
-                return False
+            if start_at + APPLY_STEP < len(pending):
+                run.updated_at = time.time()
+                if not runs.save(run):
+                    raise _TakenOver()
+                if budget.spent():
+                    return False
     _save_report(run, plan)
     return True
 

@@ -293,7 +293,12 @@ def start_and_run(trigger: str, *, budget_s: float | None = None) -> runs.Run | 
     if run is None:
         log.info("scopes: run %s in progress; it runs again when it ends", live.run_id if live else "?")
         return None
-    return continue_run(run.run_id, budget_s=budget_s)
+    try:
+        return continue_run(run.run_id, budget_s=budget_s)
+    except Exception:
+        # Throttling or an outage: the queue retries the run from its checkpoint.
+        runs.continue_later(KIND, run.run_id, delay_s=30)
+        raise
 
 
 def continue_run(run_id: str, *, budget_s: float | None = None) -> runs.Run | None:
@@ -339,14 +344,12 @@ def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
     run.status = runs.STATUS_FAILED if error else runs.STATUS_DONE
     run.error = error
     run.finished_at = run.updated_at = time.time()
-    again = run.rerun
-    run.rerun = False
     if not runs.save(run):
         return None
     c = run.state.get("counts", {})
     log.info("scopes: run %s %s: %d links, %d changed (%d narrowed, %d widened)", run.run_id, run.status,
              c.get("links", 0), c.get("changed", 0), c.get("narrowed", 0), c.get("widened", 0))
-    if again:
+    if runs.rerun_requested(run):
         request_run("asked for during the previous run")
     return run
 

@@ -14,6 +14,7 @@ and the subscription fields the subscription maintainer keeps (``subscription_*`
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,23 +46,44 @@ class Shard:
         entity = dict(self.extra)
         entity.update({
             "PartitionKey": PARTITION, "RowKey": self.row_key,
-            "ids": storage.to_json_column(self.ids), "seqs": storage.to_json_column(self.seqs),
             "version": self.version, "last_swept_at": self.last_swept_at, "size": len(self.ids),
         })
+        entity.update(_split_column("ids", storage.to_json_column(self.ids)))
+        entity.update(_split_column("seqs", storage.to_json_column(self.seqs)))
         return entity
 
 
 _OWN = {"PartitionKey", "RowKey", "ids", "seqs", "version", "last_swept_at", "size", "Timestamp"}
+# A Table string property holds at most 32K characters (64 KiB UTF-16): a full shard's ``seqs``
+# (650 ids with their sequence numbers, ~45K characters) is stored in parts ``seqs``, ``seqs_1``, …
+_PART_CHARS = 30_000
+_PART = re.compile(r"^(ids|seqs)_\d+$")
+
+
+def _split_column(name: str, text: str) -> dict[str, str]:
+    parts = [text[i:i + _PART_CHARS] for i in range(0, len(text), _PART_CHARS)] or [""]
+    return {name if n == 0 else f"{name}_{n}": part for n, part in enumerate(parts)}
+
+
+def _join_column(entity: dict, name: str) -> str | None:
+    first = entity.get(name)
+    if first is None:
+        return None
+    parts, n = [first], 1
+    while f"{name}_{n}" in entity:
+        parts.append(entity[f"{name}_{n}"])
+        n += 1
+    return "".join(parts)
 
 
 def shard_from_entity(entity: dict, etag: str | None = None) -> Shard:
     return Shard(
         number=int(entity["RowKey"]),
-        ids=storage.from_json_column(entity.get("ids"), []),
-        seqs=storage.from_json_column(entity.get("seqs"), {}),
+        ids=storage.from_json_column(_join_column(entity, "ids"), []),
+        seqs=storage.from_json_column(_join_column(entity, "seqs"), {}),
         version=int(entity.get("version") or 0),
         last_swept_at=float(entity.get("last_swept_at") or 0.0),
-        extra={k: v for k, v in entity.items() if k not in _OWN},
+        extra={k: v for k, v in entity.items() if k not in _OWN and not _PART.match(k)},
         etag=etag,
     )
 

@@ -196,7 +196,8 @@ def search_links(q: str, state: str | None, page_size: int, continuation: str | 
                  budget_s: float = 10.0) -> tuple[list[Link], str | None]:
     """Links whose email or ids contain ``q`` (case-insensitive), a page of the table at a time until
     ``page_size`` matched or the time budget is spent; the continuation resumes the scan."""
-    from shared.links import _decode_token, _encode_token
+    from shared.admin import checked_token
+    from shared.links import _encode_token
 
     needle = q.strip().lower()
     clauses, params = ["RowKey eq @row"], {"row": ROW}
@@ -206,7 +207,7 @@ def search_links(q: str, state: str | None, page_size: int, continuation: str | 
     client = storage.table(LINKS_TABLE)
     pager = client.query_entities(" and ".join(clauses), parameters=params,
                                   results_per_page=max(page_size, 200)).by_page(
-        continuation_token=_decode_token(continuation))
+        continuation_token=checked_token(continuation))
     deadline = time.monotonic() + budget_s
     found: list[Link] = []
     token = None

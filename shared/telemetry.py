@@ -163,12 +163,9 @@ def _ensure(block: bool = True) -> _Live | None:
             if not _wanted():
                 _finish(None)
                 return None
-            if not block:
-                _configuring = threading.Thread(target=_configure_logged, name="telemetry-configure", daemon=True)
-                _configuring.start()
-                return None
-            _configure_logged()
-            return _live
+            # On a thread even when the caller waits, so that intake never queues behind the lock.
+            _configuring = threading.Thread(target=_configure_logged, name="telemetry-configure", daemon=True)
+            _configuring.start()
         thread = _configuring
     if block:
         thread.join(timeout=30)
@@ -178,7 +175,11 @@ def _ensure(block: bool = True) -> _Live | None:
 def _wanted() -> bool:
     from shared.config import get_settings
 
-    s = get_settings()
+    try:
+        s = get_settings()
+    except Exception as exc:  # noqa: BLE001 - invalid settings fail the work that needs them, not telemetry
+        log.warning("telemetry: settings unreadable (%s); running without metrics and traces", type(exc).__name__)
+        return False
     return bool(s.applicationinsights_connection_string or s.telemetry_exporter)
 
 

@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import jwt
 import requests
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from sandbox.clock import Clock
@@ -57,7 +57,6 @@ from sandbox.graph.subscriptions import (
     parse_datetime,
     parse_presence_resource,
 )
-from sandbox.http_keepalive import KeepAliveRequestHandler, read_body
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +94,8 @@ class _Result:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class _QuietHandler(KeepAliveRequestHandler):
-    """Werkzeug's handler without per-request logging, dating responses by the sandbox clock.
-    Keep-alive, as Graph and Entra serve: without it every HTTPS request pays a TLS handshake."""
+class _QuietHandler(WSGIRequestHandler):
+    """Werkzeug's handler without per-request logging, dating responses by the sandbox clock."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
@@ -619,7 +617,6 @@ class GraphEmulator:
 
     def _wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
         request = Request(environ)
-        read_body(request)
         try:
             response = self._handle(request)
         except _Drop:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from sandbox.world import World, reset_app_caches
+from sandbox.world import World
 from tests.fixtures.world import E2E_ZOOM_MIN_INTERVAL_S
 
 TABLES = ("links", "linksbyentra", "overlays", "shards", "directory", "subscriptions", "connections")
@@ -30,7 +30,6 @@ def wipe(world: World) -> None:
     world.graph.reset()
     world.graph.faults.clear()
     world.zoom.faults.clear()
-    world.clock.reset()
     tables = storage.table_service()
     for name in TABLES:
         try:
@@ -40,7 +39,11 @@ def wipe(world: World) -> None:
     queues = storage.queue_service()
     for item in queues.list_queues():
         queues.get_queue_client(item.name).clear_messages()
-    reset_app_caches()
+    # Storage clients remember which tables they created; tokens stay (the apps did not change).
+    from shared.links import reset_link_caches
+
+    storage.reset_storage_clients()
+    reset_link_caches()
 
 
 def etags(table_name: str) -> dict[tuple[str, str], str]:

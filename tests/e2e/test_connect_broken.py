@@ -68,6 +68,9 @@ def test_a_revoked_grant_breaks_the_connection_and_its_people_fall_back_to_the_p
     listed = connection(world, account_id)
     assert listed["status"] == "broken" and "invalid_grant" in listed["broken_reason"]
     assert listed["subscribed_shards"] == []
+    status = world.admin("GET", "status").json()["connections"]
+    [shown] = [c for c in status["items"] if c["account_id"] == account_id]
+    assert shown["status"] == "broken" and status["broken"] >= 1
     shard = shard_zero()
     assert shard["subscription_status"] == "none" and "subscription_id" not in shard
     assert not [s for s in world.graph.subscriptions.values() if (s.owner_user_id or "").lower() == account_id]

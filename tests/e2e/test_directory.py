@@ -4,6 +4,7 @@ and what Teams and Zoom show."""
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -189,6 +190,70 @@ def test_matching_2000_zoom_and_2100_entra_users(world: World):
     assert all(again[k] == 0 for k in ("created", "updated", "disabled", "enabled", "repointed", "index_repaired"))
 
 
+def test_a_run_survives_an_expired_zoom_page_token_and_a_lost_invocation(world: World):
+    """Step by step, as the queue would run it: a continuation that comes back after Zoom's page
+    token expired lists Zoom again; a step that is run twice (a retried message) changes nothing."""
+    from shared import directory_runs, matching
+
+    people = [_person(world, f"p{i}") for i in range(7)]
+    world.host.pause_queues()  # this test plays the queue itself
+    try:
+        with _settings(world, MATCHING_ZOOM_PAGE_SIZE="2", MATCHING_ENTRA_PAGE_SIZE="3"):
+            run, _ = matching.start("test")
+            steps = 0
+            while True:
+                state = directory_runs.read_run("matching").state
+                if state["phase"] == "zoom" and state["zoom_pages"] == 2 and steps < 100:
+                    world.clock.advance(16 * 60)  # the next page token has expired at Zoom
+                    steps = 100
+                current = matching.continue_run(run.run_id, budget_s=0)
+                if current is None or current.status != "running":
+                    break
+                if current.state["phase"] == "apply":
+                    matching.continue_run(run.run_id, budget_s=0)  # the same step again, as a retry would
+    finally:
+        world.host.resume_queues()
+        world.clock.reset()
+    final = directory_runs.read_run("matching")
+    assert final.status == "done", final.error
+    links = all_links(world)
+    assert {z: item["entra_user_id"] for z, item in links.items()} == {p.zoom_id: p.entra_id for p in people}
+    report = matching.read_report()
+    assert report["counts"]["created"] == 7 and report["counts"]["zoom_users"] == 7
+    listings = [r for r in world.zoom.requests if r["path"] == "/v2/users"]
+    assert [r["status"] for r in listings].count(400) == 1  # the expired token; then Zoom was listed again
+    assert len(listings) == 2 + 1 + 4
+
+
+class _settings:
+    """App settings changed for a block (the host runs in this process and reads them too)."""
+
+    def __init__(self, world: World, **values: str) -> None:
+        self.world, self.values, self.saved = world, values, {}
+
+    def __enter__(self):
+        import os
+
+        from shared.config import reset_settings
+
+        for key, value in self.values.items():
+            self.saved[key] = os.environ.get(key)
+            os.environ[key] = value
+        reset_settings()
+
+    def __exit__(self, *exc):
+        import os
+
+        from shared.config import reset_settings
+
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_settings()
+
+
 def _person(world: World, name: str, *, enabled: bool = True) -> Person:
     tag = uuid.uuid4().hex[:6]
     email = f"{name}.{tag}@{DOMAIN}"
@@ -259,9 +324,11 @@ def test_group_restriction_and_opt_out_release_overlays_on_both_sides(world: Wor
 
     world.host.fire_timer("graph_subscriptions")  # plans the shards the sweep reads
     for c in cats:
-        world.zoom.join_meeting(people[(c, "z")].zoom_id)
         world.graph.set_teams_client(people[(c, "t")].entra_id, "Away", "Away")
     world.host.fire_timer("presence_sweep")
+    world.settle()
+    for c in cats:
+        world.zoom.join_meeting(people[(c, "z")].zoom_id)
     world.settle()
     for c in cats:
         assert world.teams_shows(people[(c, "z")]) == ("Busy", "InACall"), c
@@ -417,8 +484,12 @@ def test_links_filters_resync_and_status(world: World):
     assert ids(state="error") == set()
     assert ids(direction="teams_to_zoom") == {ada.zoom_id, bob.zoom_id}
     assert ids(direction="zoom_to_teams", state="active") == {ada.zoom_id, cy.zoom_id}
-    for bad in ({"state": "sleeping"}, {"direction": "sideways"}, {"page_size": "x"}):
+    bogus = base64.urlsafe_b64encode(b"123").decode()  # decodes, but is no continuation token
+    for bad in ({"state": "sleeping"}, {"direction": "sideways"}, {"page_size": "x"}, {"continuation": bogus},
+                {"continuation": bogus, "state": "active"}):
         assert world.admin("GET", "links", params=bad).status_code == 400
+    page = world.admin("GET", "", params={"continuation": bogus, "state": "sleeping"})
+    assert page.status_code == 200 and "Unknown state filter ignored" in page.text
 
     # Resync re-reads both sides: a change Zoom never announced shows up.
     world.zoom.faults.webhook_drop(count=1)

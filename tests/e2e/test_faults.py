@@ -223,11 +223,16 @@ def report(record_property, name: str, figures: dict) -> None:
 @pytest.mark.timeout(900)
 def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, monkeypatch, record_property):
     rounds = int(os.environ.get("FAULT_ROUNDS", "1"))
-    zoom_people_n = int(os.environ.get("FAULT_ZOOM_PEOPLE", "10"))
-    teams_people_n = int(os.environ.get("FAULT_TEAMS_PEOPLE", "8"))
+    zoom_people_n = int(os.environ.get("FAULT_ZOOM_PEOPLE", "8"))
+    teams_people_n = int(os.environ.get("FAULT_TEAMS_PEOPLE", "6"))
     # Overlays are as short as Graph allows and the keep-alive confirms them whenever it runs.
     app_setting(TEAMS_OVERLAY_MINUTES=str(OVERLAY_MINUTES), OVERLAY_RENEW_LEEWAY_SECONDS=str(OVERLAY_MINUTES * 60),
                 ZOOM_DND_DURATION_MINUTES=str(DND_MINUTES))
+    # A person's write lease is the safety net should its holder die: whoever finds it held queues
+    # a reconcile for when it runs out. Shortened here (with the outbound-call budget it must
+    # cover) so that net does not keep the world busy for 45 s after every race.
+    app_setting(HTTP_TOTAL_TIMEOUT_SECONDS="6")
+    monkeypatch.setattr("shared.sync.LEASE_SECONDS", 8.0)
     zoom_people = [world.add_person() for _ in range(zoom_people_n)]
     teams_people = [world.add_person() for _ in range(teams_people_n)]
     everyone = zoom_people + teams_people
@@ -257,36 +262,26 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
             step += 1
 
         for _ in range(rounds):
-            # 1. 429 storms with Retry-After, on both vendors.
-            world.graph.faults.throttle(count=15, retry_after=1, paths="/presence")
-            world.zoom.faults.throttle(count=6, retry_after=1, path=r"/presence_status$")
+            # 1. Vendor trouble at once: 429 storms with Retry-After, 5xx bursts, requests that hang
+            #    (Zoom answers 504 late; Graph drops the connection without an answer).
+            world.graph.faults.throttle(count=8, retry_after=1, paths="/presence")
+            world.zoom.faults.throttle(count=4, retry_after=1, path=r"/presence_status$")
+            world.graph.faults.server_error(count=6, status=503, paths="/presence")
+            world.zoom.faults.server_error(count=3, status=502, path=r"/presence_status$")
+            world.graph.faults.timeout(count=2, seconds=1.0, paths="/presence", drop=True)
+            world.zoom.faults.timeout(count=1, seconds=1.0, path=r"/presence_status$")
             traffic()
             settle(world)
 
-            # 2. 5xx bursts, then requests that hang (Zoom answers 504 late; Graph drops the connection).
-            world.graph.faults.server_error(count=10, status=503, paths="/presence")
-            world.zoom.faults.server_error(count=5, status=502, path=r"/presence_status$")
-            traffic()
-            settle(world)
-            world.graph.faults.timeout(count=3, seconds=1.0, paths="/presence", drop=True)
-            world.zoom.faults.timeout(count=2, seconds=1.0, path=r"/presence_status$")
-            traffic()
-            settle(world)
-
-            # 3. Both token endpoints down for a while, with every cached token gone.
+            # 2. Both token endpoints down for a while, every cached token gone; meanwhile Zoom
+            #    duplicates, reorders, delays webhooks and sends some an hour late, and Graph
+            #    drops and doubles notifications.
             from shared.tokens import reset_token_caches
 
             world.graph.faults.token_endpoint_down(count=None)
             world.zoom.faults.token_endpoint_down(count=None)
             reset_token_caches()
             world.zoom.expire_tokens()
-            back_up = threading.Timer(2.5, lambda: (world.graph.faults.clear(), world.zoom.faults.clear()))
-            back_up.start()
-            traffic()
-            back_up.join()
-            settle(world)
-
-            # 4. Webhooks duplicated, reordered, delayed, an hour late; notifications dropped and doubled.
             world.zoom.faults.webhook_duplicate(count=4)
             world.zoom.faults.webhook_reorder(count=3)
             world.zoom.faults.webhook_delay(seconds=2.0, count=2)
@@ -297,10 +292,17 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
                 late = world.zoom.presence_event(person.zoom_id, "Do_Not_Disturb",
                                                  event_ts=int((time.time() - 3600) * 1000))
                 world.zoom.send_event(late)
+            time.sleep(2.0)
+            for faults in (world.graph.faults, world.zoom.faults):
+                faults.clear()
             settle(world)
 
         # 5. Dropped webhooks: two people leave their meeting and Zoom never tells us.
-        dropped_people = zoom_people[:2]
+        for person in zoom_people:
+            zoom_to(world, person, "Available")
+        settle(world)
+        dropped_people = [p for p in zoom_people if world.zoom_shows(p) == "Available"][:2]
+        assert dropped_people
         for person in dropped_people:
             zoom_to(world, person, "In_Meeting")
         settle(world)
@@ -312,6 +314,19 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
         settle(world)
         for person in dropped_people:
             assert world.teams_shows(person) == ("Busy", "InACall")  # wrong, for now
+        world.host.fire_timer("overlay_keepalive")  # what its schedule does every few minutes
+        settle(world)
+        stuck = []
+        for record in world.zoom.dropped_events[drop_mark:]:
+            user = record["event"]["payload"]["object"]["id"].lower()
+            person = next(p for p in dropped_people if p.zoom_id == user)
+            assert world.teams_shows(person) == ("Available", "Available")
+            fixed = [r.time for r in world.graph.requests[graph_mark:]
+                     if person.entra_id in r.path.lower() and r.path.endswith("/clearPresence")
+                     and r.time >= record["time"] and 200 <= r.status < 300]
+            assert fixed, f"{person.name}: the overlay was never released"
+            stuck.append(min(fixed) - record["time"])
+        bound_s = OVERLAY_MINUTES * 60
 
         # 6. The subscription silently stops; Teams changes go unheard until Graph says "missed".
         world.graph.stop_delivering(sub.id)
@@ -342,18 +357,6 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
             if world.zoom_shows(person) != teams_to_zoom(availability, activity):
                 mismatches.append(("teams-driven", person.name, (availability, activity), world.zoom_shows(person)))
         assert mismatches == []
-
-        # --- a dropped webhook left a wrong state for a bounded time only ---------------------------------------------
-        stuck = []
-        for record in world.zoom.dropped_events[drop_mark:]:
-            user = record["event"]["payload"]["object"]["id"].lower()
-            person = next(p for p in dropped_people if p.zoom_id == user)
-            fixed = [r.time for r in world.graph.requests[graph_mark:]
-                     if person.entra_id in r.path.lower() and r.path.endswith("/clearPresence")
-                     and r.time >= record["time"]]
-            assert fixed, f"{person.name}: the overlay was never released"
-            stuck.append(min(fixed) - record["time"])
-        bound_s = OVERLAY_MINUTES * 60
 
         # --- no overlay outlives its bound --------------------------------------------------------------------------------
         writes = overlay_writes(world, graph_mark)
@@ -396,7 +399,6 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
             "graph_notifications": {"delivered": len(world.graph.delivered) - graph_deliveries_mark},
             "writes": {"teams": len(writes), "zoom_puts": sum(1 for p in world.zoom.presence_puts[zoom_mark:]
                                                                if p["status"] == 204)},
-            "faults_fired": {"zoom": len(world.zoom.faults.fired)},
             "max_stuck_s": round(max(stuck), 2),
             "stuck_bound_s": bound_s,
             "longest_teams_overlay_min": longest_teams,
@@ -414,7 +416,8 @@ def test_storage_outage_mid_burst(record_property):
     cannot store, Zoom retries, and once storage is back every retried change is applied."""
     from sandbox.world import reset_app_caches
 
-    world = World(zoom_min_interval_s=E2E_ZOOM_MIN_INTERVAL_S, retry_scale=0.002)
+    world = World(zoom_min_interval_s=E2E_ZOOM_MIN_INTERVAL_S, retry_scale=0.002,
+                  extra_env={"TEAMS_OVERLAY_MINUTES": str(OVERLAY_MINUTES)})
     world.start()
     try:
         people = [world.add_person() for _ in range(6)]
@@ -451,8 +454,16 @@ def test_storage_outage_mid_burst(record_property):
         world.host.resume_queues()
         world.settle(timeout=90)
 
+        # The first three left their meeting during the outage. Azurite forgot that the app had
+        # put "In a call" on them, so the re-created links cannot take it off; what must hold is
+        # that it goes away by itself within the overlay bound (real storage keeps that record).
+        now = world.clock.now()
         for person in first:
-            assert world.teams_shows(person) == ("Available", "Available")
+            for session_id, session in world.graph.sessions(person.entra_id).items():
+                if session_id != "teams-client":
+                    assert session["expires_at"] is not None
+                    assert session["expires_at"] - now <= OVERLAY_MINUTES * 60 + 1
+            assert world.graph.preferred(person.entra_id) is None
         for person in second:
             assert world.teams_shows(person) == ("DoNotDisturb", "Presenting")
         accepted_after = [d for d in world.zoom.deliveries[deliveries_mark:] if d["ok"]]

@@ -27,4 +27,7 @@ def test_sandbox_run_brings_the_world_up_and_syncs():
     assert "Graph emulator   https://127.0.0.1:" in out
     syncs = int(re.search(r"done: (\d+) syncs", out).group(1))
     assert syncs > 0
+    # The live view's figures come from the app's own metrics (shared/telemetry.py).
+    observed, written = map(int, re.findall(r"metrics: observed (\d+), written (\d+)", out)[-1])
+    assert observed > 0 and written > 0
     assert "Traceback" not in proc.stderr

@@ -12,7 +12,6 @@ import pytest
 
 from sandbox.world import Person, World
 from shared import telemetry as t
-from tests.fixtures.world import E2E_ZOOM_MIN_INTERVAL_S
 
 pytestmark = pytest.mark.e2e
 
@@ -46,8 +45,22 @@ def recorder(world: World) -> Iterator[Recorder]:
 
 
 def poll_ready(world: World) -> None:
+    warm_app_token()
     world.host.fire_timer("graph_subscriptions")  # plans the shards the sweep reads
     world.settle()
+
+
+def warm_app_token() -> None:
+    """A timer is not retried: make sure the sweep's first Graph call does not wait for a token."""
+    from shared.errors import TokenError
+    from shared.tokens import graph_app_token
+
+    for _ in range(3):
+        try:
+            graph_app_token()
+            return
+        except TokenError:
+            continue
 
 
 def test_zoom_change_is_written_with_latency_and_one_trace(world: World, recorder: Recorder):
@@ -72,14 +85,21 @@ def test_zoom_change_is_written_with_latency_and_one_trace(world: World, recorde
 
     # One trace: the webhook's intake span, the queue worker's span and the Graph write.
     [intake] = recorder.finished(t.INTAKE_SPAN, source="zoom_webhook", zoom_user_id=person.zoom_id)
-    [write] = recorder.finished(t.WRITE_SPAN, zoom_user_id=person.zoom_id, direction="zoom_to_teams")
+    write = completed_write(recorder, person, "zoom_to_teams")
     assert write.context.trace_id == intake.context.trace_id
-    work = [s for s in recorder.finished(t.WORK_SPAN, queue="zoom-presence")
-            if s.context.trace_id == intake.context.trace_id]
-    assert work and write.parent.span_id == work[0].context.span_id
-    assert work[0].parent.span_id == intake.context.span_id
+    [work] = [s for s in recorder.finished(t.WORK_SPAN, queue="zoom-presence")
+              if s.context.span_id == write.parent.span_id]
+    assert work.parent.span_id == intake.context.span_id
     assert write.attributes[t.LATENCY_ATTRIBUTE] >= 0
-    assert write.attributes["cid"] == work[0].attributes["cid"]
+    assert write.attributes["cid"] == work.attributes["cid"]
+
+
+def completed_write(recorder: Recorder, person: Person, direction: str):
+    """The write span that completed (a retried attempt leaves a failed one before it)."""
+    writes = [s for s in recorder.finished(t.WRITE_SPAN, zoom_user_id=person.zoom_id, direction=direction)
+              if s.status.is_ok]
+    assert writes, "no completed write span"
+    return writes[-1]
 
 
 def test_teams_change_through_the_sweep_is_one_trace_and_its_zoom_echo_is_suppressed(world: World,
@@ -100,7 +120,7 @@ def test_teams_change_through_the_sweep_is_one_trace_and_its_zoom_echo_is_suppre
     # Zoom reports our own PUT back as a webhook: an echo, suppressed.
     assert after.total(t.CHANGES_SUPPRESSED_ECHO, direction="zoom_to_teams") > \
         before.total(t.CHANGES_SUPPRESSED_ECHO, direction="zoom_to_teams")
-    [write] = recorder.finished(t.WRITE_SPAN, zoom_user_id=person.zoom_id, direction="teams_to_zoom")
+    write = completed_write(recorder, person, "teams_to_zoom")
     roots = {s.context.trace_id for s in recorder.finished(t.INTAKE_SPAN, source="sweep")}
     assert write.context.trace_id in roots
 
@@ -121,18 +141,28 @@ def test_stale_and_duplicate_webhooks_are_dropped(world: World, recorder: Record
     assert world.teams_shows(person) == ("Busy", "InACall")
 
 
-def test_rapid_teams_changes_coalesce_the_zoom_write(world: World, recorder: Recorder):
+def test_a_second_teams_change_within_zooms_interval_is_coalesced(world: World, recorder: Recorder, app_setting):
+    # The app waits longer than the emulator requires (never violating Zoom's rule), so the second
+    # change surely falls inside the interval on a slow machine too.
+    app_setting(ZOOM_PRESENCE_MIN_INTERVAL_SECONDS="8")
     person = world.add_person()
     poll_ready(world)
-    before = recorder.figures()
-    for availability, activity in (("Busy", "InACall"), ("Away", "Away")):
-        world.graph.set_teams_client(person.entra_id, availability, activity)
-        world.host.fire_timer("presence_sweep")
-        world.settle()
-    world.wait_until(lambda: world.zoom_shows(person) == "Away", timeout=4 * E2E_ZOOM_MIN_INTERVAL_S + 10)
-    after = recorder.figures()
-    assert after.total(t.CHANGES_COALESCED, direction="teams_to_zoom") > \
-        before.total(t.CHANGES_COALESCED, direction="teams_to_zoom")
+    teams_change(world, person, "Away", "Away")
+    world.wait_until(lambda: world.zoom_shows(person) == "Away", timeout=20)
+    before = recorder.figures().total(t.CHANGES_COALESCED, direction="teams_to_zoom", reason="deferred")
+    world.graph.set_teams_client(person.entra_id, "Busy", "InACall")
+    world.host.fire_timer("presence_sweep")
+    world.wait_until(lambda: recorder.figures().total(t.CHANGES_COALESCED, direction="teams_to_zoom",
+                                                      reason="deferred") > before, timeout=20)
+    # Deferred, not dropped: the write follows once the interval has passed.
+    world.wait_until(lambda: world.zoom_shows(person) == "On_Phone_Call", timeout=40)
+    world.settle(timeout=60)
+
+
+def teams_change(world: World, person: Person, availability: str, activity: str) -> None:
+    world.graph.set_teams_client(person.entra_id, availability, activity)
+    world.host.fire_timer("presence_sweep")
+    world.settle()
 
 
 def test_undecodable_message_is_dead_lettered(world: World, recorder: Recorder):
@@ -145,18 +175,6 @@ def test_undecodable_message_is_dead_lettered(world: World, recorder: Recorder):
     after = recorder.figures()
     assert after.total(t.CHANGES_DEAD_LETTERED, direction="zoom_to_teams", reason="undecodable") == \
         before.total(t.CHANGES_DEAD_LETTERED, direction="zoom_to_teams", reason="undecodable") + 1
-
-
-def test_zoom_not_signed_in_counts_as_a_failed_write(world: World, recorder: Recorder):
-    person = world.add_person(zoom_signed_in=False)
-    poll_ready(world)
-    before = recorder.figures()
-    world.graph.set_teams_client(person.entra_id, "Busy", "InACall")
-    world.host.fire_timer("presence_sweep")
-    world.settle()
-    after = recorder.figures()
-    assert after.total(t.CHANGES_FAILED, direction="teams_to_zoom", reason="zoom_not_signed_in") > \
-        before.total(t.CHANGES_FAILED, direction="teams_to_zoom", reason="zoom_not_signed_in")
 
 
 def test_gauges_report_the_snapshot_taken_by_the_maintenance_timer(world: World, recorder: Recorder):

@@ -1,0 +1,110 @@
+"""infra/modules/observability.bicep: part of main.bicep, and every metric, span, attribute and
+reason its workbook and alert queries name is one the code emits (shared/telemetry.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from shared import telemetry as t
+from tests.infra import bicep_model as bm
+
+MODULE = bm.INFRA / "modules" / "observability.bicep"
+TEXT = MODULE.read_text()
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACES = ("presence.", "vendor.", "subscriptions.", "connections.", "links.", "queues.", "webhooks.")
+# Every quoted dotted name in the KQL (metric and span names, span attributes).
+QUOTED = set(re.findall(r"'([a-z_]+(?:\.[a-z_]+)+\.?)'", TEXT))
+
+
+def _template() -> dict:
+    return bm.parse(MODULE)
+
+
+def _queries() -> str:
+    """The KQL of the alerts and the workbook panels (multi-line strings of the module)."""
+    return "\n".join(re.findall(r"'''(.*?)'''", TEXT, flags=re.S))
+
+
+def test_main_deploys_the_module_against_the_application_insights_component():
+    module = bm.parse(bm.MAIN)["modules"]["observability"]
+    assert module["detail"]["path"] == "modules/observability.bicep"
+    params = module["config"]["params"]
+    text = str(params["applicationInsightsId"])
+    assert all(f"'{part}'" in text for part in ("monitoring", "outputs", "resourceId"))
+    assert params["actionGroupId"] == "alertActionGroupId"
+    assert bm.parameter_default("alertActionGroupId") == ""
+
+
+def test_every_name_the_queries_use_is_emitted_by_the_code():
+    known = set(t.INSTRUMENTS) | set(t.SPAN_NAMES) | {t.LATENCY_ATTRIBUTE}
+    used = {name for name in QUOTED if name.startswith(NAMESPACES)}
+    assert used, "no metric names found in the module"
+    for name in used:
+        if name.endswith("."):  # a prefix (startswith)
+            assert any(i.startswith(name) for i in t.INSTRUMENTS), name
+        else:
+            assert name in known, f"{name} is queried but shared/telemetry.py does not emit it"
+
+
+def test_the_workbook_shows_every_instrument():
+    queries = _queries()
+    for name in t.INSTRUMENTS:
+        if name.startswith("presence.changes."):
+            assert f"'{name}'" in queries or "'presence.changes.'" in queries, name
+        else:
+            assert f"'{name}'" in queries, f"{name} is not on the workbook"
+    assert f"'{t.WRITE_SPAN}'" in queries and f"'{t.LATENCY_ATTRIBUTE}'" in queries
+
+
+def test_dimensions_queried_are_attributes_the_code_sets():
+    source = (ROOT / "shared" / "telemetry.py").read_text()
+    dimensions = set(re.findall(r"customDimensions\['([a-z_.]+)'\]", _queries()))
+    assert {"direction", "reason", "queue", "vendor", "status", "source"} <= dimensions
+    for key in dimensions - {t.LATENCY_ATTRIBUTE}:
+        assert f'"{key}"' in source, f"attribute {key} is queried but never set"
+
+
+def test_reasons_the_alerts_match_are_recorded_by_the_code():
+    sync = (ROOT / "shared" / "sync.py").read_text()
+    assert 'telemetry.failed(TEAMS_TO_ZOOM, "zoom_not_signed_in")' in sync
+    assert "'zoom_not_signed_in'" in _queries()
+    http = (ROOT / "shared" / "http.py").read_text()
+    assert "telemetry.vendor_request(" in http  # the status dimension the Graph 403 alert matches
+
+
+def test_alert_rules_cover_the_documented_conditions_and_notify_the_action_group():
+    template = _template()
+    alerts = template["variables"]["alertDefinitions"]["value"]
+    keys = {a["key"] for a in alerts}
+    assert keys == {"poison-queue", "subscription-failures", "sync-latency", "zoom-5301", "graph-403", "no-webhooks"}
+    by_key = {a["key"]: str(a["query"]) for a in alerts}
+    assert t.POISON_MESSAGES in by_key["poison-queue"] and t.CHANGES_DEAD_LETTERED in by_key["poison-queue"]
+    assert t.SUBSCRIPTION_RENEWAL_FAILURES in by_key["subscription-failures"]
+    assert t.LATENCY_ATTRIBUTE in by_key["sync-latency"] and "percentile(latency, 95)" in by_key["sync-latency"]
+    assert t.CHANGES_FAILED in by_key["zoom-5301"]
+    assert t.VENDOR_REQUEST_DURATION in by_key["graph-403"] and "'403'" in by_key["graph-403"]
+    assert t.WEBHOOKS_RECEIVED in by_key["no-webhooks"] and "datetime_utc_to_local" in by_key["no-webhooks"]
+    rule = next(r for r in template["resources"].values() if r["type"] == "Microsoft.Insights/scheduledQueryRules")
+    body = rule["config"].get("config", rule["config"])
+    assert body["properties"]["actions"]["actionGroups"] == "actionGroups"
+    assert body["properties"]["scopes"] == ["applicationInsightsId"]
+
+
+def test_every_alert_is_explained_in_the_operations_runbook():
+    runbook = (ROOT / "docs" / "operations.md").read_text()
+    section = runbook[runbook.index("## Alerts: what each means and what to do"):]
+    for alert in _template()["variables"]["alertDefinitions"]["value"]:
+        assert str(alert["displayName"]) in section, alert["key"]
+
+
+def test_the_code_emits_what_the_module_documents():
+    # The reverse direction: renaming an instrument in the code must fail here, not in production.
+    for name in (t.CHANGES_OBSERVED, t.CHANGES_WRITTEN, t.CHANGES_SUPPRESSED_ECHO, t.CHANGES_DROPPED_STALE,
+                 t.CHANGES_COALESCED, t.CHANGES_DEAD_LETTERED, t.SYNC_LATENCY, t.VENDOR_REQUEST_DURATION,
+                 t.SUBSCRIPTIONS_COUNT, t.SUBSCRIPTIONS_NEAREST_EXPIRY, t.CONNECTIONS_COUNT, t.LINKS_COUNT):
+        assert name in {"presence.changes.observed", "presence.changes.written", "presence.changes.suppressed_echo",
+                        "presence.changes.dropped_stale", "presence.changes.coalesced",
+                        "presence.changes.dead_lettered", "presence.sync.latency", "vendor.request.duration",
+                        "subscriptions.count", "subscriptions.nearest_expiry_seconds", "connections.count",
+                        "links.count"}

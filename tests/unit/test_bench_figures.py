@@ -1,0 +1,88 @@
+"""The benchmark's figure computations (bench/figures.py, bench/run.py) cannot silently rot:
+matching changes to writes, percentiles, the convergence bound, sweep cost and the result
+contract of latest.json. Pure functions: no world, well under a second."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.figures import Change, Write, capacity_plan, converge_bound_s, match, percentile, sweep_cost
+from bench.run import TARGETS, assemble, median_merge, verdict
+
+CONTRACT = ("p50_ms", "p95_ms", "p99_ms", "changes", "writes", "writes_per_change")
+
+
+def test_percentile_interpolates():
+    assert percentile([], 50) is None
+    assert percentile([7], 99) == 7
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile(list(range(101)), 99) == 99
+
+
+def test_match_latency_coalescing_and_unmatched():
+    changes = [Change("a", 10.0), Change("b", 10.0), Change("b", 10.5), Change("c", 11.0)]
+    writes = [Write("a", 10.1), Write("b", 10.7), Write("x", 10.2), Write("a", 9.0),
+              Write("c", 12.0, ok=False)]
+    m = match(changes, writes)
+    assert m.changes == 4
+    assert m.coalesced == 1  # b's first change was superseded before any write
+    assert m.unmatched == 1  # c's only write failed
+    assert sorted(round(x) for x in m.latencies_ms) == [100, 200]
+    summary = m.summary()
+    assert set(CONTRACT) <= set(summary)
+    assert summary["writes"] == 3  # writes to the people who changed (a twice, b once); x is not ours
+
+
+def test_converge_bound_is_set_by_the_slowest_limit():
+    b = converge_bound_s(zoom_changes=3000, teams_changes=2000, arrival_span_s=10.0, zoom_plan="business")
+    assert b["converge_bound_s"] == pytest.approx(2000 / 60, abs=0.01)  # Zoom Medium 60/s
+    assert converge_bound_s(zoom_changes=3000, teams_changes=10, arrival_span_s=10.0)["converge_bound_s"] == 10.0
+    assert converge_bound_s(zoom_changes=25_000, teams_changes=0, arrival_span_s=1.0)["converge_bound_s"] == 60.0
+    assert converge_bound_s(zoom_changes=0, teams_changes=40, arrival_span_s=0, zoom_plan="free")[
+        "converge_bound_s"] == 20.0
+
+
+def test_sweep_cost_from_the_shard_math():
+    assert sweep_cost(1000)["graph_reads_per_sweep"] == 2
+    assert sweep_cost(10_000)["graph_reads_per_sweep"] == 16
+    big = sweep_cost(100_000)
+    assert big["graph_reads_per_sweep"] == 154 and big["subscriptions_needed"] == 154
+
+
+def test_capacity_plan_orders_the_zoom_plans():
+    plan = capacity_plan()
+    users = [plan["zoom"][p]["users"] for p in ("free", "pro", "business")]
+    assert users == sorted(users) and users[0] > 0
+
+
+def _side(p99: float, wpc: float = 1.0) -> dict:
+    return {"p50_ms": 1.0, "p95_ms": 2.0, "p99_ms": p99, "changes": 10, "writes": 10, "writes_per_change": wpc}
+
+
+def test_assemble_writes_the_contract_keys():
+    steady = {"users": 1000, "zoom_to_teams": _side(100), "teams_to_zoom": _side(200), "table_ops_per_change": 3.5,
+              "echo_writes": 0, "lost": 0, "sweep": {"graph_reads_per_sweep": 2, "seconds": 0.1}}
+    burst = {"users": 10_000, "zoom_to_teams": _side(900), "teams_to_zoom": _side(9000), "echo_writes": 0, "lost": 0,
+             "throughput_changes_per_s": 320.0, "converge_s": 36.0, "converge_bound_s": 33.3,
+             "sweep": {"graph_reads_per_sweep": 16, "seconds": 0.8}}
+    cold = {"cold_import_ms": 300.0, "cold_first_ack_ms": 900.0}
+    result = assemble(steady, burst, cold, runs=3, quick=False)
+    for side in ("zoom_to_teams", "teams_to_zoom"):
+        assert set(CONTRACT) <= set(result[side])
+    for key in ("echo_writes", "lost", "throughput_changes_per_s", "converge_s", "converge_bound_s", "cold_import_ms",
+                "cold_first_ack_ms", "table_ops_per_change", "graph_reads_per_sweep_10k", "machine"):
+        assert key in result, key
+    assert {"cores", "python"} <= set(result["machine"])
+    assert result["graph_reads_per_sweep_10k"] == 16
+    assert result["sweep"]["100000"]["graph_reads_per_sweep"] == 154
+    assert result["targets"]["zoom_to_teams.p99_ms"]["verdict"] == "met"
+    assert result["targets"]["converge_ratio"]["verdict"] == "met"
+    assert set(TARGETS) == set(result["targets"])
+
+
+def test_median_merge_and_verdicts():
+    merged = median_merge([{"a": 1, "b": {"c": 5}, "s": "x"}, {"a": 3, "b": {"c": 1}, "s": "y"},
+                           {"a": 2, "b": {"c": 3}, "s": "z"}])
+    assert merged == {"a": 2, "b": {"c": 3}, "s": "x"}
+    assert verdict(None, ("<=", 1)) == "-"
+    assert verdict(1.0, ("==", 1.0)) == "met" and verdict(0.5, ("==", 1.0)) == "MISSED"

@@ -1,0 +1,329 @@
+"""shared/telemetry.py and shared/logs.py without the sandbox: lazy configuration, what each recording
+function moves, the trace across a queue hop, and the structured log lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared import logs
+from shared import telemetry as t
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def recorder():
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    reader, spans = InMemoryMetricReader(), InMemorySpanExporter()
+    t.reset()
+    t.use_sdk(metric_readers=[reader], span_processors=[SimpleSpanProcessor(spans)])
+    yield reader, spans
+    t.reset()
+
+
+@pytest.fixture
+def no_telemetry(monkeypatch):
+    from shared.config import reset_settings
+
+    for name in ("APPLICATIONINSIGHTS_CONNECTION_STRING", "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+                 "TELEMETRY_EXPORTER"):
+        monkeypatch.delenv(name, raising=False)
+    reset_settings()
+    t.reset()
+    yield
+    t.reset()
+    reset_settings()
+
+
+# --- import costs nothing ---------------------------------------------------------------------------------
+
+_IMPORT = """
+import json, sys, time
+started = time.perf_counter()
+import function_app
+from shared import telemetry
+telemetry.observed("zoom_to_teams", "applied")
+telemetry.written("zoom_to_teams")
+with telemetry.intake_span("zoom_webhook"):
+    pass
+print(json.dumps({"modules": sorted(m for m in sys.modules if m.startswith(("opentelemetry", "azure.monitor"))),
+                  "seconds": time.perf_counter() - started}))
+"""
+
+
+def test_importing_the_app_without_application_insights_configures_and_imports_nothing():
+    # A fresh interpreter with an empty environment, as the host indexes the app; even recording
+    # without any telemetry setting loads no OpenTelemetry package.
+    proc = subprocess.run([sys.executable, "-c", _IMPORT], cwd=ROOT, env={"PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["modules"] == []
+
+
+def test_shared_telemetry_imports_only_the_standard_library():
+    code = ("import sys, shared.telemetry, shared.logs; "
+            "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'azure', 'pydantic'))))")
+    proc = subprocess.run([sys.executable, "-c", code],
+                          cwd=ROOT, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_without_settings_nothing_is_configured(no_telemetry):
+    t.observed("zoom_to_teams", "echo")
+    assert t._decided and t._live is None
+    assert t.inject({"kind": "zoom_presence"}) == {"kind": "zoom_presence"}
+
+
+# --- Application Insights: lazily, with Entra auth, logs left to the host -----------------------------------
+
+def test_application_insights_is_configured_on_first_use_with_entra_auth(monkeypatch, no_telemetry):
+    import azure.monitor.opentelemetry as distro
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from shared.config import reset_settings
+
+    calls = []
+
+    def fake_configure(**kwargs):
+        calls.append(kwargs)
+
+    monkeypatch.setattr(distro, "configure_azure_monitor", fake_configure)
+    monkeypatch.setattr("opentelemetry.metrics.get_meter", lambda name: MeterProvider().get_meter(name))
+    monkeypatch.setattr("opentelemetry.trace.get_tracer", lambda name: TracerProvider().get_tracer(name))
+    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", "InstrumentationKey=00000000-0000-0000-0000-0")
+    monkeypatch.setenv("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "ClientId=abc-123;Authorization=AAD")
+    reset_settings()
+    assert calls == []  # nothing at import or settings time
+    t.observed("zoom_to_teams", "applied")
+    [kwargs] = calls
+    assert kwargs["connection_string"].startswith("InstrumentationKey=")
+    assert kwargs["disable_logging"] is True  # the host ships log lines already
+    assert kwargs["instrumentation_options"]["azure_sdk"] == {"enabled": False}
+    assert type(kwargs["credential"]).__name__ == "ManagedIdentityCredential"
+    t.observed("zoom_to_teams", "applied")
+    assert len(calls) == 1  # once per process
+
+
+def test_intake_never_waits_for_the_exporter(monkeypatch, no_telemetry):
+    import threading
+
+    import azure.monitor.opentelemetry as distro
+
+    from shared.config import reset_settings
+
+    release = threading.Event()
+    monkeypatch.setattr(distro, "configure_azure_monitor", lambda **kw: release.wait(5))
+    monkeypatch.setenv("APPLICATIONINSIGHTS_CONNECTION_STRING", "InstrumentationKey=x")
+    reset_settings()
+    started = time.perf_counter()
+    with t.intake_span("zoom_webhook") as span:
+        t.webhook_received("zoom", 200)
+    assert span is None and time.perf_counter() - started < 0.5
+    release.set()
+    t._ensure(block=True)
+    assert t._decided
+
+
+def test_credential_parsing():
+    assert t._credential(None) is None
+    assert t._credential("Authorization=Key") is None
+    assert t._credential("ClientId=abc;Authorization=AAD") is not None
+
+
+# --- counters and histograms ------------------------------------------------------------------------------
+
+def test_each_counter_moves_with_direction_and_reason(recorder):
+    reader, _ = recorder
+    with t.work_span("teams-presence", {"kind": "teams_presences", "source": "sweep", "read_at": time.time() - 2}):
+        t.observed("teams_to_zoom", "echo")
+        t.observed("teams_to_zoom", "stale")
+        t.observed("teams_to_zoom", "applied")
+        t.coalesced("deferred")
+        with t.write_span("teams_to_zoom", "zoom", "u1", "Away"):
+            t.written("teams_to_zoom")
+        t.written("zoom_to_teams")  # not this change's direction: written, but no latency
+    t.failed("teams_to_zoom", "zoom_not_signed_in")
+    t.dead_lettered("zoom-presence", "undecodable")
+    t.subscription_renewal_failed("VendorError")
+    f = t.read_figures(reader)
+    assert f.total(t.CHANGES_OBSERVED, direction="teams_to_zoom", reason="sweep") == 3
+    assert f.total(t.CHANGES_SUPPRESSED_ECHO, direction="teams_to_zoom", reason="sweep") == 1
+    assert f.total(t.CHANGES_DROPPED_STALE, direction="teams_to_zoom", reason="sweep") == 1
+    assert f.total(t.CHANGES_COALESCED, direction="teams_to_zoom", reason="deferred") == 1
+    assert f.total(t.CHANGES_WRITTEN, direction="teams_to_zoom", reason="sweep") == 1
+    assert f.total(t.CHANGES_WRITTEN, direction="zoom_to_teams") == 1
+    assert f.count(t.SYNC_LATENCY, direction="teams_to_zoom") == 1
+    assert f.count(t.SYNC_LATENCY, direction="zoom_to_teams") == 0
+    assert 2000 <= f.quantile(t.SYNC_LATENCY, 0.95, direction="teams_to_zoom") <= 3000
+    assert f.total(t.CHANGES_FAILED, reason="zoom_not_signed_in") == 1
+    assert f.total(t.CHANGES_DEAD_LETTERED, direction="zoom_to_teams", reason="undecodable") == 1
+    assert f.total(t.SUBSCRIPTION_RENEWAL_FAILURES) == 1
+
+
+def test_vendor_calls_are_recorded_per_route_template(recorder, monkeypatch):
+    from shared.config import reset_settings
+
+    reader, _ = recorder
+    monkeypatch.setenv("GRAPH_BASE_URL", "https://graph.example/v1.0")
+    reset_settings()
+    t.vendor_request("POST", "https://graph.example/v1.0/users/3f2504e0-4f89-11d3-9a0c-0305e82c3301/presence/"
+                             "setPresence", "403", 12.5)
+    t.vendor_request("PUT", "https://api.zoom.us/v2/users/KDcuGIm1QgePTO8WbOqwIQ/presence_status", "400", 80)
+    f = t.read_figures(reader)
+    assert f.count(t.VENDOR_REQUEST_DURATION, vendor="graph", status="403",
+                   operation="POST /users/{id}/presence/setPresence") == 1
+    assert f.count(t.VENDOR_REQUEST_DURATION, vendor="zoom", operation="PUT /users/{id}/presence_status") == 1
+    reset_settings()
+
+
+def test_dead_lettered_and_retries_exhausted_through_run_queue_message(recorder, monkeypatch):
+    from shared import queue_messages, storage
+
+    reader, _ = recorder
+    poisoned = []
+    monkeypatch.setattr(storage, "enqueue", lambda name, body, **kw: poisoned.append(name))
+    queue_messages.run_queue_message("zoom-presence", b"not json", 1, lambda m: None)
+    queue_messages.run_queue_message("teams-presence", b'{"kind": "teams_ids"}', 1, lambda m: m["ids"])
+
+    def boom(message):
+        raise RuntimeError("vendor down")
+
+    with pytest.raises(RuntimeError):
+        queue_messages.run_queue_message("zoom-presence", b'{"kind": "zoom_presence"}',
+                                         queue_messages.MAX_DEQUEUE_COUNT, boom)
+    with pytest.raises(RuntimeError):
+        queue_messages.run_queue_message("zoom-presence", b'{"kind": "zoom_presence"}', 1, boom)  # retried
+    f = t.read_figures(reader)
+    assert poisoned == ["zoom-presence-poison", "teams-presence-poison"]
+    assert f.total(t.CHANGES_DEAD_LETTERED, direction="zoom_to_teams", reason="undecodable") == 1
+    assert f.total(t.CHANGES_DEAD_LETTERED, direction="teams_to_zoom", reason="malformed") == 1
+    assert f.total(t.CHANGES_DEAD_LETTERED, direction="zoom_to_teams", reason="retries_exhausted") == 1
+
+
+def test_zoom_5301_counts_as_a_failed_write(recorder, monkeypatch):
+    from shared import sync, zoom_client
+    from shared.engine import Plan, UserSync, ZoomOp
+    from shared.errors import ZoomUserNotSignedIn
+    from shared.links import Link
+
+    reader, _ = recorder
+    monkeypatch.setattr(sync, "_revert", lambda *a, **kw: None)
+    monkeypatch.setattr(sync, "_schedule", lambda *a, **kw: None)
+
+    def not_signed_in(*args, **kwargs):
+        raise ZoomUserNotSignedIn(400, code=5301, message="not signed in")
+
+    monkeypatch.setattr(zoom_client, "put_presence_status", not_signed_in)
+    link = Link(sync=UserSync("z1", "e1"))
+    result = Plan(zoom_op=ZoomOp(status="Away"))
+    assert sync._run_zoom_op(link, UserSync("z1", "e1"), result, sync.Outcome(), "cid") is False
+    f = t.read_figures(reader)
+    assert f.total(t.CHANGES_FAILED, direction="teams_to_zoom", reason="zoom_not_signed_in") == 1
+    assert f.total(t.CHANGES_WRITTEN) == 0
+
+
+# --- one trace across the queue ----------------------------------------------------------------------------
+
+def test_trace_continues_across_the_queue_hop(recorder):
+    _, spans = recorder
+    with t.intake_span("zoom_webhook", zoom_user_id="u1") as intake:
+        message = t.inject({"kind": "zoom_presence", "cid": "c-1", "received_at": time.time()})
+    wire = json.loads(json.dumps(message))  # through the queue as JSON
+    with t.work_span("zoom-presence", wire), t.write_span("zoom_to_teams", "teams", "u1", "set_session"):
+        t.written("zoom_to_teams")
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    assert finished[t.WRITE_SPAN].context.trace_id == intake.get_span_context().trace_id
+    assert finished[t.WORK_SPAN].parent.span_id == intake.get_span_context().span_id
+    assert finished[t.WRITE_SPAN].attributes["cid"] == "c-1"
+    assert t.LATENCY_ATTRIBUTE in finished[t.WRITE_SPAN].attributes
+
+
+def test_a_message_without_traceparent_starts_its_own_trace(recorder):
+    _, spans = recorder
+    with t.work_span("reconcile", {"kind": "reconcile", "reason": "keepalive"}) as change:
+        assert change.reason == "keepalive" and change.direction == ""
+    [work] = spans.get_finished_spans()
+    assert work.parent is None
+
+
+# --- gauges: a cached snapshot --------------------------------------------------------------------------------
+
+def test_gauges_report_the_cached_snapshot_and_go_quiet_when_it_is_old(recorder, monkeypatch):
+    from shared import status
+
+    reader, _ = recorder
+    scans = []
+    now = time.time()
+    monkeypatch.setattr(status, "subscriptions_summary", lambda now: {"items": [
+        {"people": 10, "healthy": True, "status": "active", "expires_in_s": 600},
+        {"people": 5, "healthy": False, "status": "error", "expires_in_s": None},
+        {"people": 0, "healthy": False, "status": "none", "expires_in_s": None}]})
+    monkeypatch.setattr(status, "connections_summary", lambda: {"ok": 2, "broken": 1})
+    monkeypatch.setattr(status, "links_summary", lambda now, budget_s: scans.append(1) or {
+        "by_state": {"active": 7, "disabled": 1, "error": 0}})
+    monkeypatch.setattr(status, "queues_summary", lambda: {"items": {"zoom-presence": {"messages": 0, "poison": 3}}})
+    t.refresh_gauges(now)
+    for _ in range(3):  # scrapes read the snapshot: no scan per collection
+        f = t.read_figures(reader)
+    assert scans == [1]
+    assert f.gauges[t.SUBSCRIPTIONS_COUNT][(("state", "active"),)] == 1
+    assert f.gauges[t.SUBSCRIPTIONS_COUNT][(("state", "error"),)] == 1
+    assert 500 < f.gauges[t.SUBSCRIPTIONS_NEAREST_EXPIRY][()] <= 600
+    assert f.gauges[t.CONNECTIONS_COUNT][(("health", "broken"),)] == 1
+    assert f.gauges[t.LINKS_COUNT][(("state", "active"),)] == 7
+    assert f.gauges[t.POISON_MESSAGES][(("queue", "zoom-presence"),)] == 3
+    monkeypatch.setattr(t._gauges, "taken_at", now - t.GAUGE_MAX_AGE_S - 1)
+    assert t.read_figures(reader).gauges.get(t.LINKS_COUNT, {}) == {}
+
+
+def test_a_failing_part_keeps_the_others(recorder, monkeypatch):
+    from shared import status
+
+    reader, _ = recorder
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("storage down")
+
+    monkeypatch.setattr(status, "subscriptions_summary", broken)
+    monkeypatch.setattr(status, "connections_summary", lambda: {"ok": 1, "broken": 0})
+    monkeypatch.setattr(status, "links_summary", broken)
+    monkeypatch.setattr(status, "queues_summary", broken)
+    t.refresh_gauges()
+    assert t.read_figures(reader).gauges[t.CONNECTIONS_COUNT][(("health", "ok"),)] == 1
+
+
+# --- structured logs -------------------------------------------------------------------------------------------
+
+def test_log_lines_are_key_values_with_the_changes_cid_and_no_email(caplog, no_telemetry):
+    caplog.set_level(logging.DEBUG, logger="shared.test")
+    logger = logging.getLogger("shared.test")
+    with t.work_span("zoom-presence", {"kind": "zoom_presence", "cid": "abc123"}):
+        logs.debug(logger, "sync: Teams set_session", user="u1", email="ada@contoso.example", note="two words")
+    [record] = caplog.records
+    assert record.getMessage() == 'sync: Teams set_session user=u1 email={redacted} note="two words" cid=abc123'
+    assert record.fields["cid"] == "abc123"
+
+
+def test_per_change_lines_are_debug_so_a_healthy_day_is_quiet(caplog, no_telemetry):
+    caplog.set_level(logging.INFO)
+    logs.debug(logging.getLogger("shared.sync"), "sync: Zoom put Away", user="u1")
+    assert caplog.records == []
+
+
+def test_instrument_names_are_unique_and_dotted():
+    assert len(set(t.INSTRUMENTS)) == len(t.INSTRUMENTS)
+    for name in t.INSTRUMENTS:
+        assert name == name.lower() and "." in name and " " not in name
