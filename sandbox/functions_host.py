@@ -22,6 +22,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -67,6 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HTTP_REASON = "This function was programmatically called via the host APIs."
 
 http_log = logging.getLogger("Host.Http")
+_KEY_IN_QUERY = re.compile(r"([?&](?:code|validationToken)=)[^&\s\"]*", re.IGNORECASE)
 host_log = logging.getLogger("Host.General")
 timer_log = logging.getLogger("Host.Triggers.Timer")
 
@@ -87,7 +89,10 @@ class _QuietRequestHandler(WSGIRequestHandler):
 
     def log(self, type: str, message: str, *args: Any) -> None:  # noqa: A002 - Werkzeug's signature
         level = logging.WARNING if type == "error" else logging.DEBUG
-        http_log.log(level, "%s %s", self.address_string(), message % args if args else message)
+        text = message % args if args else message
+        # Function keys travel in ?code=: the Azure host redacts them in its logs, and so do we.
+        text = _KEY_IN_QUERY.sub(r"\1[Hidden Credential]", text)
+        http_log.log(level, "%s %s", self.address_string(), text)
 
 
 class _TimerRunner:

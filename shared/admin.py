@@ -191,7 +191,9 @@ def checked_token(continuation: str | None) -> dict | None:
     from shared.links import _decode_token
 
     token = _decode_token(continuation)
-    if token is not None and not (isinstance(token, dict) and all(isinstance(v, str) for v in token.values())):
+    if token is None:
+        return None
+    if not isinstance(token, dict) or not all(v is None or isinstance(v, str) for v in token.values()):
         raise ValueError("invalid continuation token")
     return token
 

@@ -380,7 +380,12 @@ def _entra_step(run: runs.Run) -> None:
     state = run.state
     client = graph_client.default_client()
     if state["entra_next"]:
-        body = client.request("GET", state["entra_next"]).json()
+        try:
+            body = client.request("GET", state["entra_next"]).json()
+        except BadRequest as exc:
+            log.info("matching: Graph refused the next-page link (%s); listing Entra users again", exc.code)
+            state["entra_next"], state["entra_pages"] = None, 0
+            return
     else:
         page_size = get_settings().matching_entra_page_size
         body = client.request("GET", "/users", params={"$select": ENTRA_SELECT, "$top": page_size}).json()
