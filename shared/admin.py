@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared import names, storage, zoom_client
+from shared import storage, zoom_client
 from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, TeamsOp, TeamsOpKind, UserSync
 from shared.errors import VendorError
@@ -25,7 +25,7 @@ from shared.links import (
     read_link,
     write_link,
 )
-from shared.sync import OVERLAYS_TABLE, TEAMS_PARTITION, ZOOM_PARTITION, teams_call
+from shared.sync import OVERLAYS_TABLE, TEAMS_PARTITION, ZOOM_PARTITION, queue_reconcile, teams_call
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,7 @@ def resync_link(zoom_user_id: str) -> tuple[int, dict]:
     link, _ = read_link(zoom_user_id.lower())
     if link is None:
         return _error(404, "no link for this Zoom user")
-    storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": link.zoom_user_id,
-                                            "reason": "admin_resync", "confirm_zoom": True, "confirm_teams": True})
+    queue_reconcile(link.zoom_user_id, "admin_resync", confirm_zoom=True, confirm_teams=True)
     log.info("admin: resync of Zoom user %s queued", link.zoom_user_id)
     return 202, {"zoom_user_id": link.zoom_user_id, "status": "queued"}
 

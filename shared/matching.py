@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import directory_runs as runs
-from shared import graph_client, names, scopes, storage, zoom_client
+from shared import graph_client, scopes, storage, zoom_client
 from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, UserSync
 from shared.errors import BadRequest, Forbidden, NotFound, Unauthorized
@@ -53,6 +53,7 @@ from shared.links import (
     write_link,
     zoom_id_for_entra,
 )
+from shared.sync import queue_reconcile
 
 log = logging.getLogger(__name__)
 
@@ -617,13 +618,10 @@ def _after_change(old: Link, new: Link, repointed: bool, counts: list[str]) -> N
         counts.append("disabled")
         # The engine releases our overlays of a disabled link; Zoom is read first, since a
         # Zoom user who is no longer active shows Offline and takes no presence update.
-        storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": new.zoom_user_id,
-                                                "reason": f"disabled:{new.disabled_reason}",
-                                                "confirm_zoom": True})
+        queue_reconcile(new.zoom_user_id, f"disabled:{new.disabled_reason}", confirm_zoom=True)
     elif old.status == STATUS_DISABLED and new.status == STATUS_ACTIVE:
         counts.append("enabled")
-        storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": new.zoom_user_id,
-                                                "reason": "enabled", "confirm_zoom": True, "confirm_teams": True})
+        queue_reconcile(new.zoom_user_id, "enabled", confirm_zoom=True, confirm_teams=True)
 
 
 def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
@@ -794,8 +792,7 @@ def _disable_for_event(zoom_id: str, reason: str, event_ts: int) -> str:
         from shared.sync import OVERLAYS_TABLE, ZOOM_PARTITION
 
         storage.delete_entity(OVERLAYS_TABLE, ZOOM_PARTITION, zoom_id)
-    storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": zoom_id, "reason": reason,
-                                            "confirm_zoom": not gone})
+    queue_reconcile(zoom_id, reason, confirm_zoom=not gone)
     log.info("matching: link of Zoom user %s disabled (%s)", zoom_id, reason)
     return "disabled"
 
@@ -825,8 +822,7 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
         raise storage.Conflict(f"matching: link {zoom_id} kept changing")
     if not enabled:
         return "unchanged"
-    storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": zoom_id, "reason": "zoom_activated",
-                                            "confirm_zoom": True, "confirm_teams": True})
+    queue_reconcile(zoom_id, "zoom_activated", confirm_zoom=True, confirm_teams=True)
     log.info("matching: link of Zoom user %s enabled again", zoom_id)
     return "enabled"
 

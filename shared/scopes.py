@@ -40,6 +40,7 @@ from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, TEAMS_TO_ZOOM, ZOOM_TO_TEAMS
 from shared.errors import NotFound, VendorError
 from shared.links import LINKS_TABLE, ROW, Link, now_iso, read_link, write_link
+from shared.sync import queue_reconcile
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +221,8 @@ def reconcile_after_change(zoom_user_id: str, before: frozenset[str], after: fro
     if before == after:
         return
     widened = bool(after - before)
-    message: dict[str, Any] = {"kind": "reconcile", "zoom_user_id": zoom_user_id, "reason": reason}
-    if widened:
-        # Re-read both sides so what is due now shows without waiting for the next change.
-        message.update(confirm_zoom=True, confirm_teams=True)
-    storage.enqueue(names.RECONCILE_QUEUE, message)
+    # Widened: re-read both sides so what is due now shows without waiting for the next change.
+    queue_reconcile(zoom_user_id, reason, confirm_zoom=widened, confirm_teams=widened)
 
 
 # --- group membership -----------------------------------------------------------------------------------

@@ -130,8 +130,8 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
                 write_link(link, etag)
             except storage.Conflict:
                 continue
-            # Should the holder die without letting go, this picks the work up after the lease.
-            _schedule(zoom_user_id, link.lease_until - now + 1.0, "after_lease", cid)
+            # No timer is needed should the holder die before letting go: its own queue message
+            # is then retried, carries the same owner id (its cid) and takes the lease back.
             outcome.notes.append("left for the lease holder")
             return outcome
         step = _plan_step(link, now, outcome)
@@ -254,6 +254,10 @@ def _apply_zoom_report(link: Link, status: str, ts_ms: int, now: float, cfg: Eng
 
 
 def _apply_teams_report(link: Link, presence: dict, ts_ms: int) -> Observed:
+    reported = str(presence.get("id") or link.entra_user_id).lower()
+    if reported != link.entra_user_id.lower():
+        # A stale Entra index entry must never apply one person's presence to another's link.
+        return Observed.IGNORED
     availability = presence.get("availability")
     activity = presence.get("activity")
     outcome = observe_teams(link.sync, availability, activity, sequence=presence.get("sequenceNumber") or None,
@@ -411,9 +415,22 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
     return True
 
 
+def queue_reconcile(zoom_user_id: str, reason: str, *, delay_s: float = 0.0, confirm_zoom: bool = False,
+                    confirm_teams: bool = False, cid: str = "") -> None:
+    """Ask for one person to be reconciled (now, or after ``delay_s``), optionally re-reading
+    Zoom and/or Teams first. Every message carries an id: it names the write-lease owner, so a
+    retried message can take back a lease its failed attempt left behind."""
+    message: dict = {"kind": "reconcile", "zoom_user_id": zoom_user_id, "reason": reason,
+                     "cid": cid or uuid.uuid4().hex}
+    if confirm_zoom:
+        message["confirm_zoom"] = True
+    if confirm_teams:
+        message["confirm_teams"] = True
+    storage.enqueue(QUEUE_RECONCILE, message, delay_seconds=delay_s if delay_s <= 0 else max(1.0, delay_s))
+
+
 def _schedule(zoom_user_id: str, delay_s: float, reason: str, cid: str) -> None:
-    storage.enqueue(QUEUE_RECONCILE, {"kind": "reconcile", "zoom_user_id": zoom_user_id, "reason": reason,
-                                      "cid": cid}, delay_seconds=max(1.0, delay_s))
+    queue_reconcile(zoom_user_id, reason, delay_s=delay_s, cid=cid)
     logs.debug(log, "sync: retry scheduled", user=zoom_user_id, delay_s=float(delay_s), reason=reason, cid=cid)
 
 
@@ -501,8 +518,7 @@ def keepalive_due(now: float | None = None) -> int:
         rows = client.query_entities("PartitionKey eq @pk and expires_at le @t",
                                      parameters={"pk": partition, "t": float(horizon)}, select=["RowKey"])
         for row in rows:
-            storage.enqueue(QUEUE_RECONCILE, {"kind": "reconcile", "zoom_user_id": row["RowKey"],
-                                              "reason": "keepalive", flag: True})
+            queue_reconcile(row["RowKey"], "keepalive", **{flag: True})
             count += 1
     if count:
         log.info("keep-alive: %d overlays near expiry queued for confirmation", count)

@@ -19,7 +19,7 @@ import enum
 import logging
 from dataclasses import dataclass
 
-from shared import connections, graph_client, names, storage
+from shared import connections, graph_client, storage
 from shared.engine import ALL_DIRECTIONS, UserSync
 from shared.errors import TokenError, Unauthorized, VendorError
 from shared.links import (
@@ -34,6 +34,7 @@ from shared.links import (
     read_link,
     write_link,
 )
+from shared.sync import queue_reconcile
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _withdrawn(link: Link) -> bool:
 
 
 def _reconcile_soon(zoom_user_id: str, reason: str) -> None:
-    storage.enqueue(names.RECONCILE_QUEUE, {"kind": "reconcile", "zoom_user_id": zoom_user_id, "reason": reason})
+    queue_reconcile(zoom_user_id, reason)
 
 
 def active_link_for_entra(entra_user_id: str) -> Link | None:

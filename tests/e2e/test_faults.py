@@ -346,7 +346,7 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
         repair(world)
         repair(world)
 
-        # --- final states match the tables ---------------------------------------------------------------------------
+        # --- final states match the tables ----------------------------------------------------------------------
         mismatches = []
         for person in zoom_people:
             zoom = world.zoom_shows(person)
@@ -358,7 +358,7 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
                 mismatches.append(("teams-driven", person.name, (availability, activity), world.zoom_shows(person)))
         assert mismatches == []
 
-        # --- no overlay outlives its bound --------------------------------------------------------------------------------
+        # --- no overlay outlives its bound ----------------------------------------------------------------------
         writes = overlay_writes(world, graph_mark)
         assert writes, "no overlay was written"
         longest_teams = max(iso_minutes((r.json or {}).get("expirationDuration")) for r in writes)
@@ -373,7 +373,7 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
         longest_dnd = max([int((p["body"] or {}).get("duration") or 0) for p in dnd_puts], default=0)
         assert longest_dnd <= DND_MINUTES
 
-        # --- zero lost, bounded retries, and quiet afterwards ----------------------------------------------------
+        # --- zero lost, bounded retries, and quiet afterwards -----------------------------------------------
         from shared.queue_messages import MAX_DEQUEUE_COUNT
 
         figures = ledger.account()

@@ -1,8 +1,8 @@
 """Fuzzing helpers: how many cases to run, app settings for in-process calls, and a recorder of
 every storage write (so a test can prove rejected input changed nothing).
 
-``make test`` runs ``FUZZ_EXAMPLES`` (5,000) cases per endpoint; ``make fuzz`` sets
-``HYPOTHESIS_PROFILE=fuzz`` for ten times as many.
+``make test`` runs 5,000 cases per endpoint; ``make fuzz`` sets ``HYPOTHESIS_PROFILE=fuzz`` for
+ten times as many; ``FUZZ_EXAMPLES=n`` overrides both (a quick local run).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
-FUZZ_EXAMPLES = 50_000 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 5_000
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES")
+                    or (50_000 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 5_000))
 FUZZ_SETTINGS = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=False,
                          suppress_health_check=list(HealthCheck))
 WEBHOOK_SECRET = "fuzz-webhook-secret"
@@ -68,7 +69,8 @@ def fuzz_env(storage_env, monkeypatch: pytest.MonkeyPatch):
         "GRAPH_BASE_URL": "https://127.0.0.1:9/v1.0",
         "ZOOM_API_BASE_URL": "http://127.0.0.1:9/v2",
         "ZOOM_OAUTH_BASE_URL": "http://127.0.0.1:9",
-        "ZOOM_ACCOUNT_ID": "fuzz-account", "ZOOM_CLIENT_ID": "fuzz-client", "ZOOM_CLIENT_SECRET": "fuzz-secret-xxxxxxxx",
+        "ZOOM_ACCOUNT_ID": "fuzz-account", "ZOOM_CLIENT_ID": "fuzz-client",
+        "ZOOM_CLIENT_SECRET": "fuzz-secret-xxxxxxxx",
         "PUBLIC_BASE_URL": "http://127.0.0.1:7071",
         "TOKEN_ENCRYPTION_KEY": "k1:c2FuZGJveC10b2tlbi1lbmNyeXB0aW9uLWtleS0zMmI=",
         "HTTP_TOTAL_TIMEOUT_SECONDS": "1",

@@ -1,0 +1,112 @@
+"""Soak: steady mixed traffic for ``SOAK_SECONDS`` (default 600) through the whole local world.
+
+What is measured, and where: the local Functions host runs **in this test process** (as in every
+end-to-end test), together with the emulators. So the figures are this process's:
+
+* memory: ``VmRSS`` from ``/proc/self/status``, sampled after a warm-up (``SOAK_WARMUP_SECONDS``,
+  default 120) and at the end; growth must stay under 10 %;
+* threads: ``threading.active_count()``; must not grow after warm-up (a small slack for the
+  host's and emulators' worker pools, which size themselves on demand);
+* open connections: sockets among ``/proc/self/fd``; must not grow after warm-up (same slack).
+
+The emulators' and host's request and invocation records are trimmed as the run goes, so the
+harness's own bookkeeping does not count as the app's growth. The figures are attached to the
+report (``record_property``) and printed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from sandbox.world import World
+from tests.e2e.test_faults import TEAMS_STATES, ZOOM_STATES, teams_to, zoom_to
+from tests.fixtures.connections import sync_account
+
+pytestmark = pytest.mark.soak
+
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
+WARMUP_SECONDS = float(os.environ.get("SOAK_WARMUP_SECONDS", "120"))
+SLACK = 4  # threads or sockets a pool may add on demand without it being a leak
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def sample() -> dict:
+    gc.collect()
+    return {"rss_kib": rss_kib(), "threads": threading.active_count(), "sockets": sockets()}
+
+
+def trim(world: World) -> None:
+    """Drop the harness's records (not the app's state) so they do not count as growth."""
+    world.graph.clear_requests()
+    for records in (world.zoom.requests, world.zoom.presence_puts, world.zoom.deliveries, world.zoom.events,
+                    world.zoom.rate_limited, world.zoom.dropped_events):
+        del records[:]
+    del world.host.invocations[:]
+
+
+@pytest.mark.timeout(int(SOAK_SECONDS + WARMUP_SECONDS + 600))
+def test_steady_mixed_traffic(record_property):
+    rng = random.Random(20261123)  # noqa: S311 - a reproducible script, not a secret
+    with World(zoom_min_interval_s=3.0, run_timers=True,
+               extra_env={"PRESENCE_SWEEP_SCHEDULE": "*/30 * * * * *", "TEAMS_OVERLAY_MINUTES": "5",
+                          "OVERLAY_RENEW_LEEWAY_SECONDS": "300"}) as world:
+        zoom_people = [world.add_person() for _ in range(12)]
+        teams_people = [world.add_person() for _ in range(8)]
+        with sync_account(world):
+            world.host.fire_timer("graph_subscriptions")
+            world.settle(timeout=60)
+            started = time.monotonic()
+            baseline = None
+            samples = []
+            changes = 0
+            while time.monotonic() - started < WARMUP_SECONDS + SOAK_SECONDS:
+                # About one change per second on each side, spread over the people.
+                zoom_to(world, rng.choice(zoom_people), rng.choice(ZOOM_STATES))
+                teams_to(world, rng.choice(teams_people), *rng.choice(TEAMS_STATES))
+                changes += 2
+                time.sleep(1.0)
+                if changes % 60 == 0:
+                    world.settle(timeout=120)
+                    trim(world)
+                    now = sample()
+                    samples.append(now)
+                    if baseline is None and time.monotonic() - started >= WARMUP_SECONDS:
+                        baseline = now
+            world.settle(timeout=120)
+            trim(world)
+            final = sample()
+    assert baseline is not None, "the run was shorter than its warm-up"
+    figures = {"seconds": SOAK_SECONDS, "warmup_seconds": WARMUP_SECONDS, "changes": changes,
+               "after_warmup": baseline, "final": final,
+               "rss_growth_pct": round(100.0 * (final["rss_kib"] - baseline["rss_kib"]) / baseline["rss_kib"], 2),
+               "samples": len(samples)}
+    record_property("soak", json.dumps(figures))
+    print("soak:", json.dumps(figures))
+    assert figures["rss_growth_pct"] < 10.0, figures
+    assert final["threads"] <= baseline["threads"] + SLACK, figures
+    assert final["sockets"] <= baseline["sockets"] + SLACK, figures
