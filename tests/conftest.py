@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.host",
     "tests.fixtures.world",
     "tests.fixtures.connections",
+    "tests.fixtures.fault_figures",
 ]

@@ -4,12 +4,10 @@ scanned for every secret the worlds were configured with, for tokens the emulato
 anything shaped like a bearer token or JWT, and for e-mail addresses. A hit fails the session
 (an error in the teardown of its last test) with the offending records.
 
-Also prints the fault suite's figures (tests/e2e/test_faults.py) in the terminal summary.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -126,22 +124,3 @@ def e2e_log_scan():
             shown = "\n".join(sorted(set(findings))[:40])
             pytest.fail(f"{len(findings)} log record(s) of {count} leak a secret, token or e-mail address:\n{shown}",
                         pytrace=False)
-
-
-def pytest_terminal_summary(terminalreporter):
-    lines = []
-    for reports in terminalreporter.stats.values():
-        for report in reports:
-            for name, value in getattr(report, "user_properties", ()):
-                if name in ("fault_suite", "storage_outage") and getattr(report, "when", "") == "call":
-                    lines.append(f"{name}: {value}")
-    if lines:
-        terminalreporter.write_sep("-", "fault injection figures")
-        for line in lines:
-            try:
-                figures = json.loads(line.split(": ", 1)[1])
-                line = line.split(":", 1)[0] + ": " + ", ".join(
-                    f"{k}={v}" for k, v in figures.items() if not isinstance(v, dict))
-            except (ValueError, IndexError):
-                pass
-            terminalreporter.write_line(line)
