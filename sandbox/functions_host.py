@@ -69,6 +69,7 @@ HTTP_REASON = "This function was programmatically called via the host APIs."
 
 http_log = logging.getLogger("Host.Http")
 _KEY_IN_QUERY = re.compile(r"([?&](?:code|validationToken)=)[^&\s\"]*", re.IGNORECASE)
+_QUERY_VALUES = re.compile(r"([?&][^=&\s\"]+=)(?!\[Hidden Credential\])[^&\s\"]*")
 host_log = logging.getLogger("Host.General")
 timer_log = logging.getLogger("Host.Triggers.Timer")
 
@@ -90,8 +91,10 @@ class _QuietRequestHandler(WSGIRequestHandler):
     def log(self, type: str, message: str, *args: Any) -> None:  # noqa: A002 - Werkzeug's signature
         level = logging.WARNING if type == "error" else logging.DEBUG
         text = message % args if args else message
-        # Function keys travel in ?code=: the Azure host redacts them in its logs, and so do we.
+        # Query strings carry function keys (?code=), invitations and sign-in hints (e-mail
+        # addresses): keep only the parameter names, as nothing secret or personal may be logged.
         text = _KEY_IN_QUERY.sub(r"\1[Hidden Credential]", text)
+        text = _QUERY_VALUES.sub(r"\1", text)
         http_log.log(level, "%s %s", self.address_string(), text)
 
 

@@ -178,6 +178,8 @@ def test_vendor_calls_are_recorded_per_route_template(recorder, monkeypatch):
 
     reader, _ = recorder
     monkeypatch.setenv("GRAPH_BASE_URL", "https://graph.example/v1.0")
+    # Set explicitly: an end-to-end world earlier in this worker may have pointed it elsewhere.
+    monkeypatch.setenv("ZOOM_API_BASE_URL", "https://api.zoom.us/v2")
     reset_settings()
     t.vendor_request("POST", "https://graph.example/v1.0/users/3f2504e0-4f89-11d3-9a0c-0305e82c3301/presence/"
                              "setPresence", "403", 12.5)
