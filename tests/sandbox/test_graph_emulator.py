@@ -853,6 +853,17 @@ def test_documented_presence_throttle(graph: GraphEmulator) -> None:
     assert call(graph, "GET", f"/users/{uid}/presence", token).status_code == 200
 
 
+def test_presence_throttle_forgets_stamps_from_a_clock_moved_back(graph: GraphEmulator) -> None:
+    uid = graph.add_user()["id"]
+    graph.presence_request_limit, graph.presence_window_s = 2, 30
+    token = app_token(graph)
+    graph.clock.advance(1800)  # within the token's hour
+    codes = [call(graph, "GET", f"/users/{uid}/presence", token).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    graph.clock.reset()
+    assert call(graph, "GET", f"/users/{uid}/presence", token).status_code == 200
+
+
 def test_requests_are_recorded(graph: GraphEmulator) -> None:
     uid = graph.add_user()["id"]
     set_presence(graph, uid, "Busy", "InACall")

@@ -552,6 +552,20 @@ def test_account_qps_limit_by_plan(plan, limit):
         assert api.put_presence(uid, "Away").status_code == 204
 
 
+def test_qps_window_forgets_stamps_from_a_clock_moved_back():
+    # Tests move the shared clock forward and then reset it; requests made in that future must
+    # not throttle the next test for an hour.
+    clock = Clock()
+    with ZoomEmulator(clock=clock, plan="free") as z:
+        z.register_s2s_app("c", "s")
+        api = Api(z, s2s_token(z, "c", "s"))
+        uid = z.add_user(email="back@example.com")["id"]
+        clock.advance(1800)  # within the token's hour
+        assert [api.get(f"/users/{uid}/presence_status").status_code for _ in range(3)] == [200, 200, 429]
+        clock.reset()
+        assert api.get(f"/users/{uid}/presence_status").status_code == 200
+
+
 def test_daily_limit_fault_has_iso_retry_after(zoom, api):
     uid = zoom.add_user(email="daily@example.com")["id"]
     zoom.faults.throttle(count=1, daily=True)
