@@ -155,7 +155,11 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
     for _round in range(10):
         if not _perform(link, step, outcome, cid):
             return outcome  # failed: bookkeeping reverted and lease released by _revert
+        # Zoom counts its per-user minute from when the PUT reached it, which is after we planned
+        # it: measure the next one from the answer, or a slow PUT makes the next one come early.
+        zoom_answered_at = time.time() if step.zoom_allowed and step.result.zoom_op is not None else 0.0
         while True:
+            link.sync.zoom_last_put_at = max(link.sync.zoom_last_put_at, zoom_answered_at)
             link.lease_owner, link.lease_until = "", 0.0
             try:
                 write_link(link, etag)
@@ -165,6 +169,7 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
                 if link is None or link.lease_owner != me:
                     return outcome
                 if link.pending:
+                    link.sync.zoom_last_put_at = max(link.sync.zoom_last_put_at, zoom_answered_at)
                     break
         now = time.time()
         link.pending = False

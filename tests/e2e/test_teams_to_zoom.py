@@ -212,6 +212,11 @@ def test_rate_limit_coalesces_rapid_teams_changes(world: World):
         assert puts[-1]["time"] - last_change <= 2 * interval + 2.0
         assert len(puts) < len(changes)  # coalesced, not replayed
         assert [r for r in world.zoom.rate_limited if (r.get("user_id") or "").lower() == person.zoom_id] == []
+        # The next PUT is timed from when Zoom took the last one, not from when it was planned.
+        from shared.links import read_link
+
+        link, _ = read_link(person.zoom_id)
+        assert link is not None and link.sync.zoom_last_put_at >= puts[-1]["time"]
 
 
 def test_unlinked_and_disabled_direction_make_no_zoom_calls(world: World):
