@@ -53,8 +53,11 @@ lint: $(STAMP)
 bench: deps
 	$(PY) -m bench.run
 
+# Each soak test in its own process: the steady soak measures its process's threads, sockets
+# and memory, which another test's world would muddy.
 soak: deps
-	$(PY) -m pytest -q -m soak --run-soak tests/soak
+	$(PY) -m pytest -q -s -m soak --run-soak tests/soak/test_soak.py
+	$(PY) -m pytest -q -s -m soak --run-soak tests/soak/test_faults_long.py
 
 fuzz: deps
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/fuzz
