@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from shared import graph_client, logs, names, storage, telemetry, write_path, zoom_client
 from shared.config import get_settings
@@ -322,10 +322,12 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
     settings = get_settings()
     session_id = settings.require("entra_client_id", "ENTRA_CLIENT_ID", "setPresence sessionId")
     undo = {"teams": (previous.teams_overlay, result.teams_overlay), "owner": link.lease_owner}
+    done = 0
     try:
         for op in result.teams_ops:
             teams_call(op, link.entra_user_id, session_id)
             outcome.teams_writes += 1
+            done += 1
             logs.debug(log, f"sync: Teams {op.kind.value}"
                             f"{f' {op.overlay.availability}/{op.overlay.activity}' if op.overlay else ''}",
                        user=link.zoom_user_id, cid=cid)
@@ -348,6 +350,14 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
         return False
     except Exception:
         telemetry.failed(ZOOM_TO_TEAMS, "error")
+        failed_op = result.teams_ops[done] if done < len(result.teams_ops) else None
+        if (failed_op is not None and failed_op.kind in (TeamsOpKind.SET_SESSION, TeamsOpKind.SET_PREFERRED)
+                and result.teams_overlay is not None):
+            # No answer is not a refusal: the write may have taken effect (a dropped connection,
+            # a timeout). Keep the overlay on record, due at once: the retry writes it again if it
+            # is still wanted, and whatever comes next releases it if not, so it cannot be stranded.
+            undo["teams"] = (replace(result.teams_overlay, expires_at=result.teams_overlay.written_at),
+                             result.teams_overlay)
         _revert(link.zoom_user_id, **undo)
         raise
     telemetry.written(ZOOM_TO_TEAMS)

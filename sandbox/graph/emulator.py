@@ -646,6 +646,10 @@ class GraphEmulator:
             record.client_id = request.form.get("client_id")
         try:
             fault = self.faults.take(path)
+            if fault is not None and fault.kind == "lost_answer":
+                handled = self._graph_http(request, record) if is_graph else self._entra_http(request, record)
+                record.status = handled.status_code
+                raise _Drop()
             if fault is not None:
                 response = self._fault_response(fault, is_graph)
             elif is_graph:

@@ -27,7 +27,7 @@ def _as_paths(paths: Paths) -> tuple[str, ...] | None:
 class Fault:
     """One armed fault. ``remaining=None`` means until cleared."""
 
-    kind: str  # "throttle" | "server_error" | "timeout"
+    kind: str  # "throttle" | "server_error" | "timeout" | "lost_answer"
     remaining: int | None
     paths: tuple[str, ...]
     status: int = 503
@@ -74,6 +74,12 @@ class FaultSwitches:
         connection without an answer when ``drop``)."""
         with self._lock:
             self._faults.append(Fault("timeout", count, self._paths(paths), status=504, seconds=seconds, drop=drop))
+
+    def lost_answer(self, count: int = 1, paths: Paths = None) -> None:
+        """The next ``count`` matching requests are carried out, then the connection drops
+        without an answer: the write took effect, but the caller cannot know it."""
+        with self._lock:
+            self._faults.append(Fault("lost_answer", count, self._paths(paths), status=0))
 
     def latency(self, seconds: float, paths: Paths = None) -> None:
         """Add ``seconds`` to every matching request until cleared (0 removes it)."""

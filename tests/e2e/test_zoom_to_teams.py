@@ -194,6 +194,25 @@ def test_keepalive_releases_an_overlay_whose_available_was_lost(world: World, ap
     assert world.teams_shows(person) == ("Available", "Available")
 
 
+def test_a_write_whose_answer_was_lost_is_released_when_zoom_moves_on(world: World):
+    # Graph carries out setUserPreferredPresence but every answer is lost (dropped connection):
+    # the app cannot know Teams shows DND. When the person leaves DND before the retry, Teams
+    # must still be released, not left on a DND nobody remembers writing.
+    person = world.add_person()
+    world.settle()
+    world.graph.faults.lost_answer(count=4, paths="/presence/setUserPreferredPresence")  # every attempt
+    world.zoom.set_status_by_user(person.zoom_id, "Do_Not_Disturb")
+    deadline = time.monotonic() + 30
+    while not any(inv.function == "zoom_presence_worker" and inv.outcome == "error" for inv in world.host.invocations):
+        assert time.monotonic() < deadline, "the worker never failed"
+        time.sleep(0.05)
+    assert world.teams_shows(person) == ("DoNotDisturb", "DoNotDisturb")  # written, unanswered
+    world.zoom.set_status_by_user(person.zoom_id, "Available")  # before the failed message is retried
+    world.settle()
+    assert world.teams_shows(person) == ("Available", "Available")
+    assert presence_writes(world, person)[-1].path.endswith("/clearUserPreferredPresence")
+
+
 def test_overlay_expires_at_graph_within_the_bound_even_without_keepalive(world: World, app_setting):
     app_setting(TEAMS_OVERLAY_MINUTES="5")
     person = world.add_person()

@@ -841,6 +841,15 @@ def test_notification_drop_and_duplicate_faults(graph: GraphEmulator, receiver: 
     assert len(receiver.posts) == 2 and receiver.posts[0][2] == receiver.posts[1][2]
 
 
+def test_lost_answer_fault_carries_out_the_write_and_drops_the_connection(graph: GraphEmulator) -> None:
+    uid = graph.add_user()["id"]
+    graph.faults.lost_answer(count=1, paths="/presence/setPresence")
+    with pytest.raises(requests.ConnectionError):
+        set_presence(graph, uid, "Busy", "InACall")
+    assert shows(graph, uid) == ("Busy", "InACall")  # it took effect; only the answer is gone
+    assert set_presence(graph, uid, "Busy", "InACall").status_code == 200  # one only
+
+
 def test_documented_presence_throttle(graph: GraphEmulator) -> None:
     uid = graph.add_user()["id"]
     graph.presence_request_limit, graph.presence_window_s = 3, 30
