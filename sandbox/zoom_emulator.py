@@ -25,6 +25,7 @@ import json
 import math
 import re
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -362,6 +363,11 @@ class ZoomFaults:
     def timeout(self, count: int = 1, seconds: float = 5.0, path: str | None = None) -> None:
         """Hold the next ``count`` requests for ``seconds`` (real time), then answer 504."""
         self._add(self._api, "timeout", count, path, seconds=seconds)
+
+    def lost_answer(self, count: int = 1, path: str | None = None) -> None:
+        """Carry out the next ``count`` requests, then drop the connection without an answer:
+        the update took effect, but the caller cannot know it."""
+        self._add(self._api, "lost_answer", count, path)
 
     def latency(self, seconds: float, count: int | None = None, path: str | None = None) -> None:
         """Delay every matching request (or the next ``count``) by ``seconds`` before answering."""
@@ -1342,6 +1348,12 @@ class ZoomEmulator:
         ctx: dict[str, Any] = {}
         response = self._dispatch(request, ctx)
         self._record_request(request, response, ctx)
+        if ctx.get("lost_answer"):
+            sock = environ.get("werkzeug.socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            raise ConnectionAbortedError("fault: answer lost")
         return response(environ, start_response)
 
     def _record_request(self, request: Request, response: Response, ctx: dict) -> None:
@@ -1403,7 +1415,10 @@ class ZoomEmulator:
                 self.faults._note("token_endpoint_down", path=path, time=self.clock.now())
                 return _json(rule.params["status"], {"reason": "Service unavailable", "error": "server_error"})
         fault = self.faults._match(self.faults._api, path)
-        if fault is not None:
+        if fault is not None and fault.kind == "lost_answer":
+            self.faults._note("lost_answer", path=path, time=self.clock.now())
+            ctx["lost_answer"] = True
+        elif fault is not None:
             return self._serve_fault(fault, path, args.get("user_id"))
 
         handler = getattr(self, "_h_" + endpoint)

@@ -37,6 +37,7 @@ from shared.errors import (
     Forbidden,
     NotFound,
     Throttled,
+    TransientVendorError,
     VendorError,
     ZoomUserNotSignedIn,
 )
@@ -348,14 +349,14 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
                 error=("graph_forbidden", f"Graph refused the presence write ({exc.code})"))
         outcome.error = "graph_forbidden"
         return False
-    except Exception:
+    except Exception as exc:
         telemetry.failed(ZOOM_TO_TEAMS, "error")
         failed_op = result.teams_ops[done] if done < len(result.teams_ops) else None
-        if (failed_op is not None and failed_op.kind in (TeamsOpKind.SET_SESSION, TeamsOpKind.SET_PREFERRED)
-                and result.teams_overlay is not None):
-            # No answer is not a refusal: the write may have taken effect (a dropped connection,
-            # a timeout). Keep the overlay on record, due at once: the retry writes it again if it
-            # is still wanted, and whatever comes next releases it if not, so it cannot be stranded.
+        if (_unanswered(exc) and failed_op is not None and result.teams_overlay is not None
+                and failed_op.kind in (TeamsOpKind.SET_SESSION, TeamsOpKind.SET_PREFERRED)):
+            # No answer is not a refusal: the write may have taken effect. Keep the overlay on
+            # record, due at once: the retry writes it again if it is still wanted, and whatever
+            # comes next releases it if not, so it cannot be stranded.
             undo["teams"] = (replace(result.teams_overlay, expires_at=result.teams_overlay.written_at),
                              result.teams_overlay)
         _revert(link.zoom_user_id, **undo)
@@ -365,6 +366,12 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
                    previous.teams_overlay.expires_at if previous.teams_overlay else None,
                    result.teams_overlay.expires_at if result.teams_overlay else None)
     return True
+
+
+def _unanswered(exc: Exception) -> bool:
+    """The vendor never answered (connection lost, timed out, 504): the write may have happened.
+    An error it did answer with (5xx, 4xx) is taken at its word: nothing was changed."""
+    return isinstance(exc, TransientVendorError) and exc.status in (0, 504)
 
 
 def teams_call(op: TeamsOp, entra: str, session_id: str) -> None:
@@ -417,8 +424,13 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
         _revert(link.zoom_user_id, **undo, error=("zoom_forbidden", f"Zoom refused the update ({exc.code})"))
         outcome.error = "zoom_forbidden"
         return False
-    except Exception:
+    except Exception as exc:
         telemetry.failed(TEAMS_TO_ZOOM, "error")
+        if _unanswered(exc) and not op.release and result.zoom_overlay is not None:
+            # No answer is not a refusal (see _run_teams_ops): keep what may now show in Zoom on
+            # record, due at once, so its echo is known as ours and it is re-put or released.
+            undo["zoom"] = (replace(result.zoom_overlay, expires_at=result.zoom_overlay.written_at),
+                            op.status, result.zoom_overlay.written_at, result.zoom_overlay)
         _revert(link.zoom_user_id, **undo)
         raise
     outcome.zoom_writes += 1

@@ -263,13 +263,16 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
 
         for _ in range(rounds):
             # 1. Vendor trouble at once: 429 storms with Retry-After, 5xx bursts, requests that hang
-            #    (Zoom answers 504 late; Graph drops the connection without an answer).
+            #    (Zoom answers 504 late; Graph drops the connection without an answer), and writes
+            #    that take effect but whose answer is lost.
             world.graph.faults.throttle(count=8, retry_after=1, paths="/presence")
             world.zoom.faults.throttle(count=4, retry_after=1, path=r"/presence_status$")
             world.graph.faults.server_error(count=6, status=503, paths="/presence")
             world.zoom.faults.server_error(count=3, status=502, path=r"/presence_status$")
             world.graph.faults.timeout(count=2, seconds=1.0, paths="/presence", drop=True)
             world.zoom.faults.timeout(count=1, seconds=1.0, path=r"/presence_status$")
+            world.graph.faults.lost_answer(count=4, paths="/presence/set")
+            world.zoom.faults.lost_answer(count=4, path=r"/presence_status$")
             traffic()
             settle(world)
 

@@ -219,6 +219,30 @@ def test_rate_limit_coalesces_rapid_teams_changes(world: World):
         assert link is not None and link.sync.zoom_last_put_at >= puts[-1]["time"]
 
 
+def test_a_zoom_put_whose_answer_was_lost_is_released_when_teams_moves_on(world: World):
+    # Zoom carries out the DND PUT but every answer is lost: the app cannot know Zoom shows DND.
+    # Its echo must be known as ours, and when Teams leaves DND, Zoom must be released.
+    person = world.add_person()
+    with listening(world, "push"):
+        for status in ("Away", "Available"):  # Zoom's state known, so no GET precedes the PUT
+            world.zoom.set_status_by_user(person.zoom_id, status)
+            world.settle()
+        start = len(zoom_puts(world, person))
+        world.zoom.faults.lost_answer(count=4, path=r"/presence_status$")  # every attempt
+        failed = len([i for i in world.host.invocations if i.outcome == "error"])
+        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        deadline = time.monotonic() + 30
+        while len([i for i in world.host.invocations if i.outcome == "error"]) == failed:
+            assert time.monotonic() < deadline, "the worker never failed"
+            time.sleep(0.05)
+        assert world.zoom_shows(person) == "Do_Not_Disturb"  # put, unanswered
+        world.graph.clear_preferred_by_user(person.entra_id)  # before the failed message is retried
+        world.settle(timeout=60)
+        assert world.zoom_shows(person) == "Available"
+        assert world.teams_shows(person) == ("Available", "Available")  # the echo was not mirrored
+        assert [p["body"]["status"] for p in zoom_puts(world, person)[start:]][-1] == "Available"
+
+
 def test_unlinked_and_disabled_direction_make_no_zoom_calls(world: World):
     one_way = world.add_person(directions=["zoom_to_teams"])
     stranger = world.add_person(link=False)

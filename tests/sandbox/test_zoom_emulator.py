@@ -823,6 +823,15 @@ def test_api_throttle_server_error_and_path_filter(zoom, api):
     assert api.get(f"/users/{uid}").status_code == 200
 
 
+def test_lost_answer_carries_out_the_put_and_drops_the_connection(zoom, api):
+    uid = zoom.add_user(email="lost@example.com")["id"]
+    zoom.faults.lost_answer(count=1, path=r"/presence_status$")
+    with pytest.raises(requests.ConnectionError):
+        api.put_presence(uid, "Away")
+    assert zoom.status(uid) == "Away"  # it took effect; only the answer is gone
+    assert api.put_presence(uid, "Busy").status_code == 429  # and it counted for the minute
+
+
 def test_api_timeout_and_latency(zoom, api):
     uid = zoom.add_user(email="slow@example.com")["id"]
     zoom.faults.timeout(count=1, seconds=1.0)
