@@ -125,7 +125,11 @@ class GraphClient:
             if resp.status_code == 401 and app_token and attempt == 1:
                 log.info("graph: app token rejected (401); fetching a new one")
                 continue
-            raise_for_graph(resp)
+            try:
+                raise_for_graph(resp)
+            except VendorError as exc:
+                exc.maybe_applied = exc.maybe_applied or bool(getattr(resp, "unanswered_attempts", 0))
+                raise
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -200,6 +200,7 @@ def send(
     attempts = max(1, policy.max_attempts)
     last_error: requests.RequestException | None = None
     response: requests.Response | None = None
+    unanswered = 0  # attempts the server may have carried out without telling us (no answer, 504)
 
     for attempt in range(1, attempts + 1):
         remaining = budget - (clock() - started)
@@ -218,11 +219,13 @@ def send(
             last_error = None
         except (requests.ConnectionError, requests.Timeout) as exc:
             response, last_error = None, exc
+        if response is None or response.status_code == 504:
+            unanswered += 1
         telemetry.vendor_request(method, url, str(response.status_code) if response is not None
                                  else type(last_error).__name__, (clock() - attempt_started) * 1000.0)
 
         if response is not None and response.status_code not in policy.retry_statuses:
-            return response
+            return _noting_unanswered(response, unanswered)
 
         retry_after = (
             parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
@@ -255,8 +258,15 @@ def send(
             sleep(wait)
 
     if response is not None:
-        return response
+        return _noting_unanswered(response, unanswered)
     raise TransientHttpError(
         f"{method} {where}: no response after {attempt} attempt(s) ({type(last_error).__name__})",
         attempts=attempt,
     ) from last_error
+
+
+def _noting_unanswered(response: requests.Response, unanswered: int) -> requests.Response:
+    """Mark a response whose request may already have taken effect on an attempt that got no
+    answer: a refusal now (a 429 because the first try counted) does not mean nothing changed."""
+    response.unanswered_attempts = unanswered  # type: ignore[attr-defined]
+    return response

@@ -28,6 +28,7 @@ from shared.engine import (
     TeamsOp,
     TeamsOpKind,
     UserSync,
+    ZoomOp,
     apply_plan,
     observe_teams,
     observe_zoom,
@@ -37,7 +38,6 @@ from shared.errors import (
     Forbidden,
     NotFound,
     Throttled,
-    TransientVendorError,
     VendorError,
     ZoomUserNotSignedIn,
 )
@@ -334,6 +334,7 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
                        user=link.zoom_user_id, cid=cid)
     except Throttled as exc:
         telemetry.failed(ZOOM_TO_TEAMS, "graph_throttled")
+        _keep_unanswered_teams_write(exc, result, done, undo)
         _revert(link.zoom_user_id, **undo)
         _schedule(link.zoom_user_id, exc.retry_after_s, "graph_throttled", cid)
         outcome.deferred_until = time.time() + exc.retry_after_s
@@ -351,14 +352,7 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
         return False
     except Exception as exc:
         telemetry.failed(ZOOM_TO_TEAMS, "error")
-        failed_op = result.teams_ops[done] if done < len(result.teams_ops) else None
-        if (_unanswered(exc) and failed_op is not None and result.teams_overlay is not None
-                and failed_op.kind in (TeamsOpKind.SET_SESSION, TeamsOpKind.SET_PREFERRED)):
-            # No answer is not a refusal: the write may have taken effect. Keep the overlay on
-            # record, due at once: the retry writes it again if it is still wanted, and whatever
-            # comes next releases it if not, so it cannot be stranded.
-            undo["teams"] = (replace(result.teams_overlay, expires_at=result.teams_overlay.written_at),
-                             result.teams_overlay)
+        _keep_unanswered_teams_write(exc, result, done, undo)
         _revert(link.zoom_user_id, **undo)
         raise
     telemetry.written(ZOOM_TO_TEAMS)
@@ -368,10 +362,29 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
     return True
 
 
+def _keep_unanswered_teams_write(exc: Exception, result: Plan, done: int, undo: dict) -> None:
+    """A set that may have taken effect stays on record, due at once: the retry writes it again if
+    it is still wanted, and whatever comes next releases it if not, so it cannot be stranded."""
+    failed_op = result.teams_ops[done] if done < len(result.teams_ops) else None
+    if (_unanswered(exc) and failed_op is not None and result.teams_overlay is not None
+            and failed_op.kind in (TeamsOpKind.SET_SESSION, TeamsOpKind.SET_PREFERRED)):
+        undo["teams"] = (replace(result.teams_overlay, expires_at=result.teams_overlay.written_at),
+                         result.teams_overlay)
+
+
+def _keep_unanswered_zoom_put(exc: Exception, op: ZoomOp, result: Plan, undo: dict) -> None:
+    """As for Teams: what may now show in Zoom stays on record, due at once, so its echo is known
+    as ours and it is put again or released."""
+    if _unanswered(exc) and not op.release and result.zoom_overlay is not None:
+        undo["zoom"] = (replace(result.zoom_overlay, expires_at=result.zoom_overlay.written_at),
+                        op.status, result.zoom_overlay.written_at, result.zoom_overlay)
+
+
 def _unanswered(exc: Exception) -> bool:
-    """The vendor never answered (connection lost, timed out, 504): the write may have happened.
-    An error it did answer with (5xx, 4xx) is taken at its word: nothing was changed."""
-    return isinstance(exc, TransientVendorError) and exc.status in (0, 504)
+    """An attempt got no answer (connection lost, timed out, 504), so the write may have happened
+    even if a later attempt was refused (Zoom's 429 for the minute that write used). An error
+    answered at the first try is taken at its word: nothing was changed."""
+    return isinstance(exc, VendorError) and exc.maybe_applied
 
 
 def teams_call(op: TeamsOp, entra: str, session_id: str) -> None:
@@ -410,6 +423,7 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
         return False
     except Throttled as exc:
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_throttled")
+        _keep_unanswered_zoom_put(exc, op, result, undo)
         _revert(link.zoom_user_id, **undo)
         _schedule(link.zoom_user_id, exc.retry_after_s, "zoom_throttled", cid)
         outcome.deferred_until = time.time() + exc.retry_after_s
@@ -426,11 +440,7 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
         return False
     except Exception as exc:
         telemetry.failed(TEAMS_TO_ZOOM, "error")
-        if _unanswered(exc) and not op.release and result.zoom_overlay is not None:
-            # No answer is not a refusal (see _run_teams_ops): keep what may now show in Zoom on
-            # record, due at once, so its echo is known as ours and it is re-put or released.
-            undo["zoom"] = (replace(result.zoom_overlay, expires_at=result.zoom_overlay.written_at),
-                            op.status, result.zoom_overlay.written_at, result.zoom_overlay)
+        _keep_unanswered_zoom_put(exc, op, result, undo)
         _revert(link.zoom_user_id, **undo)
         raise
     outcome.zoom_writes += 1

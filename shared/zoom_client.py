@@ -120,7 +120,11 @@ class ZoomClient:
                 log.info("zoom: token rejected (124); fetching a new one")
                 provider.invalidate(token)
                 continue
-            raise_for_zoom(resp)
+            try:
+                raise_for_zoom(resp)
+            except VendorError as exc:
+                exc.maybe_applied = exc.maybe_applied or bool(getattr(resp, "unanswered_attempts", 0))
+                raise
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -241,6 +241,17 @@ def test_timeout_then_success(server, clock):
     assert len(server.requests) == 2
 
 
+def test_a_refusal_after_an_unanswered_attempt_is_marked_as_maybe_applied(server, clock):
+    # The first try timed out (the server may have carried it out); the second is refused 429,
+    # as Zoom refuses a second presence PUT in the same minute. The caller must not read the
+    # 429 as "nothing changed".
+    server.reply(200, delay=1.0).reply(429, {"Retry-After": "60"})
+    resp = send("PUT", f"{server.base_url}/presence", policy=POLICY, timeout=0.3)
+    assert resp.status_code == 429 and resp.unanswered_attempts == 1
+    server.reply(429, {"Retry-After": "60"})
+    assert send("PUT", f"{server.base_url}/presence", policy=POLICY, timeout=0.3).unanswered_attempts == 0
+
+
 # --- logging -------------------------------------------------------------------------------------------
 
 def test_logs_have_host_and_path_but_no_query_secret_or_email(server, clock, caplog):
