@@ -65,10 +65,43 @@ def thread_kinds() -> dict[str, int]:
     return dict(kinds.most_common())
 
 
-def sample() -> dict:
+def socket_peers(world: World) -> dict[str, int]:
+    """This process's TCP sockets by the world part at the other end (or the one listening), so a
+    growing pool names itself."""
+    from urllib.parse import urlsplit
+
+    names = {world.azurite.queue_port: "azurite-queue", world.azurite.table_port: "azurite-table",
+             world.azurite.blob_port: "azurite-blob", urlsplit(world.graph.base_url).port: "graph",
+             world.zoom.port: "zoom", world.host.port: "host"}
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    peers: collections.Counter[str] = collections.Counter()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as rows:
+                next(rows)
+                for row in rows:
+                    fields = row.split()
+                    if fields[9] not in inodes:
+                        continue
+                    local, remote = int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)
+                    side = "to" if remote in names else "from" if local in names else "other"
+                    peers[f"{side} {names.get(remote if side == 'to' else local, 'elsewhere')}"] += 1
+        except OSError:
+            continue
+    return dict(peers.most_common())
+
+
+def sample(world: World) -> dict:
     gc.collect()
     return {"rss_kib": rss_kib(), "threads": threading.active_count(), "sockets": sockets(),
-            "thread_kinds": thread_kinds()}
+            "thread_kinds": thread_kinds(), "socket_peers": socket_peers(world)}
 
 
 def trim(world: World) -> None:
@@ -109,13 +142,13 @@ def test_steady_mixed_traffic(record_property):
                 if changes % 60 == 0:
                     world.settle(timeout=120)
                     trim(world)
-                    now = sample()
+                    now = sample(world)
                     samples.append(now)
                     if baseline is None and time.monotonic() - started >= WARMUP_SECONDS:
                         baseline = now
             world.settle(timeout=120)
             trim(world)
-            final = sample()
+            final = sample(world)
     assert baseline is not None, "the run was shorter than its warm-up"
     figures = {"seconds": SOAK_SECONDS, "warmup_seconds": WARMUP_SECONDS, "changes": changes,
                "after_warmup": baseline, "final": final,
