@@ -24,7 +24,8 @@ class VendorError(Exception):
     def __init__(self, status: int, code: str | int | None = None, message: str = "") -> None:
         self.status = status
         self.code = code
-        # An earlier attempt of the same call got no answer: it may have taken effect.
+        # The call may have taken effect: no answer (0), a gateway timeout (504), or - set by the
+        # clients - an earlier attempt of the same call that got no answer.
         self.maybe_applied = status in (0, 504)
         self.message = scrub(message)
         detail = f" {self.code}" if self.code not in (None, "") else ""

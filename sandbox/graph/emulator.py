@@ -658,7 +658,7 @@ class GraphEmulator:
                 response = self._entra_http(request, record)
         except _Drop:
             record.time = self.clock.now()
-            self._log.append(record)  # status 0: no answer was sent
+            self._log.append(record)  # status 0 unless the request was carried out (lost_answer)
             raise
         except Exception:  # noqa: BLE001 - an emulator bug must surface as a 500, not kill the request thread
             log.exception("graph emulator failed on %s %s", request.method, path)
