@@ -68,8 +68,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HTTP_REASON = "This function was programmatically called via the host APIs."
 
 http_log = logging.getLogger("Host.Http")
-_KEY_IN_QUERY = re.compile(r"([?&](?:code|validationToken)=)[^&\s\"]*", re.IGNORECASE)
-_QUERY_VALUES = re.compile(r"([?&][^=&\s\"]+=)(?!\[Hidden Credential\])[^&\s\"]*")
+_QUERY_PARAMETER = re.compile(r"([?&][^=&\s\"]+=)[^&\s\"]*")
+_CREDENTIAL_PARAMETERS = ("?code=", "&code=", "?validationtoken=", "&validationtoken=")
 host_log = logging.getLogger("Host.General")
 timer_log = logging.getLogger("Host.Triggers.Timer")
 
@@ -85,6 +85,12 @@ def _empty(status: int) -> Response:
     return response
 
 
+def _redacted_parameter(match: re.Match[str]) -> str:
+    """A query parameter's name only; function keys as the Azure host shows them."""
+    name = match.group(1)
+    return name + "[Hidden Credential]" if name.lower() in _CREDENTIAL_PARAMETERS else name
+
+
 class _QuietRequestHandler(WSGIRequestHandler):
     """Request lines go to the Host.Http logger at DEBUG instead of stderr."""
 
@@ -93,8 +99,7 @@ class _QuietRequestHandler(WSGIRequestHandler):
         text = message % args if args else message
         # Query strings carry function keys (?code=), invitations and sign-in hints (e-mail
         # addresses): keep only the parameter names, as nothing secret or personal may be logged.
-        text = _KEY_IN_QUERY.sub(r"\1[Hidden Credential]", text)
-        text = _QUERY_VALUES.sub(r"\1", text)
+        text = _QUERY_PARAMETER.sub(_redacted_parameter, text)
         http_log.log(level, "%s %s", self.address_string(), text)
 
 

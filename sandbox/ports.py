@@ -1,9 +1,11 @@
-"""Free loopback ports for sandbox services."""
+"""Free loopback ports for sandbox services, and dropping a connection without an answer."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from typing import Any, NoReturn
 
 
 def free_port() -> int:
@@ -21,3 +23,13 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> 
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
+
+
+def abort_connection(environ: dict[str, Any], reason: str) -> NoReturn:
+    """From inside a Werkzeug WSGI app: close the client's connection with no response at all
+    (the emulators' dropped-connection and lost-answer faults)."""
+    sock = environ.get("werkzeug.socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    raise ConnectionAbortedError(reason)

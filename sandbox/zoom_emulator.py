@@ -25,7 +25,6 @@ import json
 import math
 import re
 import secrets
-import socket
 import threading
 import time
 import uuid
@@ -43,6 +42,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from sandbox.clock import Clock
+from sandbox.ports import abort_connection
 
 __all__ = [
     "DEFAULT_ACCOUNT_ID",
@@ -1349,11 +1349,7 @@ class ZoomEmulator:
         response = self._dispatch(request, ctx)
         self._record_request(request, response, ctx)
         if ctx.get("lost_answer"):
-            sock = environ.get("werkzeug.socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            raise ConnectionAbortedError("fault: answer lost")
+            abort_connection(environ, "fault: answer lost")
         return response(environ, start_response)
 
     def _record_request(self, request: Request, response: Response, ctx: dict) -> None:

@@ -7,6 +7,9 @@ looks like an email address is masked before it reaches a message (and so a log 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+\-']+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 _MAX_MESSAGE = 300
@@ -31,6 +34,21 @@ class VendorError(Exception):
         detail = f" {self.code}" if self.code not in (None, "") else ""
         text = f"HTTP {status}{detail}"
         super().__init__(f"{text}: {self.message}" if self.message else text)
+
+
+# Set by ``shared.http.send`` on the responses it returns: attempts of that call that got no answer.
+UNANSWERED_ATTEMPTS = "unanswered_attempts"
+
+
+@contextmanager
+def noting_unanswered_attempts(response: Any) -> Iterator[None]:
+    """Errors raised for ``response`` say so when an earlier attempt of the same call got no
+    answer: a refusal now (a 429 because the first try counted) does not mean nothing changed."""
+    try:
+        yield
+    except VendorError as exc:
+        exc.maybe_applied = exc.maybe_applied or bool(getattr(response, UNANSWERED_ATTEMPTS, 0))
+        raise
 
 
 class BadRequest(VendorError):

@@ -27,6 +27,7 @@ from shared.errors import (
     TransientVendorError,
     Unauthorized,
     VendorError,
+    noting_unanswered_attempts,
 )
 from shared.http import RetryPolicy, TransientHttpError, parse_retry_after, send
 from shared.tokens import graph_app_token
@@ -125,11 +126,8 @@ class GraphClient:
             if resp.status_code == 401 and app_token and attempt == 1:
                 log.info("graph: app token rejected (401); fetching a new one")
                 continue
-            try:
+            with noting_unanswered_attempts(resp):
                 raise_for_graph(resp)
-            except VendorError as exc:
-                exc.maybe_applied = exc.maybe_applied or bool(getattr(resp, "unanswered_attempts", 0))
-                raise
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -31,6 +31,7 @@ from requests.adapters import HTTPAdapter
 
 from shared import telemetry
 from shared.config import get_settings
+from shared.errors import UNANSWERED_ATTEMPTS
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,6 @@ def send(
 
 def _noting_unanswered(response: requests.Response, unanswered: int) -> requests.Response:
     """Mark a response whose request may already have taken effect on an attempt that got no
-    answer: a refusal now (a 429 because the first try counted) does not mean nothing changed."""
-    response.unanswered_attempts = unanswered  # type: ignore[attr-defined]
+    answer (read by :func:`shared.errors.noting_unanswered_attempts`)."""
+    setattr(response, UNANSWERED_ATTEMPTS, unanswered)
     return response

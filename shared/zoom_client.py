@@ -26,6 +26,7 @@ from shared.errors import (
     VendorError,
     ZoomNoPermission,
     ZoomUserNotSignedIn,
+    noting_unanswered_attempts,
 )
 from shared.http import RetryPolicy, TransientHttpError, parse_retry_after, send
 from shared.tokens import ZoomTokenProvider, zoom_token_provider
@@ -120,11 +121,8 @@ class ZoomClient:
                 log.info("zoom: token rejected (124); fetching a new one")
                 provider.invalidate(token)
                 continue
-            try:
+            with noting_unanswered_attempts(resp):
                 raise_for_zoom(resp)
-            except VendorError as exc:
-                exc.maybe_applied = exc.maybe_applied or bool(getattr(resp, "unanswered_attempts", 0))
-                raise
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -15,7 +15,6 @@ import itertools
 import json
 import logging
 import math
-import socket
 import threading
 import time
 import uuid
@@ -57,6 +56,7 @@ from sandbox.graph.subscriptions import (
     parse_datetime,
     parse_presence_resource,
 )
+from sandbox.ports import abort_connection
 
 log = logging.getLogger(__name__)
 
@@ -620,13 +620,7 @@ class GraphEmulator:
         try:
             response = self._handle(request)
         except _Drop:
-            sock = environ.get("werkzeug.socket")
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            raise ConnectionAbortedError("fault: connection dropped") from None
+            abort_connection(environ, "fault: connection dropped")
         return response(environ, start_response)
 
     def _handle(self, request: Request) -> Response:
