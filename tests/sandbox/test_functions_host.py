@@ -572,3 +572,14 @@ def test_base_url_is_known_before_start(functions_host_factory, storage_env):
         assert requests.get(host.url("ping", key=None), timeout=10).text == "pong"
     finally:
         host.stop()
+
+
+def test_request_log_keeps_query_parameter_names_only():
+    # Function keys, invitations and sign-in hints (e-mail addresses) travel in query strings.
+    from sandbox.functions_host import _QUERY_PARAMETER, _redacted_parameter
+
+    line = ('"GET /api/connect/start?invite=abc123&login_hint=ann%40contoso.example&code=k3y'
+            '&validationToken=t0k HTTP/1.1"')
+    assert _QUERY_PARAMETER.sub(_redacted_parameter, line) == (
+        '"GET /api/connect/start?invite=&login_hint=&code=[Hidden Credential]&validationToken=[Hidden Credential] '
+        'HTTP/1.1"')
