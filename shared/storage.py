@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -294,8 +295,20 @@ def _etag_of(metadata: Any) -> str | None:
     return None
 
 
+# Characters Table Storage refuses in PartitionKey and RowKey ("Understanding the Table service
+# data model", learn.microsoft.com): no entity can exist under a key holding one, and asking for
+# one is a 400 from the service rather than a "not found".
+_UNSTORABLE_KEY = re.compile(r"[/\\#?\x00-\x1f\x7f-\x9f]")
+
+
+def _storable_key(key: str) -> bool:
+    return not _UNSTORABLE_KEY.search(key) and len(key.encode("utf-8")) <= 1024
+
+
 def read_entity(table_name: str, pk: str, rk: str) -> tuple[dict | None, str | None]:
     """Point read: ``(entity, etag)``, or ``(None, None)`` when there is no such entity."""
+    if not (_storable_key(pk) and _storable_key(rk)):
+        return None, None  # a caller-supplied key (a subscription id, say) that no entity can have
     client = table(table_name)
     _count()
     try:
