@@ -7,6 +7,8 @@ import socket
 import time
 from typing import Any, NoReturn
 
+from sandbox.serving import SOCKET_ENVIRON_KEY
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -26,9 +28,9 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> 
 
 
 def abort_connection(environ: dict[str, Any], reason: str) -> NoReturn:
-    """From inside a Werkzeug WSGI app: close the client's connection with no response at all
-    (the emulators' dropped-connection and lost-answer faults)."""
-    sock = environ.get("werkzeug.socket")
+    """From inside a sandbox WSGI app (Werkzeug or ``sandbox.serving``): close the client's
+    connection with no response at all (the emulators' dropped-connection and lost-answer faults)."""
+    sock = environ.get(SOCKET_ENVIRON_KEY) or environ.get("werkzeug.socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)

@@ -25,7 +25,6 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import jwt
 import requests
-from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from sandbox.clock import Clock
@@ -57,6 +56,7 @@ from sandbox.graph.subscriptions import (
     parse_presence_resource,
 )
 from sandbox.ports import abort_connection
+from sandbox.serving import start_wsgi_server
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +92,6 @@ class _Result:
     status: int
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """Werkzeug's handler without per-request logging, dating responses by the sandbox clock."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
-
-    def log(self, type: str, message: str, *args: Any) -> None:
-        if type == "error":
-            log.debug(message.rstrip(), *args)
-
-    def date_time_string(self, timestamp: float | None = None) -> str:
-        clock = getattr(self.server, "sandbox_clock", None)
-        now = timestamp if timestamp is not None else (clock.now() if clock else time.time())
-        return email.utils.formatdate(now, usegmt=True)
 
 
 class GraphEmulator:
@@ -158,13 +142,11 @@ class GraphEmulator:
         self._tls = TlsMaterial()
         self.ca_pem_path, self.ca_bundle_path = self._tls.ca_pem_path, self._tls.ca_bundle_path
         ctx = self._tls.server_context()
-        self._server = make_server(self.host, self._port, self._wsgi, threaded=True, ssl_context=ctx,
-                                   request_handler=_QuietHandler)
-        # Handshake in the per-connection thread, not in the accept loop, so one stalled
+        # Keep-alive HTTPS, as Graph and Entra serve it: a client pays the TLS handshake once per
+        # connection, not once per request. Handshakes run in the worker threads, so one stalled
         # client cannot block every other request.
-        self._server.socket.do_handshake_on_connect = False
-        self._server.sandbox_clock = self.clock
-        port = self._server.server_address[1]
+        self._server = start_wsgi_server(self._wsgi, self.host, self._port, ssl_context=ctx, name="graph-emulator")
+        port = self._server.port
         self.base_url = f"https://{self.host}:{port}"
         self.graph_url = f"{self.base_url}/v1.0"
         self._deliverer = Deliverer(
@@ -173,10 +155,8 @@ class GraphEmulator:
             should_duplicate=lambda: self.faults.take_outbound("duplicate"),
         )
         self._stopping.clear()
-        serve = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                 name="graph-emulator", daemon=True)
         tick = threading.Thread(target=self._ticker, name="graph-emulator-clock", daemon=True)
-        self._threads = [serve, tick]
+        self._threads = [tick]
         for t in self._threads:
             t.start()
         return self
@@ -184,8 +164,7 @@ class GraphEmulator:
     def stop(self) -> None:
         self._stopping.set()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
         for t in self._threads:
             t.join(timeout=5)
@@ -621,7 +600,14 @@ class GraphEmulator:
             response = self._handle(request)
         except _Drop:
             abort_connection(environ, "fault: connection dropped")
-        return response(environ, start_response)
+
+        def dated_start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            # Responses are dated by the sandbox clock (the server would use the wall clock).
+            if not any(name.lower() == "date" for name, _ in headers):
+                headers = [*headers, ("Date", email.utils.formatdate(self.clock.now(), usegmt=True))]
+            return start_response(status, headers, exc_info)
+
+        return response(environ, dated_start_response)
 
     def _handle(self, request: Request) -> Response:
         path = request.path

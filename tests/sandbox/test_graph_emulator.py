@@ -8,12 +8,15 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+import http.client
 import json
 import re
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -848,6 +851,48 @@ def test_lost_answer_fault_carries_out_the_write_and_drops_the_connection(graph:
         set_presence(graph, uid, "Busy", "InACall")
     assert shows(graph, uid) == ("Busy", "InACall")  # it took effect; only the answer is gone
     assert set_presence(graph, uid, "Busy", "InACall").status_code == 200  # one only
+
+
+def test_connections_are_kept_alive_and_dated_by_the_sandbox_clock(graph: GraphEmulator) -> None:
+    """Graph keeps HTTP/1.1 connections open: two calls share one TLS connection (a server that
+    closed after each answer would make every call in the sandbox pay a handshake)."""
+    token = app_token(graph)
+    host, port = urlsplit(graph.base_url).hostname, urlsplit(graph.base_url).port
+    ctx = ssl.create_default_context(cafile=graph.ca_pem_path)
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
+    try:
+        sockets = []
+        for _ in range(2):
+            conn.request("GET", "/v1.0/users", headers={"Authorization": f"Bearer {token}"})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200 and not resp.will_close
+            sockets.append(conn.sock)
+        assert sockets[0] is sockets[1] and sockets[0] is not None
+        graph.clock.advance(3600 * 24)
+        conn.request("GET", "/v1.0/users", headers={"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        resp.read()
+        # Dated by the sandbox clock (the token expired with the day that passed).
+        assert resp.status == 401
+        assert parsedate_to_datetime(resp.headers["Date"]).timestamp() == pytest.approx(graph.clock.now(), abs=2)
+    finally:
+        conn.close()
+
+
+def test_a_dropped_connection_is_not_reused(graph: GraphEmulator) -> None:
+    token = app_token(graph)
+    session = requests.Session()
+
+    def get() -> requests.Response:
+        return session.get(f"{graph.graph_url}/users", headers={"Authorization": f"Bearer {token}"},
+                           verify=graph.ca_bundle_path, timeout=10)
+
+    assert get().status_code == 200
+    graph.faults.timeout(count=1, seconds=0.0, drop=True)
+    with pytest.raises(requests.ConnectionError):
+        get()
+    assert get().status_code == 200
 
 
 def test_documented_presence_throttle(graph: GraphEmulator) -> None:
