@@ -41,15 +41,25 @@ class EngineConfig:
     teams_overlay_seconds: float = 3600.0  # setPresence/setUserPreferredPresence expiration (bound)
     zoom_dnd_minutes: int = 60  # duration of a Do_Not_Disturb we put on Zoom (bound)
     renew_leeway_seconds: float = 600.0  # renew an overlay this long before it expires
+    write_in_flight_seconds: float = 45.0  # longest a write can be under way (the write lease)
     zoom_echo_window_seconds: float = 600.0  # a Zoom report equal to our recent write is our echo
 
 
 @dataclass(frozen=True)
 class TeamsOverlayRecord:
     overlay: TeamsOverlay
-    written_at: float
+    written_at: float  # planned (intent recorded)
     expires_at: float
     source: str
+    # When Graph answered the write; None while it is under way (or its answer was lost).
+    answered_at: float | None = None
+
+    def in_place_since(self, cfg: EngineConfig) -> float:
+        """From when a Teams report must show this overlay if it still stands. A report read
+        earlier may predate the write (Graph briefly shows the state between a clear and a set)."""
+        if self.answered_at is not None:
+            return self.answered_at
+        return self.written_at + cfg.write_in_flight_seconds
 
 
 @dataclass(frozen=True)
@@ -149,14 +159,21 @@ def observe_teams(
     *,
     sequence: str | None,
     ts_ms: int,
+    cfg: EngineConfig | None = None,
 ) -> Observed:
     """Apply a Graph presence report to ``user`` in place.
 
     Reports are ordered by ``sequenceNumber`` when both have one (lexicographically sortable,
-    API-FACTS §6), otherwise by the time we read them.
+    API-FACTS §6), otherwise by the time we read them (``ts_ms``: when the read began).
     """
     if not availability:
         return Observed.IGNORED
+    overlay = user.teams_overlay
+    if (overlay is not None and not teams_pair_matches(overlay.overlay.pair, availability, activity)
+            and ts_ms < overlay.in_place_since(cfg or EngineConfig()) * 1000):
+        # Read before our write was in place: it says nothing about the person (taking it as the
+        # person's would give up the preferred slot we had just written, or think a session gone).
+        return Observed.STALE
     if sequence and user.teams_seen_seq:
         if sequence <= user.teams_seen_seq:
             return Observed.STALE
@@ -166,7 +183,6 @@ def observe_teams(
         user.teams_seen_seq = sequence
     user.teams_seen_ts = max(user.teams_seen_ts, ts_ms)
     state = parse_teams(availability, activity)
-    overlay = user.teams_overlay
     if overlay is not None and teams_pair_matches(overlay.overlay.pair, availability, activity):
         user.teams_shows_ours = True
         if priority(user.teams_native) >= priority(overlay.overlay.state):
@@ -344,6 +360,14 @@ def _write_zoom(rule: ZoomOverlay, source: str, restore: str, now: float, cfg: E
 def _release_zoom(current: ZoomOverlayRecord, out: Plan) -> None:
     out.zoom_op = ZoomOp(current.restore, None, release=True)
     out.zoom_overlay = None
+
+
+def mark_teams_answered(user: UserSync, planned: TeamsOverlayRecord | None, answered_at: float) -> None:
+    """Graph answered the writes that put ``planned`` in place: note when (in place on ``user``)."""
+    current = user.teams_overlay
+    if planned is not None and current is not None and current.answered_at is None \
+            and (current.overlay, current.written_at) == (planned.overlay, planned.written_at):
+        user.teams_overlay = replace(current, answered_at=answered_at)
 
 
 def apply_plan(user: UserSync, result: Plan, now: float, *, zoom_written: bool) -> UserSync:

@@ -156,9 +156,12 @@ def _teams_overlay_from(value: str | None) -> TeamsOverlayRecord | None:
     data = storage.from_json_column(value)
     if not data:
         return None
+    # Records from before answered_at existed were in place when written.
+    answered = data["answered_at"] if "answered_at" in data else data["written_at"]
     return TeamsOverlayRecord(
         TeamsOverlay(data["kind"], data["availability"], data["activity"]),
         float(data["written_at"]), float(data["expires_at"]), data.get("source", ""),
+        None if answered is None else float(answered),
     )
 
 
@@ -168,7 +171,7 @@ def _teams_overlay_to(record: TeamsOverlayRecord | None) -> str:
     return storage.to_json_column({
         "kind": record.overlay.kind, "availability": record.overlay.availability,
         "activity": record.overlay.activity, "written_at": record.written_at, "expires_at": record.expires_at,
-        "source": record.source,
+        "source": record.source, "answered_at": record.answered_at,
     })
 
 

@@ -124,8 +124,8 @@ def handle_teams_message(message: dict) -> list[Outcome]:
     cid = str(message.get("cid", ""))
     if kind == "teams_ids":
         ids = [str(i) for i in message["ids"]]
+        ts_ms = int(time.time() * 1000)  # when the read began: what it shows is no older
         presences = graph_client.get_presences(ids)  # one read per ≤650 ids
-        ts_ms = int(time.time() * 1000)
     elif kind == "teams_presences":
         presences = list(message["presences"])
         ts_ms = int(float(message.get("read_at") or time.time()) * 1000)

@@ -30,6 +30,7 @@ from shared.engine import (
     UserSync,
     ZoomOp,
     apply_plan,
+    mark_teams_answered,
     observe_teams,
     observe_zoom,
     plan,
@@ -58,6 +59,7 @@ def engine_config() -> EngineConfig:
         teams_overlay_seconds=s.teams_overlay_minutes * 60.0,
         zoom_dnd_minutes=s.zoom_dnd_duration_minutes,
         renew_leeway_seconds=min(s.overlay_renew_leeway_seconds, s.teams_overlay_minutes * 60.0),
+        write_in_flight_seconds=LEASE_SECONDS,
     )
 
 
@@ -93,6 +95,7 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
     outcome = Outcome()
     confirmed_zoom: str | None = None
     confirmed_teams: dict | None = None
+    confirmed_teams_at = 0.0
     if confirm_zoom or confirm_teams:
         # Keep-alive: re-read the source before renewing an overlay (DESIGN.md §5 "self-healing").
         link, _ = read_link(zoom_user_id)
@@ -102,6 +105,7 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
         if confirm_zoom:
             confirmed_zoom = _read_zoom(link, outcome)
         if confirm_teams:
+            confirmed_teams_at = time.time()  # when the read began: what it shows is no older
             confirmed_teams = _read_teams(link, outcome)
 
     def learn(link: Link, now: float) -> None:
@@ -110,7 +114,7 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
         if confirmed_zoom is not None:
             _apply_zoom_report(link, confirmed_zoom, int(now * 1000), now, engine_config())
         if confirmed_teams is not None:
-            _apply_teams_report(link, confirmed_teams, int(now * 1000))
+            _apply_teams_report(link, confirmed_teams, int(confirmed_teams_at * 1000))
 
     for _attempt in range(10):
         link, etag = read_link(zoom_user_id)
@@ -159,8 +163,12 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
         # Zoom counts its per-user minute from when the PUT reached it, which is after we planned
         # it: measure the next one from the answer, or a slow PUT makes the next one come early.
         zoom_answered_at = time.time() if step.zoom_allowed and step.result.zoom_op is not None else 0.0
+        # Likewise a Teams report only says something about our overlay once Graph answered.
+        teams_answered_at = time.time() if step.result.teams_ops else 0.0
         while True:
             link.sync.zoom_last_put_at = max(link.sync.zoom_last_put_at, zoom_answered_at)
+            if teams_answered_at:
+                mark_teams_answered(link.sync, step.result.teams_overlay, teams_answered_at)
             link.lease_owner, link.lease_until = "", 0.0
             try:
                 write_link(link, etag)
@@ -171,6 +179,8 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
                     return outcome
                 if link.pending:
                     link.sync.zoom_last_put_at = max(link.sync.zoom_last_put_at, zoom_answered_at)
+                    if teams_answered_at:
+                        mark_teams_answered(link.sync, step.result.teams_overlay, teams_answered_at)
                     break
         now = time.time()
         link.pending = False
@@ -267,7 +277,7 @@ def _apply_teams_report(link: Link, presence: dict, ts_ms: int) -> Observed:
     availability = presence.get("availability")
     activity = presence.get("activity")
     outcome = observe_teams(link.sync, availability, activity, sequence=presence.get("sequenceNumber") or None,
-                            ts_ms=ts_ms)
+                            ts_ms=ts_ms, cfg=engine_config())
     if outcome not in (Observed.STALE, Observed.IGNORED):
         link.teams_shows = f"{availability}/{activity}"
     return outcome

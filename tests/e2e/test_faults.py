@@ -359,7 +359,8 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
             availability, activity = world.teams_shows(person)
             if world.zoom_shows(person) != teams_to_zoom(availability, activity):
                 mismatches.append(("teams-driven", person.name, (availability, activity), world.zoom_shows(person)))
-        assert mismatches == []
+        wrong = {m[1] for m in mismatches}
+        assert mismatches == [], history(world, [p for p in everyone if p.name in wrong], graph_mark)
 
         # --- no overlay outlives its bound ----------------------------------------------------------------------
         writes = overlay_writes(world, graph_mark)
@@ -410,6 +411,24 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
         })
         assert max(stuck) < bound_s
         report(record_property, "fault_suite", figures)
+
+
+def history(world: World, people: list, graph_mark: int) -> str:
+    """What each side was told about these people during the run (a failure's explanation)."""
+    lines = []
+    for person in people:
+        lines.append(f"{person.name} (zoom {person.zoom_id}):")
+        for r in world.graph.requests[graph_mark:]:
+            if person.entra_id in r.path.lower() and "/presence" in r.path.lower():
+                lines.append(f"  graph {r.time:.2f} {r.method} {r.path.rsplit('/', 1)[-1]} {r.status} {r.json or ''}")
+        for put in world.zoom.presence_puts:
+            if str(put.get("user_id") or "").lower() == person.zoom_id:
+                lines.append(f"  zoom put {put.get('time', 0):.2f} {put['status']} {put.get('body')}")
+        for event in world.zoom.events:
+            obj = ((event.get("payload") or {}).get("object") or {})
+            if str(obj.get("id", "")).lower() == person.zoom_id:
+                lines.append(f"  zoom event {event.get('event_ts')} {obj.get('presence_status')}")
+    return "\n".join(lines)
 
 
 # --- storage going away mid-burst -------------------------------------------------------------------------------

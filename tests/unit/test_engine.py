@@ -12,6 +12,7 @@ from shared.engine import (
     TeamsOpKind,
     UserSync,
     apply_plan,
+    mark_teams_answered,
     observe_teams,
     observe_zoom,
     plan,
@@ -50,13 +51,20 @@ class World:
         self.reconcile()
         return outcome
 
-    def reconcile(self):
+    def reconcile(self, *, answered: bool = True):
         result = plan(self.user, MAPPING, self.now, CFG)
         self.teams_writes.extend(result.teams_ops)
         if result.zoom_op:
             self.zoom_writes.append(result.zoom_op)
         self.user = apply_plan(self.user, result, self.now, zoom_written=True)
+        if answered and result.teams_ops:  # as sync_user notes once Graph answered
+            mark_teams_answered(self.user, result.teams_overlay, self.now)
         return result
+
+    def teams_read_at(self, ts_ms: int, availability: str, activity: str) -> Observed:
+        """A Teams report whose read began at ``ts_ms`` (it may be applied later than that)."""
+        self.seq += 1
+        return observe_teams(self.user, availability, activity, sequence=f"{self.seq:020d}", ts_ms=ts_ms, cfg=CFG)
 
 
 @pytest.mark.parametrize(
@@ -133,6 +141,43 @@ def test_preferred_slot_taken_back_by_the_person_is_left_alone():
     assert len(w.teams_writes) == 1  # never overwritten, never cleared
     w.zoom("Away")  # a new Zoom state may be shown again
     assert w.teams_writes[-1].overlay.availability == "Away"
+
+
+def test_a_report_read_before_our_preferred_write_was_answered_does_not_give_up_the_slot():
+    """Between clearing our session and setting the preferred slot Graph briefly shows the person's
+    own state; a report of that moment, applied after our set, is not the person taking the slot."""
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("In_Meeting")
+    w.tick()
+    w.user.zoom_native, w.user.zoom_native_since = None, 0
+    observe_zoom(w.user, "Do_Not_Disturb", w.ts, w.now, CFG)
+    result = w.reconcile(answered=False)  # clear the session, set the preferred slot: under way
+    assert [op.kind for op in result.teams_ops] == [TeamsOpKind.CLEAR_SESSION, TeamsOpKind.SET_PREFERRED]
+    read_between = w.ts + 5
+    w.tick()
+    mark_teams_answered(w.user, result.teams_overlay, w.now)  # Graph answered the set
+    assert w.teams_read_at(read_between, "Available", "Available") == Observed.STALE
+    assert w.user.teams_overlay is not None and w.user.teams_yielded == ""
+    w.reconcile()
+    assert w.teams_writes[-1].kind == TeamsOpKind.SET_PREFERRED  # nothing more was written
+    assert w.teams("DoNotDisturb", "DoNotDisturb") == Observed.ECHO
+    assert w.teams("Available", "Available") != Observed.STALE  # read after: the person took it
+    assert w.user.teams_overlay is None and w.user.teams_yielded
+
+
+def test_a_write_whose_answer_never_came_counts_as_in_place_after_the_write_lease():
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("Do_Not_Disturb")
+    w.user.teams_overlay = w.user.teams_overlay.__class__(
+        w.user.teams_overlay.overlay, w.user.teams_overlay.written_at, w.user.teams_overlay.expires_at,
+        w.user.teams_overlay.source, None)  # answer lost
+    written_ms = int(w.user.teams_overlay.written_at * 1000)
+    assert w.teams_read_at(written_ms + 1000, "Available", "Available") == Observed.STALE
+    late = written_ms + int(CFG.write_in_flight_seconds * 1000) + 1
+    assert w.teams_read_at(late, "Available", "Available") != Observed.STALE
+    assert w.user.teams_overlay is None
 
 
 def test_overlay_renewed_only_near_expiry():
@@ -285,3 +330,21 @@ def test_mapping_override_errors(raw):
 
     with pytest.raises(MappingError):
         parse_mapping(raw)
+
+
+@pytest.mark.parametrize("answered_at", [None, 1_000_030.5])
+def test_when_graph_answered_is_stored_with_the_overlay(answered_at):
+    import json
+
+    from shared.engine import TeamsOverlayRecord
+    from shared.links import Link, link_from_entity, link_to_entity
+    from shared.mapping import TeamsOverlay
+
+    record = TeamsOverlayRecord(TeamsOverlay("preferred", "DoNotDisturb", "DoNotDisturb"), 1_000_000.0,
+                                1_003_600.0, "do_not_disturb@1", answered_at)
+    entity = link_to_entity(Link(sync=UserSync("z1", "e1", teams_overlay=record)))
+    assert link_from_entity(entity).sync.teams_overlay == record
+    # A record stored before answered_at existed was in place when it was written.
+    legacy = {k: v for k, v in json.loads(entity["teams_overlay"]).items() if k != "answered_at"}
+    entity["teams_overlay"] = json.dumps(legacy)
+    assert link_from_entity(entity).sync.teams_overlay.answered_at == 1_000_000.0
