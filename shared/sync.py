@@ -160,15 +160,9 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
     for _round in range(10):
         if not _perform(link, step, outcome, cid):
             return outcome  # failed: bookkeeping reverted and lease released by _revert
-        # Zoom counts its per-user minute from when the PUT reached it, which is after we planned
-        # it: measure the next one from the answer, or a slow PUT makes the next one come early.
-        zoom_answered_at = time.time() if step.zoom_allowed and step.result.zoom_op is not None else 0.0
-        # Likewise a Teams report only says something about our overlay once Graph answered.
-        teams_answered_at = time.time() if step.result.teams_ops else 0.0
+        answered_at = time.time()
         while True:
-            link.sync.zoom_last_put_at = max(link.sync.zoom_last_put_at, zoom_answered_at)
-            if teams_answered_at:
-                mark_teams_answered(link.sync, step.result.teams_overlay, teams_answered_at)
+            _note_answers(link.sync, step, answered_at)
             link.lease_owner, link.lease_until = "", 0.0
             try:
                 write_link(link, etag)
@@ -178,9 +172,7 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
                 if link is None or link.lease_owner != me:
                     return outcome
                 if link.pending:
-                    link.sync.zoom_last_put_at = max(link.sync.zoom_last_put_at, zoom_answered_at)
-                    if teams_answered_at:
-                        mark_teams_answered(link.sync, step.result.teams_overlay, teams_answered_at)
+                    _note_answers(link.sync, step, answered_at)
                     break
         now = time.time()
         link.pending = False
@@ -208,6 +200,17 @@ class _Step:
     result: Plan
     zoom_allowed: bool
     schedule_at: float | None
+
+
+def _note_answers(sync: UserSync, step: _Step, answered_at: float) -> None:
+    """Record on ``sync`` when the vendors answered the step's writes."""
+    if step.zoom_allowed and step.result.zoom_op is not None:
+        # Zoom counts its per-user minute from when the PUT reached it, which is after we planned
+        # it: measure the next one from the answer, or a slow PUT makes the next one come early.
+        sync.zoom_last_put_at = max(sync.zoom_last_put_at, answered_at)
+    if step.result.teams_ops:
+        # Likewise a Teams report only says something about our overlay once Graph answered.
+        mark_teams_answered(sync, step.result.teams_overlay, answered_at)
 
 
 def _plan_step(link: Link, now: float, outcome: Outcome) -> _Step | None:
