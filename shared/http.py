@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import re
+import ssl
 import threading
 import time
 from collections.abc import Mapping
@@ -28,6 +30,8 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.utils import DEFAULT_CA_BUNDLE_PATH
+from urllib3.util.ssl_ import create_urllib3_context
 
 from shared import telemetry
 from shared.config import get_settings
@@ -39,8 +43,10 @@ log = logging.getLogger(__name__)
 # retransmission window (requests docs, "Timeouts").
 DEFAULT_CONNECT_TIMEOUT = 3.05
 DEFAULT_READ_TIMEOUT = 10.0
-# Sized for a Functions worker running many invocations on threads at once.
-POOL_MAXSIZE = 32
+# Connections kept per host. Sized above the invocations one instance runs at once (host.json's
+# queue batches plus HTTP requests): a request that finds every pooled connection busy opens a
+# new one (a TCP and TLS handshake) and throws it away afterwards.
+POOL_MAXSIZE = 100
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -83,6 +89,55 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 
 _session_lock = threading.Lock()
 _session: requests.Session | None = None
+_contexts_lock = threading.Lock()
+_contexts: dict[str, ssl.SSLContext] = {}
+
+
+def trust_context(bundle: str) -> ssl.SSLContext:
+    """One verifying TLS context per CA bundle (file or directory), built on first use."""
+    with _contexts_lock:
+        context = _contexts.get(bundle)
+        if context is None:
+            context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+            if os.path.isdir(bundle):
+                context.load_verify_locations(capath=bundle)
+            else:
+                context.load_verify_locations(cafile=bundle)
+            _contexts[bundle] = context
+        return context
+
+
+class TrustStoreAdapter(HTTPAdapter):
+    """Verifies TLS with a context loaded once per CA bundle instead of once per connection.
+
+    requests hands urllib3 the bundle's path, and urllib3 then parses the whole bundle into a
+    new context for every connection it opens (profiled: an eighth of all CPU under load, in
+    ``load_verify_locations``). requests documents this override on
+    ``build_connection_pool_key_attributes``: set ``ssl_context`` and drop the path keys.
+    Verification is unchanged: certificates are required and host names checked.
+    """
+
+    @staticmethod
+    def _bundle(verify: Any) -> str | None:
+        if verify is False or verify is None:
+            return None
+        return verify if isinstance(verify, str) else DEFAULT_CA_BUNDLE_PATH
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):  # noqa: ANN001 - requests' signature
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        bundle = self._bundle(verify)
+        if host_params.get("scheme") == "https" and bundle is not None:
+            pool_kwargs.pop("ca_certs", None)
+            pool_kwargs.pop("ca_cert_dir", None)
+            pool_kwargs["ssl_context"] = trust_context(bundle)
+            pool_kwargs["cert_reqs"] = "CERT_REQUIRED"
+        return host_params, pool_kwargs
+
+    def cert_verify(self, conn, url, verify, cert):  # noqa: ANN001 - requests' signature
+        super().cert_verify(conn, url, verify, cert)  # checks the bundle exists, sets cert_reqs
+        if url.lower().startswith("https") and self._bundle(verify) is not None:
+            conn.ca_certs = None  # the pool's ssl_context already trusts the bundle
+            conn.ca_cert_dir = None
 
 
 def session() -> requests.Session:
@@ -93,7 +148,7 @@ def session() -> requests.Session:
             if _session is None:
                 s = requests.Session()
                 # Retries are ours (with budget and Retry-After); urllib3's are off.
-                adapter = HTTPAdapter(pool_connections=8, pool_maxsize=POOL_MAXSIZE, max_retries=0)
+                adapter = TrustStoreAdapter(pool_connections=8, pool_maxsize=POOL_MAXSIZE, max_retries=0)
                 s.mount("https://", adapter)
                 s.mount("http://", adapter)
                 _session = s
@@ -101,12 +156,14 @@ def session() -> requests.Session:
 
 
 def reset_http_session() -> None:
-    """Close and forget the pooled session (tests)."""
+    """Close and forget the pooled session and the TLS contexts (tests; a new CA)."""
     global _session
     with _session_lock:
         if _session is not None:
             _session.close()
         _session = None
+    with _contexts_lock:
+        _contexts.clear()
 
 
 _NUMBER = re.compile(r"^\s*\d+(\.\d+)?\s*$")
