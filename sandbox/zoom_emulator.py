@@ -539,9 +539,11 @@ class _WebhookSender:
                             _, _, delivery = heapq.heappop(self._heap)
                             self._in_flight += 1
                             break
-                        # The clock can jump forward (tests advance it): poll rather than sleep
-                        # until the first due time.
-                        self._cond.wait(self._POLL_S)
+                        # The clock can jump forward (tests advance it): while something is
+                        # scheduled, poll rather than sleep until its due time. With nothing
+                        # scheduled, sleep until submit() or stop() notifies: idle workers that
+                        # polled woke hundreds of times a second between them.
+                        self._cond.wait(self._POLL_S if self._heap else None)
                 try:
                     ok = self._attempt(session, delivery)
                     if not ok:

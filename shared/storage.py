@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import requests
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     ResourceExistsError,
@@ -37,7 +38,9 @@ from azure.storage.queue import (
     TextBase64DecodePolicy,
     TextBase64EncodePolicy,
 )
+from urllib3.util.retry import Retry
 
+from shared import http
 from shared.config import SettingMissing, get_settings
 
 log = logging.getLogger(__name__)
@@ -114,6 +117,7 @@ _lock = threading.RLock()
 _services: dict[StorageConfig, tuple[TableServiceClient | None, QueueServiceClient | None]] = {}
 _tables: dict[tuple[StorageConfig, str], TableClient] = {}
 _queues: dict[tuple[StorageConfig, str], QueueClient] = {}
+_session: requests.Session | None = None
 _op_lock = threading.Lock()
 _op_count = 0
 
@@ -130,20 +134,36 @@ def storage_operation_count() -> int:
         return _op_count
 
 
+def _storage_session() -> requests.Session:
+    """The HTTP session under every storage client of this process.
+
+    The SDK's own session pools 10 connections per host, fewer than the invocations an instance
+    runs at once: the rest open a connection (a TLS handshake in Azure) and drop it after one
+    request. Ours pools more, verifies TLS with a context built once, and skips the per-request
+    ``.netrc`` lookup. urllib3's retries are off as in the SDK's session (its retry policy retries).
+    """
+    global _session
+    if _session is None:
+        _session = http.pooled_session(max_retries=Retry(total=False, redirect=False, raise_on_status=False))
+    return _session
+
+
 def _service_clients(config: StorageConfig) -> tuple[TableServiceClient | None, QueueServiceClient | None]:
     with _lock:
         cached = _services.get(config)
         if cached is not None:
             return cached
+        # session_owner=False: the clients share the session and closing one must not close it.
+        options = dict(_CLIENT_OPTIONS, session=_storage_session(), session_owner=False)
         if config.connection_string:
-            tables = TableServiceClient.from_connection_string(config.connection_string, **_CLIENT_OPTIONS)
-            queues = QueueServiceClient.from_connection_string(config.connection_string, **_CLIENT_OPTIONS)
+            tables = TableServiceClient.from_connection_string(config.connection_string, **options)
+            queues = QueueServiceClient.from_connection_string(config.connection_string, **options)
         else:
             credential = _credential(config)
             tables = (TableServiceClient(endpoint=config.table_service_uri, credential=credential,
-                                         **_CLIENT_OPTIONS) if config.table_service_uri else None)
+                                         **options) if config.table_service_uri else None)
             queues = (QueueServiceClient(account_url=config.queue_service_uri, credential=credential,
-                                         **_CLIENT_OPTIONS) if config.queue_service_uri else None)
+                                         **options) if config.queue_service_uri else None)
         _services[config] = (tables, queues)
         return tables, queues
 
@@ -215,6 +235,7 @@ def queue(name: str) -> QueueClient:
 
 def reset_storage_clients() -> None:
     """Forget every cached client (tests change the settings between tests)."""
+    global _session
     with _lock:
         for tables, queues in _services.values():
             for service in (tables, queues):
@@ -226,6 +247,9 @@ def reset_storage_clients() -> None:
         _services.clear()
         _tables.clear()
         _queues.clear()
+        if _session is not None:
+            _session.close()
+            _session = None
 
 
 def ping_storage() -> None:

@@ -374,3 +374,53 @@ def test_development_storage_shortcut(clean_storage_env):
 
 def test_config_repr_hides_the_connection_string(storage_env):
     assert "AccountKey" not in repr(storage.storage_config())
+
+
+# --- the HTTP session under the clients -----------------------------------------------------------
+
+def test_concurrent_storage_calls_reuse_pooled_connections(storage_env, unique_name, monkeypatch, caplog):
+    """Forty invocations at once read and write, twice: no connection is thrown away for want
+    of room in the pool (the SDK's own session pools ten per host), so the second round opens
+    only what it needs beyond the first round's peak."""
+    import logging
+
+    import urllib3.connection
+
+    opened: list[int] = []
+    original = urllib3.connection.HTTPConnection.connect
+
+    def counting(self):
+        opened.append(1)
+        return original(self)
+
+    monkeypatch.setattr(urllib3.connection.HTTPConnection, "connect", counting)
+    caplog.set_level(logging.WARNING, logger="urllib3.connectionpool")
+    storage.upsert_entity(unique_name, {"PartitionKey": "p", "RowKey": "r", "v": 0})
+    barrier = threading.Barrier(40)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        storage.upsert_entity(unique_name, {"PartitionKey": "p", "RowKey": f"r{i}", "v": i})
+        assert storage.read_entity(unique_name, "p", f"r{i}")[0]["v"] == i
+
+    rounds = []
+    for _ in range(2):
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rounds.append(len(opened))
+    assert not [r for r in caplog.records if "discarding connection" in r.getMessage()]
+    assert rounds[1] - rounds[0] <= 40 - rounds[0] + 1  # the +1: the first upsert's own connection
+
+
+def test_storage_calls_do_not_consult_netrc(storage_env, unique_name, monkeypatch):
+    import requests.sessions
+
+    lookups: list[str] = []
+    monkeypatch.setattr(requests.sessions, "get_netrc_auth", lambda url, raise_errors=False: lookups.append(url))
+    storage.upsert_entity(unique_name, {"PartitionKey": "p", "RowKey": "r", "v": 1})
+    assert storage.read_entity(unique_name, "p", "r")[0]["v"] == 1
+    storage.enqueue(unique_name, {"x": 1})
+    assert lookups == []

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
 
 import pytest
+import requests
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
@@ -44,7 +45,8 @@ class ScriptedServer:
     @Request.application
     def _app(self, request: Request) -> Response:
         self.requests.append({"method": request.method, "path": request.path,
-                              "query": request.query_string.decode(), "body": request.get_data()})
+                              "query": request.query_string.decode(), "body": request.get_data(),
+                              "authorization": request.headers.get("Authorization")})
         status, headers, delay = self.script.popleft() if self.script else (200, {}, 0.0)
         if delay:
             time.sleep(delay)
@@ -284,6 +286,23 @@ def test_one_pooled_session_per_process(server):
     assert http.session() is first
     adapter = first.get_adapter("https://example.com/")
     assert adapter._pool_maxsize >= 32
+
+
+def test_a_netrc_file_is_neither_read_nor_used(server, tmp_path, monkeypatch):
+    """requests would look up ~/.netrc for every request without auth (two file-system calls,
+    the interpreter lock given up for each) and send what it found; our calls carry their own
+    credentials. Explicit auth= (Zoom's client credentials) still applies."""
+    (tmp_path / ".netrc").write_text("machine 127.0.0.1 login someone password from-netrc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("NETRC", raising=False)
+    http.reset_http_session()
+    send("GET", f"{server.base_url}/plain", policy=POLICY)
+    send("GET", f"{server.base_url}/basic", auth=("client-id", "client-secret"), policy=POLICY)
+    assert server.requests[0]["authorization"] is None
+    assert server.requests[1]["authorization"].startswith("Basic ")
+    assert requests.Session().prepare_request(requests.Request("GET", f"{server.base_url}/")).headers.get(
+        "Authorization"), "a plain session would have used the file: this test shows nothing"
 
 
 def test_session_created_once_under_concurrency():
