@@ -113,9 +113,10 @@ class TrustStoreAdapter(HTTPAdapter):
 
     requests hands urllib3 the bundle's path, and urllib3 then parses the whole bundle into a
     new context for every connection it opens (profiled: an eighth of all CPU under load, in
-    ``load_verify_locations``). requests documents this override on
-    ``build_connection_pool_key_attributes``: set ``ssl_context`` and drop the path keys.
-    Verification is unchanged: certificates are required and host names checked.
+    ``load_verify_locations``); requests also checks the path on the file system for every
+    request. requests documents this override on ``build_connection_pool_key_attributes``: set
+    ``ssl_context`` and drop the path keys. Verification is unchanged: certificates are
+    required and host names checked. Client certificates take requests' own path.
     """
 
     @staticmethod
@@ -125,20 +126,25 @@ class TrustStoreAdapter(HTTPAdapter):
         return verify if isinstance(verify, str) else DEFAULT_CA_BUNDLE_PATH
 
     def build_connection_pool_key_attributes(self, request, verify, cert=None):  # noqa: ANN001 - requests' signature
-        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
         bundle = self._bundle(verify)
-        if host_params.get("scheme") == "https" and bundle is not None:
-            pool_kwargs.pop("ca_certs", None)
-            pool_kwargs.pop("ca_cert_dir", None)
-            pool_kwargs["ssl_context"] = trust_context(bundle)
-            pool_kwargs["cert_reqs"] = "CERT_REQUIRED"
-        return host_params, pool_kwargs
+        if bundle is None or cert is not None:
+            return super().build_connection_pool_key_attributes(request, verify, cert)
+        parsed = urlsplit(request.url)
+        scheme = parsed.scheme.lower()
+        host_params = {"scheme": scheme, "host": parsed.hostname, "port": parsed.port}
+        if scheme != "https":
+            return host_params, {"cert_reqs": "CERT_REQUIRED"}  # plain HTTP: nothing to verify
+        return host_params, {"cert_reqs": "CERT_REQUIRED", "ssl_context": trust_context(bundle)}
 
     def cert_verify(self, conn, url, verify, cert):  # noqa: ANN001 - requests' signature
-        super().cert_verify(conn, url, verify, cert)  # checks the bundle exists, sets cert_reqs
-        if url.lower().startswith("https") and self._bundle(verify) is not None:
-            conn.ca_certs = None  # the pool's ssl_context already trusts the bundle
-            conn.ca_cert_dir = None
+        bundle = self._bundle(verify)
+        if bundle is None or cert is not None or not url.lower().startswith("https"):
+            super().cert_verify(conn, url, verify, cert)
+            return
+        trust_context(bundle)  # loaded once; a missing bundle fails here, as in requests
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = None  # the pool's ssl_context already trusts the bundle
+        conn.ca_cert_dir = None
 
 
 class NoNetrcLookup(requests.auth.AuthBase):

@@ -6,6 +6,7 @@ Against the Graph emulator, which serves HTTPS with its own CA (``graph.ca_pem_p
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 import threading
@@ -50,6 +51,10 @@ def test_the_ca_bundle_is_loaded_once_not_per_connection(graph: GraphEmulator, f
         return original_wrap(self, *args, **kwargs)
 
     monkeypatch.setattr(ssl.SSLContext, "wrap_socket", counting_wrap)
+    checks: list[str] = []
+    for name in ("exists", "isdir"):
+        original_check = getattr(os.path, name)
+        monkeypatch.setattr(os.path, name, lambda p, _o=original_check: (checks.append(p), _o(p))[1])
     session = http.session()
     for _ in range(4):
         response = session.get(f"{graph.base_url}/common/discovery/keys", verify=graph.ca_pem_path, timeout=10)
@@ -57,6 +62,7 @@ def test_the_ca_bundle_is_loaded_once_not_per_connection(graph: GraphEmulator, f
         _new_connection_each_time(session)
     assert len(handshakes) == 4  # four connections...
     assert len(loads) == 1  # ...one parse of the bundle
+    assert checks.count(graph.ca_pem_path) <= 1  # and no file-system check of it per request
 
 
 def test_a_certificate_outside_the_bundle_is_still_refused(graph: GraphEmulator, fresh_session: None) -> None:
