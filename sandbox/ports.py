@@ -7,7 +7,8 @@ import socket
 import time
 from typing import Any, NoReturn
 
-from sandbox.serving import SOCKET_ENVIRON_KEY
+# Where sandbox.serving puts the connection's socket in a request's environ.
+SOCKET_ENVIRON_KEY = "sandbox.socket"
 
 
 def free_port() -> int:

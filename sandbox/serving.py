@@ -23,11 +23,11 @@ from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from cheroot.workers import threadpool
 
+from sandbox.ports import SOCKET_ENVIRON_KEY
+
 __all__ = ["SOCKET_ENVIRON_KEY", "WsgiServer", "start_wsgi_server"]
 
 log = logging.getLogger("sandbox.serving")
-
-SOCKET_ENVIRON_KEY = "sandbox.socket"
 
 
 class _Gateway(wsgi.Gateway_10):

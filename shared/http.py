@@ -96,6 +96,9 @@ _contexts: dict[str, ssl.SSLContext] = {}
 
 def trust_context(bundle: str) -> ssl.SSLContext:
     """One verifying TLS context per CA bundle (file or directory), built on first use."""
+    context = _contexts.get(bundle)  # every request asks: no lock once built
+    if context is not None:
+        return context
     with _contexts_lock:
         context = _contexts.get(bundle)
         if context is None:

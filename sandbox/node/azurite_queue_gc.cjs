@@ -12,7 +12,7 @@
 const fs = require("fs");
 const path = require("path");
 
-const intervalMs = Number(process.env.AZURITE_QUEUE_GC_INTERVAL_MS || 1000);
+const INTERVAL_MS = 1000;
 try {
   // process.argv[1] is Azurite's entry script (dist/src/azurite.js, perhaps through a bin link).
   const entry = fs.realpathSync(process.argv[1]);
@@ -20,7 +20,7 @@ try {
   if (typeof constants.DEFAULT_GC_INTERVAL_MS !== "number") {
     throw new Error("DEFAULT_GC_INTERVAL_MS not found");
   }
-  constants.DEFAULT_GC_INTERVAL_MS = intervalMs;
+  constants.DEFAULT_GC_INTERVAL_MS = INTERVAL_MS;
 } catch (err) {
   process.stderr.write(`presence-bridge sandbox: Azurite's queue GC interval left at its default (${err.message})\n`);
 }
