@@ -70,11 +70,13 @@ def verdict(value: Any, rule: tuple[str, float]) -> str:
     return "met" if ok else "MISSED"
 
 
-def assemble(steady: dict | None, burst: dict | None, cold: dict | None, runs: int, quick: bool) -> dict:
+def assemble(steady: dict | None, burst: dict | None, cold: dict | None, runs: int, quick: bool,
+             host_process: bool = True) -> dict:
     result: dict[str, Any] = {
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_avg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-        "runs": runs, "quick": quick, "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "runs": runs, "quick": quick, "app_process": "own" if host_process else "shared with the emulators",
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if steady:
         result["zoom_to_teams"] = steady["zoom_to_teams"]
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--burst-scale", type=float, default=1.0,
                         help="scale the burst (people and changes), e.g. 0.2 for 2,000 people")
+    parser.add_argument("--in-process-host", action="store_true",
+                        help="serve the app in the benchmark's own process (shares the emulators' interpreter lock)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("azure").setLevel(logging.ERROR)
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         params.burst_users = max(10, round(params.burst_users * args.burst_scale))
         params.burst_zoom = max(1, round(params.burst_zoom * args.burst_scale))
         params.burst_teams = max(1, round(params.burst_teams * args.burst_scale))
+    params.host_process = not args.in_process_host
     only = {s.strip() for s in args.only.split(",") if s.strip()}
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
 
         def save(steady=None, burst=None, cold=None) -> dict:  # after every scenario: a crash keeps the rest
-            result = assemble(steady, burst, cold, max(1, args.runs), args.quick)
+            result = assemble(steady, burst, cold, max(1, args.runs), args.quick, params.host_process)
             out.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
             return result
 

@@ -27,10 +27,32 @@ class Arrivals:
         return next((t for t in sorted(times) if t >= after), None)
 
 
+class RemoteArrivals(Arrivals):
+    """Arrivals noted in a host process (bench.host_process), fetched when first asked for."""
+
+    def __init__(self, host) -> None:
+        super().__init__()
+        self._host = host
+        self._fetched = False
+
+    def first_after(self, side: str, user: str, after: float) -> float | None:
+        with self.lock:
+            if not self._fetched:
+                fetched = self._host.arrivals()
+                self.zoom, self.graph, self._fetched = fetched["zoom"], fetched["graph"], True
+        return super().first_after(side, user, after)
+
+
 def tap_arrivals(world) -> Arrivals:
-    """Wrap the local host's request dispatch to note when each webhook/notification arrives."""
+    """When each webhook/notification reached the world's host (in this process or its own)."""
+    if hasattr(world.host, "arrivals"):
+        return RemoteArrivals(world.host)  # the host process notes them from its start
+    return tap_host_arrivals(world.host)
+
+
+def tap_host_arrivals(host) -> Arrivals:
+    """Wrap a local host's request dispatch to note when each webhook/notification arrives."""
     arrivals = Arrivals()
-    host = world.host
     original = host._dispatch
 
     def dispatch(request):

@@ -427,6 +427,10 @@ class LocalFunctionsHost:
                     f"not drained after {timeout:g}s: messages {pending}; invocations running {busy}{paused}")
             time.sleep(0.02)
 
+    @property
+    def invocation_count(self) -> int:
+        return len(self.invocations)
+
     def wait_for_invocations(self, name: str, count: int = 1, timeout: float = 10.0) -> list[Invocation]:
         """Block until ``name`` has at least ``count`` finished invocations; returns them."""
         deadline = time.monotonic() + timeout

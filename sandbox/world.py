@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import requests
 
@@ -45,7 +46,8 @@ class Person:
 class World:
     def __init__(self, *, zoom_min_interval_s: float = 60.0, retry_scale: float = 0.001,
                  run_timers: bool = False, host_port: int = 0, extra_env: dict[str, str] | None = None,
-                 zoom_webhook_workers: int = 1, graph_delivery_workers: int = 1) -> None:
+                 zoom_webhook_workers: int = 1, graph_delivery_workers: int = 1,
+                 host_factory: Callable[..., Any] | None = None) -> None:
         from sandbox.graph import GraphEmulator
         from sandbox.zoom_emulator import ZoomEmulator
 
@@ -60,6 +62,9 @@ class World:
         self.run_timers = run_timers
         self.host_port = host_port
         self.extra_env = dict(extra_env or {})
+        # What serves the app: the local host in this process unless a factory says otherwise
+        # (the benchmark runs it in a process of its own: bench.host_process).
+        self.host_factory = host_factory
         self.host = None
         self.env: dict[str, str] = {}
         self._saved_env: dict[str, str | None] = {}
@@ -72,7 +77,7 @@ class World:
         self.graph.start()
         self.zoom.start()
         # The host binds its port at construction, so its URL is known before it starts.
-        self.host = LocalFunctionsHost(port=self.host_port, run_timers=self.run_timers)
+        self.host = (self.host_factory or LocalFunctionsHost)(port=self.host_port, run_timers=self.run_timers)
         self.graph.register_app(ENTRA_CLIENT_ID, client_secret=ENTRA_CLIENT_SECRET,
                                 application_permissions=APP_PERMISSIONS, delegated_scopes=DELEGATED_SCOPES,
                                 redirect_uris=[f"{self.host_base_url()}/api/connect/microsoft/callback"])
@@ -207,11 +212,11 @@ class World:
         while quiet < 2:
             if time.monotonic() > deadline:
                 raise TimeoutError("the world did not settle")
-            before = (len(self.zoom.deliveries), len(self.graph.delivered), len(self.host.invocations))
+            before = (len(self.zoom.deliveries), len(self.graph.delivered), self.host.invocation_count)
             self.zoom.wait_for_deliveries(timeout=max(0.1, deadline - time.monotonic()))
             self.graph.wait_for_deliveries(timeout=max(0.1, deadline - time.monotonic()))
             self.host.drain(timeout=max(0.1, deadline - time.monotonic()))
-            after = (len(self.zoom.deliveries), len(self.graph.delivered), len(self.host.invocations))
+            after = (len(self.zoom.deliveries), len(self.graph.delivered), self.host.invocation_count)
             quiet = quiet + 1 if after == before else 0
             if quiet < 2:
                 time.sleep(0.05)
