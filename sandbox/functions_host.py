@@ -41,7 +41,9 @@ import azure.functions as func
 from azure.functions.http import HttpRequest as FunctionHttpRequest
 from azure.functions.queue import QueueMessage as FunctionQueueMessage
 from azure.functions.timer import TimerRequest
+import requests
 from azure.storage.queue import LinearRetry, QueueClient
+from requests.adapters import HTTPAdapter
 from werkzeug.datastructures import Headers
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
@@ -72,6 +74,10 @@ _QUERY_PARAMETER = re.compile(r"([?&][^=&\s\"]+=)[^&\s\"]*")
 _CREDENTIAL_PARAMETERS = ("?code=", "&code=", "?validationtoken=", "&validationtoken=")
 host_log = logging.getLogger("Host.General")
 timer_log = logging.getLogger("Host.Triggers.Timer")
+
+
+# Connections kept to the storage endpoint, shared by every queue listener of the host.
+STORAGE_POOL_MAXSIZE = 100
 
 
 def _utcnow() -> datetime:
@@ -204,6 +210,7 @@ class LocalFunctionsHost:
         self._listeners_by_queue: dict[tuple[str, str], list[QueueListener]] = {}
         self._clients: dict[tuple[str, str], QueueClient] = {}
         self._clients_lock = threading.Lock()
+        self._storage_session: requests.Session | None = None
         self._queues_running = threading.Event()
         self._queues_running.set()
         self._stop_timers = threading.Event()
@@ -285,6 +292,9 @@ class LocalFunctionsHost:
             self._loop.close()
         for client in self._clients.values():
             client.close()
+        if self._storage_session is not None:
+            self._storage_session.close()
+            self._storage_session = None
         self._server = self._server_thread = self._loop = self._loop_thread = None
         self._listeners, self._listeners_by_queue, self._clients = [], {}, {}
         host_log.info("Host stopped")
@@ -360,9 +370,22 @@ class LocalFunctionsHost:
                 # Short retries: a storage outage should show up in the logs, not stall shutdown for minutes.
                 client = QueueClient.from_connection_string(
                     connection_string, queue_name,
-                    retry_policy=LinearRetry(backoff=1, retry_total=2, random_jitter_range=0))
+                    retry_policy=LinearRetry(backoff=1, retry_total=2, random_jitter_range=0),
+                    session=self._session(), session_owner=False)
                 self._clients[key] = client
             return client
+
+    def _session(self) -> requests.Session:
+        """One connection pool for every queue client of this host. The SDK's own session keeps
+        10 connections, fewer than one listener's invocations settling messages at once
+        (batchSize + newBatchThreshold): the rest would open a connection per call and drop it."""
+        if self._storage_session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=STORAGE_POOL_MAXSIZE)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._storage_session = session
+        return self._storage_session
 
     # -- public helpers --------------------------------------------------------------------
 

@@ -583,3 +583,21 @@ def test_request_log_keeps_query_parameter_names_only():
     assert _QUERY_PARAMETER.sub(_redacted_parameter, line) == (
         '"GET /api/connect/start?invite=&login_hint=&code=[Hidden Credential]&validationToken=[Hidden Credential] '
         'HTTP/1.1"')
+
+
+def test_settling_a_full_batch_reuses_pooled_storage_connections(start_sample, sample_env, azurite, caplog):
+    # 24 invocations (batchSize 16 + newBatchThreshold 8) finish together and delete their
+    # messages at once: more than the storage SDK's own 10-connection pool, which would drop
+    # each connection beyond the tenth after one request (a new connection per call).
+    host_json = json.loads(json.dumps(HOST_JSON))
+    host_json["extensions"]["queues"].update({"batchSize": 16, "newBatchThreshold": 8})
+    client = queue_client(azurite.connection_string, sample_env["SAMPLE_QUEUE"])
+    client.create_queue()
+    for _ in range(24):
+        client.send_message("sleep:0.5")
+    caplog.set_level(logging.WARNING, logger="urllib3.connectionpool")
+    host = start_sample(host_json=host_json)
+    host.drain(timeout=30)
+    assert len(sample_app.RECORDED) == 24
+    assert sample_app.MAX_CONCURRENT[0] > 10
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
