@@ -38,10 +38,10 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import azure.functions as func
+import requests
 from azure.functions.http import HttpRequest as FunctionHttpRequest
 from azure.functions.queue import QueueMessage as FunctionQueueMessage
 from azure.functions.timer import TimerRequest
-import requests
 from azure.storage.queue import LinearRetry, QueueClient
 from requests.adapters import HTTPAdapter
 from werkzeug.datastructures import Headers
