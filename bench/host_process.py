@@ -115,6 +115,8 @@ class HostProcess:
         url = f"{self.base_url}{prefix}/{route.lstrip('/')}"
         if key is None:
             return url
+        if key not in ("function", "master"):
+            raise ValueError("key must be 'function', 'master' or None")
         code = self.function_key if key == "function" else self.master_key
         return f"{url}{'&' if '?' in route else '?'}code={quote(code, safe='')}"
 

@@ -28,7 +28,8 @@ class Arrivals:
 
 
 class RemoteArrivals(Arrivals):
-    """Arrivals noted in a host process (bench.host_process), fetched when first asked for."""
+    """Arrivals noted in a host process (bench.host_process), fetched when first asked for:
+    ask once the run has settled."""
 
     def __init__(self, host) -> None:
         super().__init__()
