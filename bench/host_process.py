@@ -108,17 +108,10 @@ class HostProcess:
     # -- what LocalFunctionsHost offers ----------------------------------------------------------
 
     def url(self, route: str, *, key: str | None = "function") -> str:
-        from sandbox.host.settings import HostConfig
+        from sandbox.functions_host import function_url, peek_route_prefix
 
-        route_prefix = HostConfig.load(self.host_json, dict(os.environ)).route_prefix
-        prefix = f"/{route_prefix}" if route_prefix else ""
-        url = f"{self.base_url}{prefix}/{route.lstrip('/')}"
-        if key is None:
-            return url
-        if key not in ("function", "master"):
-            raise ValueError("key must be 'function', 'master' or None")
-        code = self.function_key if key == "function" else self.master_key
-        return f"{url}{'&' if '?' in route else '?'}code={quote(code, safe='')}"
+        return function_url(self.base_url, peek_route_prefix(self.host_json), route, key,
+                            function_key=self.function_key, master_key=self.master_key)
 
     def drain(self, timeout: float = 30.0) -> None:
         response = self._control.post(self._control_url(f"drain?timeout={timeout}"), timeout=timeout + 30)

@@ -393,22 +393,9 @@ class LocalFunctionsHost:
         """``{base_url}/api/{route}``, with ``?code=`` for key "function" or "master", none for None."""
         if not self.base_url:
             raise RuntimeError("the host's port is closed (stopped before it started)")
-        route_prefix = self.config.route_prefix if self.config is not None else self._peek_route_prefix()
-        prefix = f"/{route_prefix}" if route_prefix else ""
-        url = f"{self.base_url}{prefix}/{route.lstrip('/')}"
-        if key is None:
-            return url
-        if key not in ("function", "master"):
-            raise ValueError("key must be 'function', 'master' or None")
-        code = self.function_key if key == "function" else self.master_key
-        return f"{url}{'&' if '?' in route else '?'}code={quote(code, safe='')}"
-
-    def _peek_route_prefix(self) -> str:
-        """The route prefix before start (URLs are app settings the app needs at start)."""
-        try:
-            return HostConfig.load(self.host_json, dict(os.environ)).route_prefix
-        except HostStartupError:
-            return "api"
+        route_prefix = self.config.route_prefix if self.config is not None else peek_route_prefix(self.host_json)
+        return function_url(self.base_url, route_prefix, route, key,
+                            function_key=self.function_key, master_key=self.master_key)
 
     def fire_timer(self, name: str, *, past_due: bool = False) -> None:
         """Run a timer function now, in this thread; its exception (already logged) propagates."""
@@ -677,6 +664,27 @@ class LocalFunctionsHost:
             target = lambda: self._invoke_queue(info, message)  # noqa: E731
         threading.Thread(target=target, name=f"admin-invoke-{info.name}", daemon=True).start()
         return Response(b"", status=202)
+
+
+def peek_route_prefix(host_json: str | Path) -> str:
+    """The route prefix before the host starts (URLs are app settings the app needs at start)."""
+    try:
+        return HostConfig.load(host_json, dict(os.environ)).route_prefix
+    except HostStartupError:
+        return "api"
+
+
+def function_url(base_url: str, route_prefix: str, route: str, key: str | None, *,
+                 function_key: str, master_key: str) -> str:
+    """``{base_url}/{route_prefix}/{route}``, with ``?code=`` for key "function" or "master", none for None."""
+    prefix = f"/{route_prefix}" if route_prefix else ""
+    url = f"{base_url}{prefix}/{route.lstrip('/')}"
+    if key is None:
+        return url
+    if key not in ("function", "master"):
+        raise ValueError("key must be 'function', 'master' or None")
+    code = function_key if key == "function" else master_key
+    return f"{url}{'&' if '?' in route else '?'}code={quote(code, safe='')}"
 
 
 def _raw_path(environ: dict[str, Any]) -> str:
