@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from shared import graph_client, names, storage, telemetry
 from shared.config import get_settings
 from shared.errors import Throttled, VendorError
+from shared.presence_reads import read_presences
 from shared.shards import Shard, read_shards, save_shard
 from shared.sync import Outcome, handle_teams_presence
 
@@ -124,8 +125,10 @@ def handle_teams_message(message: dict) -> list[Outcome]:
     cid = str(message.get("cid", ""))
     if kind == "teams_ids":
         ids = [str(i) for i in message["ids"]]
-        ts_ms = int(time.time() * 1000)  # when the read began: what it shows is no older
-        presences = graph_client.get_presences(ids)  # one read per ≤650 ids
+        # Shared with the notifications being handled alongside; timed from when that read
+        # began, so what it shows is no older than the report's timestamp.
+        presences, read_at = read_presences(ids)
+        ts_ms = int(read_at * 1000)
     elif kind == "teams_presences":
         presences = list(message["presences"])
         ts_ms = int(float(message.get("read_at") or time.time()) * 1000)

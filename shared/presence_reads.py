@@ -1,0 +1,136 @@
+"""Reads of Teams presence that arrive together share one ``getPresencesByUserId`` call.
+
+A basic notification carries only a user id, so each one costs a Graph read (API-FACTS §7).
+At the top of the hour thousands arrive within a minute, one queue message each, and Graph's
+presence reads are budgeted at 1,500 per 30 s per app (API-FACTS §8). The worker's invocations
+run concurrently (host.json ``batchSize``), so they share: while one read is in flight, the ids
+asked for meanwhile wait and then go out together in the next read, up to 650 ids (group
+commit). An idle process reads at once, so a lone notification waits for nothing.
+
+A read never starts before the ids it answers were asked for, so what it shows is no older
+than the notification that asked; its start time is returned as the report's timestamp. One
+read is in flight per process: a second would only shrink the batches. If Graph refuses a shared
+read (400 or 404), each caller retries its own ids alone, so one id Graph refuses cannot fail
+the others' messages; throttling and outages fail every caller, whose queues retry them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from shared.errors import BadRequest, NotFound
+
+MAX_IDS = 650  # getPresencesByUserId (API-FACTS §6)
+# Longer than a Graph call can take with its retries (shared.graph_client.GRAPH_POLICY, 20 s)
+# and the HTTP timeouts: past it the caller's message is retried by the queue.
+WAIT_SECONDS = 120.0
+
+Read = Callable[[list[str]], list[dict]]
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.ids: dict[str, None] = {}
+        self.callers = 0
+        self.done = False
+        self.found: dict[str, dict] = {}
+        self.started = 0.0
+        self.error: BaseException | None = None
+
+
+class SharedPresenceReads:
+    def __init__(self, read: Read, *, max_ids: int = MAX_IDS, clock: Callable[[], float] = time.time) -> None:
+        self._read = read
+        self._max_ids = max_ids
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._waiting: deque[_Batch] = deque()
+        self._in_flight = False
+        self.reads = 0  # Graph calls made (tests and the benchmark count them)
+
+    def read(self, ids: Sequence[str]) -> tuple[list[dict], float]:
+        """The presences of ``ids`` (unknown ids absent) and when the read that got them began."""
+        wanted = list(dict.fromkeys(str(i).lower() for i in ids))
+        if not wanted:
+            return [], self._clock()
+        if len(wanted) > self._max_ids:
+            # A message holds at most 650 ids; more can only come from a direct caller.
+            started = self._clock()
+            return self._call(wanted), started
+        batch = self._wait_for_turn_or_result(wanted)
+        if not batch.done:
+            self._lead(batch)
+        if batch.error is not None:
+            if batch.callers == 1 or not isinstance(batch.error, (BadRequest, NotFound)):
+                # Throttling, outages and timeouts are the app's, not one id's: every caller
+                # retries through its queue.
+                raise batch.error
+            started = self._clock()  # one of the others' ids may be what Graph refused
+            return self._call(wanted), started
+        return [batch.found[i] for i in wanted if i in batch.found], batch.started
+
+    def _wait_for_turn_or_result(self, wanted: list[str]) -> _Batch:
+        deadline = time.monotonic() + WAIT_SECONDS
+        with self._cond:
+            batch = self._waiting[-1] if self._waiting else None
+            if batch is None or len(batch.ids.keys() | wanted) > self._max_ids:
+                batch = _Batch()
+                self._waiting.append(batch)
+            batch.ids.update(dict.fromkeys(wanted))
+            batch.callers += 1
+            while not batch.done:
+                if not self._in_flight and self._waiting[0] is batch:
+                    # This caller reads for its whole batch; nobody may join it any more.
+                    self._waiting.popleft()
+                    self._in_flight = True
+                    return batch
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    batch.callers -= 1
+                    if batch.callers == 0:
+                        self._waiting.remove(batch)  # nobody is left to read it
+                        self._cond.notify_all()
+                    raise TimeoutError("no Graph presence read became free in time")
+                self._cond.wait(remaining)
+            return batch
+
+    def _lead(self, batch: _Batch) -> None:
+        started = self._clock()
+        found: dict[str, dict] = {}
+        error: BaseException | None = RuntimeError("the shared presence read was abandoned")
+        try:
+            found = {str(p.get("id", "")).lower(): p for p in self._call(list(batch.ids))}
+            error = None
+        except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
+            error = exc
+        finally:
+            with self._cond:
+                batch.found, batch.started, batch.error, batch.done = found, started, error, True
+                self._in_flight = False
+                self._cond.notify_all()
+
+    def _call(self, ids: list[str]) -> list[dict]:
+        with self._cond:
+            self.reads += 1
+        return self._read(ids)
+
+
+def _graph_read(ids: list[str]) -> list[dict]:
+    from shared import graph_client
+
+    return graph_client.get_presences(ids)
+
+
+_shared = SharedPresenceReads(_graph_read)
+
+
+def read_presences(ids: Sequence[str]) -> tuple[list[dict], float]:
+    """Presences of ``ids`` read app-only, sharing the read with concurrent callers."""
+    return _shared.read(ids)
+
+
+def graph_reads_made() -> int:
+    return _shared.reads
