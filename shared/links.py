@@ -350,22 +350,27 @@ def index_entra(entra_user_id: str, zoom_user_id: str) -> None:
 
 
 class _IndexCache:
-    """Entra id → Zoom id, cached briefly: links change rarely, notifications arrive in bursts."""
+    """Entra id → Zoom id of links found. Every sync reads the link an entry points to, which
+    shows an entry made stale by a re-link on another instance (shared.sync then looks again),
+    so entries may live long. Absence is never cached: a link made elsewhere is seen at once."""
 
-    def __init__(self, ttl_s: float = 60.0, max_entries: int = 200_000) -> None:
+    def __init__(self, ttl_s: float = 3600.0, max_entries: int = 200_000) -> None:
         self._ttl = ttl_s
         self._max = max_entries
-        self._data: dict[str, tuple[str | None, float]] = {}
+        self._data: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> tuple[bool, str | None]:
+    def get(self, key: str) -> str | None:
         with self._lock:
             hit = self._data.get(key.lower())
         if hit and hit[1] > time.monotonic():
-            return True, hit[0]
-        return False, None
+            return hit[0]
+        return None
 
     def put(self, key: str, value: str | None) -> None:
+        if not value:
+            self.forget(key)
+            return
         with self._lock:
             if len(self._data) >= self._max:
                 self._data.clear()
@@ -383,10 +388,13 @@ class _IndexCache:
 _index_cache = _IndexCache()
 
 
-def zoom_id_for_entra(entra_user_id: str) -> str | None:
-    found, value = _index_cache.get(entra_user_id)
-    if found:
-        return value
+def zoom_id_for_entra(entra_user_id: str, *, fresh: bool = False) -> str | None:
+    """The Zoom user linked to an Entra user, from this instance's cache unless ``fresh``. A
+    cached id may be stale: callers check the link it names (shared.sync.handle_teams_presence)."""
+    if not fresh:
+        cached = _index_cache.get(entra_user_id)
+        if cached is not None:
+            return cached
     entity, _ = storage.read_entity(ENTRA_INDEX_TABLE, entra_user_id.lower(), ROW)
     value = entity.get("zoom_user_id") if entity else None
     _index_cache.put(entra_user_id, value)

@@ -291,10 +291,6 @@ def zoom_observer(status: str, event_ts: int) -> Observer:
     return lambda link, now: _apply_zoom_report(link, status, event_ts, now, cfg)
 
 
-def teams_observer(presence: dict, ts_ms: int) -> Observer:
-    return lambda link, now: _apply_teams_report(link, presence, ts_ms)
-
-
 def _read_zoom(link: Link, outcome: Outcome) -> str | None:
     outcome.reads += 1
     try:
@@ -547,9 +543,31 @@ def handle_teams_presence(presence: dict, *, ts_ms: int | None = None, cid: str 
         telemetry.observed(TEAMS_TO_ZOOM, "unlinked")
         return Outcome(linked=False)
     ts = ts_ms if ts_ms is not None else int(time.time() * 1000)
-    outcome = sync_user(zoom_user_id, observe=teams_observer(presence, ts), reason="teams", cid=cid)
+    outcome, misdirected = _sync_teams_report(zoom_user_id, entra, presence, ts, cid)
+    if misdirected:
+        # The index entry (this instance's cache) names a link that is gone or now someone
+        # else's: re-linked on another instance. Look again rather than drop the report.
+        current = zoom_id_for_entra(entra, fresh=True)
+        if current is None:
+            outcome = Outcome(linked=False)
+        elif current != zoom_user_id:
+            outcome, _ = _sync_teams_report(current, entra, presence, ts, cid)
     telemetry.observed(TEAMS_TO_ZOOM, str(outcome.observed) if outcome.linked else "unlinked")
     return outcome
+
+
+def _sync_teams_report(zoom_user_id: str, entra: str, presence: dict, ts: int, cid: str) -> tuple[Outcome, bool]:
+    """Sync ``zoom_user_id`` with a Teams report for ``entra``; True too when its link is not
+    (or no longer) that Entra user's."""
+    other_person = False
+
+    def observe(link: Link, now: float) -> Observed:
+        nonlocal other_person
+        other_person = link.entra_user_id.lower() != entra
+        return _apply_teams_report(link, presence, ts)  # ignores another person's report itself
+
+    outcome = sync_user(zoom_user_id, observe=observe, reason="teams", cid=cid)
+    return outcome, not outcome.linked or other_person
 
 
 def handle_reconcile(message: dict) -> Outcome:

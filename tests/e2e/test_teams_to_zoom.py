@@ -255,6 +255,58 @@ def test_unlinked_and_disabled_direction_make_no_zoom_calls(world: World):
             assert zoom_puts(world, person) == []
 
 
+def _relink_elsewhere(world: World, person: Person) -> Person:
+    """The admin moves ``person``'s Teams account to a new Zoom user, through the admin API."""
+    zoom_user = world.zoom.add_user(email=f"moved.{person.email}", display_name=person.name)
+    moved = Person(person.name, zoom_user["id"].lower(), person.entra_id, person.email)
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code in (200, 204)
+    world.link(moved)
+    world.settle()
+    return moved
+
+
+@pytest.mark.parametrize("path", ["push", "poll"])
+def test_a_teams_account_relinked_on_another_instance_is_followed_at_once(world: World, path):
+    """Each instance caches Entra id → Zoom id. An instance that cached the old Zoom user before
+    a re-link made on another one must not drop the person's Teams changes until its entry ages
+    out: the link it reads on every sync shows the entry is stale, and it looks again."""
+    from shared import links
+
+    person = world.add_person()
+    with listening(world, path):
+        world.graph.set_teams_client(person.entra_id, "Busy", "InACall")
+        propagate(world, path)
+        assert world.zoom_shows(person) == "On_Phone_Call"
+        moved = _relink_elsewhere(world, person)
+        world.host.fire_timer("graph_subscriptions")
+        world.settle()
+        links._index_cache.put(person.entra_id, person.zoom_id)  # what this instance cached before
+
+        world.graph.set_teams_client(person.entra_id, "DoNotDisturb", "Presenting")
+        propagate(world, path)
+        assert world.zoom_shows(moved) == "Presenting"
+
+
+def test_a_person_linked_on_another_instance_is_followed_at_once(world: World):
+    """An instance that looked a Teams account up before it was linked (elsewhere) must not keep
+    treating it as unlinked: only links found are cached, never their absence."""
+    from shared import links
+
+    person = world.add_person(link=False)
+    with listening(world, "poll"):
+        world.graph.set_teams_client(person.entra_id, "Busy", "InACall")
+        propagate(world, "poll")
+        assert links.zoom_id_for_entra(person.entra_id) is None  # looked up: not linked
+        assert zoom_puts(world, person) == []
+        world.link(person)
+        world.host.fire_timer("graph_subscriptions")
+        links._index_cache.put(person.entra_id, None)  # as if the link had been made elsewhere
+
+        world.graph.set_teams_client(person.entra_id, "DoNotDisturb", "Presenting")
+        propagate(world, "poll")
+        assert world.zoom_shows(person) == "Presenting"
+
+
 
 
 def test_zoom_dnd_is_renewed_while_teams_holds_it_and_released_after(world: World, app_setting):
