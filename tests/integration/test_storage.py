@@ -423,4 +423,6 @@ def test_storage_calls_do_not_consult_netrc(storage_env, unique_name, monkeypatc
     storage.upsert_entity(unique_name, {"PartitionKey": "p", "RowKey": "r", "v": 1})
     assert storage.read_entity(unique_name, "p", "r")[0]["v"] == 1
     storage.enqueue(unique_name, {"x": 1})
-    assert lookups == []
+    # Only this test's table and queue: a world left running on this worker by another test
+    # polls its queues through the local host's own session meanwhile.
+    assert [url for url in lookups if unique_name in url] == []
