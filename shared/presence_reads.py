@@ -130,7 +130,3 @@ _shared = SharedPresenceReads(_graph_read)
 def read_presences(ids: Sequence[str]) -> tuple[list[dict], float]:
     """Presences of ``ids`` read app-only, sharing the read with concurrent callers."""
     return _shared.read(ids)
-
-
-def graph_reads_made() -> int:
-    return _shared.reads
