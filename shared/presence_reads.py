@@ -21,9 +21,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from shared import graph_client
 from shared.errors import BadRequest, NotFound
+from shared.graph_client import PRESENCE_BATCH
 
-MAX_IDS = 650  # getPresencesByUserId (API-FACTS §6)
 # Longer than a Graph call can take with its retries (shared.graph_client.GRAPH_POLICY, 20 s)
 # and the HTTP timeouts: past it the caller's message is retried by the queue.
 WAIT_SECONDS = 120.0
@@ -42,10 +43,8 @@ class _Batch:
 
 
 class SharedPresenceReads:
-    def __init__(self, read: Read, *, max_ids: int = MAX_IDS, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, read: Read) -> None:
         self._read = read
-        self._max_ids = max_ids
-        self._clock = clock
         self._cond = threading.Condition()
         self._waiting: deque[_Batch] = deque()
         self._in_flight = False
@@ -55,10 +54,10 @@ class SharedPresenceReads:
         """The presences of ``ids`` (unknown ids absent) and when the read that got them began."""
         wanted = list(dict.fromkeys(str(i).lower() for i in ids))
         if not wanted:
-            return [], self._clock()
-        if len(wanted) > self._max_ids:
+            return [], time.time()
+        if len(wanted) > PRESENCE_BATCH:
             # A message holds at most 650 ids; more can only come from a direct caller.
-            started = self._clock()
+            started = time.time()
             return self._call(wanted), started
         batch = self._wait_for_turn_or_result(wanted)
         if not batch.done:
@@ -68,7 +67,7 @@ class SharedPresenceReads:
                 # Throttling, outages and timeouts are the app's, not one id's: every caller
                 # retries through its queue.
                 raise batch.error
-            started = self._clock()  # one of the others' ids may be what Graph refused
+            started = time.time()  # one of the others' ids may be what Graph refused
             return self._call(wanted), started
         return [batch.found[i] for i in wanted if i in batch.found], batch.started
 
@@ -76,7 +75,7 @@ class SharedPresenceReads:
         deadline = time.monotonic() + WAIT_SECONDS
         with self._cond:
             batch = self._waiting[-1] if self._waiting else None
-            if batch is None or len(batch.ids.keys() | wanted) > self._max_ids:
+            if batch is None or len(batch.ids.keys() | wanted) > PRESENCE_BATCH:
                 batch = _Batch()
                 self._waiting.append(batch)
             batch.ids.update(dict.fromkeys(wanted))
@@ -98,7 +97,7 @@ class SharedPresenceReads:
             return batch
 
     def _lead(self, batch: _Batch) -> None:
-        started = self._clock()
+        started = time.time()
         found: dict[str, dict] = {}
         error: BaseException | None = RuntimeError("the shared presence read was abandoned")
         try:
@@ -118,13 +117,7 @@ class SharedPresenceReads:
         return self._read(ids)
 
 
-def _graph_read(ids: list[str]) -> list[dict]:
-    from shared import graph_client
-
-    return graph_client.get_presences(ids)
-
-
-_shared = SharedPresenceReads(_graph_read)
+_shared = SharedPresenceReads(lambda ids: graph_client.get_presences(ids))  # looked up per call
 
 
 def read_presences(ids: Sequence[str]) -> tuple[list[dict], float]:

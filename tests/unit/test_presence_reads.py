@@ -66,6 +66,22 @@ def _wait_queued(reads: SharedPresenceReads, callers: int) -> None:
     raise AssertionError("callers did not queue up")
 
 
+def _behind_a_held_read(reads: SharedPresenceReads, graph: FakeGraph,
+                        requests: list[list[str]]) -> tuple[list, list, float]:
+    """One caller's read is held open at ``graph`` while ``requests`` are asked for, one caller
+    each; then it is let go. Returns the first caller's result, the others', and when they began
+    asking."""
+    first, first_threads = _in_threads(reads, [["lead"]])
+    assert graph.first_started.wait(10)
+    asked_at = time.time()
+    later, later_threads = _in_threads(reads, requests)
+    _wait_queued(reads, len(requests))
+    graph.release_first.set()
+    for t in first_threads + later_threads:
+        t.join(10)
+    return first, later, asked_at
+
+
 def test_a_lone_read_goes_out_at_once_with_its_own_ids():
     graph = FakeGraph()
     reads = SharedPresenceReads(graph)
@@ -80,14 +96,7 @@ def test_a_lone_read_goes_out_at_once_with_its_own_ids():
 def test_reads_asked_while_one_is_in_flight_go_out_together_next():
     graph = FakeGraph(hold_first=True)
     reads = SharedPresenceReads(graph)
-    first, first_threads = _in_threads(reads, [["lead"]])
-    assert graph.first_started.wait(10)
-    asked_at = time.time()
-    later, later_threads = _in_threads(reads, [["u1"], ["u2", "u3"], ["u3"], ["unknown-9"]])
-    _wait_queued(reads, 4)
-    graph.release_first.set()
-    for t in first_threads + later_threads:
-        t.join(10)
+    first, later, asked_at = _behind_a_held_read(reads, graph, [["u1"], ["u2", "u3"], ["u3"], ["unknown-9"]])
 
     # Five callers, two Graph calls: the four that came during the first read shared the second.
     assert len(graph.calls) == 2 and reads.reads == 2
@@ -102,15 +111,8 @@ def test_reads_asked_while_one_is_in_flight_go_out_together_next():
 
 def test_a_shared_read_holds_at_most_650_ids():
     graph = FakeGraph(hold_first=True)
-    reads = SharedPresenceReads(graph)
-    first, first_threads = _in_threads(reads, [["lead"]])
-    assert graph.first_started.wait(10)
     big = [[f"g{n}-{k}" for k in range(400)] for n in range(3)]
-    later, later_threads = _in_threads(reads, big)
-    _wait_queued(reads, 3)
-    graph.release_first.set()
-    for t in first_threads + later_threads:
-        t.join(10)
+    _, later, _ = _behind_a_held_read(SharedPresenceReads(graph), graph, big)
     assert len(graph.calls) == 4  # 400 + 400 would pass 650: each 400 goes alone
     assert all(len(c) <= 650 for c in graph.calls)
     assert all(len(r[0]) == 400 for r in later)
@@ -118,28 +120,14 @@ def test_a_shared_read_holds_at_most_650_ids():
 
 def test_throttling_fails_every_caller_of_the_shared_read():
     graph = FakeGraph(hold_first=True, fail_with=Throttled(30.0))
-    reads = SharedPresenceReads(graph)
-    _, first_threads = _in_threads(reads, [["lead"]])
-    assert graph.first_started.wait(10)
-    later, later_threads = _in_threads(reads, [["u1"], ["u2"], ["u3"]])
-    _wait_queued(reads, 3)
-    graph.release_first.set()
-    for t in first_threads + later_threads:
-        t.join(10)
+    _, later, _ = _behind_a_held_read(SharedPresenceReads(graph), graph, [["u1"], ["u2"], ["u3"]])
     assert all(isinstance(r, Throttled) for r in later)
     assert len(graph.calls) == 2  # no caller tried again on its own against a throttled Graph
 
 
 def test_an_id_graph_refuses_fails_only_the_message_that_carried_it():
     graph = FakeGraph(hold_first=True, refuse="bad")
-    reads = SharedPresenceReads(graph)
-    _, first_threads = _in_threads(reads, [["lead"]])
-    assert graph.first_started.wait(10)
-    later, later_threads = _in_threads(reads, [["u1"], ["bad"], ["u2"]])
-    _wait_queued(reads, 3)
-    graph.release_first.set()
-    for t in first_threads + later_threads:
-        t.join(10)
+    _, later, _ = _behind_a_held_read(SharedPresenceReads(graph), graph, [["u1"], ["bad"], ["u2"]])
     assert isinstance(later[1], BadRequest)
     assert [p["id"] for p in later[0][0]] == ["U1"] and [p["id"] for p in later[2][0]] == ["U2"]
 
