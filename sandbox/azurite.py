@@ -17,8 +17,8 @@ from pathlib import Path
 from sandbox.ports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
-# Shortens Azurite's queue mark-and-sweep interval: see the file for why.
-QUEUE_GC_PRELOAD = Path(__file__).resolve().parent / "node" / "azurite_queue_gc.cjs"
+# Three fixes to Azurite's costs that Azure Storage does not have: see the file for why.
+AZURITE_PRELOAD = Path(__file__).resolve().parent / "node" / "azurite_fixes.cjs"
 # The well-known development account of Azurite and the Storage emulator (public, not a secret).
 ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -67,7 +67,7 @@ class Azurite:
             "--tableHost", "127.0.0.1", "--tablePort", str(self.table_port),
         ]
         env = dict(os.environ)
-        env["NODE_OPTIONS"] = f"{env.get('NODE_OPTIONS', '')} --require \"{QUEUE_GC_PRELOAD}\"".strip()
+        env["NODE_OPTIONS"] = f"{env.get('NODE_OPTIONS', '')} --require \"{AZURITE_PRELOAD}\"".strip()
         # cwd is a scratch folder: Azurite writes its debug/extent files where it runs.
         self.process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
             cmd, cwd=self.workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
