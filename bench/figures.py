@@ -105,22 +105,24 @@ def match(changes: Iterable[Change], writes: Iterable[Write]) -> Matched:
     return Matched(latencies, total, write_count, coalesced, unmatched)
 
 
-def converge_bound_s(*, zoom_changes: int, teams_changes: int, arrival_span_s: float, zoom_plan: str = "business",
+def converge_bound_s(*, zoom_changes: int, teams_changes: int, offered_span_s: float, zoom_plan: str = "business",
                      graph_reads: int = 0) -> dict:
-    """The fastest the vendors' limits let a burst converge, in seconds from the first arrival.
+    """The fastest the vendors' limits let a burst converge, in seconds from its first change.
 
     Each Zoom change needs one Graph write and each Teams change one Zoom PUT (the minimum:
     one write per change). Zoom PUTs share the account's Medium QPS; Graph presence requests
-    (writes and reads) share 10,000 per 30 s. Nothing can finish before the last change arrives.
+    (writes and reads) share 10,000 per 30 s. Nothing can finish before the last change happens:
+    ``offered_span_s`` is the span over which the vendors emitted the changes, not the span over
+    which our endpoint accepted them, so a slow intake cannot widen its own bound.
     """
     zoom_qps = ZOOM_MEDIUM_QPS[zoom_plan]
     zoom_s = teams_changes / zoom_qps
     graph_requests = zoom_changes + graph_reads
     windows = graph_requests // GRAPH_PRESENCE_REQUESTS  # full windows we must wait out
     graph_s = windows * GRAPH_PRESENCE_WINDOW_S
-    bound = max(arrival_span_s, zoom_s, graph_s)
+    bound = max(offered_span_s, zoom_s, graph_s)
     return {"converge_bound_s": round(bound, 2), "zoom_put_s": round(zoom_s, 2), "graph_s": round(graph_s, 2),
-            "arrival_span_s": round(arrival_span_s, 2), "zoom_plan": zoom_plan, "zoom_medium_qps": zoom_qps}
+            "offered_span_s": round(offered_span_s, 2), "zoom_plan": zoom_plan, "zoom_medium_qps": zoom_qps}
 
 
 def sweep_cost(users: int, *, minutes_between_sweeps: float = 0.5) -> dict:

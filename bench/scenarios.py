@@ -323,8 +323,9 @@ def burst(params: Params, progress: Progress = _quiet) -> dict:
         first_zoom = min(c.arrived_at for c in zoom_changes)
         throughput = len(zoom_changes) / max(1e-6, (max(ok_g) if ok_g else last_arrival) - first_zoom)
         greq = graph_presence_requests(world, since)
+        offered = [at for _, at in zoom_trig + teams_trig]
         bound = converge_bound_s(zoom_changes=len(zoom_changes), teams_changes=len(teams_changes),
-                                 arrival_span_s=last_arrival - first_arrival, zoom_plan=plan)
+                                 offered_span_s=max(offered) - min(offered), zoom_plan=plan)
         wrong = sum(1 for p in zoom_side if world.teams_shows(p) != ("Busy", "InACall"))
         wrong += sum(1 for p in teams_side if world.zoom_shows(p) != "Do_Not_Disturb")
         dead = _dead_lettered(world)
@@ -332,6 +333,7 @@ def burst(params: Params, progress: Progress = _quiet) -> dict:
         return {
             "users": len(people), "zoom_changes": len(zoom_changes), "teams_changes": len(teams_changes),
             "settled": settled, "converge_wait_s": round(time.time() - wait_started, 1),
+            "arrival_span_s": round(last_arrival - first_arrival, 2),
             "zoom_arrival_span_s": round(zoom_arrivals[-1] - zoom_arrivals[0], 2) if zoom_arrivals else None,
             "zoom_to_teams": z2t, "teams_to_zoom": t2z, "echo_writes": echo,
             "wrong_at_end": wrong, "dead_lettered": dead, "lost": max(0, wrong - dead),

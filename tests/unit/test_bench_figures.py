@@ -34,11 +34,11 @@ def test_match_latency_coalescing_and_unmatched():
 
 
 def test_converge_bound_is_set_by_the_slowest_limit():
-    b = converge_bound_s(zoom_changes=3000, teams_changes=2000, arrival_span_s=10.0, zoom_plan="business")
+    b = converge_bound_s(zoom_changes=3000, teams_changes=2000, offered_span_s=10.0, zoom_plan="business")
     assert b["converge_bound_s"] == pytest.approx(2000 / 60, abs=0.01)  # Zoom Medium 60/s
-    assert converge_bound_s(zoom_changes=3000, teams_changes=10, arrival_span_s=10.0)["converge_bound_s"] == 10.0
-    assert converge_bound_s(zoom_changes=25_000, teams_changes=0, arrival_span_s=1.0)["converge_bound_s"] == 60.0
-    assert converge_bound_s(zoom_changes=0, teams_changes=40, arrival_span_s=0, zoom_plan="free")[
+    assert converge_bound_s(zoom_changes=3000, teams_changes=10, offered_span_s=10.0)["converge_bound_s"] == 10.0
+    assert converge_bound_s(zoom_changes=25_000, teams_changes=0, offered_span_s=1.0)["converge_bound_s"] == 60.0
+    assert converge_bound_s(zoom_changes=0, teams_changes=40, offered_span_s=0, zoom_plan="free")[
         "converge_bound_s"] == 20.0
 
 
