@@ -112,17 +112,22 @@ function patchDequeue(proto) {
       .data();
   }
 
+  // What the caller gets: copies with timeNextVisible as a Date (the store keeps milliseconds).
+  function copies(store, docs) {
+    return docs.map((doc) => {
+      const visibleAt = doc.timeNextVisible;
+      doc.timeNextVisible = new Date(Number(visibleAt));
+      const copy = store.messageCopy(doc);
+      doc.timeNextVisible = visibleAt;
+      return copy;
+    });
+  }
+
   proto.peekMessages = async function (account, queue, numOfMessages, queryDate, context) {
     this.checkQueueExist(account, queue, context);
     this.clearExpiredMessages(account, queue, context);
     const queryTime = queryDate ? queryDate.getTime() : Date.now();
-    const res = [];
-    for (const doc of visible(this, account, queue, queryTime, numOfMessages === undefined ? 1 : numOfMessages)) {
-      doc.timeNextVisible = new Date(Number(doc.timeNextVisible));
-      res.push(this.messageCopy(doc));
-      doc.timeNextVisible = doc.timeNextVisible.getTime();
-    }
-    return res;
+    return copies(this, visible(this, account, queue, queryTime, numOfMessages === undefined ? 1 : numOfMessages));
   };
 
   proto.getMessages = async function (account, queue, timeNextVisible, popReceipt, numOfMessages, queryDate, context) {
@@ -139,36 +144,31 @@ function patchDequeue(proto) {
       doc.dequeueCount = Number(doc.dequeueCount) + 1;
     }
     coll.update(docs);
-    const res = [];
-    for (const doc of docs) {
-      doc.timeNextVisible = timeNextVisible;
-      res.push(this.messageCopy(doc));
-      doc.timeNextVisible = visibleAt;
-    }
-    return res;
+    return copies(this, docs);
   };
 }
 
-try {
+// A fix that cannot find what it changes leaves Azurite as it is and says so.
+function apply(unapplied, fix) {
+  try {
+    fix();
+  } catch (err) {
+    warn(unapplied, err);
+  }
+}
+
+function storePrototype(name, ...parts) {
+  const store = azuriteModule(...parts).default;
+  if (!store || !store.prototype) throw new Error(`${name} not found`);
+  return store.prototype;
+}
+
+apply("Azurite's queue GC interval left at its default", () => {
   const constants = azuriteModule("queue", "utils", "constants.js");
   if (typeof constants.DEFAULT_GC_INTERVAL_MS !== "number") throw new Error("DEFAULT_GC_INTERVAL_MS not found");
   constants.DEFAULT_GC_INTERVAL_MS = GC_INTERVAL_MS;
-} catch (err) {
-  warn("Azurite's queue GC interval left at its default", err);
-}
-
-try {
-  const store = azuriteModule("queue", "persistence", "LokiQueueMetadataStore.js").default;
-  if (!store || !store.prototype) throw new Error("LokiQueueMetadataStore not found");
-  patchDequeue(store.prototype);
-} catch (err) {
-  warn("Azurite's dequeue left as it is", err);
-}
-
-try {
-  const store = azuriteModule("table", "persistence", "LokiTableMetadataStore.js").default;
-  if (!store || !store.prototype) throw new Error("LokiTableMetadataStore not found");
-  patchPointReads(store.prototype);
-} catch (err) {
-  warn("Azurite's entity lookups left as they are", err);
-}
+});
+apply("Azurite's dequeue left as it is", () => patchDequeue(
+  storePrototype("LokiQueueMetadataStore", "queue", "persistence", "LokiQueueMetadataStore.js")));
+apply("Azurite's entity lookups left as they are", () => patchPointReads(
+  storePrototype("LokiTableMetadataStore", "table", "persistence", "LokiTableMetadataStore.js")));
