@@ -43,7 +43,7 @@ from azure.functions.http import HttpRequest as FunctionHttpRequest
 from azure.functions.queue import QueueMessage as FunctionQueueMessage
 from azure.functions.timer import TimerRequest
 from azure.storage.queue import LinearRetry, QueueClient
-from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 from werkzeug.datastructures import Headers
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
@@ -74,10 +74,6 @@ _QUERY_PARAMETER = re.compile(r"([?&][^=&\s\"]+=)[^&\s\"]*")
 _CREDENTIAL_PARAMETERS = ("?code=", "&code=", "?validationtoken=", "&validationtoken=")
 host_log = logging.getLogger("Host.General")
 timer_log = logging.getLogger("Host.Triggers.Timer")
-
-
-# Connections kept to the storage endpoint, shared by every queue listener of the host.
-STORAGE_POOL_MAXSIZE = 100
 
 
 def _utcnow() -> datetime:
@@ -378,13 +374,16 @@ class LocalFunctionsHost:
     def _session(self) -> requests.Session:
         """One connection pool for every queue client of this host. The SDK's own session keeps
         10 connections, fewer than one listener's invocations settling messages at once
-        (batchSize + newBatchThreshold): the rest would open a connection per call and drop it."""
+        (batchSize + newBatchThreshold): the rest would open a connection per call and drop it.
+        It is the app's kind of session (no per-request ``.netrc`` lookup, the proxy environment
+        read once): Azure's host is not Python and costs the worker nothing, so this one should
+        cost the interpreter it shares with the app as little as it can."""
         if self._storage_session is None:
-            session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=STORAGE_POOL_MAXSIZE)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            self._storage_session = session
+            from shared.http import pooled_session  # the app's; the sandbox has it at hand
+
+            # urllib3's retries off, as in the SDK's own session: the SDK's retry policy retries.
+            self._storage_session = pooled_session(
+                max_retries=Retry(total=False, redirect=False, raise_on_status=False))
         return self._storage_session
 
     # -- public helpers --------------------------------------------------------------------

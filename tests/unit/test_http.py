@@ -305,6 +305,54 @@ def test_a_netrc_file_is_neither_read_nor_used(server, tmp_path, monkeypatch):
         "Authorization"), "a plain session would have used the file: this test shows nothing"
 
 
+def _no_proxy_environment(monkeypatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+def test_the_proxy_environment_is_read_once_per_destination(server, monkeypatch):
+    """requests walks os.environ for proxies on every request (a tenth of the worker's time under
+    load); ours once per scheme, host and port."""
+    _no_proxy_environment(monkeypatch)
+    reads = []
+    real = http.get_environ_proxies
+    monkeypatch.setattr(http, "get_environ_proxies", lambda url, no_proxy=None: reads.append(url) or real(url, no_proxy))
+    http.reset_http_session()
+    for _ in range(3):
+        send("GET", f"{server.base_url}/a", policy=POLICY)
+        send("GET", f"{server.base_url}/b?x=1", policy=POLICY)
+    assert len(reads) == 1
+    send("GET", server.base_url.replace("127.0.0.1", "localhost") + "/c", policy=POLICY)
+    assert len(reads) == 2 and len(server.requests) == 7
+
+
+def test_proxies_and_no_proxy_from_the_environment_still_apply(server, monkeypatch):
+    _no_proxy_environment(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", server.base_url)  # the scripted server is the proxy
+    http.reset_http_session()
+    send("GET", "http://zoom.example/v2/through-the-proxy", policy=POLICY)
+    assert server.requests[-1]["path"] == "/v2/through-the-proxy"
+
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    http.reset_http_session()
+    send("GET", f"{server.base_url}/direct", policy=POLICY)  # bypasses the dead proxy
+    assert server.requests[-1]["path"] == "/direct"
+    monkeypatch.delenv("NO_PROXY")
+    http.reset_http_session()
+    with pytest.raises(TransientHttpError):
+        send("GET", f"{server.base_url}/via-dead-proxy", policy=RetryPolicy(max_attempts=1, total_seconds=5))
+
+
+def test_the_ca_bundle_variables_still_apply(monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/corporate-roots.pem")
+    merged = http.pooled_session().merge_environment_settings("https://graph.microsoft.com/v1.0", {}, None, None, None)
+    assert merged["verify"] == "/etc/ssl/corporate-roots.pem"
+    explicit = http.pooled_session().merge_environment_settings("https://graph.microsoft.com/", {}, None, False, None)
+    assert explicit["verify"] is False
+
+
 def test_session_created_once_under_concurrency():
     http.reset_http_session()
     seen = []
