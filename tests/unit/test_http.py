@@ -317,7 +317,8 @@ def test_the_proxy_environment_is_read_once_per_destination(server, monkeypatch)
     _no_proxy_environment(monkeypatch)
     reads = []
     real = http.get_environ_proxies
-    monkeypatch.setattr(http, "get_environ_proxies", lambda url, no_proxy=None: reads.append(url) or real(url, no_proxy))
+    monkeypatch.setattr(http, "get_environ_proxies",
+                        lambda url, no_proxy=None: reads.append(url) or real(url, no_proxy))
     http.reset_http_session()
     for _ in range(3):
         send("GET", f"{server.base_url}/a", policy=POLICY)
