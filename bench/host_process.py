@@ -40,24 +40,34 @@ LOG_PATH = ROOT / "bench" / "results" / "host-process.log"
 MASTER_KEY_ENV = "BENCH_HOST_MASTER_KEY"
 FUNCTION_KEY_ENV = "BENCH_HOST_FUNCTION_KEY"
 START_TIMEOUT_S = 60.0
+# What one child serves: everything, or one side of Flex Consumption's per-function scaling
+# (the ``http`` group's instances answer requests; queue-triggered functions run elsewhere).
+ROLE_ALL, ROLE_HTTP, ROLE_QUEUES = "all", "http", "queues"
+ROLES = (ROLE_ALL, ROLE_HTTP, ROLE_QUEUES)
 
 
 class HostProcess:
     """The parent's handle on the child host (the subset of LocalFunctionsHost the world uses)."""
 
     def __init__(self, *, port: int = 0, run_timers: bool = False,
-                 host_json: str | Path = ROOT / "host.json") -> None:
+                 host_json: str | Path = ROOT / "host.json", role: str = ROLE_ALL,
+                 master_key: str | None = None, function_key: str | None = None,
+                 log_path: Path = LOG_PATH) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}")
         self.host = "127.0.0.1"
+        self.role = role
         self.port = port or free_port()
         self.control_port = free_port()
         self.base_url = f"http://{self.host}:{self.port}"
         self.run_timers = run_timers
         self.host_json = Path(host_json)
-        self.master_key = secrets.token_urlsafe(32)
-        self.function_key = secrets.token_urlsafe(32)
+        self.master_key = master_key or secrets.token_urlsafe(32)
+        self.function_key = function_key or secrets.token_urlsafe(32)
         self._proc: subprocess.Popen | None = None
-        LOG_PATH.parent.mkdir(parents=True, exist_ok=True)
-        self._log = LOG_PATH.open("wb")
+        self._log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("wb")
         self._control = requests.Session()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -67,7 +77,8 @@ class HostProcess:
         env = dict(os.environ, **{MASTER_KEY_ENV: self.master_key, FUNCTION_KEY_ENV: self.function_key})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         args = [sys.executable, "-m", "bench.host_process", "--port", str(self.port),
-                "--control-port", str(self.control_port), "--host-json", str(self.host_json)]
+                "--control-port", str(self.control_port), "--host-json", str(self.host_json),
+                "--role", self.role]
         if not self.run_timers:
             args.append("--no-timers")
         self._proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.PIPE,
@@ -103,7 +114,7 @@ class HostProcess:
 
     def _log_tail(self, lines: int = 40) -> str:
         self._log.flush()
-        return "\n".join(LOG_PATH.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(self._log_path.read_text(errors="replace").splitlines()[-lines:])
 
     # -- what LocalFunctionsHost offers ----------------------------------------------------------
 
@@ -150,6 +161,64 @@ class HostProcess:
 
     def _control_url(self, path: str) -> str:
         return f"http://{self.host}:{self.control_port}/{path}"
+
+
+class PerFunctionHosts:
+    """The app scaled out per function, as Flex Consumption runs it: one child answers HTTP (the
+    ``http`` group: webhooks, notifications, the manage API) and one runs the queue-triggered
+    functions, over the same storage. Each has an interpreter of its own, so the intake does not
+    wait for the workers' interpreter lock. Offers what :class:`HostProcess` offers."""
+
+    def __init__(self, *, port: int = 0, run_timers: bool = False,
+                 host_json: str | Path = ROOT / "host.json", queue_instances: int = 1) -> None:
+        self.http = HostProcess(port=port, run_timers=False, host_json=host_json, role=ROLE_HTTP)
+        # Competing consumers of the same queues, as instances scaled out by queue length are.
+        # Timers run on the first only (one schedule per app, not per instance).
+        self.queues = [HostProcess(run_timers=run_timers and n == 0, host_json=host_json, role=ROLE_QUEUES,
+                                   master_key=self.http.master_key, function_key=self.http.function_key,
+                                   log_path=LOG_PATH.with_name(f"host-process-queues-{n + 1}.log"))
+                       for n in range(queue_instances)]
+        self.host, self.port, self.base_url = self.http.host, self.http.port, self.http.base_url
+        self.master_key, self.function_key = self.http.master_key, self.http.function_key
+        self._children = (self.http, *self.queues)
+
+    def start(self) -> PerFunctionHosts:
+        try:
+            for child in self._children:
+                child.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for child in self._children:
+            child.stop()
+
+    def url(self, route: str, *, key: str | None = "function") -> str:
+        return self.http.url(route, key=key)
+
+    def drain(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        for child in self._children:  # the intake's running requests, then the queues
+            child.drain(timeout=max(0.1, deadline - time.monotonic()))
+
+    def fire_timer(self, name: str) -> None:
+        self.queues[0].fire_timer(name)
+
+    @property
+    def invocation_count(self) -> int:
+        return sum(child.invocation_count for child in self._children)
+
+    @property
+    def poisoned(self) -> list[dict]:
+        return [item for child in self._children for item in child.poisoned]
+
+    def table_operations(self) -> int:
+        return sum(child.table_operations() for child in self._children)
+
+    def arrivals(self) -> dict[str, dict[str, list[float]]]:
+        return self.http.arrivals()
 
 
 # --- the child ------------------------------------------------------------------------------------
@@ -216,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-port", type=int, required=True)
     parser.add_argument("--host-json", default=str(ROOT / "host.json"))
     parser.add_argument("--no-timers", action="store_true")
+    parser.add_argument("--role", choices=ROLES, default=ROLE_ALL)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -223,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     from sandbox.functions_host import LocalFunctionsHost
 
     host = LocalFunctionsHost(port=args.port, host_json=args.host_json, run_timers=not args.no_timers,
-                              master_key=os.environ[MASTER_KEY_ENV], function_key=os.environ[FUNCTION_KEY_ENV])
+                              master_key=os.environ[MASTER_KEY_ENV], function_key=os.environ[FUNCTION_KEY_ENV],
+                              serve_http=args.role != ROLE_QUEUES, listen_to_queues=args.role != ROLE_HTTP)
     arrivals = tap_host_arrivals(host)
     host.start()
     control = _serve_control(host, args.control_port, arrivals)

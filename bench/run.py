@@ -35,6 +35,9 @@ TARGETS = {
 }
 
 
+APP_HOSTINGS = ("one-process", "per-function", "in-process")
+
+
 def median_merge(runs: list[dict]) -> dict:
     """One result from several: the median of every number, the first value of anything else.
     Series (lists) are taken from the median run of the first numeric figure's... simply the first run."""
@@ -71,11 +74,11 @@ def verdict(value: Any, rule: tuple[str, float]) -> str:
 
 
 def assemble(steady: dict | None, burst: dict | None, cold: dict | None, runs: int, quick: bool,
-             host_process: bool = True) -> dict:
+             app_hosting: str = "one-process") -> dict:
     result: dict[str, Any] = {
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_avg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-        "runs": runs, "quick": quick, "app_process": "own" if host_process else "shared with the emulators",
+        "runs": runs, "quick": quick, "app_hosting": app_hosting,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if steady:
@@ -151,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--burst-scale", type=float, default=1.0,
                         help="scale the burst (people and changes), e.g. 0.2 for 2,000 people")
-    parser.add_argument("--in-process-host", action="store_true",
-                        help="serve the app in the benchmark's own process (shares the emulators' interpreter lock)")
+    parser.add_argument("--app-hosting", choices=APP_HOSTINGS, default="one-process",
+                        help="one-process: one instance serves everything, in a process of its own; per-function: "
+                             "one process answers HTTP and --queue-instances others run the queue functions, as "
+                             "Flex Consumption scales them; in-process: in the benchmark's process (shares the "
+                             "emulators' interpreter lock)")
+    parser.add_argument("--queue-instances", type=int, default=2,
+                        help="with --app-hosting per-function: processes running the queue functions")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("azure").setLevel(logging.ERROR)
@@ -161,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         params.burst_users = max(10, round(params.burst_users * args.burst_scale))
         params.burst_zoom = max(1, round(params.burst_zoom * args.burst_scale))
         params.burst_teams = max(1, round(params.burst_teams * args.burst_scale))
-    params.host_process = not args.in_process_host
+    params.app_hosting = args.app_hosting
+    params.queue_instances = max(1, args.queue_instances)
+    hosting = params.app_hosting
+    if hosting == "per-function":
+        hosting += f" (1 HTTP + {params.queue_instances} queue processes)"
     only = {s.strip() for s in args.only.split(",") if s.strip()}
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -189,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
 
         def save(steady=None, burst=None, cold=None) -> dict:  # after every scenario: a crash keeps the rest
-            result = assemble(steady, burst, cold, max(1, args.runs), args.quick, params.host_process)
+            result = assemble(steady, burst, cold, max(1, args.runs), args.quick, hosting)
             out.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
             return result
 

@@ -3,6 +3,7 @@ serving the real app at host.json's concurrency). See docs/performance.md for th
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -38,9 +39,12 @@ class Params:
     burst_teams: int = 2000
     burst_teams_window_s: float = 10.0
     webhook_workers: int = 16  # concurrent deliveries by each emulator (Zoom and Graph deliver in parallel)
-    # The app and the local host in a process of their own, as in Azure (bench.host_process);
-    # False serves them in the benchmark's process, sharing its interpreter lock with the emulators.
-    host_process: bool = True
+    # How the app is served (bench.host_process): "one-process" (one instance serving everything,
+    # in a process of its own), "per-function" as Flex Consumption scales it (one process answers
+    # HTTP, queue_instances others run the queue-triggered functions), "in-process" (in the
+    # benchmark's process, sharing its interpreter lock with the emulators).
+    app_hosting: str = "one-process"
+    queue_instances: int = 2
     converge_timeout_s: float = 600.0
 
     @classmethod
@@ -53,10 +57,12 @@ def new_world(params: Params):
     from sandbox.world import World
 
     host_factory = None
-    if params.host_process:
-        from bench.host_process import HostProcess
+    if params.app_hosting != "in-process":
+        from bench.host_process import HostProcess, PerFunctionHosts
 
         host_factory = HostProcess
+        if params.app_hosting == "per-function":
+            host_factory = functools.partial(PerFunctionHosts, queue_instances=params.queue_instances)
     return World(zoom_min_interval_s=60.0, run_timers=False, zoom_webhook_workers=params.webhook_workers,
                  graph_delivery_workers=params.webhook_workers, host_factory=host_factory)
 

@@ -179,7 +179,12 @@ class LocalFunctionsHost:
         function_key: str | None = None,
         run_timers: bool = True,
         poll_min_interval_s: float = 0.05,
+        serve_http: bool = True,
+        listen_to_queues: bool = True,
     ) -> None:
+        """``serve_http`` / ``listen_to_queues`` False leave one kind of trigger to another host
+        over the same storage, as Flex Consumption runs the ``http`` group and each queue function
+        on instances of their own (the benchmark runs each in a process)."""
         self._app_arg = app
         self.app_module = app_module
         self.host_json = Path(host_json)
@@ -189,6 +194,8 @@ class LocalFunctionsHost:
         self.function_key = function_key or secrets.token_urlsafe(32)
         self.run_timers = run_timers
         self.poll_min_interval_s = poll_min_interval_s
+        self.serve_http = serve_http
+        self.listen_to_queues = listen_to_queues
 
         self.config: HostConfig | None = None
         self.functions: dict[str, FunctionInfo] = {}
@@ -220,7 +227,8 @@ class LocalFunctionsHost:
         self._started = False
         # Bind now so base_url is known before start (PUBLIC_BASE_URL and friends are app
         # settings the app must see at start); requests wait in the backlog until start().
-        self._bind()
+        if serve_http:
+            self._bind()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -238,8 +246,10 @@ class LocalFunctionsHost:
             )
             self._started = True
             self._start_loop()
-            self._start_queue_listeners()
-            self._start_http()
+            if self.listen_to_queues:
+                self._start_queue_listeners()
+            if self.serve_http:
+                self._start_http()
             self._timers = {
                 info.name: _TimerRunner(self, info) for info in self.functions.values() if info.trigger == TIMER
             }

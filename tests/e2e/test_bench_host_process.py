@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench import scenarios
-from bench.host_process import HostProcess
+from bench.host_process import ROLE_HTTP, ROLE_QUEUES, HostProcess, PerFunctionHosts
 from bench.world_probe import tap_arrivals
 from sandbox.world import World
 from shared import storage
@@ -37,6 +37,39 @@ def test_a_world_served_from_a_host_process_syncs_and_reports_from_there():
             host.fire_timer("no_such_timer")
         child = host._proc
     assert child.returncode is not None  # stopped with the world
+
+
+def test_a_world_served_per_function_answers_in_one_child_and_syncs_in_the_others():
+    """Flex Consumption's per-function scaling: HTTP in one process, the queue functions in two
+    competing processes over the same storage."""
+    with World(host_factory=lambda **kw: PerFunctionHosts(queue_instances=2, **kw)) as world:
+        hosts = world.host
+        assert [c.role for c in hosts._children] == [ROLE_HTTP, ROLE_QUEUES, ROLE_QUEUES]
+        zoomer, teamser = world.add_person(), world.add_person()
+        world.connect_sync_account()
+        hosts.fire_timer("graph_subscriptions")  # runs in a queue process, notifies the HTTP one
+        world.settle()
+        intake_ops = hosts.http.table_operations()
+        worker_ops = sum(q.table_operations() for q in hosts.queues)
+        intake_invocations = hosts.http.invocation_count
+
+        world.zoom.join_meeting(zoomer.zoom_id)
+        world.graph.set_teams_client(teamser.entra_id, "DoNotDisturb")
+        world.settle()
+
+        assert world.teams_shows(zoomer) == ("Busy", "InACall")
+        assert world.zoom_shows(teamser) == "Do_Not_Disturb"
+        # Webhooks and notifications were answered by the HTTP process, which queued them (reading
+        # at most a subscription's client state); the syncs ran in the queue processes.
+        assert hosts.http.invocation_count > intake_invocations
+        intake_delta = hosts.http.table_operations() - intake_ops
+        assert sum(q.table_operations() for q in hosts.queues) - worker_ops > 3 * intake_delta
+        assert hosts.table_operations() == hosts.http.table_operations() + sum(
+            q.table_operations() for q in hosts.queues)
+        assert hosts.poisoned == []
+        assert tap_arrivals(world).first_after("zoom", zoomer.zoom_id, 0) is not None
+        children = [c._proc for c in hosts._children]
+    assert all(child.returncode is not None for child in children)
 
 
 def test_the_quick_steady_scenario_measures_after_its_lead_in():

@@ -28,10 +28,13 @@ try {
   const constants = azurite("queue", "utils", "constants.js");
   const queues = azurite("queue", "persistence", "LokiQueueMetadataStore.js").default.prototype;
   const tables = azurite("table", "persistence", "LokiTableMetadataStore.js").default.prototype;
+  const extents = azurite("common", "persistence", "LokiExtentMetadataStore.js").default.prototype;
   process.stderr.write(`interval=${constants.DEFAULT_GC_INTERVAL_MS}\\n`);
   process.stderr.write(`dequeue=${String(queues.getMessages).includes("visible(") ? "indexed" : "scan"}\\n`);
   const keyed = String(tables.getEntityCollection).includes("findOneByKeys");
   process.stderr.write(`entities=${keyed ? "keyed" : "scan"}\\n`);
+  const oneByOne = [extents.deleteExtent, queues.clearExpiredMessages].every((f) => String(f).includes("removeEach("));
+  process.stderr.write(`removals=${oneByOne ? "in place" : "re-sorting"}\\n`);
 } catch (e) { process.stderr.write("no azurite here\\n"); }
 """
 
@@ -51,7 +54,10 @@ def _run_with_preload(tmp_path: Path, entry: Path) -> subprocess.CompletedProces
     ("dequeue=indexed", "dequeue left as it is"),
     # LokiJS answers RowKey from its index and scans the rest: a whole table when every RowKey is equal.
     ("entities=keyed", "entity lookups left as they are"),
-], ids=["queue-sweep-every-second", "dequeue-through-queue-index", "entity-by-its-keys"])
+    # LokiJS re-sorts every index after a batch removal, even of one document: the sweep frees
+    # message bodies one findAndRemove at a time.
+    ("removals=in place", "message body removal left as it is"),
+], ids=["queue-sweep-every-second", "dequeue-through-queue-index", "entity-by-its-keys", "removals-in-place"])
 def test_each_fix_is_in_effect(tmp_path: Path, in_effect: str, unapplied: str) -> None:
     out = _run_with_preload(tmp_path, ENTRY)
     assert out.returncode == 0, out.stderr
@@ -123,6 +129,30 @@ def test_an_expired_message_is_never_handed_out(azurite: Azurite, unique_name: s
     time.sleep(0.4)  # "short" has expired; the next clear is not due yet
     assert [m.content for m in queue.peek_messages(max_messages=5)] == ["kept"]
     assert [m.content for m in _receive(queue, 5)] == ["kept"]
+
+
+def test_bodies_of_messages_still_waiting_survive_the_sweep(azurite: Azurite, unique_name: str) -> None:
+    # The sweep frees the bodies of deleted messages, one document at a time; the bodies of the
+    # messages still waiting (and of a message sent after the sweep) must be untouched.
+    queue = _queue(azurite, unique_name)
+    for n in range(60):
+        queue.send_message(f"body-{n}-" + "x" * n)
+    for message in _receive(queue, 30):
+        queue.delete_message(message)
+    time.sleep(2.5)  # at least two sweeps
+    queue.send_message("after the sweep")
+    rest = _receive(queue, 32)
+    assert [m.content for m in rest] == [f"body-{n}-" + "x" * n for n in range(30, 60)] + ["after the sweep"]
+
+
+def test_expired_messages_are_cleared_from_the_queue(azurite: Azurite, unique_name: str) -> None:
+    queue = _queue(azurite, unique_name)
+    for n in range(3):
+        queue.send_message(f"short-{n}", time_to_live=1)
+    queue.send_message("kept")
+    time.sleep(2.2)
+    assert [m.content for m in queue.peek_messages(max_messages=5)] == ["kept"]  # clears the expired
+    assert queue.get_queue_properties().approximate_message_count == 1
 
 
 def test_entities_keep_their_keys_whichever_key_is_shared(azurite: Azurite, unique_name: str) -> None:
