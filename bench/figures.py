@@ -170,3 +170,30 @@ def capacity_plan(*, changes_per_user_per_hour: float = 12.0, sweep_interval_s: 
         "graph": {"presence_requests_per_s": round(graph_per_s, 1), "users_by_writes": round(graph_writes_users),
                   "users_by_peak_writes": round(graph_peak_users), "users_by_sweep_reads": round(sweep_users)},
     }
+
+
+def cpu_figures(before: dict[str, float | None], after: dict[str, float | None], *, wall_s: float,
+                changes: int) -> dict:
+    """Where a scenario's CPU went: seconds of CPU per part of the sandbox between two snapshots
+    (``app``: the app's process or processes; ``storage``: Azurite; ``sandbox``: the benchmark's
+    own process — both emulators, their senders and the load driver, and the app too when it is
+    served in-process), per change, and how many cores were busy on average. A part that could not
+    be measured is None and left out of the totals."""
+    spent = {part: (None if before.get(part) is None or after.get(part) is None
+                    else max(0.0, float(after[part]) - float(before[part])))
+             for part in ("app", "storage", "sandbox")}
+    total = sum(v for v in spent.values() if v is not None)
+
+    def per_change(seconds: float | None) -> float | None:
+        return None if seconds is None or changes <= 0 else round(seconds * 1000.0 / changes, 2)
+
+    app_ms = per_change(spent["app"])
+    return {
+        "wall_s": round(wall_s, 2), "changes": changes,
+        **{f"{part}_s": None if s is None else round(s, 2) for part, s in spent.items()},
+        "app_ms_per_change": app_ms,
+        "all_ms_per_change": per_change(total),
+        "cores_busy": round(total / wall_s, 2) if wall_s > 0 else None,
+        # What one core of the app alone would sustain: the scale-out arithmetic of the capacity plan.
+        "app_changes_per_core_s": round(1000.0 / app_ms, 1) if app_ms else None,
+    }

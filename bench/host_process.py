@@ -149,6 +149,10 @@ class HostProcess:
         """Table operations the app did in the child (``shared.storage.storage_operation_count``)."""
         return self._stats()["table_operations"]
 
+    def cpu_seconds(self) -> float:
+        """CPU time the child has used so far, all its threads (``time.process_time``)."""
+        return self._stats()["cpu_s"]
+
     def arrivals(self) -> dict[str, dict[str, list[float]]]:
         response = self._control.get(self._control_url("arrivals"), timeout=60)
         response.raise_for_status()
@@ -165,9 +169,10 @@ class HostProcess:
 
 class PerFunctionHosts:
     """The app scaled out per function, as Flex Consumption runs it: one child answers HTTP (the
-    ``http`` group: webhooks, notifications, the manage API) and one runs the queue-triggered
-    functions, over the same storage. Each has an interpreter of its own, so the intake does not
-    wait for the workers' interpreter lock. Offers what :class:`HostProcess` offers."""
+    ``http`` group: webhooks, notifications, the manage API) and ``queue_instances`` others run
+    the queue-triggered functions, over the same storage. Each has an interpreter of its own, so
+    the intake does not wait for the workers' interpreter lock. Offers what :class:`HostProcess`
+    offers; counts are summed over the children."""
 
     def __init__(self, *, port: int = 0, run_timers: bool = False,
                  host_json: str | Path = ROOT / "host.json", queue_instances: int = 1) -> None:
@@ -217,6 +222,9 @@ class PerFunctionHosts:
     def table_operations(self) -> int:
         return sum(child.table_operations() for child in self._children)
 
+    def cpu_seconds(self) -> float:
+        return sum(child.cpu_seconds() for child in self._children)
+
     def arrivals(self) -> dict[str, dict[str, list[float]]]:
         return self.http.arrivals()
 
@@ -246,6 +254,7 @@ def _serve_control(host, port: int, arrivals) -> ThreadingHTTPServer:
                     "invocations": len(host.invocations),
                     "poisoned": [{"queue": p.queue, "reason": p.reason} for p in host.poisoned],
                     "table_operations": storage.storage_operation_count(),
+                    "cpu_s": time.process_time(),
                 })
             elif path == "/arrivals":
                 with arrivals.lock:

@@ -16,8 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.figures import Change, converge_bound_s, match, sweep_cost
-from bench.world_probe import Arrivals, graph_presence_requests, graph_writes, tap_arrivals, zoom_writes
+from bench.figures import Change, converge_bound_s, cpu_figures, match, sweep_cost
+from bench.world_probe import (
+    Arrivals,
+    cpu_snapshot,
+    graph_presence_requests,
+    graph_writes,
+    tap_arrivals,
+    zoom_writes,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD = 650
@@ -193,6 +200,7 @@ def steady(params: Params, progress: Progress = _quiet) -> dict:
         total = int(params.steady_rate * params.steady_seconds)
         since = world.clock.now()
         ops0 = table_ops(world)
+        cpu0 = cpu_snapshot(world)
         zoom_trig: list[tuple[str, float]] = []
         teams_trig: list[tuple[str, float]] = []
         start = time.time()
@@ -222,6 +230,7 @@ def steady(params: Params, progress: Progress = _quiet) -> dict:
                 progress("steady: run", i, total)
         progress("steady: run", total, total)
         settled = _settle(world, 180)
+        cpu = cpu_figures(cpu0, cpu_snapshot(world), wall_s=time.time() - start, changes=total)
         ops = table_ops(world) - ops0
 
         entra_of = {p.zoom_id: p.entra_id for p in people}
@@ -249,6 +258,7 @@ def steady(params: Params, progress: Progress = _quiet) -> dict:
             "zoom_to_teams": z2t, "teams_to_zoom": t2z, "echo_writes": echo, "wrong_at_end": wrong,
             "dead_lettered": dead, "lost": max(0, wrong - dead),
             "table_ops": ops, "table_ops_per_change": round(ops / total, 2) if total else None,
+            "cpu": cpu,
             "graph_requests": graph_presence_requests(world, since),
             "zoom_rate_limited": sum(1 for r in world.zoom.rate_limited if r["time"] >= since),
             "sweep": sweep_1k,
@@ -288,6 +298,7 @@ def burst(params: Params, progress: Progress = _quiet) -> dict:
                 world.graph.set_teams_client(p.entra_id, "DoNotDisturb")
                 teams_trig.append((p.entra_id, now))
 
+        cpu0, cpu_started = cpu_snapshot(world), time.time()
         driver = threading.Thread(target=teams_driver, name="bench-teams-burst", daemon=True)
         driver.start()
         zoom_trig: list[tuple[str, float]] = []
@@ -308,6 +319,8 @@ def burst(params: Params, progress: Progress = _quiet) -> dict:
                 break
             time.sleep(0.5)
         settled = _settle(world, 300)
+        cpu_wall = time.time() - cpu_started
+        cpu_after = cpu_snapshot(world)
 
         entra_of = {p.zoom_id: p.entra_id for p in people}
         zoom_of = {p.entra_id: p.zoom_id for p in people}
@@ -345,6 +358,7 @@ def burst(params: Params, progress: Progress = _quiet) -> dict:
             "wrong_at_end": wrong, "dead_lettered": dead, "lost": max(0, wrong - dead),
             "throughput_changes_per_s": round(throughput, 1),
             "converge_s": round(last_write - first_arrival, 2), **bound,
+            "cpu": cpu_figures(cpu0, cpu_after, wall_s=cpu_wall, changes=len(zoom_changes) + len(teams_changes)),
             "graph_requests": greq,
             "zoom_rate_limited": sum(1 for r in world.zoom.rate_limited if r["time"] >= since),
             "sweep": sweep_10k,

@@ -4,9 +4,11 @@ and which writes each emulator saw. Nothing here changes what the app does."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.figures import Write
 
@@ -108,3 +110,24 @@ def graph_presence_requests(world, since: float) -> dict:
 def zoom_writes(world, since: float) -> list[Write]:
     return [Write(str(p["user_id"]).lower(), p["time"], 200 <= int(p["status"]) < 300)
             for p in list(world.zoom.presence_puts) if p["time"] >= since]
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) of another process, from Linux's /proc; None where
+    there is no /proc or the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def cpu_snapshot(world) -> dict[str, float | None]:
+    """CPU seconds used so far by each part of the world (bench.figures.cpu_figures): the app's
+    process(es) when served apart, Azurite, and this process (the emulators, their senders, the
+    driver — and the app when it is served in-process)."""
+    app = world.host.cpu_seconds() if hasattr(world.host, "cpu_seconds") else None
+    azurite = world.azurite.process
+    storage = process_cpu_seconds(azurite.pid) if azurite is not None else None
+    return {"app": app, "storage": storage, "sandbox": time.process_time()}

@@ -7,7 +7,7 @@ import pytest
 
 from bench import scenarios
 from bench.host_process import ROLE_HTTP, ROLE_QUEUES, HostProcess, PerFunctionHosts
-from bench.world_probe import tap_arrivals
+from bench.world_probe import cpu_snapshot, process_cpu_seconds, tap_arrivals
 from sandbox.world import World
 from shared import storage
 
@@ -32,7 +32,12 @@ def test_a_world_served_from_a_host_process_syncs_and_reports_from_there():
         assert host.poisoned == []
         assert tap_arrivals(world).first_after("zoom", person.zoom_id, 0) is not None
 
+        # The child's CPU time is its own: the sync's work shows there.
+        cpu = cpu_snapshot(world)
+        assert cpu["app"] > 0 and cpu["storage"] > 0
+
         host.fire_timer("graph_subscriptions")  # runs there, to the end, before this returns
+        assert host.cpu_seconds() > cpu["app"]
         with pytest.raises(RuntimeError, match="no timer function"):
             host.fire_timer("no_such_timer")
         child = host._proc
@@ -68,6 +73,7 @@ def test_a_world_served_per_function_answers_in_one_child_and_syncs_in_the_other
             q.table_operations() for q in hosts.queues)
         assert hosts.poisoned == []
         assert tap_arrivals(world).first_after("zoom", zoomer.zoom_id, 0) is not None
+        assert hosts.cpu_seconds() == pytest.approx(sum(c.cpu_seconds() for c in hosts._children), rel=0.05)
         children = [c._proc for c in hosts._children]
     assert all(child.returncode is not None for child in children)
 
@@ -80,3 +86,25 @@ def test_the_quick_steady_scenario_measures_after_its_lead_in():
         assert result[side]["changes"] > 0
         assert result[side]["writes_per_change"] == 1.0
     assert result["table_ops_per_change"] > 0  # counted in the host process
+    # CPU by part: the app's process, Azurite and this one all worked during the window.
+    cpu = result["cpu"]
+    assert cpu["app_s"] > 0 and cpu["storage_s"] > 0 and cpu["sandbox_s"] > 0
+    assert cpu["app_ms_per_change"] > 0 and cpu["cores_busy"] > 0
+
+
+def test_another_process_cpu_time_is_read_from_proc():
+    import subprocess
+    import sys
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                             "while time.process_time() - t < 0.3: pass\ninput()"], stdin=subprocess.PIPE)
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        while (process_cpu_seconds(spin.pid) or 0) < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process_cpu_seconds(spin.pid) >= 0.25
+    finally:
+        spin.communicate(b"\n", timeout=20)
+    assert process_cpu_seconds(spin.pid) is None  # gone

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from bench.figures import Change, Write, capacity_plan, converge_bound_s, match, percentile, sweep_cost
+from bench.figures import (
+    Change,
+    Write,
+    capacity_plan,
+    converge_bound_s,
+    cpu_figures,
+    match,
+    percentile,
+    sweep_cost,
+)
 from bench.run import TARGETS, assemble, median_merge, verdict
 
 CONTRACT = ("p50_ms", "p95_ms", "p99_ms", "changes", "writes", "writes_per_change")
@@ -86,3 +95,21 @@ def test_median_merge_and_verdicts():
     assert merged == {"a": 2, "b": {"c": 3}, "s": "x"}
     assert verdict(None, ("<=", 1)) == "-"
     assert verdict(1.0, ("==", 1.0)) == "met" and verdict(0.5, ("==", 1.0)) == "MISSED"
+
+
+def test_cpu_figures_split_the_seconds_by_part_and_per_change():
+    before = {"app": 10.0, "storage": 5.0, "sandbox": 2.0}
+    after = {"app": 40.0, "storage": 20.0, "sandbox": 17.0}
+    cpu = cpu_figures(before, after, wall_s=30.0, changes=1000)
+    assert (cpu["app_s"], cpu["storage_s"], cpu["sandbox_s"]) == (30.0, 15.0, 15.0)
+    assert cpu["app_ms_per_change"] == 30.0 and cpu["all_ms_per_change"] == 60.0
+    assert cpu["cores_busy"] == 2.0
+    assert cpu["app_changes_per_core_s"] == pytest.approx(33.3, abs=0.05)
+
+
+def test_cpu_figures_leave_out_what_could_not_be_measured():
+    cpu = cpu_figures({"app": None, "storage": 1.0, "sandbox": 1.0}, {"app": None, "storage": 3.0, "sandbox": 5.0},
+                      wall_s=2.0, changes=0)
+    assert cpu["app_s"] is None and cpu["app_ms_per_change"] is None and cpu["app_changes_per_core_s"] is None
+    assert cpu["all_ms_per_change"] is None  # no changes: nothing per change
+    assert cpu["cores_busy"] == 3.0
