@@ -197,3 +197,19 @@ def cpu_figures(before: dict[str, float | None], after: dict[str, float | None],
         # What one core of the app alone would sustain: the scale-out arithmetic of the capacity plan.
         "app_changes_per_core_s": round(1000.0 / app_ms, 1) if app_ms else None,
     }
+
+
+def app_cores_for_peak(app_ms_per_change: float | None, *, users: tuple[int, ...] = (15_000, 45_000, 100_000),
+                       peak_fraction_per_minute: float = 0.3) -> dict | None:
+    """Cores of app CPU that the top-of-the-hour peak of the capacity plan needs, drained as fast
+    as it comes (``peak_fraction_per_minute`` of the people change within one minute), at the
+    measured CPU per change (echoes included). An upper bound where the measurement includes the
+    local host's own work, which in Azure runs in the Functions host's process."""
+    if not app_ms_per_change:
+        return None
+    out = {}
+    for n in users:
+        per_s = n * peak_fraction_per_minute / 60.0
+        out[str(n)] = {"changes_per_s": round(per_s, 1), "cores": round(per_s * app_ms_per_change / 1000.0, 1)}
+    return {"app_ms_per_change": app_ms_per_change, "peak_fraction_per_minute": peak_fraction_per_minute,
+            "users": out}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import scenarios
-from bench.figures import capacity_plan, sweep_cost
+from bench.figures import app_cores_for_peak, capacity_plan, sweep_cost
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL = {"steady", "burst", "cold"}
@@ -118,6 +118,9 @@ def assemble(steady: dict | None, burst: dict | None, cold: dict | None, runs: i
     if "graph_reads_per_sweep_10k" not in result:
         result["graph_reads_per_sweep_10k"] = sweep_cost(10_000)["graph_reads_per_sweep"]
     result["capacity"] = capacity_plan()
+    cores = app_cores_for_peak(((burst or {}).get("cpu") or {}).get("app_ms_per_change"))
+    if cores:
+        result["capacity"]["app_cores_at_peak"] = cores
     result["steady"] = {k: v for k, v in (steady or {}).items() if k != "series"}
     result["burst"] = {k: v for k, v in (burst or {}).items() if k != "series"}
     result["cold"] = cold or {}

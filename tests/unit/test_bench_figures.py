@@ -9,6 +9,7 @@ import pytest
 from bench.figures import (
     Change,
     Write,
+    app_cores_for_peak,
     capacity_plan,
     converge_bound_s,
     cpu_figures,
@@ -113,3 +114,19 @@ def test_cpu_figures_leave_out_what_could_not_be_measured():
     assert cpu["app_s"] is None and cpu["app_ms_per_change"] is None and cpu["app_changes_per_core_s"] is None
     assert cpu["all_ms_per_change"] is None  # no changes: nothing per change
     assert cpu["cores_busy"] == 3.0
+
+
+def test_app_cores_for_the_peak_scale_with_people_and_cpu_per_change():
+    cores = app_cores_for_peak(20.0, users=(12_000, 24_000))
+    assert cores["users"]["12000"] == {"changes_per_s": 60.0, "cores": 1.2}  # 30 % of 12,000 in a minute
+    assert cores["users"]["24000"]["cores"] == 2.4
+    assert app_cores_for_peak(None) is None and app_cores_for_peak(0.0) is None
+
+
+def test_the_result_carries_the_cores_the_peak_needs_when_the_burst_measured_its_cpu():
+    burst = {"echo_writes": 0, "lost": 0, "throughput_changes_per_s": 30.0, "converge_s": 90.0,
+             "converge_bound_s": 33.3, "users": 10_000,
+             "sweep": {"graph_reads_per_sweep": 16, "seconds": 0.2}, "cpu": {"app_ms_per_change": 22.0}}
+    result = assemble(None, burst, None, 1, False)
+    assert result["capacity"]["app_cores_at_peak"]["users"]["100000"]["cores"] == 11.0
+    assert "app_cores_at_peak" not in assemble(None, dict(burst, cpu={}), None, 1, False)["capacity"]
