@@ -3,6 +3,8 @@ through it as through the in-process host, and what the benchmark reads comes fr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench import scenarios
@@ -10,6 +12,9 @@ from bench.host_process import ROLE_HTTP, ROLE_QUEUES, HostProcess, PerFunctionH
 from bench.world_probe import cpu_snapshot, process_cpu_seconds, tap_arrivals
 from sandbox.world import World
 from shared import storage
+
+# Azurite's CPU time is read from Linux's /proc; elsewhere the benchmark reports it as unknown.
+HAS_PROC = Path("/proc/self/stat").exists()
 
 
 def test_a_world_served_from_a_host_process_syncs_and_reports_from_there():
@@ -34,7 +39,7 @@ def test_a_world_served_from_a_host_process_syncs_and_reports_from_there():
 
         # The child's CPU time is its own: the sync's work shows there.
         cpu = cpu_snapshot(world)
-        assert cpu["app"] > 0 and cpu["storage"] > 0
+        assert cpu["app"] > 0 and (not HAS_PROC or cpu["storage"] > 0)
 
         host.fire_timer("graph_subscriptions")  # runs there, to the end, before this returns
         assert host.cpu_seconds() > cpu["app"]
@@ -88,10 +93,11 @@ def test_the_quick_steady_scenario_measures_after_its_lead_in():
     assert result["table_ops_per_change"] > 0  # counted in the host process
     # CPU by part: the app's process, Azurite and this one all worked during the window.
     cpu = result["cpu"]
-    assert cpu["app_s"] > 0 and cpu["storage_s"] > 0 and cpu["sandbox_s"] > 0
+    assert cpu["app_s"] > 0 and cpu["sandbox_s"] > 0 and (not HAS_PROC or cpu["storage_s"] > 0)
     assert cpu["app_ms_per_change"] > 0 and cpu["cores_busy"] > 0
 
 
+@pytest.mark.skipif(not HAS_PROC, reason="reads Linux's /proc")
 def test_another_process_cpu_time_is_read_from_proc():
     import subprocess
     import sys
