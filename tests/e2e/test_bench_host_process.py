@@ -3,6 +3,9 @@ through it as through the in-process host, and what the benchmark reads comes fr
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,14 +102,9 @@ def test_the_quick_steady_scenario_measures_after_its_lead_in():
 
 @pytest.mark.skipif(not HAS_PROC, reason="reads Linux's /proc")
 def test_another_process_cpu_time_is_read_from_proc():
-    import subprocess
-    import sys
-
     spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
                              "while time.process_time() - t < 0.3: pass\ninput()"], stdin=subprocess.PIPE)
     try:
-        import time
-
         deadline = time.monotonic() + 20
         while (process_cpu_seconds(spin.pid) or 0) < 0.25 and time.monotonic() < deadline:
             time.sleep(0.05)
