@@ -199,7 +199,6 @@ var queueNames = [
 var tableNames = [
   'links'
   'linksbyentra'
-  'overlays'
   'shards'
   'connections'
   'subscriptions'

@@ -25,7 +25,7 @@ from shared.links import (
     read_link,
     write_link,
 )
-from shared.sync import OVERLAYS_TABLE, TEAMS_PARTITION, ZOOM_PARTITION, queue_reconcile, teams_call
+from shared.sync import queue_reconcile, teams_call
 
 log = logging.getLogger(__name__)
 
@@ -238,13 +238,11 @@ def release_overlays(link: Link) -> None:
                 teams_call(TeamsOp(TeamsOpKind.CLEAR_PREFERRED), s.entra_user_id, session_id)
         except VendorError as exc:
             log.warning("admin: could not release the Teams overlay of user %s: %s", s.zoom_user_id, exc)
-        storage.delete_entity(OVERLAYS_TABLE, TEAMS_PARTITION, s.zoom_user_id)
     if s.zoom_overlay is not None:
         try:
             zoom_client.put_presence_status(s.zoom_user_id, s.zoom_overlay.restore)
         except VendorError as exc:
             log.warning("admin: could not release the Zoom overlay of user %s: %s", s.zoom_user_id, exc)
-        storage.delete_entity(OVERLAYS_TABLE, ZOOM_PARTITION, s.zoom_user_id)
 
 
 

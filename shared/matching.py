@@ -788,10 +788,6 @@ def _disable_for_event(zoom_id: str, reason: str, event_ts: int) -> str:
         break
     else:
         raise storage.Conflict(f"matching: link {zoom_id} kept changing")
-    if gone:
-        from shared.sync import OVERLAYS_TABLE, ZOOM_PARTITION
-
-        storage.delete_entity(OVERLAYS_TABLE, ZOOM_PARTITION, zoom_id)
     queue_reconcile(zoom_id, reason, confirm_zoom=not gone)
     log.info("matching: link of Zoom user %s disabled (%s)", zoom_id, reason)
     return "disabled"

@@ -12,7 +12,6 @@ DIRECTORY_QUEUE = "directory"  # directory matching and scope runs: starts and c
 # Tables
 LINKS_TABLE = "links"  # one entity per linked person: the link and its sync state
 ENTRA_INDEX_TABLE = "linksbyentra"  # Entra object id -> Zoom user id
-OVERLAYS_TABLE = "overlays"  # overlays that expire, by side, for the keep-alive
 SHARDS_TABLE = "shards"  # groups of <=650 Teams-watched people: one subscription, one sweep read each
 CONNECTIONS_TABLE = "connections"  # connected accounts and their encrypted delegated tokens
 SUBSCRIPTIONS_TABLE = "subscriptions"  # Graph subscription id -> shard and clientState

@@ -8,7 +8,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from sandbox.world import World
 from tests.fixtures.world import E2E_ZOOM_MIN_INTERVAL_S
 
-TABLES = ("links", "linksbyentra", "overlays", "shards", "directory", "subscriptions", "connections")
+TABLES = ("links", "linksbyentra", "shards", "directory", "subscriptions", "connections")
 
 
 def directory_world(**env: str) -> World:

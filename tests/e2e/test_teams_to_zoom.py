@@ -309,6 +309,44 @@ def test_a_person_linked_on_another_instance_is_followed_at_once(world: World):
 
 
 
+def test_keepalive_finds_overlays_near_expiry_in_one_scan_and_confirms_each_at_its_source(
+        world: World, app_setting, monkeypatch):
+    # Teams overlays live 5 minutes and are renewed within their last 5: due at once. A Zoom DND
+    # overlay lives an hour (the default): not due. Someone with nothing of ours is not visited.
+    app_setting(TEAMS_OVERLAY_MINUTES="5", OVERLAY_RENEW_LEEWAY_SECONDS="300")
+    in_meeting, dnd_in_teams, idle = (world.add_person() for _ in range(3))
+    with listening(world, "poll"):
+        world.zoom.join_meeting(in_meeting.zoom_id)
+        world.graph.set_preferred_by_user(dnd_in_teams.entra_id, "DoNotDisturb", "DoNotDisturb")
+        propagate(world, "poll")
+        assert world.teams_shows(in_meeting) == ("Busy", "InACall")
+        assert world.zoom_shows(dnd_in_teams) == "Do_Not_Disturb"
+
+        from shared import sync
+        from shared.storage import storage_operation_count
+
+        queued: list[tuple] = []
+        with monkeypatch.context() as patch:  # what the scan asks for, before anything acts on it
+            patch.setattr(sync, "queue_reconcile", lambda zoom_id, reason, **flags: queued.append(
+                (zoom_id, reason, flags)))
+            before = storage_operation_count()
+            assert sync.keepalive_due() == 1
+            assert storage_operation_count() - before == 1  # one page of one filtered scan: no index
+        assert queued == [(in_meeting.zoom_id, "keepalive", {"confirm_zoom": True, "confirm_teams": False})]
+
+        # For real: Zoom (the source of the Teams overlay) is read for that person alone, and the
+        # overlay is written again because Zoom still shows the meeting.
+        mark_zoom, mark_graph = len(world.zoom.requests), len(graph_writes(world, in_meeting))
+        world.host.fire_timer("overlay_keepalive")
+        world.settle()
+        zoom_reads = [r["path"].lower() for r in world.zoom.requests[mark_zoom:]
+                      if r["method"] == "GET" and r["path"].endswith("/presence_status")]
+        assert zoom_reads == [f"/v2/users/{in_meeting.zoom_id}/presence_status"]
+        assert len(graph_writes(world, in_meeting)) == mark_graph + 1
+        assert world.teams_shows(in_meeting) == ("Busy", "InACall")
+        assert graph_writes(world, idle) == [] and zoom_puts(world, idle) == []
+
+
 def test_zoom_dnd_is_renewed_while_teams_holds_it_and_released_after(world: World, app_setting):
     # A one-minute DND renewed within its last 50 s, so the keep-alive acts after ~10 s.
     app_setting(ZOOM_DND_DURATION_MINUTES="1", OVERLAY_RENEW_LEEWAY_SECONDS="50")
