@@ -135,6 +135,11 @@ def sweep_cost(users: int, *, minutes_between_sweeps: float = 0.5) -> dict:
         "sync_accounts_needed": math.ceil(users / IDS_PER_SUBSCRIPTION),
         # Reading the shards (one page per 1,000 entities) + saving each swept shard.
         "table_ops_quiet": math.ceil(shards / 1000) + shards,
+        # The keep-alive's scan of the links table every 5 minutes: a page per 1,000 links at most
+        # when most match; Azure also ends a page after 5 s of scanning or at a partition-range
+        # boundary ("Query Timeout and Pagination"), so few matches may take fewer or more pages.
+        "keepalive_pages_est": math.ceil(users / 1000),
+        "keepalive_pages_est_per_hour": 12 * math.ceil(users / 1000),
         "read_budget_share": round(shards / (GRAPH_READ_BUDGET * minutes_between_sweeps * 60 / 30), 4),
     }
 

@@ -137,7 +137,21 @@ def measure_sweep(world, users: int) -> dict:
     out.update({"graph_reads_per_sweep": reads, "reported_reads": report.graph_reads, "changes": report.changes,
                 "table_ops": table_ops(world) - ops0, "seconds": round(seconds, 3),
                 "measured": True})
+    out.update(measure_keepalive_scan(world))
     return out
+
+
+def measure_keepalive_scan(world) -> dict:
+    """One keep-alive run over every link (its filtered scan of the links table), as its timer runs it."""
+    from shared import names, storage
+    from shared.sync import keepalive_due
+
+    storage.table(names.LINKS_TABLE)  # this process's first use creates the client (one operation)
+    ops0 = table_ops(world)
+    t0 = time.perf_counter()
+    queued = keepalive_due()
+    return {"keepalive_table_ops": table_ops(world) - ops0, "keepalive_seconds": round(time.perf_counter() - t0, 3),
+            "keepalive_queued": queued}
 
 
 def _settle(world, timeout: float) -> bool:

@@ -57,6 +57,8 @@ def test_sweep_cost_from_the_shard_math():
     assert sweep_cost(10_000)["graph_reads_per_sweep"] == 16
     big = sweep_cost(100_000)
     assert big["graph_reads_per_sweep"] == 154 and big["subscriptions_needed"] == 154
+    # The keep-alive's scan of the links table: a page per 1,000 links, 12 runs an hour.
+    assert (big["keepalive_pages_est"], big["keepalive_pages_est_per_hour"]) == (100, 1200)
 
 
 def test_capacity_plan_orders_the_zoom_plans():
