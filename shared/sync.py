@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from shared import graph_client, logs, names, storage, telemetry, write_path, zoom_client
+from shared import graph_client, links, logs, names, storage, telemetry, write_path, zoom_client
 from shared.config import get_settings
 from shared.engine import (
     TEAMS_TO_ZOOM,
@@ -41,9 +41,6 @@ from shared.errors import (
     Throttled,
     VendorError,
     ZoomUserNotSignedIn,
-)
-from shared.links import (
-    ROW as LINK_ROW,
 )
 from shared.links import (
     STATUS_ERROR,
@@ -583,7 +580,7 @@ def keepalive_due(now: float | None = None) -> int:
     # parameters between spaces only, hence "@t )".
     rows = storage.table(names.LINKS_TABLE).query_entities(
         f"RowKey eq @row and ( {TEAMS_OVERLAY_EXPIRES} le @t or {ZOOM_OVERLAY_EXPIRES} le @t )",
-        parameters={"row": LINK_ROW, "t": horizon},
+        parameters={"row": links.ROW, "t": horizon},
         select=["PartitionKey", TEAMS_OVERLAY_EXPIRES, ZOOM_OVERLAY_EXPIRES])
     count = 0
     for page in rows.by_page():
