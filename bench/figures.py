@@ -183,7 +183,8 @@ def cpu_figures(before: dict[str, float | None], after: dict[str, float | None],
     (``app``: the app's process or processes; ``storage``: Azurite; ``sandbox``: the benchmark's
     own process — both emulators, their senders and the load driver, and the app too when it is
     served in-process), per change, and how many cores were busy on average. A part that could not
-    be measured is None and left out of the totals."""
+    be measured is None and left out of the totals. ``functions`` (CPU inside the app's functions)
+    is part of ``app`` and is reported apart, not added."""
     spent = {part: (None if before.get(part) is None or after.get(part) is None
                     else max(0.0, float(after[part]) - float(before[part])))
              for part in ("app", "storage", "sandbox")}
@@ -193,10 +194,16 @@ def cpu_figures(before: dict[str, float | None], after: dict[str, float | None],
         return None if seconds is None or changes <= 0 else round(seconds * 1000.0 / changes, 2)
 
     app_ms = per_change(spent["app"])
+    # Inside the app's functions alone, a part of "app": the rest is the local host standing in for
+    # the Functions host (HTTP serving, queue polling and settling), which Azure runs apart.
+    functions = (None if before.get("functions") is None or after.get("functions") is None
+                 else max(0.0, float(after["functions"]) - float(before["functions"])))
     return {
         "wall_s": round(wall_s, 2), "changes": changes,
         **{f"{part}_s": None if s is None else round(s, 2) for part, s in spent.items()},
+        "functions_s": None if functions is None else round(functions, 2),
         "app_ms_per_change": app_ms,
+        "functions_ms_per_change": per_change(functions),
         "all_ms_per_change": per_change(total),
         "cores_busy": round(total / wall_s, 2) if wall_s > 0 else None,
         # What one core of the app alone would sustain: the scale-out arithmetic of the capacity plan.

@@ -153,6 +153,10 @@ class HostProcess:
         """CPU time the child has used so far, all its threads (``time.process_time``)."""
         return self._stats()["cpu_s"]
 
+    def function_cpu_seconds(self) -> float:
+        """The part of it spent inside the app's functions (the rest is the local host's work)."""
+        return self._stats()["function_cpu_s"]
+
     def arrivals(self) -> dict[str, dict[str, list[float]]]:
         response = self._control.get(self._control_url("arrivals"), timeout=60)
         response.raise_for_status()
@@ -225,6 +229,9 @@ class PerFunctionHosts:
     def cpu_seconds(self) -> float:
         return sum(child.cpu_seconds() for child in self._children)
 
+    def function_cpu_seconds(self) -> float:
+        return sum(child.function_cpu_seconds() for child in self._children)
+
     def arrivals(self) -> dict[str, dict[str, list[float]]]:
         return self.http.arrivals()
 
@@ -255,6 +262,7 @@ def _serve_control(host, port: int, arrivals) -> ThreadingHTTPServer:
                     "poisoned": [{"queue": p.queue, "reason": p.reason} for p in host.poisoned],
                     "table_operations": storage.storage_operation_count(),
                     "cpu_s": time.process_time(),
+                    "function_cpu_s": host.function_cpu_seconds(),
                 })
             elif path == "/arrivals":
                 with arrivals.lock:

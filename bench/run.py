@@ -122,9 +122,15 @@ def assemble(steady: dict | None, burst: dict | None, cold: dict | None, runs: i
     if "graph_reads_per_sweep_10k" not in result:
         result["graph_reads_per_sweep_10k"] = sweep_cost(10_000)["graph_reads_per_sweep"]
     result["capacity"] = capacity_plan()
-    cores = app_cores_for_peak(((burst or {}).get("cpu") or {}).get("app_ms_per_change"))
+    burst_cpu = (burst or {}).get("cpu") or {}
+    cores = app_cores_for_peak(burst_cpu.get("app_ms_per_change"))
     if cores:
         result["capacity"]["app_cores_at_peak"] = cores
+    # The same at the CPU spent inside the app's functions alone: what the Python worker needs when
+    # the Functions host's own work (HTTP, queue polling) runs in its own process, as in Azure.
+    cores = app_cores_for_peak(burst_cpu.get("functions_ms_per_change"))
+    if cores:
+        result["capacity"]["functions_cores_at_peak"] = cores
     result["steady"] = {k: v for k, v in (steady or {}).items() if k != "series"}
     result["burst"] = {k: v for k, v in (burst or {}).items() if k != "series"}
     result["cold"] = cold or {}
@@ -147,7 +153,8 @@ def print_table(result: dict) -> None:
         table.add_row(key, str(row["value"]), row["target"], row["verdict"])
     for key in ("zoom_to_teams.p50_ms", "zoom_to_teams.p95_ms", "teams_to_zoom.p50_ms", "teams_to_zoom.p95_ms",
                 "converge_s", "converge_bound_s", "graph_reads_per_sweep_10k", "steady.cpu.app_ms_per_change",
-                "burst.cpu.app_ms_per_change", "burst.cpu.all_ms_per_change", "burst.cpu.cores_busy"):
+                "burst.cpu.app_ms_per_change", "burst.cpu.functions_ms_per_change", "burst.cpu.all_ms_per_change",
+                "burst.cpu.cores_busy"):
         table.add_row(key, str(get(result, key)), "", "")
     Console().print(table)
 

@@ -130,4 +130,6 @@ def cpu_snapshot(world) -> dict[str, float | None]:
     app = world.host.cpu_seconds() if hasattr(world.host, "cpu_seconds") else None
     azurite = world.azurite.process
     storage = process_cpu_seconds(azurite.pid) if azurite is not None else None
-    return {"app": app, "storage": storage, "sandbox": time.process_time()}
+    # Inside the app's functions: part of "app" (or of "sandbox" when served in-process).
+    functions = world.host.function_cpu_seconds() if hasattr(world.host, "function_cpu_seconds") else None
+    return {"app": app, "storage": storage, "sandbox": time.process_time(), "functions": functions}

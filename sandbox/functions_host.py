@@ -220,6 +220,7 @@ class LocalFunctionsHost:
         self._state_lock = threading.Lock()
         self._activity = 0
         self._busy = 0  # non-HTTP invocations running (drain waits for them)
+        self._function_cpu_s = 0.0  # CPU spent inside the app's (synchronous) functions
         self._server: BaseWSGIServer | None = None
         self._server_thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -450,6 +451,15 @@ class LocalFunctionsHost:
     def invocation_count(self) -> int:
         return len(self.invocations)
 
+    def function_cpu_seconds(self) -> float:
+        """CPU time spent inside the app's functions so far, apart from the host's own work
+        (HTTP serving, queue polling, settling messages, output bindings), which in Azure is the
+        Functions host's process and not the Python worker's. Each synchronous invocation counts
+        the CPU time of the thread that runs it; async functions run on the host's event loop
+        and are not counted."""
+        with self._state_lock:
+            return self._function_cpu_s
+
     def wait_for_invocations(self, name: str, count: int = 1, timeout: float = 10.0) -> list[Invocation]:
         """Block until ``name`` has at least ``count`` finished invocations; returns them."""
         deadline = time.monotonic() + timeout
@@ -527,7 +537,13 @@ class LocalFunctionsHost:
         if info.is_async:
             assert self._loop is not None
             return asyncio.run_coroutine_threadsafe(info.user_function(**kwargs), self._loop).result()
-        return info.user_function(**kwargs)
+        started = time.thread_time()
+        try:
+            return info.user_function(**kwargs)
+        finally:
+            spent = time.thread_time() - started
+            with self._state_lock:
+                self._function_cpu_s += spent
 
     def _invoke_queue(self, info: FunctionInfo, message: FunctionQueueMessage) -> bool:
         try:

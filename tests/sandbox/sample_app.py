@@ -103,6 +103,15 @@ def cookies(req: func.HttpRequest) -> func.HttpResponse:
     return response
 
 
+@app.route(route="spin", methods=["GET"])
+def spin(req: func.HttpRequest) -> func.HttpResponse:
+    """Burns ``ms`` milliseconds of this thread's CPU (the host's CPU accounting is tested with it)."""
+    until = time.thread_time() + int(req.params.get("ms", "0")) / 1000.0
+    while time.thread_time() < until:
+        pass
+    return func.HttpResponse("spun")
+
+
 @app.route(route="async-echo", methods=["POST"])
 async def async_echo(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
     await asyncio.sleep(0)

@@ -181,6 +181,16 @@ def test_http_round_trip_keeps_route_params_query_headers_and_raw_body(start_sam
     assert record.ended >= record.started
 
 
+def test_cpu_inside_functions_is_counted_apart_from_the_hosts_own_work(start_sample):
+    host = start_sample()
+    requests.get(host.url("spin?ms=0", key=None), timeout=10)  # warm: first request's imports
+    functions0, process0 = host.function_cpu_seconds(), time.process_time()
+    for _ in range(3):
+        assert requests.get(host.url("spin?ms=50", key=None), timeout=10).text == "spun"
+    functions, process = host.function_cpu_seconds() - functions0, time.process_time() - process0
+    assert 0.15 <= functions <= process  # the functions' 150 ms, within what the process spent
+
+
 def test_http_route_matching_and_precedence(start_sample):
     host = start_sample()
 

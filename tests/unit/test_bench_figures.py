@@ -108,6 +108,15 @@ def test_cpu_figures_split_the_seconds_by_part_and_per_change():
     assert cpu["app_ms_per_change"] == 30.0 and cpu["all_ms_per_change"] == 60.0
     assert cpu["cores_busy"] == 2.0
     assert cpu["app_changes_per_core_s"] == pytest.approx(33.3, abs=0.05)
+    assert cpu["functions_s"] is None and cpu["functions_ms_per_change"] is None  # not measured
+
+
+def test_cpu_inside_the_functions_is_reported_apart_and_not_added_to_the_total():
+    before = {"app": 10.0, "storage": 5.0, "sandbox": 2.0, "functions": 4.0}
+    after = {"app": 40.0, "storage": 20.0, "sandbox": 17.0, "functions": 24.0}
+    cpu = cpu_figures(before, after, wall_s=30.0, changes=1000)
+    assert (cpu["functions_s"], cpu["functions_ms_per_change"]) == (20.0, 20.0)
+    assert cpu["all_ms_per_change"] == 60.0 and cpu["cores_busy"] == 2.0  # part of the app's 30 s
 
 
 def test_cpu_figures_leave_out_what_could_not_be_measured():
@@ -131,4 +140,8 @@ def test_the_result_carries_the_cores_the_peak_needs_when_the_burst_measured_its
              "sweep": {"graph_reads_per_sweep": 16, "seconds": 0.2}, "cpu": {"app_ms_per_change": 22.0}}
     result = assemble(None, burst, None, 1, False)
     assert result["capacity"]["app_cores_at_peak"]["users"]["100000"]["cores"] == 11.0
+    assert "functions_cores_at_peak" not in result["capacity"]  # not measured: no lower bound
     assert "app_cores_at_peak" not in assemble(None, dict(burst, cpu={}), None, 1, False)["capacity"]
+    both = assemble(None, dict(burst, cpu={"app_ms_per_change": 22.0, "functions_ms_per_change": 16.0}), None, 1,
+                    False)["capacity"]
+    assert both["functions_cores_at_peak"]["users"]["100000"]["cores"] == 8.0
