@@ -187,17 +187,16 @@ def cpu_figures(before: dict[str, float | None], after: dict[str, float | None],
     is part of ``app`` and is reported apart, not added."""
     spent = {part: (None if before.get(part) is None or after.get(part) is None
                     else max(0.0, float(after[part]) - float(before[part])))
-             for part in ("app", "storage", "sandbox")}
+             for part in ("app", "storage", "sandbox", "functions")}
+    functions = spent.pop("functions")
     total = sum(v for v in spent.values() if v is not None)
 
     def per_change(seconds: float | None) -> float | None:
         return None if seconds is None or changes <= 0 else round(seconds * 1000.0 / changes, 2)
 
     app_ms = per_change(spent["app"])
-    # Inside the app's functions alone, a part of "app": the rest is the local host standing in for
-    # the Functions host (HTTP serving, queue polling and settling), which Azure runs apart.
-    functions = (None if before.get("functions") is None or after.get("functions") is None
-                 else max(0.0, float(after["functions"]) - float(before["functions"])))
+    # ``functions`` is a part of "app": the rest is the local host standing in for the Functions
+    # host (HTTP serving, queue polling and settling), which Azure runs apart.
     return {
         "wall_s": round(wall_s, 2), "changes": changes,
         **{f"{part}_s": None if s is None else round(s, 2) for part, s in spent.items()},
@@ -211,17 +210,17 @@ def cpu_figures(before: dict[str, float | None], after: dict[str, float | None],
     }
 
 
-def app_cores_for_peak(app_ms_per_change: float | None, *, users: tuple[int, ...] = (15_000, 45_000, 100_000),
+def app_cores_for_peak(ms_per_change: float | None, *, users: tuple[int, ...] = (15_000, 45_000, 100_000),
                        peak_fraction_per_minute: float = 0.3) -> dict | None:
     """Cores of app CPU that the top-of-the-hour peak of the capacity plan needs, drained as fast
-    as it comes (``peak_fraction_per_minute`` of the people change within one minute), at the
-    measured CPU per change (echoes included). An upper bound where the measurement includes the
-    local host's own work, which in Azure runs in the Functions host's process."""
-    if not app_ms_per_change:
+    as it comes (``peak_fraction_per_minute`` of the people change within one minute), at a
+    measured CPU per change (echoes included): the app process's (an upper bound, as it includes
+    the local host's own work, which in Azure runs in the Functions host's process) or its
+    functions' alone (a lower bound)."""
+    if not ms_per_change:
         return None
     out = {}
     for n in users:
         per_s = n * peak_fraction_per_minute / 60.0
-        out[str(n)] = {"changes_per_s": round(per_s, 1), "cores": round(per_s * app_ms_per_change / 1000.0, 1)}
-    return {"app_ms_per_change": app_ms_per_change, "peak_fraction_per_minute": peak_fraction_per_minute,
-            "users": out}
+        out[str(n)] = {"changes_per_s": round(per_s, 1), "cores": round(per_s * ms_per_change / 1000.0, 1)}
+    return {"ms_per_change": ms_per_change, "peak_fraction_per_minute": peak_fraction_per_minute, "users": out}
