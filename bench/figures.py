@@ -178,13 +178,19 @@ def capacity_plan(*, changes_per_user_per_hour: float = 12.0, sweep_interval_s: 
 
 
 def cpu_figures(before: dict[str, float | None], after: dict[str, float | None], *, wall_s: float,
-                changes: int) -> dict:
+                changes: int, cores: int | None = None) -> dict:
     """Where a scenario's CPU went: seconds of CPU per part of the sandbox between two snapshots
     (``app``: the app's process or processes; ``storage``: Azurite; ``sandbox``: the benchmark's
     own process — both emulators, their senders and the load driver, and the app too when it is
     served in-process), per change, and how many cores were busy on average. A part that could not
     be measured is None and left out of the totals. ``functions`` (CPU inside the app's functions)
-    is part of ``app`` and is reported apart, not added."""
+    is part of ``app`` and is reported apart, not added.
+
+    ``cores`` (the machine's) gives the ceilings: the changes a second the machine could sustain
+    with every core busy at the measured cost, and with an app that cost nothing (only when the
+    app was measured apart from the emulators: then Azurite and the emulators alone set it). They
+    bound the burst's ``throughput_changes_per_s`` from above even though it counts only the Zoom
+    changes: those cannot go faster than every core spent on them alone."""
     spent = {part: (None if before.get(part) is None or after.get(part) is None
                     else max(0.0, float(after[part]) - float(before[part])))
              for part in ("app", "storage", "sandbox", "functions")}
@@ -195,6 +201,12 @@ def cpu_figures(before: dict[str, float | None], after: dict[str, float | None],
         return None if seconds is None or changes <= 0 else round(seconds * 1000.0 / changes, 2)
 
     app_ms = per_change(spent["app"])
+    all_ms = per_change(total)
+    others_ms = (None if spent["app"] is None or spent["storage"] is None
+                 else per_change(spent["storage"] + (spent["sandbox"] or 0.0)))
+
+    def ceiling(ms: float | None) -> float | None:
+        return round(cores * 1000.0 / ms, 1) if cores and ms else None
     # ``functions`` is a part of "app": the rest is the local host standing in for the Functions
     # host (HTTP serving, queue polling and settling), which Azure runs apart.
     return {
@@ -203,10 +215,13 @@ def cpu_figures(before: dict[str, float | None], after: dict[str, float | None],
         "functions_s": None if functions is None else round(functions, 2),
         "app_ms_per_change": app_ms,
         "functions_ms_per_change": per_change(functions),
-        "all_ms_per_change": per_change(total),
+        "all_ms_per_change": all_ms,
         "cores_busy": round(total / wall_s, 2) if wall_s > 0 else None,
         # What one core of the app alone would sustain: the scale-out arithmetic of the capacity plan.
         "app_changes_per_core_s": round(1000.0 / app_ms, 1) if app_ms else None,
+        "cores": cores,
+        "ceiling_changes_per_s": ceiling(all_ms),
+        "ceiling_changes_per_s_free_app": ceiling(others_ms),
     }
 
 

@@ -39,8 +39,8 @@ APP_HOSTINGS = ("one-process", "per-function", "in-process")
 
 
 def median_merge(runs: list[dict]) -> dict:
-    """One result from several: the median of every number, the first value of anything else.
-    Series (lists) are taken from the median run of the first numeric figure's... simply the first run."""
+    """One result from several: the median of every number (dicts merged key by key), the first
+    run's value of anything else (series, strings, flags)."""
     if len(runs) == 1:
         return runs[0]
     out: dict[str, Any] = {}
@@ -154,7 +154,8 @@ def print_table(result: dict) -> None:
     for key in ("zoom_to_teams.p50_ms", "zoom_to_teams.p95_ms", "teams_to_zoom.p50_ms", "teams_to_zoom.p95_ms",
                 "converge_s", "converge_bound_s", "graph_reads_per_sweep_10k", "steady.cpu.app_ms_per_change",
                 "burst.cpu.app_ms_per_change", "burst.cpu.functions_ms_per_change", "burst.cpu.all_ms_per_change",
-                "burst.cpu.cores_busy"):
+                "burst.cpu.cores_busy", "burst.cpu.ceiling_changes_per_s",
+                "burst.cpu.ceiling_changes_per_s_free_app"):
         table.add_row(key, str(get(result, key)), "", "")
     Console().print(table)
 

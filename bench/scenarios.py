@@ -244,7 +244,7 @@ def steady(params: Params, progress: Progress = _quiet) -> dict:
                 progress("steady: run", i, total)
         progress("steady: run", total, total)
         settled = _settle(world, 180)
-        cpu = cpu_figures(cpu0, cpu_snapshot(world), wall_s=time.time() - start, changes=total)
+        cpu = cpu_figures(cpu0, cpu_snapshot(world), wall_s=time.time() - start, changes=total, cores=os.cpu_count())
         ops = table_ops(world) - ops0
 
         entra_of = {p.zoom_id: p.entra_id for p in people}
@@ -372,7 +372,8 @@ def burst(params: Params, progress: Progress = _quiet) -> dict:
             "wrong_at_end": wrong, "dead_lettered": dead, "lost": max(0, wrong - dead),
             "throughput_changes_per_s": round(throughput, 1),
             "converge_s": round(last_write - first_arrival, 2), **bound,
-            "cpu": cpu_figures(cpu0, cpu_after, wall_s=cpu_wall, changes=len(zoom_changes) + len(teams_changes)),
+            "cpu": cpu_figures(cpu0, cpu_after, wall_s=cpu_wall, changes=len(zoom_changes) + len(teams_changes),
+                               cores=os.cpu_count()),
             "graph_requests": greq,
             "zoom_rate_limited": sum(1 for r in world.zoom.rate_limited if r["time"] >= since),
             "sweep": sweep_10k,

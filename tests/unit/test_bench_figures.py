@@ -127,6 +127,20 @@ def test_cpu_figures_leave_out_what_could_not_be_measured():
     assert cpu["cores_busy"] == 3.0
 
 
+def test_the_ceilings_are_the_cores_over_the_cpu_per_change_with_and_without_the_app():
+    before = {"app": 0.0, "storage": 0.0, "sandbox": 0.0}
+    after = {"app": 20.0, "storage": 6.0, "sandbox": 4.0}  # 1,000 changes: 30 ms each, 10 of them not the app's
+    cpu = cpu_figures(before, after, wall_s=20.0, changes=1000, cores=2)
+    assert cpu["ceiling_changes_per_s"] == pytest.approx(66.7, abs=0.05)  # 2 cores / 30 ms
+    assert cpu["ceiling_changes_per_s_free_app"] == 200.0  # 2 cores / 10 ms: Azurite and the emulators alone
+    # The app served in-process is inside "sandbox": nothing can be said without it.
+    inproc = cpu_figures({"app": None, "storage": 0.0, "sandbox": 0.0}, {"app": None, "storage": 6.0, "sandbox": 24.0},
+                         wall_s=20.0, changes=1000, cores=2)
+    assert inproc["ceiling_changes_per_s"] == pytest.approx(66.7, abs=0.05)
+    assert inproc["ceiling_changes_per_s_free_app"] is None
+    assert cpu_figures(before, after, wall_s=20.0, changes=1000)["ceiling_changes_per_s"] is None  # cores unknown
+
+
 def test_app_cores_for_the_peak_scale_with_people_and_cpu_per_change():
     cores = app_cores_for_peak(20.0, users=(12_000, 24_000))
     assert cores["users"]["12000"] == {"changes_per_s": 60.0, "cores": 1.2}  # 30 % of 12,000 in a minute
