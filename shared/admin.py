@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
@@ -9,10 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared import storage, zoom_client
+from shared import graph_client, storage, zoom_client
 from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, TeamsOp, TeamsOpKind, UserSync
-from shared.errors import VendorError
+from shared.errors import Throttled, TokenError, VendorError
 from shared.links import (
     ENTRA_INDEX_TABLE,
     ROW,
@@ -24,13 +25,15 @@ from shared.links import (
     now_iso,
     read_link,
     write_link,
+    zoom_id_for_entra,
 )
+from shared.names import RECONCILE_QUEUE
 from shared.sync import queue_reconcile, teams_call
 
 log = logging.getLogger(__name__)
 
-_ZOOM_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
+_ZOOM_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}\Z")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\Z")
 
 Direction = Literal["zoom_to_teams", "teams_to_zoom"]
 
@@ -60,6 +63,7 @@ def valid_zoom_id(zoom_user_id: str) -> bool:
 
 def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     if not valid_zoom_id(zoom_user_id):
+        log.info("admin: link save for an invalid Zoom user id rejected")
         return _error(400, "invalid Zoom user id")
     try:
         body = LinkBody.model_validate_json(raw_body or b"{}")
@@ -120,6 +124,7 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
 
 def get_link(zoom_user_id: str) -> tuple[int, dict]:
     if not valid_zoom_id(zoom_user_id):
+        log.info("admin: link read for an invalid Zoom user id rejected")
         return _error(400, "invalid Zoom user id")
     link, _ = read_link(zoom_user_id.lower())
     if link is None:
@@ -213,6 +218,7 @@ def resync_link(zoom_user_id: str) -> tuple[int, dict]:
 
 def remove_link(zoom_user_id: str) -> tuple[int, dict]:
     if not valid_zoom_id(zoom_user_id):
+        log.info("admin: link removal for an invalid Zoom user id rejected")
         return _error(400, "invalid Zoom user id")
     link, _ = read_link(zoom_user_id.lower())
     if link is None:
@@ -224,26 +230,97 @@ def remove_link(zoom_user_id: str) -> tuple[int, dict]:
 
 
 def release_overlays(link: Link) -> None:
-    """Remove whatever we put on either side for this person (never what they set themselves)."""
+    """Remove whatever we put on either side for this person (never what they set themselves).
+
+    The link is about to go (or to name someone else), so nothing will reconcile this person
+    again: what a vendor refuses now (Zoom's one update per user per minute, a throttle, an
+    outage) is queued and retried (:func:`finish_release`), not dropped."""
     s = link.sync
     settings = get_settings()
+    left: dict[str, dict] = {}
+    delay_s = 0.0
     if s.teams_overlay is not None:
         session_id = settings.require("entra_client_id", "ENTRA_CLIENT_ID")
-        try:
-            # Through the sync's own write path, so a deployment writing with people's delegated
-            # tokens (TEAMS_WRITE_MODE) releases the same way it wrote.
-            if s.teams_overlay.overlay.kind == "session":
-                teams_call(TeamsOp(TeamsOpKind.CLEAR_SESSION), s.entra_user_id, session_id)
-            elif s.teams_shows_ours or s.teams_native is None:
-                teams_call(TeamsOp(TeamsOpKind.CLEAR_PREFERRED), s.entra_user_id, session_id)
-        except VendorError as exc:
-            log.warning("admin: could not release the Teams overlay of user %s: %s", s.zoom_user_id, exc)
+        kind = (TeamsOpKind.CLEAR_SESSION if s.teams_overlay.overlay.kind == "session"
+                else TeamsOpKind.CLEAR_PREFERRED if s.teams_shows_ours or s.teams_native is None else None)
+        if kind is not None:
+            try:
+                # Through the sync's own write path, so a deployment writing with people's delegated
+                # tokens (TEAMS_WRITE_MODE) releases the same way it wrote.
+                teams_call(TeamsOp(kind), s.entra_user_id, session_id)
+            except (VendorError, TokenError) as exc:  # TokenError: no token for the write now
+                log.warning("admin: could not release the Teams overlay of user %s now (%s); queued",
+                            s.zoom_user_id, exc)
+                left["teams"] = {"op": kind.value, "availability": s.teams_overlay.overlay.availability,
+                                 "activity": s.teams_overlay.overlay.activity}
+                delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0))
     if s.zoom_overlay is not None:
         try:
             zoom_client.put_presence_status(s.zoom_user_id, s.zoom_overlay.restore)
-        except VendorError as exc:
-            log.warning("admin: could not release the Zoom overlay of user %s: %s", s.zoom_user_id, exc)
+        except (VendorError, TokenError) as exc:
+            log.warning("admin: could not release the Zoom overlay of user %s now (%s); queued", s.zoom_user_id, exc)
+            left["zoom"] = {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore}
+            delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0))
+    if left:
+        _queue_release(s.zoom_user_id, s.entra_user_id, left, delay_s, attempt=1)
 
+
+# A queued release gives up after this many attempts: each waits the vendor's Retry-After, or
+# RELEASE_LOOK_AGAIN_S while Zoom shows a meeting, call or presentation over the manual slot.
+RELEASE_ATTEMPTS = 12
+RELEASE_LOOK_AGAIN_S = 300.0
+
+
+def _queue_release(zoom_user_id: str, entra_user_id: str, left: dict, delay_s: float, *, attempt: int) -> None:
+    storage.enqueue(RECONCILE_QUEUE, {"kind": "release", "zoom_user_id": zoom_user_id, "entra_user_id": entra_user_id,
+                                      "left": left, "attempt": attempt},
+                    delay_seconds=max(1.0, delay_s))
+
+
+def finish_release(message: dict) -> None:
+    """A release queued by :func:`release_overlays`. Each side only if nobody owns that account's
+    presence again (a new link) and it still shows ours: by now the person may have changed it."""
+    from shared.presence import ZOOM_MANUAL_STATES, parse_zoom, teams_pair_matches
+
+    zoom_id = str(message["zoom_user_id"]).lower()
+    entra = str(message["entra_user_id"]).lower()
+    left = dict(message["left"])
+    attempt = int(message.get("attempt", 1))
+    still: dict[str, dict] = {}
+    delay_s = 0.0
+    teams = left.get("teams")
+    if teams and zoom_id_for_entra(entra, fresh=True) is None:
+        kind = TeamsOpKind(teams["op"])
+        try:
+            ours = kind == TeamsOpKind.CLEAR_SESSION  # our session is ours alone: clearing it is always right
+            if not ours:
+                shown = graph_client.get_presence(entra)
+                ours = teams_pair_matches((teams["availability"], teams["activity"]),
+                                          shown.get("availability"), shown.get("activity"))
+            if ours:
+                teams_call(TeamsOp(kind), entra, get_settings().require("entra_client_id", "ENTRA_CLIENT_ID"))
+        except Throttled as exc:
+            still["teams"], delay_s = teams, max(delay_s, exc.retry_after_s)
+    zoom = left.get("zoom")
+    if zoom and read_link(zoom_id)[0] is None:
+        try:
+            shown = parse_zoom(zoom_client.get_presence_status(zoom_id))
+            if shown == parse_zoom(zoom["ours"]):
+                zoom_client.put_presence_status(zoom_id, zoom["restore"])
+            elif shown not in ZOOM_MANUAL_STATES:
+                # A meeting, call or presentation covers the manual slot: ours may be beneath it.
+                still["zoom"], delay_s = zoom, max(delay_s, RELEASE_LOOK_AGAIN_S)
+        except Throttled as exc:
+            still["zoom"], delay_s = zoom, max(delay_s, exc.retry_after_s)
+    if not still:
+        log.info("admin: queued release for Zoom user %s done", zoom_id)
+        return
+    if attempt >= RELEASE_ATTEMPTS:
+        from shared.queue_messages import dead_letter
+
+        dead_letter(RECONCILE_QUEUE, json.dumps(message), f"release not done after {attempt} attempts")
+        return
+    _queue_release(zoom_id, entra, still, delay_s, attempt=attempt + 1)
 
 
 __all__ = ["put_link", "get_link", "get_links", "remove_link", "resync_link", "release_overlays",

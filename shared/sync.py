@@ -560,6 +560,11 @@ def _sync_teams_report(zoom_user_id: str, entra: str, presence: dict, ts: int, c
 
 
 def handle_reconcile(message: dict) -> Outcome:
+    if message.get("kind") == "release":  # what a removed link's overlays still need (shared.admin)
+        from shared.admin import finish_release
+
+        finish_release(message)
+        return Outcome(linked=False)
     return sync_user(str(message["zoom_user_id"]).lower(), reason=str(message.get("reason", "reconcile")),
                      cid=str(message.get("cid", "")), confirm_zoom=bool(message.get("confirm_zoom")),
                      confirm_teams=bool(message.get("confirm_teams")))

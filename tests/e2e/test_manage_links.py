@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
 import requests
 
 from sandbox.world import World
+from tests.fixtures.world import E2E_ZOOM_MIN_INTERVAL_S
 
 pytestmark = pytest.mark.e2e
 
@@ -94,3 +96,45 @@ def test_delete_releases_our_overlay_and_unlinks(world: World):
     world.zoom.join_meeting(person.zoom_id)
     world.settle()
     assert world.teams_shows(person) == ("Available", "Available")  # unlinked: no more writes
+
+
+def _our_away_on_zoom(world: World):
+    """A linked person whose Teams Away we have put on Zoom; Zoom refuses the next PUT for them
+    (429, as for its one update per user per minute; armed here, so slow settling cannot let
+    the minute pass first)."""
+    person = world.add_person()
+    world.host.fire_timer("graph_subscriptions")
+    world.graph.set_teams_client(person.entra_id, "Away", "Away")
+    world.host.fire_timer("presence_sweep")
+    world.settle()
+    assert world.zoom_shows(person) == "Away"
+    world.zoom.faults.throttle(count=1, retry_after=E2E_ZOOM_MIN_INTERVAL_S, path=r"/presence_status$")
+    return person
+
+
+def test_a_release_zoom_refuses_at_delete_is_queued_and_made_when_it_may(world: World):
+    # Zoom takes one update per user per minute: a delete soon after we put Away on Zoom is refused
+    # (429) at first. The link is gone at once; the release is not lost.
+    person = _our_away_on_zoom(world)
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+    assert world.admin("GET", f"links/{person.zoom_id}").status_code == 404
+    puts = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
+    assert puts[-1]["status"] == 429  # refused for now
+    world.settle(timeout=60)
+    deadline = time.monotonic() + E2E_ZOOM_MIN_INTERVAL_S + 20
+    while world.zoom_shows(person) != "Available":
+        assert time.monotonic() < deadline, "the queued release was never made"
+        time.sleep(0.2)
+    assert world.host.poisoned == []
+
+
+def test_a_queued_release_leaves_a_status_the_person_chose_meanwhile(world: World):
+    person = _our_away_on_zoom(world)
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+    world.zoom.set_status_by_user(person.zoom_id, "Do_Not_Disturb")  # before the release may go
+    time.sleep(E2E_ZOOM_MIN_INTERVAL_S + 2)
+    world.settle(timeout=60)
+    assert world.zoom_shows(person) == "Do_Not_Disturb"
+    released = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id
+                and p["status"] == 204 and p["body"] == {"status": "Available"}]
+    assert released == []
