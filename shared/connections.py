@@ -60,7 +60,7 @@ _AAD_PREFIX = b"presence-bridge/connections/v1|"
 _NONCE_BYTES = 12
 # A Table string property holds at most 64 KiB (32K UTF-16 characters).
 _MAX_CIPHERTEXT_CHARS = 32_000
-_KEY_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
+_KEY_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,32}\Z")
 # MSAL's discovery responses (no tokens) shared by every per-account client in this process.
 _HTTP_CACHE: dict = {}
 

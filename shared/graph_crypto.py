@@ -33,7 +33,7 @@ TOKEN_LEEWAY_S = 300
 JWKS_TTL_S = 24 * 3600
 # An unknown kid may mean Entra rolled its keys: refetch, but not more often than this.
 JWKS_REFETCH_MIN_S = 300
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
 
 class ContentRejected(Exception):
@@ -145,7 +145,7 @@ def decrypt_content(encrypted: Mapping[str, Any], cert: NotificationCertificate)
         unpadder = padding.PKCS7(128).unpadder()
         plaintext = unpadder.update(padded) + unpadder.finalize()
         resource = json.loads(plaintext.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ContentRejected("data does not decrypt to JSON") from None
     if not isinstance(resource, dict):
         raise ContentRejected("data is not a JSON object")

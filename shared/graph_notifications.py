@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 PRESENCES_PER_MESSAGE = 200
 IDS_PER_MESSAGE = 650
 MAX_VALIDATION_TOKEN_CHARS = 8192
-_ID = re.compile(r"^[0-9A-Za-z\-]{1,64}$")
+_ID = re.compile(r"^[0-9A-Za-z\-]{1,64}\Z")
 _RESOURCE_ID = re.compile(r"(?:presences\('|presences/|users\('|users/)([0-9A-Za-z\-]{1,64})", re.IGNORECASE)
 
 
@@ -162,7 +162,7 @@ def _known(item: Any, what: str) -> Any | None:
     if ref is None:
         log.warning("graph %s: subscription %s is not ours; item ignored", what, _safe(item.subscriptionId))
         return None
-    given = (item.clientState or "").encode()
+    given = (item.clientState or "").encode("utf-8", "backslashreplace")
     if not ref.client_state or not hmac.compare_digest(given, ref.client_state.encode()):
         log.warning("graph %s: clientState mismatch for subscription %s; item ignored", what, ref.subscription_id)
         return None

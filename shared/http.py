@@ -242,7 +242,7 @@ def reset_http_session() -> None:
         _contexts.clear()
 
 
-_NUMBER = re.compile(r"^\s*\d+(\.\d+)?\s*$")
+_NUMBER = re.compile(r"^\s*\d+(\.\d+)?\s*\Z")
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -435,5 +435,5 @@ def _decode_token(token: str | None) -> Any:
         return None
     try:
         return json.loads(base64.urlsafe_b64decode(token.encode()))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for the decoder
         raise ValueError("invalid continuation token") from None

@@ -12,11 +12,12 @@ intake batch, WARNING for what an admin should look at, ERROR for what was lost 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
 
-_SAFE = re.compile(r"^[0-9A-Za-z._:/\-+{}]*$")
+_SAFE = re.compile(r"^[0-9A-Za-z._:/\-+{}]*\Z")
 
 
 def _value(value: Any) -> str:
@@ -27,7 +28,9 @@ def _value(value: Any) -> str:
     if "@" in text:
         return "{redacted}"
     text = text[:200]
-    return text if _SAFE.match(text) else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # Anything else is quoted as a JSON string: quotes, backslashes and control characters escaped,
+    # so a value can neither end the line nor forge another field.
+    return text if _SAFE.match(text) else json.dumps(text)
 
 
 def kv(**fields: Any) -> str:

@@ -159,6 +159,8 @@ def parse_mapping(raw: str | None) -> Mapping:
             doc = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise MappingError(f"PRESENCE_MAPPING is not JSON: {exc.msg}") from None
+        except RecursionError:
+            raise MappingError("PRESENCE_MAPPING is nested too deeply") from None
         if not isinstance(doc, dict) or set(doc) - {"zoom_to_teams", "teams_to_zoom"}:
             raise MappingError("PRESENCE_MAPPING must be an object with zoom_to_teams and/or teams_to_zoom")
         for key, value in (doc.get("zoom_to_teams") or {}).items():

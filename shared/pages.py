@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl
 
 # Larger bodies are not a sign-in response or one of our forms.
 MAX_FORM_BYTES = 16 * 1024
+MAX_FORM_FIELDS = 32
 
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
@@ -31,6 +32,10 @@ _STYLE = ("body{font-family:system-ui,sans-serif;max-width:36rem;margin:3rem aut
           "button{font-size:1rem;padding:.4rem 1rem}")
 
 
+class FormRefused(ValueError):
+    """A URL-encoded POST body that cannot be one of our forms (or a sign-in response)."""
+
+
 @dataclass
 class WebRequest:
     """What a browser sent: method, query parameters, raw body and headers (lower-case names)."""
@@ -45,16 +50,22 @@ class WebRequest:
 
     @property
     def form(self) -> dict[str, str]:
-        """URL-encoded form fields of a POST (empty for anything else, or when too large)."""
-        if self.method.upper() != "POST" or not self.body or len(self.body) > MAX_FORM_BYTES:
+        """URL-encoded form fields of a POST (empty for anything else). Raises :class:`FormRefused`
+        for a body no form of ours sends: too large, not UTF-8, or more fields than any has."""
+        if self.method.upper() != "POST" or not self.body:
             return {}
         if "application/x-www-form-urlencoded" not in self.header("content-type").lower():
             return {}
+        if len(self.body) > MAX_FORM_BYTES:
+            raise FormRefused(f"body over {MAX_FORM_BYTES} bytes")
         try:
             text = self.body.decode("utf-8")
         except UnicodeDecodeError:
-            return {}
-        return dict(parse_qsl(text, keep_blank_values=True, max_num_fields=32))
+            raise FormRefused("body is not UTF-8") from None
+        try:
+            return dict(parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS))
+        except ValueError:
+            raise FormRefused(f"more than {MAX_FORM_FIELDS} fields") from None
 
     def cookies(self, name: str) -> list[str]:
         """Every value sent for cookie ``name`` (RFC 6265 §4.2 ``name=value; name=value``; a name may

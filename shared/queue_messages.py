@@ -34,7 +34,7 @@ def run_queue_message(queue_name: str, body: bytes, dequeue_count: int | None,
         message = json.loads(body)
         if not isinstance(message, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         dead_letter(queue_name, body, f"undecodable message ({exc.__class__.__name__})")
         return None
     try:

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 KIND = "scopes"
 SCOPES_ROW = "current"
 MAX_GROUPS = 50
-_ZOOM_GROUP_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_ZOOM_GROUP_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}\Z")
 MEMBER_YES, MEMBER_NO, MEMBER_UNKNOWN = "yes", "no", ""
 _PAGE = 500
 _SELECT = ["PartitionKey", "entra_user_id", "directions", "wanted_directions", "opt_out", "scope_member", "status"]
@@ -462,6 +462,7 @@ def patch_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     from shared.admin import valid_zoom_id
 
     if not valid_zoom_id(zoom_user_id):
+        log.info("admin: link change for an invalid Zoom user id rejected")
         return _error(400, "invalid Zoom user id")
     try:
         body = LinkPatch.model_validate_json(raw_body or b"{}")

@@ -57,7 +57,7 @@ _OWN = {"PartitionKey", "RowKey", "ids", "seqs", "version", "last_swept_at", "si
 # A Table string property holds at most 32K characters (64 KiB UTF-16): a full shard's ``seqs``
 # (650 ids with their sequence numbers, ~45K characters) is stored in parts ``seqs``, ``seqs_1``, …
 _PART_CHARS = 30_000
-_PART = re.compile(r"^(ids|seqs)_\d+$")
+_PART = re.compile(r"^(ids|seqs)_\d+\Z")
 
 
 def _split_column(name: str, text: str) -> dict[str, str]:

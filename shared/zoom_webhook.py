@@ -105,16 +105,19 @@ def verify(headers: Mapping[str, str], body: bytes, secrets: list[str], now: flo
     timestamp = _header(headers, "x-zm-request-timestamp")
     if not signature or not timestamp:
         raise _Rejected(401, "unsigned", "missing x-zm-signature or x-zm-request-timestamp")
-    try:
-        ts = int(timestamp)
-    except ValueError:
-        raise _Rejected(401, "bad_timestamp", "x-zm-request-timestamp is not an integer") from None
+    # Zoom sends whole seconds since the epoch; anything longer cannot be near now (and a huge
+    # integer would not even convert to a float to compare).
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        raise _Rejected(401, "bad_timestamp", "x-zm-request-timestamp is not an integer number of seconds")
+    ts = int(timestamp)
     if abs(now - ts) > max_skew_s:
         raise _Rejected(401, "stale_timestamp", f"request timestamp {abs(now - ts):.0f}s away from now")
     matched = None
     for secret in secrets:
         # Every candidate is compared, in constant time, so timing says nothing about which matched.
-        if hmac.compare_digest(sign(secret, timestamp, body), signature) and matched is None:
+        # As bytes: compare_digest refuses str holding non-ASCII, and the header is the caller's.
+        if hmac.compare_digest(sign(secret, timestamp, body).encode(),
+                               signature.encode("utf-8", "backslashreplace")) and matched is None:
             matched = secret
     if matched is None:
         raise _Rejected(401, "bad_signature", "signature does not match")
@@ -146,7 +149,7 @@ def _handle(
         secret = verify(headers, body, secrets, now, max_skew_s)
         try:
             doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested too deep for the decoder
             raise _Rejected(400, "malformed_json", "body is not JSON") from None
         try:
             event = ZoomEvent.model_validate(doc)

@@ -37,7 +37,7 @@ from shared.config import SettingMissing, get_settings
 from shared.connect import people, state, zoom_oauth
 from shared.connect.people import LinkOutcome
 from shared.errors import TokenError
-from shared.pages import Form, WebRequest, WebResponse, page, redirect
+from shared.pages import Form, FormRefused, WebRequest, WebResponse, page, redirect
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,9 @@ def guarded(handler: Callable[..., WebResponse]) -> Callable[..., WebResponse]:
             return handler(*args, **kwargs)
         except Refused as stop:
             return stop.response
+        except FormRefused as exc:
+            log.info("connect: %s refused a form: %s", handler.__name__, exc)
+            return page(400, "Form not accepted", ["This is not a form of this service. Nothing was changed."])
         except SettingMissing as exc:
             log.error("connect: not configured: %s", exc)
             return _unavailable("Sign-in")
@@ -151,6 +154,7 @@ def _take(req: WebRequest, provider: str, params: Mapping[str, str]) -> state.Fl
     """The flow this callback belongs to — only in the browser that started it, only once."""
     given = params.get("state") or ""
     if not given:
+        log.info("connect: %s callback refused: no state", provider)
         raise Refused(_bad_state("no_state"))
     if not state.browser_holds(req.cookies(state.COOKIE_NAME), given):
         log.info("connect: %s callback refused: state not bound to this browser", provider)
@@ -167,6 +171,7 @@ def _take(req: WebRequest, provider: str, params: Mapping[str, str]) -> state.Fl
                             f"The sign-in was cancelled or refused ({error}).", flow.purpose,
                             cookie=state.clear_cookie()))
     if not params.get("code"):
+        log.info("connect: %s callback refused: no code", provider)
         raise Refused(_bad_state("no_state", flow.purpose))
     return flow
 
@@ -210,6 +215,7 @@ def _redeem_microsoft(flow: state.Flow, params: Mapping[str, str]) -> connection
     """Redeem the code: store the connection (connect) or only learn the Entra object id (disconnect)."""
     msal_flow = flow.data.get("flow")
     if not isinstance(msal_flow, dict) or not msal_flow.get("code_verifier"):
+        log.warning("connect: stored flow %s has no PKCE verifier", flow.purpose)
         raise Refused(_bad_state("no_verifier", flow.purpose))
     try:
         if flow.purpose == PURPOSE_DISCONNECT:
@@ -317,6 +323,7 @@ def zoom_start(req: WebRequest) -> WebResponse:
 def _identify_zoom(flow: state.Flow, params: Mapping[str, str]) -> zoom_oauth.ZoomIdentity:
     verifier = str(flow.data.get("verifier") or "")
     if not verifier:
+        log.warning("connect: stored flow %s has no PKCE verifier", flow.purpose)
         raise Refused(_bad_state("no_verifier", flow.purpose))
     try:
         token = zoom_oauth.exchange_code(params["code"], redirect_uri(ZOOM), verifier)

@@ -13,7 +13,7 @@ from shared.connect import flows, people, state
 
 log = logging.getLogger(__name__)
 
-_ACCOUNT_ID = re.compile(r"^[0-9A-Fa-f\-]{1,64}$")
+_ACCOUNT_ID = re.compile(r"^[0-9A-Fa-f\-]{1,64}\Z")
 
 
 def _iso(ts: float) -> str:
@@ -47,12 +47,15 @@ def create_invitation(raw_body: bytes) -> tuple[int, dict]:
     """A one-time start URL for connecting a sync account (``{"purpose": "sync-account"}``, the default)."""
     try:
         body = json.loads(raw_body or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for the decoder
+        log.info("connect: invitation refused: the body is not JSON")
         return 400, {"error": "invalid JSON"}
     if not isinstance(body, dict) or set(body) - {"purpose"}:
+        log.info("connect: invitation refused: fields other than purpose")
         return 400, {"error": "only 'purpose' may be given"}
     purpose = body.get("purpose") or connections.PURPOSE_SYNC_ACCOUNT
     if purpose != connections.PURPOSE_SYNC_ACCOUNT:
+        log.info("connect: invitation refused: a purpose other than sync-account")
         return 400, {"error": "invitations are for purpose 'sync-account' (people connect themselves with 'self')"}
     token, expires_at = state.create_invitation(purpose)
     url = flows.start_url(flows.MICROSOFT, purpose=purpose, invite=token)
@@ -62,6 +65,7 @@ def create_invitation(raw_body: bytes) -> tuple[int, dict]:
 
 def delete_account(account_id: str) -> tuple[int, dict]:
     if not _ACCOUNT_ID.match(account_id or ""):
+        log.info("connect: disconnect refused: invalid account id")
         return 400, {"error": "invalid account id"}
     removal = people.remove_connection(account_id)
     if removal is None:

@@ -109,7 +109,9 @@ def verify(signed: str | None) -> str | None:
     value, mac, key_id = parts
     if key_id not in _ring().keys:
         return None
-    return value if hmac.compare_digest(mac, _mac(key_id, value)) else None
+    # As bytes: compare_digest refuses str holding non-ASCII, and the MAC comes from the browser.
+    given = mac.encode("utf-8", "backslashreplace")
+    return value if hmac.compare_digest(given, _mac(key_id, value).encode()) else None
 
 
 def _secure() -> bool:
@@ -131,7 +133,8 @@ def browser_holds(cookie_values: list[str], expected: str) -> bool:
     """Whether one of this browser's binding cookies vouches for ``expected`` (a state or nonce)."""
     if not expected:
         return False
-    return any(hmac.compare_digest(value.encode(), expected.encode())
+    return any(hmac.compare_digest(value.encode("utf-8", "backslashreplace"),
+                                   expected.encode("utf-8", "backslashreplace"))
                for value in (verify(v) for v in cookie_values) if value is not None)
 
 
@@ -147,7 +150,7 @@ def read_ticket(ticket: str | None) -> dict[str, Any] | None:
         return None
     try:
         body = json.loads(_unb64(value))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         return None
     if not isinstance(body, dict) or float(body.get("exp") or 0) <= time.time():
         return None

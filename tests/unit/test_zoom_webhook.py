@@ -83,6 +83,12 @@ def test_second_secret_accepted_during_rotation():
         ({"x-zm-signature": "v0=00"}, "unsigned"),
         ({"x-zm-request-timestamp": str(NOW)}, "unsigned"),
         ({"x-zm-request-timestamp": "soon", "x-zm-signature": "v0=00"}, "bad_timestamp"),
+        # Too large to compare with now as a float; int() would take these, Zoom never sends them.
+        ({"x-zm-request-timestamp": "9" * 400, "x-zm-signature": "v0=00"}, "bad_timestamp"),
+        ({"x-zm-request-timestamp": f" +{NOW}", "x-zm-signature": "v0=00"}, "bad_timestamp"),
+        ({"x-zm-request-timestamp": "\u0661\u0662", "x-zm-signature": "v0=00"}, "bad_timestamp"),  # Arabic-Indic digits
+        # compare_digest refuses non-ASCII str: the signature is compared as bytes.
+        ({"x-zm-request-timestamp": str(NOW), "x-zm-signature": "v0=\u00e9"}, "bad_signature"),
         ({"x-zm-request-timestamp": str(NOW), "x-zm-signature": "v0=" + "0" * 64}, "bad_signature"),
         ({"x-zm-request-timestamp": str(NOW - 301), "x-zm-signature": "__SIGN__"}, "stale_timestamp"),
         ({"x-zm-request-timestamp": str(NOW + 301), "x-zm-signature": "__SIGN__"}, "stale_timestamp"),
