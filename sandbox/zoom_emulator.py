@@ -369,6 +369,11 @@ class ZoomFaults:
         the update took effect, but the caller cannot know it."""
         self._add(self._api, "lost_answer", count, path)
 
+    def slow_answer(self, seconds: float, count: int = 1, path: str | None = None) -> None:
+        """Carry out the next ``count`` requests at once, then hold each answer ``seconds``: what a
+        read returns may be out of date by the time the caller has it."""
+        self._add(self._api, "slow_answer", count, path, seconds=seconds)
+
     def latency(self, seconds: float, count: int | None = None, path: str | None = None) -> None:
         """Delay every matching request (or the next ``count``) by ``seconds`` before answering."""
         self._add(self._latency, "latency", count, path, seconds=seconds)
@@ -1395,6 +1400,7 @@ class ZoomEmulator:
         path = request.path
         delay = self.faults._latency_for(path)
         if delay:
+            self.faults._note("latency", path=path, seconds=delay)  # as it begins: tests act during it
             time.sleep(delay)
 
         adapter = self._url_map.bind_to_environ(request.environ)
@@ -1416,6 +1422,11 @@ class ZoomEmulator:
         if fault is not None and fault.kind == "lost_answer":
             self.faults._note("lost_answer", path=path, time=self.clock.now())
             ctx["lost_answer"] = True
+        elif fault is not None and fault.kind == "slow_answer":
+            self.faults._note("slow_answer", path=path, time=self.clock.now())
+            response = getattr(self, "_h_" + endpoint)(request, ctx, **args)
+            time.sleep(fault.params["seconds"])
+            return response
         elif fault is not None:
             return self._serve_fault(fault, path, args.get("user_id"))
 

@@ -117,8 +117,14 @@ def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: Engin
     if ts_ms <= user.zoom_seen_ts:
         return Observed.STALE
     state = parse_zoom(status)
-    user.zoom_seen_ts = ts_ms
     overlay = user.zoom_overlay
+    if (overlay is not None and state in ZOOM_MANUAL_STATES and state != parse_zoom(overlay.status)
+            and ts_ms < overlay.written_at * 1000):
+        # A manual status from before we decided to write ours (a late delivery, or the echo of an
+        # older PUT of ours): Zoom has one manual slot and our PUT replaced it. Taking it as the
+        # person's would give up our overlay for good. (Zoom's event time against our clock.)
+        return Observed.STALE
+    user.zoom_seen_ts = ts_ms
     if overlay is not None and state == parse_zoom(overlay.status):
         # Zoom shows what we put there. If the person's own state was an automatic one
         # (meeting, phone call, presenting) it has ended: beneath it is the manual slot, ours.
@@ -170,9 +176,12 @@ def observe_teams(
         return Observed.IGNORED
     overlay = user.teams_overlay
     if (overlay is not None and not teams_pair_matches(overlay.overlay.pair, availability, activity)
-            and ts_ms < overlay.in_place_since(cfg or EngineConfig()) * 1000):
+            and ts_ms < overlay.in_place_since(cfg or EngineConfig()) * 1000
+            and not _busier_than_our_session(overlay, parse_teams(availability, activity))):
         # Read before our write was in place: it says nothing about the person (taking it as the
         # person's would give up the preferred slot we had just written, or think a session gone).
+        # A state busier than our session is the person's either way: sessions only add ours, and
+        # Teams may not report it again (what it shows does not change when our session lands).
         return Observed.STALE
     if sequence and user.teams_seen_seq:
         if sequence <= user.teams_seen_seq:
@@ -192,7 +201,11 @@ def observe_teams(
         return Observed.ECHO
     user.teams_shows_ours = False
     if overlay is not None:
-        if overlay.overlay.kind == "preferred":
+        if overlay.overlay.kind == "preferred" and _teams_closed(state, activity):
+            # Teams closed or signed out: the preferred presence is still set but shows only while a
+            # session exists (API-FACTS §6). Not the person's choice; "Appear offline" is OffWork.
+            pass
+        elif overlay.overlay.kind == "preferred":
             # The user-preferred slot is the person's once Teams shows anything else (DESIGN.md §5).
             user.teams_yielded = overlay.source
             user.teams_overlay = None
@@ -201,6 +214,14 @@ def observe_teams(
             # so the reconciler may write it again while its source holds.
             user.teams_overlay = None
     return _set_teams_native(user, state, ts_ms) or Observed.UNCHANGED
+
+
+def _busier_than_our_session(overlay: TeamsOverlayRecord, state: Presence) -> bool:
+    return overlay.overlay.kind == "session" and priority(state) > priority(overlay.overlay.state)
+
+
+def _teams_closed(state: Presence, activity: str | None) -> bool:
+    return state == Presence.UNKNOWN or (state == Presence.OFFLINE and (activity or "").lower() != "offwork")
 
 
 def _set_teams_native(user: UserSync, state: Presence, ts_ms: int) -> Observed | None:

@@ -62,7 +62,7 @@ class Link:
     last_sync_at: str = ""
     last_sync_direction: str = ""
     zoom_deferred_until: float = 0.0  # a reconcile is scheduled for then (one PUT a minute)
-    zoom_blocked_until: float = 0.0  # Zoom said 5301 (not signed in): leave the person alone until then
+    zoom_blocked_until: float = 0.0  # Zoom said 5301 (not signed in) or 429: no PUT for the person until then
     # One invocation at a time writes to the vendors for a person (their calls could otherwise land
     # out of order); others record what they learnt and set ``pending`` for the lease holder.
     lease_owner: str = ""

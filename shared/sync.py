@@ -53,6 +53,7 @@ from shared.links import (
     zoom_id_for_entra,
 )
 from shared.mapping import current_mapping
+from shared.presence import ZOOM_MANUAL_STATES
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
     me = cid or uuid.uuid4().hex
     outcome = Outcome()
     confirmed_zoom: str | None = None
+    confirmed_zoom_at = 0.0
     confirmed_teams: dict | None = None
     confirmed_teams_at = 0.0
     if confirm_zoom or confirm_teams:
@@ -109,6 +111,8 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
             outcome.linked = False
             return outcome
         if confirm_zoom:
+            # When the read began: a webhook of a change made during the read is newer than it.
+            confirmed_zoom_at = time.time()
             confirmed_zoom = _read_zoom(link, outcome)
         if confirm_teams:
             confirmed_teams_at = time.time()  # when the read began: what it shows is no older
@@ -118,7 +122,7 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
         if observe is not None:
             outcome.observed = observe(link, now)
         if confirmed_zoom is not None:
-            _apply_zoom_report(link, confirmed_zoom, int(now * 1000), now, engine_config())
+            _apply_zoom_report(link, confirmed_zoom, int(confirmed_zoom_at * 1000), now, engine_config())
         if confirmed_teams is not None:
             _apply_teams_report(link, confirmed_teams, int(confirmed_teams_at * 1000))
 
@@ -133,8 +137,10 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
         learn(link, now)
         if link.lease_owner and link.lease_owner != me and link.lease_until > now:
             # Someone is writing to the vendors for this person right now: leave what we learnt
-            # for them (they re-plan before letting go) rather than race their calls.
-            if _state(link) == before:
+            # for them (they re-plan before letting go) rather than race their calls. A reconcile
+            # learns nothing but is itself the news (a deferred write now due): the holder must
+            # re-plan, or a write it had seen as already scheduled is never made.
+            if _state(link) == before and (observe is not None or link.pending):
                 return outcome
             link.pending = True
             try:
@@ -389,7 +395,7 @@ def _keep_unanswered_zoom_put(exc: Exception, op: ZoomOp, result: Plan, undo: di
     as ours and it is put again or released."""
     if _unanswered(exc) and not op.release and result.zoom_overlay is not None:
         undo["zoom"] = (replace(result.zoom_overlay, expires_at=result.zoom_overlay.written_at),
-                        op.status, result.zoom_overlay.written_at, result.zoom_overlay)
+                        op.status, result.zoom_overlay.written_at, result.zoom_overlay, undo["zoom"][4])
 
 
 def _unanswered(exc: Exception) -> bool:
@@ -421,7 +427,8 @@ def teams_call(op: TeamsOp, entra: str, session_id: str) -> None:
 def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome, cid: str) -> bool:
     op = result.zoom_op
     settings = get_settings()
-    undo = {"zoom": (previous.zoom_overlay, previous.zoom_last_put, previous.zoom_last_put_at, result.zoom_overlay),
+    undo = {"zoom": (previous.zoom_overlay, previous.zoom_last_put, previous.zoom_last_put_at, result.zoom_overlay,
+                     link.sync.zoom_seen_ts),
             "owner": link.lease_owner}
     try:
         zoom_client.put_presence_status(link.zoom_user_id, op.status, op.duration_minutes)
@@ -436,7 +443,8 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
     except Throttled as exc:
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_throttled")
         _keep_unanswered_zoom_put(exc, op, result, undo)
-        _revert(link.zoom_user_id, **undo)
+        # Until then every PUT for this person would be refused too (the gate holds them back).
+        _revert(link.zoom_user_id, **undo, blocked_until=time.time() + exc.retry_after_s)
         _schedule(link.zoom_user_id, exc.retry_after_s, "zoom_throttled", cid)
         outcome.deferred_until = time.time() + exc.retry_after_s
         return False
@@ -480,6 +488,13 @@ def _schedule(zoom_user_id: str, delay_s: float, reason: str, cid: str) -> None:
     logs.debug(log, "sync: retry scheduled", user=zoom_user_id, delay_s=float(delay_s), reason=reason, cid=cid)
 
 
+def _took_zoom_slot_since(s: UserSync, seen_ts: int) -> bool:
+    """Has Zoom reported a manual status of the person's since ``seen_ts``? Then a failed release
+    must not put our overlay back on record: the slot is theirs (a failed set is already kept
+    apart by the overlay check, as taking the slot clears the overlay)."""
+    return s.zoom_seen_ts > seen_ts and s.zoom_overlay is None and s.zoom_native in ZOOM_MANUAL_STATES
+
+
 def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom=None, error: tuple[str, str] | None = None,
             blocked_until: float | None = None) -> None:
     """Undo the bookkeeping of a write that did not happen (only if nobody changed it since), and
@@ -494,7 +509,7 @@ def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom=None, error: tupl
         s = link.sync
         if teams is not None and s.teams_overlay == teams[1]:
             s.teams_overlay = teams[0]
-        if zoom is not None and s.zoom_overlay == zoom[3]:
+        if zoom is not None and s.zoom_overlay == zoom[3] and not _took_zoom_slot_since(s, zoom[4]):
             s.zoom_overlay, s.zoom_last_put, s.zoom_last_put_at = zoom[0], zoom[1], zoom[2]
         if blocked_until is not None:
             link.zoom_blocked_until = blocked_until

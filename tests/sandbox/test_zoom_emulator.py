@@ -832,6 +832,25 @@ def test_lost_answer_carries_out_the_put_and_drops_the_connection(zoom, api):
     assert api.put_presence(uid, "Busy").status_code == 429  # and it counted for the minute
 
 
+def test_slow_answer_reads_at_once_and_answers_late(zoom, api):
+    uid = zoom.add_user(email="late@example.com")["id"]
+    zoom.set_status_by_user(uid, "Away")
+    zoom.faults.slow_answer(0.5, path=r"/presence_status$")
+    answers: list = []
+    reader = threading.Thread(target=lambda: answers.append(api.get(f"/users/{uid}/presence_status")))
+    started = time.monotonic()
+    reader.start()
+    deadline = time.monotonic() + 5
+    while not any(f["kind"] == "slow_answer" for f in zoom.faults.fired):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    zoom.set_status_by_user(uid, "Do_Not_Disturb")  # while the answer is held
+    reader.join(5)
+    assert time.monotonic() - started >= 0.5
+    assert answers[0].status_code == 200 and answers[0].json()["status"] == "Away"  # as it was when read
+    assert api.get(f"/users/{uid}/presence_status").json()["status"] == "Do_Not_Disturb"  # one answer only
+
+
 def test_api_timeout_and_latency(zoom, api):
     uid = zoom.add_user(email="slow@example.com")["id"]
     zoom.faults.timeout(count=1, seconds=1.0)

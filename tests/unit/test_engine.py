@@ -348,3 +348,80 @@ def test_when_graph_answered_is_stored_with_the_overlay(answered_at):
     legacy = {k: v for k, v in json.loads(entity["teams_overlay"]).items() if k != "answered_at"}
     entity["teams_overlay"] = json.dumps(legacy)
     assert link_from_entity(entity).sync.teams_overlay.answered_at == 1_000_000.0
+
+
+def test_a_late_echo_of_an_older_zoom_put_does_not_give_up_the_newer_overlay():
+    # Teams DND → Zoom DND; a minute later a Teams call → Zoom On_A_Call. The DND echo comes late
+    # (Zoom retried it) with its original event time, after the second PUT was planned.
+    w = World()
+    w.zoom("Available")
+    w.teams("DoNotDisturb", "DoNotDisturb")
+    dnd_echo_ts = w.ts + 500
+    w.tick(120)
+    w.teams("Busy", "InACall")
+    assert [op.status for op in w.zoom_writes] == ["Do_Not_Disturb", "On_A_Call"]
+    w.tick(60)
+    assert observe_zoom(w.user, "Do_Not_Disturb", dnd_echo_ts, w.now, CFG) == Observed.STALE
+    assert w.user.zoom_overlay is not None and w.user.zoom_overlay.status == "On_A_Call"
+    assert w.user.zoom_yielded == ""
+    w.reconcile()
+    assert w.teams_writes == []  # our own DND is not mirrored back to Teams
+    w.teams("Available", "Available")  # the call ends: Zoom is released
+    assert w.zoom_writes[-1].release and w.zoom_writes[-1].status == "Available"
+
+
+def test_a_manual_zoom_status_set_after_our_put_still_takes_the_slot():
+    w = World()
+    w.zoom("Available")
+    w.teams("DoNotDisturb", "DoNotDisturb")
+    w.zoom("Away")  # after our PUT: the person's
+    assert w.user.zoom_overlay is None and w.user.zoom_yielded
+
+
+@pytest.mark.parametrize(("availability", "activity"), [("Offline", "Offline"), ("PresenceUnknown", "PresenceUnknown")])
+def test_teams_closed_does_not_give_up_the_preferred_slot(availability, activity):
+    # The preferred presence shows only while Teams has a session (API-FACTS §6): Offline or
+    # PresenceUnknown while it is set is Teams closed, not the person choosing something else.
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("Do_Not_Disturb")
+    w.teams("DoNotDisturb", "DoNotDisturb")  # echo
+    w.teams(availability, activity)
+    assert w.user.teams_overlay is not None and w.user.teams_yielded == ""
+    w.teams("DoNotDisturb", "DoNotDisturb")  # Teams opened again: ours, not the person's DND
+    w.zoom("Available")  # the person leaves DND in Zoom
+    assert w.teams_writes[-1].kind == TeamsOpKind.CLEAR_PREFERRED
+    assert w.zoom_writes == []  # no DND sent back to Zoom
+
+
+def test_appear_offline_in_teams_takes_the_preferred_slot():
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("Do_Not_Disturb")
+    w.teams("Offline", "OffWork")  # "Appear offline": the person's choice
+    assert w.user.teams_overlay is None and w.user.teams_yielded
+
+
+def test_a_busier_teams_state_read_before_our_session_landed_still_reaches_zoom():
+    # The person sets DND in Teams; the sweep reads it, and before that report is applied a Zoom
+    # meeting starts and our session is written. Teams keeps showing DND (busier than our
+    # session), so no newer report will come: this one must count.
+    w = World()
+    w.zoom("Available")
+    w.teams("Available", "Available")
+    read_at = w.ts
+    w.zoom("In_Meeting")
+    assert w.teams_writes[-1].kind == TeamsOpKind.SET_SESSION
+    assert w.teams_read_at(read_at, "DoNotDisturb", "DoNotDisturb") == Observed.APPLIED
+    w.reconcile()
+    assert w.zoom_writes and w.zoom_writes[-1].status == "Do_Not_Disturb"
+
+
+def test_a_less_busy_teams_state_read_before_our_session_landed_is_stale():
+    w = World()
+    w.zoom("Available")
+    w.teams("Away", "Away")
+    read_at = w.ts
+    w.zoom("In_Meeting")
+    assert w.teams_read_at(read_at, "Available", "Available") == Observed.STALE  # not "session gone"
+    assert w.user.teams_overlay is not None
