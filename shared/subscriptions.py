@@ -14,7 +14,9 @@ Per shard, in ``shard.extra``: ``subscription_id``, ``subscription_client_state`
 (``active`` | ``none`` | ``error``), ``subscription_version`` (the shard version it was made
 for), ``subscription_error``, ``subscription_certificate_id`` (rich notifications: the
 certificate it encrypts for; a change of certificate re-creates it, since ``includeResourceData``
-is fixed at creation); and, while a creation is in flight, ``subscription_pending_*``
+is fixed at creation), ``subscription_url_id`` (a fingerprint of the notification URL with its
+function key: renewing keeps the URL, so a new ``GRAPH_NOTIFICATION_KEY`` re-creates it); and,
+while a creation is in flight, ``subscription_pending_*``
 (the clientState we are about to use, so that a retry after a lost answer adopts the
 subscription Graph made instead of orphaning it).
 
@@ -24,6 +26,7 @@ clientState, account: what the notification endpoint checks each notification ag
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -66,7 +69,8 @@ NOTIFICATIONS_ROUTE = "/api/graph/notifications"
 LIFECYCLE_ROUTE = "/api/graph/lifecycle"
 
 _FIELDS = ("subscription_id", "subscription_client_state", "subscription_expires_at", "subscription_account",
-           "subscription_status", "subscription_version", "subscription_error", "subscription_certificate_id")
+           "subscription_status", "subscription_version", "subscription_error", "subscription_certificate_id",
+           "subscription_url_id")
 _PENDING = ("subscription_pending_state", "subscription_pending_version", "subscription_pending_account")
 
 T = TypeVar("T")
@@ -175,9 +179,18 @@ def _is_ours(sub: dict) -> bool:
         ours.netloc.lower(), ours.path.rstrip("/").lower()) and resource.startswith("communications/presences")
 
 
+def notification_url_id() -> str:
+    """A fingerprint of the notification URL, function key included (recorded per shard; the key
+    itself is not stored)."""
+    return hashlib.sha256(notification_urls()[0].encode()).hexdigest()[:16]
+
+
 def _same_kind(sub: dict, body: dict) -> bool:
-    """Basic or rich (with the same certificate) as ``body`` asks for."""
+    """Basic or rich (with the same certificate) as ``body`` asks for, calling the same URL (the
+    key in it may have changed)."""
     rich = bool(body.get("includeResourceData"))
+    if str(sub.get("notificationUrl") or "") != str(body.get("notificationUrl") or ""):
+        return False
     return bool(sub.get("includeResourceData")) == rich and (
         not rich or sub.get("encryptionCertificateId") == body.get("encryptionCertificateId"))
 
@@ -271,6 +284,7 @@ class _Run:
 
         self.certificate = notification_certificate()
         self.certificate_id = self.certificate.certificate_id if self.certificate else ""
+        self.url_id = notification_url_id()
         self.healthy: set[str] = {c.account_id for c in list_connections(purpose=PURPOSE_SYNC_ACCOUNT)}
         self.tokens: dict[str, str] = {}
         self.deleted: set[str] = set()
@@ -409,8 +423,12 @@ class _Run:
         sub_id = ext.get("subscription_id") if ext.get("subscription_account") == account else None
         # Made for these ids, and rich exactly when (and with the certificate) configured now:
         # includeResourceData and the certificate can only be set at creation.
+        # So is the notification URL: renewing keeps the one it was created with, and after a new
+        # GRAPH_NOTIFICATION_KEY the old URL's key is refused (a shard recorded before URLs were
+        # recorded is re-created once).
         fits = (int(ext.get("subscription_version") or -1) == shard.version
-                and str(ext.get("subscription_certificate_id") or "") == self.certificate_id)
+                and str(ext.get("subscription_certificate_id") or "") == self.certificate_id
+                and str(ext.get("subscription_url_id") or "") == self.url_id)
         expires_at = float(ext.get("subscription_expires_at") or 0)
         if sub_id and fits and expires_at > self.now:
             if expires_at - self.now > self.leeway_s:
@@ -479,6 +497,7 @@ class _Run:
             "subscription_expires_at": expires_at, "subscription_account": account,
             "subscription_status": STATUS_ACTIVE, "subscription_version": shard.version,
             "subscription_error": None, "subscription_certificate_id": self.certificate_id or None,
+            "subscription_url_id": self.url_id,
         })
         _update_shard(shard, fields)
         if adopted:

@@ -261,3 +261,27 @@ def test_turning_rich_notifications_on_recreates_the_subscription(graph_app_env,
     [state] = shard_state().values()
     assert state["subscription_certificate_id"] == rich.encryption_certificate_id
     assert run(graph).created == 0  # and it stays
+
+
+def test_a_new_notification_key_recreates_every_subscription_for_the_new_url(graph_app_env, webhook_host,
+                                                                             monkeypatch):
+    # Renewing keeps the URL a subscription was created with, key included; after a new
+    # GRAPH_NOTIFICATION_KEY (the redeploy replaces the host key) that URL is refused.
+    import secrets
+
+    from tests.fixtures.connections import reset_app_caches
+
+    graph = graph_app_env
+    people(graph, 5)
+    sync_accounts(graph, 1)
+    run(graph)
+    [old] = live(graph).values()
+    assert f"code={webhook_host.function_key}" in old.notification_url
+    webhook_host.function_key = secrets.token_urlsafe(32)  # the host now takes only the new key
+    monkeypatch.setenv("GRAPH_NOTIFICATION_KEY", webhook_host.function_key)
+    reset_app_caches()
+    report = run(graph)
+    assert (report.created, report.replaced) == (1, 1)
+    [new] = live(graph).values()  # the old one deleted
+    assert new.id != old.id and f"code={webhook_host.function_key}" in new.notification_url
+    assert run(graph).created == 0  # and it stays
