@@ -39,6 +39,11 @@ param instanceMemoryMB int = 2048
 @maxValue(20)
 param alwaysReadyHttpInstances int = 0
 
+@description('Optional. Concurrent HTTP invocations per instance before Flex Consumption adds one (the platform default for Python is 1).')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int = 16
+
 @description('Optional. Spread the plan\'s instances across availability zones (in regions that offer it for Flex Consumption).')
 param zoneRedundant bool = false
 
@@ -318,6 +323,7 @@ module functionApp 'modules/function-app.bicep' = {
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     alwaysReadyHttpInstances: alwaysReadyHttpInstances
+    httpPerInstanceConcurrency: httpPerInstanceConcurrency
     zoneRedundant: zoneRedundant
   }
 }

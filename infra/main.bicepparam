@@ -30,4 +30,5 @@ param entraClientCertificate = readEnvironmentVariable('ENTRA_CLIENT_CERTIFICATE
 param maximumInstanceCount = int(readEnvironmentVariable('MAXIMUM_INSTANCE_COUNT', '40'))
 param instanceMemoryMB = int(readEnvironmentVariable('INSTANCE_MEMORY_MB', '2048'))
 param alwaysReadyHttpInstances = int(readEnvironmentVariable('ALWAYS_READY_HTTP_INSTANCES', '0'))
+param httpPerInstanceConcurrency = int(readEnvironmentVariable('HTTP_PER_INSTANCE_CONCURRENCY', '16'))
 param zoneRedundant = bool(readEnvironmentVariable('ZONE_REDUNDANT', 'false'))

@@ -43,6 +43,11 @@ param instanceMemoryMB int = 2048
 @maxValue(20)
 param alwaysReadyHttpInstances int = 0
 
+@description('Optional. Concurrent HTTP invocations per instance before Flex Consumption adds one. The intake only verifies, queues and answers (a few ms, I/O bound), so one instance takes many at once; the platform default for Python is 1, an instance per concurrent webhook.')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int = 16
+
 @description('Optional. Spread the plan\'s instances across availability zones (only in regions that offer it for Flex Consumption).')
 param zoneRedundant bool = false
 
@@ -122,6 +127,11 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
             instanceCount: alwaysReadyHttpInstances
           }
         ] : []
+        triggers: {
+          http: {
+            perInstanceConcurrency: httpPerInstanceConcurrency
+          }
+        }
       }
       runtime: {
         name: 'python'

@@ -110,6 +110,10 @@ def test_function_app_is_flex_consumption_python_311_behind_https():
         "type": "UserAssignedIdentity", "userAssignedIdentityResourceId": "identityResourceId"}
     scale = config["scaleAndConcurrency"]
     assert (scale["maximumInstanceCount"], scale["instanceMemoryMB"]) == ("maximumInstanceCount", "instanceMemoryMB")
+    # Python's platform default is one HTTP invocation per instance: set from a parameter, 16 by default.
+    assert scale["triggers"]["http"]["perInstanceConcurrency"] == "httpPerInstanceConcurrency"
+    for path in (bm.INFRA / "modules" / "function-app.bicep", bm.INFRA / "main.bicep"):
+        assert bm.parameter_default("httpPerInstanceConcurrency", bm.parse(path)) == 16
     assert site["identity"]["type"] == "UserAssigned"
 
 
