@@ -6,6 +6,7 @@ loopback ports, in-memory, so every test session starts from empty storage.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -54,7 +55,19 @@ class Azurite:
             f"TableEndpoint={host}:{self.table_port}/{ACCOUNT};"
         )
 
-    def start(self) -> Azurite:
+    def start(self, *, same_ports: bool = False) -> Azurite:
+        """Start on this object's ports. A free port can be taken by another process between
+        choosing it and Azurite binding it: then (unless ``same_ports``) choose again."""
+        for attempt in range(3):
+            try:
+                return self._start()
+            except RuntimeError as exc:
+                if same_ports or "EADDRINUSE" not in str(exc) or attempt == 2:
+                    raise
+                self.blob_port, self.queue_port, self.table_port = free_port(), free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self) -> Azurite:
         self.workdir = tempfile.mkdtemp(prefix="azurite-")
         cmd = [
             azurite_binary(),
@@ -74,11 +87,21 @@ class Azurite:
             start_new_session=True,
         )
         for port in (self.blob_port, self.queue_port, self.table_port):
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                raise RuntimeError(f"azurite exited at start: {err.strip()[:500]}")
-            wait_for_port(port)
+            self._raise_if_exited()
+            wait_for_port(port, alive=lambda: self.process is not None and self.process.poll() is None)
+        # A port another process holds answers too: Azurite learns it cannot bind it a moment after
+        # listening on the others, and exits.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=0.3)
+        self._raise_if_exited()
         return self
+
+    def _raise_if_exited(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+            self.stop()
+            raise RuntimeError(f"azurite exited at start: {err.strip()[:500]}")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -93,7 +116,7 @@ class Azurite:
     def restart(self) -> None:
         """Stop and start on the same ports (fault injection: storage goes away and comes back empty)."""
         self.stop()
-        self.start()
+        self.start(same_ports=True)
 
     def __enter__(self) -> Azurite:
         return self.start()

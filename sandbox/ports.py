@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 # Where sandbox.serving puts the connection's socket in a request's environ.
@@ -17,9 +18,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0,
+                  alive: Callable[[], bool] | None = None) -> None:
+    """Wait until something listens on ``port``; stop early once ``alive()`` says the process that
+    should listen there has gone."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            return  # the caller finds out why
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return

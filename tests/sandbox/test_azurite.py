@@ -186,3 +186,24 @@ def test_entities_keep_their_keys_whichever_key_is_shared(azurite: Azurite, uniq
         table.get_entity("p07", "link")
     assert table.get_entity("p06", "link")["n"] == 6 and table.get_entity("shard", "r07")["n"] == 107
     assert len(list(table.query_entities("RowKey eq 'link'"))) == 29
+
+
+def test_a_port_taken_before_azurite_binds_it_is_chosen_again():
+    import socket
+
+    from sandbox.azurite import Azurite
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    azurite = Azurite(table_port=taken)
+    try:
+        azurite.start()
+        assert azurite.table_port != taken and azurite.process is not None and azurite.process.poll() is None
+        from azure.data.tables import TableServiceClient
+
+        TableServiceClient.from_connection_string(azurite.connection_string).create_table("portcheck")
+    finally:
+        azurite.stop()
+        holder.close()
