@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shared import graph_client, storage, zoom_client
 from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, TeamsOp, TeamsOpKind, UserSync
-from shared.errors import Throttled, TokenError, VendorError
+from shared.errors import NotFound, Throttled, TokenError, VendorError
 from shared.links import (
     ENTRA_INDEX_TABLE,
     ROW,
@@ -279,7 +279,9 @@ def _queue_release(zoom_user_id: str, entra_user_id: str, left: dict, delay_s: f
 
 def finish_release(message: dict) -> None:
     """A release queued by :func:`release_overlays`. Each side only if nobody owns that account's
-    presence again (a new link) and it still shows ours: by now the person may have changed it."""
+    presence again (a new link) and it still shows ours: by now the person may have changed it.
+    Throttled or covered by a meeting: queued again. Other failures raise, for the queue's retries
+    and then its poison queue."""
     from shared.presence import ZOOM_MANUAL_STATES, parse_zoom, teams_pair_matches
 
     zoom_id = str(message["zoom_user_id"]).lower()
@@ -301,6 +303,8 @@ def finish_release(message: dict) -> None:
                 teams_call(TeamsOp(kind), entra, get_settings().require("entra_client_id", "ENTRA_CLIENT_ID"))
         except Throttled as exc:
             still["teams"], delay_s = teams, max(delay_s, exc.retry_after_s)
+        except NotFound:
+            log.info("admin: queued release: Graph no longer knows the Teams account of Zoom user %s", zoom_id)
     zoom = left.get("zoom")
     if zoom and read_link(zoom_id)[0] is None:
         try:
@@ -312,6 +316,8 @@ def finish_release(message: dict) -> None:
                 still["zoom"], delay_s = zoom, max(delay_s, RELEASE_LOOK_AGAIN_S)
         except Throttled as exc:
             still["zoom"], delay_s = zoom, max(delay_s, exc.retry_after_s)
+        except NotFound:
+            log.info("admin: queued release: Zoom no longer knows user %s", zoom_id)
     if not still:
         log.info("admin: queued release for Zoom user %s done", zoom_id)
         return
