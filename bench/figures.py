@@ -189,8 +189,9 @@ def cpu_figures(before: dict[str, float | None], after: dict[str, float | None],
     ``cores`` (the machine's) gives the ceilings: the changes a second the machine could sustain
     with every core busy at the measured cost, and with an app that cost nothing (only when the
     app was measured apart from the emulators: then Azurite and the emulators alone set it). They
-    bound the burst's ``throughput_changes_per_s`` from above even though it counts only the Zoom
-    changes: those cannot go faster than every core spent on them alone."""
+    bound sustained rates, the burst's ``throughput_changes_per_s`` (Zoom changes only) included:
+    those cannot go faster than every core spent on them alone. The CPU counted runs until the
+    world settles, so one burst's window can run somewhat faster while its last echoes wait."""
     spent = {part: (None if before.get(part) is None or after.get(part) is None
                     else max(0.0, float(after[part]) - float(before[part])))
              for part in ("app", "storage", "sandbox", "functions")}
