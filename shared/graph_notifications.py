@@ -15,7 +15,6 @@ that the handshake answers before anything heavy is imported.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import time
@@ -24,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+
+from shared.signing import presented_matches
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,7 @@ def _known(item: Any, what: str) -> Any | None:
     if ref is None:
         log.warning("graph %s: subscription %s is not ours; item ignored", what, _safe(item.subscriptionId))
         return None
-    given = (item.clientState or "").encode("utf-8", "backslashreplace")
-    if not ref.client_state or not hmac.compare_digest(given, ref.client_state.encode()):
+    if not ref.client_state or not presented_matches(item.clientState or "", ref.client_state):
         log.warning("graph %s: clientState mismatch for subscription %s; item ignored", what, ref.subscription_id)
         return None
     return ref

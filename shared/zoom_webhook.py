@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared import names, telemetry
+from shared.signing import presented_matches
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,7 @@ def verify(headers: Mapping[str, str], body: bytes, secrets: list[str], now: flo
     matched = None
     for secret in secrets:
         # Every candidate is compared, in constant time, so timing says nothing about which matched.
-        # As bytes: compare_digest refuses str holding non-ASCII, and the header is the caller's.
-        if hmac.compare_digest(sign(secret, timestamp, body).encode(),
-                               signature.encode("utf-8", "backslashreplace")) and matched is None:
+        if presented_matches(signature, sign(secret, timestamp, body)) and matched is None:
             matched = secret
     if matched is None:
         raise _Rejected(401, "bad_signature", "signature does not match")

@@ -39,6 +39,7 @@ from typing import Any
 
 from shared import names, storage
 from shared.config import get_settings
+from shared.signing import presented_matches
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,7 @@ def verify(signed: str | None) -> str | None:
     value, mac, key_id = parts
     if key_id not in _ring().keys:
         return None
-    # As bytes: compare_digest refuses str holding non-ASCII, and the MAC comes from the browser.
-    given = mac.encode("utf-8", "backslashreplace")
-    return value if hmac.compare_digest(given, _mac(key_id, value).encode()) else None
+    return value if presented_matches(mac, _mac(key_id, value)) else None
 
 
 def _secure() -> bool:
@@ -133,9 +132,7 @@ def browser_holds(cookie_values: list[str], expected: str) -> bool:
     """Whether one of this browser's binding cookies vouches for ``expected`` (a state or nonce)."""
     if not expected:
         return False
-    return any(hmac.compare_digest(value.encode("utf-8", "backslashreplace"),
-                                   expected.encode("utf-8", "backslashreplace"))
-               for value in (verify(v) for v in cookie_values) if value is not None)
+    return any(presented_matches(value, expected) for value in (verify(v) for v in cookie_values) if value is not None)
 
 
 def issue_ticket(payload: dict[str, Any], ttl_s: float) -> str:

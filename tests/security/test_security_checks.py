@@ -36,7 +36,7 @@ def _presence_body() -> bytes:
 # --- constant time ------------------------------------------------------------------------------------------------
 
 def test_zoom_signature_is_compared_with_compare_digest_against_every_secret(monkeypatch):
-    from shared import zoom_webhook
+    from shared import signing, zoom_webhook
 
     calls = []
     real = hmac.compare_digest
@@ -45,7 +45,7 @@ def test_zoom_signature_is_compared_with_compare_digest_against_every_secret(mon
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(zoom_webhook.hmac, "compare_digest", spy)
+    monkeypatch.setattr(signing.hmac, "compare_digest", spy)  # shared.signing.presented_matches
     body, now = _presence_body(), int(time.time())
     queued = []
     result = zoom_webhook.handle(_signed(body, now, "second"), body, secrets=["first", "second"],
@@ -60,7 +60,7 @@ def test_zoom_signature_is_compared_with_compare_digest_against_every_secret(mon
 
 def test_client_state_is_compared_with_compare_digest(storage_env, monkeypatch):
     from sandbox.world import reset_app_caches
-    from shared import graph_notifications, subscriptions
+    from shared import graph_notifications, signing, subscriptions
 
     monkeypatch.setenv("ENTRA_TENANT_ID", "8a6d3d0e-1b2c-4d5e-9f00-112233445566")
     reset_app_caches()
@@ -68,7 +68,7 @@ def test_client_state_is_compared_with_compare_digest(storage_env, monkeypatch):
     subscriptions.reset_lookup_cache()
     calls = []
     real = hmac.compare_digest
-    monkeypatch.setattr(graph_notifications.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    monkeypatch.setattr(signing.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
     queued = []
     item = {"subscriptionId": "sub-ct-1", "clientState": "the-real-client-statX", "changeType": "updated",
             "resourceData": {"id": "6f1c2d3e-0000-4000-8000-000000000001"}}
@@ -84,7 +84,7 @@ def test_client_state_is_compared_with_compare_digest(storage_env, monkeypatch):
 
 SECRET_NAMES = ("signature", "client_state", "clientstate", "digest", "mac", "secret", "token", "key", "state")
 MODULES = ("shared/zoom_webhook.py", "shared/graph_notifications.py", "shared/graph_crypto.py",
-           "shared/connect/state.py", "sandbox/functions_host.py")
+           "shared/connect/state.py", "shared/signing.py", "sandbox/functions_host.py")
 
 
 def _names(node: ast.AST) -> set[str]:
