@@ -208,6 +208,7 @@ def cpu_figures(before: dict[str, float | None], after: dict[str, float | None],
 
     def ceiling(ms: float | None) -> float | None:
         return round(cores * 1000.0 / ms, 1) if cores and ms else None
+
     # ``functions`` is a part of "app": the rest is the local host standing in for the Functions
     # host (HTTP serving, queue polling and settling), which Azure runs apart.
     return {

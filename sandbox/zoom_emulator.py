@@ -1424,14 +1424,14 @@ class ZoomEmulator:
             ctx["lost_answer"] = True
         elif fault is not None and fault.kind == "slow_answer":
             self.faults._note("slow_answer", path=path, time=self.clock.now())
-            response = getattr(self, "_h_" + endpoint)(request, ctx, **args)
-            time.sleep(fault.params["seconds"])
-            return response
         elif fault is not None:
             return self._serve_fault(fault, path, args.get("user_id"))
 
         handler = getattr(self, "_h_" + endpoint)
-        return handler(request, ctx, **args)
+        response = handler(request, ctx, **args)
+        if fault is not None and fault.kind == "slow_answer":
+            time.sleep(fault.params["seconds"])  # carried out at once, answered late
+        return response
 
     def _serve_fault(self, fault: _FaultRule, path: str, path_user: str | None) -> Response:
         now = self.clock.now()

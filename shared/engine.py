@@ -201,14 +201,13 @@ def observe_teams(
         return Observed.ECHO
     user.teams_shows_ours = False
     if overlay is not None:
-        if overlay.overlay.kind == "preferred" and _teams_closed(state, activity):
-            # Teams closed or signed out: the preferred presence is still set but shows only while a
-            # session exists (API-FACTS §6). Not the person's choice; "Appear offline" is OffWork.
-            pass
-        elif overlay.overlay.kind == "preferred":
-            # The user-preferred slot is the person's once Teams shows anything else (DESIGN.md §5).
-            user.teams_yielded = overlay.source
-            user.teams_overlay = None
+        if overlay.overlay.kind == "preferred":
+            # The user-preferred slot is the person's once Teams shows anything else (DESIGN.md §5)
+            # but Teams closed or signed out: the preferred presence is still set then, and shows
+            # only while a session exists (API-FACTS §6). "Appear offline" is OffWork: the person's.
+            if not _teams_closed(state, activity):
+                user.teams_yielded = overlay.source
+                user.teams_overlay = None
         elif priority(state) < priority(overlay.overlay.state):
             # Less busy than our session: the session is gone (expired). Sessions are ours alone,
             # so the reconciler may write it again while its source holds.

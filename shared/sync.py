@@ -29,6 +29,7 @@ from shared.engine import (
     TeamsOpKind,
     UserSync,
     ZoomOp,
+    ZoomOverlayRecord,
     apply_plan,
     mark_teams_answered,
     observe_teams,
@@ -390,12 +391,26 @@ def _keep_unanswered_teams_write(exc: Exception, result: Plan, done: int, undo: 
                          result.teams_overlay)
 
 
+@dataclass(frozen=True)
+class _ZoomUndo:
+    """What a failed Zoom PUT puts back: the overlay and last PUT on record before it, provided the
+    record still holds the overlay it ``planned`` and the person has not taken Zoom's slot since
+    ``seen_ts``."""
+
+    overlay: ZoomOverlayRecord | None
+    last_put: str
+    last_put_at: float
+    planned: ZoomOverlayRecord | None
+    seen_ts: int
+
+
 def _keep_unanswered_zoom_put(exc: Exception, op: ZoomOp, result: Plan, undo: dict) -> None:
     """As for Teams: what may now show in Zoom stays on record, due at once, so its echo is known
     as ours and it is put again or released."""
     if _unanswered(exc) and not op.release and result.zoom_overlay is not None:
-        undo["zoom"] = (replace(result.zoom_overlay, expires_at=result.zoom_overlay.written_at),
-                        op.status, result.zoom_overlay.written_at, result.zoom_overlay, undo["zoom"][4])
+        written_at = result.zoom_overlay.written_at
+        undo["zoom"] = replace(undo["zoom"], overlay=replace(result.zoom_overlay, expires_at=written_at),
+                               last_put=op.status, last_put_at=written_at)
 
 
 def _unanswered(exc: Exception) -> bool:
@@ -427,8 +442,8 @@ def teams_call(op: TeamsOp, entra: str, session_id: str) -> None:
 def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome, cid: str) -> bool:
     op = result.zoom_op
     settings = get_settings()
-    undo = {"zoom": (previous.zoom_overlay, previous.zoom_last_put, previous.zoom_last_put_at, result.zoom_overlay,
-                     link.sync.zoom_seen_ts),
+    undo = {"zoom": _ZoomUndo(previous.zoom_overlay, previous.zoom_last_put, previous.zoom_last_put_at,
+                              planned=result.zoom_overlay, seen_ts=link.sync.zoom_seen_ts),
             "owner": link.lease_owner}
     try:
         zoom_client.put_presence_status(link.zoom_user_id, op.status, op.duration_minutes)
@@ -495,8 +510,8 @@ def _took_zoom_slot_since(s: UserSync, seen_ts: int) -> bool:
     return s.zoom_seen_ts > seen_ts and s.zoom_overlay is None and s.zoom_native in ZOOM_MANUAL_STATES
 
 
-def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom=None, error: tuple[str, str] | None = None,
-            blocked_until: float | None = None) -> None:
+def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None = None,
+            error: tuple[str, str] | None = None, blocked_until: float | None = None) -> None:
     """Undo the bookkeeping of a write that did not happen (only if nobody changed it since), and
     let go of the person's write lease."""
 
@@ -509,8 +524,8 @@ def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom=None, error: tupl
         s = link.sync
         if teams is not None and s.teams_overlay == teams[1]:
             s.teams_overlay = teams[0]
-        if zoom is not None and s.zoom_overlay == zoom[3] and not _took_zoom_slot_since(s, zoom[4]):
-            s.zoom_overlay, s.zoom_last_put, s.zoom_last_put_at = zoom[0], zoom[1], zoom[2]
+        if zoom is not None and s.zoom_overlay == zoom.planned and not _took_zoom_slot_since(s, zoom.seen_ts):
+            s.zoom_overlay, s.zoom_last_put, s.zoom_last_put_at = zoom.overlay, zoom.last_put, zoom.last_put_at
         if blocked_until is not None:
             link.zoom_blocked_until = blocked_until
         if link.lease_owner == owner:
