@@ -26,13 +26,6 @@ def zoom_put_attempts(world: World, person: Person) -> list[dict]:
             if r["method"] == "PUT" and r["path"].lower().endswith(f"/users/{person.zoom_id}/presence_status")]
 
 
-def _wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _known_on_both_sides(world: World, person: Person) -> None:
     """Zoom's state known to the app (so no GET precedes a PUT), and no per-user minute pending."""
     for status in ("Away", "Available"):
@@ -48,7 +41,7 @@ def test_zoom_retry_after_holds_every_put_for_the_person_until_then(world: World
         start = len(zoom_put_attempts(world, person))
         world.zoom.faults.throttle(count=1, retry_after=8, path=PRESENCE_STATUS)
         world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
-        _wait_for(lambda: len(zoom_put_attempts(world, person)) > start, what="the throttled PUT")
+        world.wait_until(lambda: len(zoom_put_attempts(world, person)) > start, timeout=20, interval=0.05)
         refused = zoom_put_attempts(world, person)[start]
         assert refused["status"] == 429
         # A second change well inside the Retry-After: it must wait for it, not try again at once.
@@ -76,7 +69,8 @@ def test_a_failed_release_does_not_undo_what_the_person_chose_in_zoom_meanwhile(
         world.zoom.faults.latency(3.0, count=1, path=PRESENCE_STATUS)
         world.zoom.faults.server_error(count=PUT_ATTEMPTS, status=503, path=PRESENCE_STATUS)
         world.graph.clear_preferred_by_user(person.entra_id)
-        _wait_for(lambda: any(r.get("kind") == "latency" for r in world.zoom.faults.fired), what="the slow release")
+        world.wait_until(lambda: any(r.get("kind") == "latency" for r in world.zoom.faults.fired), timeout=20,
+                         interval=0.05)
         world.zoom.set_status_by_user(person.zoom_id, "Away")
         world.settle(timeout=60)
         assert world.zoom_shows(person) == "Away"
@@ -98,7 +92,8 @@ def test_a_slow_keepalive_read_does_not_bring_back_a_meeting_that_ended_during_i
         # and the meeting ends (its webhook handled) while the read is under way.
         world.zoom.faults.slow_answer(2.5, path=PRESENCE_STATUS)
         queue_reconcile(person.zoom_id, "keepalive", confirm_zoom=True)
-        _wait_for(lambda: any(r.get("kind") == "slow_answer" for r in world.zoom.faults.fired), what="the slow read")
+        world.wait_until(lambda: any(r.get("kind") == "slow_answer" for r in world.zoom.faults.fired), timeout=20,
+                         interval=0.05)
         world.zoom.leave_meeting(person.zoom_id)
         world.settle(timeout=60)
         assert world.teams_shows(person) == ("Available", "Available")

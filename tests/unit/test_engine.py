@@ -402,26 +402,29 @@ def test_appear_offline_in_teams_takes_the_preferred_slot():
     assert w.user.teams_overlay is None and w.user.teams_yielded
 
 
+def _session_written_after_a_teams_read(availability: str, activity: str) -> tuple[World, int]:
+    """Teams shows ``availability/activity``; a read begins (its time returned); then a Zoom meeting
+    starts and our session is written before that read's report is applied."""
+    w = World()
+    w.zoom("Available")
+    w.teams(availability, activity)
+    read_at = w.ts
+    w.zoom("In_Meeting")
+    assert w.teams_writes[-1].kind == TeamsOpKind.SET_SESSION
+    return w, read_at
+
+
 def test_a_busier_teams_state_read_before_our_session_landed_still_reaches_zoom():
     # The person sets DND in Teams; the sweep reads it, and before that report is applied a Zoom
     # meeting starts and our session is written. Teams keeps showing DND (busier than our
     # session), so no newer report will come: this one must count.
-    w = World()
-    w.zoom("Available")
-    w.teams("Available", "Available")
-    read_at = w.ts
-    w.zoom("In_Meeting")
-    assert w.teams_writes[-1].kind == TeamsOpKind.SET_SESSION
+    w, read_at = _session_written_after_a_teams_read("Available", "Available")
     assert w.teams_read_at(read_at, "DoNotDisturb", "DoNotDisturb") == Observed.APPLIED
     w.reconcile()
     assert w.zoom_writes and w.zoom_writes[-1].status == "Do_Not_Disturb"
 
 
 def test_a_less_busy_teams_state_read_before_our_session_landed_is_stale():
-    w = World()
-    w.zoom("Available")
-    w.teams("Away", "Away")
-    read_at = w.ts
-    w.zoom("In_Meeting")
+    w, read_at = _session_written_after_a_teams_read("Away", "Away")
     assert w.teams_read_at(read_at, "Available", "Available") == Observed.STALE  # not "session gone"
     assert w.user.teams_overlay is not None
