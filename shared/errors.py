@@ -92,6 +92,16 @@ class TransientVendorError(VendorError):
         self.retry_after_s = retry_after_s
 
 
+def no_answer(vendor: str, exc: Any) -> TransientVendorError:
+    """The error for a call that got no response (``shared.http.TransientHttpError``): it may have
+    taken effect, unless no attempt was made at all (the caller's deadline had passed)."""
+    if getattr(exc, "attempts", 1) == 0:
+        error = TransientVendorError(0, "not_sent", f"{vendor} was not called: the deadline had passed")
+        error.maybe_applied = False
+        return error
+    return TransientVendorError(0, "connection_error", f"{vendor} did not answer")
+
+
 class ZoomUserNotSignedIn(BadRequest):
     """Zoom code 5301: the user is not signed in to a Zoom client, so presence cannot be set."""
 

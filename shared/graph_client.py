@@ -27,6 +27,7 @@ from shared.errors import (
     TransientVendorError,
     Unauthorized,
     VendorError,
+    no_answer,
     noting_unanswered_attempts,
 )
 from shared.http import RetryPolicy, TransientHttpError, parse_retry_after, send
@@ -122,7 +123,7 @@ class GraphClient:
             try:
                 resp = send(method, url, headers=merged, params=params, json=json, policy=self.policy)
             except TransientHttpError as exc:
-                raise TransientVendorError(0, "connection_error", "Graph did not answer") from exc
+                raise no_answer("Graph", exc) from exc
             if resp.status_code == 401 and app_token and attempt == 1:
                 log.info("graph: app token rejected (401); fetching a new one")
                 continue

@@ -6,7 +6,8 @@ jitter, honours ``Retry-After`` (seconds, HTTP-date, or Zoom's ISO 8601 date-tim
 runs past its time budget: these calls happen inside queue-triggered functions, and a long
 wait belongs in the queue (a delayed message), not in a sleeping worker. When it gives up it
 returns the last response (callers map statuses) or raises :class:`TransientHttpError` if no
-response was ever received.
+response was ever received. A caller whose authority to write ends at a given moment (a
+person's write lease, :mod:`shared.sync`) sets :func:`deadline`: no attempt starts after it.
 
 Tests replace the module attributes ``sleep`` and ``monotonic`` with a fake clock.
 """
@@ -21,7 +22,9 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -58,11 +61,30 @@ monotonic = time.monotonic
 
 
 class TransientHttpError(Exception):
-    """No HTTP response after the allowed attempts (connection refused, reset, timed out)."""
+    """No HTTP response after the allowed attempts (connection refused, reset, timed out);
+    ``attempts`` 0: nothing was sent, the caller's :func:`deadline` had passed."""
 
     def __init__(self, message: str, *, attempts: int) -> None:
         super().__init__(message)
         self.attempts = attempts
+
+
+# The moment (``monotonic``) by which the current caller's calls must be over; per thread, as each
+# invocation runs in a thread of its own.
+_deadline: ContextVar[float | None] = ContextVar("http_deadline", default=None)
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Within the block, no attempt starts later than ``seconds`` from now and each attempt's
+    timeouts end by then (nested blocks keep the earlier moment)."""
+    moment = monotonic() + seconds
+    outer = _deadline.get()
+    token = _deadline.set(moment if outer is None else min(outer, moment))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
 
 
 @dataclass(frozen=True)
@@ -331,6 +353,12 @@ def send(
     clock = monotonic
     started = clock()
     where = safe_url(url)
+    until = _deadline.get()
+    if until is not None:
+        budget = min(budget, until - started)
+        if budget <= 0:
+            log.warning("http %s %s: not sent, the caller's deadline has passed", method, where)
+            raise TransientHttpError(f"{method} {where}: not sent, the caller's deadline had passed", attempts=0)
     attempts = max(1, policy.max_attempts)
     last_error: requests.RequestException | None = None
     response: requests.Response | None = None

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from shared import graph_client, links, logs, names, storage, telemetry, write_path, zoom_client
+from shared import graph_client, http, links, logs, names, storage, telemetry, write_path, zoom_client
 from shared.config import get_settings
 from shared.engine import (
     TEAMS_TO_ZOOM,
@@ -87,8 +87,11 @@ class Outcome:
 
 Observer = Callable[[Link, float], Observed]
 
-# How long one invocation may hold a person's write lease (vendor calls and their retries fit).
+# How long one invocation may hold a person's write lease. Its vendor calls stop starting
+# attempts this much before the lease ends (``_perform``): an attempt's timeouts are clipped to
+# what is left, but never below half a second (``shared.http``), and clocks differ a little.
 LEASE_SECONDS = 45.0
+LEASE_MARGIN_SECONDS = 2.0
 
 
 def _state(link: Link) -> tuple:
@@ -263,7 +266,18 @@ def _plan_step(link: Link, now: float, outcome: Outcome) -> _Step | None:
 
 
 def _perform(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
-    """Run the vendor calls of a step; False when one failed (and was reverted or rescheduled)."""
+    """Run the vendor calls of a step; False when one failed (and was reverted or rescheduled).
+
+    Within the write lease only: once it has run out, another invocation may take it and write,
+    and a retry of ours landing after that write would undo it (two Graph calls and a Zoom PUT,
+    each with its retries, can take longer than the lease). A call cut short fails like any
+    other that got no answer: reverted, and retried through the queue.
+    """
+    with http.deadline(link.lease_until - time.time() - LEASE_MARGIN_SECONDS):
+        return _perform_calls(link, step, outcome, cid)
+
+
+def _perform_calls(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     if step.result.teams_ops:
         with telemetry.write_span(ZOOM_TO_TEAMS, "teams", link.zoom_user_id,
                                   ",".join(op.kind.value for op in step.result.teams_ops)):

@@ -26,6 +26,7 @@ from shared.errors import (
     VendorError,
     ZoomNoPermission,
     ZoomUserNotSignedIn,
+    no_answer,
     noting_unanswered_attempts,
 )
 from shared.http import RetryPolicy, TransientHttpError, parse_retry_after, send
@@ -115,7 +116,7 @@ class ZoomClient:
                                                   "Accept": "application/json"},
                             params=params, json=json, policy=policy or self.policy)
             except TransientHttpError as exc:
-                raise TransientVendorError(0, "connection_error", "Zoom did not answer") from exc
+                raise no_answer("Zoom", exc) from exc
             if resp.status_code == 401 and attempt == 1 and _zoom_code(resp)[0] == CODE_INVALID_TOKEN:
                 # developers.zoom.us, "Server-to-Server OAuth": tokens expire after an hour.
                 log.info("zoom: token rejected (124); fetching a new one")

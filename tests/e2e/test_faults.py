@@ -229,8 +229,9 @@ def test_mixed_traffic_under_faults_loses_nothing(world: World, app_setting, mon
     app_setting(TEAMS_OVERLAY_MINUTES=str(OVERLAY_MINUTES), OVERLAY_RENEW_LEEWAY_SECONDS=str(OVERLAY_MINUTES * 60),
                 ZOOM_DND_DURATION_MINUTES=str(DND_MINUTES))
     # A person's write lease is the safety net should its holder die: whoever finds it held queues
-    # a reconcile for when it runs out. Shortened here (with the outbound-call budget it must
-    # cover) so that net does not keep the world busy for 45 s after every race.
+    # a reconcile for when it runs out. Shortened here so that net does not keep the world busy
+    # for 45 s after every race (vendor calls stop at the lease's end; the outbound budget is
+    # shortened with it).
     app_setting(HTTP_TOTAL_TIMEOUT_SECONDS="6")
     monkeypatch.setattr("shared.sync.LEASE_SECONDS", 8.0)
     zoom_people = [world.add_person() for _ in range(zoom_people_n)]

@@ -128,3 +128,33 @@ def test_a_deferred_zoom_write_due_while_another_write_holds_the_lease_is_made(w
         world.settle(timeout=60)
         assert world.zoom_shows(person) == "Available"
         assert world.teams_shows(person) == ("Available", "Available")
+
+
+def test_a_write_retried_past_its_lease_does_not_undo_the_next_holders_write(monkeypatch, world: World):
+    from shared.links import read_link
+
+    # A short lease (and margin) so the race fits in seconds; in production 45 s, which two Graph
+    # calls and a Zoom PUT with their retries can outlast just the same.
+    monkeypatch.setattr("shared.sync.LEASE_SECONDS", 6.0)
+    monkeypatch.setattr("shared.sync.LEASE_MARGIN_SECONDS", 1.0)
+    person = world.add_person()
+    with listening(world, "push"):
+        _known_on_both_sides(world, person)
+        # Graph answers setPresence slowly and refuses the first three attempts: the retries of
+        # the meeting's Teams write would run past the write lease (the fourth lands at 8 s+).
+        world.graph.faults.latency(2.0, paths="/presence/setPresence")
+        world.graph.faults.server_error(count=3, status=503, paths="/presence/setPresence")
+        world.zoom.join_meeting(person.zoom_id)
+        leases = []
+        world.wait_until(lambda: leases.append(read_link(person.zoom_id)[0].lease_until) or leases[-1] > 0,
+                         timeout=20, interval=0.05)
+        # The lease runs out and the meeting ends: the next sync takes the lease and clears Teams.
+        time.sleep(max(0.0, leases[-1] + 0.3 - time.time()))
+        world.zoom.leave_meeting(person.zoom_id)
+        world.wait_until(lambda: graph_writes(world, person)
+                         and graph_writes(world, person)[-1].path.endswith("clearPresence"), timeout=20,
+                         interval=0.05)
+        world.graph.faults.latency(0, paths="/presence/setPresence")
+        world.settle(timeout=60)
+        assert world.zoom_shows(person) == "Available"
+        assert world.teams_shows(person) == ("Available", "Available"), "a late retry put the ended meeting back"

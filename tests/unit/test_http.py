@@ -254,6 +254,54 @@ def test_a_refusal_after_an_unanswered_attempt_is_marked_as_maybe_applied(server
     assert send("PUT", f"{server.base_url}/presence", policy=POLICY, timeout=0.3).unanswered_attempts == 0
 
 
+# --- the caller's deadline (a person's write lease) ---------------------------------------------------
+
+def test_no_attempt_starts_after_the_callers_deadline(server, clock, monkeypatch):
+    monkeypatch.setattr(http.random, "uniform", lambda a, b: b)
+    server.reply(503, times=10)
+    policy = RetryPolicy(max_attempts=10, base_delay=2.0, max_delay=100.0, total_seconds=60)
+    with http.deadline(7):
+        resp = send("PUT", f"{server.base_url}/x", policy=policy)
+    assert resp.status_code == 503
+    assert clock.sleeps == [2.0, 4.0]  # the policy's 60 s would allow an attempt at 14 s too
+    assert len(server.requests) == 3
+
+
+def test_a_call_after_the_deadline_is_not_sent_and_says_so(server, clock):
+    with http.deadline(5):
+        clock.sleep(5)
+        with pytest.raises(TransientHttpError) as info:
+            send("PUT", f"{server.base_url}/x", policy=POLICY)
+    assert info.value.attempts == 0
+    assert server.requests == []
+    assert len(send("PUT", f"{server.base_url}/x", policy=POLICY).content) > 0  # outside: no deadline
+
+
+def test_an_attempts_timeout_ends_with_the_deadline(server):
+    server.reply(200, delay=1.5)
+    started = time.monotonic()
+    with http.deadline(0.6), pytest.raises(TransientHttpError) as info:
+        send("PUT", f"{server.base_url}/slow", policy=POLICY, timeout=10)
+    assert info.value.attempts == 1 and len(server.requests) == 1
+    assert time.monotonic() - started < 1.4  # the 10 s read timeout was clipped to what was left
+
+
+def test_nested_deadlines_keep_the_earlier(clock):
+    with http.deadline(5):
+        with http.deadline(60):
+            assert http._deadline.get() == clock.now + 5
+        with http.deadline(1):
+            assert http._deadline.get() == clock.now + 1
+    assert http._deadline.get() is None
+
+
+def test_vendor_errors_for_a_call_never_sent_are_not_maybe_applied():
+    from shared.errors import no_answer
+
+    assert no_answer("Zoom", TransientHttpError("x", attempts=0)).maybe_applied is False
+    assert no_answer("Zoom", TransientHttpError("x", attempts=2)).maybe_applied is True
+
+
 # --- logging -------------------------------------------------------------------------------------------
 
 def test_logs_have_host_and_path_but_no_query_secret_or_email(server, clock, caplog):
