@@ -155,7 +155,8 @@ def print_table(result: dict) -> None:
                 "converge_s", "converge_bound_s", "graph_reads_per_sweep_10k", "steady.cpu.app_ms_per_change",
                 "burst.cpu.app_ms_per_change", "burst.cpu.functions_ms_per_change", "burst.cpu.all_ms_per_change",
                 "burst.cpu.cores_busy", "burst.cpu.ceiling_changes_per_s",
-                "burst.cpu.ceiling_changes_per_s_free_app"):
+                "burst.cpu.ceiling_changes_per_s_free_app", "burst.keepalive_due.queued",
+                "burst.keepalive_due.seconds"):
         table.add_row(key, str(get(result, key)), "", "")
     Console().print(table)
 

@@ -621,6 +621,11 @@ def keepalive_due(now: float | None = None) -> int:
     ~100 operations per run for 100,000 people (every 5 minutes: ~1,200 an hour), where an index
     kept beside the links cost one more write for every change that set or ended an overlay. The
     link is the record, so there is no index to fall out of step with it either.
+
+    The people are queued one after another: the confirmations drain at the vendors' pace (a
+    Zoom read or a Graph read each) however fast they are queued, and one queue takes ~2,000
+    messages a second. A put that fails does not stop the others; the run then fails, and the
+    next one (within the leeway) queues that person again.
     """
     now = time.time() if now is None else now
     horizon = float(now + engine_config().renew_leeway_seconds)
@@ -632,16 +637,24 @@ def keepalive_due(now: float | None = None) -> int:
         parameters={"row": links.ROW, "t": horizon},
         select=["PartitionKey", TEAMS_OVERLAY_EXPIRES, ZOOM_OVERLAY_EXPIRES])
     count = 0
+    errors: list[Exception] = []
     for page in rows.by_page():
         storage.count_operation()
         for row in page:
             teams_due = _due(row.get(TEAMS_OVERLAY_EXPIRES), horizon)
             zoom_due = _due(row.get(ZOOM_OVERLAY_EXPIRES), horizon)
-            # A Teams overlay mirrors Zoom, so Zoom is the source to confirm; and the other way round.
-            queue_reconcile(row["PartitionKey"], "keepalive", confirm_zoom=teams_due, confirm_teams=zoom_due)
-            count += 1
+            try:
+                # A Teams overlay mirrors Zoom, so Zoom is the source to confirm; and the other way round.
+                queue_reconcile(row["PartitionKey"], "keepalive", confirm_zoom=teams_due, confirm_teams=zoom_due)
+                count += 1
+            except Exception as exc:  # noqa: BLE001 - counted, logged and raised once the rest are queued
+                errors.append(exc)
     if count:
         log.info("keep-alive: %d people with overlays near expiry queued for confirmation", count)
+    if errors:
+        log.error("keep-alive: %d of %d people could not be queued (%s); the next run queues them",
+                  len(errors), count + len(errors), type(errors[0]).__name__)
+        raise errors[0]
     return count
 
 
