@@ -92,11 +92,14 @@ class TransientVendorError(VendorError):
         self.retry_after_s = retry_after_s
 
 
+NOT_SENT = "not_sent"  # the code of a call never made: its caller's deadline had passed
+
+
 def no_answer(vendor: str, exc: Any) -> TransientVendorError:
     """The error for a call that got no response (``shared.http.TransientHttpError``): it may have
     taken effect, unless no attempt was made at all (the caller's deadline had passed)."""
     if getattr(exc, "attempts", 1) == 0:
-        error = TransientVendorError(0, "not_sent", f"{vendor} was not called: the deadline had passed")
+        error = TransientVendorError(0, NOT_SENT, f"{vendor} was not called: the deadline had passed")
         error.maybe_applied = False
         return error
     return TransientVendorError(0, "connection_error", f"{vendor} did not answer")

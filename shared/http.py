@@ -366,6 +366,10 @@ def send(
 
     for attempt in range(1, attempts + 1):
         remaining = budget - (clock() - started)
+        if attempt > 1 and until is not None and clock() >= until:
+            log.warning("http %s %s: the caller's deadline passed during the wait; no attempt %d", method, where,
+                        attempt)
+            break  # the wait overslept it (a busy machine): the last answer stands
         attempt_started = clock()
         try:
             response = session().request(

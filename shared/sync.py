@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from shared import graph_client, http, links, logs, names, storage, telemetry, write_path, zoom_client
 from shared.config import get_settings
@@ -37,6 +38,7 @@ from shared.engine import (
     plan,
 )
 from shared.errors import (
+    NOT_SENT,
     Forbidden,
     NotFound,
     Throttled,
@@ -87,11 +89,12 @@ class Outcome:
 
 Observer = Callable[[Link, float], Observed]
 
-# How long one invocation may hold a person's write lease. Its vendor calls stop starting
-# attempts this much before the lease ends (``_perform``): an attempt's timeouts are clipped to
-# what is left, but never below half a second (``shared.http``), and clocks differ a little.
+# How long one invocation may hold a person's write lease. Its vendor calls start no attempt
+# later than the margin before the lease ends (``_perform``): a request sent just before the
+# deadline is still carried out by the vendor after it, and an attempt's timeouts are clipped to
+# what is left but never below half a second (``shared.http``).
 LEASE_SECONDS = 45.0
-LEASE_MARGIN_SECONDS = 2.0
+LEASE_MARGIN_SECONDS = 10.0
 
 
 def _state(link: Link) -> tuple:
@@ -271,7 +274,8 @@ def _perform(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     Within the write lease only: once it has run out, another invocation may take it and write,
     and a retry of ours landing after that write would undo it (two Graph calls and a Zoom PUT,
     each with its retries, can take longer than the lease). A call cut short fails like any
-    other that got no answer: reverted, and retried through the queue.
+    other (an attempt that got no answer is kept on record as maybe applied; one never sent is
+    not): reverted, and retried through the queue.
     """
     with http.deadline(link.lease_until - time.time() - LEASE_MARGIN_SECONDS):
         return _perform_calls(link, step, outcome, cid)
@@ -387,7 +391,7 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
         outcome.error = "graph_forbidden"
         return False
     except Exception as exc:
-        telemetry.failed(ZOOM_TO_TEAMS, "error")
+        telemetry.failed(ZOOM_TO_TEAMS, _failure_reason(exc))
         _keep_unanswered_teams_write(exc, result, done, undo)
         _revert(link.zoom_user_id, **undo)
         raise
@@ -425,6 +429,11 @@ def _keep_unanswered_zoom_put(exc: Exception, op: ZoomOp, result: Plan, undo: di
         written_at = result.zoom_overlay.written_at
         undo["zoom"] = replace(undo["zoom"], overlay=replace(result.zoom_overlay, expires_at=written_at),
                                last_put=op.status, last_put_at=written_at)
+
+
+def _failure_reason(exc: Exception) -> str:
+    """The telemetry reason of an unexpected failure: calls cut off by the lease's end apart."""
+    return "lease_ended" if isinstance(exc, VendorError) and exc.code == NOT_SENT else "error"
 
 
 def _unanswered(exc: Exception) -> bool:
@@ -488,7 +497,7 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
         outcome.error = "zoom_forbidden"
         return False
     except Exception as exc:
-        telemetry.failed(TEAMS_TO_ZOOM, "error")
+        telemetry.failed(TEAMS_TO_ZOOM, _failure_reason(exc))
         _keep_unanswered_zoom_put(exc, op, result, undo)
         _revert(link.zoom_user_id, **undo)
         raise
@@ -614,6 +623,11 @@ def handle_reconcile(message: dict) -> Outcome:
                      confirm_teams=bool(message.get("confirm_teams")))
 
 
+# Failed queue puts in a row after which a keep-alive run stops: each has waited out the storage
+# SDK's own retries, so the queue is down, and the next run (5 minutes on) tries again.
+KEEPALIVE_FAILURES_IN_A_ROW = 5
+
+
 def keepalive_due(now: float | None = None) -> int:
     """Queue a confirm-and-renew for every person with an overlay that expires within the leeway.
 
@@ -624,8 +638,9 @@ def keepalive_due(now: float | None = None) -> int:
 
     The people are queued one after another: the confirmations drain at the vendors' pace (a
     Zoom read or a Graph read each) however fast they are queued, and one queue takes ~2,000
-    messages a second. A put that fails does not stop the others; the run then fails, and the
-    next one (within the leeway) queues that person again.
+    messages a second. A put that fails does not stop the others (unless several fail in a row:
+    the queue is down); the run then fails, and the next one (within the leeway) queues that
+    person again.
     """
     now = time.time() if now is None else now
     horizon = float(now + engine_config().renew_leeway_seconds)
@@ -636,26 +651,34 @@ def keepalive_due(now: float | None = None) -> int:
         f"RowKey eq @row and ( {TEAMS_OVERLAY_EXPIRES} le @t or {ZOOM_OVERLAY_EXPIRES} le @t )",
         parameters={"row": links.ROW, "t": horizon},
         select=["PartitionKey", TEAMS_OVERLAY_EXPIRES, ZOOM_OVERLAY_EXPIRES])
-    count = 0
-    errors: list[Exception] = []
-    for page in rows.by_page():
-        storage.count_operation()
-        for row in page:
-            teams_due = _due(row.get(TEAMS_OVERLAY_EXPIRES), horizon)
-            zoom_due = _due(row.get(ZOOM_OVERLAY_EXPIRES), horizon)
-            try:
-                # A Teams overlay mirrors Zoom, so Zoom is the source to confirm; and the other way round.
-                queue_reconcile(row["PartitionKey"], "keepalive", confirm_zoom=teams_due, confirm_teams=zoom_due)
-                count += 1
-            except Exception as exc:  # noqa: BLE001 - counted, logged and raised once the rest are queued
-                errors.append(exc)
+    count = failed = in_a_row = 0
+    first_error: Exception | None = None
+    for row in _rows_counting_pages(rows):
+        teams_due = _due(row.get(TEAMS_OVERLAY_EXPIRES), horizon)
+        zoom_due = _due(row.get(ZOOM_OVERLAY_EXPIRES), horizon)
+        try:
+            # A Teams overlay mirrors Zoom, so Zoom is the source to confirm; and the other way round.
+            queue_reconcile(row["PartitionKey"], "keepalive", confirm_zoom=teams_due, confirm_teams=zoom_due)
+            count, in_a_row = count + 1, 0
+        except Exception as exc:  # noqa: BLE001 - counted, logged and raised once the rest are queued
+            failed, in_a_row = failed + 1, in_a_row + 1
+            first_error = first_error or exc
+            if in_a_row >= KEEPALIVE_FAILURES_IN_A_ROW:
+                break
     if count:
         log.info("keep-alive: %d people with overlays near expiry queued for confirmation", count)
-    if errors:
-        log.error("keep-alive: %d of %d people could not be queued (%s); the next run queues them",
-                  len(errors), count + len(errors), type(errors[0]).__name__)
-        raise errors[0]
+    if first_error is not None:
+        log.error("keep-alive: %d people could not be queued (%s)%s; the next run queues them", failed,
+                  type(first_error).__name__,
+                  "; stopped, the queue is down" if in_a_row >= KEEPALIVE_FAILURES_IN_A_ROW else "")
+        raise first_error
     return count
+
+
+def _rows_counting_pages(rows: Any) -> Iterator[dict]:
+    for page in rows.by_page():
+        storage.count_operation()
+        yield from page
 
 
 def _due(expires_at: object, horizon: float) -> bool:

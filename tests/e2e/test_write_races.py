@@ -151,9 +151,9 @@ def test_a_write_retried_past_its_lease_does_not_undo_the_next_holders_write(mon
         # The lease runs out and the meeting ends: the next sync takes the lease and clears Teams.
         time.sleep(max(0.0, leases[-1] + 0.3 - time.time()))
         world.zoom.leave_meeting(person.zoom_id)
-        world.wait_until(lambda: graph_writes(world, person)
-                         and graph_writes(world, person)[-1].path.endswith("clearPresence"), timeout=20,
-                         interval=0.05)
+        # Keep Graph slow until a retry of the first write would have landed (the fourth attempt
+        # starts 6-9.5 s after the first and takes 2 s), then let the world settle.
+        time.sleep(max(0.0, leases[-1] + 6.0 - time.time()))
         world.graph.faults.latency(0, paths="/presence/setPresence")
         world.settle(timeout=60)
         assert world.zoom_shows(person) == "Available"

@@ -75,5 +75,19 @@ def test_a_failed_put_does_not_stop_the_others_and_fails_the_run(keepalive_world
         sync.keepalive_due(NOW)
     queued = {m["zoom_user_id"] for m in queued_messages(queue)}
     assert queued == set(people["teams_due"] + people["zoom_due"]) - refused
-    assert "3 of 300 people could not be queued (Conflict)" in caplog.text
+    assert "3 people could not be queued (Conflict); the next run" in caplog.text
     assert "297 people with overlays near expiry queued" in caplog.text
+
+
+def test_a_run_stops_when_the_queue_is_down(keepalive_world, monkeypatch, caplog):
+    tried = []
+
+    def down(queue_name, message, **kwargs):
+        tried.append(message["zoom_user_id"])
+        raise storage.Conflict("storage is unavailable")  # after the SDK's own retries, each
+
+    monkeypatch.setattr(storage, "enqueue", down)
+    with caplog.at_level(logging.INFO, logger="shared.sync"), pytest.raises(storage.Conflict):
+        sync.keepalive_due(NOW)
+    assert len(tried) == sync.KEEPALIVE_FAILURES_IN_A_ROW  # not 300 puts each waiting out its retries
+    assert "5 people could not be queued (Conflict); stopped, the queue is down" in caplog.text

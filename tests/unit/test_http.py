@@ -286,6 +286,17 @@ def test_an_attempts_timeout_ends_with_the_deadline(server):
     assert time.monotonic() - started < 1.4  # the 10 s read timeout was clipped to what was left
 
 
+def test_a_wait_that_oversleeps_the_deadline_starts_no_attempt(server, clock, monkeypatch):
+    monkeypatch.setattr(http.random, "uniform", lambda a, b: b)
+    monkeypatch.setattr(http, "sleep", lambda seconds: clock.sleep(seconds * 3))  # a busy machine
+    server.reply(503, times=10)
+    with http.deadline(5):
+        resp = send("PUT", f"{server.base_url}/x", policy=RetryPolicy(max_attempts=5, base_delay=2.0,
+                                                                        total_seconds=60))
+    assert resp.status_code == 503
+    assert len(server.requests) == 1  # the 2 s wait ended at 6 s: past the deadline
+
+
 def test_nested_deadlines_keep_the_earlier(clock):
     with http.deadline(5):
         with http.deadline(60):
