@@ -76,8 +76,9 @@ _deadline: ContextVar[float | None] = ContextVar("http_deadline", default=None)
 
 @contextmanager
 def deadline(seconds: float) -> Iterator[None]:
-    """Within the block, no attempt starts later than ``seconds`` from now and each attempt's
-    timeouts end by then (nested blocks keep the earlier moment)."""
+    """Within the block, no attempt starts later than ``seconds`` from now, and each attempt's
+    timeouts are clipped to what is left (not below half a second: ``_attempt_timeout``). Nested
+    blocks keep the earlier moment."""
     moment = monotonic() + seconds
     outer = _deadline.get()
     token = _deadline.set(moment if outer is None else min(outer, moment))
