@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared import graph_client, storage, zoom_client
 from shared.config import get_settings
-from shared.engine import ALL_DIRECTIONS, TeamsOp, TeamsOpKind, UserSync
+from shared.engine import ALL_DIRECTIONS, TeamsOp, TeamsOpKind, UserSync, keep_zoom_side
 from shared.errors import NotFound, Throttled, TokenError, VendorError
 from shared.links import (
     ENTRA_INDEX_TABLE,
@@ -87,6 +87,8 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
             link = Link(sync=UserSync(zoom_id, entra_id, frozenset(body.directions)), created_at=stamp)
             if existing is not None:
                 link.created_at = existing.created_at
+                keep_zoom_side(existing.sync, link.sync)
+                link.zoom_shows, link.zoom_blocked_until = existing.zoom_shows, existing.zoom_blocked_until
         link.email = body.email or (existing.email if existing else "")
         link.origin = "admin"
         link.status = STATUS_ACTIVE
@@ -107,10 +109,13 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     else:
         return _error(409, "the link changed concurrently; try again")
     if existing is not None and existing.entra_user_id != entra_id:
-        release_overlays(existing)
+        release_overlays(existing, zoom=False)
         from shared.links import _delete_index_if_points_to
 
         _delete_index_if_points_to(existing.entra_user_id, zoom_id)
+        if link.sync.zoom_overlay is not None:
+            # Ours on Zoom now answers to the new Teams account: read it, then replace or release.
+            queue_reconcile(zoom_id, "relinked", confirm_teams=True)
     elif existing is not None:
         # Same person: a narrowed direction or a re-enabled link is settled by a reconcile.
         before = existing.sync.directions if existing.status == STATUS_ACTIVE else frozenset()
@@ -229,8 +234,9 @@ def remove_link(zoom_user_id: str) -> tuple[int, dict]:
     return 204, {}
 
 
-def release_overlays(link: Link) -> None:
-    """Remove whatever we put on either side for this person (never what they set themselves).
+def release_overlays(link: Link, *, zoom: bool = True) -> None:
+    """Remove whatever we put on either side for this person (never what they set themselves);
+    the Teams side only when ``zoom`` is False (a re-pointed link keeps its Zoom account).
 
     The link is about to go (or to name someone else), so nothing will reconcile this person
     again: what a vendor refuses now (Zoom's one update per user per minute, a throttle, an
@@ -254,7 +260,7 @@ def release_overlays(link: Link) -> None:
                 left["teams"] = {"op": kind.value, "availability": s.teams_overlay.overlay.availability,
                                  "activity": s.teams_overlay.overlay.activity}
                 delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0))
-    if s.zoom_overlay is not None:
+    if zoom and s.zoom_overlay is not None:
         try:
             zoom_client.put_presence_status(s.zoom_user_id, s.zoom_overlay.restore)
         except (VendorError, TokenError) as exc:

@@ -241,6 +241,17 @@ class TeamsOpKind(StrEnum):
     CLEAR_PREFERRED = "clear_preferred"
 
 
+def keep_zoom_side(old: UserSync, new: UserSync) -> None:
+    """A link re-pointed at another Teams account keeps, in ``new``, what ``old`` knew of its Zoom
+    account, which has not changed: Zoom's own state and our overlay there (with the status to
+    restore). The sync then replaces or releases that overlay like any other, under the person's
+    write lease and within Zoom's one update a minute; an empty record would take our overlay for
+    the person's own status and leave it there for good."""
+    new.zoom_native, new.zoom_native_since, new.zoom_seen_ts = old.zoom_native, old.zoom_native_since, old.zoom_seen_ts
+    new.zoom_shows_ours, new.zoom_overlay = old.zoom_shows_ours, old.zoom_overlay
+    new.zoom_last_put, new.zoom_last_put_at = old.zoom_last_put, old.zoom_last_put_at
+
+
 @dataclass(frozen=True)
 class TeamsOp:
     kind: TeamsOpKind

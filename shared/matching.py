@@ -34,7 +34,7 @@ from typing import Any
 from shared import directory_runs as runs
 from shared import graph_client, scopes, storage, zoom_client
 from shared.config import get_settings
-from shared.engine import ALL_DIRECTIONS, UserSync
+from shared.engine import ALL_DIRECTIONS, UserSync, keep_zoom_side
 from shared.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from shared.links import (
     ENTRA_INDEX_TABLE,
@@ -236,10 +236,12 @@ def apply_target(link: Link, target: Target, zoom_listed_at: float) -> tuple[boo
     repointed = False
     if link.origin not in PINNED_ORIGINS and target.entra_user_id != link.sync.entra_user_id:
         # Another person on the Teams side: what we knew about the old one no longer applies.
+        old_sync = link.sync
         link.sync = UserSync(link.zoom_user_id, target.entra_user_id, link.sync.directions)
+        keep_zoom_side(old_sync, link.sync)  # the Zoom account is the same
         link.status, link.disabled_reason, link.disabled_at = STATUS_ACTIVE, "", ""
         link.error_kind = link.error_detail = link.error_at = ""
-        link.zoom_shows = link.teams_shows = ""
+        link.teams_shows = ""
         repointed = True
     if target.email is not None and link.origin not in PINNED_ORIGINS:
         link.email = target.email
@@ -611,8 +613,11 @@ def _after_change(old: Link, new: Link, repointed: bool, counts: list[str]) -> N
         counts.append("repointed")
         from shared.admin import release_overlays
 
-        release_overlays(old)
+        release_overlays(old, zoom=False)
         _delete_index_if_points_to(old.entra_user_id, old.zoom_user_id)
+        if new.sync.zoom_overlay is not None:
+            # Ours on Zoom now answers to the new Teams account: read it, then replace or release.
+            queue_reconcile(new.zoom_user_id, "relinked", confirm_teams=True)
         return
     if old.status != STATUS_DISABLED and new.status == STATUS_DISABLED:
         counts.append("disabled")

@@ -13,6 +13,7 @@ import pytest
 
 from sandbox.world import Person, World
 from tests.e2e.directory_support import all_links, directory_world, etags, run_matching, wipe
+from tests.fixtures.world import E2E_ZOOM_MIN_INTERVAL_S
 
 pytestmark = pytest.mark.e2e
 
@@ -304,6 +305,25 @@ def test_a_changed_email_moves_a_match_and_releases_the_old_one(world: World):
     assert counts["repointed"] == 1
     assert _link(world, ada)["entra_user_id"] == new_entra
     assert world.teams_shows(ada) == ("Available", "Available")  # released on the old account
+
+
+def test_a_moved_match_hands_our_zoom_overlay_to_the_new_teams_account(world: World):
+    ada = _person(world, "ada")
+    run_matching(world)
+    world.host.fire_timer("graph_subscriptions")
+    world.graph.set_preferred_by_user(ada.entra_id, "DoNotDisturb", "DoNotDisturb")
+    world.host.fire_timer("presence_sweep")
+    world.settle()
+    assert world.zoom_shows(ada) == "Do_Not_Disturb"  # ours, from the old Teams account
+    new_entra = world.graph.add_user(mail=ada.email.upper(), user_principal_name=f"ada2@{TENANT}")["id"].lower()
+    world.graph.set_teams_client(new_entra, "Available", "Available")
+    world.graph.update_user(ada.entra_id, mail=None, userPrincipalName=f"old.{uuid.uuid4().hex[:6]}@{TENANT}",
+                            proxyAddresses=[])
+    assert run_matching(world)["report"]["counts"]["repointed"] == 1
+    world.settle(timeout=60)
+    # Not taken for ada's own Do Not Disturb: it gives way to the new account's Available.
+    world.wait_until(lambda: world.zoom_shows(ada) == "Available", timeout=E2E_ZOOM_MIN_INTERVAL_S + 20,
+                     interval=0.2)
 
 
 # --- scopes --------------------------------------------------------------------------------------------------------

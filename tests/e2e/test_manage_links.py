@@ -137,3 +137,28 @@ def test_a_queued_release_leaves_a_status_the_person_chose_meanwhile(world: Worl
     released = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id
                 and p["status"] == 204 and p["body"] == {"status": "Available"}]
     assert released == []
+
+
+def test_repointing_a_link_hands_our_zoom_overlay_to_the_new_teams_account(world: World):
+    # The admin points the Zoom user at another Teams account right after we put the old one's
+    # Away on Zoom, so Zoom refuses the release for now. The Zoom account is the same: our Away
+    # there must not be taken for the person's own status and stay for good; it gives way to what
+    # the new Teams account shows (Available: Zoom's own status again).
+    person = _our_away_on_zoom(world)
+    other = world.add_person(link=False)
+    world.graph.set_teams_client(other.entra_id, "Available", "Available")
+    body = {"entra_user_id": other.entra_id, "email": other.email}
+    assert world.admin("PUT", f"links/{person.zoom_id}", json=body).status_code == 200
+    world.host.fire_timer("presence_sweep")
+    world.settle(timeout=60)
+    world.wait_until(lambda: world.zoom_shows(person) == "Available", timeout=E2E_ZOOM_MIN_INTERVAL_S + 20,
+                     interval=0.2)
+    assert world.host.poisoned == []
+    # And the new account's changes reach Zoom as any link's do (once the timer has given the
+    # new account a shard, as for any new link).
+    world.host.fire_timer("graph_subscriptions")
+    time.sleep(E2E_ZOOM_MIN_INTERVAL_S + 0.5)
+    world.graph.set_preferred_by_user(other.entra_id, "DoNotDisturb", "DoNotDisturb")
+    world.host.fire_timer("presence_sweep")
+    world.settle(timeout=60)
+    assert world.zoom_shows(person) == "Do_Not_Disturb"

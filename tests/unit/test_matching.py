@@ -96,6 +96,22 @@ def test_apply_target_repoints_match_links_only():
     assert apply_target(admin, Target("e1", "", None), 1000.0) == (False, False)
 
 
+def test_a_repointed_link_keeps_what_it_knew_of_its_zoom_account():
+    from shared.engine import ZoomOverlayRecord
+    from shared.presence import Presence
+
+    link = _link()
+    ours = ZoomOverlayRecord("Away", 900.0, None, "away@1", "Available")
+    link.sync.zoom_overlay, link.sync.zoom_native, link.sync.zoom_seen_ts = ours, Presence.AVAILABLE, 5
+    link.sync.zoom_last_put, link.sync.zoom_last_put_at, link.sync.teams_native = "Away", 901.0, Presence.AWAY
+    link.zoom_shows, link.teams_shows = "Away", "Away/Away"
+    assert apply_target(link, Target("e2", "", "a@x.com"), 1000.0) == (True, True)
+    s = link.sync
+    assert (s.zoom_overlay, s.zoom_native, s.zoom_seen_ts, s.zoom_last_put, s.zoom_last_put_at) == (
+        ours, Presence.AVAILABLE, 5, "Away", 901.0)  # the same Zoom account: ours is still there
+    assert (s.teams_native, link.teams_shows, link.zoom_shows) == (None, "", "Away")  # another Teams account
+
+
 def test_effective_directions():
     everyone = scopes.Scopes()
     teams_off = scopes.Scopes(teams_to_zoom=False)
