@@ -89,6 +89,10 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
                 link.created_at = existing.created_at
                 keep_zoom_side(existing.sync, link.sync)
                 link.zoom_shows, link.zoom_blocked_until = existing.zoom_shows, existing.zoom_blocked_until
+                link.zoom_deferred_until = existing.zoom_deferred_until
+                # A write under way keeps its lease: it finishes, sees the change and plans again.
+                link.lease_owner, link.lease_until, link.pending = (existing.lease_owner, existing.lease_until,
+                                                                    existing.pending)
         link.email = body.email or (existing.email if existing else "")
         link.origin = "admin"
         link.status = STATUS_ACTIVE
@@ -113,9 +117,9 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
         from shared.links import _delete_index_if_points_to
 
         _delete_index_if_points_to(existing.entra_user_id, zoom_id)
-        if link.sync.zoom_overlay is not None:
-            # Ours on Zoom now answers to the new Teams account: read it, then replace or release.
-            queue_reconcile(zoom_id, "relinked", confirm_teams=True)
+        # Read the new Teams account; then ours on Zoom is kept, replaced or released for it, and
+        # what Zoom shows reaches it at once.
+        queue_reconcile(zoom_id, "relinked", confirm_teams=True)
     elif existing is not None:
         # Same person: a narrowed direction or a re-enabled link is settled by a reconcile.
         before = existing.sync.directions if existing.status == STATUS_ACTIVE else frozenset()

@@ -144,8 +144,10 @@ def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: Engin
         return Observed.ECHO
     user.zoom_shows_ours = False
     if overlay is not None and state in ZOOM_MANUAL_STATES:
-        # Zoom has one manual slot: a manual status we did not write means the person took it.
-        user.zoom_yielded = overlay.source
+        # Zoom has one manual slot: a manual status we did not write means the person took it,
+        # from the Teams state now behind our overlay (ours may have been kept across a change
+        # to another Teams state that puts the same status on Zoom: it is that state they overrode).
+        user.zoom_yielded = _current_source(user.teams_native, user.teams_native_since, overlay.source)
         user.zoom_overlay = None
     return _set_zoom_native(user, state, ts_ms) or Observed.UNCHANGED
 
@@ -206,13 +208,19 @@ def observe_teams(
             # but Teams closed or signed out: the preferred presence is still set then, and shows
             # only while a session exists (API-FACTS §6). "Appear offline" is OffWork: the person's.
             if not _teams_closed(state, activity):
-                user.teams_yielded = overlay.source
+                user.teams_yielded = _current_source(user.zoom_native, user.zoom_native_since, overlay.source)
                 user.teams_overlay = None
         elif priority(state) < priority(overlay.overlay.state):
             # Less busy than our session: the session is gone (expired). Sessions are ours alone,
             # so the reconciler may write it again while its source holds.
             user.teams_overlay = None
     return _set_teams_native(user, state, ts_ms) or Observed.UNCHANGED
+
+
+def _current_source(native: Presence | None, since: int, recorded: str) -> str:
+    """The key of the other side's state an overlay now stands for (the one recorded when it was
+    written, if that side is unknown)."""
+    return _source_key(native, since) if native is not None else recorded
 
 
 def _busier_than_our_session(overlay: TeamsOverlayRecord, state: Presence) -> bool:

@@ -613,12 +613,8 @@ def _after_change(old: Link, new: Link, repointed: bool, counts: list[str]) -> N
         counts.append("repointed")
         from shared.admin import release_overlays
 
-        release_overlays(old, zoom=False)
+        release_overlays(old, zoom=False)  # the old Teams account's; Zoom's stays with the link
         _delete_index_if_points_to(old.entra_user_id, old.zoom_user_id)
-        if new.sync.zoom_overlay is not None:
-            # Ours on Zoom now answers to the new Teams account: read it, then replace or release.
-            queue_reconcile(new.zoom_user_id, "relinked", confirm_teams=True)
-        return
     if old.status != STATUS_DISABLED and new.status == STATUS_DISABLED:
         counts.append("disabled")
         # The engine releases our overlays of a disabled link; Zoom is read first, since a
@@ -627,6 +623,9 @@ def _after_change(old: Link, new: Link, repointed: bool, counts: list[str]) -> N
     elif old.status == STATUS_DISABLED and new.status == STATUS_ACTIVE:
         counts.append("enabled")
         queue_reconcile(new.zoom_user_id, "enabled", confirm_zoom=True, confirm_teams=True)
+    elif repointed:
+        # Read the new Teams account; then ours on Zoom is kept, replaced or released for it.
+        queue_reconcile(new.zoom_user_id, "relinked", confirm_teams=True)
 
 
 def _finish(run: runs.Run, error: str = "") -> runs.Run | None:

@@ -117,13 +117,15 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
         if link is None:
             outcome.linked = False
             return outcome
+        # A side we know nothing of yet (a link just re-pointed at another Teams account) cannot
+        # be planned without its read: a failed one is retried through the queue, not skipped.
         if confirm_zoom:
             # When the read began: a webhook of a change made during the read is newer than it.
             confirmed_zoom_at = time.time()
-            confirmed_zoom = _read_zoom(link, outcome)
+            confirmed_zoom = _read_zoom(link, outcome, required=link.sync.zoom_native is None)
         if confirm_teams:
             confirmed_teams_at = time.time()  # when the read began: what it shows is no older
-            confirmed_teams = _read_teams(link, outcome)
+            confirmed_teams = _read_teams(link, outcome, required=link.sync.teams_native is None)
 
     def learn(link: Link, now: float) -> None:
         if observe is not None:
@@ -322,21 +324,27 @@ def zoom_observer(status: str, event_ts: int) -> Observer:
     return lambda link, now: _apply_zoom_report(link, status, event_ts, now, cfg)
 
 
-def _read_zoom(link: Link, outcome: Outcome) -> str | None:
+def _read_zoom(link: Link, outcome: Outcome, *, required: bool = False) -> str | None:
+    """Zoom's status for the person; None when the read failed (raised instead when ``required``)."""
     outcome.reads += 1
     try:
         return zoom_client.get_presence_status(link.zoom_user_id)
     except VendorError as exc:
         log.warning("sync: could not read Zoom presence of user %s: %s", link.zoom_user_id, exc)
+        if required:
+            raise
         return None
 
 
-def _read_teams(link: Link, outcome: Outcome) -> dict | None:
+def _read_teams(link: Link, outcome: Outcome, *, required: bool = False) -> dict | None:
+    """Teams' presence for the person; None when the read failed (raised instead when ``required``)."""
     outcome.reads += 1
     try:
         return graph_client.get_presence(link.entra_user_id)
     except VendorError as exc:
         log.warning("sync: could not read Teams presence of user %s: %s", link.zoom_user_id, exc)
+        if required:
+            raise
         return None
 
 

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from sandbox.world import World
+from shared.graph_client import GRAPH_POLICY
 from tests.fixtures.world import E2E_ZOOM_MIN_INTERVAL_S
 
 pytestmark = pytest.mark.e2e
@@ -139,14 +140,19 @@ def test_a_queued_release_leaves_a_status_the_person_chose_meanwhile(world: Worl
     assert released == []
 
 
-def test_repointing_a_link_hands_our_zoom_overlay_to_the_new_teams_account(world: World):
+@pytest.mark.parametrize("first_read", ["answered", "refused"])
+def test_repointing_a_link_hands_our_zoom_overlay_to_the_new_teams_account(world: World, first_read):
     # The admin points the Zoom user at another Teams account right after we put the old one's
     # Away on Zoom, so Zoom refuses the release for now. The Zoom account is the same: our Away
     # there must not be taken for the person's own status and stay for good; it gives way to what
-    # the new Teams account shows (Available: Zoom's own status again).
+    # the new Teams account shows (Available: Zoom's own status again). If Graph refuses the first
+    # read of the new account, it is read again (the queue's retry), not given up.
     person = _our_away_on_zoom(world)
     other = world.add_person(link=False)
     world.graph.set_teams_client(other.entra_id, "Available", "Available")
+    if first_read == "refused":
+        world.graph.faults.server_error(count=GRAPH_POLICY.max_attempts, status=503,
+                                        paths=f"/users/{other.entra_id}/presence")
     body = {"entra_user_id": other.entra_id, "email": other.email}
     assert world.admin("PUT", f"links/{person.zoom_id}", json=body).status_code == 200
     world.host.fire_timer("presence_sweep")

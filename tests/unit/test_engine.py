@@ -428,3 +428,41 @@ def test_a_less_busy_teams_state_read_before_our_session_landed_is_stale():
     w, read_at = _session_written_after_a_teams_read("Away", "Away")
     assert w.teams_read_at(read_at, "Available", "Available") == Observed.STALE  # not "session gone"
     assert w.user.teams_overlay is not None
+
+
+def test_a_zoom_slot_the_person_takes_holds_while_teams_moves_between_states_with_the_same_overlay():
+    # Teams Away and Be right back both put Away on Zoom: the move keeps our overlay as it is.
+    # The person then takes Zoom's slot; they keep it until Teams changes to something else.
+    w = World()
+    w.zoom("Available")
+    w.teams("Away", "Away")
+    w.zoom("Away")  # our echo
+    w.tick(120)
+    w.teams("BeRightBack", "BeRightBack")
+    assert [op.status for op in w.zoom_writes] == ["Away"]
+    w.zoom("Available")  # the person's own choice
+    w.tick(120)
+    w.reconcile()
+    assert [op.status for op in w.zoom_writes] == ["Away"], "our Away was put back over the person's choice"
+    w.teams("Available", "Available")
+    w.tick(120)
+    w.teams("Away", "Away")  # a new Teams state: mirrored again
+    assert [op.status for op in w.zoom_writes] == ["Away", "Away"]
+
+
+def test_a_teams_slot_the_person_takes_holds_while_zoom_moves_between_states_with_the_same_overlay():
+    # Zoom Busy and a calendar event both put Busy in Teams' preferred slot: the move keeps ours.
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("Busy")
+    w.teams("Busy", "Busy")  # our echo
+    w.tick(120)
+    w.zoom("In_Calendar_Event")
+    assert [op.kind for op in w.teams_writes] == [TeamsOpKind.SET_PREFERRED]
+    w.teams("Away", "Away")  # the person takes the preferred slot
+    w.tick(120)
+    w.reconcile()
+    assert [op.kind for op in w.teams_writes] == [TeamsOpKind.SET_PREFERRED], "our Busy was put back"
+    w.zoom("Available")
+    w.zoom("Busy")  # a new Zoom state: mirrored again
+    assert [op.kind for op in w.teams_writes] == [TeamsOpKind.SET_PREFERRED, TeamsOpKind.SET_PREFERRED]
