@@ -96,6 +96,9 @@ Observer = Callable[[Link, float], Observed]
 LEASE_SECONDS = 45.0
 LEASE_MARGIN_SECONDS = 10.0
 
+GRAPH_UNKNOWN = "Graph does not know this Entra user"
+ZOOM_UNKNOWN = "Zoom does not know this user (1001)"
+
 
 def _state(link: Link) -> tuple:
     return (link.sync, link.zoom_shows, link.teams_shows, link.zoom_deferred_until, link.last_sync_at,
@@ -111,6 +114,7 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
     confirmed_zoom_at = 0.0
     confirmed_teams: dict | None = None
     confirmed_teams_at = 0.0
+    unknown: UnknownAccount | None = None
     if confirm_zoom or confirm_teams:
         # Keep-alive: re-read the source before renewing an overlay (DESIGN.md §5 "self-healing").
         link, _ = read_link(zoom_user_id)
@@ -119,13 +123,17 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
             return outcome
         # A side we know nothing of yet (a link just re-pointed at another Teams account) cannot
         # be planned without its read: a failed one is retried through the queue, not skipped.
-        if confirm_zoom:
-            # When the read began: a webhook of a change made during the read is newer than it.
-            confirmed_zoom_at = time.time()
-            confirmed_zoom = _read_zoom(link, outcome, required=link.sync.zoom_native is None)
-        if confirm_teams:
-            confirmed_teams_at = time.time()  # when the read began: what it shows is no older
-            confirmed_teams = _read_teams(link, outcome, required=link.sync.teams_native is None)
+        try:
+            if confirm_zoom:
+                # When the read began: a webhook of a change made during the read is newer than it.
+                confirmed_zoom_at = time.time()
+                confirmed_zoom = _read_zoom(link, outcome, required=link.sync.zoom_native is None)
+            if confirm_teams:
+                confirmed_teams_at = time.time()  # when the read began: what it shows is no older
+                confirmed_teams = _read_teams(link, outcome, required=link.sync.teams_native is None)
+        except UnknownAccount as exc:
+            unknown = exc
+            _report_unknown(link, exc, outcome)
 
     def learn(link: Link, now: float) -> None:
         if observe is not None:
@@ -134,6 +142,8 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
             _apply_zoom_report(link, confirmed_zoom, int(confirmed_zoom_at * 1000), now, engine_config())
         if confirmed_teams is not None:
             _apply_teams_report(link, confirmed_teams, int(confirmed_teams_at * 1000))
+        if unknown is not None:
+            unknown.mark(link)
 
     for _attempt in range(10):
         link, etag = read_link(zoom_user_id)
@@ -242,14 +252,18 @@ def _plan_step(link: Link, now: float, outcome: Outcome) -> _Step | None:
     result = plan(link.sync, mapping, now, cfg)
     if result.need_zoom_read or result.need_teams_read:
         # One side was never seen: look before writing over what the person may have set.
-        if result.need_zoom_read and link.status == "active":
-            status = _read_zoom(link, outcome)
-            if status is not None:
-                _apply_zoom_report(link, status, int(now * 1000), now, cfg)
-        if result.need_teams_read and link.status == "active":
-            presence = _read_teams(link, outcome)
-            if presence is not None:
-                _apply_teams_report(link, presence, int(now * 1000))
+        try:
+            if result.need_zoom_read and link.status == "active":
+                status = _read_zoom(link, outcome)
+                if status is not None:
+                    _apply_zoom_report(link, status, int(now * 1000), now, cfg)
+            if result.need_teams_read and link.status == "active":
+                presence = _read_teams(link, outcome)
+                if presence is not None:
+                    _apply_teams_report(link, presence, int(now * 1000))
+        except UnknownAccount as exc:
+            _report_unknown(link, exc, outcome)
+            exc.mark(link)
         result = plan(link.sync, mapping, now, cfg)
     zoom_allowed, schedule_at = _zoom_gate(link, result, now, settings.zoom_presence_min_interval_seconds)
     if result.zoom_op is not None and not zoom_allowed:
@@ -324,11 +338,36 @@ def zoom_observer(status: str, event_ts: int) -> Observer:
     return lambda link, now: _apply_zoom_report(link, status, event_ts, now, cfg)
 
 
+class UnknownAccount(Exception):
+    """A vendor answered that it does not know the person's account there (Zoom 1001, Graph 404).
+
+    It will not know it on a retry either: the link is marked in error, which stops its sync and
+    makes the plan let go of what we hold on the other side."""
+
+    def __init__(self, direction: str, kind: str, detail: str, entra_user_id: str) -> None:
+        super().__init__(detail)
+        self.direction, self.kind, self.detail, self.entra_user_id = direction, kind, detail, entra_user_id
+
+    def mark(self, link: Link) -> None:
+        """Record the error on ``link`` (in place) unless it now names another Teams account."""
+        if link.entra_user_id == self.entra_user_id:
+            _mark_error(link, self.kind, self.detail)
+
+
+def _report_unknown(link: Link, exc: UnknownAccount, outcome: Outcome) -> None:
+    telemetry.failed(exc.direction, exc.kind)
+    log.warning("sync: user %s: %s", link.zoom_user_id, exc.detail)
+    outcome.error = exc.kind
+
+
 def _read_zoom(link: Link, outcome: Outcome, *, required: bool = False) -> str | None:
-    """Zoom's status for the person; None when the read failed (raised instead when ``required``)."""
+    """Zoom's status for the person; None when the read failed (raised instead when ``required``,
+    and always when Zoom does not know the account)."""
     outcome.reads += 1
     try:
         return zoom_client.get_presence_status(link.zoom_user_id)
+    except NotFound:
+        raise UnknownAccount(TEAMS_TO_ZOOM, "zoom_user_not_found", ZOOM_UNKNOWN, link.entra_user_id) from None
     except VendorError as exc:
         log.warning("sync: could not read Zoom presence of user %s: %s", link.zoom_user_id, exc)
         if required:
@@ -337,10 +376,13 @@ def _read_zoom(link: Link, outcome: Outcome, *, required: bool = False) -> str |
 
 
 def _read_teams(link: Link, outcome: Outcome, *, required: bool = False) -> dict | None:
-    """Teams' presence for the person; None when the read failed (raised instead when ``required``)."""
+    """Teams' presence for the person; None when the read failed (raised instead when ``required``,
+    and always when Graph does not know the account)."""
     outcome.reads += 1
     try:
         return graph_client.get_presence(link.entra_user_id)
+    except NotFound:
+        raise UnknownAccount(ZOOM_TO_TEAMS, "teams_user_not_found", GRAPH_UNKNOWN, link.entra_user_id) from None
     except VendorError as exc:
         log.warning("sync: could not read Teams presence of user %s: %s", link.zoom_user_id, exc)
         if required:
@@ -389,7 +431,8 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
         return False
     except NotFound:
         telemetry.failed(ZOOM_TO_TEAMS, "teams_user_not_found")
-        _revert(link.zoom_user_id, **undo, error=("teams_user_not_found", "Graph does not know this Entra user"))
+        _revert(link.zoom_user_id, **undo, error=("teams_user_not_found", GRAPH_UNKNOWN),
+                entra_user_id=link.entra_user_id)
         outcome.error = "teams_user_not_found"
         return False
     except Forbidden as exc:
@@ -496,7 +539,7 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
         return False
     except NotFound:
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_user_not_found")
-        _revert(link.zoom_user_id, **undo, error=("zoom_user_not_found", "Zoom does not know this user (1001)"))
+        _revert(link.zoom_user_id, **undo, error=("zoom_user_not_found", ZOOM_UNKNOWN))
         outcome.error = "zoom_user_not_found"
         return False
     except Forbidden as exc:
@@ -541,10 +584,25 @@ def _took_zoom_slot_since(s: UserSync, seen_ts: int) -> bool:
     return s.zoom_seen_ts > seen_ts and s.zoom_overlay is None and s.zoom_native in ZOOM_MANUAL_STATES
 
 
+def _mark_error(link: Link, kind: str, detail: str) -> None:
+    link.error_kind, link.error_detail, link.error_at = kind, detail, now_iso()
+    if kind in ("teams_user_not_found", "zoom_user_not_found"):
+        link.status = STATUS_ERROR
+        link.sync.active = False
+        # Nothing of ours is left to release on an account the vendor does not know: forget it,
+        # or the plan would keep calling that vendor to let go of it.
+        if kind == "teams_user_not_found":
+            link.sync.teams_overlay = None
+        else:
+            link.sync.zoom_overlay = None
+
+
 def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None = None,
-            error: tuple[str, str] | None = None, blocked_until: float | None = None) -> None:
+            error: tuple[str, str] | None = None, blocked_until: float | None = None,
+            entra_user_id: str | None = None) -> None:
     """Undo the bookkeeping of a write that did not happen (only if nobody changed it since), and
-    let go of the person's write lease."""
+    let go of the person's write lease. An ``error`` about the Teams account given as
+    ``entra_user_id`` is not recorded once the link names another one (re-pointed meanwhile)."""
 
     def mutate(entity: dict | None) -> dict | None:
         if entity is None:
@@ -561,11 +619,8 @@ def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None
             link.zoom_blocked_until = blocked_until
         if link.lease_owner == owner:
             link.lease_owner, link.lease_until = "", 0.0
-        if error is not None:
-            link.error_kind, link.error_detail, link.error_at = error[0], error[1], now_iso()
-            if error[0] in ("teams_user_not_found", "zoom_user_not_found"):
-                link.status = STATUS_ERROR
-                link.sync.active = False
+        if error is not None and (entra_user_id is None or link.entra_user_id == entra_user_id):
+            _mark_error(link, *error)
         return link_to_entity(link)
 
     storage.mutate_entity(names.LINKS_TABLE, zoom_user_id, "link", mutate)

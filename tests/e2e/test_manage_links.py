@@ -168,3 +168,22 @@ def test_repointing_a_link_hands_our_zoom_overlay_to_the_new_teams_account(world
     world.host.fire_timer("presence_sweep")
     world.settle(timeout=60)
     assert world.zoom_shows(person) == "Do_Not_Disturb"
+
+
+def test_repointing_a_link_at_an_account_graph_does_not_know_marks_it_in_error(world: World, caplog):
+    # The admin names an Entra id Graph has never had (a typo, another tenant's id). Graph will
+    # not know it on a retry either: the link shows why it stopped, nothing goes to the poison
+    # queue, and our Away on Zoom (put there for the old account) is let go once Zoom allows.
+    caplog.set_level("WARNING")
+    person = _our_away_on_zoom(world)
+    unknown = str(uuid.uuid4())
+    assert world.admin("PUT", f"links/{person.zoom_id}", json={"entra_user_id": unknown}).status_code == 200
+    world.settle(timeout=60)
+    world.wait_until(lambda: world.zoom_shows(person) == "Available", timeout=E2E_ZOOM_MIN_INTERVAL_S + 20,
+                     interval=0.2)
+    world.settle(timeout=30)
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert link["status"] == "error"
+    assert link["error"]["kind"] == "teams_user_not_found"
+    assert world.host.poisoned == []
+    assert f"sync: user {person.zoom_id}: Graph does not know this Entra user" in caplog.text

@@ -373,3 +373,26 @@ def test_zoom_dnd_is_renewed_while_teams_holds_it_and_released_after(world: Worl
         assert world.zoom_shows(person) == "Available"
         assert [p["body"]["status"] for p in zoom_puts(world, person)] == [
             "Do_Not_Disturb", "Do_Not_Disturb", "Available"]
+
+
+def test_a_person_who_left_the_directory_is_not_kept_in_dnd_on_zoom(world: World, app_setting, caplog):
+    # Their Teams DND is on Zoom when their Entra account is deleted (they left). The keep-alive's
+    # confirm read gets Graph's 404: the DND is let go rather than renewed for good, and the link
+    # says why it stopped (no retries: Graph will not know the account later either).
+    caplog.set_level("WARNING")
+    app_setting(ZOOM_DND_DURATION_MINUTES="1", OVERLAY_RENEW_LEEWAY_SECONDS="50")
+    person = world.add_person()
+    with listening(world, "poll"):
+        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        propagate(world, "poll")
+        assert world.zoom_shows(person) == "Do_Not_Disturb"
+    world.graph.delete_user(person.entra_id)
+    time.sleep(11)
+    world.host.fire_timer("overlay_keepalive")
+    world.settle()
+    assert world.zoom_shows(person) == "Available"
+    assert [p["body"]["status"] for p in zoom_puts(world, person)] == ["Do_Not_Disturb", "Available"]
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert (link["status"], link["error"]["kind"]) == ("error", "teams_user_not_found")
+    assert world.host.poisoned == []
+    assert person.email not in caplog.text

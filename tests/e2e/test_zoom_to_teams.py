@@ -245,6 +245,48 @@ def test_unknown_entra_user_marks_the_link_in_error(world: World):
     assert link["error"]["kind"] == "teams_user_not_found"
 
 
+def test_a_link_in_error_stops_calling_the_vendor_that_does_not_know_the_account(world: World, app_setting):
+    # Our In a call is on Teams when the Entra user is deleted: the next write (Presenting) gets
+    # Graph's 404 and puts the link in error. Nothing is left to release on an account Graph does
+    # not know, so later changes and the keep-alive make no more Graph calls for them.
+    app_setting(TEAMS_OVERLAY_MINUTES="5", OVERLAY_RENEW_LEEWAY_SECONDS="300")
+    person = world.add_person()
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    world.graph.delete_user(person.entra_id)
+    world.zoom.start_presenting(person.zoom_id)
+    world.settle()
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert (link["status"], link["error"]["kind"]) == ("error", "teams_user_not_found")
+    calls = len([r for r in world.graph.requests if person.entra_id in r.path.lower()])
+    world.zoom.leave_meeting(person.zoom_id)
+    world.settle()
+    world.host.fire_timer("overlay_keepalive")
+    world.settle()
+    assert len([r for r in world.graph.requests if person.entra_id in r.path.lower()]) == calls
+
+
+def test_a_zoom_user_deleted_unnoticed_does_not_stay_in_a_call_on_teams(world: World, app_setting, caplog):
+    # Their meeting is on Teams when their Zoom user is deleted and the user.deleted webhook is
+    # lost. The keep-alive's confirm read gets Zoom's 1001: our In a call is let go rather than
+    # renewed for good, and the link says why it stopped.
+    caplog.set_level("WARNING")
+    app_setting(TEAMS_OVERLAY_MINUTES="5", OVERLAY_RENEW_LEEWAY_SECONDS="300")  # due at once
+    person = world.add_person()
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    world.zoom.faults.webhook_drop(event="user.deleted")
+    world.zoom.remove_user(person.zoom_id)
+    world.host.fire_timer("overlay_keepalive")
+    world.settle()
+    assert world.teams_shows(person) == ("Available", "Available")
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert (link["status"], link["error"]["kind"]) == ("error", "zoom_user_not_found")
+    assert f"sync: user {person.zoom_id}: Zoom does not know this user (1001)" in caplog.text
+    assert world.host.poisoned == []
+
+
 def test_table_operations_per_change(world: World):
     from shared.storage import storage_operation_count
 
