@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 from typing import Any, Literal
 
@@ -273,7 +274,25 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
             delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0))
     if left:
         _queue_release(s.zoom_user_id, s.entra_user_id, left, delay_s, attempt=1)
+    lease_left = link.lease_until - time.time() if link.lease_owner else 0.0
+    if lease_left > 0:
+        # A write for this person is under way and may land after the release above; its calls
+        # start no attempt past its lease (shared.sync). Look again once the lease has ended, at
+        # whatever of ours it may have put back (a queued release checks it still shows ours).
+        later: dict[str, dict] = {}
+        if s.teams_overlay is not None:
+            kind = (TeamsOpKind.CLEAR_SESSION if s.teams_overlay.overlay.kind == "session"
+                    else TeamsOpKind.CLEAR_PREFERRED)
+            later["teams"] = {"op": kind.value, "availability": s.teams_overlay.overlay.availability,
+                              "activity": s.teams_overlay.overlay.activity}
+        if zoom and s.zoom_overlay is not None:
+            later["zoom"] = {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore}
+        if later:
+            _queue_release(s.zoom_user_id, s.entra_user_id, later, lease_left + LATE_WRITE_GRACE_S, attempt=1)
 
+
+# How long after a write lease has ended a request sent just before it may still be carried out.
+LATE_WRITE_GRACE_S = 5.0
 
 # A queued release gives up after this many attempts: each waits the vendor's Retry-After, or
 # RELEASE_LOOK_AGAIN_S while Zoom shows a meeting, call or presentation over the manual slot.

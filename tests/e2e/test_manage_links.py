@@ -187,3 +187,30 @@ def test_repointing_a_link_at_an_account_graph_does_not_know_marks_it_in_error(w
     assert link["error"]["kind"] == "teams_user_not_found"
     assert world.host.poisoned == []
     assert f"sync: user {person.zoom_id}: Graph does not know this Entra user" in caplog.text
+
+
+def test_a_write_under_way_at_a_repoint_does_not_leave_ours_on_the_old_teams_account(world: World, monkeypatch):
+    from shared.links import read_link
+
+    # A short lease so the race fits in seconds (45 s in production).
+    monkeypatch.setattr("shared.sync.LEASE_SECONDS", 6.0)
+    monkeypatch.setattr("shared.sync.LEASE_MARGIN_SECONDS", 1.0)
+    person = world.add_person()
+    other = world.add_person(link=False)
+    world.host.fire_timer("graph_subscriptions")
+    # The meeting's Teams write is slow to reach Graph: the admin re-points the link meanwhile,
+    # and the release of the old account is made before that write lands on it.
+    world.graph.faults.latency(2.5, paths=f"/users/{person.entra_id}/presence/setPresence")
+    world.zoom.join_meeting(person.zoom_id)
+    world.wait_until(lambda: read_link(person.zoom_id)[0].lease_until > 0, timeout=20, interval=0.05)
+    body = {"entra_user_id": other.entra_id, "email": other.email}
+    assert world.admin("PUT", f"links/{person.zoom_id}", json=body).status_code == 200
+    world.wait_until(lambda: world.teams_shows(person) == ("Busy", "InACall"), timeout=10, interval=0.1)
+    world.graph.faults.latency(0, paths=f"/users/{person.entra_id}/presence/setPresence")
+    # Once the write's lease has ended, ours is taken off the old account; the new one shows the
+    # meeting.
+    world.wait_until(lambda: world.teams_shows(person) == ("Available", "Available"), timeout=30, interval=0.2)
+    world.settle(timeout=60)
+    assert world.teams_shows(person) == ("Available", "Available")
+    assert world.teams_shows(other) == ("Busy", "InACall")
+    assert world.host.poisoned == []
