@@ -230,11 +230,21 @@ def remove_link(zoom_user_id: str) -> tuple[int, dict]:
     if not valid_zoom_id(zoom_user_id):
         log.info("admin: link removal for an invalid Zoom user id rejected")
         return _error(400, "invalid Zoom user id")
-    link, _ = read_link(zoom_user_id.lower())
-    if link is None:
-        return _error(404, "no link for this Zoom user")
+    # Deleted only as read, then released: a sync that took the person's write lease after the
+    # read would otherwise write after the release, and no one would take that back. One whose
+    # lease the read shows is looked after by release_overlays.
+    for _ in range(8):
+        link, etag = read_link(zoom_user_id.lower())
+        if link is None:
+            return _error(404, "no link for this Zoom user")
+        try:
+            delete_link(link.zoom_user_id, link.entra_user_id, etag)
+            break
+        except storage.Conflict:
+            continue
+    else:
+        return _error(409, "the link changed concurrently; try again")
     release_overlays(link)
-    delete_link(link.zoom_user_id, link.entra_user_id)
     log.info("admin: link for Zoom user %s deleted", link.zoom_user_id)
     return 204, {}
 
@@ -274,8 +284,8 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
             delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0))
     if left:
         _queue_release(s.zoom_user_id, s.entra_user_id, left, delay_s, attempt=1)
-    lease_left = link.lease_until - time.time() if link.lease_owner else 0.0
-    if lease_left > 0:
+    lease_left = link.lease_until - time.time() if link.lease_owner else -LATE_WRITE_GRACE_S
+    if lease_left > -LATE_WRITE_GRACE_S:
         # A write for this person is under way and may land after the release above; its calls
         # start no attempt past its lease (shared.sync). Look again once the lease has ended, at
         # whatever of ours it may have put back (a queued release checks it still shows ours).
@@ -287,8 +297,11 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
                               "activity": s.teams_overlay.overlay.activity}
         if zoom and s.zoom_overlay is not None:
             later["zoom"] = {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore}
+        after_s = max(0.0, lease_left) + LATE_WRITE_GRACE_S
+        if delay_s >= after_s:  # what is queued already goes late enough
+            later = {side: v for side, v in later.items() if side not in left}
         if later:
-            _queue_release(s.zoom_user_id, s.entra_user_id, later, lease_left + LATE_WRITE_GRACE_S, attempt=1)
+            _queue_release(s.zoom_user_id, s.entra_user_id, later, after_s, attempt=1)
 
 
 # How long after a write lease has ended a request sent just before it may still be carried out.

@@ -335,8 +335,9 @@ def write_link(link: Link, etag: str | None) -> str | None:
     return storage.write_entity(LINKS_TABLE, link_to_entity(link), etag)
 
 
-def delete_link(zoom_user_id: str, entra_user_id: str) -> None:
-    storage.delete_entity(LINKS_TABLE, zoom_user_id.lower(), ROW)
+def delete_link(zoom_user_id: str, entra_user_id: str, etag: str | None = None) -> None:
+    """Delete a link (with ``etag``: only if unchanged since read, else :class:`storage.Conflict`)."""
+    storage.delete_entity(LINKS_TABLE, zoom_user_id.lower(), ROW, etag)
     if entra_user_id:
         _delete_index_if_points_to(entra_user_id, zoom_user_id)
 

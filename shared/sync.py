@@ -46,6 +46,7 @@ from shared.errors import (
     ZoomUserNotSignedIn,
 )
 from shared.links import (
+    STATUS_ACTIVE,
     STATUS_ERROR,
     TEAMS_OVERLAY_EXPIRES,
     ZOOM_OVERLAY_EXPIRES,
@@ -102,7 +103,7 @@ ZOOM_UNKNOWN = "Zoom does not know this user (1001)"
 
 def _state(link: Link) -> tuple:
     return (link.sync, link.zoom_shows, link.teams_shows, link.zoom_deferred_until, link.last_sync_at,
-            link.lease_owner, link.lease_until, link.pending, link.status)
+            link.lease_owner, link.lease_until, link.pending, link.status, link.error_kind)
 
 
 def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str = "event",
@@ -349,8 +350,9 @@ class UnknownAccount(Exception):
         self.direction, self.kind, self.detail, self.entra_user_id = direction, kind, detail, entra_user_id
 
     def mark(self, link: Link) -> None:
-        """Record the error on ``link`` (in place) unless it now names another Teams account."""
-        if link.entra_user_id == self.entra_user_id:
+        """Record the error on ``link`` (in place); one about the Teams account only if the link
+        still names the account that was read (not re-pointed meanwhile)."""
+        if self.direction == TEAMS_TO_ZOOM or link.entra_user_id == self.entra_user_id:
             _mark_error(link, self.kind, self.detail)
 
 
@@ -433,6 +435,7 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
         telemetry.failed(ZOOM_TO_TEAMS, "teams_user_not_found")
         _revert(link.zoom_user_id, **undo, error=("teams_user_not_found", GRAPH_UNKNOWN),
                 entra_user_id=link.entra_user_id)
+        _schedule(link.zoom_user_id, 1.0, "unknown_account", cid)  # lets go of ours on Zoom now
         outcome.error = "teams_user_not_found"
         return False
     except Forbidden as exc:
@@ -540,6 +543,7 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
     except NotFound:
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_user_not_found")
         _revert(link.zoom_user_id, **undo, error=("zoom_user_not_found", ZOOM_UNKNOWN))
+        _schedule(link.zoom_user_id, 1.0, "unknown_account", cid)  # lets go of ours on Teams now
         outcome.error = "zoom_user_not_found"
         return False
     except Forbidden as exc:
@@ -584,17 +588,24 @@ def _took_zoom_slot_since(s: UserSync, seen_ts: int) -> bool:
     return s.zoom_seen_ts > seen_ts and s.zoom_overlay is None and s.zoom_native in ZOOM_MANUAL_STATES
 
 
+UNKNOWN_ACCOUNT_KINDS = ("teams_user_not_found", "zoom_user_not_found")
+
+
 def _mark_error(link: Link, kind: str, detail: str) -> None:
-    link.error_kind, link.error_detail, link.error_at = kind, detail, now_iso()
-    if kind in ("teams_user_not_found", "zoom_user_not_found"):
-        link.status = STATUS_ERROR
-        link.sync.active = False
+    if kind in UNKNOWN_ACCOUNT_KINDS:
         # Nothing of ours is left to release on an account the vendor does not know: forget it,
         # or the plan would keep calling that vendor to let go of it.
         if kind == "teams_user_not_found":
             link.sync.teams_overlay = None
         else:
             link.sync.zoom_overlay = None
+        if link.status != STATUS_ACTIVE:
+            # Disabled already (matching: the account is gone or off), and it enables the link
+            # again when the account is back; an error would need an admin instead.
+            return
+        link.status = STATUS_ERROR
+        link.sync.active = False
+    link.error_kind, link.error_detail, link.error_at = kind, detail, now_iso()
 
 
 def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None = None,

@@ -214,3 +214,30 @@ def test_a_write_under_way_at_a_repoint_does_not_leave_ours_on_the_old_teams_acc
     assert world.teams_shows(person) == ("Available", "Available")
     assert world.teams_shows(other) == ("Busy", "InACall")
     assert world.host.poisoned == []
+
+
+def test_a_change_during_a_delete_does_not_leave_ours_on_teams(world: World):
+    import threading
+
+    # The admin deletes the link while Graph is slow to take the release; the person starts
+    # presenting meanwhile. That change must not be written to Teams after the release (and
+    # stay there, with no link left to take it back).
+    person = world.add_person()
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    world.graph.faults.latency(1.5, paths=f"/users/{person.entra_id}/presence/clearPresence")
+    world.graph.faults.latency(3.0, paths=f"/users/{person.entra_id}/presence/setPresence")
+    answers: list[int] = []
+    deleting = threading.Thread(target=lambda: answers.append(
+        world.admin("DELETE", f"links/{person.zoom_id}").status_code))
+    deleting.start()
+    time.sleep(0.5)
+    world.zoom.start_presenting(person.zoom_id)
+    deleting.join(timeout=30)
+    assert answers == [204]
+    time.sleep(3.5)  # a Presenting write sent at the start would have landed by now
+    world.settle(timeout=60)
+    world.graph.faults.latency(0, paths=f"/users/{person.entra_id}/presence/setPresence")
+    assert world.teams_shows(person) == ("Available", "Available")
+    assert world.host.poisoned == []

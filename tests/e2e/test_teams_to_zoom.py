@@ -396,3 +396,24 @@ def test_a_person_who_left_the_directory_is_not_kept_in_dnd_on_zoom(world: World
     assert (link["status"], link["error"]["kind"]) == ("error", "teams_user_not_found")
     assert world.host.poisoned == []
     assert person.email not in caplog.text
+
+
+def test_a_write_graph_answers_not_found_lets_go_of_ours_on_zoom_at_once(world: World):
+    # Teams Away is on Zoom (Away has no expiry, so no keep-alive would come for it) when the
+    # Entra user is deleted. The meeting's Teams write gets Graph's 404: the link goes in error
+    # and our Away is taken off Zoom then, not at some later Zoom event.
+    person = world.add_person()
+    with listening(world, "poll"):
+        world.graph.set_teams_client(person.entra_id, "Away", "Away")
+        propagate(world, "poll")
+        assert world.zoom_shows(person) == "Away"
+    world.graph.delete_user(person.entra_id)
+    world.zoom.join_meeting(person.zoom_id)
+    world.wait_until(lambda: [p["body"]["status"] for p in zoom_puts(world, person)] == ["Away", "Available"],
+                     timeout=E2E_ZOOM_MIN_INTERVAL_S + 20, interval=0.2)
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert (link["status"], link["error"]["kind"]) == ("error", "teams_user_not_found")
+    world.zoom.leave_meeting(person.zoom_id)
+    world.settle()
+    assert world.zoom_shows(person) == "Available"
+    assert world.host.poisoned == []
