@@ -10,6 +10,7 @@ silently stop: MicrosoftDocs/msteams-docs#11452).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -119,8 +120,19 @@ def _is_change(shard: Shard, presence: dict) -> bool:
     return shard.seqs.get(str(presence.get("id", "")).lower()) != _seq_of(presence)
 
 
+# A person whose report keeps failing is retried on their own, this many times in all, this long
+# apart (the queue's own visibility timeout, host.json), then dead-lettered with the reason.
+PERSON_ATTEMPTS = 5
+PERSON_RETRY_DELAY_S = 10.0
+
+
 def handle_teams_message(message: dict) -> list[Outcome]:
-    """Apply one queued batch: presences read already, or ids to read first (basic notifications)."""
+    """Apply one queued batch: presences read already, or ids to read first (basic notifications).
+
+    Each person on their own: one whose report fails (Zoom refusing that user, a storage
+    conflict) must not hold back the others, nor have them applied again. The failed ones are
+    queued again as a batch of their own, with the same ``cid`` (which takes back the write lease
+    a failed attempt may still hold); after PERSON_ATTEMPTS they are dead-lettered."""
     kind = message.get("kind")
     cid = str(message.get("cid", ""))
     if kind == "teams_ids":
@@ -131,7 +143,42 @@ def handle_teams_message(message: dict) -> list[Outcome]:
         ts_ms = int(read_at * 1000)
     elif kind == "teams_presences":
         presences = list(message["presences"])
-        ts_ms = int(float(message.get("read_at") or time.time()) * 1000)
+        read_at = float(message.get("read_at") or time.time())
+        ts_ms = int(read_at * 1000)
     else:
         raise ValueError(f"unknown message kind {kind!r}")
-    return [handle_teams_presence(p, ts_ms=ts_ms, cid=cid) for p in presences]
+    if not isinstance(presences, list) or not all(isinstance(p, dict) for p in presences):
+        raise ValueError("presences must be a list of objects")
+    attempt = int(message.get("attempt") or 1)
+    outcomes: list[Outcome] = []
+    failed: list[dict] = []
+    errors: list[Exception] = []
+    for presence in presences:
+        try:
+            outcomes.append(handle_teams_presence(presence, ts_ms=ts_ms, cid=cid))
+        except (KeyError, TypeError, ValueError) as exc:
+            _dead_letter_presences(message, [presence], read_at, f"malformed presence: {exc.__class__.__name__}")
+        except Exception as exc:  # noqa: BLE001 - retried on its own below; the others are done
+            failed.append(presence)
+            errors.append(exc)
+    if failed:
+        first = errors[0]
+        why = f"{first.__class__.__name__}: {first}"
+        if attempt >= PERSON_ATTEMPTS:
+            _dead_letter_presences(message, failed, read_at, f"retries exhausted after {attempt} attempts ({why})")
+        else:
+            log.warning("teams presence: %d of %d reports failed (%s); retried on their own (attempt %d)",
+                        len(failed), len(presences), why, attempt + 1)
+            storage.enqueue(names.TEAMS_PRESENCE_QUEUE, telemetry.inject({
+                "kind": "teams_presences", "presences": [trim(p) for p in failed], "read_at": read_at,
+                "source": message.get("source", "retry"), "cid": cid, "attempt": attempt + 1}),
+                delay_seconds=PERSON_RETRY_DELAY_S)
+    return outcomes
+
+
+def _dead_letter_presences(message: dict, presences: list[dict], read_at: float, reason: str) -> None:
+    from shared.queue_messages import dead_letter
+
+    body = {"kind": "teams_presences", "presences": presences, "read_at": read_at,
+            "source": message.get("source", ""), "cid": message.get("cid", ""), "attempt": message.get("attempt", 1)}
+    dead_letter(names.TEAMS_PRESENCE_QUEUE, json.dumps(body, default=str), reason)

@@ -252,14 +252,16 @@ def _plan_step(link: Link, now: float, outcome: Outcome) -> _Step | None:
     mapping = current_mapping()
     result = plan(link.sync, mapping, now, cfg)
     if result.need_zoom_read or result.need_teams_read:
-        # One side was never seen: look before writing over what the person may have set.
+        # One side was never seen: look before writing over what the person may have set. A read
+        # that fails is retried through the queue (raised): without it the change would wait for
+        # the person's next one.
         try:
-            if result.need_zoom_read and link.status == "active":
-                status = _read_zoom(link, outcome)
+            if result.need_zoom_read and link.status == STATUS_ACTIVE:
+                status = _read_zoom(link, outcome, required=True)
                 if status is not None:
                     _apply_zoom_report(link, status, int(now * 1000), now, cfg)
-            if result.need_teams_read and link.status == "active":
-                presence = _read_teams(link, outcome)
+            if result.need_teams_read and link.status == STATUS_ACTIVE:
+                presence = _read_teams(link, outcome, required=True)
                 if presence is not None:
                     _apply_teams_report(link, presence, int(now * 1000))
         except UnknownAccount as exc:
