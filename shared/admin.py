@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shared import graph_client, storage, zoom_client
 from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, TeamsOp, TeamsOpKind, UserSync, keep_zoom_side
-from shared.errors import NotFound, Throttled, TokenError, VendorError
+from shared.errors import NotFound, TokenError, VendorError, ZoomUserNotSignedIn
 from shared.links import (
     ENTRA_INDEX_TABLE,
     ROW,
@@ -29,6 +29,7 @@ from shared.links import (
     zoom_id_for_entra,
 )
 from shared.names import RECONCILE_QUEUE
+from shared.presence import Presence
 from shared.sync import queue_reconcile, teams_call
 
 log = logging.getLogger(__name__)
@@ -262,8 +263,12 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
     delay_s = 0.0
     if s.teams_overlay is not None:
         session_id = settings.require("entra_client_id", "ENTRA_CLIENT_ID")
+        # The preferred slot is ours while we are seen in it, or while Teams is closed (the engine
+        # keeps the overlay then: the slot is still set, it just shows nowhere); otherwise the
+        # person may have picked their own, which is theirs to keep.
         kind = (TeamsOpKind.CLEAR_SESSION if s.teams_overlay.overlay.kind == "session"
-                else TeamsOpKind.CLEAR_PREFERRED if s.teams_shows_ours or s.teams_native is None else None)
+                else TeamsOpKind.CLEAR_PREFERRED
+                if s.teams_shows_ours or s.teams_native in (None, Presence.OFFLINE, Presence.UNKNOWN) else None)
         if kind is not None:
             try:
                 # Through the sync's own write path, so a deployment writing with people's delegated
@@ -307,31 +312,56 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
 # How long after a write lease has ended a request sent just before it may still be carried out.
 LATE_WRITE_GRACE_S = 5.0
 
-# A queued release gives up after this many attempts: each waits the vendor's Retry-After, or
-# RELEASE_LOOK_AGAIN_S while Zoom shows a meeting, call or presentation over the manual slot.
+# A queued release gives up after this many failed attempts (refused, throttled, an outage), each
+# retried after the vendor's Retry-After or RELEASE_RETRY_S. Waiting is not failing: while Zoom
+# shows a meeting, call or presentation over the manual slot it looks again every
+# RELEASE_LOOK_AGAIN_S, and while the person is signed out of Zoom (Zoom refuses updates then,
+# 5301) every RELEASE_SIGNED_OUT_LOOK_S, for up to RELEASE_MAX_WAIT_S in all: nothing else will
+# look at this person again once the link is gone.
 RELEASE_ATTEMPTS = 12
+RELEASE_RETRY_S = 60.0
 RELEASE_LOOK_AGAIN_S = 300.0
+RELEASE_SIGNED_OUT_LOOK_S = 900.0
+RELEASE_MAX_WAIT_S = 6 * 24 * 3600.0  # within a queue message's 7-day life
 
 
-def _queue_release(zoom_user_id: str, entra_user_id: str, left: dict, delay_s: float, *, attempt: int) -> None:
+def _queue_release(zoom_user_id: str, entra_user_id: str, left: dict, delay_s: float, *, attempt: int,
+                   since: float | None = None) -> None:
     storage.enqueue(RECONCILE_QUEUE, {"kind": "release", "zoom_user_id": zoom_user_id, "entra_user_id": entra_user_id,
-                                      "left": left, "attempt": attempt},
+                                      "left": left, "attempt": attempt,
+                                      "since": time.time() if since is None else since},
                     delay_seconds=max(1.0, delay_s))
 
 
 def finish_release(message: dict) -> None:
     """A release queued by :func:`release_overlays`. Each side only if nobody owns that account's
     presence again (a new link) and it still shows ours: by now the person may have changed it.
-    Throttled or covered by a meeting: queued again. Other failures raise, for the queue's retries
-    and then its poison queue."""
+    Each side on its own: one failing does not keep the other from being released. What is not
+    done yet is queued again; after RELEASE_ATTEMPTS failures, or RELEASE_MAX_WAIT_S, it is
+    dead-lettered with the reason."""
     from shared.presence import ZOOM_MANUAL_STATES, parse_zoom, teams_pair_matches
 
     zoom_id = str(message["zoom_user_id"]).lower()
     entra = str(message["entra_user_id"]).lower()
     left = dict(message["left"])
     attempt = int(message.get("attempt", 1))
+    since = float(message.get("since") or time.time())
     still: dict[str, dict] = {}
     delay_s = 0.0
+    failed = False
+
+    def retry(side: str, exc: Exception) -> None:
+        nonlocal delay_s, failed
+        still[side], failed = left[side], True
+        delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0) or RELEASE_RETRY_S)
+        log.warning("admin: queued release for Zoom user %s: %s side failed (%s); tried again",
+                    zoom_id, side, type(exc).__name__)
+
+    def wait(side: str, look_again_s: float) -> None:
+        nonlocal delay_s
+        still[side] = left[side]
+        delay_s = max(delay_s, look_again_s)
+
     teams = left.get("teams")
     if teams and zoom_id_for_entra(entra, fresh=True) is None:
         kind = TeamsOpKind(teams["op"])
@@ -343,32 +373,41 @@ def finish_release(message: dict) -> None:
                                           shown.get("availability"), shown.get("activity"))
             if ours:
                 teams_call(TeamsOp(kind), entra, get_settings().require("entra_client_id", "ENTRA_CLIENT_ID"))
-        except Throttled as exc:
-            still["teams"], delay_s = teams, max(delay_s, exc.retry_after_s)
         except NotFound:
             log.info("admin: queued release: Graph no longer knows the Teams account of Zoom user %s", zoom_id)
+        except (VendorError, TokenError) as exc:
+            retry("teams", exc)
     zoom = left.get("zoom")
     if zoom and read_link(zoom_id)[0] is None:
         try:
             shown = parse_zoom(zoom_client.get_presence_status(zoom_id))
             if shown == parse_zoom(zoom["ours"]):
                 zoom_client.put_presence_status(zoom_id, zoom["restore"])
+            elif shown == Presence.OFFLINE:
+                # Signed out: Zoom keeps the manual status for their next sign-in, but refuses to
+                # change it until then.
+                wait("zoom", RELEASE_SIGNED_OUT_LOOK_S)
             elif shown not in ZOOM_MANUAL_STATES:
                 # A meeting, call or presentation covers the manual slot: ours may be beneath it.
-                still["zoom"], delay_s = zoom, max(delay_s, RELEASE_LOOK_AGAIN_S)
-        except Throttled as exc:
-            still["zoom"], delay_s = zoom, max(delay_s, exc.retry_after_s)
+                wait("zoom", RELEASE_LOOK_AGAIN_S)
+        except ZoomUserNotSignedIn:
+            wait("zoom", RELEASE_SIGNED_OUT_LOOK_S)
         except NotFound:
             log.info("admin: queued release: Zoom no longer knows user %s", zoom_id)
+        except (VendorError, TokenError) as exc:
+            retry("zoom", exc)
     if not still:
         log.info("admin: queued release for Zoom user %s done", zoom_id)
         return
-    if attempt >= RELEASE_ATTEMPTS:
+    attempts = attempt + 1 if failed else attempt
+    if attempts > RELEASE_ATTEMPTS or time.time() - since > RELEASE_MAX_WAIT_S:
         from shared.queue_messages import dead_letter
 
-        dead_letter(RECONCILE_QUEUE, json.dumps(message), f"release not done after {attempt} attempts")
+        dead_letter(RECONCILE_QUEUE, json.dumps({**message, "left": still}),
+                    f"release not done after {attempt} attempts over {(time.time() - since) / 3600:.1f} h "
+                    f"({', '.join(sorted(still))} side)")
         return
-    _queue_release(zoom_id, entra, still, delay_s, attempt=attempt + 1)
+    _queue_release(zoom_id, entra, still, delay_s, attempt=attempts, since=since)
 
 
 __all__ = ["put_link", "get_link", "get_links", "remove_link", "resync_link", "release_overlays",

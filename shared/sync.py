@@ -416,7 +416,9 @@ def _zoom_gate(link: Link, result: Plan, now: float, min_interval: float) -> tup
 def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcome, cid: str) -> bool:
     settings = get_settings()
     session_id = settings.require("entra_client_id", "ENTRA_CLIENT_ID", "setPresence sessionId")
-    undo = {"teams": (previous.teams_overlay, result.teams_overlay), "owner": link.lease_owner}
+    # The account written to: a link re-pointed meanwhile must not get this one's overlay back.
+    undo = {"teams": (previous.teams_overlay, result.teams_overlay), "owner": link.lease_owner,
+            "entra_user_id": link.entra_user_id}
     done = 0
     try:
         for op in result.teams_ops:
@@ -435,8 +437,7 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
         return False
     except NotFound:
         telemetry.failed(ZOOM_TO_TEAMS, "teams_user_not_found")
-        _revert(link.zoom_user_id, **undo, error=("teams_user_not_found", GRAPH_UNKNOWN),
-                entra_user_id=link.entra_user_id)
+        _revert(link.zoom_user_id, **undo, error=("teams_user_not_found", GRAPH_UNKNOWN))
         _schedule(link.zoom_user_id, 1.0, "unknown_account", cid)  # lets go of ours on Zoom now
         outcome.error = "teams_user_not_found"
         return False
@@ -614,8 +615,9 @@ def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None
             error: tuple[str, str] | None = None, blocked_until: float | None = None,
             entra_user_id: str | None = None) -> None:
     """Undo the bookkeeping of a write that did not happen (only if nobody changed it since), and
-    let go of the person's write lease. An ``error`` about the Teams account given as
-    ``entra_user_id`` is not recorded once the link names another one (re-pointed meanwhile)."""
+    let go of the person's write lease. With ``entra_user_id`` (the Teams account written to),
+    neither the Teams overlay nor an ``error`` is put back once the link names another account
+    (re-pointed meanwhile)."""
 
     def mutate(entity: dict | None) -> dict | None:
         if entity is None:
@@ -624,7 +626,8 @@ def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None
 
         link = link_from_entity(entity)
         s = link.sync
-        if teams is not None and s.teams_overlay == teams[1]:
+        same_account = entra_user_id is None or link.entra_user_id == entra_user_id
+        if teams is not None and same_account and s.teams_overlay == teams[1]:
             s.teams_overlay = teams[0]
         if zoom is not None and s.zoom_overlay == zoom.planned and not _took_zoom_slot_since(s, zoom.seen_ts):
             s.zoom_overlay, s.zoom_last_put, s.zoom_last_put_at = zoom.overlay, zoom.last_put, zoom.last_put_at
@@ -632,7 +635,7 @@ def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None
             link.zoom_blocked_until = blocked_until
         if link.lease_owner == owner:
             link.lease_owner, link.lease_until = "", 0.0
-        if error is not None and (entra_user_id is None or link.entra_user_id == entra_user_id):
+        if error is not None and same_account:
             _mark_error(link, *error)
         return link_to_entity(link)
 

@@ -241,3 +241,44 @@ def test_a_change_during_a_delete_does_not_leave_ours_on_teams(world: World):
     world.graph.faults.latency(0, paths=f"/users/{person.entra_id}/presence/setPresence")
     assert world.teams_shows(person) == ("Available", "Available")
     assert world.host.poisoned == []
+
+
+def test_a_release_waits_for_a_signed_out_person_however_long_and_is_made_at_sign_in(world: World, monkeypatch):
+    from shared import admin
+
+    # Our Away is on Zoom when the person signs out for the night; then the link is deleted.
+    # Zoom refuses updates while they are signed out (5301) and keeps the manual status for their
+    # next sign-in: the release waits for it, past the failed-attempt budget, and is made then.
+    monkeypatch.setattr(admin, "RELEASE_SIGNED_OUT_LOOK_S", 0.5)
+    monkeypatch.setattr(admin, "RELEASE_ATTEMPTS", 2)
+    person = _our_away_on_zoom(world)
+    world.zoom.faults.clear()  # not refused as within the minute: refused as signed out
+    world.zoom.sign_out(person.zoom_id)
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+    looks = len([r for r in world.zoom.requests if r["method"] == "GET"
+                 and r["path"].lower() == f"/v2/users/{person.zoom_id}/presence_status"])
+    world.wait_until(lambda: len([r for r in world.zoom.requests if r["method"] == "GET" and r["path"].lower()
+                                  == f"/v2/users/{person.zoom_id}/presence_status"]) >= looks + 6,
+                     timeout=60, interval=0.2)  # more looks than RELEASE_ATTEMPTS: still waiting
+    world.zoom.sign_in(person.zoom_id)
+    world.wait_until(lambda: world.zoom_shows(person) == "Available", timeout=30, interval=0.2)
+    world.settle(timeout=30)
+    assert world.zoom_shows(person) == "Available"
+    assert world.host.poisoned == []
+
+
+def test_deleting_a_link_clears_our_preferred_status_while_teams_is_closed(world: World):
+    # Zoom DND is on Teams in the user-preferred slot when the person closes Teams: the slot
+    # stays set, showing nowhere until Teams opens. Deleting the link clears it now, so Teams
+    # does not open in our DND.
+    person = world.add_person()
+    world.host.fire_timer("graph_subscriptions")
+    world.zoom.set_status_by_user(person.zoom_id, "Do_Not_Disturb")
+    world.settle()
+    assert world.graph.preferred(person.entra_id)["availability"] == "DoNotDisturb"
+    world.graph.set_teams_client(person.entra_id, None)  # Teams closed
+    world.host.fire_timer("presence_sweep")
+    world.settle()
+    assert world.admin("GET", f"links/{person.zoom_id}").json()["sync"]["teams"]["ours"] is not None
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+    assert world.graph.preferred(person.entra_id) is None
