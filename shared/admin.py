@@ -285,7 +285,8 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
             zoom_client.put_presence_status(s.zoom_user_id, s.zoom_overlay.restore)
         except (VendorError, TokenError) as exc:
             log.warning("admin: could not release the Zoom overlay of user %s now (%s); queued", s.zoom_user_id, exc)
-            left["zoom"] = {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore}
+            left["zoom"] = {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore,
+                            "last_put_at": s.zoom_last_put_at}
             delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0))
     if left:
         _queue_release(s.zoom_user_id, s.entra_user_id, left, delay_s, attempt=1)
@@ -301,7 +302,8 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
             later["teams"] = {"op": kind.value, "availability": s.teams_overlay.overlay.availability,
                               "activity": s.teams_overlay.overlay.activity}
         if zoom and s.zoom_overlay is not None:
-            later["zoom"] = {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore}
+            later["zoom"] = {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore,
+                             "last_put_at": s.zoom_last_put_at}
         after_s = max(0.0, lease_left) + LATE_WRITE_GRACE_S
         if delay_s >= after_s:  # what is queued already goes late enough
             later = {side: v for side, v in later.items() if side not in left}
@@ -331,6 +333,39 @@ def _queue_release(zoom_user_id: str, entra_user_id: str, left: dict, delay_s: f
                                       "left": left, "attempt": attempt,
                                       "since": time.time() if since is None else since},
                     delay_seconds=max(1.0, delay_s))
+
+
+def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
+    """Is the Zoom user linked again? Then the new link's sync takes over our status on Zoom (to
+    keep, replace or release as its Teams account calls for, under its write lease and within
+    Zoom's minute) rather than later taking it for the person's own and keeping it for good."""
+    from shared.engine import ZoomOverlayRecord
+    from shared.presence import parse_zoom
+
+    for _ in range(8):
+        link, etag = read_link(zoom_id)
+        if link is None:
+            return False
+        s = link.sync
+        ours = parse_zoom(zoom["ours"])
+        if s.zoom_overlay is not None or (s.zoom_native is not None and s.zoom_native != ours):
+            # Its sync has put its own status there, or has seen Zoom show something else since:
+            # ours is no longer there to hand over.
+            return True
+        now = time.time()
+        s.zoom_overlay = ZoomOverlayRecord(zoom["ours"], now, None, "handed_over", zoom["restore"])
+        s.zoom_native, s.zoom_native_since = parse_zoom(zoom["restore"]), int(now * 1000)
+        s.zoom_shows_ours = True
+        s.zoom_last_put = zoom["ours"]
+        s.zoom_last_put_at = max(s.zoom_last_put_at, float(zoom.get("last_put_at") or now))
+        try:
+            write_link(link, etag)
+        except storage.Conflict:
+            continue
+        log.info("admin: queued release for Zoom user %s handed over to their new link", zoom_id)
+        queue_reconcile(zoom_id, "release_handed_over", confirm_teams=True)
+        return True
+    raise storage.Conflict(f"link {zoom_id} kept changing; the release is retried")
 
 
 def finish_release(message: dict) -> None:
@@ -378,7 +413,9 @@ def finish_release(message: dict) -> None:
         except (VendorError, TokenError) as exc:
             retry("teams", exc)
     zoom = left.get("zoom")
-    if zoom and read_link(zoom_id)[0] is None:
+    if zoom and _hand_over_zoom(zoom_id, zoom):
+        zoom = None
+    if zoom:
         try:
             shown = parse_zoom(zoom_client.get_presence_status(zoom_id))
             if shown == parse_zoom(zoom["ours"]):

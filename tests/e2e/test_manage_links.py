@@ -282,3 +282,23 @@ def test_deleting_a_link_clears_our_preferred_status_while_teams_is_closed(world
     assert world.admin("GET", f"links/{person.zoom_id}").json()["sync"]["teams"]["ours"] is not None
     assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
     assert world.graph.preferred(person.entra_id) is None
+
+
+def test_a_link_made_again_before_a_queued_release_takes_our_status_on_zoom_over(world: World):
+    # The admin deletes the link right after we put Away on Zoom (Zoom refuses the release for
+    # now: queued), then links the person again at once. The queued release must not just skip
+    # the linked account: the new link takes our Away over and lets it go, as its Teams shows
+    # Available, rather than later taking it for the person's own and keeping it for good.
+    person = _our_away_on_zoom(world)
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+    body = {"entra_user_id": person.entra_id, "email": person.email}
+    assert world.admin("PUT", f"links/{person.zoom_id}", json=body).status_code == 200
+    world.graph.set_teams_client(person.entra_id, "Available", "Available")
+    world.settle(timeout=60)
+    world.wait_until(lambda: world.zoom_shows(person) == "Available", timeout=E2E_ZOOM_MIN_INTERVAL_S + 30,
+                     interval=0.2)
+    world.settle(timeout=60)
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert link["sync"]["zoom"]["ours"] is None
+    assert world.zoom_shows(person) == "Available"
+    assert world.host.poisoned == []
