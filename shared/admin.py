@@ -335,12 +335,21 @@ def _queue_release(zoom_user_id: str, entra_user_id: str, left: dict, delay_s: f
                     delay_seconds=max(1.0, delay_s))
 
 
+def _teams_closed(shown: dict) -> bool:
+    """Teams shows no client (closed or signed out; "Appear offline" is OffWork, the person's)."""
+    from shared.presence import parse_teams
+
+    state = parse_teams(shown.get("availability"), shown.get("activity"))
+    return state == Presence.UNKNOWN or (state == Presence.OFFLINE
+                                         and str(shown.get("activity") or "").lower() != "offwork")
+
+
 def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
     """Is the Zoom user linked again? Then the new link's sync takes over our status on Zoom (to
     keep, replace or release as its Teams account calls for, under its write lease and within
     Zoom's minute) rather than later taking it for the person's own and keeping it for good."""
     from shared.engine import ZoomOverlayRecord
-    from shared.presence import parse_zoom
+    from shared.presence import ZOOM_MANUAL_STATES, parse_zoom
 
     for _ in range(8):
         link, etag = read_link(zoom_id)
@@ -348,14 +357,17 @@ def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
             return False
         s = link.sync
         ours = parse_zoom(zoom["ours"])
-        if s.zoom_overlay is not None or (s.zoom_native is not None and s.zoom_native != ours):
-            # Its sync has put its own status there, or has seen Zoom show something else since:
+        if s.zoom_overlay is not None or (s.zoom_native in ZOOM_MANUAL_STATES and s.zoom_native != ours):
+            # Its sync has put its own status there, or has seen the person pick another one:
             # ours is no longer there to hand over.
             return True
         now = time.time()
         s.zoom_overlay = ZoomOverlayRecord(zoom["ours"], now, None, "handed_over", zoom["restore"])
-        s.zoom_native, s.zoom_native_since = parse_zoom(zoom["restore"]), int(now * 1000)
-        s.zoom_shows_ours = True
+        if s.zoom_native is None or s.zoom_native == ours:
+            # Not the person's own: what is beneath ours is what we would restore. (A meeting or
+            # a sign-out it has seen stays: ours is let go when the slot shows again.)
+            s.zoom_native, s.zoom_native_since = parse_zoom(zoom["restore"]), int(now * 1000)
+        s.zoom_shows_ours = s.zoom_native == parse_zoom(zoom["restore"])
         s.zoom_last_put = zoom["ours"]
         s.zoom_last_put_at = max(s.zoom_last_put_at, float(zoom.get("last_put_at") or now))
         try:
@@ -363,7 +375,9 @@ def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
         except storage.Conflict:
             continue
         log.info("admin: queued release for Zoom user %s handed over to their new link", zoom_id)
-        queue_reconcile(zoom_id, "release_handed_over", confirm_teams=True)
+        # Both sides read first: Zoom, as the person may have changed their status while unlinked
+        # (their webhooks were not for us then), or the first release may have landed after all.
+        queue_reconcile(zoom_id, "release_handed_over", confirm_zoom=True, confirm_teams=True)
         return True
     raise storage.Conflict(f"link {zoom_id} kept changing; the release is retried")
 
@@ -405,7 +419,8 @@ def finish_release(message: dict) -> None:
             if not ours:
                 shown = graph_client.get_presence(entra)
                 ours = teams_pair_matches((teams["availability"], teams["activity"]),
-                                          shown.get("availability"), shown.get("activity"))
+                                          shown.get("availability"), shown.get("activity")) \
+                    or _teams_closed(shown)  # the preferred slot is still set, showing nowhere
             if ours:
                 teams_call(TeamsOp(kind), entra, get_settings().require("entra_client_id", "ENTRA_CLIENT_ID"))
         except NotFound:

@@ -124,6 +124,10 @@ def _is_change(shard: Shard, presence: dict) -> bool:
 # apart (the queue's own visibility timeout, host.json), then dead-lettered with the reason.
 PERSON_ATTEMPTS = 5
 PERSON_RETRY_DELAY_S = 10.0
+# A batch stops starting people after this long and queues the rest again (not as a failed try):
+# in a vendor outage each person can take a call's retries, and 200 of them would outlast the
+# function timeout (host.json, 10 minutes), which would retry everyone.
+BATCH_BUDGET_S = 240.0
 
 
 def handle_teams_message(message: dict) -> list[Outcome]:
@@ -153,27 +157,40 @@ def handle_teams_message(message: dict) -> list[Outcome]:
     outcomes: list[Outcome] = []
     failed: list[dict] = []
     errors: list[Exception] = []
-    for presence in presences:
+    started = time.monotonic()
+    untried: list[dict] = []
+    for index, presence in enumerate(presences):
+        if time.monotonic() - started > BATCH_BUDGET_S:
+            untried = presences[index:]
+            break
         try:
             outcomes.append(handle_teams_presence(presence, ts_ms=ts_ms, cid=cid))
-        except (KeyError, TypeError, ValueError) as exc:
-            _dead_letter_presences(message, [presence], read_at, f"malformed presence: {exc.__class__.__name__}")
         except Exception as exc:  # noqa: BLE001 - retried on its own below; the others are done
             failed.append(presence)
             errors.append(exc)
+    if untried:
+        log.warning("teams presence: %d of %d reports not started within %.0f s; queued again",
+                    len(untried), len(presences), BATCH_BUDGET_S)
+        _requeue_presences(message, untried, read_at, attempt, delay_s=0.0)
     if failed:
         first = errors[0]
         why = f"{first.__class__.__name__}: {first}"
         if attempt >= PERSON_ATTEMPTS:
-            _dead_letter_presences(message, failed, read_at, f"retries exhausted after {attempt} attempts ({why})")
+            _dead_letter_presences(message, failed, read_at,
+                                   f"retries_exhausted: {len(failed)} reports after {attempt} attempts ({why})")
         else:
             log.warning("teams presence: %d of %d reports failed (%s); retried on their own (attempt %d)",
                         len(failed), len(presences), why, attempt + 1)
-            storage.enqueue(names.TEAMS_PRESENCE_QUEUE, telemetry.inject({
-                "kind": "teams_presences", "presences": [trim(p) for p in failed], "read_at": read_at,
-                "source": message.get("source", "retry"), "cid": cid, "attempt": attempt + 1}),
-                delay_seconds=PERSON_RETRY_DELAY_S)
+            _requeue_presences(message, failed, read_at, attempt + 1, delay_s=PERSON_RETRY_DELAY_S)
     return outcomes
+
+
+def _requeue_presences(message: dict, presences: list[dict], read_at: float, attempt: int, *,
+                       delay_s: float) -> None:
+    storage.enqueue(names.TEAMS_PRESENCE_QUEUE, telemetry.inject({
+        "kind": "teams_presences", "presences": [trim(p) for p in presences], "read_at": read_at,
+        "source": message.get("source", "retry"), "cid": str(message.get("cid", "")), "attempt": attempt}),
+        delay_seconds=delay_s)
 
 
 def _dead_letter_presences(message: dict, presences: list[dict], read_at: float, reason: str) -> None:

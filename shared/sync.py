@@ -42,6 +42,7 @@ from shared.errors import (
     Forbidden,
     NotFound,
     Throttled,
+    TransientVendorError,
     VendorError,
     ZoomUserNotSignedIn,
 )
@@ -253,15 +254,15 @@ def _plan_step(link: Link, now: float, outcome: Outcome) -> _Step | None:
     result = plan(link.sync, mapping, now, cfg)
     if result.need_zoom_read or result.need_teams_read:
         # One side was never seen: look before writing over what the person may have set. A read
-        # that fails is retried through the queue (raised): without it the change would wait for
-        # the person's next one.
+        # that fails for now (an outage, a throttle) is retried through the queue (raised): without
+        # it the change would wait for the person's next one. A refusal (403, 400) is not retried.
         try:
             if result.need_zoom_read and link.status == STATUS_ACTIVE:
-                status = _read_zoom(link, outcome, required=True)
+                status = _read_zoom(link, outcome, required=TRANSIENT)
                 if status is not None:
                     _apply_zoom_report(link, status, int(now * 1000), now, cfg)
             if result.need_teams_read and link.status == STATUS_ACTIVE:
-                presence = _read_teams(link, outcome, required=True)
+                presence = _read_teams(link, outcome, required=TRANSIENT)
                 if presence is not None:
                     _apply_teams_report(link, presence, int(now * 1000))
         except UnknownAccount as exc:
@@ -364,7 +365,17 @@ def _report_unknown(link: Link, exc: UnknownAccount, outcome: Outcome) -> None:
     outcome.error = exc.kind
 
 
-def _read_zoom(link: Link, outcome: Outcome, *, required: bool = False) -> str | None:
+# ``required`` of a read: True raises any failure, TRANSIENT only those worth a retry.
+TRANSIENT = "transient"
+
+
+def _raise_read_failure(required: bool | str, exc: Exception) -> bool:
+    if required == TRANSIENT:
+        return isinstance(exc, (TransientVendorError, Throttled))
+    return bool(required)
+
+
+def _read_zoom(link: Link, outcome: Outcome, *, required: bool | str = False) -> str | None:
     """Zoom's status for the person; None when the read failed (raised instead when ``required``,
     and always when Zoom does not know the account)."""
     outcome.reads += 1
@@ -374,12 +385,12 @@ def _read_zoom(link: Link, outcome: Outcome, *, required: bool = False) -> str |
         raise UnknownAccount(TEAMS_TO_ZOOM, "zoom_user_not_found", ZOOM_UNKNOWN, link.entra_user_id) from None
     except VendorError as exc:
         log.warning("sync: could not read Zoom presence of user %s: %s", link.zoom_user_id, exc)
-        if required:
+        if _raise_read_failure(required, exc):
             raise
         return None
 
 
-def _read_teams(link: Link, outcome: Outcome, *, required: bool = False) -> dict | None:
+def _read_teams(link: Link, outcome: Outcome, *, required: bool | str = False) -> dict | None:
     """Teams' presence for the person; None when the read failed (raised instead when ``required``,
     and always when Graph does not know the account)."""
     outcome.reads += 1
@@ -389,7 +400,7 @@ def _read_teams(link: Link, outcome: Outcome, *, required: bool = False) -> dict
         raise UnknownAccount(ZOOM_TO_TEAMS, "teams_user_not_found", GRAPH_UNKNOWN, link.entra_user_id) from None
     except VendorError as exc:
         log.warning("sync: could not read Teams presence of user %s: %s", link.zoom_user_id, exc)
-        if required:
+        if _raise_read_failure(required, exc):
             raise
         return None
 

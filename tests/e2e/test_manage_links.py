@@ -302,3 +302,4 @@ def test_a_link_made_again_before_a_queued_release_takes_our_status_on_zoom_over
     assert link["sync"]["zoom"]["ours"] is None
     assert world.zoom_shows(person) == "Available"
     assert world.host.poisoned == []
+

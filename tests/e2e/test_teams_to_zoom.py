@@ -445,7 +445,7 @@ def test_a_person_zoom_keeps_refusing_holds_back_no_one_else_in_the_batch(world:
     dead = [json.loads(base64.b64decode(m.content)) for m in poison.peek_messages(32)]
     ours = [d for d in dead if any(p["id"] == refused.entra_id for p in d["presences"])]
     assert len(ours) == 1 and [p["id"] for p in ours[0]["presences"]] == [refused.entra_id]
-    assert f"retries exhausted after {sweep.PERSON_ATTEMPTS} attempts" in caplog.text
+    assert f"retries_exhausted: 1 reports after {sweep.PERSON_ATTEMPTS} attempts" in caplog.text
     assert world.host.poisoned == []
 
 
