@@ -303,3 +303,19 @@ def test_a_link_made_again_before_a_queued_release_takes_our_status_on_zoom_over
     assert world.zoom_shows(person) == "Available"
     assert world.host.poisoned == []
 
+
+
+def test_a_status_the_person_picks_while_unlinked_is_not_taken_over(world: World):
+    # As above, but between the delete and the new link the person picks Do Not Disturb on Zoom,
+    # and its webhook never reaches the new link. The handover reads Zoom first and leaves it.
+    person = _our_away_on_zoom(world)
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+    world.zoom.faults.webhook_drop(event="user.presence_status_updated")
+    world.zoom.set_status_by_user(person.zoom_id, "Do_Not_Disturb")
+    body = {"entra_user_id": person.entra_id, "email": person.email}
+    assert world.admin("PUT", f"links/{person.zoom_id}", json=body).status_code == 200
+    world.graph.set_teams_client(person.entra_id, "Available", "Available")
+    time.sleep(E2E_ZOOM_MIN_INTERVAL_S * 3)  # the queued release, its handover and any PUT after it
+    world.settle(timeout=60)
+    assert world.zoom_shows(person) == "Do_Not_Disturb"
+    assert world.host.poisoned == []
