@@ -13,7 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared import graph_client, storage, zoom_client
 from shared.config import get_settings
-from shared.engine import ALL_DIRECTIONS, TeamsOp, TeamsOpKind, UserSync, keep_zoom_side
+from shared.engine import (
+    ALL_DIRECTIONS,
+    TeamsOp,
+    TeamsOpKind,
+    UserSync,
+    keep_zoom_side,
+    release_teams,
+    teams_closed,
+)
 from shared.errors import NotFound, TokenError, VendorError, ZoomUserNotSignedIn
 from shared.links import (
     ENTRA_INDEX_TABLE,
@@ -266,27 +274,24 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
         # The preferred slot is ours while we are seen in it, or while Teams is closed (the engine
         # keeps the overlay then: the slot is still set, it just shows nowhere); otherwise the
         # person may have picked their own, which is theirs to keep.
-        kind = (TeamsOpKind.CLEAR_SESSION if s.teams_overlay.overlay.kind == "session"
-                else TeamsOpKind.CLEAR_PREFERRED
-                if s.teams_shows_ours or s.teams_native in (None, Presence.OFFLINE, Presence.UNKNOWN) else None)
-        if kind is not None:
+        op = release_teams(s.teams_overlay)
+        if (op.kind == TeamsOpKind.CLEAR_SESSION or s.teams_shows_ours
+                or s.teams_native in (None, Presence.OFFLINE, Presence.UNKNOWN)):
             try:
                 # Through the sync's own write path, so a deployment writing with people's delegated
                 # tokens (TEAMS_WRITE_MODE) releases the same way it wrote.
-                teams_call(TeamsOp(kind), s.entra_user_id, session_id)
+                teams_call(op, s.entra_user_id, session_id)
             except (VendorError, TokenError) as exc:  # TokenError: no token for the write now
                 log.warning("admin: could not release the Teams overlay of user %s now (%s); queued",
                             s.zoom_user_id, exc)
-                left["teams"] = {"op": kind.value, "availability": s.teams_overlay.overlay.availability,
-                                 "activity": s.teams_overlay.overlay.activity}
+                left["teams"] = _teams_left(s)
                 delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0))
     if zoom and s.zoom_overlay is not None:
         try:
             zoom_client.put_presence_status(s.zoom_user_id, s.zoom_overlay.restore)
         except (VendorError, TokenError) as exc:
             log.warning("admin: could not release the Zoom overlay of user %s now (%s); queued", s.zoom_user_id, exc)
-            left["zoom"] = {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore,
-                            "last_put_at": s.zoom_last_put_at}
+            left["zoom"] = _zoom_left(s)
             delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0))
     if left:
         _queue_release(s.zoom_user_id, s.entra_user_id, left, delay_s, attempt=1)
@@ -297,18 +302,26 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
         # whatever of ours it may have put back (a queued release checks it still shows ours).
         later: dict[str, dict] = {}
         if s.teams_overlay is not None:
-            kind = (TeamsOpKind.CLEAR_SESSION if s.teams_overlay.overlay.kind == "session"
-                    else TeamsOpKind.CLEAR_PREFERRED)
-            later["teams"] = {"op": kind.value, "availability": s.teams_overlay.overlay.availability,
-                              "activity": s.teams_overlay.overlay.activity}
+            later["teams"] = _teams_left(s)
         if zoom and s.zoom_overlay is not None:
-            later["zoom"] = {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore,
-                             "last_put_at": s.zoom_last_put_at}
+            later["zoom"] = _zoom_left(s)
         after_s = max(0.0, lease_left) + LATE_WRITE_GRACE_S
         if delay_s >= after_s:  # what is queued already goes late enough
             later = {side: v for side, v in later.items() if side not in left}
         if later:
             _queue_release(s.zoom_user_id, s.entra_user_id, later, after_s, attempt=1)
+
+
+def _teams_left(s: UserSync) -> dict:
+    """What a queued release needs to take our Teams overlay off (:func:`finish_release`)."""
+    overlay = s.teams_overlay.overlay
+    return {"op": release_teams(s.teams_overlay).kind.value, "availability": overlay.availability,
+            "activity": overlay.activity}
+
+
+def _zoom_left(s: UserSync) -> dict:
+    """What a queued release needs to put the person's own Zoom status back."""
+    return {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore, "last_put_at": s.zoom_last_put_at}
 
 
 # How long after a write lease has ended a request sent just before it may still be carried out.
@@ -333,15 +346,6 @@ def _queue_release(zoom_user_id: str, entra_user_id: str, left: dict, delay_s: f
                                       "left": left, "attempt": attempt,
                                       "since": time.time() if since is None else since},
                     delay_seconds=max(1.0, delay_s))
-
-
-def _teams_closed(shown: dict) -> bool:
-    """Teams shows no client (closed or signed out; "Appear offline" is OffWork, the person's)."""
-    from shared.presence import parse_teams
-
-    state = parse_teams(shown.get("availability"), shown.get("activity"))
-    return state == Presence.UNKNOWN or (state == Presence.OFFLINE
-                                         and str(shown.get("activity") or "").lower() != "offwork")
 
 
 def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
@@ -388,7 +392,7 @@ def finish_release(message: dict) -> None:
     Each side on its own: one failing does not keep the other from being released. What is not
     done yet is queued again; after RELEASE_ATTEMPTS failures, or RELEASE_MAX_WAIT_S, it is
     dead-lettered with the reason."""
-    from shared.presence import ZOOM_MANUAL_STATES, parse_zoom, teams_pair_matches
+    from shared.presence import ZOOM_MANUAL_STATES, parse_teams, parse_zoom, teams_pair_matches
 
     zoom_id = str(message["zoom_user_id"]).lower()
     entra = str(message["entra_user_id"]).lower()
@@ -420,7 +424,8 @@ def finish_release(message: dict) -> None:
                 shown = graph_client.get_presence(entra)
                 ours = teams_pair_matches((teams["availability"], teams["activity"]),
                                           shown.get("availability"), shown.get("activity")) \
-                    or _teams_closed(shown)  # the preferred slot is still set, showing nowhere
+                    or teams_closed(parse_teams(shown.get("availability"), shown.get("activity")),
+                                    shown.get("activity"))  # the preferred slot is still set, showing nowhere
             if ours:
                 teams_call(TeamsOp(kind), entra, get_settings().require("entra_client_id", "ENTRA_CLIENT_ID"))
         except NotFound:

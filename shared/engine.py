@@ -207,7 +207,7 @@ def observe_teams(
             # The user-preferred slot is the person's once Teams shows anything else (DESIGN.md §5)
             # but Teams closed or signed out: the preferred presence is still set then, and shows
             # only while a session exists (API-FACTS §6). "Appear offline" is OffWork: the person's.
-            if not _teams_closed(state, activity):
+            if not teams_closed(state, activity):
                 user.teams_yielded = _current_source(user.zoom_native, user.zoom_native_since, overlay.source)
                 user.teams_overlay = None
         elif priority(state) < priority(overlay.overlay.state):
@@ -227,7 +227,8 @@ def _busier_than_our_session(overlay: TeamsOverlayRecord, state: Presence) -> bo
     return overlay.overlay.kind == "session" and priority(state) > priority(overlay.overlay.state)
 
 
-def _teams_closed(state: Presence, activity: str | None) -> bool:
+def teams_closed(state: Presence, activity: str | None) -> bool:
+    """Teams shows no client (closed or signed out); "Appear offline" (OffWork) is the person's."""
     return state == Presence.UNKNOWN or (state == Presence.OFFLINE and (activity or "").lower() != "offwork")
 
 
@@ -300,7 +301,8 @@ def _source_key(state: Presence, since: int) -> str:
     return f"{state.value}@{since}"
 
 
-def _release_teams(record: TeamsOverlayRecord) -> TeamsOp:
+def release_teams(record: TeamsOverlayRecord) -> TeamsOp:
+    """The Graph call that takes ``record`` off Teams."""
     if record.overlay.kind == "session":
         return TeamsOp(TeamsOpKind.CLEAR_SESSION)
     return TeamsOp(TeamsOpKind.CLEAR_PREFERRED)
@@ -310,7 +312,7 @@ def _plan_teams(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig,
     current = user.teams_overlay
     if not user.enabled(ZOOM_TO_TEAMS) or user.zoom_native is None:
         if current is not None and not user.enabled(ZOOM_TO_TEAMS):
-            out.teams_ops.append(_release_teams(current))
+            out.teams_ops.append(release_teams(current))
             out.teams_overlay = None
         return
     rule = mapping.teams_rule(user.zoom_native)
@@ -318,7 +320,7 @@ def _plan_teams(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig,
     if rule in (CLEAR, NO_CHANGE) or not isinstance(rule, TeamsOverlay):
         # Idle, or no information: nothing of ours belongs there any more.
         if current is not None:
-            out.teams_ops.append(_release_teams(current))
+            out.teams_ops.append(release_teams(current))
             out.teams_overlay = None
         return
     if user.teams_yielded == source:
@@ -330,7 +332,7 @@ def _plan_teams(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig,
     if priority(user.teams_native) >= priority(rule.state):
         # Busier wins: the person's own Teams state already says as much or more.
         if current is not None:
-            out.teams_ops.append(_release_teams(current))
+            out.teams_ops.append(release_teams(current))
             out.teams_overlay = None
         return
     if rule.kind == "preferred" and user.teams_native is None:
@@ -338,7 +340,7 @@ def _plan_teams(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig,
         out.need_teams_read = True
         return
     if current is not None and current.overlay.kind != rule.kind:
-        out.teams_ops.append(_release_teams(current))
+        out.teams_ops.append(release_teams(current))
     _write_teams(rule, source, now, cfg, out)
 
 

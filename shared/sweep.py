@@ -176,7 +176,7 @@ def handle_teams_message(message: dict) -> list[Outcome]:
         first = errors[0]
         why = f"{first.__class__.__name__}: {first}"
         if attempt >= PERSON_ATTEMPTS:
-            _dead_letter_presences(message, failed, read_at,
+            _dead_letter_presences(message, failed, read_at, attempt,
                                    f"retries_exhausted: {len(failed)} reports after {attempt} attempts ({why})")
         else:
             log.warning("teams presence: %d of %d reports failed (%s); retried on their own (attempt %d)",
@@ -185,17 +185,21 @@ def handle_teams_message(message: dict) -> list[Outcome]:
     return outcomes
 
 
+def _presences_message(message: dict, presences: list[dict], read_at: float, attempt: int) -> dict:
+    """A batch of its own for some of ``message``'s people (same cid: it takes back their lease)."""
+    return {"kind": "teams_presences", "presences": [trim(p) for p in presences], "read_at": read_at,
+            "source": message.get("source", "retry"), "cid": str(message.get("cid", "")), "attempt": attempt}
+
+
 def _requeue_presences(message: dict, presences: list[dict], read_at: float, attempt: int, *,
                        delay_s: float) -> None:
-    storage.enqueue(names.TEAMS_PRESENCE_QUEUE, telemetry.inject({
-        "kind": "teams_presences", "presences": [trim(p) for p in presences], "read_at": read_at,
-        "source": message.get("source", "retry"), "cid": str(message.get("cid", "")), "attempt": attempt}),
-        delay_seconds=delay_s)
+    storage.enqueue(names.TEAMS_PRESENCE_QUEUE,
+                    telemetry.inject(_presences_message(message, presences, read_at, attempt)),
+                    delay_seconds=delay_s)
 
 
-def _dead_letter_presences(message: dict, presences: list[dict], read_at: float, reason: str) -> None:
+def _dead_letter_presences(message: dict, presences: list[dict], read_at: float, attempt: int, reason: str) -> None:
     from shared.queue_messages import dead_letter
 
-    body = {"kind": "teams_presences", "presences": presences, "read_at": read_at,
-            "source": message.get("source", ""), "cid": message.get("cid", ""), "attempt": message.get("attempt", 1)}
+    body = _presences_message(message, presences, read_at, attempt)
     dead_letter(names.TEAMS_PRESENCE_QUEUE, json.dumps(body, default=str), reason)

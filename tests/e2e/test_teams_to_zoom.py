@@ -350,28 +350,34 @@ def test_keepalive_finds_overlays_near_expiry_in_one_scan_and_confirms_each_at_i
         assert graph_writes(world, idle) == [] and zoom_puts(world, idle) == []
 
 
-def test_zoom_dnd_is_renewed_while_teams_holds_it_and_released_after(world: World, app_setting):
-    # A one-minute DND renewed within its last 50 s, so the keep-alive acts after ~10 s.
+def _teams_dnd_on_zoom(world: World, app_setting) -> Person:
+    """A linked person whose Teams DND is on Zoom, as a one-minute DND renewed within its last
+    50 s: the keep-alive acts on it after ~10 s."""
     app_setting(ZOOM_DND_DURATION_MINUTES="1", OVERLAY_RENEW_LEEWAY_SECONDS="50")
     person = world.add_person()
     with listening(world, "poll"):
         world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
         propagate(world, "poll")
-        assert world.zoom_shows(person) == "Do_Not_Disturb"
-        assert zoom_puts(world, person)[0]["body"] == {"status": "Do_Not_Disturb", "duration": 1}
-        time.sleep(11)
-        world.host.fire_timer("overlay_keepalive")  # Teams still shows DND: renewed
-        world.settle()
-        assert [p["body"]["status"] for p in zoom_puts(world, person)] == ["Do_Not_Disturb", "Do_Not_Disturb"]
-        # Teams leaves DND and the change is missed (no sweep, no notification): the keep-alive
-        # confirms against Teams and lets go instead of renewing.
-        world.graph.clear_preferred_by_user(person.entra_id)
-        time.sleep(11)
-        world.host.fire_timer("overlay_keepalive")
-        world.settle()
-        assert world.zoom_shows(person) == "Available"
-        assert [p["body"]["status"] for p in zoom_puts(world, person)] == [
-            "Do_Not_Disturb", "Do_Not_Disturb", "Available"]
+    assert world.zoom_shows(person) == "Do_Not_Disturb"
+    return person
+
+
+def test_zoom_dnd_is_renewed_while_teams_holds_it_and_released_after(world: World, app_setting):
+    person = _teams_dnd_on_zoom(world, app_setting)
+    assert zoom_puts(world, person)[0]["body"] == {"status": "Do_Not_Disturb", "duration": 1}
+    time.sleep(11)
+    world.host.fire_timer("overlay_keepalive")  # Teams still shows DND: renewed
+    world.settle()
+    assert [p["body"]["status"] for p in zoom_puts(world, person)] == ["Do_Not_Disturb", "Do_Not_Disturb"]
+    # Teams leaves DND and the change is missed (no sweep, no notification): the keep-alive
+    # confirms against Teams and lets go instead of renewing.
+    world.graph.clear_preferred_by_user(person.entra_id)
+    time.sleep(11)
+    world.host.fire_timer("overlay_keepalive")
+    world.settle()
+    assert world.zoom_shows(person) == "Available"
+    assert [p["body"]["status"] for p in zoom_puts(world, person)] == [
+        "Do_Not_Disturb", "Do_Not_Disturb", "Available"]
 
 
 def test_a_person_who_left_the_directory_is_not_kept_in_dnd_on_zoom(world: World, app_setting, caplog):
@@ -379,12 +385,7 @@ def test_a_person_who_left_the_directory_is_not_kept_in_dnd_on_zoom(world: World
     # confirm read gets Graph's 404: the DND is let go rather than renewed for good, and the link
     # says why it stopped (no retries: Graph will not know the account later either).
     caplog.set_level("WARNING")
-    app_setting(ZOOM_DND_DURATION_MINUTES="1", OVERLAY_RENEW_LEEWAY_SECONDS="50")
-    person = world.add_person()
-    with listening(world, "poll"):
-        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
-        propagate(world, "poll")
-        assert world.zoom_shows(person) == "Do_Not_Disturb"
+    person = _teams_dnd_on_zoom(world, app_setting)
     world.graph.delete_user(person.entra_id)
     time.sleep(11)
     world.host.fire_timer("overlay_keepalive")
