@@ -304,6 +304,63 @@ def steady(params: Params, progress: Progress = _quiet) -> dict:
         world.stop()
 
 
+# --- sweep at scale -------------------------------------------------------------------------------
+
+
+def sweep_at_scale(users: int, progress: Progress = _quiet) -> dict:
+    """The sweep's and the keep-alive scan's cost measured on ``users`` linked people (100,000 in
+    ``make bench``), once: a quiet sweep, then one keep-alive run, as their timers run them.
+
+    The links are written straight into the links table, as the manage API would leave them, and
+    the shards planned from them as the subscription timer plans them; going through the API (a
+    Graph user read, the link, its index entry and a reconcile per person) would take most of an
+    hour on this machine for what neither timer reads. No host serves the app: the first sweep
+    queues every person as news, and nothing here applies it (the queue is cleared)."""
+    from sandbox.world import World
+    from shared import names, storage
+    from shared.engine import UserSync
+    from shared.links import STATUS_ACTIVE, Link, now_iso, write_link
+    from shared.shards import plan_shards
+    from shared.sweep import sweep
+
+    world = World(zoom_min_interval_s=60.0, run_timers=False)
+    world.start()
+    try:
+        world.host.stop()  # timers and queues are driven from here; nothing may apply the news
+        stamp = now_iso()
+        seeded = 0
+        lock = threading.Lock()
+
+        def one(i: int) -> None:
+            nonlocal seeded
+            email = f"person-{i:06d}@contoso.example"
+            zoom_id = world.zoom.add_user(email=email, display_name=f"person {i}")["id"].lower()
+            entra_id = world.graph.add_user(display_name=f"person {i}", mail=email)["id"].lower()
+            world.graph.set_teams_client(entra_id, "Available", "Available")
+            link = Link(sync=UserSync(zoom_id, entra_id), created_at=stamp, updated_at=stamp, email=email,
+                        origin="admin", status=STATUS_ACTIVE)
+            write_link(link, None)
+            with lock:
+                seeded += 1
+                if seeded % 1000 == 0 or seeded == users:
+                    progress(f"sweep at {users:,}: seed links", seeded, users)
+
+        started = time.time()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(one, range(users)))
+        seed_s = time.time() - started
+        plan = plan_shards()
+        first = sweep(force=True)  # learns every shard's sequence numbers
+        storage.queue(names.TEAMS_PRESENCE_QUEUE).clear_messages()
+        progress(f"sweep at {users:,}: measure", 1, 1)
+        out = measure_sweep(world, users)
+        out.update({"shards": len(plan.shards), "first_sweep_graph_reads": first.graph_reads,
+                    "seed_s": round(seed_s, 1)})
+        return out
+    finally:
+        world.stop()
+
+
 # --- burst ----------------------------------------------------------------------------------------
 
 

@@ -697,6 +697,7 @@ class ZoomEmulator:
         self._codes: dict[str, _Grant] = {}
         self._refresh: dict[str, _Grant] = {}
         self._users: dict[str, _User] = {}  # lower-case id -> user, in insertion order
+        self._by_email: dict[str, str] = {}  # lower-case email -> lower-case id (seeding 100,000 stays linear)
         self._page_tokens: dict[str, tuple[str, str, int, float]] = {}  # -> (account, status, offset, t)
         # Groups: lower-case id -> {"id", "name", "account_id", "members": [user ids, in order added]}
         self._groups: dict[str, dict[str, Any]] = {}
@@ -806,6 +807,7 @@ class ZoomEmulator:
         self._sender.cancel_all()
         with self._lock:
             self._users.clear()
+            self._by_email.clear()
             self._codes.clear()
             self._refresh.clear()
             self._tokens = {k: t for k, t in self._tokens.items() if t.kind == "s2s"}
@@ -914,6 +916,7 @@ class ZoomEmulator:
             if self._find_user(email) is not None:
                 raise ValueError("a user with this email exists")
             self._users[user.id.lower()] = user
+            self._by_email[email.lower()] = user.id.lower()
             if emit_created:
                 self._emit_user_event("user.created", user)
             return user.api_dict()
@@ -930,6 +933,7 @@ class ZoomEmulator:
         with self._lock:
             user = self._require_user(user_id)
             del self._users[user.id.lower()]
+            self._by_email.pop(user.email.lower(), None)
             for group in self._groups.values():
                 group["members"] = [m for m in group["members"] if m.lower() != user.id.lower()]
             self._emit_user_event("user.deleted", user)
@@ -1167,7 +1171,7 @@ class ZoomEmulator:
         k = key.lower()
         user = self._users.get(k)
         if user is None:
-            user = next((u for u in self._users.values() if u.email.lower() == k), None)
+            user = self._users.get(self._by_email.get(k, ""))
         if user is not None and account_id is not None and user.account_id != account_id:
             return None
         return user

@@ -117,6 +117,7 @@ class GraphEmulator:
         self._log = RequestLog()
         self._lock = threading.RLock()
         self._users: dict[str, dict[str, Any]] = {}
+        self._by_upn: dict[str, str] = {}  # lower-case userPrincipalName -> lower-case id (seeding stays linear)
         self._groups: dict[str, dict[str, Any]] = {}
         self._presence: dict[str, pres.UserPresence] = {}
         self._timers: list[tuple[float, str]] = []
@@ -186,6 +187,7 @@ class GraphEmulator:
         """Forget users, groups, presence, subscriptions, tokens, requests and faults (keeps apps and CA)."""
         with self._lock:
             self._users.clear()
+            self._by_upn.clear()
             self._groups.clear()
             self._presence.clear()
             self._timers.clear()
@@ -272,9 +274,10 @@ class GraphEmulator:
         with self._lock:
             if uid.lower() in self._users:
                 raise ValueError(f"user {uid} exists")
-            if any(u["userPrincipalName"].lower() == upn.lower() for u in self._users.values()):
+            if upn.lower() in self._by_upn:
                 raise ValueError(f"userPrincipalName {upn} is taken")
             self._users[uid.lower()] = user
+            self._by_upn[upn.lower()] = uid.lower()
             self._presence[uid.lower()] = pres.UserPresence(uid, sequence=self._next_seq())
         return dict(user)
 
@@ -285,14 +288,20 @@ class GraphEmulator:
             unknown = set(properties) - set(USER_PROPERTIES)
             if unknown or "id" in properties:
                 raise ValueError(f"cannot set {sorted(unknown | ({'id'} & set(properties)))}")
+            upn = properties.get("userPrincipalName")
+            if upn is not None and self._by_upn.get(str(upn).lower(), user["id"].lower()) != user["id"].lower():
+                raise ValueError(f"userPrincipalName {upn} is taken")
+            self._by_upn.pop((user.get("userPrincipalName") or "").lower(), None)
             user.update(properties)
+            self._by_upn[(user.get("userPrincipalName") or "").lower()] = user["id"].lower()
             return dict(user)
 
     def delete_user(self, user_id: str) -> None:
         """The user leaves the directory (Graph answers 404 for them from now on)."""
         with self._lock:
             self._user_or_keyerror(user_id)
-            del self._users[user_id.lower()]
+            upn = (self._users.pop(user_id.lower()).get("userPrincipalName") or "").lower()
+            self._by_upn.pop(upn, None)
             self._presence.pop(user_id.lower(), None)
 
     remove_user = delete_user
@@ -472,10 +481,7 @@ class GraphEmulator:
         user = self._users.get(key.lower())
         if user is not None:
             return user
-        for u in self._users.values():
-            if (u.get("userPrincipalName") or "").lower() == key.lower():
-                return u
-        return None
+        return self._users.get(self._by_upn.get(key.lower(), ""))
 
     def _find_user_by_login(self, hint: str) -> dict[str, Any] | None:
         low = hint.lower()

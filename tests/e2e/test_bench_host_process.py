@@ -114,3 +114,15 @@ def test_another_process_cpu_time_is_read_from_proc():
     finally:
         spin.communicate(b"\n", timeout=20)
     assert process_cpu_seconds(spin.pid) is None  # gone
+
+
+def test_the_sweep_at_scale_measures_a_quiet_sweep_and_the_keepalive_scan_on_links_seeded_in_storage():
+    # 1,300 links: two full shards, so the measured figures are per shard, not per person.
+    result = scenarios.sweep_at_scale(1300)
+    assert result["measured"] is True and result["users"] == 1300
+    assert result["shards"] == 2 and result["first_sweep_graph_reads"] == 2
+    # Quiet: both shards read, nothing new queued, the shards read in one page and each saved.
+    assert result["graph_reads_per_sweep"] == 2 and result["changes"] == 0
+    assert result["table_ops"] == result["table_ops_quiet"] == 3
+    # The keep-alive scanned every link and found nothing due (no overlays were set).
+    assert result["keepalive_queued"] == 0 and result["keepalive_table_ops"] >= 1

@@ -455,6 +455,22 @@ def test_users_paging_select_and_filter(graph: GraphEmulator) -> None:
     assert call(graph, "GET", f"/users/{uuid.uuid4()}", token).status_code == 404
 
 
+def test_a_user_principal_name_belongs_to_one_user_and_follows_renames_and_deletes(graph: GraphEmulator) -> None:
+    token = app_token(graph)
+    ann = graph.add_user(display_name="Ann", user_principal_name="ann@contoso.example")
+    with pytest.raises(ValueError):
+        graph.add_user(display_name="Other Ann", user_principal_name="ANN@contoso.example")
+    graph.update_user(ann["id"], userPrincipalName="ann.lee@contoso.example")
+    assert call(graph, "GET", "/users/ann.lee@contoso.example", token).json()["id"] == ann["id"]
+    assert call(graph, "GET", "/users/ann@contoso.example", token).status_code == 404
+    bob = graph.add_user(display_name="Bob", user_principal_name="ann@contoso.example")  # the old name is free
+    with pytest.raises(ValueError):
+        graph.update_user(bob["id"], userPrincipalName="Ann.Lee@contoso.example")
+    graph.delete_user(ann["id"])
+    assert call(graph, "GET", "/users/ann.lee@contoso.example", token).status_code == 404
+    assert graph.add_user(display_name="Ann again", user_principal_name="ann.lee@contoso.example")["id"] != ann["id"]
+
+
 def test_group_transitive_members(graph: GraphEmulator) -> None:
     users = [graph.add_user(display_name=f"M{i}") for i in range(4)]
     graph.add_group("inner", [users[2]["id"], users[3]["id"]])

@@ -430,6 +430,16 @@ def test_not_signed_in_is_5301_and_unknown_user_is_1001(hooked, receiver, api):
     assert r.status_code == 404 and r.json() == {"code": 1001, "message": "User does not exist: nobody-here."}
 
 
+def test_an_email_is_free_again_once_its_user_is_removed(zoom, api):
+    user = zoom.add_user(email="gone@example.com")
+    with pytest.raises(ValueError):
+        zoom.add_user(email="GONE@example.com")
+    zoom.remove_user(user["id"])
+    assert api.get("/users/gone@example.com").status_code == 404
+    again = zoom.add_user(email="gone@example.com")
+    assert api.get("/users/gone@example.com").json()["id"] == again["id"] != user["id"]
+
+
 def test_users_found_by_id_or_email_case_insensitively(zoom, api):
     user = zoom.add_user(email="Mixed.Case@Example.com", display_name="Mixed Case", dept="Ops", type=2)
     for key in (user["id"], user["id"].lower(), "mixed.case@example.COM"):

@@ -92,6 +92,19 @@ def test_assemble_writes_the_contract_keys():
     assert set(TARGETS) == set(result["targets"])
 
 
+def test_the_100k_sweep_row_is_the_measured_one_when_there_is_one_and_computed_otherwise():
+    burst = {"users": 10_000, "zoom_to_teams": _side(900), "teams_to_zoom": _side(9000), "echo_writes": 0, "lost": 0,
+             "throughput_changes_per_s": 40.0, "converge_s": 80.0, "converge_bound_s": 33.3,
+             "sweep": {"graph_reads_per_sweep": 16, "seconds": 0.8, "keepalive_seconds": 0.5}}
+    computed = assemble(None, burst, None, runs=1, quick=False)["sweep"]["100000"]
+    assert computed["measured"] is False and computed["seconds"] == 7.7  # 0.05 s a read x 154 reads
+    assert computed["keepalive_seconds"] == 5.0
+    measured = {"users": 100_000, "graph_reads_per_sweep": 154, "seconds": 12.3, "table_ops": 155,
+                "keepalive_seconds": 9.9, "measured": True}
+    row = assemble(None, burst, None, runs=1, quick=False, scale=measured)["sweep"]["100000"]
+    assert row == measured
+
+
 def test_median_merge_and_verdicts():
     merged = median_merge([{"a": 1, "b": {"c": 5}, "s": "x"}, {"a": 3, "b": {"c": 1}, "s": "y"},
                            {"a": 2, "b": {"c": 3}, "s": "z"}])
