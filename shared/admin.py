@@ -313,15 +313,18 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
 
 
 def _teams_left(s: UserSync) -> dict:
-    """What a queued release needs to take our Teams overlay off (:func:`finish_release`)."""
-    overlay = s.teams_overlay.overlay
-    return {"op": release_teams(s.teams_overlay).kind.value, "availability": overlay.availability,
-            "activity": overlay.activity}
+    """What a queued release needs to take our Teams overlay off (:func:`finish_release`), or to
+    hand it to a new link of the same Teams account (:func:`_hand_over_teams`)."""
+    record = s.teams_overlay
+    return {"op": release_teams(record).kind.value, "kind": record.overlay.kind,
+            "availability": record.overlay.availability, "activity": record.overlay.activity,
+            "expires_at": record.expires_at}
 
 
 def _zoom_left(s: UserSync) -> dict:
     """What a queued release needs to put the person's own Zoom status back."""
-    return {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore, "last_put_at": s.zoom_last_put_at}
+    return {"ours": s.zoom_overlay.status, "restore": s.zoom_overlay.restore, "last_put_at": s.zoom_last_put_at,
+            "expires_at": s.zoom_overlay.expires_at}
 
 
 # How long after a write lease has ended a request sent just before it may still be carried out.
@@ -366,7 +369,11 @@ def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
             # ours is no longer there to hand over.
             return True
         now = time.time()
-        s.zoom_overlay = ZoomOverlayRecord(zoom["ours"], now, None, "handed_over", zoom["restore"])
+        # With its expiry (a Do Not Disturb's duration), so the keep-alive renews it in time: one
+        # that lapsed would read as the person choosing Available, and the link would yield.
+        expires_at = zoom.get("expires_at")
+        s.zoom_overlay = ZoomOverlayRecord(zoom["ours"], now, None if expires_at is None else float(expires_at),
+                                           "handed_over", zoom["restore"])
         if s.zoom_native is None or s.zoom_native == ours:
             # Not the person's own: what is beneath ours is what we would restore. (A meeting or
             # a sign-out it has seen stays: ours is let go when the slot shows again.)
@@ -386,9 +393,47 @@ def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
     raise storage.Conflict(f"link {zoom_id} kept changing; the release is retried")
 
 
+def _hand_over_teams(zoom_id: str, entra: str, teams: dict) -> bool:
+    """Is the Teams account linked again (``zoom_id``: its link now)? Then that link's sync takes
+    over our status on Teams: our presence session carries the app's session id, which the new
+    link's writes share, so it cannot be let go of apart from them, and until then the new link
+    would read it as the person's own (a call, say) and mirror it to Zoom for as long as it
+    lasts. False if no link names the account any more: the release is then ours to make."""
+    from shared.engine import ZOOM_TO_TEAMS, TeamsOverlayRecord
+    from shared.mapping import TeamsOverlay
+    from shared.presence import parse_teams
+
+    for _ in range(8):
+        link, etag = read_link(zoom_id)
+        if link is None or link.entra_user_id != entra or not link.sync.enabled(ZOOM_TO_TEAMS):
+            return False  # nothing of that link's would write to Teams: ours is ours alone to let go
+        s = link.sync
+        if s.teams_overlay is not None:
+            # Its sync has put its own there, in our place (the same session or slot).
+            return True
+        now = time.time()
+        overlay = TeamsOverlay(teams.get("kind") or ("session" if teams["op"] == TeamsOpKind.CLEAR_SESSION.value
+                                                     else "preferred"), teams["availability"], teams["activity"])
+        s.teams_overlay = TeamsOverlayRecord(overlay, now, float(teams.get("expires_at") or now), "handed_over",
+                                             answered_at=now)
+        if s.teams_native == parse_teams(teams["availability"], teams["activity"]):
+            # Read from our overlay, not the person's: what is beneath it shows once it is gone.
+            s.teams_native = None
+        s.teams_shows_ours = True
+        try:
+            write_link(link, etag)
+        except storage.Conflict:
+            continue
+        log.info("admin: queued Teams release for Zoom user %s handed over to the new link of its Teams account",
+                 zoom_id)
+        queue_reconcile(zoom_id, "release_handed_over", confirm_zoom=True, confirm_teams=True)
+        return True
+    raise storage.Conflict(f"link {zoom_id} kept changing; the release is retried")
+
+
 def finish_release(message: dict) -> None:
-    """A release queued by :func:`release_overlays`. Each side only if nobody owns that account's
-    presence again (a new link) and it still shows ours: by now the person may have changed it.
+    """A release queued by :func:`release_overlays`. Each side only if it still shows ours (by now
+    the person may have changed it), and handed to the account's new link if it is linked again.
     Each side on its own: one failing does not keep the other from being released. What is not
     done yet is queued again; after RELEASE_ATTEMPTS failures, or RELEASE_MAX_WAIT_S, it is
     dead-lettered with the reason."""
@@ -416,17 +461,18 @@ def finish_release(message: dict) -> None:
         delay_s = max(delay_s, look_again_s)
 
     teams = left.get("teams")
-    if teams and zoom_id_for_entra(entra, fresh=True) is None:
+    if teams:
         kind = TeamsOpKind(teams["op"])
         try:
-            ours = kind == TeamsOpKind.CLEAR_SESSION  # our session is ours alone: clearing it is always right
+            ours = kind == TeamsOpKind.CLEAR_SESSION  # our session is ours, whatever Teams shows
             if not ours:
                 shown = graph_client.get_presence(entra)
                 ours = teams_pair_matches((teams["availability"], teams["activity"]),
                                           shown.get("availability"), shown.get("activity")) \
                     or teams_closed(parse_teams(shown.get("availability"), shown.get("activity")),
                                     shown.get("activity"))  # the preferred slot is still set, showing nowhere
-            if ours:
+            relinked = zoom_id_for_entra(entra, fresh=True)
+            if ours and not (relinked and _hand_over_teams(relinked, entra, teams)):
                 teams_call(TeamsOp(kind), entra, get_settings().require("entra_client_id", "ENTRA_CLIENT_ID"))
         except NotFound:
             log.info("admin: queued release: Graph no longer knows the Teams account of Zoom user %s", zoom_id)

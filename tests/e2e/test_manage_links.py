@@ -304,6 +304,64 @@ def test_a_link_made_again_before_a_queued_release_takes_our_status_on_zoom_over
     assert world.host.poisoned == []
 
 
+# Graph refuses a release with this Retry-After: longer than a Graph call may wait (its budget), so
+# the release is queued, and long enough for the test to link the person again before it runs.
+TEAMS_RELEASE_RETRY_AFTER_S = GRAPH_POLICY.total_seconds + 1
+
+
+def _linked_again_while_our_call_release_is_queued(world: World, *, meeting_ended: bool):
+    """A person in a Zoom meeting (our In a call on Teams) whose link the admin deletes while Graph
+    refuses, for now, to take the call off (queued), and links again at once, before the queued
+    release runs; the new link reads both sides (resync)."""
+    person = world.add_person()
+    world.host.fire_timer("graph_subscriptions")  # gives the person a shard: the sweep reads Teams
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    world.graph.faults.throttle(count=1, retry_after=TEAMS_RELEASE_RETRY_AFTER_S,
+                                paths=f"/users/{person.entra_id}/presence/clearPresence")
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+    assert world.teams_shows(person) == ("Busy", "InACall")  # refused for now: queued
+    if meeting_ended:
+        world.zoom.leave_meeting(person.zoom_id)  # unlinked: nobody hears it
+    body = {"entra_user_id": person.entra_id, "email": person.email}
+    assert world.admin("PUT", f"links/{person.zoom_id}", json=body).status_code == 200
+    assert world.admin("POST", f"links/{person.zoom_id}/resync").status_code == 202
+    world.settle(timeout=60)
+    return person
+
+
+def test_a_link_made_again_before_a_queued_teams_release_lets_our_leftover_call_go(world: World):
+    # The meeting ended while the person was unlinked. The new link must not take our leftover
+    # session for a call of the person's own, nor put "On a call" on Zoom for as long as the
+    # session lasts (up to an hour): the queued release hands the session to the new link, which
+    # lets it go, and what it had put on Zoom with it.
+    person = _linked_again_while_our_call_release_is_queued(world, meeting_ended=True)
+    world.wait_until(lambda: world.teams_shows(person) == ("Available", "Available"),
+                     timeout=TEAMS_RELEASE_RETRY_AFTER_S + 30, interval=0.2)
+    world.host.fire_timer("presence_sweep")  # the change is heard, as a notification or the sweep would
+    world.settle(timeout=60)
+    world.wait_until(lambda: world.zoom_shows(person) == "Available", timeout=E2E_ZOOM_MIN_INTERVAL_S + 30,
+                     interval=0.2)
+    world.settle(timeout=60)
+    assert world.teams_shows(person) == ("Available", "Available")
+    assert world.zoom_shows(person) == "Available"
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert link["sync"]["teams"]["ours"] is None and link["sync"]["zoom"]["ours"] is None
+    assert world.host.poisoned == []
+
+
+def test_a_queued_teams_release_leaves_the_call_the_new_link_put_there(world: World):
+    # Still in the meeting: the new link puts In a call on Teams itself, under the same session id.
+    # The queued release must not take that off.
+    person = _linked_again_while_our_call_release_is_queued(world, meeting_ended=False)
+    time.sleep(TEAMS_RELEASE_RETRY_AFTER_S + 2)
+    world.settle(timeout=60)
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert link["sync"]["teams"]["ours"]["activity"] == "InACall"
+    assert world.host.poisoned == []
+
 
 def test_a_status_the_person_picks_while_unlinked_is_not_taken_over(world: World):
     # As above, but between the delete and the new link the person picks Do Not Disturb on Zoom,

@@ -70,3 +70,101 @@ def test_waiting_ends_after_the_longest_wait(world):
     shown["zoom"] = "In_Meeting"
     admin.finish_release(_message(since=1.0))  # queued long ago
     assert calls["queued"] == [] and len(calls["dead"]) == 1
+
+
+def _relinked(monkeypatch, *, active: bool = True, directions=None, own_overlay: bool = False,
+              native: str | None = "on_call"):
+    """The Teams account e1 is linked again, to Zoom user z2; what that link's sync holds."""
+    from shared.engine import ALL_DIRECTIONS, TeamsOverlayRecord, UserSync
+    from shared.links import Link
+    from shared.mapping import TeamsOverlay
+    from shared.presence import Presence
+
+    sync = UserSync("z2", "e1", frozenset(directions or ALL_DIRECTIONS), active=active)
+    sync.teams_native = Presence(native) if native else None
+    if own_overlay:
+        sync.teams_overlay = TeamsOverlayRecord(TeamsOverlay("session", "Busy", "InACall"), 1.0, 2.0, "in_meeting")
+    link = Link(sync=sync)
+    written, reconciled = [], []
+    monkeypatch.setattr(admin, "zoom_id_for_entra", lambda entra, fresh=False: "z2" if entra == "e1" else None)
+    monkeypatch.setattr(admin, "read_link", lambda zoom_id: (link, "etag") if zoom_id == "z2" else (None, None))
+    monkeypatch.setattr(admin, "write_link", lambda lnk, etag: written.append(lnk) or "etag2")
+    monkeypatch.setattr(admin, "queue_reconcile", lambda zoom_id, reason, **kw: reconciled.append((zoom_id, kw)))
+    return link, written, reconciled
+
+
+def _teams_only(**teams) -> dict:
+    return {"kind": "release", "zoom_user_id": "z1", "entra_user_id": "e1", "attempt": 1,
+            "left": {"teams": {"op": "clear_session", "kind": "session", "availability": "Busy",
+                               "activity": "InACall", "expires_at": 1234.0, **teams}}}
+
+
+def test_our_session_is_handed_to_the_new_link_of_the_teams_account_not_cleared_under_it(world, monkeypatch):
+    calls, _, teams_fails = world
+    teams_fails["on"] = False
+    link, written, reconciled = _relinked(monkeypatch)
+    admin.finish_release(_teams_only())
+    assert calls["teams"] == []  # the same session id as the new link's: not ours alone to clear
+    [saved] = written
+    record = saved.sync.teams_overlay
+    assert (record.overlay.kind, record.overlay.availability, record.overlay.activity) == ("session", "Busy", "InACall")
+    assert record.expires_at == 1234.0 and record.source == "handed_over"
+    assert saved.sync.teams_native is None  # it had read our session for the person's own call
+    assert reconciled == [("z2", {"confirm_zoom": True, "confirm_teams": True})]
+    assert calls["queued"] == [] and calls["dead"] == []
+
+
+def test_nothing_is_handed_over_when_the_new_link_has_put_its_own_there(world, monkeypatch):
+    calls, _, teams_fails = world
+    teams_fails["on"] = False
+    _, written, reconciled = _relinked(monkeypatch, own_overlay=True)
+    admin.finish_release(_teams_only())
+    assert calls["teams"] == [] and written == [] and reconciled == []
+
+
+@pytest.mark.parametrize("case", ["disabled", "zoom_to_teams_off"])
+def test_a_new_link_that_never_writes_to_teams_gets_nothing_and_ours_is_let_go(world, monkeypatch, case):
+    from shared.engine import TEAMS_TO_ZOOM
+
+    calls, _, teams_fails = world
+    teams_fails["on"] = False
+    kw = {"active": False} if case == "disabled" else {"directions": [TEAMS_TO_ZOOM]}
+    _, written, reconciled = _relinked(monkeypatch, **kw)
+    admin.finish_release(_teams_only())
+    assert calls["teams"] == ["clear_session"] and written == [] and reconciled == []
+
+
+def test_a_release_queued_before_handovers_existed_is_handed_over_too(world, monkeypatch):
+    calls, _, teams_fails = world
+    teams_fails["on"] = False
+    _, written, _ = _relinked(monkeypatch)
+    message = _teams_only()
+    for key in ("kind", "expires_at"):
+        del message["left"]["teams"][key]
+    admin.finish_release(message)
+    [saved] = written
+    assert saved.sync.teams_overlay.overlay.kind == "session" and calls["teams"] == []
+
+
+@pytest.mark.parametrize("expires_at", [1_900_000_000.0, None])
+def test_a_zoom_status_handed_to_a_new_link_keeps_its_expiry_for_the_keepalive(world, monkeypatch, expires_at):
+    # A handed-over Do Not Disturb with no expiry on record was never renewed: Zoom ended it after
+    # its duration, and the Available it then reported read as the person's own choice.
+    from shared.engine import UserSync
+    from shared.links import Link
+
+    calls, _, teams_fails = world
+    teams_fails["on"] = False
+    link = Link(sync=UserSync("z1", "e9"))
+    written, reconciled = [], []
+    monkeypatch.setattr(admin, "read_link", lambda zoom_id: (link, "etag") if zoom_id == "z1" else (None, None))
+    monkeypatch.setattr(admin, "write_link", lambda lnk, etag: written.append(lnk) or "etag2")
+    monkeypatch.setattr(admin, "queue_reconcile", lambda zoom_id, reason, **kw: reconciled.append(zoom_id))
+    message = {"kind": "release", "zoom_user_id": "z1", "entra_user_id": "e1", "attempt": 1,
+               "left": {"zoom": {"ours": "Do_Not_Disturb", "restore": "Available", "last_put_at": 1.0,
+                                 "expires_at": expires_at}}}
+    admin.finish_release(message)
+    [saved] = written
+    assert saved.sync.zoom_overlay.status == "Do_Not_Disturb"
+    assert saved.sync.zoom_overlay.expires_at == expires_at
+    assert reconciled == ["z1"] and calls["zoom_puts"] == []
