@@ -358,6 +358,10 @@ def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
     from shared.engine import ZoomOverlayRecord
     from shared.presence import ZOOM_MANUAL_STATES, parse_zoom
 
+    expires_at = zoom.get("expires_at")
+    if expires_at is not None and float(expires_at) <= time.time():
+        # Zoom has ended it (a Do Not Disturb's duration): nothing of ours is left to hand over.
+        return False
     for _ in range(8):
         link, etag = read_link(zoom_id)
         if link is None:
@@ -371,7 +375,6 @@ def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
         now = time.time()
         # With its expiry (a Do Not Disturb's duration), so the keep-alive renews it in time: one
         # that lapsed would read as the person choosing Available, and the link would yield.
-        expires_at = zoom.get("expires_at")
         s.zoom_overlay = ZoomOverlayRecord(zoom["ours"], now, None if expires_at is None else float(expires_at),
                                            "handed_over", zoom["restore"])
         if s.zoom_native is None or s.zoom_native == ours:
@@ -393,12 +396,23 @@ def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
     raise storage.Conflict(f"link {zoom_id} kept changing; the release is retried")
 
 
+class _LeaseHeld(Exception):
+    """The new link's sync is writing for the person: look again once its lease has ended."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"write lease held for {seconds:.1f}s")
+        self.seconds = seconds
+
+
 def _hand_over_teams(zoom_id: str, entra: str, teams: dict) -> bool:
     """Is the Teams account linked again (``zoom_id``: its link now)? Then that link's sync takes
     over our status on Teams: our presence session carries the app's session id, which the new
     link's writes share, so it cannot be let go of apart from them, and until then the new link
     would read it as the person's own (a call, say) and mirror it to Zoom for as long as it
-    lasts. False if no link names the account any more: the release is then ours to make."""
+    lasts. False if no link names the account any more, or it holds the other kind of overlay
+    (a session against a preferred status: the two do not replace each other): the release is then
+    ours to make. Raises :class:`_LeaseHeld` while its sync is writing (what it writes, or fails
+    to, decides what is ours then)."""
     from shared.engine import ZOOM_TO_TEAMS, TeamsOverlayRecord
     from shared.mapping import TeamsOverlay
     from shared.presence import parse_teams
@@ -408,12 +422,15 @@ def _hand_over_teams(zoom_id: str, entra: str, teams: dict) -> bool:
         if link is None or link.entra_user_id != entra or not link.sync.enabled(ZOOM_TO_TEAMS):
             return False  # nothing of that link's would write to Teams: ours is ours alone to let go
         s = link.sync
-        if s.teams_overlay is not None:
-            # Its sync has put its own there, in our place (the same session or slot).
-            return True
         now = time.time()
-        overlay = TeamsOverlay(teams.get("kind") or ("session" if teams["op"] == TeamsOpKind.CLEAR_SESSION.value
-                                                     else "preferred"), teams["availability"], teams["activity"])
+        if link.lease_owner and link.lease_until + LATE_WRITE_GRACE_S > now:
+            raise _LeaseHeld(link.lease_until + LATE_WRITE_GRACE_S - now)
+        kind = teams.get("kind") or ("session" if teams["op"] == TeamsOpKind.CLEAR_SESSION.value else "preferred")
+        if s.teams_overlay is not None:
+            # Its sync has put its own there: in our place if of the same kind (the same session id,
+            # or the one preferred slot); beside ours if not, and ours is ours alone to let go.
+            return s.teams_overlay.overlay.kind == kind
+        overlay = TeamsOverlay(kind, teams["availability"], teams["activity"])
         s.teams_overlay = TeamsOverlayRecord(overlay, now, float(teams.get("expires_at") or now), "handed_over",
                                              answered_at=now)
         if s.teams_native == parse_teams(teams["availability"], teams["activity"]):
@@ -474,13 +491,20 @@ def finish_release(message: dict) -> None:
             relinked = zoom_id_for_entra(entra, fresh=True)
             if ours and not (relinked and _hand_over_teams(relinked, entra, teams)):
                 teams_call(TeamsOp(kind), entra, get_settings().require("entra_client_id", "ENTRA_CLIENT_ID"))
+        except _LeaseHeld as held:
+            wait("teams", held.seconds)
         except NotFound:
             log.info("admin: queued release: Graph no longer knows the Teams account of Zoom user %s", zoom_id)
-        except (VendorError, TokenError) as exc:
+        except (VendorError, TokenError, storage.Conflict) as exc:
             retry("teams", exc)
     zoom = left.get("zoom")
-    if zoom and _hand_over_zoom(zoom_id, zoom):
-        zoom = None
+    if zoom:
+        try:
+            if _hand_over_zoom(zoom_id, zoom):
+                zoom = None
+        except storage.Conflict as exc:
+            retry("zoom", exc)
+            zoom = None
     if zoom:
         try:
             shown = parse_zoom(zoom_client.get_presence_status(zoom_id))

@@ -3,6 +3,9 @@ on its own, waiting is not failing, and what is left is queued again or dead-let
 
 from __future__ import annotations
 
+import copy
+import time
+
 import pytest
 
 from shared import admin
@@ -72,8 +75,8 @@ def test_waiting_ends_after_the_longest_wait(world):
     assert calls["queued"] == [] and len(calls["dead"]) == 1
 
 
-def _relinked(monkeypatch, *, active: bool = True, directions=None, own_overlay: bool = False,
-              native: str | None = "on_call"):
+def _relinked(monkeypatch, *, active: bool = True, directions=None, own_overlay: str | None = None,
+              native: str | None = "on_call", lease_s: float = 0.0):
     """The Teams account e1 is linked again, to Zoom user z2; what that link's sync holds."""
     from shared.engine import ALL_DIRECTIONS, TeamsOverlayRecord, UserSync
     from shared.links import Link
@@ -82,12 +85,19 @@ def _relinked(monkeypatch, *, active: bool = True, directions=None, own_overlay:
 
     sync = UserSync("z2", "e1", frozenset(directions or ALL_DIRECTIONS), active=active)
     sync.teams_native = Presence(native) if native else None
-    if own_overlay:
+    if own_overlay == "session":
         sync.teams_overlay = TeamsOverlayRecord(TeamsOverlay("session", "Busy", "InACall"), 1.0, 2.0, "in_meeting")
+    elif own_overlay == "preferred":
+        sync.teams_overlay = TeamsOverlayRecord(TeamsOverlay("preferred", "DoNotDisturb", "DoNotDisturb"), 1.0, 2.0,
+                                                "do_not_disturb")
     link = Link(sync=sync)
+    if lease_s:
+        link.lease_owner, link.lease_until = "another-sync", time.time() + lease_s
     written, reconciled = [], []
     monkeypatch.setattr(admin, "zoom_id_for_entra", lambda entra, fresh=False: "z2" if entra == "e1" else None)
-    monkeypatch.setattr(admin, "read_link", lambda zoom_id: (link, "etag") if zoom_id == "z2" else (None, None))
+    # Each read a copy of what is stored, as from the table.
+    monkeypatch.setattr(admin, "read_link",
+                        lambda zoom_id: (copy.deepcopy(link), "etag") if zoom_id == "z2" else (None, None))
     monkeypatch.setattr(admin, "write_link", lambda lnk, etag: written.append(lnk) or "etag2")
     monkeypatch.setattr(admin, "queue_reconcile", lambda zoom_id, reason, **kw: reconciled.append((zoom_id, kw)))
     return link, written, reconciled
@@ -117,9 +127,46 @@ def test_our_session_is_handed_to_the_new_link_of_the_teams_account_not_cleared_
 def test_nothing_is_handed_over_when_the_new_link_has_put_its_own_there(world, monkeypatch):
     calls, _, teams_fails = world
     teams_fails["on"] = False
-    _, written, reconciled = _relinked(monkeypatch, own_overlay=True)
+    _, written, reconciled = _relinked(monkeypatch, own_overlay="session")
     admin.finish_release(_teams_only())
     assert calls["teams"] == [] and written == [] and reconciled == []
+
+
+def test_our_session_is_cleared_when_the_new_link_holds_a_preferred_status_beside_it(world, monkeypatch):
+    # A preferred status and a session do not replace each other: left alone, our call would show
+    # again once the new link lets its Do Not Disturb go, and be read as the person's own.
+    calls, _, teams_fails = world
+    teams_fails["on"] = False
+    _, written, reconciled = _relinked(monkeypatch, own_overlay="preferred")
+    admin.finish_release(_teams_only())
+    assert calls["teams"] == ["clear_session"] and written == [] and reconciled == []
+
+
+def test_while_the_new_link_is_writing_the_release_looks_again_after_its_lease(world, monkeypatch):
+    # Its write may fail and be undone: then our session would be left with nothing on record.
+    calls, _, teams_fails = world
+    teams_fails["on"] = False
+    _, written, _ = _relinked(monkeypatch, lease_s=20.0)
+    admin.finish_release(_teams_only())
+    assert calls["teams"] == [] and written == []
+    [again] = calls["queued"]
+    assert set(again["left"]) == {"teams"} and again["attempt"] == 1  # waiting, not failing
+    assert calls["dead"] == []
+
+
+def test_a_link_that_keeps_changing_on_the_teams_side_does_not_hold_back_the_zoom_side(world, monkeypatch):
+    calls, _, teams_fails = world
+    teams_fails["on"] = False
+    _relinked(monkeypatch)
+
+    def always_changed(link, etag):
+        raise admin.storage.Conflict("the link changed")
+
+    monkeypatch.setattr(admin, "write_link", always_changed)
+    admin.finish_release(_message())  # Teams: a hand-over to z2 that never lands; Zoom: z1, not linked
+    assert calls["zoom_puts"] == ["Available"]
+    [again] = calls["queued"]
+    assert set(again["left"]) == {"teams"} and again["attempt"] == 2
 
 
 @pytest.mark.parametrize("case", ["disabled", "zoom_to_teams_off"])
@@ -168,3 +215,21 @@ def test_a_zoom_status_handed_to_a_new_link_keeps_its_expiry_for_the_keepalive(w
     assert saved.sync.zoom_overlay.status == "Do_Not_Disturb"
     assert saved.sync.zoom_overlay.expires_at == expires_at
     assert reconciled == ["z1"] and calls["zoom_puts"] == []
+
+
+def test_a_zoom_do_not_disturb_that_has_lapsed_is_not_handed_over(world, monkeypatch):
+    # Zoom ended it: the new link would take the Available beneath for the person's choice and yield.
+    from shared.engine import UserSync
+    from shared.links import Link
+
+    calls, shown, teams_fails = world
+    teams_fails["on"] = False
+    shown["zoom"] = "Available"
+    written = []
+    monkeypatch.setattr(admin, "read_link", lambda zoom_id: (Link(sync=UserSync("z1", "e9")), "etag"))
+    monkeypatch.setattr(admin, "write_link", lambda lnk, etag: written.append(lnk) or "etag2")
+    message = {"kind": "release", "zoom_user_id": "z1", "entra_user_id": "e1", "attempt": 1,
+               "left": {"zoom": {"ours": "Do_Not_Disturb", "restore": "Available", "last_put_at": 1.0,
+                                 "expires_at": time.time() - 1}}}
+    admin.finish_release(message)
+    assert written == [] and calls["zoom_puts"] == [] and calls["queued"] == []
