@@ -75,6 +75,22 @@ def verdict(value: Any, rule: tuple[str, float]) -> str:
     return "met" if ok else "MISSED"
 
 
+def _computed_scale_sweep(burst: dict | None) -> dict:
+    """The 100,000-person row when it was not measured: the shard math, with times scaled from the
+    largest run's per shard and per link."""
+    big = sweep_cost(SCALE_USERS)
+    if burst and burst["sweep"].get("graph_reads_per_sweep"):
+        per_read = burst["sweep"]["seconds"] / burst["sweep"]["graph_reads_per_sweep"]
+        big["seconds"] = round(per_read * big["graph_reads_per_sweep"], 2)
+    if burst and burst["sweep"].get("keepalive_seconds") is not None:
+        per_link = burst["sweep"]["keepalive_seconds"] / burst["users"]
+        big["keepalive_seconds"] = round(per_link * big["users"], 2)
+    big["measured"] = False
+    big["note"] = ("computed from the shard math and the measured per-shard time of the largest run; "
+                   "the keep-alive's scan time from its measured time per link there")
+    return big
+
+
 def assemble(steady: dict | None, burst: dict | None, cold: dict | None, runs: int, quick: bool,
              app_hosting: str = "one-process", load_avg_at_start: list[float] | None = None,
              scale: dict | None = None) -> dict:
@@ -112,20 +128,7 @@ def assemble(steady: dict | None, burst: dict | None, cold: dict | None, runs: i
     if burst:
         sweeps[str(burst["users"])] = burst["sweep"]
         result["graph_reads_per_sweep_10k"] = burst["sweep"]["graph_reads_per_sweep"]
-    big = sweep_cost(SCALE_USERS)
-    if scale:
-        big = scale
-    elif burst and burst["sweep"].get("graph_reads_per_sweep"):
-        per_read = burst["sweep"]["seconds"] / burst["sweep"]["graph_reads_per_sweep"]
-        big["seconds"] = round(per_read * big["graph_reads_per_sweep"], 2)
-    if not scale and burst and burst["sweep"].get("keepalive_seconds") is not None:
-        per_link = burst["sweep"]["keepalive_seconds"] / burst["users"]
-        big["keepalive_seconds"] = round(per_link * big["users"], 2)
-    if not scale:
-        big["measured"] = False
-        big["note"] = ("computed from the shard math and the measured per-shard time of the largest run; "
-                       "the keep-alive's scan time from its measured time per link there")
-    sweeps[str(SCALE_USERS)] = big
+    sweeps[str(SCALE_USERS)] = scale or _computed_scale_sweep(burst)
     result["sweep"] = sweeps
     if "graph_reads_per_sweep_10k" not in result:
         result["graph_reads_per_sweep_10k"] = sweep_cost(10_000)["graph_reads_per_sweep"]

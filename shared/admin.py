@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -351,6 +352,30 @@ def _queue_release(zoom_user_id: str, entra_user_id: str, left: dict, delay_s: f
                     delay_seconds=max(1.0, delay_s))
 
 
+def _hand_over(zoom_id: str, take_over: Callable[[Link], bool | None], what: str) -> bool:
+    """Give a queued release to the link of ``zoom_id``, under optimistic concurrency:
+    ``take_over`` gets the link as now stored and returns True once it has put our status on it
+    (written, then that link's sync reads both sides and keeps, replaces or releases it), False if
+    the release stays ours to make, None if nothing of ours is left to hand over. False when there
+    is no link."""
+    from shared.links import LINKS_TABLE, link_from_entity, link_to_entity
+
+    result: dict[str, bool | None] = {}
+
+    def mutate(entity: dict | None) -> dict | None:
+        link = None if entity is None else link_from_entity(entity)
+        result["taken"] = False if link is None else take_over(link)
+        return link_to_entity(link) if result["taken"] else None
+
+    storage.mutate_entity(LINKS_TABLE, zoom_id.lower(), ROW, mutate)
+    if result["taken"]:
+        log.info("admin: queued %s release for Zoom user %s handed over to its new link", what, zoom_id)
+        # Both sides read first: the person may have changed their status while unlinked (their
+        # reports were not for us then), or the first release may have landed after all.
+        queue_reconcile(zoom_id, "release_handed_over", confirm_zoom=True, confirm_teams=True)
+    return result["taken"] is not False
+
+
 def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
     """Is the Zoom user linked again? Then the new link's sync takes over our status on Zoom (to
     keep, replace or release as its Teams account calls for, under its write lease and within
@@ -362,16 +387,14 @@ def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
     if expires_at is not None and float(expires_at) <= time.time():
         # Zoom has ended it (a Do Not Disturb's duration): nothing of ours is left to hand over.
         return False
-    for _ in range(8):
-        link, etag = read_link(zoom_id)
-        if link is None:
-            return False
+    ours, restore = parse_zoom(zoom["ours"]), parse_zoom(zoom["restore"])
+
+    def take_over(link: Link) -> bool | None:
         s = link.sync
-        ours = parse_zoom(zoom["ours"])
         if s.zoom_overlay is not None or (s.zoom_native in ZOOM_MANUAL_STATES and s.zoom_native != ours):
             # Its sync has put its own status there, or has seen the person pick another one:
             # ours is no longer there to hand over.
-            return True
+            return None
         now = time.time()
         # With its expiry (a Do Not Disturb's duration), so the keep-alive renews it in time: one
         # that lapsed would read as the person choosing Available, and the link would yield.
@@ -380,20 +403,13 @@ def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
         if s.zoom_native is None or s.zoom_native == ours:
             # Not the person's own: what is beneath ours is what we would restore. (A meeting or
             # a sign-out it has seen stays: ours is let go when the slot shows again.)
-            s.zoom_native, s.zoom_native_since = parse_zoom(zoom["restore"]), int(now * 1000)
-        s.zoom_shows_ours = s.zoom_native == parse_zoom(zoom["restore"])
+            s.zoom_native, s.zoom_native_since = restore, int(now * 1000)
+        s.zoom_shows_ours = s.zoom_native == restore
         s.zoom_last_put = zoom["ours"]
         s.zoom_last_put_at = max(s.zoom_last_put_at, float(zoom.get("last_put_at") or now))
-        try:
-            write_link(link, etag)
-        except storage.Conflict:
-            continue
-        log.info("admin: queued release for Zoom user %s handed over to their new link", zoom_id)
-        # Both sides read first: Zoom, as the person may have changed their status while unlinked
-        # (their webhooks were not for us then), or the first release may have landed after all.
-        queue_reconcile(zoom_id, "release_handed_over", confirm_zoom=True, confirm_teams=True)
         return True
-    raise storage.Conflict(f"link {zoom_id} kept changing; the release is retried")
+
+    return _hand_over(zoom_id, take_over, "Zoom")
 
 
 class _LeaseHeld(Exception):
@@ -417,35 +433,29 @@ def _hand_over_teams(zoom_id: str, entra: str, teams: dict) -> bool:
     from shared.mapping import TeamsOverlay
     from shared.presence import parse_teams
 
-    for _ in range(8):
-        link, etag = read_link(zoom_id)
-        if link is None or link.entra_user_id != entra or not link.sync.enabled(ZOOM_TO_TEAMS):
-            return False  # nothing of that link's would write to Teams: ours is ours alone to let go
+    kind = teams.get("kind") or ("session" if teams["op"] == TeamsOpKind.CLEAR_SESSION.value else "preferred")
+    ours = parse_teams(teams["availability"], teams["activity"])
+
+    def take_over(link: Link) -> bool | None:
         s = link.sync
+        if link.entra_user_id != entra or not s.enabled(ZOOM_TO_TEAMS):
+            return False  # nothing of that link's would write to Teams: ours is ours alone to let go
         now = time.time()
         if link.lease_owner and link.lease_until + LATE_WRITE_GRACE_S > now:
             raise _LeaseHeld(link.lease_until + LATE_WRITE_GRACE_S - now)
-        kind = teams.get("kind") or ("session" if teams["op"] == TeamsOpKind.CLEAR_SESSION.value else "preferred")
         if s.teams_overlay is not None:
             # Its sync has put its own there: in our place if of the same kind (the same session id,
             # or the one preferred slot); beside ours if not, and ours is ours alone to let go.
-            return s.teams_overlay.overlay.kind == kind
-        overlay = TeamsOverlay(kind, teams["availability"], teams["activity"])
-        s.teams_overlay = TeamsOverlayRecord(overlay, now, float(teams.get("expires_at") or now), "handed_over",
-                                             answered_at=now)
-        if s.teams_native == parse_teams(teams["availability"], teams["activity"]):
+            return None if s.teams_overlay.overlay.kind == kind else False
+        s.teams_overlay = TeamsOverlayRecord(TeamsOverlay(kind, teams["availability"], teams["activity"]), now,
+                                             float(teams.get("expires_at") or now), "handed_over", answered_at=now)
+        if s.teams_native == ours:
             # Read from our overlay, not the person's: what is beneath it shows once it is gone.
             s.teams_native = None
         s.teams_shows_ours = True
-        try:
-            write_link(link, etag)
-        except storage.Conflict:
-            continue
-        log.info("admin: queued Teams release for Zoom user %s handed over to the new link of its Teams account",
-                 zoom_id)
-        queue_reconcile(zoom_id, "release_handed_over", confirm_zoom=True, confirm_teams=True)
         return True
-    raise storage.Conflict(f"link {zoom_id} kept changing; the release is retried")
+
+    return _hand_over(zoom_id, take_over, "Teams")
 
 
 def finish_release(message: dict) -> None:

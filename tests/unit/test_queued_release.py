@@ -3,7 +3,6 @@ on its own, waiting is not failing, and what is left is queued again or dead-let
 
 from __future__ import annotations
 
-import copy
 import time
 
 import pytest
@@ -24,7 +23,7 @@ def world(monkeypatch):
         calls["teams"].append(op.kind.value)
 
     monkeypatch.setattr(admin, "zoom_id_for_entra", lambda entra, fresh=False: None)
-    monkeypatch.setattr(admin, "read_link", lambda zoom_id: (None, None))
+    _store(monkeypatch, {})
     monkeypatch.setattr(admin, "teams_call", teams_call)
     monkeypatch.setattr(admin.zoom_client, "get_presence_status", lambda zoom_id: shown["zoom"])
     monkeypatch.setattr(admin.zoom_client, "put_presence_status",
@@ -34,6 +33,27 @@ def world(monkeypatch):
                         lambda queue, body, reason: calls["dead"].append(reason))
     monkeypatch.setattr(admin, "get_settings", lambda: type("S", (), {"require": lambda *a: "app"})())
     return calls, shown, teams_fails
+
+
+def _store(monkeypatch, links: dict, *, always_changed: bool = False) -> list:
+    """The links table holding ``links`` (Zoom user id -> Link): each read a copy of what is
+    stored; returns the links written, in order (``always_changed``: every write loses a race)."""
+    from shared.links import link_from_entity, link_to_entity
+
+    written: list = []
+
+    def read_entity(table, pk, rk):
+        return (link_to_entity(links[pk]), "etag") if pk in links else (None, None)
+
+    def write_entity(table, entity, etag):
+        if always_changed:
+            raise admin.storage.Conflict("the link changed")
+        written.append(link_from_entity(entity))
+        return "etag2"
+
+    monkeypatch.setattr(admin.storage, "read_entity", read_entity)
+    monkeypatch.setattr(admin.storage, "write_entity", write_entity)
+    return written
 
 
 def _message(**extra) -> dict:
@@ -76,7 +96,7 @@ def test_waiting_ends_after_the_longest_wait(world):
 
 
 def _relinked(monkeypatch, *, active: bool = True, directions=None, own_overlay: str | None = None,
-              native: str | None = "on_call", lease_s: float = 0.0):
+              native: str | None = "on_call", lease_s: float = 0.0, always_changed: bool = False):
     """The Teams account e1 is linked again, to Zoom user z2; what that link's sync holds."""
     from shared.engine import ALL_DIRECTIONS, TeamsOverlayRecord, UserSync
     from shared.links import Link
@@ -90,15 +110,12 @@ def _relinked(monkeypatch, *, active: bool = True, directions=None, own_overlay:
     elif own_overlay == "preferred":
         sync.teams_overlay = TeamsOverlayRecord(TeamsOverlay("preferred", "DoNotDisturb", "DoNotDisturb"), 1.0, 2.0,
                                                 "do_not_disturb")
-    link = Link(sync=sync)
+    link = Link(sync=sync, status="active" if active else "disabled")  # stored: active follows the status
     if lease_s:
         link.lease_owner, link.lease_until = "another-sync", time.time() + lease_s
-    written, reconciled = [], []
+    reconciled = []
     monkeypatch.setattr(admin, "zoom_id_for_entra", lambda entra, fresh=False: "z2" if entra == "e1" else None)
-    # Each read a copy of what is stored, as from the table.
-    monkeypatch.setattr(admin, "read_link",
-                        lambda zoom_id: (copy.deepcopy(link), "etag") if zoom_id == "z2" else (None, None))
-    monkeypatch.setattr(admin, "write_link", lambda lnk, etag: written.append(lnk) or "etag2")
+    written = _store(monkeypatch, {"z2": link}, always_changed=always_changed)
     monkeypatch.setattr(admin, "queue_reconcile", lambda zoom_id, reason, **kw: reconciled.append((zoom_id, kw)))
     return link, written, reconciled
 
@@ -157,12 +174,7 @@ def test_while_the_new_link_is_writing_the_release_looks_again_after_its_lease(w
 def test_a_link_that_keeps_changing_on_the_teams_side_does_not_hold_back_the_zoom_side(world, monkeypatch):
     calls, _, teams_fails = world
     teams_fails["on"] = False
-    _relinked(monkeypatch)
-
-    def always_changed(link, etag):
-        raise admin.storage.Conflict("the link changed")
-
-    monkeypatch.setattr(admin, "write_link", always_changed)
+    _relinked(monkeypatch, always_changed=True)
     admin.finish_release(_message())  # Teams: a hand-over to z2 that never lands; Zoom: z1, not linked
     assert calls["zoom_puts"] == ["Available"]
     [again] = calls["queued"]
@@ -202,10 +214,8 @@ def test_a_zoom_status_handed_to_a_new_link_keeps_its_expiry_for_the_keepalive(w
 
     calls, _, teams_fails = world
     teams_fails["on"] = False
-    link = Link(sync=UserSync("z1", "e9"))
-    written, reconciled = [], []
-    monkeypatch.setattr(admin, "read_link", lambda zoom_id: (link, "etag") if zoom_id == "z1" else (None, None))
-    monkeypatch.setattr(admin, "write_link", lambda lnk, etag: written.append(lnk) or "etag2")
+    written = _store(monkeypatch, {"z1": Link(sync=UserSync("z1", "e9"))})
+    reconciled = []
     monkeypatch.setattr(admin, "queue_reconcile", lambda zoom_id, reason, **kw: reconciled.append(zoom_id))
     message = {"kind": "release", "zoom_user_id": "z1", "entra_user_id": "e1", "attempt": 1,
                "left": {"zoom": {"ours": "Do_Not_Disturb", "restore": "Available", "last_put_at": 1.0,
@@ -225,9 +235,7 @@ def test_a_zoom_do_not_disturb_that_has_lapsed_is_not_handed_over(world, monkeyp
     calls, shown, teams_fails = world
     teams_fails["on"] = False
     shown["zoom"] = "Available"
-    written = []
-    monkeypatch.setattr(admin, "read_link", lambda zoom_id: (Link(sync=UserSync("z1", "e9")), "etag"))
-    monkeypatch.setattr(admin, "write_link", lambda lnk, etag: written.append(lnk) or "etag2")
+    written = _store(monkeypatch, {"z1": Link(sync=UserSync("z1", "e9"))})
     message = {"kind": "release", "zoom_user_id": "z1", "entra_user_id": "e1", "attempt": 1,
                "left": {"zoom": {"ours": "Do_Not_Disturb", "restore": "Available", "last_put_at": 1.0,
                                  "expires_at": time.time() - 1}}}
