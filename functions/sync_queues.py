@@ -12,7 +12,8 @@ def zoom_presence_worker(msg: func.QueueMessage) -> None:
     from shared.queue_messages import run_queue_message
     from shared.sync import handle_zoom_presence
 
-    run_queue_message(ZOOM_PRESENCE_QUEUE, msg.get_body(), msg.dequeue_count, handle_zoom_presence)
+    run_queue_message(ZOOM_PRESENCE_QUEUE, msg.get_body(), msg.dequeue_count, handle_zoom_presence,
+                      outage_retries=True)
 
 
 @bp.queue_trigger(arg_name="msg", queue_name=RECONCILE_QUEUE, connection="AzureWebJobsStorage")
@@ -20,4 +21,5 @@ def reconcile_worker(msg: func.QueueMessage) -> None:
     from shared.queue_messages import run_queue_message
     from shared.sync import handle_reconcile
 
-    run_queue_message(RECONCILE_QUEUE, msg.get_body(), msg.dequeue_count, handle_reconcile)
+    run_queue_message(RECONCILE_QUEUE, msg.get_body(), msg.dequeue_count, handle_reconcile,
+                      outage_retries=True)

@@ -19,4 +19,5 @@ def teams_presence_worker(msg: func.QueueMessage) -> None:
     from shared.queue_messages import run_queue_message
     from shared.sweep import handle_teams_message
 
-    run_queue_message(TEAMS_PRESENCE_QUEUE, msg.get_body(), msg.dequeue_count, handle_teams_message)
+    run_queue_message(TEAMS_PRESENCE_QUEUE, msg.get_body(), msg.dequeue_count, handle_teams_message,
+                      outage_retries=True)

@@ -20,6 +20,7 @@ from shared import graph_client, names, storage, telemetry
 from shared.config import get_settings
 from shared.errors import Throttled, VendorError
 from shared.presence_reads import read_presences
+from shared.queue_messages import OUTAGE_ROUND, dead_letter, is_outage, outage_round, retry_after_outage
 from shared.shards import Shard, read_shards, save_shard
 from shared.sync import Outcome, handle_teams_presence
 
@@ -172,6 +173,9 @@ def handle_teams_message(message: dict) -> list[Outcome]:
         log.warning("teams presence: %d of %d reports not started within %.0f s; queued again",
                     len(untried), len(presences), BATCH_BUDGET_S)
         _requeue_presences(message, untried, read_at, attempt, delay_s=0.0)
+    if failed and (attempt >= PERSON_ATTEMPTS or outage_round(message)):
+        # (Waiting out an outage already: one attempt a round, as for every presence queue.)
+        failed, errors = _retry_after_outage(message, failed, errors)
     if failed:
         first = errors[0]
         why = f"{first.__class__.__name__}: {first}"
@@ -185,10 +189,28 @@ def handle_teams_message(message: dict) -> list[Outcome]:
     return outcomes
 
 
+def _retry_after_outage(message: dict, failed: list[dict], errors: list[Exception]) -> tuple[list, list]:
+    """Queue the people whose reports failed only for an outage for a later round (their
+    presence read afresh then: what Teams shows by that time, not this report); return the rest."""
+    waiting = [(p, e) for p, e in zip(failed, errors, strict=True) if is_outage(e) and p.get("id")]
+    if not waiting:
+        return failed, errors
+    later = {"kind": "teams_ids", "ids": [str(p["id"]) for p, _ in waiting], "source": "outage_retry",
+             "cid": str(message.get("cid", "")), OUTAGE_ROUND: outage_round(message)}
+    if not retry_after_outage(names.TEAMS_PRESENCE_QUEUE, telemetry.inject(later), waiting[0][1]):
+        return failed, errors
+    rest = [(p, e) for p, e in zip(failed, errors, strict=True) if not any(p is w for w, _ in waiting)]
+    return [p for p, _ in rest], [e for _, e in rest]
+
+
 def _presences_message(message: dict, presences: list[dict], read_at: float, attempt: int) -> dict:
-    """A batch of its own for some of ``message``'s people (same cid: it takes back their lease)."""
-    return {"kind": "teams_presences", "presences": [trim(p) for p in presences], "read_at": read_at,
-            "source": message.get("source", "retry"), "cid": str(message.get("cid", "")), "attempt": attempt}
+    """A batch of its own for some of ``message``'s people (same cid: it takes back their lease;
+    the outage rounds it has waited out go with it)."""
+    out = {"kind": "teams_presences", "presences": [trim(p) for p in presences], "read_at": read_at,
+           "source": message.get("source", "retry"), "cid": str(message.get("cid", "")), "attempt": attempt}
+    if outage_round(message):
+        out[OUTAGE_ROUND] = outage_round(message)
+    return out
 
 
 def _requeue_presences(message: dict, presences: list[dict], read_at: float, attempt: int, *,
@@ -199,7 +221,5 @@ def _requeue_presences(message: dict, presences: list[dict], read_at: float, att
 
 
 def _dead_letter_presences(message: dict, presences: list[dict], read_at: float, attempt: int, reason: str) -> None:
-    from shared.queue_messages import dead_letter
-
     body = _presences_message(message, presences, read_at, attempt)
     dead_letter(names.TEAMS_PRESENCE_QUEUE, json.dumps(body, default=str), reason)

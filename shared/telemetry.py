@@ -24,7 +24,8 @@ Instrument names are a contract: the workbook and alert rules in
 suppressed_echo and dropped_stale what brought the change (``zoom_webhook``, ``push``, ``sweep``,
 ``keepalive``, ``zoom_rate_limit``…); for coalesced ``deferred`` or ``already_scheduled``; for failed
 the error kind (``zoom_not_signed_in`` is Zoom's 5301, ``graph_forbidden`` Graph's 403); for
-dead_lettered why. Users never appear in metric attributes (cardinality); spans carry their ids.
+dead_lettered why; for retried_after_outage the error that outlasted a round of quick attempts.
+Users never appear in metric attributes (cardinality); spans carry their ids.
 
 Application Insights stores a histogram as sum/count/min/max only, so percentiles of the sync
 latency are computed from the ``presence.write`` spans' ``presence.sync.latency_ms`` attribute.
@@ -52,6 +53,7 @@ CHANGES_SUPPRESSED_ECHO = "presence.changes.suppressed_echo"
 CHANGES_DROPPED_STALE = "presence.changes.dropped_stale"
 CHANGES_COALESCED = "presence.changes.coalesced"
 CHANGES_DEAD_LETTERED = "presence.changes.dead_lettered"
+CHANGES_RETRIED_AFTER_OUTAGE = "presence.changes.retried_after_outage"
 CHANGES_FAILED = "presence.changes.failed"
 WEBHOOKS_RECEIVED = "webhooks.received"
 SUBSCRIPTION_RENEWAL_FAILURES = "subscriptions.renewal_failures"
@@ -64,7 +66,8 @@ LINKS_COUNT = "links.count"
 POISON_MESSAGES = "queues.poison_messages"
 
 COUNTERS = (CHANGES_OBSERVED, CHANGES_WRITTEN, CHANGES_SUPPRESSED_ECHO, CHANGES_DROPPED_STALE, CHANGES_COALESCED,
-            CHANGES_DEAD_LETTERED, CHANGES_FAILED, WEBHOOKS_RECEIVED, SUBSCRIPTION_RENEWAL_FAILURES)
+            CHANGES_DEAD_LETTERED, CHANGES_RETRIED_AFTER_OUTAGE, CHANGES_FAILED, WEBHOOKS_RECEIVED,
+            SUBSCRIPTION_RENEWAL_FAILURES)
 HISTOGRAMS = (SYNC_LATENCY, VENDOR_REQUEST_DURATION)
 GAUGES = (SUBSCRIPTIONS_COUNT, SUBSCRIPTIONS_NEAREST_EXPIRY, CONNECTIONS_COUNT, LINKS_COUNT, POISON_MESSAGES)
 INSTRUMENTS = COUNTERS + HISTOGRAMS + GAUGES
@@ -340,9 +343,18 @@ def failed(direction: str, reason: str) -> None:
     _add(CHANGES_FAILED, {"direction": direction, "reason": reason[:32]})
 
 
+def _queue_direction(queue_name: str) -> str:
+    return {"zoom-presence": ZOOM_TO_TEAMS, "teams-presence": TEAMS_TO_ZOOM}.get(queue_name, "none")
+
+
 def dead_lettered(queue_name: str, reason: str) -> None:
-    direction = {"zoom-presence": ZOOM_TO_TEAMS, "teams-presence": TEAMS_TO_ZOOM}.get(queue_name, "none")
-    _add(CHANGES_DEAD_LETTERED, {"direction": direction, "reason": reason[:32], "queue": queue_name[:64]})
+    _add(CHANGES_DEAD_LETTERED, {"direction": _queue_direction(queue_name), "reason": reason[:32],
+                                 "queue": queue_name[:64]})
+
+
+def retried_after_outage(queue_name: str, reason: str) -> None:
+    _add(CHANGES_RETRIED_AFTER_OUTAGE, {"direction": _queue_direction(queue_name), "reason": reason[:32],
+                                        "queue": queue_name[:64]})
 
 
 def webhook_received(source: str, status: int) -> None:

@@ -84,6 +84,20 @@ union gauge, dead
 '''
   }
   {
+    key: 'outage-retries'
+    displayName: 'Presence bridge: changes waiting out an outage'
+    description: 'Changes failed every quick attempt for an outage (a vendor, a token endpoint or storage down) and were queued again for a later round; they apply once it ends. See docs/operations.md, "Alerts".'
+    severity: 2
+    frequency: 'PT5M'
+    window: 'PT15M'
+    query: '''
+customMetrics
+| where name == 'presence.changes.retried_after_outage'
+| summarize changes = sum(value) by queue = tostring(customDimensions['queue']), reason = tostring(customDimensions['reason'])
+| where changes > 0
+'''
+  }
+  {
     key: 'subscription-failures'
     displayName: 'Presence bridge: Graph subscription renewal failing'
     description: 'Subscription maintenance failed repeatedly: Teams changes now arrive only through the sweep (slower). See docs/operations.md, "Alerts".'
@@ -225,7 +239,7 @@ customMetrics
 var figuresQuery = '''
 customMetrics
 | where timestamp > ago(1d)
-| where name in ('presence.changes.observed', 'presence.changes.written', 'presence.changes.suppressed_echo', 'presence.changes.dropped_stale', 'presence.changes.coalesced', 'presence.changes.dead_lettered', 'presence.changes.failed')
+| where name in ('presence.changes.observed', 'presence.changes.written', 'presence.changes.suppressed_echo', 'presence.changes.dropped_stale', 'presence.changes.coalesced', 'presence.changes.dead_lettered', 'presence.changes.retried_after_outage', 'presence.changes.failed')
 | summarize total = sum(value) by name, direction = tostring(customDimensions['direction']), reason = tostring(customDimensions['reason'])
 | order by name asc, total desc
 '''

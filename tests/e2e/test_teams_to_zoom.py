@@ -12,7 +12,7 @@ import pytest
 
 from sandbox.world import Person, World
 from tests.fixtures.connections import sync_accounts
-from tests.fixtures.world import E2E_ZOOM_MIN_INTERVAL_S
+from tests.fixtures.world import E2E_OUTAGE_RETRY_DELAYS_S, E2E_ZOOM_MIN_INTERVAL_S
 
 pytestmark = pytest.mark.e2e
 
@@ -429,7 +429,8 @@ def test_a_person_zoom_keeps_refusing_holds_back_no_one_else_in_the_batch(world:
 
     # Three people go DND in Teams; one sweep queues them as one batch, the first of them first.
     # Zoom keeps refusing that person's update (a 5xx for that user alone): the other two are
-    # applied at once, and the first is retried on its own, then dead-lettered with the reason.
+    # applied at once, and the first is retried on its own, waits out the outage rounds (two,
+    # seconds apart, in tests), then is dead-lettered with the reason.
     caplog.set_level("WARNING")
     monkeypatch.setattr(sweep, "PERSON_RETRY_DELAY_S", 0.5)
     refused, *others = (world.add_person() for _ in range(3))
@@ -437,7 +438,7 @@ def test_a_person_zoom_keeps_refusing_holds_back_no_one_else_in_the_batch(world:
     with listening(world, "poll"):
         for person in (refused, *others):
             world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
-        propagate(world, "poll")
+        world.host.fire_timer("presence_sweep")
         world.settle(timeout=120)
     assert [world.zoom_shows(p) for p in others] == ["Do_Not_Disturb", "Do_Not_Disturb"]
     assert all(len(zoom_puts(world, p)) == 1 for p in others)  # applied once, not again with each retry
@@ -446,6 +447,7 @@ def test_a_person_zoom_keeps_refusing_holds_back_no_one_else_in_the_batch(world:
     dead = [json.loads(base64.b64decode(m.content)) for m in poison.peek_messages(32)]
     ours = [d for d in dead if any(p["id"] == refused.entra_id for p in d["presences"])]
     assert len(ours) == 1 and [p["id"] for p in ours[0]["presences"]] == [refused.entra_id]
+    assert caplog.text.count("queue teams-presence: still failing") == len(E2E_OUTAGE_RETRY_DELAYS_S)
     assert f"retries_exhausted: 1 reports after {sweep.PERSON_ATTEMPTS} attempts" in caplog.text
     assert world.host.poisoned == []
 

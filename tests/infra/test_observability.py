@@ -77,9 +77,11 @@ def test_alert_rules_cover_the_documented_conditions_and_notify_the_action_group
     template = _template()
     alerts = template["variables"]["alertDefinitions"]["value"]
     keys = {a["key"] for a in alerts}
-    assert keys == {"poison-queue", "subscription-failures", "sync-latency", "zoom-5301", "graph-403", "no-webhooks"}
+    assert keys == {"poison-queue", "outage-retries", "subscription-failures", "sync-latency", "zoom-5301",
+                    "graph-403", "no-webhooks"}
     by_key = {a["key"]: str(a["query"]) for a in alerts}
     assert t.POISON_MESSAGES in by_key["poison-queue"] and t.CHANGES_DEAD_LETTERED in by_key["poison-queue"]
+    assert t.CHANGES_RETRIED_AFTER_OUTAGE in by_key["outage-retries"]
     assert t.SUBSCRIPTION_RENEWAL_FAILURES in by_key["subscription-failures"]
     assert t.LATENCY_ATTRIBUTE in by_key["sync-latency"] and "percentile(latency, 95)" in by_key["sync-latency"]
     assert t.CHANGES_FAILED in by_key["zoom-5301"]
@@ -101,10 +103,12 @@ def test_every_alert_is_explained_in_the_operations_runbook():
 def test_the_code_emits_what_the_module_documents():
     # The reverse direction: renaming an instrument in the code must fail here, not in production.
     for name in (t.CHANGES_OBSERVED, t.CHANGES_WRITTEN, t.CHANGES_SUPPRESSED_ECHO, t.CHANGES_DROPPED_STALE,
-                 t.CHANGES_COALESCED, t.CHANGES_DEAD_LETTERED, t.SYNC_LATENCY, t.VENDOR_REQUEST_DURATION,
+                 t.CHANGES_COALESCED, t.CHANGES_DEAD_LETTERED, t.CHANGES_RETRIED_AFTER_OUTAGE, t.SYNC_LATENCY,
+                 t.VENDOR_REQUEST_DURATION,
                  t.SUBSCRIPTIONS_COUNT, t.SUBSCRIPTIONS_NEAREST_EXPIRY, t.CONNECTIONS_COUNT, t.LINKS_COUNT):
         assert name in {"presence.changes.observed", "presence.changes.written", "presence.changes.suppressed_echo",
                         "presence.changes.dropped_stale", "presence.changes.coalesced",
-                        "presence.changes.dead_lettered", "presence.sync.latency", "vendor.request.duration",
+                        "presence.changes.dead_lettered", "presence.changes.retried_after_outage",
+                        "presence.sync.latency", "vendor.request.duration",
                         "subscriptions.count", "subscriptions.nearest_expiry_seconds", "connections.count",
                         "links.count"}
