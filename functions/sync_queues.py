@@ -19,7 +19,7 @@ def zoom_presence_worker(msg: func.QueueMessage) -> None:
 @bp.queue_trigger(arg_name="msg", queue_name=RECONCILE_QUEUE, connection="AzureWebJobsStorage")
 def reconcile_worker(msg: func.QueueMessage) -> None:
     from shared.queue_messages import run_queue_message
-    from shared.sync import handle_reconcile
+    from shared.sync import handle_reconcile, waits_out_outages
 
     run_queue_message(RECONCILE_QUEUE, msg.get_body(), msg.dequeue_count, handle_reconcile,
-                      outage_retries=True)
+                      outage_retries=waits_out_outages)

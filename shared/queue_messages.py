@@ -67,16 +67,22 @@ def outage_round(message: dict) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+def rounds_used_up(message: dict) -> bool:
+    return outage_round(message) >= len(OUTAGE_RETRY_DELAYS_S)
+
+
 def retry_after_outage(queue_name: str, message: dict, exc: BaseException) -> bool:
     """Queue ``message`` again for the next round if ``exc`` is an outage and rounds are left.
 
-    ``message`` is queued as given with its round counted up (its ``cid`` takes back a write lease
-    the failed attempt may have left; its trace context continues the change's trace). False when
-    the change should go to the poison queue instead, or when it could not be queued again."""
+    ``message`` is queued as given with its round counted up (its trace context continues the
+    change's trace). The wait is the round's, or the vendor's ``Retry-After`` when that is longer.
+    False when the change should go to the poison queue instead, or when it could not be queued
+    again."""
     done = outage_round(message)
-    if not is_outage(exc) or done >= len(OUTAGE_RETRY_DELAYS_S):
+    if not is_outage(exc) or rounds_used_up(message):
         return False
     delay = OUTAGE_RETRY_DELAYS_S[done] * random.uniform(1 - OUTAGE_RETRY_JITTER, 1 + OUTAGE_RETRY_JITTER)
+    delay = max(delay, float(getattr(exc, "retry_after_s", None) or 0.0))
     try:
         storage.enqueue(queue_name, {**message, OUTAGE_ROUND: done + 1}, delay_seconds=delay)
     except Exception as put_error:  # noqa: BLE001 - storage is down too: the host's poison queue keeps it
@@ -91,7 +97,10 @@ def retry_after_outage(queue_name: str, message: dict, exc: BaseException) -> bo
 
 
 def run_queue_message(queue_name: str, body: bytes, dequeue_count: int | None,
-                      handler: Callable[[dict], Any], *, outage_retries: bool = False) -> Any:
+                      handler: Callable[[dict], Any], *,
+                      outage_retries: bool | Callable[[dict], bool] = False) -> Any:
+    """Run ``handler`` on the decoded message. ``outage_retries`` (or a test of the message) says
+    whether a change that met an outage waits it out in rounds."""
     try:
         message = json.loads(body)
         if not isinstance(message, dict):
@@ -108,15 +117,20 @@ def run_queue_message(queue_name: str, body: bytes, dequeue_count: int | None,
         return None
     except Exception as exc:
         last = (dequeue_count or 1) >= MAX_DEQUEUE_COUNT
+        waits = outage_retries(message) if callable(outage_retries) else outage_retries
         # A change already waiting out an outage gets one attempt a round, not the host's quick
         # retries again: a vendor that is down is not asked 5 times over for every change.
-        if outage_retries and (last or outage_round(message)) and retry_after_outage(queue_name, message, exc):
-            return None  # this copy is done (the host deletes it); the new one waits out the outage
+        if waits and (last or outage_round(message)) and is_outage(exc):
+            if retry_after_outage(queue_name, message, exc):
+                return None  # this copy is done (the host deletes it); the new one waits out the outage
+            if rounds_used_up(message):
+                dead_letter(queue_name, body, f"retries_exhausted: an outage outlasted {outage_round(message)} "
+                                              f"rounds ({exc.__class__.__name__}: {exc})")
+                return None
         if last:
             telemetry.dead_lettered(queue_name, "retries_exhausted")
-            log.error("queue %s: giving up after %s attempts (%s: %s)%s; the host moves it to %s-poison",
-                      queue_name, dequeue_count, exc.__class__.__name__, exc,
-                      f" and {outage_round(message)} outage rounds" if outage_round(message) else "", queue_name)
+            log.error("queue %s: giving up after %s attempts (%s: %s); the host moves it to %s-poison",
+                      queue_name, dequeue_count, exc.__class__.__name__, exc, queue_name)
         else:
             log.warning("queue %s: attempt %s failed (%s: %s); it will be retried",
                         queue_name, dequeue_count, exc.__class__.__name__, exc)

@@ -20,7 +20,7 @@ from shared import graph_client, names, storage, telemetry
 from shared.config import get_settings
 from shared.errors import Throttled, VendorError
 from shared.presence_reads import read_presences
-from shared.queue_messages import OUTAGE_ROUND, dead_letter, is_outage, outage_round, retry_after_outage
+from shared.queue_messages import OUTAGE_ROUND, dead_letter, is_outage, outage_round, retry_after_outage, rounds_used_up
 from shared.shards import Shard, read_shards, save_shard
 from shared.sync import Outcome, handle_teams_presence
 
@@ -175,7 +175,7 @@ def handle_teams_message(message: dict) -> list[Outcome]:
         _requeue_presences(message, untried, read_at, attempt, delay_s=0.0)
     if failed and (attempt >= PERSON_ATTEMPTS or outage_round(message)):
         # (Waiting out an outage already: one attempt a round, as for every presence queue.)
-        failed, errors = _retry_after_outage(message, failed, errors)
+        failed, errors = _after_outage(message, failed, errors, read_at, attempt)
     if failed:
         first = errors[0]
         why = f"{first.__class__.__name__}: {first}"
@@ -189,16 +189,26 @@ def handle_teams_message(message: dict) -> list[Outcome]:
     return outcomes
 
 
-def _retry_after_outage(message: dict, failed: list[dict], errors: list[Exception]) -> tuple[list, list]:
-    """Queue the people whose reports failed only for an outage for a later round (their
-    presence read afresh then: what Teams shows by that time, not this report); return the rest."""
+def _after_outage(message: dict, failed: list[dict], errors: list[Exception], read_at: float,
+                  attempt: int) -> tuple[list, list]:
+    """The people whose reports failed only for an outage: queued for a later round (their presence
+    read afresh then: what Teams shows by that time, not this report), or dead-lettered once the
+    rounds are used up. Returns the others."""
     waiting = [(p, e) for p, e in zip(failed, errors, strict=True) if is_outage(e) and p.get("id")]
     if not waiting:
         return failed, errors
-    later = {"kind": "teams_ids", "ids": [str(p["id"]) for p, _ in waiting], "source": "outage_retry",
-             "cid": str(message.get("cid", "")), OUTAGE_ROUND: outage_round(message)}
-    if not retry_after_outage(names.TEAMS_PRESENCE_QUEUE, telemetry.inject(later), waiting[0][1]):
-        return failed, errors
+    if rounds_used_up(message):
+        first = waiting[0][1]
+        _dead_letter_presences(message, [p for p, _ in waiting], read_at, attempt,
+                               f"retries_exhausted: {len(waiting)} reports; an outage outlasted "
+                               f"{outage_round(message)} rounds ({first.__class__.__name__}: {first})")
+    else:
+        # A cid of its own: the round starts after any lease of this attempt has run out, and should
+        # a later put of this batch fail, the batch's retry and this copy must not both hold one.
+        later = {"kind": "teams_ids", "ids": [str(p["id"]) for p, _ in waiting], "source": "outage_retry",
+                 "cid": uuid.uuid4().hex, OUTAGE_ROUND: outage_round(message)}
+        if not retry_after_outage(names.TEAMS_PRESENCE_QUEUE, telemetry.inject(later), waiting[0][1]):
+            return failed, errors
     rest = [(p, e) for p, e in zip(failed, errors, strict=True) if not any(p is w for w, _ in waiting)]
     return [p for p, _ in rest], [e for _, e in rest]
 

@@ -702,6 +702,13 @@ def _sync_teams_report(zoom_user_id: str, entra: str, presence: dict, ts: int, c
     return outcome, not outcome.linked or other_person
 
 
+def waits_out_outages(message: dict) -> bool:
+    """Whether a reconcile that met an outage waits it out in rounds (shared.queue_messages). Not
+    the keep-alive's: its timer queues the person again every run while the overlay is due, so
+    rounds of its own would pile up copies of the same confirmation."""
+    return message.get("reason") != "keepalive"
+
+
 def handle_reconcile(message: dict) -> Outcome:
     if message.get("kind") == "release":  # what a removed link's overlays still need (shared.admin)
         from shared.admin import finish_release

@@ -70,8 +70,11 @@ def test_the_last_quick_attempt_of_an_outage_queues_the_change_again_a_minute_on
         assert _run(exc) is None  # handled: the host deletes this copy
     [(queue_name, again, delay)] = queued
     assert queue_name == "reconcile"
-    assert again == {**MESSAGE, qm.OUTAGE_ROUND: 1}  # same change, same cid (its lease), same trace
-    assert 60 * 0.8 <= delay <= 60 * 1.2
+    assert again == {**MESSAGE, qm.OUTAGE_ROUND: 1}  # same change, same cid, same trace
+    if isinstance(exc, Throttled):
+        assert delay == 120.0  # the vendor's Retry-After, longer than the round
+    else:
+        assert 60 * 0.8 <= delay <= 60 * 1.2
     figures = t.read_figures(recorder)
     assert figures.total(t.CHANGES_RETRIED_AFTER_OUTAGE, queue="reconcile", reason=type(exc).__name__) == 1
     assert figures.total(t.CHANGES_DEAD_LETTERED) == 0
@@ -129,10 +132,31 @@ def test_each_round_waits_longer_up_to_an_hour_then_the_change_is_dead_lettered(
     for delay, planned in zip(delays, qm.OUTAGE_RETRY_DELAYS_S, strict=True):
         assert planned * 0.8 <= delay <= planned * 1.2
     assert max(delays) <= 3600 * 1.2 and 6 * 3600 <= sum(qm.OUTAGE_RETRY_DELAYS_S) <= 8 * 3600
-    with caplog.at_level(logging.ERROR, logger="shared.queue_messages"), pytest.raises(TransientVendorError):
-        _run(TransientVendorError(503), message=message)  # rounds used up: the host's poison queue
-    assert len(queued) == len(qm.OUTAGE_RETRY_DELAYS_S)
-    assert any("and 12 outage rounds" in r.getMessage() for r in caplog.records)
+    # Rounds used up: the poison queue at once, not after another round of the host's quick retries.
+    with caplog.at_level(logging.ERROR, logger="shared.queue_messages"):
+        assert _run(TransientVendorError(503), attempt=1, message=message) is None
+    assert len(queued) == len(qm.OUTAGE_RETRY_DELAYS_S) + 1
+    poison_queue, body, _ = queued[-1]
+    assert poison_queue == "reconcile-poison" and json.loads(body) == message
+    assert any("message dead-lettered: retries_exhausted: an outage outlasted 12 rounds (TransientVendorError"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_a_vendor_s_retry_after_longer_than_the_round_is_waited_out(queued):
+    assert _run(TransientVendorError(503, retry_after_s=900.0)) is None
+    assert queued[0][2] == 900.0
+
+
+def test_keepalive_confirmations_are_left_to_their_timer_not_to_rounds(queued):
+    from shared.sync import waits_out_outages
+
+    keepalive = {**MESSAGE, "reason": "keepalive", "confirm_zoom": True}
+    assert not waits_out_outages(keepalive) and waits_out_outages(MESSAGE)
+    with pytest.raises(TransientVendorError):  # the host's poison queue, as before; the timer queues it again
+        _run(TransientVendorError(503), message=keepalive, outage_retries=waits_out_outages)
+    assert queued == []
+    assert _run(TransientVendorError(503), outage_retries=waits_out_outages) is None
+    assert len(queued) == 1
 
 
 def test_the_spread_keeps_an_outage_s_changes_from_coming_back_all_at_once(queued):
@@ -187,7 +211,9 @@ def test_people_whose_reports_outlast_their_attempts_in_an_outage_are_read_again
     # The outage's people: their presence read afresh when the round comes (what Teams shows then).
     assert later_queue == "teams-presence" and 60 * 0.8 <= delay <= 60 * 1.2
     assert later["kind"] == "teams_ids" and later["ids"] == ["e1", "e2"]
-    assert (later["cid"], later[qm.OUTAGE_ROUND]) == ("c1", 1) and "attempt" not in later
+    assert later[qm.OUTAGE_ROUND] == 1 and "attempt" not in later
+    # A lease owner of its own: should this batch be retried too, the two never share one.
+    assert later["cid"] not in ("", "c1") and len(later["cid"]) == 32
     # A refusal is no outage: dead-lettered with its reason, that person alone.
     assert poison_queue == "teams-presence-poison"
     assert [p["id"] for p in json.loads(poison)["presences"]] == ["e3"]
@@ -204,10 +230,15 @@ def test_a_round_gives_each_person_one_attempt_and_quick_retries_only_to_what_is
     assert (quick["attempt"], quick[qm.OUTAGE_ROUND], quick_delay) == (2, 4, sweep.PERSON_RETRY_DELAY_S)
 
 
-def test_teams_reports_that_used_every_round_are_dead_lettered(monkeypatch, queued):
-    monkeypatch.setattr(sweep, "handle_teams_presence", _apply_failing({"e1": TransientVendorError(503)}))
+def test_teams_reports_that_used_every_round_are_dead_lettered_at_once(monkeypatch, queued, caplog):
+    monkeypatch.setattr(sweep, "handle_teams_presence", _apply_failing({
+        "e1": TransientVendorError(503), "e2": RuntimeError("a fault in the app")}))
     last = len(qm.OUTAGE_RETRY_DELAYS_S)
-    sweep.handle_teams_message(_batch(["e1"], attempt=sweep.PERSON_ATTEMPTS, **{qm.OUTAGE_ROUND: last}))
-    [(queue_name, poison, _)] = queued
+    with caplog.at_level(logging.ERROR, logger="shared.queue_messages"):
+        sweep.handle_teams_message(_batch(["e1", "e2"], attempt=1, **{qm.OUTAGE_ROUND: last}))
+    (queue_name, poison, _), (_, quick, _) = queued
     assert queue_name == "teams-presence-poison"
+    assert [p["id"] for p in json.loads(poison)["presences"]] == ["e1"]
     assert json.loads(poison)[qm.OUTAGE_ROUND] == last
+    assert "retries_exhausted: 1 reports; an outage outlasted 12 rounds (TransientVendorError" in caplog.text
+    assert [p["id"] for p in quick["presences"]] == ["e2"]  # no outage: the quick retries as ever
