@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from sandbox.world import Person, World
+from tests.fixtures.world import E2E_OUTAGE_RETRY_DELAYS_S
 
 pytestmark = pytest.mark.e2e
 
@@ -311,7 +312,11 @@ def test_persistent_graph_failure_ends_in_poison_with_its_reason(world: World, c
     world.zoom.join_meeting(person.zoom_id)
     world.wait_until(lambda: _in_poison_queue(person), timeout=120, interval=0.5)
     world.graph.faults.clear()
-    assert "giving up after 5 attempts" in caplog.text
+    # A 5xx is an outage: the change waited out the rounds (two, seconds apart, in tests) first.
+    rounds = len(E2E_OUTAGE_RETRY_DELAYS_S)
+    assert caplog.text.count("queue zoom-presence: still failing") == rounds
+    assert f"message dead-lettered: retries_exhausted: an outage outlasted {rounds} rounds (TransientVendorError: " \
+        "HTTP 500" in caplog.text
     link = world.admin("GET", f"links/{person.zoom_id}").json()
     assert link["sync"]["teams"]["ours"] is None  # the write never happened: nothing recorded as ours
     # Once Graph is back, the next change goes through.
