@@ -72,15 +72,13 @@ def rounds_used_up(message: dict) -> bool:
 
 
 def retry_after_outage(queue_name: str, message: dict, exc: BaseException) -> bool:
-    """Queue ``message`` again for the next round if ``exc`` is an outage and rounds are left.
+    """Queue ``message`` again for its next round: ``exc`` is an outage and rounds are left (the
+    caller has checked both).
 
     ``message`` is queued as given with its round counted up (its trace context continues the
     change's trace). The wait is the round's, or the vendor's ``Retry-After`` when that is longer.
-    False when the change should go to the poison queue instead, or when it could not be queued
-    again."""
+    False when it could not be queued again (storage is down too)."""
     done = outage_round(message)
-    if not is_outage(exc) or rounds_used_up(message):
-        return False
     delay = OUTAGE_RETRY_DELAYS_S[done] * random.uniform(1 - OUTAGE_RETRY_JITTER, 1 + OUTAGE_RETRY_JITTER)
     delay = max(delay, float(getattr(exc, "retry_after_s", None) or 0.0))
     try:
@@ -121,12 +119,12 @@ def run_queue_message(queue_name: str, body: bytes, dequeue_count: int | None,
         # A change already waiting out an outage gets one attempt a round, not the host's quick
         # retries again: a vendor that is down is not asked 5 times over for every change.
         if waits and (last or outage_round(message)) and is_outage(exc):
-            if retry_after_outage(queue_name, message, exc):
-                return None  # this copy is done (the host deletes it); the new one waits out the outage
             if rounds_used_up(message):
                 dead_letter(queue_name, body, f"retries_exhausted: an outage outlasted {outage_round(message)} "
                                               f"rounds ({exc.__class__.__name__}: {exc})")
                 return None
+            if retry_after_outage(queue_name, message, exc):
+                return None  # this copy is done (the host deletes it); the new one waits out the outage
         if last:
             telemetry.dead_lettered(queue_name, "retries_exhausted")
             log.error("queue %s: giving up after %s attempts (%s: %s); the host moves it to %s-poison",
