@@ -253,6 +253,7 @@ class _User:
     calendar: bool = False
     last_put_at: float | None = None
     last_event_ts: int = 0  # changes of one person happen at distinct milliseconds
+    beyond_admin_role: bool = False  # PUT presence_status answers 400/5411 even to the account's app
 
     def displayed(self) -> str:
         """What Zoom shows now. Activity states win over the manual slot while they last."""
@@ -1012,6 +1013,12 @@ class ZoomEmulator:
             self._set_manual(u, state, duration)
 
         self._change(user_id, mutate)
+
+    def put_beyond_admin_role(self, user_id: str) -> None:
+        """The admin role behind the account's app no longer covers this user: Zoom then refuses
+        to update their presence with 400 / code 5411 (API-FACTS §3), and keeps doing so."""
+        with self._lock:
+            self._require_user(user_id).beyond_admin_role = True
 
     def join_meeting(self, user_id: str) -> None:
         self._change(user_id, lambda u: setattr(u, "meeting", True))
@@ -1835,7 +1842,7 @@ class ZoomEmulator:
             if isinstance(began, Response):
                 return began
             token, user = began
-            if not self._allowed(token, user):
+            if not self._allowed(token, user) or user.beyond_admin_role:
                 return _zoom_error(
                     400,
                     5411,

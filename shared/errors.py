@@ -109,8 +109,9 @@ class ZoomUserNotSignedIn(BadRequest):
     """Zoom code 5301: the user is not signed in to a Zoom client, so presence cannot be set."""
 
 
-class ZoomNoPermission(VendorError):
-    """Zoom code 5411: no permission to update this user's presence."""
+class ZoomNoPermission(Forbidden):
+    """Zoom code 5411: no permission to update this user's presence. A refusal like a 403: it
+    will not change on a retry, so it is recorded on the link, not retried."""
 
 
 class TokenError(Exception):

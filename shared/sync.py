@@ -302,15 +302,27 @@ def _perform(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
 
 
 def _perform_calls(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
+    zoom_due = step.zoom_allowed and step.result.zoom_op is not None
+    teams = _TeamsResult(ok=True)
     if step.result.teams_ops:
         with telemetry.write_span(ZOOM_TO_TEAMS, "teams", link.zoom_user_id,
                                   ",".join(op.kind.value for op in step.result.teams_ops)):
-            if not _run_teams_ops(link, step.previous, step.result, outcome, cid):
-                return False
-    if step.zoom_allowed and step.result.zoom_op is not None:
-        with telemetry.write_span(TEAMS_TO_ZOOM, "zoom", link.zoom_user_id, step.result.zoom_op.status):
-            return _run_zoom_op(link, step.previous, step.result, outcome, cid)
-    return True
+            teams = _run_teams_ops(link, step, outcome, cid)
+        if not teams.ok and not teams.zoom_may_go:
+            return False
+    if not zoom_due:
+        return True
+    # A Teams write that failed does not hold back the Zoom write planned with it: Graph
+    # throttling, refusing (403) or down is no reason for Zoom to keep showing what it should not.
+    with telemetry.write_span(TEAMS_TO_ZOOM, "zoom", link.zoom_user_id, step.result.zoom_op.status):
+        zoom_ok = _run_zoom_op(link, step.previous, step.result, outcome, cid)
+    if teams.ok:
+        return zoom_ok
+    if zoom_ok:
+        _let_go_after_zoom_put(link, time.time())
+    if teams.error is not None:
+        raise teams.error  # the queue retries the Teams part
+    return False
 
 
 # --- observations -----------------------------------------------------------------------------
@@ -424,12 +436,26 @@ def _zoom_gate(link: Link, result: Plan, now: float, min_interval: float) -> tup
 # --- performing the plan ---------------------------------------------------------------------------
 
 
-def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcome, cid: str) -> bool:
+@dataclass
+class _TeamsResult:
+    """How a step's Teams writes went. When they failed and a Zoom write was planned with them,
+    the Teams bookkeeping is reverted but the lease kept for that Zoom write (``zoom_may_go``);
+    ``error`` is then raised once it is done."""
+
+    ok: bool
+    zoom_may_go: bool = False
+    error: Exception | None = None
+
+
+def _run_teams_ops(link: Link, step: _Step, outcome: Outcome, cid: str) -> _TeamsResult:
+    previous, result = step.previous, step.result
     settings = get_settings()
     session_id = settings.require("entra_client_id", "ENTRA_CLIENT_ID", "setPresence sessionId")
+    zoom_due = step.zoom_allowed and result.zoom_op is not None
     # The account written to: a link re-pointed meanwhile must not get this one's overlay back.
     undo = {"teams": (previous.teams_overlay, result.teams_overlay), "owner": link.lease_owner,
-            "entra_user_id": link.entra_user_id}
+            "entra_user_id": link.entra_user_id, "keep_lease": zoom_due}
+    failed = _TeamsResult(ok=False, zoom_may_go=zoom_due)
     done = 0
     try:
         for op in result.teams_ops:
@@ -445,26 +471,33 @@ def _run_teams_ops(link: Link, previous: UserSync, result: Plan, outcome: Outcom
         _revert(link.zoom_user_id, **undo)
         _schedule(link.zoom_user_id, exc.retry_after_s, "graph_throttled", cid)
         outcome.deferred_until = time.time() + exc.retry_after_s
-        return False
+        return failed
     except NotFound:
         telemetry.failed(ZOOM_TO_TEAMS, "teams_user_not_found")
-        _revert(link.zoom_user_id, **undo, error=("teams_user_not_found", GRAPH_UNKNOWN))
+        # The link goes into error, and the plan then lets go of ours on Zoom: the Zoom write
+        # planned with this step is not made, but undone on record with the rest.
+        undo["keep_lease"] = False
+        _revert(link.zoom_user_id, **undo, zoom=_zoom_undo(link, step) if zoom_due else None,
+                error=("teams_user_not_found", GRAPH_UNKNOWN))
         _schedule(link.zoom_user_id, 1.0, "unknown_account", cid)  # lets go of ours on Zoom now
         outcome.error = "teams_user_not_found"
-        return False
+        return _TeamsResult(ok=False)
     except Forbidden as exc:
         telemetry.failed(ZOOM_TO_TEAMS, "graph_forbidden")
         _revert(link.zoom_user_id, **undo,
                 error=("graph_forbidden", f"Graph refused the presence write ({exc.code})"))
         outcome.error = "graph_forbidden"
-        return False
+        return failed
     except Exception as exc:
         telemetry.failed(ZOOM_TO_TEAMS, _failure_reason(exc))
         _keep_unanswered_teams_write(exc, result, done, undo)
         _revert(link.zoom_user_id, **undo)
-        raise
+        if not zoom_due:
+            raise
+        failed.error = exc
+        return failed
     telemetry.written(ZOOM_TO_TEAMS)
-    return True
+    return _TeamsResult(ok=True)
 
 
 def _keep_unanswered_teams_write(exc: Exception, result: Plan, done: int, undo: dict) -> None:
@@ -528,6 +561,37 @@ def teams_call(op: TeamsOp, entra: str, session_id: str) -> None:
             graph_client.clear_user_preferred_presence(entra, token=token)
 
     write_path.teams_write(entra, call)
+
+
+def _zoom_undo(link: Link, step: _Step) -> _ZoomUndo:
+    previous = step.previous
+    return _ZoomUndo(previous.zoom_overlay, previous.zoom_last_put, previous.zoom_last_put_at,
+                     planned=step.result.zoom_overlay, seen_ts=link.sync.zoom_seen_ts)
+
+
+def _let_go_after_zoom_put(link: Link, answered_at: float) -> None:
+    """The Zoom write of a step whose Teams writes failed went through: record when Zoom
+    answered (its per-user minute) and let go of the lease the failed Teams writes kept."""
+    owner = link.lease_owner
+    news = False
+
+    def mutate(entity: dict | None) -> dict | None:
+        nonlocal news
+        if entity is None:
+            return None
+        from shared.links import link_from_entity, link_to_entity
+
+        current = link_from_entity(entity)
+        if current.lease_owner != owner:
+            return None
+        current.sync.zoom_last_put_at = max(current.sync.zoom_last_put_at, answered_at)
+        current.lease_owner, current.lease_until = "", 0.0
+        news = current.pending
+        return link_to_entity(current)
+
+    storage.mutate_entity(names.LINKS_TABLE, link.zoom_user_id, "link", mutate)
+    if news:
+        _plan_left_news(link.zoom_user_id)
 
 
 def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome, cid: str) -> bool:
@@ -624,13 +688,17 @@ def _mark_error(link: Link, kind: str, detail: str) -> None:
 
 def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None = None,
             error: tuple[str, str] | None = None, blocked_until: float | None = None,
-            entra_user_id: str | None = None) -> None:
+            entra_user_id: str | None = None, keep_lease: bool = False) -> None:
     """Undo the bookkeeping of a write that did not happen (only if nobody changed it since), and
-    let go of the person's write lease. With ``entra_user_id`` (the Teams account written to),
-    neither the Teams overlay nor an ``error`` is put back once the link names another account
-    (re-pointed meanwhile)."""
+    let go of the person's write lease (unless ``keep_lease``: a Zoom write of the same step is
+    still to come). With ``entra_user_id`` (the Teams account written to), neither the Teams
+    overlay nor an ``error`` is put back once the link names another account (re-pointed
+    meanwhile)."""
+    news = False
 
     def mutate(entity: dict | None) -> dict | None:
+        nonlocal news
+        news = False
         if entity is None:
             return None
         from shared.links import link_from_entity, link_to_entity
@@ -644,8 +712,9 @@ def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None
             s.zoom_overlay, s.zoom_last_put, s.zoom_last_put_at = zoom.overlay, zoom.last_put, zoom.last_put_at
         if blocked_until is not None:
             link.zoom_blocked_until = blocked_until
-        if link.lease_owner == owner:
+        if link.lease_owner == owner and not keep_lease:
             link.lease_owner, link.lease_until = "", 0.0
+            news = link.pending
         if error is not None and same_account:
             _mark_error(link, *error)
         return link_to_entity(link)
@@ -653,6 +722,15 @@ def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None
     storage.mutate_entity(names.LINKS_TABLE, zoom_user_id, "link", mutate)
     if error is not None:
         log.warning("sync: user %s: %s", zoom_user_id, error[1])
+    if news:
+        _plan_left_news(zoom_user_id)
+
+
+def _plan_left_news(zoom_user_id: str) -> None:
+    """Another invocation left news for the lease holder (``pending``) while its writes failed:
+    the holder lets go without planning again, so someone must, or the news waits for the
+    person's next change."""
+    queue_reconcile(zoom_user_id, "news_after_failed_write")
 
 
 # --- entry points for the queue-triggered functions ---------------------------------------------------

@@ -468,3 +468,53 @@ def test_a_failed_first_look_at_zoom_is_retried_not_dropped(world: World, monkey
         world.settle(timeout=60)
     assert world.zoom_shows(person) == "Do_Not_Disturb"
     assert world.host.poisoned == []
+
+
+def test_a_teams_write_that_fails_does_not_hold_back_the_zoom_write_planned_with_it(world: World):
+    # Teams DND is on Zoom and the person joins a Zoom meeting (DND is busier: nothing to write).
+    # They switch DND off: one step plans the call for Teams and the release of our DND on Zoom.
+    # Graph is down for the call; the release still goes. It used to be recorded as done and never
+    # sent: our DND came back on Zoom when the meeting ended, was taken for the person's own and
+    # was mirrored to Teams.
+    person = world.add_person()
+    with listening(world, "poll"):
+        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        propagate(world, "poll")
+        assert world.zoom_shows(person) == "Do_Not_Disturb"
+        world.zoom.join_meeting(person.zoom_id)
+        world.settle()
+        assert world.teams_shows(person) == ("DoNotDisturb", "DoNotDisturb")
+        time.sleep(E2E_ZOOM_MIN_INTERVAL_S)  # Zoom's minute has passed: the release may go at once
+        world.graph.faults.server_error(count=None, status=503, paths="/presence/setPresence")
+        world.graph.clear_preferred_by_user(person.entra_id)
+        world.host.fire_timer("presence_sweep")
+        world.wait_until(lambda: len(zoom_puts(world, person)) == 2, timeout=30, interval=0.2)
+        assert [p["body"]["status"] for p in zoom_puts(world, person)] == ["Do_Not_Disturb", "Available"]
+        assert any(r.status == 503 for r in graph_writes(world, person))
+        assert world.teams_shows(person) == ("Available", "Available")
+        world.graph.faults.clear()  # the call reaches Teams with the Teams part's retry
+        world.wait_until(lambda: world.teams_shows(person) == ("Busy", "InACall"), timeout=60, interval=0.2)
+        world.zoom.leave_meeting(person.zoom_id)
+        world.settle()
+    assert world.zoom_shows(person) == "Available"
+    assert world.teams_shows(person) == ("Available", "Available")
+    assert len(zoom_puts(world, person)) == 2
+    assert world.host.poisoned == []
+
+
+def test_zoom_refusing_permission_is_recorded_on_the_link_not_retried(world: World, caplog):
+    # 400 / 5411: the admin role behind the app does not cover this person. That will not change on
+    # a retry: one PUT, the link says why, and nothing goes to a poison queue.
+    caplog.set_level("WARNING")
+    person = world.add_person()
+    world.zoom.put_beyond_admin_role(person.zoom_id)
+    with listening(world, "poll"):
+        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        propagate(world, "poll")
+    refused = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
+    assert [p["status"] for p in refused] == [400]
+    assert world.zoom_shows(person) == "Available"
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert link["error"]["kind"] == "zoom_forbidden" and "5411" in link["error"]["detail"]
+    assert world.host.poisoned == []
+    assert person.email not in caplog.text

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
+from azure.storage.queue import QueueClient
 
 from shared import names, storage, sync
 from shared.engine import TeamsOverlayRecord, UserSync
@@ -19,8 +23,16 @@ def links_table(storage_env, unique_name, monkeypatch):
     storage.reset_storage_clients()
     monkeypatch.setattr(names, "LINKS_TABLE", unique_name)
     monkeypatch.setattr("shared.links.LINKS_TABLE", unique_name)
-    yield
+    monkeypatch.setattr(sync, "QUEUE_RECONCILE", "q" + unique_name)
+    yield QueueClient.from_connection_string(storage_env, "q" + unique_name)
     storage.reset_storage_clients()
+
+
+def queued(queue: QueueClient) -> list[dict]:
+    try:
+        return [json.loads(base64.b64decode(m.content)) for m in queue.peek_messages(32)]
+    except Exception:  # noqa: BLE001 - the queue is created by the first message put on it
+        return []
 
 
 @pytest.mark.parametrize(("names_now", "restored"), [("e-a", True), ("e-b", False)])
@@ -36,3 +48,35 @@ def test_a_failed_release_puts_the_overlay_back_only_on_the_account_it_was_for(l
     assert (after.sync.teams_overlay == OURS_ON_A) is restored
     assert bool(after.error_kind) is restored
     assert after.lease_owner == ""  # let go either way
+
+
+@pytest.mark.parametrize("pending", [True, False])
+def test_news_left_for_a_holder_whose_write_failed_is_planned_again(links_table, pending):
+    # While we held the lease another invocation recorded what it learnt and left it to us
+    # (pending). Our write was refused (a 403: no retry of ours follows): someone must plan that
+    # news, or it waits for the person's next change.
+    link = Link(sync=UserSync("z-news", "e-a"), status="active", lease_owner="me", lease_until=9e9, pending=pending)
+    write_link(link, None)
+    sync._revert("z-news", owner="me", teams=(None, OURS_ON_A), entra_user_id="e-a",
+                 error=("graph_forbidden", "Graph refused the presence write (403)"))
+    after, _ = read_link("z-news")
+    assert after.lease_owner == ""
+    messages = queued(links_table)
+    assert [(m["zoom_user_id"], m["reason"]) for m in messages] == ([("z-news", "news_after_failed_write")]
+                                                                     if pending else [])
+
+
+def test_a_revert_that_keeps_the_lease_leaves_the_news_to_the_zoom_write_that_follows(links_table):
+    # The Teams writes of a step failed and its Zoom write is still to come: the Teams record is
+    # put back, the lease kept; letting go after the Zoom write plans the news.
+    link = Link(sync=UserSync("z-keep", "e-a"), status="active", lease_owner="me", lease_until=9e9, pending=True)
+    link.sync.teams_overlay = OURS_ON_A
+    write_link(link, None)
+    sync._revert("z-keep", owner="me", teams=(None, OURS_ON_A), entra_user_id="e-a", keep_lease=True)
+    after, _ = read_link("z-keep")
+    assert (after.sync.teams_overlay, after.lease_owner) == (None, "me")
+    assert queued(links_table) == []
+    sync._let_go_after_zoom_put(after, 1234.5)
+    after, _ = read_link("z-keep")
+    assert (after.lease_owner, after.sync.zoom_last_put_at) == ("", 1234.5)
+    assert [m["reason"] for m in queued(links_table)] == ["news_after_failed_write"]
