@@ -48,7 +48,15 @@ from shared.connections import (
     delegated_token,
     list_connections,
 )
-from shared.errors import AlreadyExists, NotFound, TokenError, Unauthorized, VendorError
+from shared.errors import (
+    AlreadyExists,
+    NotFound,
+    Throttled,
+    TokenError,
+    TransientVendorError,
+    Unauthorized,
+    VendorError,
+)
 from shared.shards import PARTITION as SHARD_PARTITION
 from shared.shards import SHARDS_TABLE, Shard, plan_shards, read_shards, shard_from_entity
 
@@ -183,6 +191,20 @@ def notification_url_id() -> str:
     """A fingerprint of the notification URL, function key included (recorded per shard; the key
     itself is not stored)."""
     return hashlib.sha256(notification_urls()[0].encode()).hexdigest()[:16]
+
+
+def _made_with(sub: dict, account: str, body: dict) -> str | None:
+    """The clientState a presence subscription held by ``account`` was made with, from our own
+    records, or None when we have none: List subscriptions leaves it out ("not returned for
+    security purposes", subscription-list). Known: one in the lookup, made for ``account``; or the
+    one ``body`` itself just made, whose answer was lost and whose retry met 409 (it expires
+    exactly when ``body`` asked)."""
+    ref = lookup_subscription(str(sub["id"]), fresh=True)
+    if ref is not None:
+        return ref.client_state if ref.account == account else None
+    asked = _parse_expiry(body.get("expirationDateTime"), 0.0)
+    made = _parse_expiry(sub.get("expirationDateTime"), -1.0)
+    return str(body["clientState"]) if abs(made - asked) < 0.002 else None
 
 
 def _same_kind(sub: dict, body: dict) -> bool:
@@ -487,8 +509,8 @@ class _Run:
         except AlreadyExists:
             created, adopted = self._resolve_conflict(shard, account, body, old_id)
         sub_id = str(created["id"]).lower()
-        if adopted and isinstance(created.get("clientState"), str) and created["clientState"]:
-            client_state = created["clientState"]
+        if adopted:
+            client_state = created["clientState"]  # what it was made with, from our records
         expires_at = _parse_expiry(created.get("expirationDateTime"), self.now + self.lifetime_s)
         _record_lookup(sub_id, shard.number, client_state, account, shard.version)
         fields: dict[str, Any] = dict.fromkeys(_PENDING)
@@ -528,10 +550,18 @@ class _Run:
         wanted = _resource_ids(body["resource"])
         for sub in existing:
             if _resource_ids(sub.get("resource")) == wanted and sub.get("id") and _same_kind(sub, body):
+                client_state = _made_with(sub, account, body)
                 renewed = self.renew(account, str(sub["id"]))
+                if client_state is None and isinstance(renewed.get("clientState"), str) and renewed["clientState"]:
+                    client_state = renewed["clientState"]  # Update subscription's reply may carry it
+                if client_state is None:
+                    # Adopted with a guessed clientState, every notification of it would be
+                    # refused as forged while the shard looked healthy: replace it instead.
+                    log.info("subscriptions: %s held by %s covers shard %s, made with a clientState we do "
+                             "not know; replacing it", sub["id"], account, shard.number)
+                    break
                 merged = {**sub, **{k: v for k, v in renewed.items() if v is not None}}
-                if not merged.get("clientState"):
-                    merged["clientState"] = body["clientState"]
+                merged["clientState"] = client_state
                 return merged, True
         others = self.referenced(except_shard=shard.number)
         blocking = [s for s in existing if str(s.get("id") or "").lower() in others]
@@ -564,6 +594,12 @@ class _Run:
             row = lookups.get(sid)
             return row is not None and wall - float(row.get("created_wall") or 0) < ORPHAN_GRACE_SECONDS
 
+        def made_meanwhile(sid: str) -> bool:
+            # Listing every account takes a while: a lifecycle event may have made a shard's new
+            # subscription since the snapshot above. Read its row again before deleting.
+            row, _ = storage.read_entity(LOOKUP_TABLE, LOOKUP_PARTITION, sid)
+            return row is not None and time.time() - float(row.get("created_wall") or 0) < ORPHAN_GRACE_SECONDS
+
         for account in sorted(self.healthy):
             try:
                 existing = self.call(account, graph_client.list_subscriptions)
@@ -572,7 +608,7 @@ class _Run:
                 continue
             for sub in existing:
                 sid = str(sub.get("id") or "").lower()
-                if not sid or sid in referenced or young(sid) or not _is_ours(sub):
+                if not sid or sid in referenced or young(sid) or not _is_ours(sub) or made_meanwhile(sid):
                     continue
                 try:
                     self.call(account, lambda t, sid=sid: graph_client.delete_subscription(sid, t))
@@ -640,6 +676,8 @@ def _lifecycle_event(sub_id: str, event: str) -> str:
             if account not in run.healthy:
                 raise NotFound(404, message="account unavailable")
             body = run.renew(account, sub_id)
+        except (Throttled, TransientVendorError):
+            raise  # Graph is busy or down, the subscription may well be fine: the queue retries the renewal
         except (ConnectionBroken, VendorError) as exc:
             log.info("subscriptions: renewing %s after reauthorizationRequired failed (%s); re-creating", sub_id, exc)
             _recreate(run, shard)

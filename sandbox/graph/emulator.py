@@ -1175,8 +1175,10 @@ class GraphEmulator:
             self._method(method, "GET")
             subs = [s for s in self._subs.values() if s.client_id.lower() == p.client_id.lower() and (
                 p.kind == "app" or (s.owner_user_id or "").lower() == (p.user_id or "").lower())]
+            # List subscriptions: "the clientState property value is not returned for security
+            # purposes" (microsoft-graph-docs, api-reference/v1.0/api/subscription-list.md).
             return _Result(200, {"@odata.context": f"{self.graph_url}/$metadata#subscriptions",
-                                 "value": [s.to_json(self._sub_context()) for s in subs]})
+                                 "value": [{**s.to_json(self._sub_context()), "clientState": None} for s in subs]})
         if len(low) == 3 and low[2] == "reauthorize":
             self._method(method, "POST")
             sub = self._visible_sub(p, segs[1])

@@ -140,30 +140,57 @@ def test_a_subscription_gone_from_graph_is_recreated(graph_app_env, webhook_host
 def test_a_lost_create_answer_is_adopted_on_409(graph_app_env, webhook_host):
     graph = graph_app_env
     people(graph, 10)
+    sync_accounts(graph, 1)
+    # Graph makes the subscription but the answer is lost; the retry of the POST meets 409. The
+    # subscription is the one this POST made (it expires when the POST asked), so it is adopted
+    # with the POST's clientState: notifications of it are accepted.
+    graph.faults.lost_answer(count=1, paths="/v1.0/subscriptions")
+    report = run(graph)
+    assert (report.adopted, report.created, report.errors) == (1, 0, 0)
+    assert [r.status for r in graph.requests_matching("POST", "/v1.0/subscriptions")][-1] == 409
+    [sub_id] = live(graph)
+    [state] = shard_state().values()
+    assert state["subscription_id"] == sub_id
+    assert state["subscription_client_state"] == graph.subscriptions[sub_id].client_state
+    assert lookups()[sub_id]["client_state"] == graph.subscriptions[sub_id].client_state
+    assert "subscription_pending_state" not in state
+
+
+@pytest.mark.parametrize("patch_says", [True, False])
+def test_a_subscription_whose_client_state_is_not_ours_to_know_is_replaced_not_guessed(
+        graph_app_env, webhook_host, monkeypatch, patch_says):
+    graph = graph_app_env
+    people(graph, 10)
     [account] = sync_accounts(graph, 1)
     run(graph)
     [sub_id] = live(graph)
+    true_state = graph.subscriptions[sub_id].client_state
+    # Our records of it are gone (a lost answer retried in a later run; a row deleted): Graph's
+    # list does not say which clientState it was made with. With Update subscription's reply
+    # carrying it (as its documented example does), it is adopted with that; without, replaced.
     [shard] = read_shards()
-    client_state = shard.extra["subscription_client_state"]
-    # As if the POST succeeded but its answer never arrived: only the intent was recorded.
     entity = shard.to_entity()
     for key in list(entity):
         if key.startswith("subscription_"):
             entity.pop(key)
-    entity.update({"subscription_pending_state": client_state, "subscription_pending_version": shard.version,
-                   "subscription_pending_account": account})
     storage.upsert_entity("shards", entity)
     storage.delete_entity("subscriptions", "sub", sub_id)
-    graph.clear_requests()
-
+    subscriptions.reset_lookup_cache()
+    if not patch_says:
+        renew = graph_client.renew_subscription
+        monkeypatch.setattr(graph_client, "renew_subscription",
+                            lambda *a, **k: {**renew(*a, **k), "clientState": None})
+    graph.clock.advance(60)
     report = run(graph)
-    assert (report.adopted, report.created, report.errors) == (1, 0, 0)
-    assert [r.status for r in graph.requests_matching("POST", "/v1.0/subscriptions")] == [409]
-    assert live(graph).keys() == {sub_id}
+    assert report.errors == 0
+    [now_id] = live(graph)
     [state] = shard_state().values()
-    assert state["subscription_id"] == sub_id and state["subscription_client_state"] == client_state
-    assert "subscription_pending_state" not in state
-    assert lookups()[sub_id]["client_state"] == client_state
+    assert state["subscription_id"] == now_id
+    assert state["subscription_client_state"] == graph.subscriptions[now_id].client_state
+    if patch_says:
+        assert (now_id, report.adopted) == (sub_id, 1) and state["subscription_client_state"] == true_state
+    else:
+        assert now_id != sub_id and (report.adopted, report.created) == (0, 1)
 
 
 def test_a_rejected_token_is_refreshed_once(graph_app_env, webhook_host):
@@ -285,3 +312,51 @@ def test_a_new_notification_key_recreates_every_subscription_for_the_new_url(gra
     [new] = live(graph).values()  # the old one deleted
     assert new.id != old.id and f"code={webhook_host.function_key}" in new.notification_url
     assert run(graph).created == 0  # and it stays
+
+
+def test_a_subscription_made_while_orphans_are_listed_is_not_taken_for_one(graph_app_env, webhook_host,
+                                                                          monkeypatch):
+    graph = graph_app_env
+    everyone = people(graph, 10)
+    sync_accounts(graph, 1)
+    run(graph)
+    [spare] = sync_accounts(graph, 1)
+    body = {"changeType": "updated", "resource": subscriptions.presence_resource(everyone[:3]),
+            "notificationUrl": subscriptions.notification_urls()[0], "clientState": "x",
+            "expirationDateTime": subscriptions._iso(graph.clock.now() + 1800)}
+    made = graph_client.create_subscription(body, connections.delegated_token(spare))["id"].lower()
+    # Listing every account's subscriptions takes a while. Meanwhile a lifecycle event's worker
+    # made this one for a shard and recorded it: the listing sees it, the snapshot of records
+    # taken before the listing does not. It must not be deleted as an orphan.
+    listing = graph_client.list_subscriptions
+
+    def list_while_made(token):
+        subscriptions._record_lookup(made, 0, "x", spare, 1)
+        return listing(token)
+
+    monkeypatch.setattr(graph_client, "list_subscriptions", list_while_made)
+    report = run(graph)
+    assert report.orphans_deleted == 0 and made in live(graph)
+
+
+def test_reauthorization_graph_cannot_answer_now_is_retried_not_recreated(graph_app_env, webhook_host):
+    from shared.errors import TransientVendorError
+
+    graph = graph_app_env
+    people(graph, 10)
+    sync_accounts(graph, 1)
+    run(graph)
+    [sub_id] = live(graph)
+    graph.clear_requests()
+    # Graph asks for reauthorization and then answers 503 to the renewal: the subscription may
+    # well be fine, so the queue retries the renewal instead of the shard making a new one.
+    graph.faults.server_error(count=None, status=503, paths="/subscriptions/")
+    message = {"kind": "graph_lifecycle", "events": [{"subscription_id": sub_id, "event": "reauthorizationRequired"}]}
+    with pytest.raises(TransientVendorError):
+        subscriptions.handle_lifecycle_message(message)
+    assert graph.requests_matching("POST", "/v1.0/subscriptions") == []
+    [state] = shard_state().values()
+    assert state["subscription_id"] == sub_id and state["subscription_status"] == "active"
+    graph.faults.clear()
+    assert subscriptions.handle_lifecycle_message(message) == ["renewed"]
+    assert set(live(graph)) == {sub_id}

@@ -624,6 +624,9 @@ def test_subscription_handshake(graph: GraphEmulator, receiver: Receiver) -> Non
     record = graph.subscriptions[sub["id"]]
     assert record.owner_user_id == alice["id"] and record.client_id == TEST_CLIENT_ID
     assert record.notification_url.endswith("?code=fn-key")
+    # List subscriptions leaves the clientState out ("not returned for security purposes").
+    [listed] = call(graph, "GET", "/subscriptions", token).json()["value"]
+    assert listed["id"] == sub["id"] and listed["clientState"] is None
     call(graph, "DELETE", f"/subscriptions/{sub['id']}", token)
 
     for mode in ("refuse", "wrong", "json"):
