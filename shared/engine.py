@@ -143,6 +143,12 @@ def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: Engin
         _set_zoom_native(user, state, ts_ms)
         return Observed.ECHO
     user.zoom_shows_ours = False
+    if overlay is not None and state in ZOOM_MANUAL_STATES and _ran_out(overlay, ts_ms):
+        # Our timed status (Do Not Disturb) ran out before this report: renewals stop while the
+        # person is signed out of Zoom. What Zoom shows now is what it put back, not a status the
+        # person chose over ours; the plan writes ours again if it is still due.
+        user.zoom_overlay = None
+        return _set_zoom_native(user, state, ts_ms) or Observed.UNCHANGED
     if overlay is not None and state in ZOOM_MANUAL_STATES:
         # Zoom has one manual slot: a manual status we did not write means the person took it,
         # from the Teams state now behind our overlay (ours may have been kept across a change
@@ -150,6 +156,15 @@ def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: Engin
         user.zoom_yielded = _current_source(user.teams_native, user.teams_native_since, overlay.source)
         user.zoom_overlay = None
     return _set_zoom_native(user, state, ts_ms) or Observed.UNCHANGED
+
+
+# Zoom times a Do Not Disturb from when it took our PUT, a little after we wrote it down, and
+# its clock is not ours: a report this close to our expiry is taken as the expiry.
+ZOOM_EXPIRY_SLACK_SECONDS = 5.0
+
+
+def _ran_out(overlay: ZoomOverlayRecord, ts_ms: int) -> bool:
+    return overlay.expires_at is not None and ts_ms >= (overlay.expires_at - ZOOM_EXPIRY_SLACK_SECONDS) * 1000
 
 
 def _set_zoom_native(user: UserSync, state: Presence, ts_ms: int) -> Observed | None:

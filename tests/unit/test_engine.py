@@ -246,6 +246,32 @@ def test_native_zoom_meeting_then_teams_call_then_end():
     assert [op.status for op in w.zoom_writes] == ["Do_Not_Disturb"]
 
 
+def test_our_zoom_dnd_running_out_while_signed_out_is_not_taken_for_the_persons_choice():
+    # Teams DND is on Zoom; the person's laptop sleeps (Zoom Offline), so nothing renews it and it
+    # runs out. At sign-in Zoom shows Available: that is the expiry, not the person leaving DND.
+    w = World()
+    w.zoom("Available")
+    w.teams("DoNotDisturb", "DoNotDisturb")
+    assert [op.status for op in w.zoom_writes] == ["Do_Not_Disturb"]
+    assert w.zoom("Do_Not_Disturb") == Observed.ECHO
+    w.zoom("Offline")
+    w.tick(CFG.zoom_dnd_minutes * 60 + 300)
+    w.zoom("Available")
+    assert w.user.zoom_yielded == ""
+    assert [op.status for op in w.zoom_writes] == ["Do_Not_Disturb", "Do_Not_Disturb"]  # put back
+
+
+def test_the_person_leaving_our_zoom_dnd_before_it_runs_out_is_their_choice():
+    w = World()
+    w.zoom("Available")
+    w.teams("DoNotDisturb", "DoNotDisturb")
+    w.zoom("Do_Not_Disturb")
+    w.tick(CFG.zoom_dnd_minutes * 60 - 120)
+    w.zoom("Available")  # they switch it off in Zoom themselves
+    assert w.user.zoom_yielded and w.user.zoom_overlay is None
+    assert [op.status for op in w.zoom_writes] == ["Do_Not_Disturb"]
+
+
 def test_zoom_dnd_set_by_the_user_is_never_cleared_by_teams():
     w = World()
     w.zoom("Do_Not_Disturb")
