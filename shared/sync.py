@@ -58,7 +58,7 @@ from shared.links import (
     zoom_id_for_entra,
 )
 from shared.mapping import current_mapping
-from shared.presence import ZOOM_MANUAL_STATES
+from shared.presence import ZOOM_MANUAL_STATES, Presence
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,18 @@ def _apply_zoom_report(link: Link, status: str, ts_ms: int, now: float, cfg: Eng
     outcome = observe_zoom(link.sync, status, ts_ms, now, cfg)
     if outcome != Observed.STALE:
         link.zoom_shows = status
+        _end_not_signed_in_wait(link, ts_ms)
     return outcome
+
+
+def _end_not_signed_in_wait(link: Link, ts_ms: int) -> None:
+    """Zoom refused a PUT as not signed in (5301), so the person is left alone for
+    ``ZOOM_NOT_SIGNED_IN_BACKOFF_SECONDS``: a report of them in a Zoom client since then ends
+    that wait, or what Teams shows would reach Zoom up to that long after they signed in."""
+    if (link.zoom_blocked_until > ts_ms / 1000 and link.error_kind == "zoom_not_signed_in"
+            and link.sync.zoom_native not in (None, Presence.OFFLINE)
+            and ts_ms / 1000 > link.zoom_blocked_until - get_settings().zoom_not_signed_in_backoff_seconds):
+        link.zoom_blocked_until = 0.0
 
 
 def _apply_teams_report(link: Link, presence: dict, ts_ms: int) -> Observed:

@@ -518,3 +518,28 @@ def test_zoom_refusing_permission_is_recorded_on_the_link_not_retried(world: Wor
     assert link["error"]["kind"] == "zoom_forbidden" and "5411" in link["error"]["detail"]
     assert world.host.poisoned == []
     assert person.email not in caplog.text
+
+
+def test_a_person_zoom_found_signed_out_gets_the_teams_state_once_they_sign_in(world: World):
+    # Zoom signed the person out and that webhook was lost: the PUT of their Teams DND meets
+    # 400/5301 and they are left alone for ZOOM_NOT_SIGNED_IN_BACKOFF_SECONDS (15 minutes). Their
+    # sign-in ends the wait: the DND reaches Zoom then, not a quarter of an hour later.
+    person = world.add_person()
+    world.zoom.join_meeting(person.zoom_id)  # the app hears of them in a Zoom client
+    world.zoom.leave_meeting(person.zoom_id)
+    world.settle()
+    world.zoom.faults.webhook_drop(count=1, status="Offline")
+    world.zoom.sign_out(person.zoom_id)
+    with listening(world, "poll"):
+        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        world.host.fire_timer("presence_sweep")  # (a retry is queued 15 minutes out: no settling)
+
+        def tried() -> list[int]:
+            return [p["status"] for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
+
+        world.wait_until(lambda: tried() == [400], timeout=20, interval=0.2)
+        assert world.admin("GET", f"links/{person.zoom_id}").json()["error"]["kind"] == "zoom_not_signed_in"
+        world.zoom.sign_in(person.zoom_id)
+        world.wait_until(lambda: world.zoom_shows(person) == "Do_Not_Disturb", timeout=20, interval=0.2)
+    assert [p["body"]["status"] for p in zoom_puts(world, person)] == ["Do_Not_Disturb"]
+    assert world.host.poisoned == []
