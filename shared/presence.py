@@ -85,11 +85,13 @@ ZOOM_PUT_VALUE: dict[Presence, str] = {
     Presence.IN_CALENDAR_EVENT: "In_Calendar_Event",
 }
 
-# Statuses a person sets by hand in the Zoom client (they occupy Zoom's one manual slot); the
-# others are automatic (meeting, phone call, presenting) and only cover the slot while they last.
+# Statuses a person sets by hand in the Zoom client (they occupy Zoom's one manual slot; Zoom's
+# help "Setting your presence status" lists Available, Busy, Do Not Disturb, Away and Out of
+# Office); the others are automatic (meeting, phone call, presenting, a calendar event) and only
+# cover the slot while they last. Never put back into the manual slot as the person's own: a
+# calendar event put there would outlast the event for good.
 ZOOM_MANUAL_STATES = frozenset(
-    {Presence.AVAILABLE, Presence.AWAY, Presence.DO_NOT_DISTURB, Presence.BUSY, Presence.OUT_OF_OFFICE,
-     Presence.IN_CALENDAR_EVENT}
+    {Presence.AVAILABLE, Presence.AWAY, Presence.DO_NOT_DISTURB, Presence.BUSY, Presence.OUT_OF_OFFICE}
 )
 
 

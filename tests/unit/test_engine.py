@@ -476,6 +476,29 @@ def test_a_zoom_slot_the_person_takes_holds_while_teams_moves_between_states_wit
     assert [op.status for op in w.zoom_writes] == ["Away", "Away"]
 
 
+def test_a_zoom_calendar_event_beneath_our_status_is_not_put_back_when_we_let_go():
+    # Zoom shows a calendar event (automatic, from the person's calendar); a Teams call puts
+    # On_A_Call over it. When the call ends we put back Available, never the calendar event: in
+    # the manual slot it would outlast the event and be mirrored to Teams as Busy for good.
+    w = World(directions=(TEAMS_TO_ZOOM,))
+    w.teams("Available", "Available")
+    w.zoom("In_Calendar_Event")
+    w.teams("Busy", "InACall")
+    assert [op.status for op in w.zoom_writes] == ["On_A_Call"]
+    w.zoom("On_Phone_Call")  # our echo
+    w.teams("Available", "Available")
+    assert [(op.status, op.release) for op in w.zoom_writes] == [("On_A_Call", False), ("Available", True)]
+
+
+def test_a_calendar_event_starting_over_our_zoom_status_is_not_the_person_taking_the_slot():
+    w = World()
+    w.zoom("Available")
+    w.teams("Busy", "InACall")
+    w.zoom("On_Phone_Call")  # our echo
+    w.zoom("In_Calendar_Event")  # the calendar starts a meeting slot: automatic
+    assert w.user.zoom_overlay is not None and w.user.zoom_yielded == ""
+
+
 def test_a_teams_slot_the_person_takes_holds_while_zoom_moves_between_states_with_the_same_overlay():
     # Zoom Busy and a calendar event both put Busy in Teams' preferred slot: the move keeps ours.
     w = World()
