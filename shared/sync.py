@@ -469,13 +469,17 @@ def _run_teams_ops(link: Link, step: _Step, outcome: Outcome, cid: str) -> _Team
     failed = _TeamsResult(ok=False, zoom_may_go=zoom_due)
     done = 0
     try:
-        for op in result.teams_ops:
-            teams_call(op, link.entra_user_id, session_id)
-            outcome.teams_writes += 1
-            done += 1
-            logs.debug(log, f"sync: Teams {op.kind.value}"
-                            f"{f' {op.overlay.availability}/{op.overlay.activity}' if op.overlay else ''}",
-                       user=link.zoom_user_id, cid=cid)
+        try:
+            for op in result.teams_ops:
+                teams_call(op, link.entra_user_id, session_id)
+                outcome.teams_writes += 1
+                done += 1
+                logs.debug(log, f"sync: Teams {op.kind.value}"
+                                f"{f' {op.overlay.availability}/{op.overlay.activity}' if op.overlay else ''}",
+                           user=link.zoom_user_id, cid=cid)
+        except Exception:
+            _note_done_clears(result, done, undo)
+            raise
     except Throttled as exc:
         telemetry.failed(ZOOM_TO_TEAMS, "graph_throttled")
         _keep_unanswered_teams_write(exc, result, done, undo)
@@ -509,6 +513,14 @@ def _run_teams_ops(link: Link, step: _Step, outcome: Outcome, cid: str) -> _Team
         return failed
     telemetry.written(ZOOM_TO_TEAMS)
     return _TeamsResult(ok=True)
+
+
+def _note_done_clears(result: Plan, done: int, undo: dict) -> None:
+    """A step's clear went through before a later call of it failed (clear the preferred slot,
+    then set a session): what we had there is gone, so it is not put back on record, or the next
+    plan would take it as still showing and write nothing."""
+    if any(op.kind in (TeamsOpKind.CLEAR_SESSION, TeamsOpKind.CLEAR_PREFERRED) for op in result.teams_ops[:done]):
+        undo["teams"] = (None, undo["teams"][1])
 
 
 def _keep_unanswered_teams_write(exc: Exception, result: Plan, done: int, undo: dict) -> None:

@@ -331,3 +331,29 @@ def _in_poison_queue(person: Person) -> bool:
 
     messages = storage.queue("zoom-presence-poison").peek_messages(max_messages=32)
     return any(person.zoom_id in str(m.content) for m in messages)
+
+
+def test_a_clear_that_went_through_before_the_set_failed_is_not_put_back_on_record(world: World):
+    # Zoom Busy is on Teams as our preferred Busy. A Zoom meeting starts: one step clears the
+    # preferred slot and sets the call session, and Graph refuses the session (down). The clear went
+    # through: Teams shows Available. When the meeting ends, Zoom's Busy is due in Teams again, and
+    # it is written; it used to be skipped, the record still holding the Busy that had been cleared.
+    person = world.add_person()
+    world.zoom.set_status_by_user(person.zoom_id, "Busy")
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "Busy")
+    world.graph.faults.server_error(count=None, status=503, paths="/presence/setPresence")
+    world.zoom.join_meeting(person.zoom_id)
+
+    def refused_sessions() -> int:
+        return sum(1 for r in presence_writes(world, person) if r.path.endswith("/setPresence") and r.status == 503)
+
+    world.wait_until(lambda: refused_sessions() >= 4 and world.teams_shows(person) == ("Available", "Available"),
+                     timeout=30, interval=0.2)
+    time.sleep(0.5)  # the failed step's bookkeeping is put back
+    world.zoom.leave_meeting(person.zoom_id)
+    world.wait_until(lambda: world.teams_shows(person) == ("Busy", "Busy"), timeout=20, interval=0.2)
+    world.graph.faults.clear()
+    world.settle(timeout=60)
+    assert world.teams_shows(person) == ("Busy", "Busy")
+    assert world.host.poisoned == []
