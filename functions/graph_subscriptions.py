@@ -23,4 +23,6 @@ def graph_lifecycle_worker(msg: func.QueueMessage) -> None:
     from shared.queue_messages import run_queue_message
     from shared.subscriptions import handle_lifecycle_message
 
-    run_queue_message(GRAPH_LIFECYCLE_QUEUE, msg.get_body(), msg.dequeue_count, handle_lifecycle_message)
+    # A renewal Graph cannot answer now (reauthorizationRequired) waits an outage out in rounds.
+    run_queue_message(GRAPH_LIFECYCLE_QUEUE, msg.get_body(), msg.dequeue_count, handle_lifecycle_message,
+                      outage_retries=True)

@@ -100,6 +100,7 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
                 link.created_at = existing.created_at
                 keep_zoom_side(existing.sync, link.sync)
                 link.zoom_shows, link.zoom_blocked_until = existing.zoom_shows, existing.zoom_blocked_until
+                link.zoom_blocked_why = existing.zoom_blocked_why
                 link.zoom_deferred_until = existing.zoom_deferred_until
                 # A write under way keeps its lease: it finishes, sees the change and plans again.
                 link.lease_owner, link.lease_until, link.pending = (existing.lease_owner, existing.lease_until,

@@ -164,7 +164,10 @@ ZOOM_EXPIRY_SLACK_SECONDS = 5.0
 
 
 def _ran_out(overlay: ZoomOverlayRecord, ts_ms: int) -> bool:
-    return overlay.expires_at is not None and ts_ms >= (overlay.expires_at - ZOOM_EXPIRY_SLACK_SECONDS) * 1000
+    # A record that expires when it was written is not a duration but a PUT whose answer was lost,
+    # kept due at once (shared.sync): nothing ran out, so a manual report is still the person's.
+    return (overlay.expires_at is not None and overlay.expires_at > overlay.written_at
+            and ts_ms >= (overlay.expires_at - ZOOM_EXPIRY_SLACK_SECONDS) * 1000)
 
 
 def _set_zoom_native(user: UserSync, state: Presence, ts_ms: int) -> Observed | None:

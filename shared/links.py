@@ -35,6 +35,10 @@ STATUS_ACTIVE = "active"
 STATUS_DISABLED = "disabled"
 STATUS_ERROR = "error"
 
+# Why Zoom PUTs for a person are held back (``zoom_blocked_why``).
+BLOCKED_NOT_SIGNED_IN = "not_signed_in"  # 400/5301: ended early by a report of the person in a client
+BLOCKED_THROTTLED = "throttled"  # 429: Zoom's Retry-After
+
 ORIGIN_ADMIN = "admin"  # set through the admin API: directory matching never changes it
 ORIGIN_MATCH = "match"  # made by directory matching (email match)
 ORIGIN_SELF = "self"  # the person connected themselves: directory matching never changes it
@@ -63,6 +67,7 @@ class Link:
     last_sync_direction: str = ""
     zoom_deferred_until: float = 0.0  # a reconcile is scheduled for then (one PUT a minute)
     zoom_blocked_until: float = 0.0  # Zoom said 5301 (not signed in) or 429: no PUT for the person until then
+    zoom_blocked_why: str = ""  # BLOCKED_NOT_SIGNED_IN or BLOCKED_THROTTLED
     # One invocation at a time writes to the vendors for a person (their calls could otherwise land
     # out of order); others record what they learnt and set ``pending`` for the lease holder.
     lease_owner: str = ""
@@ -199,7 +204,8 @@ def _zoom_overlay_to(record: ZoomOverlayRecord | None) -> str:
 _KNOWN = {
     "PartitionKey", "RowKey", "entra_user_id", "email", "directions", "origin", "status", "error_kind",
     "error_detail", "error_at", "created_at", "updated_at", "zoom_shows", "teams_shows", "last_sync_at",
-    "last_sync_direction", "zoom_deferred_until", "zoom_blocked_until", "zoom_native", "zoom_native_since",
+    "last_sync_direction", "zoom_deferred_until", "zoom_blocked_until", "zoom_blocked_why", "zoom_native",
+    "zoom_native_since",
     "zoom_seen_ts", "zoom_shows_ours", "zoom_overlay", "zoom_yielded", "zoom_last_put", "zoom_last_put_at",
     "teams_native", "teams_native_since", "teams_seen_seq", "teams_seen_ts", "teams_shows_ours",
     "teams_overlay", "teams_yielded", "lease_owner", "lease_until", "pending", "Timestamp",
@@ -252,6 +258,7 @@ def link_from_entity(entity: dict) -> Link:
         last_sync_direction=entity.get("last_sync_direction", ""),
         zoom_deferred_until=float(entity.get("zoom_deferred_until") or 0.0),
         zoom_blocked_until=float(entity.get("zoom_blocked_until") or 0.0),
+        zoom_blocked_why=entity.get("zoom_blocked_why") or "",
         lease_owner=entity.get("lease_owner") or "",
         lease_until=float(entity.get("lease_until") or 0.0),
         pending=bool(entity.get("pending")),
@@ -287,6 +294,7 @@ def link_to_entity(link: Link) -> dict:
         "last_sync_direction": link.last_sync_direction,
         "zoom_deferred_until": link.zoom_deferred_until,
         "zoom_blocked_until": link.zoom_blocked_until,
+        "zoom_blocked_why": link.zoom_blocked_why,
         "lease_owner": link.lease_owner,
         "lease_until": link.lease_until,
         "pending": link.pending,

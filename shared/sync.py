@@ -47,6 +47,8 @@ from shared.errors import (
     ZoomUserNotSignedIn,
 )
 from shared.links import (
+    BLOCKED_NOT_SIGNED_IN,
+    BLOCKED_THROTTLED,
     STATUS_ACTIVE,
     STATUS_ERROR,
     TEAMS_OVERLAY_EXPIRES,
@@ -306,8 +308,10 @@ def _perform_calls(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     teams = _TeamsResult(ok=True)
     if step.result.teams_ops:
         with telemetry.write_span(ZOOM_TO_TEAMS, "teams", link.zoom_user_id,
-                                  ",".join(op.kind.value for op in step.result.teams_ops)):
+                                  ",".join(op.kind.value for op in step.result.teams_ops)) as span:
             teams = _run_teams_ops(link, step, outcome, cid)
+            if teams.error is not None:
+                telemetry.span_failed(span, teams.error)  # raised only after the Zoom write
         if not teams.ok and not teams.zoom_may_go:
             return False
     if not zoom_due:
@@ -319,7 +323,7 @@ def _perform_calls(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     if teams.ok:
         return zoom_ok
     if zoom_ok:
-        _let_go_after_zoom_put(link, time.time())
+        _let_go_after_zoom_put(link, time.time(), plan_news=not teams.retry_coming)
     if teams.error is not None:
         raise teams.error  # the queue retries the Teams part
     return False
@@ -340,10 +344,14 @@ def _end_not_signed_in_wait(link: Link, ts_ms: int) -> None:
     """Zoom refused a PUT as not signed in (5301), so the person is left alone for
     ``ZOOM_NOT_SIGNED_IN_BACKOFF_SECONDS``: a report of them in a Zoom client since then ends
     that wait, or what Teams shows would reach Zoom up to that long after they signed in."""
-    if (link.zoom_blocked_until > ts_ms / 1000 and link.error_kind == "zoom_not_signed_in"
-            and link.sync.zoom_native not in (None, Presence.OFFLINE)
+    if (link.zoom_blocked_why == BLOCKED_NOT_SIGNED_IN and link.zoom_blocked_until > ts_ms / 1000
+            and _in_a_zoom_client(link.sync)
             and ts_ms / 1000 > link.zoom_blocked_until - get_settings().zoom_not_signed_in_backoff_seconds):
-        link.zoom_blocked_until = 0.0
+        link.zoom_blocked_until, link.zoom_blocked_why = 0.0, ""
+
+
+def _in_a_zoom_client(s: UserSync) -> bool:
+    return s.zoom_native not in (None, Presence.OFFLINE, Presence.UNKNOWN)
 
 
 def _apply_teams_report(link: Link, presence: dict, ts_ms: int) -> Observed:
@@ -456,6 +464,7 @@ class _TeamsResult:
     ok: bool
     zoom_may_go: bool = False
     error: Exception | None = None
+    retry_coming: bool = False  # a reconcile is scheduled, or the queue retries the message
 
 
 def _run_teams_ops(link: Link, step: _Step, outcome: Outcome, cid: str) -> _TeamsResult:
@@ -466,7 +475,7 @@ def _run_teams_ops(link: Link, step: _Step, outcome: Outcome, cid: str) -> _Team
     # The account written to: a link re-pointed meanwhile must not get this one's overlay back.
     undo = {"teams": (previous.teams_overlay, result.teams_overlay), "owner": link.lease_owner,
             "entra_user_id": link.entra_user_id, "keep_lease": zoom_due}
-    failed = _TeamsResult(ok=False, zoom_may_go=zoom_due)
+    failed = _TeamsResult(ok=False, zoom_may_go=zoom_due, retry_coming=True)
     done = 0
     try:
         try:
@@ -499,9 +508,10 @@ def _run_teams_ops(link: Link, step: _Step, outcome: Outcome, cid: str) -> _Team
         return _TeamsResult(ok=False)
     except Forbidden as exc:
         telemetry.failed(ZOOM_TO_TEAMS, "graph_forbidden")
-        _revert(link.zoom_user_id, **undo,
+        _revert(link.zoom_user_id, **undo, plan_news=True,
                 error=("graph_forbidden", f"Graph refused the presence write ({exc.code})"))
         outcome.error = "graph_forbidden"
+        failed.retry_coming = False
         return failed
     except Exception as exc:
         telemetry.failed(ZOOM_TO_TEAMS, _failure_reason(exc))
@@ -592,9 +602,10 @@ def _zoom_undo(link: Link, step: _Step) -> _ZoomUndo:
                      planned=step.result.zoom_overlay, seen_ts=link.sync.zoom_seen_ts)
 
 
-def _let_go_after_zoom_put(link: Link, answered_at: float) -> None:
+def _let_go_after_zoom_put(link: Link, answered_at: float, *, plan_news: bool) -> None:
     """The Zoom write of a step whose Teams writes failed went through: record when Zoom
-    answered (its per-user minute) and let go of the lease the failed Teams writes kept."""
+    answered (its per-user minute) and let go of the lease the failed Teams writes kept (and plan
+    news left meanwhile when no retry of the Teams part is coming to do it)."""
     owner = link.lease_owner
     news = False
 
@@ -613,7 +624,7 @@ def _let_go_after_zoom_put(link: Link, answered_at: float) -> None:
         return link_to_entity(current)
 
     storage.mutate_entity(names.LINKS_TABLE, link.zoom_user_id, "link", mutate)
-    if news:
+    if news and plan_news:
         _plan_left_news(link.zoom_user_id)
 
 
@@ -628,7 +639,7 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
     except ZoomUserNotSignedIn:
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_not_signed_in")
         until = time.time() + settings.zoom_not_signed_in_backoff_seconds
-        _revert(link.zoom_user_id, **undo, blocked_until=until,
+        _revert(link.zoom_user_id, **undo, blocked_until=until, blocked_why=BLOCKED_NOT_SIGNED_IN, plan_news=True,
                 error=("zoom_not_signed_in", "the person is not signed in to a Zoom client (5301)"))
         _schedule(link.zoom_user_id, settings.zoom_not_signed_in_backoff_seconds, "zoom_not_signed_in", cid)
         outcome.error = "zoom_not_signed_in"
@@ -637,7 +648,8 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_throttled")
         _keep_unanswered_zoom_put(exc, op, result, undo)
         # Until then every PUT for this person would be refused too (the gate holds them back).
-        _revert(link.zoom_user_id, **undo, blocked_until=time.time() + exc.retry_after_s)
+        _revert(link.zoom_user_id, **undo, blocked_until=time.time() + exc.retry_after_s,
+                blocked_why=BLOCKED_THROTTLED)
         _schedule(link.zoom_user_id, exc.retry_after_s, "zoom_throttled", cid)
         outcome.deferred_until = time.time() + exc.retry_after_s
         return False
@@ -649,7 +661,8 @@ def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome,
         return False
     except Forbidden as exc:
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_forbidden")
-        _revert(link.zoom_user_id, **undo, error=("zoom_forbidden", f"Zoom refused the update ({exc.code})"))
+        _revert(link.zoom_user_id, **undo, plan_news=True,
+                error=("zoom_forbidden", f"Zoom refused the update ({exc.code})"))
         outcome.error = "zoom_forbidden"
         return False
     except Exception as exc:
@@ -711,12 +724,14 @@ def _mark_error(link: Link, kind: str, detail: str) -> None:
 
 def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None = None,
             error: tuple[str, str] | None = None, blocked_until: float | None = None,
-            entra_user_id: str | None = None, keep_lease: bool = False) -> None:
+            entra_user_id: str | None = None, keep_lease: bool = False, blocked_why: str = "",
+            plan_news: bool = False) -> None:
     """Undo the bookkeeping of a write that did not happen (only if nobody changed it since), and
     let go of the person's write lease (unless ``keep_lease``: a Zoom write of the same step is
     still to come). With ``entra_user_id`` (the Teams account written to), neither the Teams
     overlay nor an ``error`` is put back once the link names another account (re-pointed
-    meanwhile)."""
+    meanwhile). ``plan_news``: no retry of this write is coming, so news another invocation left
+    for the lease holder is planned by a reconcile of its own."""
     news = False
 
     def mutate(entity: dict | None) -> dict | None:
@@ -733,11 +748,15 @@ def _revert(zoom_user_id: str, *, owner: str, teams=None, zoom: _ZoomUndo | None
             s.teams_overlay = teams[0]
         if zoom is not None and s.zoom_overlay == zoom.planned and not _took_zoom_slot_since(s, zoom.seen_ts):
             s.zoom_overlay, s.zoom_last_put, s.zoom_last_put_at = zoom.overlay, zoom.last_put, zoom.last_put_at
-        if blocked_until is not None:
-            link.zoom_blocked_until = blocked_until
+        if blocked_until is not None and not (
+                blocked_why == BLOCKED_NOT_SIGNED_IN and zoom is not None and s.zoom_seen_ts > zoom.seen_ts
+                and _in_a_zoom_client(s)):
+            # (Not when Zoom has reported the person in a client since the refused PUT was planned:
+            # they signed in meanwhile, and that news is planned now, not in 15 minutes.)
+            link.zoom_blocked_until, link.zoom_blocked_why = blocked_until, blocked_why
         if link.lease_owner == owner and not keep_lease:
             link.lease_owner, link.lease_until = "", 0.0
-            news = link.pending
+            news = link.pending and plan_news
         if error is not None and same_account:
             _mark_error(link, *error)
         return link_to_entity(link)

@@ -495,6 +495,16 @@ def span(name: str, *, client: bool = False, **attributes: Any) -> Iterator[Any]
         yield current
 
 
+def span_failed(current: Any, exc: BaseException) -> None:
+    """Mark a span failed by an error that is raised only after it ends (or not at all)."""
+    if current is None:
+        return
+    from opentelemetry.trace import Status, StatusCode
+
+    current.record_exception(exc)
+    current.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+
+
 def write_span(direction: str, side: str, zoom_user_id: str, operation: str) -> Any:
     change = current_change()
     return span(WRITE_SPAN, direction=direction, side=side, zoom_user_id=zoom_user_id, operation=operation,

@@ -64,3 +64,33 @@ def test_a_teams_change_outlasting_a_zoom_outage_s_quick_retries_lands_when_zoom
     assert world.zoom_shows(person) == "Do_Not_Disturb"
     assert world.host.poisoned == []
     assert person.email not in caplog.text
+
+
+def test_a_reauthorization_graph_cannot_answer_waits_the_outage_out_and_keeps_the_subscription(world: World,
+                                                                                              caplog):
+    from shared.shards import read_shards
+    from tests.fixtures.connections import sync_accounts
+
+    world.add_person()
+    world.host.fire_timer("graph_subscriptions")  # plans the shard
+    with sync_accounts(world, 1):
+        world.host.fire_timer("graph_subscriptions")
+        world.settle()
+        [shard] = read_shards()
+        sub_id = shard.extra["subscription_id"]
+        # Graph asks for reauthorization and then cannot answer the renewal for longer than its
+        # quick retries: the renewal waits the outage out in rounds, and no new subscription is made.
+        world.graph.clear_requests()
+        world.graph.faults.server_error(count=None, status=503, paths="/subscriptions/")
+        with caplog.at_level(logging.WARNING, logger="shared.queue_messages"):
+            world.graph.send_lifecycle(sub_id, "reauthorizationRequired")
+            world.wait_until(lambda: _waiting_out_an_outage(caplog, "graph-lifecycle"), timeout=120)
+            world.graph.faults.clear()
+            world.settle(timeout=60)
+        renewals = [r.status for r in world.graph.requests if r.method == "PATCH" and sub_id in r.path.lower()]
+        assert renewals[-1] == 200 and renewals.count(503) >= 5
+        assert not [r for r in world.graph.requests if r.method == "POST" and r.path.endswith("/subscriptions")
+                    and r.status in (201, 409)]
+        [shard] = read_shards()
+        assert shard.extra["subscription_id"] == sub_id and shard.extra["subscription_status"] == "active"
+        assert world.host.poisoned == []

@@ -261,6 +261,21 @@ def test_our_zoom_dnd_running_out_while_signed_out_is_not_taken_for_the_persons_
     assert [op.status for op in w.zoom_writes] == ["Do_Not_Disturb", "Do_Not_Disturb"]  # put back
 
 
+def test_a_zoom_put_kept_on_record_after_a_lost_answer_is_not_taken_to_have_run_out():
+    # A PUT that got no answer stays on record due at once (expiring when written). The person
+    # picking Away in Zoom meanwhile took the slot: we yield, not write our status over theirs.
+    from dataclasses import replace
+
+    w = World()
+    w.zoom("Available")
+    w.teams("DoNotDisturb", "DoNotDisturb")
+    overlay = w.user.zoom_overlay
+    w.user.zoom_overlay = replace(overlay, expires_at=overlay.written_at)
+    w.zoom("Away")
+    assert w.user.zoom_yielded and w.user.zoom_overlay is None
+    assert [op.status for op in w.zoom_writes] == ["Do_Not_Disturb"]
+
+
 def test_the_person_leaving_our_zoom_dnd_before_it_runs_out_is_their_choice():
     w = World()
     w.zoom("Available")

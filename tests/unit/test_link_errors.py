@@ -44,3 +44,23 @@ def test_an_unknown_zoom_account_is_recorded_whatever_teams_account_the_link_nam
     link = _link(STATUS_ACTIVE)  # re-pointed at another Teams account since the read: same Zoom user
     sync.UnknownAccount(sync.TEAMS_TO_ZOOM, "zoom_user_not_found", sync.ZOOM_UNKNOWN, "e0").mark(link)
     assert link.status == STATUS_ERROR
+
+
+@pytest.mark.parametrize(("why", "lifted"), [("not_signed_in", True), ("throttled", False)])
+def test_a_report_of_the_person_in_zoom_ends_only_the_not_signed_in_wait(why, lifted):
+    # After a 5301 the person is left alone for ZOOM_NOT_SIGNED_IN_BACKOFF_SECONDS: their report
+    # from a Zoom client ends that wait. Zoom's 429 Retry-After is not for them to end.
+    now = 1_900_000_000.0
+    link = Link(sync=UserSync("z1", "e1"), status=STATUS_ACTIVE)
+    link.zoom_blocked_until, link.zoom_blocked_why = now + 40, why
+    link.error_kind = "zoom_not_signed_in"  # from some earlier refusal: says nothing about this block
+    sync._apply_zoom_report(link, "Available", int(now * 1000), now, sync.engine_config())
+    assert (link.zoom_blocked_until == 0.0) is lifted
+
+
+def test_a_report_of_the_person_signed_out_keeps_the_not_signed_in_wait():
+    now = 1_900_000_000.0
+    link = Link(sync=UserSync("z1", "e1"), status=STATUS_ACTIVE)
+    link.zoom_blocked_until, link.zoom_blocked_why = now + 600, "not_signed_in"
+    sync._apply_zoom_report(link, "Offline", int(now * 1000), now, sync.engine_config())
+    assert link.zoom_blocked_until == now + 600

@@ -329,3 +329,16 @@ def test_instrument_names_are_unique_and_dotted():
     assert len(set(t.INSTRUMENTS)) == len(t.INSTRUMENTS)
     for name in t.INSTRUMENTS:
         assert name == name.lower() and "." in name and " " not in name
+
+
+def test_a_write_whose_error_is_raised_after_its_span_is_still_marked_failed(recorder):
+    # A step's failed Teams write is raised only after the Zoom write that follows it.
+    from opentelemetry.trace import StatusCode
+
+    _, spans = recorder
+    with t.write_span("zoom_to_teams", "teams", "u1", "set_session") as current:
+        t.span_failed(current, TimeoutError("no answer"))
+    t.span_failed(None, TimeoutError("telemetry off: nothing to mark"))
+    [write] = [s for s in spans.get_finished_spans() if s.name == t.WRITE_SPAN]
+    assert write.status.status_code == StatusCode.ERROR
+    assert [e.name for e in write.events] == ["exception"]
