@@ -611,6 +611,7 @@ def _let_go_after_zoom_put(link: Link, answered_at: float, *, plan_news: bool) -
 
     def mutate(entity: dict | None) -> dict | None:
         nonlocal news
+        news = False  # (run again on a conflict)
         if entity is None:
             return None
         from shared.links import link_from_entity, link_to_entity
