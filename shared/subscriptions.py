@@ -590,15 +590,13 @@ class _Run:
         lookups = {e["RowKey"]: e for e in storage.query_partition(LOOKUP_TABLE, LOOKUP_PARTITION)}
         wall = time.time()
 
-        def young(sid: str) -> bool:
-            row = lookups.get(sid)
-            return row is not None and wall - float(row.get("created_wall") or 0) < ORPHAN_GRACE_SECONDS
+        def young(row: dict | None, now: float) -> bool:
+            return row is not None and now - float(row.get("created_wall") or 0) < ORPHAN_GRACE_SECONDS
 
         def made_meanwhile(sid: str) -> bool:
             # Listing every account takes a while: a lifecycle event may have made a shard's new
             # subscription since the snapshot above. Read its row again before deleting.
-            row, _ = storage.read_entity(LOOKUP_TABLE, LOOKUP_PARTITION, sid)
-            return row is not None and time.time() - float(row.get("created_wall") or 0) < ORPHAN_GRACE_SECONDS
+            return young(storage.read_entity(LOOKUP_TABLE, LOOKUP_PARTITION, sid)[0], time.time())
 
         for account in sorted(self.healthy):
             try:
@@ -608,7 +606,8 @@ class _Run:
                 continue
             for sub in existing:
                 sid = str(sub.get("id") or "").lower()
-                if not sid or sid in referenced or young(sid) or not _is_ours(sub) or made_meanwhile(sid):
+                if (not sid or sid in referenced or young(lookups.get(sid), wall) or not _is_ours(sub)
+                        or made_meanwhile(sid)):
                     continue
                 try:
                     self.call(account, lambda t, sid=sid: graph_client.delete_subscription(sid, t))
@@ -618,7 +617,7 @@ class _Run:
                 self.report.orphans_deleted += 1
                 log.info("subscriptions: deleted orphan subscription %s of %s", sid, account)
         for sid in lookups:
-            if sid not in referenced and not young(sid):
+            if sid not in referenced and not young(lookups.get(sid), wall):
                 _forget_lookup(sid)
 
 

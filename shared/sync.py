@@ -319,7 +319,7 @@ def _perform_calls(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     # A Teams write that failed does not hold back the Zoom write planned with it: Graph
     # throttling, refusing (403) or down is no reason for Zoom to keep showing what it should not.
     with telemetry.write_span(TEAMS_TO_ZOOM, "zoom", link.zoom_user_id, step.result.zoom_op.status):
-        zoom_ok = _run_zoom_op(link, step.previous, step.result, outcome, cid)
+        zoom_ok = _run_zoom_op(link, step, outcome, cid)
     if teams.ok:
         return zoom_ok
     if zoom_ok:
@@ -629,12 +629,11 @@ def _let_go_after_zoom_put(link: Link, answered_at: float, *, plan_news: bool) -
         _plan_left_news(link.zoom_user_id)
 
 
-def _run_zoom_op(link: Link, previous: UserSync, result: Plan, outcome: Outcome, cid: str) -> bool:
+def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
+    result = step.result
     op = result.zoom_op
     settings = get_settings()
-    undo = {"zoom": _ZoomUndo(previous.zoom_overlay, previous.zoom_last_put, previous.zoom_last_put_at,
-                              planned=result.zoom_overlay, seen_ts=link.sync.zoom_seen_ts),
-            "owner": link.lease_owner}
+    undo = {"zoom": _zoom_undo(link, step), "owner": link.lease_owner}
     try:
         zoom_client.put_presence_status(link.zoom_user_id, op.status, op.duration_minutes)
     except ZoomUserNotSignedIn:

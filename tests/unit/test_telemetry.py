@@ -231,7 +231,8 @@ def test_zoom_5301_counts_as_a_failed_write(recorder, monkeypatch):
     monkeypatch.setattr(zoom_client, "put_presence_status", not_signed_in)
     link = Link(sync=UserSync("z1", "e1"))
     result = Plan(zoom_op=ZoomOp(status="Away"))
-    assert sync._run_zoom_op(link, UserSync("z1", "e1"), result, sync.Outcome(), "cid") is False
+    step = sync._Step(UserSync("z1", "e1"), result, zoom_allowed=True, schedule_at=None)
+    assert sync._run_zoom_op(link, step, sync.Outcome(), "cid") is False
     f = t.read_figures(reader)
     assert f.total(t.CHANGES_FAILED, direction="teams_to_zoom", reason="zoom_not_signed_in") == 1
     assert f.total(t.CHANGES_WRITTEN) == 0
