@@ -89,6 +89,15 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     current_scopes = scopes.read_scopes()
     for _ in range(8):
         existing, etag = read_link(zoom_id)
+        same_account = existing is not None and existing.entra_user_id == entra_id
+        holder = None if same_account else _active_holder(entra_id, zoom_id)
+        if holder is not None:
+            # Two links writing one Teams account overwrite each other's status there, and its
+            # changes reach only one of them: the admin frees the account first (DELETE or
+            # re-point the other link), as the connect flow asks a person to.
+            log.info("admin: link for Zoom user %s refused: its Teams account is linked to Zoom user %s",
+                     zoom_id, holder)
+            return _error(409, "this Teams account is linked to another Zoom user", zoom_user_id=holder)
         stamp = now_iso()
         if existing is not None and existing.entra_user_id == entra_id:
             link = existing
@@ -105,6 +114,10 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
                 # A write under way keeps its lease: it finishes, sees the change and plans again.
                 link.lease_owner, link.lease_until, link.pending = (existing.lease_owner, existing.lease_until,
                                                                     existing.pending)
+                # The person's choice and the order of their Zoom account's lifecycle events stay
+                # with the Zoom user, as matching's re-point keeps them: a re-point is no opt-in,
+                # and a late, older lifecycle event must still be dropped.
+                link.opt_out, link.lifecycle_ts = existing.opt_out, existing.lifecycle_ts
         link.email = body.email or (existing.email if existing else "")
         link.origin = "admin"
         link.status = STATUS_ACTIVE
@@ -141,6 +154,17 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
         scopes.request_run("admin link")
     log.info("admin: link for Zoom user %s saved", zoom_id)
     return 200, link.to_public()
+
+
+def _active_holder(entra_id: str, zoom_id: str) -> str | None:
+    """The Zoom user of another active link to ``entra_id`` (the lookup read fresh), if any."""
+    other = zoom_id_for_entra(entra_id, fresh=True)
+    if not other or other == zoom_id:
+        return None
+    link, _ = read_link(other)
+    if link is None or link.entra_user_id != entra_id or link.status != STATUS_ACTIVE:
+        return None  # a stale lookup entry, or a disabled link: nothing writes that account
+    return other
 
 
 def get_link(zoom_user_id: str) -> tuple[int, dict]:

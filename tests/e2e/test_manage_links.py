@@ -140,6 +140,49 @@ def test_a_queued_release_leaves_a_status_the_person_chose_meanwhile(world: Worl
     assert released == []
 
 
+def test_a_teams_account_another_zoom_user_is_linked_to_is_refused(world: World, caplog):
+    # Two links to one Teams account would overwrite each other's status there, and its changes
+    # would reach one of them only: the admin is told which Zoom user holds it, nothing changes,
+    # and once that link is gone the same call goes through.
+    holder = world.add_person()
+    newcomer = world.add_person(link=False)
+    body = {"entra_user_id": holder.entra_id}
+    with caplog.at_level("INFO", logger="shared.admin"):
+        refused = world.admin("PUT", f"links/{newcomer.zoom_id}", json=body)
+    assert refused.status_code == 409
+    assert refused.json() == {"error": "this Teams account is linked to another Zoom user",
+                              "zoom_user_id": holder.zoom_id}
+    assert "linked to Zoom user" in caplog.text
+    assert world.admin("GET", f"links/{newcomer.zoom_id}").status_code == 404
+    world.zoom.join_meeting(newcomer.zoom_id)
+    world.zoom.join_meeting(holder.zoom_id)
+    world.settle()
+    world.zoom.leave_meeting(newcomer.zoom_id)
+    world.settle()
+    assert world.teams_shows(holder) == ("Busy", "InACall")  # the holder's meeting, not the newcomer's
+    assert world.admin("DELETE", f"links/{holder.zoom_id}").status_code == 204
+    world.settle()
+    assert world.admin("PUT", f"links/{newcomer.zoom_id}", json=body).status_code == 200
+
+
+def test_repointing_a_link_keeps_the_persons_opt_out(world: World):
+    person = world.add_person()
+    assert world.admin("PATCH", f"links/{person.zoom_id}", json={"opt_out": True}).status_code == 200
+    other = world.add_person(link=False)
+    repointed = world.admin("PUT", f"links/{person.zoom_id}", json={"entra_user_id": other.entra_id})
+    assert repointed.status_code == 200
+    assert repointed.json()["opt_out"] is True
+    assert repointed.json()["directions"] == []
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(other) == ("Available", "Available")
+    assert world.graph.requests_matching("POST", f"/users/{other.entra_id}/presence/setPresence") == []
+    # The admin opts the person back in explicitly.
+    again = world.admin("PUT", f"links/{person.zoom_id}",
+                        json={"entra_user_id": other.entra_id, "opt_out": False})
+    assert again.json()["opt_out"] is False
+
+
 @pytest.mark.parametrize("first_read", ["answered", "refused"])
 def test_repointing_a_link_hands_our_zoom_overlay_to_the_new_teams_account(world: World, first_read):
     # The admin points the Zoom user at another Teams account right after we put the old one's
