@@ -776,7 +776,10 @@ def _disable_for_event(zoom_id: str, reason: str, event_ts: int) -> str:
             log.info("matching: stale Zoom lifecycle event for user %s dropped", zoom_id)
             return "stale"
         if link.status == STATUS_DISABLED and link.disabled_reason == reason and event_ts <= link.lifecycle_ts:
-            return "unchanged"  # a duplicate delivery
+            # A duplicate delivery, or this event's retry after its reconcile could not be queued:
+            # queue it again (a reconcile is idempotent), or what we put on either side stays.
+            queue_reconcile(zoom_id, reason, confirm_zoom=not gone)
+            return "unchanged"
         link.lifecycle_ts = max(link.lifecycle_ts, event_ts)
         link.status, link.disabled_reason, link.disabled_at = STATUS_DISABLED, reason, now_iso()
         link.sync.active = False
@@ -807,6 +810,9 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
             return "stale"
         enabled = link.status == STATUS_DISABLED and link.disabled_reason in REACTIVATABLE
         if not enabled and event_ts <= link.lifecycle_ts:
+            if event_ts and event_ts == link.lifecycle_ts and link.status == STATUS_ACTIVE:
+                # This event's retry (or a duplicate): its reconcile may not have been queued.
+                queue_reconcile(zoom_id, "zoom_activated", confirm_zoom=True, confirm_teams=True)
             return "unchanged"
         link.lifecycle_ts = max(link.lifecycle_ts, event_ts)
         if enabled:

@@ -468,6 +468,35 @@ def test_lifecycle_webhooks_disable_and_enable_links(world: World):
     assert _link(world, ada)["status"] == "active"
 
 
+def test_a_deactivation_whose_reconcile_could_not_be_queued_releases_ours_on_its_retry(world: World, monkeypatch):
+    # The link is written disabled, then storage refuses the reconcile's put: the event is
+    # retried, finds the link already disabled, and must still queue what takes ours back.
+    from azure.core.exceptions import ServiceRequestError
+
+    from shared import storage, sync
+
+    ada = _person(world, "ada")
+    run_matching(world)
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+    real_enqueue, refused = storage.enqueue, []
+
+    def enqueue_refusing_one_reconcile(queue_name, message, **kwargs):
+        if queue_name == sync.QUEUE_RECONCILE and not refused:
+            refused.append(message)
+            raise ServiceRequestError("storage unavailable")
+        return real_enqueue(queue_name, message, **kwargs)
+
+    monkeypatch.setattr(storage, "enqueue", enqueue_refusing_one_reconcile)
+    world.zoom.deactivate_user(ada.zoom_id)
+    world.settle(timeout=60)
+    assert refused, "the reconcile's put was never refused: the test proves nothing"
+    assert _link(world, ada)["disabled_reason"] == "zoom_deactivated"
+    assert world.teams_shows(ada) == ("Available", "Available")
+    assert world.host.poisoned == []
+
+
 def test_user_created_is_matched_and_linked(world: World):
     email = f"newcomer.{uuid.uuid4().hex[:6]}@{DOMAIN}"
     entra_id = world.graph.add_user(user_principal_name=f"n@{TENANT}", proxy_addresses=[f"smtp:{email}"])["id"]
