@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # A queue message must stay under 64 KiB after base64 (as in shared.sweep).
 PRESENCES_PER_MESSAGE = 200
 IDS_PER_MESSAGE = 650
+LIFECYCLE_EVENTS_PER_MESSAGE = 200  # ~140 bytes each as JSON; a delivery may carry up to 1,000
 MAX_VALIDATION_TOKEN_CHARS = 8192
 _ID = re.compile(r"^[0-9A-Za-z\-]{1,64}\Z")
 _RESOURCE_ID = re.compile(r"(?:presences\('|presences/|users\('|users/)([0-9A-Za-z\-]{1,64})", re.IGNORECASE)
@@ -325,8 +326,9 @@ def _lifecycle(body: bytes, enqueue: Callable[[str, dict], None] | None, now: fl
             continue
         events.append({"subscription_id": ref.subscription_id, "event": item.lifecycleEvent, "shard": ref.shard})
     if events:
-        reply = _send([{"kind": "graph_lifecycle", "events": events}], names.GRAPH_LIFECYCLE_QUEUE, enqueue,
-                      "lifecycle")
+        messages = [{"kind": "graph_lifecycle", "events": events[start:start + LIFECYCLE_EVENTS_PER_MESSAGE]}
+                    for start in range(0, len(events), LIFECYCLE_EVENTS_PER_MESSAGE)]
+        reply = _send(messages, names.GRAPH_LIFECYCLE_QUEUE, enqueue, "lifecycle")
         if reply is not None:
             return reply
     log.info("graph lifecycle: %d items, %d events queued", len(batch.value), len(events))

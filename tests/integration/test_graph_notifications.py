@@ -249,3 +249,21 @@ def test_lifecycle_events_resync_and_recreate_exactly_their_shard(graph_app_env,
     assert [(r.path.rsplit("/", 1)[-1].lower(), r.status) for r in patches] == [
         (second.extra["subscription_id"], 200)]
     assert webhook_host.poisoned == [] and queued(LIFECYCLE_QUEUE) == []
+
+
+def test_a_large_lifecycle_delivery_is_queued_whole_in_messages_a_queue_takes(graph_app_env, webhook_host):
+    # A delivery may carry up to 1,000 items; one queue message holds 64 KiB after base64. Every
+    # event must be queued, none refused with the rest as one oversized put.
+    from shared import storage
+
+    graph = graph_app_env
+    setup_push(graph, n_people=3)
+    [shard] = read_shards()
+    sub = graph.subscriptions[shard.extra["subscription_id"]]
+    item = {"subscriptionId": sub.id, "clientState": sub.client_state, "lifecycleEvent": "missed",
+            "tenantId": graph.tenant_id}
+    assert post(webhook_host.url("graph/lifecycle"), {"value": [item] * 1000}).status_code == 202
+    raw = storage.queue(LIFECYCLE_QUEUE).peek_messages(max_messages=32)
+    assert len(raw) == 5 and all(len(base64.b64encode(m.content.encode())) <= 64 * 1024 for m in raw)
+    messages = queued(LIFECYCLE_QUEUE)
+    assert sum(len(m["events"]) for m in messages) == 1000
