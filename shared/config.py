@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from functools import cached_property
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,6 +22,16 @@ class SettingMissing(RuntimeError):
         hint = f" ({purpose})" if purpose else ""
         super().__init__(f"app setting {name} is not configured{hint}")
         self.setting = name
+
+
+class SettingInvalid(SettingMissing):
+    """An app setting has a value that cannot be used (``5m`` where seconds are expected). A
+    ``SettingMissing`` so that every caller answers it as "not configured"; the message names the
+    setting and what is wrong, never its value (it may be a secret)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        RuntimeError.__init__(self, "app settings not valid: " + "; ".join(f"{name}: {why}" for name, why in problems))
+        self.setting = ", ".join(name for name, _ in problems)
 
 
 class Settings(BaseSettings):
@@ -248,7 +258,12 @@ def get_settings() -> Settings:
     if _settings is None:
         with _lock:
             if _settings is None:
-                _settings = Settings()
+                try:
+                    _settings = Settings()
+                except ValidationError as exc:
+                    # ``from None``: pydantic's own message quotes the value.
+                    raise SettingInvalid([(".".join(str(p) for p in e["loc"]) or "settings", e["msg"])
+                                          for e in exc.errors(include_input=False)]) from None
     return _settings
 
 

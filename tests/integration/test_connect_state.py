@@ -232,12 +232,10 @@ def test_write_modes_pick_the_app_or_the_persons_token(write_env, monkeypatch):
 
 
 def test_an_invalid_write_mode_is_named(storage_env, monkeypatch):
-    from pydantic import ValidationError
-
-    from shared.config import get_settings
+    from shared.config import SettingInvalid, get_settings
 
     monkeypatch.setenv("TEAMS_WRITE_MODE", "sometimes")
     reset_settings()
-    with pytest.raises(ValidationError, match="TEAMS_WRITE_MODE"):
+    with pytest.raises(SettingInvalid, match="TEAMS_WRITE_MODE: Value error, TEAMS_WRITE_MODE must be app"):
         get_settings()
     reset_settings()

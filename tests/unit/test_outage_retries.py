@@ -242,3 +242,20 @@ def test_teams_reports_that_used_every_round_are_dead_lettered_at_once(monkeypat
     assert json.loads(poison)[qm.OUTAGE_ROUND] == last
     assert "retries_exhausted: 1 reports; an outage outlasted 12 rounds (TransientVendorError" in caplog.text
     assert [p["id"] for p in quick["presences"]] == ["e2"]  # no outage: the quick retries as ever
+
+
+def test_an_unusable_setting_is_retried_not_taken_for_a_malformed_message(queued, monkeypatch, caplog):
+    # A worker that cannot read its settings fails for a reason the message does not carry: it is
+    # retried by the host (and fixed by the admin meanwhile), not dead-lettered as malformed.
+    from shared.config import get_settings, reset_settings
+
+    monkeypatch.setenv("ZOOM_PRESENCE_MIN_INTERVAL_SECONDS", "1m")
+    reset_settings()
+    try:
+        with pytest.raises(RuntimeError, match="ZOOM_PRESENCE_MIN_INTERVAL_SECONDS"):
+            qm.run_queue_message("zoom-presence", json.dumps(MESSAGE).encode(), 1,
+                                 lambda message: get_settings(), outage_retries=True)
+    finally:
+        reset_settings()
+    assert queued == []  # nothing dead-lettered
+    assert "malformed" not in caplog.text

@@ -151,3 +151,28 @@ def test_user_lifecycle_events_are_queued_for_linking():
     assert queued == [(zoom_webhook.QUEUE_ZOOM_USERS,
                        {"kind": "zoom_user_event", "event": "user.deactivated", "zoom_user_id": "xyz",
                         "event_ts": 5})]
+
+
+def test_an_unusable_setting_is_a_503_naming_it_not_a_500(monkeypatch, caplog):
+    # "5m" where seconds are expected: the host would answer Zoom 500 with pydantic's error, which
+    # quotes the value. The app answers 503 (Zoom retries) and logs the setting's name only.
+    import azure.functions as func
+
+    from functions.zoom_webhook import zoom_webhook as zoom_function
+    from shared.config import reset_settings
+
+    monkeypatch.setenv("ZOOM_WEBHOOK_SECRET_TOKEN", SECRET)
+    monkeypatch.setenv("ZOOM_WEBHOOK_MAX_SKEW_SECONDS", "5m-secret-looking-value")
+    reset_settings()
+    body = _presence()
+    request = func.HttpRequest(method="POST", url="http://localhost/api/zoom/webhook", body=body, headers={
+        "x-zm-request-timestamp": str(NOW), "x-zm-signature": sign(SECRET, str(NOW), body)})
+    try:
+        with caplog.at_level("ERROR"):
+            response = zoom_function.build().get_user_function()(request)
+    finally:
+        reset_settings()
+    assert response.status_code == 503
+    assert json.loads(response.get_body()) == {"error": "not_configured"}
+    assert "ZOOM_WEBHOOK_MAX_SKEW_SECONDS" in caplog.text
+    assert "secret-looking" not in caplog.text
