@@ -33,6 +33,11 @@ TOKEN_LEEWAY_S = 300
 JWKS_TTL_S = 24 * 3600
 # An unknown kid may mean Entra rolled its keys: refetch, but not more often than this.
 JWKS_REFETCH_MIN_S = 300
+# When a refresh fails, the keys last fetched stay in use this long past their TTL (the "last known
+# good" of Microsoft.IdentityModel's ConfigurationManager): a slow or failing Entra must not make
+# every delivery wait on it or fail, which would get our subscriptions' notifications dropped.
+JWKS_STALE_GRACE_S = 24 * 3600
+JWKS_RETRY_AFTER_FAILURE_S = 30
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
 
@@ -160,14 +165,16 @@ class _Jwks:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()  # one fetch at a time, outside ``_lock``
         self._source = ""
         self._keys: dict[str, Any] = {}
         self._fetched_at = 0.0
+        self._tried_at = -float("inf")  # the last fetch started, whatever came of it
         self._tenant_guid: dict[str, str] = {}
 
     def reset(self) -> None:
         with self._lock:
-            self._source, self._keys, self._fetched_at = "", {}, 0.0
+            self._source, self._keys, self._fetched_at, self._tried_at = "", {}, 0.0, -float("inf")
             self._tenant_guid.clear()
 
     def _fetch(self, url: str) -> dict[str, Any]:
@@ -194,13 +201,42 @@ class _Jwks:
     def key(self, url: str, kid: str, now: float) -> Any:
         with self._lock:
             if self._source != url:
-                self._source, self._keys, self._fetched_at = url, {}, 0.0
-            stale = now - self._fetched_at > JWKS_TTL_S
-            unknown = kid not in self._keys and now - self._fetched_at > JWKS_REFETCH_MIN_S
-            if stale or unknown:
-                self._keys = self._fetch(url)
-                self._fetched_at = now
-            return self._keys.get(kid)
+                self._source, self._keys, self._fetched_at, self._tried_at = url, {}, 0.0, -float("inf")
+            keys, fetched_at, tried_at = self._keys, self._fetched_at, self._tried_at
+        age = now - fetched_at
+        due = age > JWKS_TTL_S or (kid not in keys and age > JWKS_REFETCH_MIN_S)
+        if not due:
+            return keys.get(kid)
+        known = keys.get(kid) if age <= JWKS_TTL_S + JWKS_STALE_GRACE_S else None
+        if now - tried_at < JWKS_RETRY_AFTER_FAILURE_S:
+            # The last fetch failed moments ago (one that succeeded would have made this not due):
+            # don't ask Entra again on every delivery.
+            if known is None:
+                raise KeysUnavailable("Entra's signing keys are unreachable")
+            return known
+        # A request holding a key it knows does not wait for another's refresh; one that needs the
+        # fetch (a new kid, nothing cached) waits for it.
+        if not self._refreshing.acquire(blocking=known is None):
+            return known
+        try:
+            with self._lock:
+                if self._source == url and self._fetched_at > fetched_at:
+                    return self._keys.get(kid)  # refreshed while this request waited
+                self._tried_at = now
+            try:
+                fresh = self._fetch(url)
+            except KeysUnavailable as exc:
+                if known is None:
+                    raise
+                log.warning("graph: Entra's signing keys could not be refreshed (%s); the last fetched keys "
+                            "stay in use for now", exc)
+                return known
+            with self._lock:
+                if self._source == url:
+                    self._keys, self._fetched_at = fresh, now
+            return fresh.get(kid)
+        finally:
+            self._refreshing.release()
 
     def tenant_guid(self, authority: str) -> str:
         """The tenant's GUID when ENTRA_TENANT_ID is a domain name (from its OpenID issuer)."""

@@ -69,3 +69,82 @@ def test_missing_configuration_is_a_503_not_a_500(monkeypatch):
     finally:
         reset_settings()
     assert reply.status == 503 and reply.body["error"] == "not_configured"
+
+
+class _Entra:
+    """Entra's keys endpoint as ``_Jwks`` sees it: answers, fails, or holds the caller."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.keys = {"k1": "key-one"}
+        self.failing = False
+        self.calls = 0
+        self.hold = threading.Event()
+        self.hold.set()
+
+    def fetch(self, url: str) -> dict:
+        self.calls += 1
+        self.hold.wait(10)
+        if self.failing:
+            raise graph_crypto.KeysUnavailable("Entra's signing keys: HTTP 503")
+        return dict(self.keys)
+
+
+def test_signing_keys_last_fetched_stay_in_use_while_entra_cannot_be_reached(monkeypatch, caplog):
+    jwks, entra = graph_crypto._Jwks(), _Entra()
+    monkeypatch.setattr(jwks, "_fetch", entra.fetch)
+    url, t0 = "https://login.example/keys", 1_000_000.0
+    assert jwks.key(url, "k1", t0) == "key-one" and entra.calls == 1
+    entra.failing = True
+    expired = t0 + graph_crypto.JWKS_TTL_S + 1
+    with caplog.at_level("WARNING", logger="shared.graph_crypto"):
+        assert jwks.key(url, "k1", expired) == "key-one"
+    assert "could not be refreshed" in caplog.text and entra.calls == 2
+    # Not asked again on every delivery while it fails...
+    assert jwks.key(url, "k1", expired + 5) == "key-one" and entra.calls == 2
+    # ...but again a little later, and its answer is taken once it comes.
+    entra.failing, entra.keys = False, {"k2": "key-two"}
+    later = expired + graph_crypto.JWKS_RETRY_AFTER_FAILURE_S + 1
+    assert jwks.key(url, "k2", later) == "key-two" and entra.calls == 3
+    # Keys older than the grace are not trusted any more: no key, a 503 for Graph to retry.
+    entra.failing = True
+    too_old = later + graph_crypto.JWKS_TTL_S + graph_crypto.JWKS_STALE_GRACE_S + 1
+    with pytest.raises(graph_crypto.KeysUnavailable):
+        jwks.key(url, "k2", too_old)
+
+
+def test_a_cold_instance_that_cannot_fetch_keys_answers_503_without_asking_entra_each_time(monkeypatch):
+    jwks, entra = graph_crypto._Jwks(), _Entra()
+    entra.failing = True
+    monkeypatch.setattr(jwks, "_fetch", entra.fetch)
+    url, t0 = "https://login.example/keys", 1_000_000.0
+    for at in (t0, t0 + 1, t0 + 2):
+        with pytest.raises(graph_crypto.KeysUnavailable):
+            jwks.key(url, "k1", at)
+    assert entra.calls == 1
+
+
+def test_a_delivery_whose_key_is_cached_does_not_wait_for_another_requests_refresh(monkeypatch):
+    import threading
+
+    jwks, entra = graph_crypto._Jwks(), _Entra()
+    monkeypatch.setattr(jwks, "_fetch", entra.fetch)
+    url, t0 = "https://login.example/keys", 1_000_000.0
+    jwks.key(url, "k1", t0)
+    entra.hold.clear()  # Entra is slow: the refresh below waits
+    expired = t0 + graph_crypto.JWKS_TTL_S + 1
+    refresher = threading.Thread(target=jwks.key, args=(url, "k1", expired))
+    refresher.start()
+    try:
+        while entra.calls < 2:  # the refresh is under way
+            threading.Event().wait(0.01)
+        answers: list = []
+        delivery = threading.Thread(target=lambda: answers.append(jwks.key(url, "k1", expired + 1)))
+        delivery.start()
+        delivery.join(5)  # Entra is held for 10 s: a delivery waiting on the refresh is still running
+        assert not delivery.is_alive() and answers == ["key-one"]
+        assert entra.calls == 2
+    finally:
+        entra.hold.set()
+        refresher.join(10)
