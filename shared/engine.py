@@ -107,6 +107,7 @@ class Observed(StrEnum):
     ECHO = "echo"  # the side shows our own overlay
     STALE = "stale"  # older than what is applied: dropped
     IGNORED = "ignored"  # no information (empty)
+    UNSURE = "unsure"  # may predate our write: to be read again, not applied
 
 
 # --- observations --------------------------------------------------------------------------
@@ -185,19 +186,23 @@ def observe_teams(
     *,
     sequence: str | None,
     ts_ms: int,
+    earliest_ms: int | None = None,
     cfg: EngineConfig | None = None,
 ) -> Observed:
     """Apply a Graph presence report to ``user`` in place.
 
     Reports are ordered by ``sequenceNumber`` when both have one (lexicographically sortable,
-    API-FACTS §6), otherwise by the time we read them (``ts_ms``: when the read began).
+    API-FACTS §6), otherwise by the time we read them (``ts_ms``: when the read began). A report
+    Graph pushed with its content (a rich notification) was true at some time between
+    ``earliest_ms`` and its arrival, ``ts_ms``.
     """
     if not availability:
         return Observed.IGNORED
     overlay = user.teams_overlay
-    if (overlay is not None and not teams_pair_matches(overlay.overlay.pair, availability, activity)
-            and ts_ms < overlay.in_place_since(cfg or EngineConfig()) * 1000
-            and not _busier_than_our_session(overlay, parse_teams(availability, activity))):
+    contradicts = (overlay is not None and not teams_pair_matches(overlay.overlay.pair, availability, activity)
+                   and not _busier_than_our_session(overlay, parse_teams(availability, activity)))
+    in_place_ms = overlay.in_place_since(cfg or EngineConfig()) * 1000 if overlay is not None else 0.0
+    if contradicts and ts_ms < in_place_ms:
         # Read before our write was in place: it says nothing about the person (taking it as the
         # person's would give up the preferred slot we had just written, or think a session gone).
         # A state busier than our session is the person's either way: sessions only add ours, and
@@ -208,6 +213,11 @@ def observe_teams(
             return Observed.STALE
     elif ts_ms <= user.teams_seen_ts:
         return Observed.STALE
+    if contradicts and earliest_ms is not None and earliest_ms < in_place_ms:
+        # Pushed content that may have been true just before our write (Graph takes up to a
+        # minute to deliver, API-FACTS §7): only a read begun now can tell the person's change
+        # from the state our write replaced.
+        return Observed.UNSURE
     if sequence:
         user.teams_seen_seq = sequence
     user.teams_seen_ts = max(user.teams_seen_ts, ts_ms)

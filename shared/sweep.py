@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from shared import graph_client, names, storage, telemetry
 from shared.config import get_settings
+from shared.engine import Observed
 from shared.errors import Throttled, VendorError
 from shared.presence_reads import read_presences
 from shared.queue_messages import OUTAGE_ROUND, dead_letter, is_outage, outage_round, retry_after_outage, rounds_used_up
@@ -129,6 +130,9 @@ PERSON_RETRY_DELAY_S = 10.0
 # in a vendor outage each person can take a call's retries, and 200 of them would outlast the
 # function timeout (host.json, 10 minutes), which would retry everyone.
 BATCH_BUDGET_S = 240.0
+# How long Graph may take to deliver a notification ("at most 1 min", API-FACTS §7): pushed content
+# arriving this soon after our write may show the state our write replaced.
+GRAPH_DELIVERY_MAX_S = 60.0
 
 
 def handle_teams_message(message: dict) -> list[Outcome]:
@@ -140,6 +144,7 @@ def handle_teams_message(message: dict) -> list[Outcome]:
     a failed attempt may still hold); after PERSON_ATTEMPTS they are dead-lettered."""
     kind = message.get("kind")
     cid = str(message.get("cid", ""))
+    earliest_ms: int | None = None
     if kind == "teams_ids":
         ids = [str(i) for i in message["ids"]]
         # Shared with the notifications being handled alongside; timed from when that read
@@ -150,6 +155,8 @@ def handle_teams_message(message: dict) -> list[Outcome]:
         presences = list(message["presences"])
         read_at = float(message.get("read_at") or time.time())
         ts_ms = int(read_at * 1000)
+        if message.get("source") == "push":  # rich notifications: stamped when they arrived
+            earliest_ms = ts_ms - int(GRAPH_DELIVERY_MAX_S * 1000)
     else:
         raise ValueError(f"unknown message kind {kind!r}")
     if not isinstance(presences, list) or not all(isinstance(p, dict) for p in presences):
@@ -160,15 +167,24 @@ def handle_teams_message(message: dict) -> list[Outcome]:
     errors: list[Exception] = []
     started = time.monotonic()
     untried: list[dict] = []
+    unsure: list[str] = []
     for index, presence in enumerate(presences):
         if time.monotonic() - started > BATCH_BUDGET_S:
             untried = presences[index:]
             break
         try:
-            outcomes.append(handle_teams_presence(presence, ts_ms=ts_ms, cid=cid))
+            outcome = handle_teams_presence(presence, ts_ms=ts_ms, cid=cid, earliest_ms=earliest_ms)
         except Exception as exc:  # noqa: BLE001 - retried on its own below; the others are done
             failed.append(presence)
             errors.append(exc)
+            continue
+        outcomes.append(outcome)
+        if outcome.observed == Observed.UNSURE:
+            unsure.append(str(presence["id"]))
+    if unsure:
+        # Read afresh (a read is timed from when it began), as for a basic notification.
+        storage.enqueue(names.TEAMS_PRESENCE_QUEUE, telemetry.inject(
+            {"kind": "teams_ids", "ids": unsure, "source": "push_unsure", "cid": uuid.uuid4().hex}))
     if untried:
         log.warning("teams presence: %d of %d reports not started within %.0f s; queued again",
                     len(untried), len(presences), BATCH_BUDGET_S)

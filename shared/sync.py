@@ -354,7 +354,7 @@ def _in_a_zoom_client(s: UserSync) -> bool:
     return s.zoom_native not in (None, Presence.OFFLINE, Presence.UNKNOWN)
 
 
-def _apply_teams_report(link: Link, presence: dict, ts_ms: int) -> Observed:
+def _apply_teams_report(link: Link, presence: dict, ts_ms: int, earliest_ms: int | None = None) -> Observed:
     reported = str(presence.get("id") or link.entra_user_id).lower()
     if reported != link.entra_user_id.lower():
         # A stale Entra index entry must never apply one person's presence to another's link.
@@ -362,8 +362,8 @@ def _apply_teams_report(link: Link, presence: dict, ts_ms: int) -> Observed:
     availability = presence.get("availability")
     activity = presence.get("activity")
     outcome = observe_teams(link.sync, availability, activity, sequence=presence.get("sequenceNumber") or None,
-                            ts_ms=ts_ms, cfg=engine_config())
-    if outcome not in (Observed.STALE, Observed.IGNORED):
+                            ts_ms=ts_ms, earliest_ms=earliest_ms, cfg=engine_config())
+    if outcome not in (Observed.STALE, Observed.IGNORED, Observed.UNSURE):
         link.teams_shows = f"{availability}/{activity}"
     return outcome
 
@@ -787,15 +787,17 @@ def handle_zoom_presence(message: dict) -> Outcome:
     return outcome
 
 
-def handle_teams_presence(presence: dict, *, ts_ms: int | None = None, cid: str = "") -> Outcome:
-    """A Graph presence (from a notification, a batch read or the sweep) for one Entra user."""
+def handle_teams_presence(presence: dict, *, ts_ms: int | None = None, cid: str = "",
+                          earliest_ms: int | None = None) -> Outcome:
+    """A Graph presence (from a notification, a batch read or the sweep) for one Entra user;
+    ``earliest_ms`` for pushed content (shared.engine.observe_teams)."""
     entra = str(presence.get("id", "")).lower()
     zoom_user_id = zoom_id_for_entra(entra) if entra else None
     if zoom_user_id is None:
         telemetry.observed(TEAMS_TO_ZOOM, "unlinked")
         return Outcome(linked=False)
     ts = ts_ms if ts_ms is not None else int(time.time() * 1000)
-    outcome, misdirected = _sync_teams_report(zoom_user_id, entra, presence, ts, cid)
+    outcome, misdirected = _sync_teams_report(zoom_user_id, entra, presence, ts, cid, earliest_ms)
     if misdirected:
         # The index entry (this instance's cache) names a link that is gone or now someone
         # else's: re-linked on another instance. Look again rather than drop the report.
@@ -803,12 +805,13 @@ def handle_teams_presence(presence: dict, *, ts_ms: int | None = None, cid: str 
         if current is None:
             outcome = Outcome(linked=False)
         elif current != zoom_user_id:
-            outcome, _ = _sync_teams_report(current, entra, presence, ts, cid)
+            outcome, _ = _sync_teams_report(current, entra, presence, ts, cid, earliest_ms)
     telemetry.observed(TEAMS_TO_ZOOM, str(outcome.observed) if outcome.linked else "unlinked")
     return outcome
 
 
-def _sync_teams_report(zoom_user_id: str, entra: str, presence: dict, ts: int, cid: str) -> tuple[Outcome, bool]:
+def _sync_teams_report(zoom_user_id: str, entra: str, presence: dict, ts: int, cid: str,
+                       earliest_ms: int | None = None) -> tuple[Outcome, bool]:
     """Sync ``zoom_user_id`` with a Teams report for ``entra``; True too when its link is not
     (or no longer) that Entra user's."""
     other_person = False
@@ -816,7 +819,7 @@ def _sync_teams_report(zoom_user_id: str, entra: str, presence: dict, ts: int, c
     def observe(link: Link, now: float) -> Observed:
         nonlocal other_person
         other_person = link.entra_user_id.lower() != entra
-        return _apply_teams_report(link, presence, ts)  # ignores another person's report itself
+        return _apply_teams_report(link, presence, ts, earliest_ms)  # ignores another person's report itself
 
     outcome = sync_user(zoom_user_id, observe=observe, reason="teams", cid=cid)
     return outcome, not outcome.linked or other_person

@@ -52,3 +52,33 @@ def test_rich_notification_needs_no_presence_read(world: World, app_setting):
         reads = [r for r in world.graph.requests_matching("POST", "getPresencesByUserId")
                  if person.entra_id in [i.lower() for i in (r.json or {}).get("ids", [])]]
         assert reads == []
+
+
+def test_pushed_content_arriving_soon_after_our_write_is_read_again_before_it_counts(world: World):
+    # Our Do Not Disturb is in Teams' preferred slot. A rich notification then brings
+    # "Available" seconds later: Graph takes up to a minute to deliver, so it may be the state our
+    # write replaced. It is read again (Graph shows ours) instead of taken as what Teams shows.
+    import time
+    import uuid
+
+    from shared import names, storage
+
+    person = world.add_person()
+    world.zoom.set_status_by_user(person.zoom_id, "Do_Not_Disturb")
+    world.settle()
+    assert world.teams_shows(person) == ("DoNotDisturb", "DoNotDisturb")
+    world.graph.clear_requests()
+    later_seq = world.graph.presence(person.entra_id)["sequenceNumber"] + "1"  # sorts after it
+    storage.enqueue(names.TEAMS_PRESENCE_QUEUE, {
+        "kind": "teams_presences", "source": "push", "cid": uuid.uuid4().hex, "read_at": time.time(),
+        "presences": [{"id": person.entra_id, "availability": "Available", "activity": "Available",
+                       "sequenceNumber": later_seq}]})
+    world.settle()
+    reads = [r for r in world.graph.requests_matching("POST", "getPresencesByUserId")
+             if person.entra_id in [i.lower() for i in (r.json or {}).get("ids", [])]]
+    assert len(reads) == 1
+    teams = world.admin("GET", f"links/{person.zoom_id}").json()["sync"]["teams"]
+    assert (teams["shows"], teams["shows_ours"]) == ("DoNotDisturb/DoNotDisturb", True)
+    assert teams["ours"]["activity"] == "DoNotDisturb"
+    assert world.teams_shows(person) == ("DoNotDisturb", "DoNotDisturb")
+    assert world.zoom_shows(person) == "Do_Not_Disturb"

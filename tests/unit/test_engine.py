@@ -166,6 +166,35 @@ def test_a_report_read_before_our_preferred_write_was_answered_does_not_give_up_
     assert w.user.teams_overlay is None and w.user.teams_yielded
 
 
+def test_pushed_content_that_may_predate_our_write_is_read_again_not_applied():
+    """A rich notification carries the state, not when Graph saw it: arriving 3 s after our
+    preferred write was answered, it may be the moment between our clear and our set (Graph takes up
+    to a minute to deliver). Unsure: nothing changes and the caller reads afresh."""
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("In_Meeting")
+    w.tick()
+    w.user.zoom_native, w.user.zoom_native_since = None, 0
+    observe_zoom(w.user, "Do_Not_Disturb", w.ts, w.now, CFG)
+    result = w.reconcile()  # clear the session, set the preferred slot, answered
+    assert [op.kind for op in result.teams_ops] == [TeamsOpKind.CLEAR_SESSION, TeamsOpKind.SET_PREFERRED]
+    w.tick(3)
+    seen = (w.user.teams_seen_seq, w.user.teams_seen_ts, w.user.teams_native)
+    w.seq += 1
+    arrived = observe_teams(w.user, "Available", "Available", sequence=f"{w.seq:020d}", ts_ms=w.ts,
+                            earliest_ms=w.ts - 60_000, cfg=CFG)
+    assert arrived == Observed.UNSURE
+    assert w.user.teams_overlay is not None and w.user.teams_yielded == ""
+    assert (w.user.teams_seen_seq, w.user.teams_seen_ts, w.user.teams_native) == seen
+    # Our own state pushed back is the echo as ever; pushed content from after our write applies.
+    assert observe_teams(w.user, "DoNotDisturb", "DoNotDisturb", sequence=f"{w.seq + 1:020d}", ts_ms=w.ts,
+                         earliest_ms=w.ts - 60_000, cfg=CFG) == Observed.ECHO
+    w.tick(61)
+    assert observe_teams(w.user, "Available", "Available", sequence=f"{w.seq + 2:020d}", ts_ms=w.ts,
+                         earliest_ms=w.ts - 60_000, cfg=CFG) not in (Observed.UNSURE, Observed.STALE)
+    assert w.user.teams_overlay is None and w.user.teams_yielded  # the person took the slot
+
+
 def test_a_write_whose_answer_never_came_counts_as_in_place_after_the_write_lease():
     w = World()
     w.teams("Available", "Available")
