@@ -193,7 +193,7 @@ def _batch(ids: list[str], attempt: int, **extra) -> dict:
 
 
 def _apply_failing(failures: dict[str, Exception]):
-    def apply(presence, *, ts_ms, cid):
+    def apply(presence, *, ts_ms, cid, earliest_ms=None):
         if presence["id"] in failures:
             raise failures[presence["id"]]
         return Outcome()

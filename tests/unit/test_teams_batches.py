@@ -17,7 +17,7 @@ def test_a_slow_batch_queues_those_it_did_not_start_again_without_counting_a_fai
     applied: list[str] = []
     queued: list[tuple[dict, float]] = []
 
-    def apply(presence, *, ts_ms, cid):
+    def apply(presence, *, ts_ms, cid, earliest_ms=None):
         applied.append(presence["id"])
         clock["now"] += 100.0  # an outage: every person takes a call's retries
         return Outcome()
@@ -36,7 +36,7 @@ def test_a_slow_batch_queues_those_it_did_not_start_again_without_counting_a_fai
 def test_the_failed_ones_alone_are_queued_again_with_the_next_attempt(monkeypatch):
     queued: list[dict] = []
 
-    def apply(presence, *, ts_ms, cid):
+    def apply(presence, *, ts_ms, cid, earliest_ms=None):
         if presence["id"] == "e1":
             raise RuntimeError("storage down")
         return Outcome()
