@@ -249,9 +249,15 @@ def _notifications(body: bytes, enqueue: Callable[[str, dict], None] | None, now
                             _safe(item.subscriptionId), exc)
                 continue
             if presence is None:
-                rejected += 1
-                log.warning("graph notifications: item of subscription %s holds no presence",
-                            _safe(item.subscriptionId))
+                # Genuine (its signature held) but not a presence we can use: the item still names
+                # the person, so read them as for a basic notification rather than lose the change.
+                user_id = _basic_id(item)
+                log.warning("graph notifications: item of subscription %s holds no presence; %s",
+                            _safe(item.subscriptionId), "read instead" if user_id else "dropped")
+                if user_id is None:
+                    rejected += 1
+                else:
+                    ids[user_id] = None
                 continue
             seen = presences.get(presence["id"])
             if seen is None or str(presence.get("sequenceNumber") or "") >= str(seen.get("sequenceNumber") or ""):

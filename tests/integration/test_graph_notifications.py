@@ -267,3 +267,27 @@ def test_a_large_lifecycle_delivery_is_queued_whole_in_messages_a_queue_takes(gr
     assert len(raw) == 5 and all(len(base64.b64encode(m.content.encode())) <= 64 * 1024 for m in raw)
     messages = queued(LIFECYCLE_QUEUE)
     assert sum(len(m["events"]) for m in messages) == 1000
+
+
+def test_rich_content_without_a_usable_presence_is_read_instead_of_dropped(graph_app_env, webhook_host, monkeypatch):
+    # Content that decrypts and whose signature holds, but without the presence's fields: the
+    # item's resourceData still names the person, so they are read as for a basic notification.
+    from sandbox.graph.crypto import encrypt_resource
+    from shared import graph_crypto
+
+    graph = graph_app_env
+    monkeypatch.setenv("GRAPH_NOTIFICATION_CERTIFICATE", notification_certificate_pem())
+    reset_app_caches()
+    ids = setup_push(graph)
+    clear(PRESENCE_QUEUE)
+    graph.set_teams_client(ids[0], "DoNotDisturb")
+    graph.wait_for_deliveries()
+    payload = copy.deepcopy(graph.delivered[-1].payload)
+    clear(PRESENCE_QUEUE)
+    ours = graph_crypto.notification_certificate()
+    cert = x509.load_der_x509_certificate(base64.b64decode(ours.certificate_b64))
+    item = payload["value"][0]
+    item["encryptedContent"] = encrypt_resource(cert, ours.certificate_id, {"availability": 5})
+    assert post(webhook_host.url("graph/notifications"), payload).status_code == 202
+    [message] = queued(PRESENCE_QUEUE)
+    assert message["kind"] == "teams_ids" and message["ids"] == [ids[0]]
