@@ -720,7 +720,10 @@ def match_zoom_user(zoom_user_id: str) -> str:
     holder = zoom_id_for_entra(entra_id)
     if holder and holder != zoom_id:
         other, _ = read_link(holder)
-        if other is not None and other.entra_user_id == entra_id:
+        # As in the nightly plan: an admin's or the person's pairing stands; a match holds only
+        # while active (a Zoom user deleted and created again must not be refused by its old link).
+        if other is not None and other.entra_user_id == entra_id and (
+                other.origin in PINNED_ORIGINS or other.status == STATUS_ACTIVE):
             log.warning("matching: Entra user %s is linked to Zoom user %s already; %s not linked", entra_id,
                         holder, zoom_id)
             return "conflict"

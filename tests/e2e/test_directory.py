@@ -497,6 +497,24 @@ def test_a_deactivation_whose_reconcile_could_not_be_queued_releases_ours_on_its
     assert world.host.poisoned == []
 
 
+def test_a_zoom_user_deleted_and_created_again_is_linked_at_once(world: World):
+    # Offboarded by mistake, then re-created: a new Zoom id with the same email. The old link,
+    # disabled as deleted, holds the Teams account no more: the new user is linked by its event,
+    # as the nightly run would.
+    ada = _person(world, "ada")
+    run_matching(world)
+    world.zoom.remove_user(ada.zoom_id)
+    world.settle()
+    assert _link(world, ada)["disabled_reason"] == "zoom_deleted"
+    again = world.zoom.add_user(email=ada.email, emit_created=True)["id"].lower()
+    world.settle()
+    link = world.admin("GET", f"links/{again}").json()
+    assert (link.get("entra_user_id"), link.get("status")) == (ada.entra_id, "active")
+    world.zoom.join_meeting(again)
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+
+
 def test_user_created_is_matched_and_linked(world: World):
     email = f"newcomer.{uuid.uuid4().hex[:6]}@{DOMAIN}"
     entra_id = world.graph.add_user(user_principal_name=f"n@{TENANT}", proxy_addresses=[f"smtp:{email}"])["id"]
