@@ -930,6 +930,23 @@ class ZoomEmulator:
         with self._lock:
             return [u.api_dict() for u in self._users.values()]
 
+    def change_email(self, user_id: str, email: str) -> None:
+        """An admin changes a user's email (a licence handed to someone else, a rename): Zoom sends
+        ``user.updated`` whose ``object`` holds the id and the fields that changed (Zoom's
+        ``UserUpdatedEvent``: every field but ``id`` optional)."""
+        with self._lock:
+            user = self._require_user(user_id)
+            if self._find_user(email) is not None:
+                raise ValueError("a user with this email exists")
+            self._by_email.pop(user.email.lower(), None)
+            user.email = email
+            self._by_email[email.lower()] = user.id.lower()
+            self._emit({
+                "event": "user.updated", "event_ts": int(self.clock.now() * 1000),
+                "payload": {"account_id": user.account_id, "operator": "admin@emulator.invalid",
+                            "operator_id": "emulator-admin", "object": {"id": self._event_id(user), "email": email}},
+            })
+
     def remove_user(self, user_id: str) -> None:
         with self._lock:
             user = self._require_user(user_id)

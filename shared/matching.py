@@ -642,6 +642,11 @@ def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
              c.get("enabled", 0))
     if scopes.read_scopes().restricted and c.get("created"):
         scopes.request_run("new links from matching")
+    if runs.rerun_requested(run):
+        # Asked for while this one ran (a Zoom email change it may have listed too early).
+        again, _ = start("asked for during the previous run")
+        if again is not None:
+            runs.continue_later(KIND, again.run_id)
     return run
 
 
@@ -765,8 +770,33 @@ def handle_user_event(message: dict) -> str:
         if outcome == "not_linked":
             return match_zoom_user(zoom_id)
         return outcome
+    if event == "user.updated":
+        return _recheck_email(zoom_id)
     log.info("matching: Zoom %s for user %s needs nothing (the next matching run sees any change)", event, zoom_id)
     return "ignored"
+
+
+def _recheck_email(zoom_id: str) -> str:
+    """A linked Zoom user was updated: if its email changed (a licence handed to someone else), the
+    match may now be someone else's, so a matching run is asked for rather than waiting for the
+    night's; until it runs the link stays as it is. Other updates (a name, a department) need
+    nothing, and pinned links (the admin's, the person's) never follow the email."""
+    link, _ = read_link(zoom_id)
+    if link is None or link.origin in PINNED_ORIGINS:
+        return "ignored"
+    try:
+        user = zoom_client.get_user(zoom_id)
+    except NotFound:
+        return "zoom_user_not_found"  # its deletion event follows
+    if (_address(user.get("email")) or "") == (link.email or "").lower():
+        return "ignored"
+    run, _live = runs.start_run(KIND, "zoom email changed", _new_state(), stale_after_s=_stale_after(),
+                                rerun_if_live=True)
+    if run is not None:
+        runs.continue_later(KIND, run.run_id)
+    log.info("matching: the email of Zoom user %s changed; a matching run is %s", zoom_id,
+             "started" if run is not None else "asked for after the current one")
+    return "matching_requested"
 
 
 def _disable_for_event(zoom_id: str, reason: str, event_ts: int) -> str:

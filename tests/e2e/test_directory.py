@@ -307,6 +307,27 @@ def test_a_changed_email_moves_a_match_and_releases_the_old_one(world: World):
     assert world.teams_shows(ada) == ("Available", "Available")  # released on the old account
 
 
+def test_a_zoom_email_change_moves_the_match_without_waiting_for_the_night(world: World):
+    # The Zoom admin hands ada's licence to a new hire by changing its email. Zoom's user.updated
+    # makes the bridge ask for a matching run at once: the link follows the email, ada's Teams is
+    # let go, and the new hire's shows the meeting the Zoom user is in.
+    ada = _person(world, "ada")
+    run_matching(world)
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+    hire_email = f"hire.{uuid.uuid4().hex[:6]}@{DOMAIN}"
+    hire = world.graph.add_user(display_name="hire", mail=hire_email)["id"].lower()
+    world.graph.set_teams_client(hire, "Available", "Available")
+    world.zoom.change_email(ada.zoom_id, hire_email)
+    world.settle(timeout=120)
+    assert _link(world, ada)["entra_user_id"] == hire
+    assert world.teams_shows(ada) == ("Available", "Available")
+    assert world.graph.presence(hire)["activity"] == "InACall"
+    matching = world.admin("GET", "status").json()["matching"]
+    assert matching["run"]["trigger"] == "zoom email changed" and matching["run"]["status"] == "done"
+
+
 def test_a_moved_match_hands_our_zoom_overlay_to_the_new_teams_account(world: World):
     ada = _person(world, "ada")
     run_matching(world)
