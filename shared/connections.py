@@ -4,7 +4,8 @@ Graph presence subscriptions need a signed-in user's token (API-FACTS §7), so a
 dedicated sync accounts (or people connect themselves) and we keep each account's MSAL token
 cache. Table ``connections``: PartitionKey ``"microsoft"``, RowKey the account's Entra object id
 (lowercase), with ``purpose``, ``status``, ``broken_reason``, ``key_id``, ``token_cache``
-(AES-GCM ciphertext of MSAL's ``SerializableTokenCache`` serialisation), a masked
+(AES-GCM ciphertext of MSAL's ``SerializableTokenCache`` serialisation), ``sign_in_id`` (new on
+every connect: a refresh that fails breaks only the sign-in it read, never a newer one), a masked
 ``display_hint`` and timestamps. No token, UPN or email address is stored in the clear.
 
 Keys come from ``TOKEN_ENCRYPTION_KEY``: comma-separated ``keyid:base64key`` entries (16, 24 or
@@ -21,6 +22,7 @@ import binascii
 import logging
 import os
 import re
+import secrets
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -279,6 +281,7 @@ def store_connection(account_id: str, purpose: str, cache: Any) -> Connection:
     key_id, sealed = encrypt_cache(account_id, cache.serialize(), ring)
     hint = mask_login(accounts[0].get("username"))
     now = _now_iso()
+    sign_in_id = secrets.token_urlsafe(12)
 
     def mutate(current: dict | None) -> dict:
         return {
@@ -287,6 +290,7 @@ def store_connection(account_id: str, purpose: str, cache: Any) -> Connection:
             "broken_reason": "",
             "key_id": key_id,
             "token_cache": sealed,
+            "sign_in_id": sign_in_id,
             "display_hint": hint,
             "created_at": (current or {}).get("created_at") or now,
             "updated_at": now,
@@ -322,25 +326,43 @@ def _rewrite_cache(account_id: str, entity: dict, ring: KeyRing) -> None:
     entity["key_id"], entity["token_cache"] = encrypt_cache(account_id, plaintext, ring)
 
 
-def mark_broken(account_id: str, reason: str) -> None:
-    """Take the account out of service until it is connected again; ``reason`` is a short code."""
+def mark_broken(account_id: str, reason: str, *, sign_in_id: str | None = None) -> bool:
+    """Take the account out of service until it is connected again; ``reason`` is a short code.
+
+    With ``sign_in_id`` (that of the record whose tokens failed), only that sign-in is marked: if
+    the account was connected again since, the new connection is left alone. Returns whether the
+    record is now marked broken.
+    """
     account_id = _normalise_id(account_id)
     short = scrub(reason)[:200]
     try:
         ring: KeyRing | None = key_ring()
     except (SettingMissing, TokenKeyInvalid):
         ring = None
+    replaced = False
 
     def mutate(current: dict | None) -> dict | None:
-        if current is None:
+        nonlocal replaced
+        replaced = current is not None and sign_in_id is not None and _sign_in_id(current) != sign_in_id
+        if current is None or replaced:
             return None
         current.update({"status": STATUS_BROKEN, "broken_reason": short, "updated_at": _now_iso()})
         if ring is not None:
             _rewrite_cache(account_id, current, ring)
         return current
 
-    storage.mutate_entity(TABLE, PARTITION, account_id, mutate)
+    stored = storage.mutate_entity(TABLE, PARTITION, account_id, mutate)
+    if replaced:
+        log.info("connections: account %s was connected again meanwhile; not marked broken (%s)", account_id, short)
+        return False
+    if stored is None:
+        return False
     log.warning("connections: account %s marked broken: %s", account_id, short)
+    return True
+
+
+def _sign_in_id(entity: Mapping[str, Any]) -> str:
+    return str(entity.get("sign_in_id") or "")
 
 
 def delete_connection(account_id: str) -> None:
@@ -383,59 +405,76 @@ def delegated_token(account_id: str, scopes: list[str] | None = None, *, force_r
     gone, :class:`TokenDecryptError` when the stored cache cannot be decrypted, and
     :class:`~shared.errors.TokenError` for app-side or transient failures.
     """
+    account_id = _normalise_id(account_id)
+    wanted = delegated_scopes(scopes)
+    with _account_lock(account_id):
+        # A second round only when the account was connected again while the first one's refresh
+        # failed: the new sign-in's tokens are the ones to use.
+        for _round in range(2):
+            token = _delegated_token_once(account_id, wanted, force_refresh)
+            if token is not None:
+                return token
+    raise TokenError("entra", "connection_replaced", "the account was connected again during each refresh",
+                     transient=True)
+
+
+def _delegated_token_once(account_id: str, wanted: list[str], force_refresh: bool) -> str | None:
+    """One read-refresh-write round; None when the grant failed but the record it read has been
+    replaced (or deleted) meanwhile, so nothing was marked."""
     import msal
 
     from shared import tokens
 
-    account_id = _normalise_id(account_id)
-    wanted = delegated_scopes(scopes)
-    with _account_lock(account_id):
-        entity, etag = storage.read_entity(TABLE, PARTITION, account_id)
-        if entity is None:
-            raise ConnectionBroken(account_id, "not_connected")
-        if entity.get("status") != STATUS_OK:
-            raise ConnectionBroken(account_id, str(entity.get("broken_reason") or "broken"))
-        ring = key_ring()
-        plaintext = decrypt_cache(account_id, str(entity.get("key_id") or ""), str(entity.get("token_cache") or ""),
-                                  ring)
-        cache = msal.SerializableTokenCache()
-        cache.deserialize(plaintext)
-        app = tokens.confidential_client(cache, http_cache=_HTTP_CACHE)
-        try:
-            account = next((a for a in app.get_accounts() if _matches(a, account_id)), None)
-            if account is None:
-                result: Any = {"error": "account_missing_from_cache"}
-            else:
-                try:
-                    # acquire_token_silent, but keeping the error: a revoked grant (break the
-                    # connection) must not look like an outage (retry later).
-                    result = app.acquire_token_silent_with_error(wanted, account, force_refresh=force_refresh)
-                except Exception as exc:  # noqa: BLE001 - network errors surface as requests exceptions
-                    raise TokenError("entra", type(exc).__name__, "token endpoint unreachable",
-                                     transient=True) from exc
-        finally:
+    entity, etag = storage.read_entity(TABLE, PARTITION, account_id)
+    if entity is None:
+        raise ConnectionBroken(account_id, "not_connected")
+    if entity.get("status") != STATUS_OK:
+        raise ConnectionBroken(account_id, str(entity.get("broken_reason") or "broken"))
+    ring = key_ring()
+    plaintext = decrypt_cache(account_id, str(entity.get("key_id") or ""), str(entity.get("token_cache") or ""),
+                              ring)
+    cache = msal.SerializableTokenCache()
+    cache.deserialize(plaintext)
+    app = tokens.confidential_client(cache, http_cache=_HTTP_CACHE)
+    try:
+        account = next((a for a in app.get_accounts() if _matches(a, account_id)), None)
+        if account is None:
+            result: Any = {"error": "account_missing_from_cache"}
+        else:
             try:
-                app.http_client.close()
-            except Exception:  # noqa: BLE001 - closing an idle session must not fail the call
-                log.debug("connections: closing MSAL's session failed", exc_info=True)
+                # acquire_token_silent, but keeping the error: a revoked grant (break the
+                # connection) must not look like an outage (retry later).
+                result = app.acquire_token_silent_with_error(wanted, account, force_refresh=force_refresh)
+            except Exception as exc:  # noqa: BLE001 - network errors surface as requests exceptions
+                raise TokenError("entra", type(exc).__name__, "token endpoint unreachable",
+                                 transient=True) from exc
+    finally:
+        try:
+            app.http_client.close()
+        except Exception:  # noqa: BLE001 - closing an idle session must not fail the call
+            log.debug("connections: closing MSAL's session failed", exc_info=True)
 
-        if result is None:
-            # Neither an access token nor a refresh token for these scopes: sign in again.
-            _break(account_id, "no_refresh_token")
-        if "error" in result:
-            error = str(result.get("error"))
-            code = _error_code(result)
-            if error in _ACCOUNT_ERRORS or error == "account_missing_from_cache":
-                _break(account_id, code)
-            raise TokenError("entra", code, "delegated token refresh failed", transient=error in _TRANSIENT_ERRORS)
-        if cache.has_state_changed:
-            _persist(account_id, entity, etag, cache.serialize(), ring)
-        return str(result["access_token"])
+    if result is None:
+        # Neither an access token nor a refresh token for these scopes: sign in again.
+        return _break(account_id, "no_refresh_token", entity)
+    if "error" in result:
+        error = str(result.get("error"))
+        code = _error_code(result)
+        if error in _ACCOUNT_ERRORS or error == "account_missing_from_cache":
+            return _break(account_id, code, entity)
+        raise TokenError("entra", code, "delegated token refresh failed", transient=error in _TRANSIENT_ERRORS)
+    if cache.has_state_changed:
+        _persist(account_id, entity, etag, cache.serialize(), ring)
+    return str(result["access_token"])
 
 
-def _break(account_id: str, reason: str) -> None:
-    mark_broken(account_id, reason)
-    raise ConnectionBroken(account_id, reason)
+def _break(account_id: str, reason: str, entity: Mapping[str, Any]) -> None:
+    """Mark the sign-in whose tokens failed as broken and raise; None (nothing marked) when the
+    account was connected again since ``entity`` was read: a revoked old grant says nothing
+    about the new one (a password reset, then an admin reconnecting at once)."""
+    if mark_broken(account_id, reason, sign_in_id=_sign_in_id(entity)):
+        raise ConnectionBroken(account_id, reason)
+    return None  # replaced (the next round uses the new sign-in) or deleted (it says "not_connected")
 
 
 def _persist(account_id: str, entity: dict, etag: str | None, plaintext: str, ring: KeyRing) -> None:

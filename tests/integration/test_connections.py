@@ -154,6 +154,43 @@ def test_revoked_refresh_token_breaks_the_connection(graph_app_env):
     assert connections.delegated_token(user["id"], force_refresh=True)
 
 
+def test_a_refresh_refused_after_a_reconnect_leaves_the_new_connection_alone(graph_app_env, monkeypatch, caplog):
+    """A password reset, and the admin connects the account again at once: a refresh that read the
+    old sign-in and then gets invalid_grant must not break the new connection."""
+    graph = graph_app_env
+    user = graph.add_user(display_name="Sync Reconnected")
+    connect_account_via_auth_code(graph, user, "sync-account")
+    assert connections.delegated_token(user["id"])
+    graph.revoke_refresh_tokens(user["id"])
+    decrypt = connections.decrypt_cache
+    reconnected = []
+
+    def reconnect_after_the_read(*args, **kwargs):
+        # The old record has been read; before its refresh is refused, a new sign-in is stored.
+        if not reconnected:
+            reconnected.append(connect_account_via_auth_code(graph, user, "sync-account"))
+        return decrypt(*args, **kwargs)
+
+    monkeypatch.setattr(connections, "decrypt_cache", reconnect_after_the_read)
+    with caplog.at_level("INFO", logger="shared.connections"):
+        try:
+            token = connections.delegated_token(user["id"], force_refresh=True)
+        except connections.ConnectionBroken:
+            token = None
+
+    assert reconnected
+    conn = connections.get_connection(user["id"])
+    assert (conn.status, conn.broken_reason) == ("ok", "")
+    assert [c.account_id for c in connections.list_connections(purpose="sync-account")] == [user["id"].lower()]
+    # The old sign-in's refresh was refused; the caller got a working token of the new one.
+    assert [r.status for r in token_requests(graph)][-2:] == [400, 200]
+    assert token
+    from shared.graph_client import default_client
+
+    assert default_client().request("GET", "/me", token=token).json()["id"] == user["id"]
+    assert "connected again meanwhile; not marked broken" in caplog.text
+
+
 def test_store_rejects_a_cache_without_that_account(graph_app_env):
     import msal
 
