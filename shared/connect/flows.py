@@ -280,6 +280,9 @@ def microsoft_callback(req: WebRequest) -> WebResponse:
         return _confirm_disconnect(MICROSOFT, str(outcome))
     conn = outcome
     assert isinstance(conn, connections.Connection)
+    # Before any linking below: a link made there queues its own reconcile, so this one is only
+    # for a person already linked (reconnecting after a password reset, say).
+    people.resync_after_connect(conn.account_id)
     done = {"Set-Cookie": state.clear_cookie()}
     if flow.purpose == PURPOSE_SYNC:
         return page(200, "Sync account connected",

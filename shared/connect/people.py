@@ -78,6 +78,19 @@ def active_link_for_entra(entra_user_id: str) -> Link | None:
     return link
 
 
+def resync_after_connect(entra_user_id: str) -> bool:
+    """Reconcile the person of a (re)connected Microsoft account, if they are linked. Teams writes
+    that needed their token (TEAMS_WRITE_MODE delegated or auto) failed while it was missing or
+    broken and are not retried on their own: without this, Teams would catch up only at the next
+    Zoom change."""
+    link = active_link_for_entra(entra_user_id)
+    if link is None:
+        return False
+    _reconcile_soon(link.zoom_user_id, "connected")
+    log.info("connect: reconcile queued for Zoom user %s: their Microsoft account was connected", link.zoom_user_id)
+    return True
+
+
 def link_self(zoom_user_id: str, entra_user_id: str) -> LinkResult:
     """Create or confirm the link between a Zoom user and an Entra user who both just signed in."""
     zoom_id, entra_id = zoom_user_id.lower(), entra_user_id.lower()
