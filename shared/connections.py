@@ -33,7 +33,7 @@ from typing import Any
 
 from shared import names, storage
 from shared.config import SettingMissing, get_settings
-from shared.errors import TokenError, scrub
+from shared.errors import OAUTH_OUTAGE_ERRORS, TokenError, scrub
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ RESERVED_SCOPES = frozenset({"openid", "profile", "offline_access"})
 # Errors about the app itself (invalid_client, ...) are not the account's fault and are raised
 # as TokenError without breaking the connection.
 _ACCOUNT_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
-_TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 
 # Authenticated data binds a ciphertext to its row: a cache copied onto another account's
 # record does not decrypt.
@@ -462,7 +461,7 @@ def _delegated_token_once(account_id: str, wanted: list[str], force_refresh: boo
         code = _error_code(result)
         if error in _ACCOUNT_ERRORS or error == "account_missing_from_cache":
             return _break(account_id, code, entity)
-        raise TokenError("entra", code, "delegated token refresh failed", transient=error in _TRANSIENT_ERRORS)
+        raise TokenError("entra", code, "delegated token refresh failed", transient=error in OAUTH_OUTAGE_ERRORS)
     if cache.has_state_changed:
         _persist(account_id, entity, etag, cache.serialize(), ring)
     return str(result["access_token"])
@@ -504,27 +503,50 @@ def begin_auth_code_flow(redirect_uri: str, *, login_hint: str | None = None,
                                        response_mode=response_mode)
 
 
-def complete_auth_code_flow(flow: dict, auth_response: Mapping[str, str], purpose: str) -> Connection:
-    """Finish a sign-in with the callback's query parameters and store the connection.
+def redeem_auth_code(flow: dict, auth_response: Mapping[str, str], cache: Any = None) -> dict:
+    """Redeem a sign-in's code (once: it is single-use, so a lost answer is never re-sent); MSAL's
+    token response, its tokens added to ``cache`` if given.
 
-    Raises ``ValueError`` when the response does not belong to ``flow`` (state mismatch) and
-    :class:`ConnectFailed` when Entra refuses the code.
+    Raises ``ValueError`` when the response does not belong to ``flow`` (state mismatch),
+    :class:`ConnectFailed` when Entra refuses the code, and a transient
+    :class:`~shared.errors.TokenError` when Entra could not answer (network error, 5xx,
+    ``temporarily_unavailable``): an outage, not a refused sign-in.
     """
+    import json
+
     import msal
+    import requests
 
     from shared import tokens
 
-    cache = msal.SerializableTokenCache()
     app = tokens.confidential_client(cache, http_cache=_HTTP_CACHE)
     try:
         result = app.acquire_token_by_auth_code_flow(flow, dict(auth_response))
+    # MSAL raises MsalServiceError for a 5xx, and json's error for an answer that is not JSON (a
+    # gateway's error page); its own state check raises a plain ValueError, kept for the caller.
+    except (requests.RequestException, msal.exceptions.MsalServiceError, json.JSONDecodeError) as exc:
+        raise TokenError("entra", type(exc).__name__, "token endpoint unavailable", transient=True) from exc
     finally:
         try:
             app.http_client.close()
         except Exception:  # noqa: BLE001
             log.debug("connections: closing MSAL's session failed", exc_info=True)
     if "error" in result:
+        if str(result.get("error")) in OAUTH_OUTAGE_ERRORS:
+            raise TokenError("entra", _error_code(result), "token endpoint unavailable", transient=True)
         raise ConnectFailed(_error_code(result))
+    return result
+
+
+def complete_auth_code_flow(flow: dict, auth_response: Mapping[str, str], purpose: str) -> Connection:
+    """Finish a sign-in with the callback's query parameters and store the connection.
+
+    Raises as :func:`redeem_auth_code` does.
+    """
+    import msal
+
+    cache = msal.SerializableTokenCache()
+    result = redeem_auth_code(flow, auth_response, cache)
     claims = result.get("id_token_claims") or {}
     account_id = str(claims.get("oid") or "")
     if not account_id:

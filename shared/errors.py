@@ -114,6 +114,12 @@ class ZoomNoPermission(Forbidden):
     will not change on a retry, so it is recorded on the link, not retried."""
 
 
+# OAuth errors that mean the server could not serve the request right now (RFC 6749 §4.1.2.1 names
+# them for the authorization response; Entra and others answer them from the token endpoint too):
+# an outage to try again after, not a refused grant or sign-in.
+OAUTH_OUTAGE_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
+
+
 class TokenError(Exception):
     """An access token could not be obtained. Carries the vendor's error code, never a secret."""
 

@@ -20,7 +20,9 @@ anyone silently (SameSite=Lax keeps the cookie off cross-site POSTs).
 
 Every callback refuses, with a 400 page and nothing stored: a ``state`` that is not the one this
 browser's signed cookie carries, an unknown, expired or already used ``state``, a flow without its
-PKCE verifier, and a code the provider will not redeem (reused, or not ours).
+PKCE verifier, and a code the provider will not redeem (reused, or not ours). A provider that cannot
+answer (no answer, 5xx, ``temporarily_unavailable``) gets the 503 "try again" page instead, and the
+single-use code is never sent twice.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from shared import connections
 from shared.config import SettingMissing, get_settings
 from shared.connect import people, state, zoom_oauth
 from shared.connect.people import LinkOutcome
-from shared.errors import TokenError
+from shared.errors import OAUTH_OUTAGE_ERRORS, TokenError
 from shared.pages import Form, FormRefused, WebRequest, WebResponse, page, redirect
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,6 @@ IDENTIFY_SCOPES = ["User.Read"]
 TICKET_SECONDS = 300
 _MAX_HINT = 256
 _CALLBACK_FIELDS = ("code", "state", "error", "error_description", "session_state", "client_info")
-_MSAL_HTTP_CACHE: dict = {}
 
 
 class Refused(Exception):
@@ -167,6 +168,8 @@ def _take(req: WebRequest, provider: str, params: Mapping[str, str]) -> state.Fl
     if params.get("error"):
         error = str(params["error"])[:64]
         log.info("connect: %s sign-in returned %s (%s)", provider, error, flow.purpose)
+        if error in OAUTH_OUTAGE_ERRORS:
+            raise Refused(_unavailable("Microsoft sign-in" if provider == MICROSOFT else "Zoom sign-in"))
         raise Refused(_fail(400, "Sign-in did not complete",
                             f"The sign-in was cancelled or refused ({error}).", flow.purpose,
                             cookie=state.clear_cookie()))
@@ -252,19 +255,7 @@ def _restore_sync_purpose(conn: connections.Connection) -> connections.Connectio
 
 def _identify_microsoft(msal_flow: dict, params: Mapping[str, str]) -> str:
     """The Entra object id of whoever just signed in; their tokens are not kept."""
-    from shared import tokens
-
-    app = tokens.confidential_client(http_cache=_MSAL_HTTP_CACHE)
-    try:
-        result = app.acquire_token_by_auth_code_flow(msal_flow, dict(params))
-    finally:
-        try:
-            app.http_client.close()
-        except Exception:  # noqa: BLE001
-            log.debug("connect: closing MSAL's session failed", exc_info=True)
-    if "error" in result:
-        codes = result.get("error_codes") or []
-        raise connections.ConnectFailed(str(result.get("error")) + (f" (AADSTS{codes[0]})" if codes else ""))
+    result = connections.redeem_auth_code(msal_flow, params)
     oid = str((result.get("id_token_claims") or {}).get("oid") or "").lower()
     if not oid:
         raise connections.ConnectFailed("no_oid_in_id_token")
@@ -331,9 +322,10 @@ def _identify_zoom(flow: state.Flow, params: Mapping[str, str]) -> zoom_oauth.Zo
     try:
         token = zoom_oauth.exchange_code(params["code"], redirect_uri(ZOOM), verifier)
     except zoom_oauth.ZoomSignInFailed as exc:
-        log.info("connect: Zoom refused the code (%s)", exc.code)
         if exc.transient:
+            log.warning("connect: Zoom sign-in unavailable (%s)", exc.code)
             raise Refused(_unavailable("Zoom sign-in")) from None
+        log.info("connect: Zoom refused the code (%s)", exc.code)
         raise Refused(_fail(400, "Sign-in did not complete", f"Zoom did not accept this sign-in ({exc.code}).",
                             flow.purpose, cookie=state.clear_cookie())) from None
     try:

@@ -19,11 +19,15 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from shared.config import get_settings
+from shared.errors import OAUTH_OUTAGE_ERRORS
 from shared.http import RetryPolicy, TransientHttpError, send
 
 log = logging.getLogger(__name__)
 
 POLICY = RetryPolicy(max_attempts=2, base_delay=0.5, max_delay=2.0, total_seconds=10.0)
+# The code is single-use: a second POST after a lost answer would only be refused (invalid_grant)
+# and turn an outage into "Zoom did not accept this sign-in". One attempt; the person starts again.
+CODE_POLICY = RetryPolicy(max_attempts=1, total_seconds=10.0)
 
 
 class ZoomSignInFailed(Exception):
@@ -78,14 +82,17 @@ def exchange_code(code: str, redirect_uri: str, verifier: str) -> str:
     client_id, secret = _client()
     url = f"{get_settings().zoom_oauth_base_url.rstrip('/')}/oauth/token"
     try:
-        resp = send("POST", url, auth=(client_id, secret), policy=POLICY, headers={"Accept": "application/json"},
+        resp = send("POST", url, auth=(client_id, secret), policy=CODE_POLICY,
+                    headers={"Accept": "application/json"},
                     data={"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
                           "code_verifier": verifier})
     except TransientHttpError:
         raise ZoomSignInFailed("unreachable", transient=True) from None
     body = _json(resp)
     if resp.status_code != 200 or not body.get("access_token"):
-        raise ZoomSignInFailed(str(body.get("error") or resp.status_code), transient=resp.status_code >= 500)
+        error = str(body.get("error") or resp.status_code)
+        raise ZoomSignInFailed(error, transient=resp.status_code >= 500 or resp.status_code == 429
+                               or error in OAUTH_OUTAGE_ERRORS)
     return str(body["access_token"])
 
 
