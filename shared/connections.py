@@ -44,6 +44,9 @@ PURPOSE_SYNC_ACCOUNT = "sync-account"
 PURPOSE_SELF = "self"
 PURPOSES = (PURPOSE_SYNC_ACCOUNT, PURPOSE_SELF)
 STATUS_OK = "ok"
+# Entra shows its account picker instead of signing in silently with the browser's session
+# (OpenID Connect Core §3.1.2.1; Microsoft identity platform "prompt" values).
+PROMPT_SELECT_ACCOUNT = "select_account"
 STATUS_BROKEN = "broken"
 
 # MSAL adds these itself and refuses them in ``scopes`` (MSAL Python, ClientApplication
@@ -492,15 +495,17 @@ def _persist(account_id: str, entity: dict, etag: str | None, plaintext: str, ri
 # --- connecting (authorization code with PKCE, through MSAL) -----------------------------------------------
 
 def begin_auth_code_flow(redirect_uri: str, *, login_hint: str | None = None,
-                         scopes: list[str] | None = None, response_mode: str | None = None) -> dict:
+                         scopes: list[str] | None = None, response_mode: str | None = None,
+                         prompt: str | None = None) -> dict:
     """Start a sign-in: MSAL's flow dict (state, nonce, PKCE verifier and the ``auth_uri`` to send
     the browser to). Keep it server-side until the callback; it is single-use. ``response_mode``
-    ``"form_post"`` makes Entra POST the code to the callback instead of putting it in the URL."""
+    ``"form_post"`` makes Entra POST the code to the callback instead of putting it in the URL;
+    ``prompt`` is OpenID Connect's (``PROMPT_SELECT_ACCOUNT``: no silent sign-in)."""
     from shared import tokens
 
     app = tokens.confidential_client(http_cache=_HTTP_CACHE)
     return app.initiate_auth_code_flow(delegated_scopes(scopes), redirect_uri=redirect_uri, login_hint=login_hint,
-                                       response_mode=response_mode)
+                                       response_mode=response_mode, prompt=prompt)
 
 
 def redeem_auth_code(flow: dict, auth_response: Mapping[str, str], cache: Any = None) -> dict:

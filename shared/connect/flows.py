@@ -188,12 +188,17 @@ def _hint(value: str | None) -> str | None:
 
 def _begin_microsoft(purpose: str, carried: dict[str, str], *, login_hint: str | None = None,
                      scopes: list[str] | None = None) -> WebResponse:
+    # A sync account is a dedicated account the admin signs in as, usually in a browser already
+    # signed in as themselves: Entra must ask which account, or the admin's own account would
+    # silently become the sync account. A person connecting themselves is that browser's user.
+    prompt = connections.PROMPT_SELECT_ACCOUNT if purpose == PURPOSE_SYNC else None
     with warnings.catch_warnings():
         # MSAL recommends form_post (RFC 9700 §4.3.1: codes in browser history). Entra's form_post is
         # a cross-site POST that carries no SameSite=Lax cookie, so the browser binding would be
         # lost; the code in the URL is single-use, PKCE-bound and redeemed at once instead.
         warnings.filterwarnings("ignore", message="response_mode='form_post' is recommended")
-        flow = connections.begin_auth_code_flow(redirect_uri(MICROSOFT), login_hint=login_hint, scopes=scopes)
+        flow = connections.begin_auth_code_flow(redirect_uri(MICROSOFT), login_hint=login_hint, scopes=scopes,
+                                                prompt=prompt)
     auth_uri = flow.pop("auth_uri")
     state.save_flow(flow["state"], MICROSOFT, purpose, {"flow": flow, **carried})
     cookie = state.binding_cookie(flow["state"], state.flow_lifetime_s())

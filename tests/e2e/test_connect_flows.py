@@ -82,6 +82,20 @@ def test_sync_account_connects_through_the_browser_and_holds_a_subscription(conn
     assert world.admin("DELETE", f"connections/{account_id}").status_code == 404
 
 
+def test_a_sync_account_sign_in_asks_which_account_and_a_self_sign_in_does_not(connect_world: World):
+    """The admin's browser is usually signed in as the admin: without Entra's account picker their
+    own account would silently become the sync account."""
+    world = connect_world
+    account = world.graph.add_user(display_name="Sync account 03")
+    person = world.add_person(link=False)
+    world.graph.clear_requests()
+    assert Browser(world).go(invitation(world) + "&login_hint=" + account["userPrincipalName"]).status_code == 200
+    assert self_connect(world, person).response.status_code == 200
+    authorize = [r.query for r in world.graph.requests_matching("GET", "/oauth2/v2.0/authorize")]
+    assert [q.get("prompt") for q in authorize] == ["select_account", None]
+    assert connection(world, account["id"].lower())["purpose"] == "sync-account"
+
+
 def test_a_sync_account_needs_a_valid_one_time_invitation(connect_world: World):
     world = connect_world
     account = world.graph.add_user(display_name="Sync account 02")
