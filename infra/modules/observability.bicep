@@ -32,7 +32,7 @@ param zoomNotSignedInThreshold int = 50
 @minValue(1)
 param graphForbiddenThreshold int = 5
 
-@description('Optional. Alert when subscription maintenance failed at least this many times within 30 minutes (it runs every 5 minutes).')
+@description('Optional. Alert when subscription maintenance failed at least this many times within 30 minutes (it runs every 5 minutes); a broken sync account alerts on its own, at once.')
 @minValue(1)
 param subscriptionFailureThreshold int = 2
 
@@ -106,10 +106,26 @@ customMetrics
     window: 'PT30M'
     query: replace('''
 customMetrics
-| where name == 'subscriptions.renewal_failures'
+| where name == 'subscriptions.renewal_failures' and tostring(customDimensions['reason']) != 'account_broken'
 | summarize failures = sum(value) by reason = tostring(customDimensions['reason'])
 | where failures >= __THRESHOLD__
 ''', '__THRESHOLD__', string(subscriptionFailureThreshold))
+  }
+  {
+    // One failure of reason account_broken is recorded per account, when the planner finds it
+    // broken (and the exporter sends deltas): a single one is the whole signal, so it alerts at 1.
+    key: 'sync-account-broken'
+    displayName: 'Presence bridge: a sync account broke'
+    description: 'A connected sync account can no longer get tokens (password reset, sessions revoked, consent withdrawn); its subscriptions moved to another account or fell back to the sweep until it is connected again. See docs/operations.md, "Alerts".'
+    severity: 2
+    frequency: 'PT15M'
+    window: 'PT30M'
+    query: '''
+customMetrics
+| where name == 'subscriptions.renewal_failures' and tostring(customDimensions['reason']) == 'account_broken'
+| summarize broken = sum(value)
+| where broken >= 1
+'''
   }
   {
     key: 'sync-latency'

@@ -77,12 +77,13 @@ def test_alert_rules_cover_the_documented_conditions_and_notify_the_action_group
     template = _template()
     alerts = template["variables"]["alertDefinitions"]["value"]
     keys = {a["key"] for a in alerts}
-    assert keys == {"poison-queue", "outage-retries", "subscription-failures", "sync-latency", "zoom-5301",
-                    "graph-403", "no-webhooks"}
+    assert keys == {"poison-queue", "outage-retries", "subscription-failures", "sync-account-broken", "sync-latency",
+                    "zoom-5301", "graph-403", "no-webhooks"}
     by_key = {a["key"]: str(a["query"]) for a in alerts}
     assert t.POISON_MESSAGES in by_key["poison-queue"] and t.CHANGES_DEAD_LETTERED in by_key["poison-queue"]
     assert t.CHANGES_RETRIED_AFTER_OUTAGE in by_key["outage-retries"]
     assert t.SUBSCRIPTION_RENEWAL_FAILURES in by_key["subscription-failures"]
+    assert t.SUBSCRIPTION_RENEWAL_FAILURES in by_key["sync-account-broken"]
     assert t.LATENCY_ATTRIBUTE in by_key["sync-latency"] and "percentile(latency, 95)" in by_key["sync-latency"]
     assert t.CHANGES_FAILED in by_key["zoom-5301"]
     assert t.VENDOR_REQUEST_DURATION in by_key["graph-403"] and "'403'" in by_key["graph-403"]
@@ -91,6 +92,47 @@ def test_alert_rules_cover_the_documented_conditions_and_notify_the_action_group
     body = rule["config"].get("config", rule["config"])
     assert body["properties"]["actions"]["actionGroups"] == "actionGroups"
     assert body["properties"]["scopes"] == ["applicationInsightsId"]
+
+
+def _kql(node, params: dict) -> str:
+    """An alert's query as deployed: the module's ``replace(..., string(param))`` calls resolved
+    with the parameters' defaults (main.bicep passes none of the thresholds)."""
+    if isinstance(node, str):
+        return str(node)
+    call = node["function"]
+    args = call["parameters"]
+    if call["type"] == "string":
+        return str(params[str(args["value_to_convert"])]["default"])
+    assert call["type"] == "replace", call["type"]
+    return _kql(args["original_string"], params).replace(_kql(args["old_string"], params),
+                                                         _kql(args["new_string"], params))
+
+
+def _fires_on_one(kql: str, metric: str, reason: str) -> bool:
+    """Would this rule fire on a window holding a single ``metric`` row (value 1, that reason)?
+    Models the shapes the module uses: name and reason filters, then ``| where total >= N`` / ``> N``."""
+    if f"name == '{metric}'" not in kql:
+        return False
+    for op, wanted in re.findall(r"customDimensions\['reason'\]\) (==|!=) '([a-z_]+)'", kql):
+        if (op == "==") != (wanted == reason):
+            return False
+    op, threshold = re.findall(r"\| where \w+ (>=|>) (\d+)\s*$", kql)[-1]
+    return 1 >= int(threshold) if op == ">=" else 1 > int(threshold)
+
+
+def test_one_broken_sync_account_raises_an_alert():
+    """The planner records one renewal failure of reason account_broken per account that breaks,
+    and the exporter sends deltas, so the window holds exactly one: that must be enough."""
+    subscriptions = (ROOT / "shared" / "subscriptions.py").read_text()
+    assert 'telemetry.subscription_renewal_failed("account_broken")' in subscriptions
+    template = _template()
+    firing = [a["key"] for a in template["variables"]["alertDefinitions"]["value"]
+              if _fires_on_one(_kql(a["query"], template["parameters"]), t.SUBSCRIPTION_RENEWAL_FAILURES,
+                               "account_broken")]
+    assert firing == ["sync-account-broken"]
+    # Other reasons keep the documented threshold (one failed renewal is not yet news).
+    assert not any(_fires_on_one(_kql(a["query"], template["parameters"]), t.SUBSCRIPTION_RENEWAL_FAILURES,
+                                 "VendorError") for a in template["variables"]["alertDefinitions"]["value"])
 
 
 def test_every_alert_is_explained_in_the_operations_runbook():
