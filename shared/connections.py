@@ -24,7 +24,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -543,10 +543,17 @@ def redeem_auth_code(flow: dict, auth_response: Mapping[str, str], cache: Any = 
     return result
 
 
-def complete_auth_code_flow(flow: dict, auth_response: Mapping[str, str], purpose: str) -> Connection:
-    """Finish a sign-in with the callback's query parameters and store the connection.
+class NotAdmitted(Exception):
+    """The sign-in went through but its caller's ``admit`` check refused to store it."""
 
-    Raises as :func:`redeem_auth_code` does.
+
+def complete_auth_code_flow(flow: dict, auth_response: Mapping[str, str], purpose: str, *,
+                            admit: Callable[[], bool] | None = None) -> Connection:
+    """Finish a sign-in with the callback's query parameters and store the connection; ``admit``,
+    if given, is asked once the code is redeemed, just before storing (a one-time invitation is
+    used up there, so a sign-in that fails leaves it for another try).
+
+    Raises as :func:`redeem_auth_code` does, and :class:`NotAdmitted`.
     """
     import msal
 
@@ -556,6 +563,8 @@ def complete_auth_code_flow(flow: dict, auth_response: Mapping[str, str], purpos
     account_id = str(claims.get("oid") or "")
     if not account_id:
         raise ConnectFailed("no_oid_in_id_token")
+    if admit is not None and not admit():
+        raise NotAdmitted(purpose)
     return store_connection(account_id, purpose, cache)
 
 

@@ -210,13 +210,23 @@ def microsoft_start(req: WebRequest) -> WebResponse:
     purpose = (req.params.get("purpose") or PURPOSE_SELF).strip().lower()
     if purpose not in (PURPOSE_SELF, PURPOSE_SYNC):
         return page(400, "Unknown purpose", ["The purpose must be 'self' or 'sync-account'."])
-    if purpose == PURPOSE_SYNC and not state.redeem_invitation(req.params.get("invite"), PURPOSE_SYNC):
-        log.info("connect: sync-account start refused: no valid invitation")
-        return page(403, "Invitation needed",
-                    ["Connecting a sync account needs a one-time invitation link from an administrator, and "
-                     "this link is missing, already used or expired.",
-                     "An administrator creates one with POST /api/manage/connections/invitations."])
-    return _begin_microsoft(purpose, {}, login_hint=_hint(req.params.get("login_hint")))
+    carried: dict[str, str] = {}
+    if purpose == PURPOSE_SYNC:
+        # Checked here, used up only by the sign-in that completes (_redeem_microsoft): a mail
+        # system's link scanner, or a sign-in that fails, does not spend the admin's invitation.
+        invite = str(req.params.get("invite") or "")
+        if not state.invitation_valid(invite, PURPOSE_SYNC):
+            log.info("connect: sync-account start refused: no valid invitation")
+            return _invitation_needed()
+        carried["invite"] = invite
+    return _begin_microsoft(purpose, carried, login_hint=_hint(req.params.get("login_hint")))
+
+
+def _invitation_needed(**kwargs) -> WebResponse:
+    return page(403, "Invitation needed",
+                ["Connecting a sync account needs a one-time invitation link from an administrator, and "
+                 "this link is missing, already used or expired.",
+                 "An administrator creates one with POST /api/manage/connections/invitations."], **kwargs)
 
 
 def _redeem_microsoft(flow: state.Flow, params: Mapping[str, str]) -> connections.Connection | str:
@@ -230,10 +240,17 @@ def _redeem_microsoft(flow: state.Flow, params: Mapping[str, str]) -> connection
             return _identify_microsoft(msal_flow, params)
         purpose = flow.purpose
         keep_sync = {c.account_id for c in connections.list_connections(purpose=PURPOSE_SYNC, status=None)}
-        conn = connections.complete_auth_code_flow(msal_flow, dict(params), purpose)
+        admit = None
+        if purpose == PURPOSE_SYNC:
+            invite = str(flow.data.get("invite") or "")
+            admit = lambda: state.redeem_invitation(invite, PURPOSE_SYNC)  # noqa: E731
+        conn = connections.complete_auth_code_flow(msal_flow, dict(params), purpose, admit=admit)
         if purpose == PURPOSE_SELF and conn.account_id in keep_sync:
             conn = _restore_sync_purpose(conn)
         return conn
+    except connections.NotAdmitted:
+        log.info("connect: sync-account sign-in refused: its invitation was used or expired meanwhile")
+        raise Refused(_invitation_needed(headers={"Set-Cookie": state.clear_cookie()})) from None
     except connections.ConnectFailed as exc:
         log.info("connect: Entra refused the code (%s)", exc.code)
         raise Refused(_fail(400, "Sign-in did not complete",

@@ -278,6 +278,15 @@ def create_invitation(purpose: str) -> tuple[str, float]:
     return token, expires_at
 
 
+def invitation_valid(token: str | None, purpose: str) -> bool:
+    """Whether an invitation could be redeemed now (it is not used up by asking)."""
+    if not token or len(token) > 256:
+        return False
+    entity, _ = storage.read_entity(TABLE, INVITE_PARTITION, _invite_row(token))
+    return (entity is not None and not entity.get("used") and entity.get("purpose") == purpose
+            and float(entity.get("expires_at") or 0) > time.time())
+
+
 def redeem_invitation(token: str | None, purpose: str) -> bool:
     """Use an invitation up (whatever the outcome); True only if it was valid for ``purpose``."""
     if not token or len(token) > 256:

@@ -116,6 +116,22 @@ def test_a_sync_account_needs_a_valid_one_time_invitation(connect_world: World):
     assert world.admin("POST", "connections/invitations", json={"purpose": "self"}).status_code == 400
 
 
+def test_an_invitation_is_used_up_by_the_sign_in_that_completes_not_by_opening_it(connect_world: World):
+    # Mail systems open links to scan them, and a sign-in can fail on the way: neither spends the
+    # admin's invitation. The sign-in that completes does; the next one is refused.
+    world = connect_world
+    account = world.graph.add_user(display_name="Sync account 03")
+    url = invitation(world) + "&login_hint=" + account["userPrincipalName"]
+    for _ in range(2):  # a link scanner, then a preview: each begins a flow it never finishes
+        scanned = requests.get(url, allow_redirects=False, timeout=10)
+        assert scanned.status_code == 302 and "/authorize" in scanned.headers["Location"]
+    page = Browser(world).go(url)
+    assert page.status_code == 200 and "Sync account connected" in page.text
+    assert connection(world, account["id"].lower())["purpose"] == "sync-account"
+    again = Browser(world).go(url)
+    assert again.status_code == 403 and "Invitation needed" in again.text
+
+
 def test_self_connect_links_the_person_and_writes_with_their_own_token(connect_world: World, app_setting):
     """No application permission to write presence: Teams writes use the person's own token."""
     world = connect_world
