@@ -138,7 +138,7 @@ def guarded(handler: Callable[..., WebResponse]) -> Callable[..., WebResponse]:
             return _unavailable("Microsoft sign-in")
         except Exception:  # noqa: BLE001 - logged with its stack trace; the browser gets a plain page
             log.exception("connect: unexpected failure in %s", handler.__name__)
-            return page(500, "Something went wrong", ["Nothing was changed. Please try again later."])
+            return page(500, "Something went wrong", ["This may not have been completed. Please try again later."])
 
     run.__name__ = handler.__name__
     return run
@@ -304,7 +304,7 @@ def microsoft_callback(req: WebRequest) -> WebResponse:
                      "(within five minutes).", "You can close this window."], headers=done)
     zoom_user = str(flow.data.get("zoom_user_id") or "")
     if zoom_user:
-        return _link_page(people.link_self(zoom_user, conn.account_id), done)
+        return _link_page(people.link_self(zoom_user, conn.account_id), done, conn.account_id, _made_now(conn))
     if people.active_link_for_entra(conn.account_id) is not None:
         return page(200, "Connected",
                     ["Your Microsoft account is connected, and your Zoom and Teams presence are already linked.",
@@ -313,8 +313,15 @@ def microsoft_callback(req: WebRequest) -> WebResponse:
         return page(200, "Microsoft account connected",
                     ["Your Microsoft account is connected. Linking it to your Zoom user is done by your "
                      "administrator here.", "You can close this window."], headers=done)
-    # Next: who is this person in Zoom? The Entra id rides along in the Zoom flow's sealed record.
-    return _begin_zoom(PURPOSE_SELF, {"entra_user_id": conn.account_id})
+    # Next: who is this person in Zoom? The Entra id rides along in the Zoom flow's sealed record,
+    # with whether this sign-in made the connection (a refused link takes it back).
+    return _begin_zoom(PURPOSE_SELF, {"entra_user_id": conn.account_id,
+                                      "connection_made": "1" if _made_now(conn) else ""})
+
+
+def _made_now(conn: connections.Connection) -> bool:
+    """Did this sign-in create the connection (rather than renew one the account had)?"""
+    return bool(conn.created_at) and conn.created_at == conn.updated_at
 
 
 # --- Zoom ----------------------------------------------------------------------------------------------------------
@@ -375,18 +382,30 @@ def zoom_callback(req: WebRequest) -> WebResponse:
         return _confirm_disconnect(ZOOM, who.user_id)
     entra = str(flow.data.get("entra_user_id") or "")
     if entra:
-        return _link_page(people.link_self(who.user_id, entra), {"Set-Cookie": state.clear_cookie()})
+        return _link_page(people.link_self(who.user_id, entra), {"Set-Cookie": state.clear_cookie()}, entra,
+                          bool(flow.data.get("connection_made")))
     # Next: who is this person in Microsoft Entra? The Zoom id rides along, sealed.
     return _begin_microsoft(PURPOSE_SELF, {"zoom_user_id": who.user_id})
 
 
-def _link_page(result: people.LinkResult, headers: dict[str, str]) -> WebResponse:
+def _link_page(result: people.LinkResult, headers: dict[str, str], account_id: str,
+               connection_made: bool) -> WebResponse:
     if result.outcome == LinkOutcome.CONFLICT:
         why = ("Your Zoom user is already linked to a different Microsoft account."
                if result.reason == "zoom_linked_elsewhere"
                else "Your Microsoft account is already linked to a different Zoom user.")
+        if connection_made and people.active_link_for_entra(account_id) is None:
+            # The sign-in stored for this link serves nothing now: take it back, so that the page's
+            # "nothing was changed" is true.
+            connections.delete_connection(account_id)
+            return page(409, "Already linked elsewhere",
+                        [why, "Nothing was changed. Your administrator can change or remove that link."],
+                        headers=headers)
         return page(409, "Already linked elsewhere",
-                    [why, "Nothing was changed. Your administrator can change or remove that link."], headers=headers)
+                    [why, "Your links were not changed; your administrator can change or remove that link.",
+                     "Your Microsoft sign-in is kept: it lets the bridge update your Teams presence for the link "
+                     "your account already has. Disconnect removes it."],
+                    form=_disconnect_form(MICROSOFT), headers=headers)
     first = {LinkOutcome.CREATED: "Your Zoom and Teams presence are now linked.",
              LinkOutcome.REACTIVATED: "Your Zoom and Teams presence are linked again.",
              LinkOutcome.CONFIRMED: "Your Zoom and Teams presence were already linked; nothing needed to change."}

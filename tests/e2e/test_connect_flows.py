@@ -211,6 +211,18 @@ def test_self_connect_never_overwrites_an_admin_link(connect_world: World):
     link = world.admin("GET", f"links/{owner.zoom_id}").json()
     assert (link["entra_user_id"], link["origin"]) == (owner.entra_id, "admin")
     assert world.admin("GET", f"links/{other.zoom_id}").status_code == 404
+    # "Nothing was changed" holds: the Microsoft sign-in this flow stored, which no link uses, is gone.
+    assert "Nothing was changed" in response.text
+    assert connection(world, other.entra_id) is None
+
+    # A Microsoft account that has a link of its own: its sign-in is kept (that link writes with
+    # it), and the page says so and offers to disconnect.
+    world.zoom.set_default_authorizing_user(other.zoom_id)
+    world.graph.set_default_signin_user(owner.entra_id)  # linked by the admin to owner's Zoom user
+    kept = Browser(world).go(world.host.base_url + "/api/connect/zoom/start")
+    assert kept.status_code == 409 and "Nothing was changed" not in kept.text
+    assert "sign-in is kept" in kept.text and "/api/connect/microsoft/disconnect" in kept.text
+    assert connection(world, owner.entra_id) is not None
 
 
 def test_delegated_writes_without_a_connection_leave_teams_alone_and_say_why(connect_world: World, app_setting):
