@@ -286,8 +286,11 @@ def store_connection(account_id: str, purpose: str, cache: Any) -> Connection:
     sign_in_id = secrets.token_urlsafe(12)
 
     def mutate(current: dict | None) -> dict:
+        # A sync account's owner who signs in again as "self" does not take it away from the
+        # planner: decided here, in the one write, so no run ever sees it as anything else.
+        keep_sync = purpose == PURPOSE_SELF and (current or {}).get("purpose") == PURPOSE_SYNC_ACCOUNT
         return {
-            "purpose": purpose,
+            "purpose": PURPOSE_SYNC_ACCOUNT if keep_sync else purpose,
             "status": STATUS_OK,
             "broken_reason": "",
             "key_id": key_id,
@@ -299,7 +302,7 @@ def store_connection(account_id: str, purpose: str, cache: Any) -> Connection:
         }
 
     stored = storage.mutate_entity(TABLE, PARTITION, account_id, mutate)
-    log.info("connections: account %s connected (%s)", account_id, purpose)
+    log.info("connections: account %s connected (%s)", account_id, (stored or {}).get("purpose", purpose))
     return _connection(stored or {"RowKey": account_id})
 
 

@@ -239,15 +239,11 @@ def _redeem_microsoft(flow: state.Flow, params: Mapping[str, str]) -> connection
         if flow.purpose == PURPOSE_DISCONNECT:
             return _identify_microsoft(msal_flow, params)
         purpose = flow.purpose
-        keep_sync = {c.account_id for c in connections.list_connections(purpose=PURPOSE_SYNC, status=None)}
         admit = None
         if purpose == PURPOSE_SYNC:
             invite = str(flow.data.get("invite") or "")
             admit = lambda: state.redeem_invitation(invite, PURPOSE_SYNC)  # noqa: E731
-        conn = connections.complete_auth_code_flow(msal_flow, dict(params), purpose, admit=admit)
-        if purpose == PURPOSE_SELF and conn.account_id in keep_sync:
-            conn = _restore_sync_purpose(conn)
-        return conn
+        return connections.complete_auth_code_flow(msal_flow, dict(params), purpose, admit=admit)
     except connections.NotAdmitted:
         log.info("connect: sync-account sign-in refused: its invitation was used or expired meanwhile")
         raise Refused(_invitation_needed(headers={"Set-Cookie": state.clear_cookie()})) from None
@@ -259,20 +255,6 @@ def _redeem_microsoft(flow: state.Flow, params: Mapping[str, str]) -> connection
     except ValueError as exc:
         log.info("connect: the sign-in response did not match its flow (%s)", type(exc).__name__)
         raise Refused(_bad_state("unreadable", flow.purpose)) from None
-
-
-def _restore_sync_purpose(conn: connections.Connection) -> connections.Connection:
-    """A sync account's owner who connects it as 'self' does not take it away from the planner."""
-    from shared import storage
-
-    def mutate(current: dict | None) -> dict | None:
-        if current is None or current.get("purpose") == PURPOSE_SYNC:
-            return None
-        current["purpose"] = PURPOSE_SYNC
-        return current
-
-    storage.mutate_entity(connections.TABLE, connections.PARTITION, conn.account_id, mutate)
-    return connections.get_connection(conn.account_id) or conn
 
 
 def _identify_microsoft(msal_flow: dict, params: Mapping[str, str]) -> str:

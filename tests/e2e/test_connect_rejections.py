@@ -143,8 +143,8 @@ def test_a_missing_pkce_verifier_is_refused(connect_world: World, monkeypatch):
     for verifier in ("", "x" * 43):
         user = world.graph.add_user(display_name="Wrong Verifier Sent")
 
-        def swap_verifier(flow, response, purpose, verifier=verifier):
-            return complete({**flow, "code_verifier": verifier}, response, purpose)
+        def swap_verifier(flow, response, purpose, verifier=verifier, **kwargs):
+            return complete({**flow, "code_verifier": verifier}, response, purpose, **kwargs)
 
         monkeypatch.setattr(connections, "complete_auth_code_flow", swap_verifier)
         browser, callback = to_callback(world, user)

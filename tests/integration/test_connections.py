@@ -65,6 +65,27 @@ def test_listing_filters_by_purpose_and_status(graph_app_env):
         connections.delegated_token(a["id"])
 
 
+def test_a_sync_account_signing_in_as_itself_stays_a_sync_account_in_every_write(graph_app_env, monkeypatch):
+    # Its owner connects it through the people's page: it must never, even for a moment, be
+    # stored as "self", or a subscription run seeing that would release its shards.
+    graph = graph_app_env
+    account = graph.add_user(display_name="Sync C")
+    connect_account_via_auth_code(graph, account, "sync-account")
+    written: list[str] = []
+    real_write = storage.write_entity
+
+    def spying_write(table, entity, etag=None):
+        if table == "connections":
+            written.append(str(entity.get("purpose")))
+        return real_write(table, entity, etag)
+
+    monkeypatch.setattr(storage, "write_entity", spying_write)
+    conn = connect_account_via_auth_code(graph, account, "self")
+    assert written and set(written) == {"sync-account"}
+    assert conn.purpose == "sync-account"
+    assert connections.get_connection(account["id"]).purpose == "sync-account"
+
+
 def test_wrong_or_missing_key_fails_loudly_and_breaks_nothing(graph_app_env, monkeypatch):
     graph = graph_app_env
     user = graph.add_user(display_name="Sync Key")
