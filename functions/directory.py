@@ -26,7 +26,10 @@ def directory_worker(msg: func.QueueMessage) -> None:
     from shared.matching import handle_directory_message
     from shared.queue_messages import run_queue_message
 
-    run_queue_message(DIRECTORY_QUEUE, msg.get_body(), msg.dequeue_count, handle_directory_message)
+    # A run caught by an outage waits it out in rounds (not the poison queue, which would leave it
+    # "running" for a day): it resumes from its checkpoint, or is dropped if a newer run took over.
+    run_queue_message(DIRECTORY_QUEUE, msg.get_body(), msg.dequeue_count, handle_directory_message,
+                      outage_retries=True)
 
 
 @bp.queue_trigger(arg_name="msg", queue_name=ZOOM_USERS_QUEUE, connection="AzureWebJobsStorage")
@@ -34,4 +37,6 @@ def zoom_user_worker(msg: func.QueueMessage) -> None:
     from shared.matching import handle_user_event
     from shared.queue_messages import run_queue_message
 
-    run_queue_message(ZOOM_USERS_QUEUE, msg.get_body(), msg.dequeue_count, handle_user_event)
+    # Likewise a lifecycle event; one that comes back late is still ordered by its event_ts.
+    run_queue_message(ZOOM_USERS_QUEUE, msg.get_body(), msg.dequeue_count, handle_user_event,
+                      outage_retries=True)

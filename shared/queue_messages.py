@@ -11,7 +11,9 @@ storage, a person's record contended) is queued again minutes, then hours, later
 each time. An outage of that length then heals by itself once it ends, where the poison queue
 would have waited for an admin's resync. A late retry is safe because sync is state-based: every
 report carries its own timestamp and a newer one wins, so a change that waited never overrides
-what happened since.
+what happened since. The directory, Zoom-user and Graph lifecycle queues wait the same way: a
+directory run resumes from its checkpoint (or is dropped once a newer run took over), a Zoom user
+event is ordered by its ``event_ts``.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def test_a_change_waiting_out_an_outage_gets_one_attempt_a_round(queued):
 
 def test_queues_that_did_not_ask_for_outage_retries_keep_the_host_s_semantics(queued):
     with pytest.raises(TransientVendorError):
-        _run(TransientVendorError(503), outage_retries=False, queue_name="directory")
+        _run(TransientVendorError(503), outage_retries=False, queue_name="some-queue")
     assert queued == []
 
 

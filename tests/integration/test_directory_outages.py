@@ -1,0 +1,146 @@
+"""The directory and Zoom-user queues wait out an outage in rounds (shared.queue_messages), as the
+presence queues do: delivered through the app's own queue functions against a real Azurite, with
+the vendor down and the queue puts recorded. Without the rounds, an outage of a minute or two
+outlasts the host's five quick attempts and the work ends in the poison queue."""
+
+from __future__ import annotations
+
+import json
+
+import azure.functions as func
+import pytest
+from azure.core.exceptions import ServiceRequestError
+from azure.functions.queue import QueueMessage
+
+from shared import directory_runs, graph_client, matching, names, storage, zoom_client
+from shared import queue_messages as qm
+from shared.engine import UserSync
+from shared.errors import Throttled, TransientVendorError
+from shared.links import Link, read_link, write_link
+
+pytestmark = pytest.mark.integration
+
+OUTAGES = [TransientVendorError(503, message="the vendor is down"), Throttled(120.0)]
+
+
+@pytest.fixture
+def directory_env(storage_env, unique_name, monkeypatch):
+    """Tables of this test's own; every queue put recorded as (queue, message, delay)."""
+    storage.reset_storage_clients()
+    monkeypatch.setattr(directory_runs, "TABLE", unique_name)
+    monkeypatch.setattr(names, "LINKS_TABLE", "l" + unique_name)
+    monkeypatch.setattr("shared.links.LINKS_TABLE", "l" + unique_name)
+    puts: list[tuple[str, dict, float]] = []
+    monkeypatch.setattr(storage, "enqueue", lambda queue_name, message, *, delay_seconds=0, ttl_seconds=None:
+                        puts.append((queue_name, message, delay_seconds)))
+    yield puts
+    storage.reset_storage_clients()
+
+
+def deliver(worker: func.FunctionBuilder, message: dict, attempt: int) -> None:
+    """One delivery of ``message``, as the Functions host makes it (``attempt`` = its dequeue count)."""
+    worker.build().get_user_function()(QueueMessage(body=json.dumps(message).encode(), dequeue_count=attempt))
+
+
+class _Graph:
+    """Graph's /users listing: down while ``down`` is set, else one page of one user."""
+
+    def __init__(self, down: Exception) -> None:
+        self.down: Exception | None = down
+        self.calls = 0
+
+    def request(self, method, path, **kwargs):
+        self.calls += 1
+        if self.down is not None:
+            raise self.down
+
+        class _Answer:
+            @staticmethod
+            def json() -> dict:
+                return {"value": [{"id": "e1", "mail": "a@contoso.example", "accountEnabled": True}]}
+
+        return _Answer()
+
+
+def _delivered_copy(puts: list, queue_name: str, message: dict, exc: Exception) -> dict:
+    [(put_on, again, delay)] = puts
+    assert put_on == queue_name and again == {**message, qm.OUTAGE_ROUND: 1}
+    if isinstance(exc, Throttled):
+        assert delay == exc.retry_after_s  # the vendor's Retry-After, longer than the round
+    else:
+        assert qm.OUTAGE_RETRY_DELAYS_S[0] * 0.8 <= delay <= qm.OUTAGE_RETRY_DELAYS_S[0] * 1.2
+    puts.clear()
+    return again
+
+
+@pytest.mark.parametrize("exc", OUTAGES, ids=type)
+def test_a_matching_continuation_caught_by_an_outage_waits_it_out_and_resumes_from_its_checkpoint(
+        directory_env, monkeypatch, exc):
+    from functions.directory import directory_worker
+    from shared.config import reset_settings
+
+    puts = directory_env
+    monkeypatch.setenv("DIRECTORY_RUN_BUDGET_SECONDS", "0")  # one step per invocation
+    reset_settings()
+    graph = _Graph(down=exc)
+    monkeypatch.setattr(graph_client, "default_client", lambda: graph)
+    run, _ = matching.start("test")
+    message = {"kind": "matching_continue", "run_id": run.run_id}
+
+    # The last of the host's quick attempts meets the outage: queued again for later, not raised
+    # (which would send the run's only continuation to the poison queue).
+    deliver(directory_worker, message, qm.MAX_DEQUEUE_COUNT)
+    again = _delivered_copy(puts, names.DIRECTORY_QUEUE, message, exc)
+    assert directory_runs.read_run("matching").status == directory_runs.STATUS_RUNNING
+
+    # Graph is back when the round comes: the run goes on from its checkpoint.
+    graph.down = None
+    deliver(directory_worker, again, 1)
+    current = directory_runs.read_run("matching")
+    assert (current.status, current.state["phase"], current.state["entra_pages"]) == ("running", "zoom", 1)
+    assert [(q, m) for q, m, _ in puts] == [(names.DIRECTORY_QUEUE, message)]  # its next step
+
+    # A copy that comes back after a newer run took over is dropped without a vendor call.
+    newer, _ = directory_runs.start_run("matching", "timer", matching._new_state(), now=current.updated_at + 86400,
+                                        stale_after_s=matching._stale_after())
+    calls = graph.calls
+    deliver(directory_worker, again, 1)
+    assert graph.calls == calls
+    assert directory_runs.read_run("matching").run_id == newer.run_id
+
+
+@pytest.mark.parametrize("exc", OUTAGES, ids=type)
+def test_a_zoom_user_event_caught_by_an_outage_waits_it_out(directory_env, monkeypatch, exc):
+    from functions.directory import zoom_user_worker
+
+    puts = directory_env
+    looked_up = []
+
+    def zoom_down(user_id):
+        looked_up.append(user_id)
+        raise exc
+
+    monkeypatch.setattr(zoom_client, "get_user", zoom_down)
+    message = {"kind": "zoom_user_event", "event": "user.created", "zoom_user_id": "z-new", "event_ts": 1000}
+    deliver(zoom_user_worker, message, qm.MAX_DEQUEUE_COUNT)
+    _delivered_copy(puts, names.ZOOM_USERS_QUEUE, message, exc)
+    assert looked_up == ["z-new"]
+
+
+def test_a_lifecycle_event_back_from_an_outage_round_does_not_undo_a_newer_one(directory_env, monkeypatch):
+    from functions.directory import zoom_user_worker
+
+    puts = directory_env
+    write_link(Link(sync=UserSync("z1", "e1"), status="active"), None)
+    deactivated = {"kind": "zoom_user_event", "event": "user.deactivated", "zoom_user_id": "z1", "event_ts": 1000}
+    with monkeypatch.context() as patch:  # storage is down for the deactivation's quick attempts
+        patch.setattr(matching, "write_link", lambda link, etag: (_ for _ in ()).throw(
+            ServiceRequestError("storage unreachable")))
+        deliver(zoom_user_worker, deactivated, qm.MAX_DEQUEUE_COUNT)
+    again = _delivered_copy(puts, names.ZOOM_USERS_QUEUE, deactivated, TransientVendorError(503))
+    # Meanwhile the person was activated again (a newer event); then the deactivation's round comes.
+    deliver(zoom_user_worker, {**deactivated, "event": "user.activated", "event_ts": 2000}, 1)
+    deliver(zoom_user_worker, again, 1)
+    link, _ = read_link("z1")
+    assert (link.status, link.disabled_reason, link.lifecycle_ts) == ("active", "", 2000)
+    assert puts == []  # nothing was disabled, so nothing to release
