@@ -65,7 +65,9 @@ def _sweep(now: float | None, *, only_shard: int | None, force: bool) -> SweepRe
     settings = get_settings()
     now = time.time() if now is None else now
     report = SweepReport()
-    for shard in read_shards():
+    # Least recently read first: a run cut short by throttling leaves the shards it did not reach
+    # first in line for the next one, instead of spending the budget on the first shards again.
+    for shard in sorted(read_shards(), key=lambda s: (s.last_swept_at, s.number)):
         if only_shard is not None and shard.number != only_shard:
             continue
         report.shards += 1
