@@ -78,6 +78,11 @@ def _sweep(now: float | None, *, only_shard: int | None, force: bool) -> SweepRe
         )
         if not due:
             continue
+        # The reports' timestamp: when this shard's read began, not when the run did (minutes
+        # earlier at scale). The engine drops a report timed before our latest write as stale, and
+        # the sweep does not queue the same sequence number again: a change the person made after
+        # that write would be lost.
+        read_at = time.time()
         try:
             presences = graph_client.get_presences(shard.ids)
         except Throttled as exc:
@@ -97,7 +102,7 @@ def _sweep(now: float | None, *, only_shard: int | None, force: bool) -> SweepRe
         for start in range(0, len(changed), PRESENCES_PER_MESSAGE):
             chunk = [trim(p) for p in changed[start:start + PRESENCES_PER_MESSAGE]]
             storage.enqueue(names.TEAMS_PRESENCE_QUEUE, telemetry.inject({
-                "kind": "teams_presences", "presences": chunk, "read_at": now, "source": "sweep",
+                "kind": "teams_presences", "presences": chunk, "read_at": read_at, "source": "sweep",
                 "cid": uuid.uuid4().hex}))
         report.changes += len(changed)
         for presence in changed:

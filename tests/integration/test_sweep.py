@@ -4,6 +4,8 @@ and what the changes it queues do to a person's record."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from shared import graph_client, names, storage, sweep
@@ -62,3 +64,40 @@ def test_a_run_cut_short_by_throttling_leaves_the_shards_it_did_not_reach_first_
     queued = {p["id"] for _, m in sweep_env for p in m["presences"]}
     assert queued == {f"e{n}-{i}" for n in range(3) for i in range(3)}  # everyone's presence got through
     assert sorted(s.last_swept_at for s in read_shards()) == [now, now + 30, now + 60]
+
+
+def test_a_change_read_after_our_write_is_timed_by_its_shard_s_read_not_by_the_run_s_start(sweep_env, monkeypatch):
+    # At scale a run reads its shards over a minute or two. Our DND went on the person's Teams
+    # (user-preferred slot) after the run began; then they set Available themselves, and that is
+    # what their shard's read shows. Timed at the run's start, the report looks older than our
+    # write, is dropped as stale, and is never queued again (its sequence number is now seen).
+    from shared.engine import TeamsOverlayRecord, UserSync
+    from shared.links import Link, index_entra, read_link, write_link
+    from shared.mapping import TeamsOverlay
+    from shared.presence import Presence
+
+    started = time.time() - 90  # the run began 90 s ago, reading the shards before this one
+    zoom_dnd_since = int((started - 600) * 1000)
+    source = f"{Presence.DO_NOT_DISTURB.value}@{zoom_dnd_since}"
+    ours = TeamsOverlayRecord(TeamsOverlay("preferred", "DoNotDisturb", "DoNotDisturb"), written_at=started + 30,
+                              expires_at=started + 3630, source=source, answered_at=started + 31)
+    person = UserSync("z1", "e1", zoom_native=Presence.DO_NOT_DISTURB, zoom_native_since=zoom_dnd_since,
+                      zoom_seen_ts=zoom_dnd_since, teams_native=Presence.AVAILABLE, teams_seen_seq="0001",
+                      teams_seen_ts=int((started - 600) * 1000), teams_shows_ours=True, teams_overlay=ours)
+    write_link(Link(sync=person, status="active"), None)
+    index_entra("e1", "z1")
+    save_shard(Shard(0, ids=["e1"], seqs={"e1": "0001"}))
+    monkeypatch.setattr(graph_client, "get_presences", lambda ids: [_presence("e1", seq="0002")])
+    writes = []
+    for name in ("set_presence", "clear_presence", "set_user_preferred_presence", "clear_user_preferred_presence"):
+        monkeypatch.setattr(graph_client, name, lambda *a, _name=name, **k: writes.append(_name))
+
+    assert sweep.sweep(started).changes == 1
+    [(queue_name, message)] = sweep_env
+    assert queue_name == names.TEAMS_PRESENCE_QUEUE
+    sweep.handle_teams_message(message)
+    link, _ = read_link("z1")
+    # The slot is the person's again: our DND is given up, not renewed over their Available.
+    assert link.sync.teams_overlay is None and link.sync.teams_yielded == source
+    assert link.teams_shows == "Available/Available" and link.sync.teams_seen_seq == "0002"
+    assert writes == []
