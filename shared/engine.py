@@ -413,6 +413,17 @@ def _plan_zoom(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig, 
     _write_zoom(rule, source, restore, now, cfg, out)
 
 
+def keepalive_expiries(user: UserSync) -> tuple[float | None, float | None]:
+    """When the keep-alive must look at our Teams and at our Zoom overlay: their expiries, None
+    where nothing of ours expires or nothing can be done before it does. While Zoom shows the person
+    Offline it takes no update, and ``_plan_zoom`` neither renews nor lets go of ours: the report
+    of their sign-in is planned like any change, from the record kept (``_ran_out`` tells a DND
+    that ran out meanwhile from a status they chose)."""
+    teams = user.teams_overlay.expires_at if user.teams_overlay is not None else None
+    zoom = user.zoom_overlay.expires_at if user.zoom_overlay is not None else None
+    return teams, (None if user.zoom_native == Presence.OFFLINE else zoom)
+
+
 def _restore_status(native: Presence) -> str:
     if native in ZOOM_MANUAL_STATES and native != Presence.DO_NOT_DISTURB:
         return render_zoom_put(native)

@@ -20,14 +20,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared import names, storage
-from shared.engine import ALL_DIRECTIONS, TeamsOverlayRecord, UserSync, ZoomOverlayRecord
+from shared.engine import ALL_DIRECTIONS, TeamsOverlayRecord, UserSync, ZoomOverlayRecord, keepalive_expiries
 from shared.mapping import TeamsOverlay
 from shared.presence import Presence
 
 LINKS_TABLE = names.LINKS_TABLE
 ENTRA_INDEX_TABLE = names.ENTRA_INDEX_TABLE
 ROW = "link"
-# Derived columns (written from the overlays, never read back into a Link): what the keep-alive filters on.
+# Derived columns (written from the overlays, shared.engine.keepalive_expiries): what the keep-alive
+# filters on. Read back only as Link.expiry_columns, to tell a record written before they were
+# derived as now.
 TEAMS_OVERLAY_EXPIRES = "teams_overlay_expires_at"
 ZOOM_OVERLAY_EXPIRES = "zoom_overlay_expires_at"
 
@@ -85,6 +87,8 @@ class Link:
     disabled_at: str = ""
     lifecycle_ts: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # The keep-alive's columns as stored (Teams, Zoom); every write derives them afresh.
+    expiry_columns: tuple[float | None, float | None] = (None, None)
 
     @property
     def zoom_user_id(self) -> str:
@@ -269,11 +273,13 @@ def link_from_entity(entity: dict) -> Link:
         disabled_at=entity.get("disabled_at") or "",
         lifecycle_ts=int(entity.get("lifecycle_ts") or 0),
         extra={k: v for k, v in entity.items() if k not in _KNOWN},
+        expiry_columns=(entity.get(TEAMS_OVERLAY_EXPIRES), entity.get(ZOOM_OVERLAY_EXPIRES)),
     )
 
 
 def link_to_entity(link: Link) -> dict:
     s = link.sync
+    teams_expires, zoom_expires = keepalive_expiries(s)
     entity = dict(link.extra)
     entity.update({
         "PartitionKey": s.zoom_user_id,
@@ -319,11 +325,11 @@ def link_to_entity(link: Link) -> dict:
         "teams_shows_ours": s.teams_shows_ours,
         "teams_overlay": _teams_overlay_to(s.teams_overlay),
         "teams_yielded": s.teams_yielded,
-        # The overlays' expiries as plain columns (absent when nothing of ours expires), so the
-        # keep-alive finds what is due with one filtered scan of this table instead of an index
-        # kept beside it at one more write per change.
-        TEAMS_OVERLAY_EXPIRES: s.teams_overlay.expires_at if s.teams_overlay else None,
-        ZOOM_OVERLAY_EXPIRES: s.zoom_overlay.expires_at if s.zoom_overlay else None,
+        # The overlays' expiries as plain columns (absent when nothing of ours expires, or nothing
+        # can be done about it yet), so the keep-alive finds what is due with one filtered scan of
+        # this table instead of an index kept beside it at one more write per change.
+        TEAMS_OVERLAY_EXPIRES: teams_expires,
+        ZOOM_OVERLAY_EXPIRES: zoom_expires,
     })
     return entity
 

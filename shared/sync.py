@@ -32,6 +32,7 @@ from shared.engine import (
     ZoomOp,
     ZoomOverlayRecord,
     apply_plan,
+    keepalive_expiries,
     mark_teams_answered,
     observe_teams,
     observe_zoom,
@@ -65,6 +66,7 @@ from shared.presence import ZOOM_MANUAL_STATES, Presence
 log = logging.getLogger(__name__)
 
 QUEUE_RECONCILE = names.RECONCILE_QUEUE
+KEEPALIVE = "keepalive"  # the reason of the keep-alive's reconciles
 
 
 def engine_config() -> EngineConfig:
@@ -125,6 +127,14 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
         if link is None:
             outcome.linked = False
             return outcome
+        if reason == KEEPALIVE:
+            # Each timer run queues everyone due, so a long drain leaves several copies per person:
+            # the first renews or lets go, the others find nothing due. Asked of the link, before
+            # any vendor read.
+            teams_due, zoom_due = _keepalive_due(link.sync, time.time())
+            confirm_zoom, confirm_teams = confirm_zoom and teams_due, confirm_teams and zoom_due
+            if not (confirm_zoom or confirm_teams) and link.expiry_columns == keepalive_expiries(link.sync):
+                return outcome
         # A side we know nothing of yet (a link just re-pointed at another Teams account) cannot
         # be planned without its read: a failed one is retried through the queue, not skipped.
         try:
@@ -176,7 +186,9 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
             return outcome
         step = _plan_step(link, now, outcome)
         if step is None:
-            if _state(link) != before:
+            # (Also a record whose keep-alive columns were written under an older rule: they are
+            # derived on every write, and one out of step would be queued by every keep-alive run.)
+            if _state(link) != before or link.expiry_columns != keepalive_expiries(link.sync):
                 try:
                     write_link(link, etag)
                 except storage.Conflict:
@@ -829,7 +841,7 @@ def waits_out_outages(message: dict) -> bool:
     """Whether a reconcile that met an outage waits it out in rounds (shared.queue_messages). Not
     the keep-alive's: its timer queues the person again every run while the overlay is due, so
     rounds of its own would pile up copies of the same confirmation."""
-    return message.get("reason") != "keepalive"
+    return message.get("reason") != KEEPALIVE
 
 
 def handle_reconcile(message: dict) -> Outcome:
@@ -878,7 +890,7 @@ def keepalive_due(now: float | None = None) -> int:
         zoom_due = _due(row.get(ZOOM_OVERLAY_EXPIRES), horizon)
         try:
             # A Teams overlay mirrors Zoom, so Zoom is the source to confirm; and the other way round.
-            queue_reconcile(row["PartitionKey"], "keepalive", confirm_zoom=teams_due, confirm_teams=zoom_due)
+            queue_reconcile(row["PartitionKey"], KEEPALIVE, confirm_zoom=teams_due, confirm_teams=zoom_due)
             count, in_a_row = count + 1, 0
         except Exception as exc:  # noqa: BLE001 - counted, logged and raised once the rest are queued
             failed, in_a_row = failed + 1, in_a_row + 1
@@ -893,6 +905,13 @@ def keepalive_due(now: float | None = None) -> int:
                   "; stopped, the queue is down" if in_a_row >= KEEPALIVE_FAILURES_IN_A_ROW else "")
         raise first_error
     return count
+
+
+def _keepalive_due(s: UserSync, now: float) -> tuple[bool, bool]:
+    """Are our Teams and our Zoom overlay due for the keep-alive (as its scan would find them)?"""
+    horizon = now + engine_config().renew_leeway_seconds
+    teams_expires, zoom_expires = keepalive_expiries(s)
+    return _due(teams_expires, horizon), _due(zoom_expires, horizon)
 
 
 def _rows_counting_pages(rows: Any) -> Iterator[dict]:

@@ -79,9 +79,11 @@ def test_a_failed_release_does_not_undo_what_the_person_chose_in_zoom_meanwhile(
         assert released == [], "the release was retried over the person's own Away"
 
 
-def test_a_slow_keepalive_read_does_not_bring_back_a_meeting_that_ended_during_it(world: World):
+def test_a_slow_keepalive_read_does_not_bring_back_a_meeting_that_ended_during_it(world: World, app_setting):
     from shared.sync import queue_reconcile
 
+    # Teams overlays live 5 minutes and are renewed within their last 5: due for the keep-alive at once.
+    app_setting(TEAMS_OVERLAY_MINUTES="5", OVERLAY_RENEW_LEEWAY_SECONDS="300")
     person = world.add_person()
     with listening(world, "push"):
         _known_on_both_sides(world, person)
