@@ -169,12 +169,12 @@ class _Jwks:
         self._source = ""
         self._keys: dict[str, Any] = {}
         self._fetched_at = 0.0
-        self._tried_at = -float("inf")  # the last fetch started, whatever came of it
+        self._failed_at = -float("inf")  # when a fetch last failed
         self._tenant_guid: dict[str, str] = {}
 
     def reset(self) -> None:
         with self._lock:
-            self._source, self._keys, self._fetched_at, self._tried_at = "", {}, 0.0, -float("inf")
+            self._source, self._keys, self._fetched_at, self._failed_at = "", {}, 0.0, -float("inf")
             self._tenant_guid.clear()
 
     def _fetch(self, url: str) -> dict[str, Any]:
@@ -201,19 +201,15 @@ class _Jwks:
     def key(self, url: str, kid: str, now: float) -> Any:
         with self._lock:
             if self._source != url:
-                self._source, self._keys, self._fetched_at, self._tried_at = url, {}, 0.0, -float("inf")
-            keys, fetched_at, tried_at = self._keys, self._fetched_at, self._tried_at
+                self._source, self._keys, self._fetched_at, self._failed_at = url, {}, 0.0, -float("inf")
+            keys, fetched_at, failed_at = self._keys, self._fetched_at, self._failed_at
         age = now - fetched_at
         due = age > JWKS_TTL_S or (kid not in keys and age > JWKS_REFETCH_MIN_S)
         if not due:
             return keys.get(kid)
         known = keys.get(kid) if age <= JWKS_TTL_S + JWKS_STALE_GRACE_S else None
-        if now - tried_at < JWKS_RETRY_AFTER_FAILURE_S:
-            # The last fetch failed moments ago (one that succeeded would have made this not due):
-            # don't ask Entra again on every delivery.
-            if known is None:
-                raise KeysUnavailable("Entra's signing keys are unreachable")
-            return known
+        if now - failed_at < JWKS_RETRY_AFTER_FAILURE_S:
+            return self._after_failure(known)  # don't ask Entra again on every delivery
         # A request holding a key it knows does not wait for another's refresh; one that needs the
         # fetch (a new kid, nothing cached) waits for it.
         if not self._refreshing.acquire(blocking=known is None):
@@ -222,10 +218,13 @@ class _Jwks:
             with self._lock:
                 if self._source == url and self._fetched_at > fetched_at:
                     return self._keys.get(kid)  # refreshed while this request waited
-                self._tried_at = now
+                if self._source == url and now - self._failed_at < JWKS_RETRY_AFTER_FAILURE_S:
+                    return self._after_failure(known)  # failed while this request waited
             try:
                 fresh = self._fetch(url)
             except KeysUnavailable as exc:
+                with self._lock:
+                    self._failed_at = now
                 if known is None:
                     raise
                 log.warning("graph: Entra's signing keys could not be refreshed (%s); the last fetched keys "
@@ -237,6 +236,12 @@ class _Jwks:
             return fresh.get(kid)
         finally:
             self._refreshing.release()
+
+    @staticmethod
+    def _after_failure(known: Any) -> Any:
+        if known is None:
+            raise KeysUnavailable("Entra's signing keys are unreachable")
+        return known
 
     def tenant_guid(self, authority: str) -> str:
         """The tenant's GUID when ENTRA_TENANT_ID is a domain name (from its OpenID issuer)."""

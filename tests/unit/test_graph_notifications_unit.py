@@ -148,3 +148,40 @@ def test_a_delivery_whose_key_is_cached_does_not_wait_for_another_requests_refre
     finally:
         entra.hold.set()
         refresher.join(10)
+
+
+@pytest.mark.parametrize("cached", [{}, {"k0": "key-zero"}], ids=["cold", "new-kid"])
+def test_deliveries_that_need_a_fetch_under_way_wait_for_it_rather_than_fail(monkeypatch, cached):
+    # A new instance (no keys yet), or Entra rolled its keys: one request fetches, and the others
+    # needing that key wait for its answer; a fetch under way is not a fetch that failed.
+    import threading
+
+    jwks, entra = graph_crypto._Jwks(), _Entra()
+    monkeypatch.setattr(jwks, "_fetch", entra.fetch)
+    url, t0 = "https://login.example/keys", 1_000_000.0
+    if cached:
+        entra.keys = dict(cached)
+        jwks.key(url, "k0", t0)
+        entra.keys = {"k0": "key-zero", "k1": "key-one"}
+        t0 += graph_crypto.JWKS_REFETCH_MIN_S + 1
+    entra.hold.clear()
+    answers: list = []
+
+    def deliver(at: float) -> None:
+        try:
+            answers.append(jwks.key(url, "k1", at))
+        except graph_crypto.KeysUnavailable as exc:
+            answers.append(exc)
+
+    first = threading.Thread(target=deliver, args=(t0,))
+    first.start()
+    while entra.calls < (2 if cached else 1):
+        threading.Event().wait(0.01)
+    second = threading.Thread(target=deliver, args=(t0 + 1,))
+    second.start()
+    threading.Event().wait(0.2)
+    entra.hold.set()
+    first.join(10)
+    second.join(10)
+    assert answers == ["key-one", "key-one"]
+    assert entra.calls == (2 if cached else 1)
