@@ -265,11 +265,17 @@ def delegated_scopes(scopes: list[str] | tuple[str, ...] | str | None = None) ->
 
 # --- API --------------------------------------------------------------------------------------------------
 
-def store_connection(account_id: str, purpose: str, cache: Any) -> Connection:
+class NotAdmitted(Exception):
+    """The sign-in went through but its caller's ``admit`` check refused to store it."""
+
+
+def store_connection(account_id: str, purpose: str, cache: Any, *,
+                     admit: Callable[[], bool] | None = None) -> Connection:
     """Store (or replace) the account's token cache, encrypted, as a healthy connection.
 
     ``cache`` is an ``msal.SerializableTokenCache`` holding the account's tokens (from an
-    authorization-code sign-in); it must contain that account and a refresh token.
+    authorization-code sign-in); it must contain that account and a refresh token. ``admit``, if
+    given, is asked last, just before the write (raises :class:`NotAdmitted` when it says no).
     """
     account_id = _normalise_id(account_id)
     if purpose not in PURPOSES:
@@ -301,6 +307,8 @@ def store_connection(account_id: str, purpose: str, cache: Any) -> Connection:
             "updated_at": now,
         }
 
+    if admit is not None and not admit():
+        raise NotAdmitted(purpose)
     stored = storage.mutate_entity(TABLE, PARTITION, account_id, mutate)
     log.info("connections: account %s connected (%s)", account_id, (stored or {}).get("purpose", purpose))
     return _connection(stored or {"RowKey": account_id})
@@ -546,15 +554,11 @@ def redeem_auth_code(flow: dict, auth_response: Mapping[str, str], cache: Any = 
     return result
 
 
-class NotAdmitted(Exception):
-    """The sign-in went through but its caller's ``admit`` check refused to store it."""
-
-
 def complete_auth_code_flow(flow: dict, auth_response: Mapping[str, str], purpose: str, *,
                             admit: Callable[[], bool] | None = None) -> Connection:
     """Finish a sign-in with the callback's query parameters and store the connection; ``admit``,
-    if given, is asked once the code is redeemed, just before storing (a one-time invitation is
-    used up there, so a sign-in that fails leaves it for another try).
+    if given, is asked once everything else has succeeded, just before the write (a one-time
+    invitation is used up there, so a sign-in that fails leaves it for another try).
 
     Raises as :func:`redeem_auth_code` does, and :class:`NotAdmitted`.
     """
@@ -566,9 +570,7 @@ def complete_auth_code_flow(flow: dict, auth_response: Mapping[str, str], purpos
     account_id = str(claims.get("oid") or "")
     if not account_id:
         raise ConnectFailed("no_oid_in_id_token")
-    if admit is not None and not admit():
-        raise NotAdmitted(purpose)
-    return store_connection(account_id, purpose, cache)
+    return store_connection(account_id, purpose, cache, admit=admit)
 
 
 

@@ -277,7 +277,11 @@ def microsoft_callback(req: WebRequest) -> WebResponse:
     assert isinstance(conn, connections.Connection)
     # Before any linking below: a link made there queues its own reconcile, so this one is only
     # for a person already linked (reconnecting after a password reset, say).
-    people.resync_after_connect(conn.account_id)
+    try:
+        people.resync_after_connect(conn.account_id)
+    except Exception as exc:  # noqa: BLE001 - the sign-in is stored: the page must say so
+        log.warning("connect: reconcile after the sign-in could not be queued (%s); the person's next change "
+                    "catches Teams up", type(exc).__name__)
     done = {"Set-Cookie": state.clear_cookie()}
     if flow.purpose == PURPOSE_SYNC:
         return page(200, "Sync account connected",

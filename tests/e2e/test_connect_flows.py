@@ -132,6 +132,29 @@ def test_an_invitation_is_used_up_by_the_sign_in_that_completes_not_by_opening_i
     assert again.status_code == 403 and "Invitation needed" in again.text
 
 
+def test_an_invitation_outlives_a_sign_in_that_fails_after_entra_answered(connect_world: World, monkeypatch):
+    # The code is redeemed, then sealing the tokens fails (the token key is being rotated, say):
+    # the admin opens the same invitation again.
+    from shared import connections
+    from shared.config import SettingMissing
+
+    world = connect_world
+    account = world.graph.add_user(display_name="Sync account 04")
+    url = invitation(world) + "&login_hint=" + account["userPrincipalName"]
+
+    def cannot_seal(*args, **kwargs):
+        raise SettingMissing("TOKEN_ENCRYPTION_KEY")
+
+    monkeypatch.setattr(connections, "encrypt_cache", cannot_seal)
+    world.graph.clear_requests()
+    failed = Browser(world).go(url)
+    assert failed.status_code == 503 and connection(world, account["id"].lower()) is None
+    assert [r.status for r in world.graph.requests_matching("POST", "/oauth2/v2.0/token")] == [200]
+    monkeypatch.undo()
+    page = Browser(world).go(url)
+    assert page.status_code == 200 and "Sync account connected" in page.text
+
+
 def test_self_connect_links_the_person_and_writes_with_their_own_token(connect_world: World, app_setting):
     """No application permission to write presence: Teams writes use the person's own token."""
     world = connect_world
