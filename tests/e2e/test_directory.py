@@ -536,6 +536,24 @@ def test_a_zoom_user_deleted_and_created_again_is_linked_at_once(world: World):
     assert world.teams_shows(ada) == ("Busy", "InACall")
 
 
+def test_a_zoom_user_activated_again_does_not_take_a_teams_account_linked_meanwhile(world: World):
+    # While ada's Zoom user was deactivated, a new Zoom user with another of her addresses was
+    # linked to her Teams account. Activating the old one must not make two active links there.
+    ada = _person(world, "ada")
+    run_matching(world)
+    alias = f"ada.alias.{uuid.uuid4().hex[:6]}@{DOMAIN}"
+    world.graph.update_user(ada.entra_id, proxyAddresses=[f"SMTP:{ada.email}", f"smtp:{alias}"])
+    world.zoom.deactivate_user(ada.zoom_id)
+    world.settle()
+    newer = world.zoom.add_user(email=alias, emit_created=True)["id"].lower()
+    world.settle()
+    assert world.admin("GET", f"links/{newer}").json()["status"] == "active"
+    world.zoom.activate_user(ada.zoom_id)
+    world.settle()
+    assert _link(world, ada)["status"] == "disabled"
+    assert world.admin("GET", f"links/{newer}").json()["status"] == "active"
+
+
 def test_user_created_is_matched_and_linked(world: World):
     email = f"newcomer.{uuid.uuid4().hex[:6]}@{DOMAIN}"
     entra_id = world.graph.add_user(user_principal_name=f"n@{TENANT}", proxy_addresses=[f"smtp:{email}"])["id"]
