@@ -130,10 +130,16 @@ def start_run(kind: str, trigger: str, state: dict, *, now: float | None = None,
     for _ in range(5):
         current = read_run(kind)
         if is_live(current, now, stale_after_s):
-            if rerun_if_live:
-                # A separate entity: writing the run's own would take its checkpoint from under it.
-                storage.upsert_entity(TABLE, {"PartitionKey": kind, "RowKey": RERUN_ROW, "requested_at": now})
-            return None, current
+            if not rerun_if_live:
+                return None, current
+            # A separate entity: writing the run's own would take its checkpoint from under it.
+            storage.upsert_entity(TABLE, {"PartitionKey": kind, "RowKey": RERUN_ROW, "requested_at": now})
+            # The run may have ended between the read and that write, after its last look for a
+            # request: then nobody would act on it, so start the run here.
+            after = read_run(kind)
+            if is_live(after, now, stale_after_s) and after is not None and after.run_id == current.run_id:
+                return None, current
+            continue
         run = Run(kind, uuid.uuid4().hex[:16], STATUS_RUNNING, trigger, now, now, state=dict(state),
                   etag=current.etag if current else None)
         if save(run):

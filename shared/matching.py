@@ -771,6 +771,9 @@ def handle_user_event(message: dict) -> str:
             return match_zoom_user(zoom_id)
         return outcome
     if event == "user.updated":
+        fields = message.get("fields")
+        if isinstance(fields, list) and "email" not in fields:
+            return "ignored"  # a name, a department: nothing matching looks at
         return _recheck_email(zoom_id)
     log.info("matching: Zoom %s for user %s needs nothing (the next matching run sees any change)", event, zoom_id)
     return "ignored"

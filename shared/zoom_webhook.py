@@ -220,9 +220,13 @@ def _user_event(event: ZoomEvent, enqueue) -> WebhookResponse:
         payload = UserPayload.model_validate(event.payload)
     except ValidationError as exc:
         raise _Rejected(400, "bad_shape", f"user event payload invalid: {_fields(exc)}") from None
-    _put(enqueue, QUEUE_ZOOM_USERS, {
-        "kind": "zoom_user_event", "event": event.event, "zoom_user_id": payload.object.id.lower(),
-        "event_ts": event.event_ts,
-    })
+    message = {"kind": "zoom_user_event", "event": event.event, "zoom_user_id": payload.object.id.lower(),
+               "event_ts": event.event_ts}
+    if event.event == "user.updated":
+        # The names of the fields that changed (Zoom's object holds the id and those), never their
+        # values: the worker reads the user only when the email is among them.
+        raw = event.payload.get("object") if isinstance(event.payload, dict) else None
+        message["fields"] = sorted(str(k)[:40] for k in (raw or {}) if k != "id")[:50]
+    _put(enqueue, QUEUE_ZOOM_USERS, message)
     log.info("zoom webhook: %s for user %s queued", event.event, payload.object.id.lower())
     return WebhookResponse(200, {"status": "queued"})

@@ -144,3 +144,22 @@ def test_a_lifecycle_event_back_from_an_outage_round_does_not_undo_a_newer_one(d
     link, _ = read_link("z1")
     assert (link.status, link.disabled_reason, link.lifecycle_ts) == ("active", "", 2000)
     assert puts == []  # nothing was disabled, so nothing to release
+
+
+def test_a_rerun_asked_for_as_the_live_run_ends_is_started_not_lost(directory_env, monkeypatch):
+    # The run ends between the request's read of it (live) and the request's write: the ending
+    # run looked for requests before it existed, so the request starts the run itself.
+    live, _ = directory_runs.start_run("matching", "timer", matching._new_state(), stale_after_s=600)
+    upsert = storage.upsert_entity
+
+    def run_ends_meanwhile(table, entity):
+        if entity.get("RowKey") == directory_runs.RERUN_ROW:
+            live.status = directory_runs.STATUS_DONE
+            assert directory_runs.save(live)
+        return upsert(table, entity)
+
+    monkeypatch.setattr(storage, "upsert_entity", run_ends_meanwhile)
+    started, still_live = directory_runs.start_run("matching", "zoom email changed", matching._new_state(),
+                                                   stale_after_s=600, rerun_if_live=True)
+    assert still_live is None and started is not None and started.run_id != live.run_id
+    assert directory_runs.read_run("matching").run_id == started.run_id

@@ -158,3 +158,16 @@ def test_status_page_escapes_everything():
     assert evil not in page and "&lt;script&gt;" in page
     assert 'k"><b>' not in page
     assert page.count("<script") == 1 and f'nonce="{nonce}"' in page
+
+
+def test_a_user_update_that_leaves_the_email_alone_reads_nothing(monkeypatch):
+    from shared import matching, zoom_client
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("Zoom was read for an update matching does not look at")
+
+    monkeypatch.setattr(zoom_client, "get_user", no_call)
+    monkeypatch.setattr(matching, "read_link", no_call)
+    message = {"kind": "zoom_user_event", "event": "user.updated", "zoom_user_id": "z1", "event_ts": 1,
+               "fields": ["dept"]}
+    assert matching.handle_user_event(message) == "ignored"

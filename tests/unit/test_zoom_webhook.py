@@ -176,3 +176,16 @@ def test_an_unusable_setting_is_a_503_naming_it_not_a_500(monkeypatch, caplog):
     assert json.loads(response.get_body()) == {"error": "not_configured"}
     assert "ZOOM_WEBHOOK_MAX_SKEW_SECONDS" in caplog.text
     assert "secret-looking" not in caplog.text
+
+
+def test_a_user_update_carries_the_names_of_the_changed_fields_never_their_values():
+    def updated(obj: dict) -> bytes:
+        return json.dumps({"event": "user.updated", "event_ts": 1_700_000_000_000,
+                           "payload": {"account_id": "acc", "object": {"id": "AbC123", **obj}}}).encode()
+
+    _, queued = _call(updated({"email": "new.owner@example.com"}))
+    [(_, message)] = queued
+    assert message["fields"] == ["email"] and message["zoom_user_id"] == "abc123"
+    assert "new.owner" not in json.dumps(message)
+    _, queued = _call(updated({"dept": "Sales", "job_title": "Lead"}))
+    assert queued[0][1]["fields"] == ["dept", "job_title"]
