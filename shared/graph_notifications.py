@@ -275,7 +275,7 @@ def _notifications(body: bytes, enqueue: Callable[[str, dict], None] | None, now
     batch_presences = sorted(presences.values(), key=lambda p: str(p.get("sequenceNumber") or ""))
     for start in range(0, len(batch_presences), PRESENCES_PER_MESSAGE):
         messages.append({"kind": "teams_presences", "presences": batch_presences[start:start + PRESENCES_PER_MESSAGE],
-                         "read_at": read_at, "source": "push", "cid": cid})
+                         "read_at": read_at, "source": "push", "pushed": True, "cid": cid})
     # Ids already covered by a decrypted presence need no read.
     basic = [i for i in ids if i not in presences]
     for start in range(0, len(basic), IDS_PER_MESSAGE):

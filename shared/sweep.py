@@ -162,7 +162,7 @@ def handle_teams_message(message: dict) -> list[Outcome]:
         presences = list(message["presences"])
         read_at = float(message.get("read_at") or time.time())
         ts_ms = int(read_at * 1000)
-        if message.get("source") == "push":  # rich notifications: stamped when they arrived
+        if message.get("pushed"):  # rich notifications' content: stamped when it arrived
             earliest_ms = ts_ms - int(GRAPH_DELIVERY_MAX_S * 1000)
     else:
         raise ValueError(f"unknown message kind {kind!r}")
@@ -241,6 +241,8 @@ def _presences_message(message: dict, presences: list[dict], read_at: float, att
     the outage rounds it has waited out go with it)."""
     out = {"kind": "teams_presences", "presences": [trim(p) for p in presences], "read_at": read_at,
            "source": message.get("source", "retry"), "cid": str(message.get("cid", "")), "attempt": attempt}
+    if message.get("pushed"):
+        out["pushed"] = True  # still content Graph pushed, not a read
     if outage_round(message):
         out[OUTAGE_ROUND] = outage_round(message)
     return out

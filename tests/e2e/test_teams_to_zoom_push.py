@@ -70,7 +70,7 @@ def test_pushed_content_arriving_soon_after_our_write_is_read_again_before_it_co
     world.graph.clear_requests()
     later_seq = world.graph.presence(person.entra_id)["sequenceNumber"] + "1"  # sorts after it
     storage.enqueue(names.TEAMS_PRESENCE_QUEUE, {
-        "kind": "teams_presences", "source": "push", "cid": uuid.uuid4().hex, "read_at": time.time(),
+        "kind": "teams_presences", "source": "push", "pushed": True, "cid": uuid.uuid4().hex, "read_at": time.time(),
         "presences": [{"id": person.entra_id, "availability": "Available", "activity": "Available",
                        "sequenceNumber": later_seq}]})
     world.settle()

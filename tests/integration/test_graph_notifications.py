@@ -151,7 +151,7 @@ def test_rich_notifications_are_decrypted_and_tampering_rejected(graph_app_env, 
     delivery = graph.delivered[-1]
     assert delivery.status == 202 and "encryptedContent" in delivery.payload["value"][0]
     [message] = queued(PRESENCE_QUEUE)
-    assert message["kind"] == "teams_presences" and message["source"] == "push"
+    assert message["kind"] == "teams_presences" and message["source"] == "push" and message["pushed"] is True
     [presence] = message["presences"]
     assert presence["id"] == ids[0]
     assert (presence["availability"], presence["activity"]) == ("DoNotDisturb", "DoNotDisturb")

@@ -46,3 +46,30 @@ def test_the_failed_ones_alone_are_queued_again_with_the_next_attempt(monkeypatc
     assert len(sweep.handle_teams_message(_batch(3))) == 2
     [again] = queued
     assert [p["id"] for p in again["presences"]] == ["e1"] and again["attempt"] == 2
+
+
+def test_only_pushed_content_is_judged_by_when_it_may_have_been_true(monkeypatch):
+    # Content Graph pushed (rich) may be up to a minute older than its arrival; a read is exactly
+    # as old as its start. A retried batch keeps which of the two it is, whatever its source.
+    seen: dict[str, int | None] = {}
+    queued: list[dict] = []
+
+    def apply(presence, *, ts_ms, cid, earliest_ms=None):
+        seen[presence["id"]] = None if earliest_ms is None else ts_ms - earliest_ms
+        if presence["id"] == "e1":
+            raise RuntimeError("storage down")
+        return Outcome()
+
+    monkeypatch.setattr(sweep, "handle_teams_presence", apply)
+    monkeypatch.setattr(sweep.storage, "enqueue", lambda queue, message, delay_seconds=0: queued.append(message))
+    pushed = {**_batch(2), "source": "push", "pushed": True}
+    sweep.handle_teams_message(pushed)
+    assert seen == {"e0": 60_000, "e1": 60_000}
+    [again] = queued
+    assert again["pushed"] is True
+    seen.clear()
+    queued.clear()
+    read = {**_batch(2), "source": "push"}  # people of a basic notification whose read is retried
+    sweep.handle_teams_message(read)
+    assert seen == {"e0": None, "e1": None}
+    assert "pushed" not in queued[0]
