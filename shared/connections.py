@@ -191,6 +191,7 @@ class Connection:
     display_hint: str = ""
     created_at: str = ""
     updated_at: str = ""
+    sign_in_id: str = ""  # which sign-in stored it (not listed by the admin API)
 
     @property
     def ok(self) -> bool:
@@ -211,6 +212,7 @@ def _connection(entity: Mapping[str, Any]) -> Connection:
         display_hint=str(entity.get("display_hint") or ""),
         created_at=str(entity.get("created_at") or ""),
         updated_at=str(entity.get("updated_at") or ""),
+        sign_in_id=_sign_in_id(entity),
     )
 
 
@@ -376,6 +378,22 @@ def mark_broken(account_id: str, reason: str, *, sign_in_id: str | None = None) 
 
 def _sign_in_id(entity: Mapping[str, Any]) -> str:
     return str(entity.get("sign_in_id") or "")
+
+
+def withdraw_sign_in(account_id: str, sign_in_id: str) -> bool:
+    """Delete a person's own connection if it is still the one ``sign_in_id`` stored (not a
+    sync account, not a newer sign-in): a sign-in taken back by the flow that made it."""
+    account_id = _normalise_id(account_id)
+    entity, etag = storage.read_entity(TABLE, PARTITION, account_id)
+    if (entity is None or not sign_in_id or _sign_in_id(entity) != sign_in_id
+            or entity.get("purpose") != PURPOSE_SELF):
+        return False
+    try:
+        storage.delete_entity(TABLE, PARTITION, account_id, etag)
+    except storage.Conflict:
+        return False  # signed in again meanwhile: that sign-in stays
+    log.info("connections: account %s taken back (its sign-in served no link)", account_id)
+    return True
 
 
 def delete_connection(account_id: str) -> None:

@@ -302,12 +302,12 @@ def microsoft_callback(req: WebRequest) -> WebResponse:
     # Next: who is this person in Zoom? The Entra id rides along in the Zoom flow's sealed record,
     # with whether this sign-in made the connection (a refused link takes it back).
     return _begin_zoom(PURPOSE_SELF, {"entra_user_id": conn.account_id,
-                                      "connection_made": "1" if _made_now(conn) else ""})
+                                      "connection_made": _made_now(conn)})
 
 
-def _made_now(conn: connections.Connection) -> bool:
-    """Did this sign-in create the connection (rather than renew one the account had)?"""
-    return bool(conn.created_at) and conn.created_at == conn.updated_at
+def _made_now(conn: connections.Connection) -> str:
+    """The sign-in's id if it created the connection (rather than renewed one the account had)."""
+    return conn.sign_in_id if conn.created_at and conn.created_at == conn.updated_at else ""
 
 
 # --- Zoom ----------------------------------------------------------------------------------------------------------
@@ -369,21 +369,21 @@ def zoom_callback(req: WebRequest) -> WebResponse:
     entra = str(flow.data.get("entra_user_id") or "")
     if entra:
         return _link_page(people.link_self(who.user_id, entra), {"Set-Cookie": state.clear_cookie()}, entra,
-                          bool(flow.data.get("connection_made")))
+                          str(flow.data.get("connection_made") or ""))
     # Next: who is this person in Microsoft Entra? The Zoom id rides along, sealed.
     return _begin_microsoft(PURPOSE_SELF, {"zoom_user_id": who.user_id})
 
 
 def _link_page(result: people.LinkResult, headers: dict[str, str], account_id: str,
-               connection_made: bool) -> WebResponse:
+               connection_made: str) -> WebResponse:
     if result.outcome == LinkOutcome.CONFLICT:
         why = ("Your Zoom user is already linked to a different Microsoft account."
                if result.reason == "zoom_linked_elsewhere"
                else "Your Microsoft account is already linked to a different Zoom user.")
-        if connection_made and people.active_link_for_entra(account_id) is None:
-            # The sign-in stored for this link serves nothing now: take it back, so that the page's
+        if (connection_made and people.active_link_for_entra(account_id) is None
+                and connections.withdraw_sign_in(account_id, connection_made)):
+            # The sign-in stored for this link serves nothing now: taken back, so that the page's
             # "nothing was changed" is true.
-            connections.delete_connection(account_id)
             return page(409, "Already linked elsewhere",
                         [why, "Nothing was changed. Your administrator can change or remove that link."],
                         headers=headers)

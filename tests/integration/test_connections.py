@@ -232,3 +232,18 @@ def test_key_ring_parsing():
     assert connections.mask_login("ada@contoso.com") == "a***@contoso.com"
     assert connections.delegated_scopes("Presence.Read.All offline_access openid User.Read") == [
         "Presence.Read.All", "User.Read"]
+
+
+def test_a_sign_in_is_taken_back_only_while_it_is_the_one_stored_and_only_a_persons_own(graph_app_env):
+    graph = graph_app_env
+    person, sync = graph.add_user(display_name="Self D"), graph.add_user(display_name="Sync D")
+    first = connect_account_via_auth_code(graph, person, "self")
+    second = connect_account_via_auth_code(graph, person, "self")  # signed in again meanwhile
+    assert first.sign_in_id and second.sign_in_id != first.sign_in_id
+    assert connections.withdraw_sign_in(person["id"], first.sign_in_id) is False
+    assert connections.get_connection(person["id"]) is not None
+    assert connections.withdraw_sign_in(person["id"], second.sign_in_id) is True
+    assert connections.get_connection(person["id"]) is None
+    held = connect_account_via_auth_code(graph, sync, "sync-account")
+    assert connections.withdraw_sign_in(sync["id"], held.sign_in_id) is False
+    assert connections.get_connection(sync["id"]) is not None
