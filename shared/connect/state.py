@@ -16,7 +16,9 @@ from Entra and Zoom, which is why the flows use ``response_mode=query``: a cross
 ``form_post`` would arrive without the cookie.
 
 **Invitations** (PartitionKey ``invite``, RowKey the SHA-256 of the token; the token itself is
-never stored): one-time tickets an admin issues to connect a sync account.
+never stored): one-time tickets an admin issues to connect a sync account, checked when a flow
+starts and used up when its sign-in is stored (so opening the link, as a mail scanner does, spends
+nothing).
 
 **Tickets**: short-lived signed statements (for instance "this browser just proved it is Entra
 user X and may now confirm disconnecting"), carried in a form field, never in a URL.
