@@ -29,6 +29,7 @@ from shared.links import (
     ROW,
     STATUS_ACTIVE,
     Link,
+    active_link_for_entra,
     delete_link,
     index_entra,
     list_links,
@@ -90,7 +91,8 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     for _ in range(8):
         existing, etag = read_link(zoom_id)
         same_account = existing is not None and existing.entra_user_id == entra_id
-        holder = None if same_account else _active_holder(entra_id, zoom_id)
+        other = None if same_account else active_link_for_entra(entra_id)
+        holder = other.zoom_user_id if other is not None and other.zoom_user_id != zoom_id else None
         if holder is not None:
             # Two links writing one Teams account overwrite each other's status there, and its
             # changes reach only one of them: the admin frees the account first (DELETE or
@@ -154,17 +156,6 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
         scopes.request_run("admin link")
     log.info("admin: link for Zoom user %s saved", zoom_id)
     return 200, link.to_public()
-
-
-def _active_holder(entra_id: str, zoom_id: str) -> str | None:
-    """The Zoom user of another active link to ``entra_id`` (the lookup read fresh), if any."""
-    other = zoom_id_for_entra(entra_id, fresh=True)
-    if not other or other == zoom_id:
-        return None
-    link, _ = read_link(other)
-    if link is None or link.entra_user_id != entra_id or link.status != STATUS_ACTIVE:
-        return None  # a stale lookup entry, or a disabled link: nothing writes that account
-    return other
 
 
 def get_link(zoom_user_id: str) -> tuple[int, dict]:

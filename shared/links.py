@@ -425,6 +425,18 @@ def zoom_id_for_entra(entra_user_id: str, *, fresh: bool = False) -> str | None:
     return value
 
 
+def active_link_for_entra(entra_user_id: str) -> Link | None:
+    """The active link holding an Entra user's Teams account, if any: the lookup read fresh (this
+    instance's cache may miss a link made elsewhere a moment ago) and checked against the link."""
+    zoom_id = zoom_id_for_entra(entra_user_id, fresh=True) if entra_user_id else None
+    if not zoom_id:
+        return None
+    link, _ = read_link(zoom_id)
+    if link is None or link.entra_user_id != entra_user_id.lower() or link.status != STATUS_ACTIVE:
+        return None
+    return link
+
+
 def reset_link_caches() -> None:
     _index_cache.clear()
 

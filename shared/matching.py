@@ -47,6 +47,7 @@ from shared.links import (
     STATUS_DISABLED,
     Link,
     _delete_index_if_points_to,
+    active_link_for_entra,
     index_entra,
     now_iso,
     read_link,
@@ -802,14 +803,6 @@ def _recheck_email(zoom_id: str) -> str:
     return "matching_requested"
 
 
-def _held_by_another(link: Link) -> bool:
-    holder = zoom_id_for_entra(link.entra_user_id, fresh=True)
-    if not holder or holder == link.zoom_user_id:
-        return False
-    other, _ = read_link(holder)
-    return other is not None and other.entra_user_id == link.entra_user_id and other.status == STATUS_ACTIVE
-
-
 def _disable_for_event(zoom_id: str, reason: str, event_ts: int) -> str:
     gone = reason != "zoom_deactivated"
     for _ in range(8):
@@ -853,7 +846,8 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
             log.info("matching: stale Zoom lifecycle event for user %s dropped", zoom_id)
             return "stale"
         enabled = link.status == STATUS_DISABLED and link.disabled_reason in REACTIVATABLE
-        if enabled and _held_by_another(link):
+        holder = active_link_for_entra(link.entra_user_id) if enabled else None
+        if holder is not None and holder.zoom_user_id != zoom_id:
             # While this user was deactivated its Teams account was linked to another Zoom user (a
             # new one with the same person's address): two active links would overwrite each other
             # there. It stays disabled; the nightly run or an admin settles who keeps the account.

@@ -39,6 +39,7 @@ from shared.config import SettingMissing, get_settings
 from shared.connect import people, state, zoom_oauth
 from shared.connect.people import LinkOutcome
 from shared.errors import OAUTH_OUTAGE_ERRORS, TokenError
+from shared.links import active_link_for_entra
 from shared.pages import Form, FormRefused, WebRequest, WebResponse, page, redirect
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ def microsoft_callback(req: WebRequest) -> WebResponse:
     zoom_user = str(flow.data.get("zoom_user_id") or "")
     if zoom_user:
         return _link_page(people.link_self(zoom_user, conn.account_id), done, conn.account_id, _made_now(conn))
-    if people.active_link_for_entra(conn.account_id) is not None:
+    if active_link_for_entra(conn.account_id) is not None:
         return page(200, "Connected",
                     ["Your Microsoft account is connected, and your Zoom and Teams presence are already linked.",
                      "You can close this window."], form=_disconnect_form(MICROSOFT), headers=done)
@@ -380,7 +381,7 @@ def _link_page(result: people.LinkResult, headers: dict[str, str], account_id: s
         why = ("Your Zoom user is already linked to a different Microsoft account."
                if result.reason == "zoom_linked_elsewhere"
                else "Your Microsoft account is already linked to a different Zoom user.")
-        if (connection_made and people.active_link_for_entra(account_id) is None
+        if (connection_made and active_link_for_entra(account_id) is None
                 and connections.withdraw_sign_in(account_id, connection_made)):
             # The sign-in stored for this link serves nothing now: taken back, so that the page's
             # "nothing was changed" is true.

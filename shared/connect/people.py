@@ -23,16 +23,16 @@ from shared import connections, graph_client, storage
 from shared.engine import ALL_DIRECTIONS, UserSync
 from shared.errors import TokenError, Unauthorized, VendorError
 from shared.links import (
-    ENTRA_INDEX_TABLE,
-    ROW,
     STATUS_ACTIVE,
     STATUS_DISABLED,
     Link,
+    active_link_for_entra,
     delete_link,
     index_entra,
     now_iso,
     read_link,
     write_link,
+    zoom_id_for_entra,
 )
 from shared.sync import queue_reconcile
 
@@ -54,28 +54,12 @@ class LinkResult:
     reason: str = ""  # for a conflict: zoom_linked_elsewhere | entra_linked_elsewhere
 
 
-def _indexed_zoom_id(entra_user_id: str) -> str | None:
-    """The index read fresh (the process cache may be a minute old)."""
-    entity, _ = storage.read_entity(ENTRA_INDEX_TABLE, entra_user_id, ROW)
-    return str(entity.get("zoom_user_id")) if entity and entity.get("zoom_user_id") else None
-
-
 def _withdrawn(link: Link) -> bool:
     return link.origin == ORIGIN_SELF and link.status == STATUS_DISABLED
 
 
 def _reconcile_soon(zoom_user_id: str, reason: str) -> None:
     queue_reconcile(zoom_user_id, reason)
-
-
-def active_link_for_entra(entra_user_id: str) -> Link | None:
-    zoom_id = _indexed_zoom_id(entra_user_id.lower())
-    if not zoom_id:
-        return None
-    link, _ = read_link(zoom_id)
-    if link is None or link.entra_user_id != entra_user_id.lower() or link.status != STATUS_ACTIVE:
-        return None
-    return link
 
 
 def resync_after_connect(entra_user_id: str) -> bool:
@@ -95,7 +79,7 @@ def link_self(zoom_user_id: str, entra_user_id: str) -> LinkResult:
     """Create or confirm the link between a Zoom user and an Entra user who both just signed in."""
     zoom_id, entra_id = zoom_user_id.lower(), entra_user_id.lower()
     for _attempt in range(6):
-        other_zoom = _indexed_zoom_id(entra_id)
+        other_zoom = zoom_id_for_entra(entra_id, fresh=True)
         if other_zoom and other_zoom != zoom_id:
             other, _ = read_link(other_zoom)
             if other is not None and other.entra_user_id == entra_id:
@@ -140,7 +124,7 @@ def release_self_link(*, zoom_user_id: str | None = None, entra_user_id: str | N
     no self link for them (an admin's link stays as it is)."""
     from shared.sync import sync_user
 
-    zoom_id = (zoom_user_id or "").lower() or _indexed_zoom_id((entra_user_id or "").lower())
+    zoom_id = (zoom_user_id or "").lower() or (zoom_id_for_entra(entra_user_id, fresh=True) if entra_user_id else None)
     if not zoom_id:
         return False
     for _attempt in range(6):
