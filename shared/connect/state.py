@@ -285,6 +285,10 @@ def invitation_valid(token: str | None, purpose: str) -> bool:
     if not token or len(token) > 256:
         return False
     entity, _ = storage.read_entity(TABLE, INVITE_PARTITION, _invite_row(token))
+    return _usable(entity, purpose)
+
+
+def _usable(entity: dict | None, purpose: str) -> bool:
     return (entity is not None and not entity.get("used") and entity.get("purpose") == purpose
             and float(entity.get("expires_at") or 0) > time.time())
 
@@ -304,7 +308,7 @@ def redeem_invitation(token: str | None, purpose: str) -> bool:
     except storage.Conflict:
         return False
     storage.delete_entity(TABLE, INVITE_PARTITION, row)
-    return entity.get("purpose") == purpose and float(entity.get("expires_at") or 0) > time.time()
+    return _usable(entity, purpose)  # as read, before this claim
 
 
 def reset_state_caches() -> None:
