@@ -941,11 +941,7 @@ class ZoomEmulator:
             self._by_email.pop(user.email.lower(), None)
             user.email = email
             self._by_email[email.lower()] = user.id.lower()
-            self._emit({
-                "event": "user.updated", "event_ts": int(self.clock.now() * 1000),
-                "payload": {"account_id": user.account_id, "operator": "admin@emulator.invalid",
-                            "operator_id": "emulator-admin", "object": {"id": self._event_id(user), "email": email}},
-            })
+            self._emit_user_event("user.updated", user, changed={"email": email})
 
     def remove_user(self, user_id: str) -> None:
         with self._lock:
@@ -1268,8 +1264,16 @@ class ZoomEmulator:
             },
         }
 
-    def _emit_user_event(self, name: str, user: _User) -> None:
+    def _emit_user_event(self, name: str, user: _User, *, changed: dict | None = None) -> None:
+        """``changed``: for ``user.updated``, whose object holds the id and the changed fields only."""
         now = self.clock.now()
+        fields = changed if changed is not None else {
+            "first_name": user.first_name,
+            "last_name": user.last_name,
+            "display_name": user.display_name,
+            "email": user.email,
+            "type": user.type,
+        }
         self._emit(
             {
                 "event": name,
@@ -1278,14 +1282,7 @@ class ZoomEmulator:
                     "account_id": user.account_id,
                     "operator": "admin@emulator.invalid",
                     "operator_id": "emulator-admin",
-                    "object": {
-                        "id": self._event_id(user),
-                        "first_name": user.first_name,
-                        "last_name": user.last_name,
-                        "display_name": user.display_name,
-                        "email": user.email,
-                        "type": user.type,
-                    },
+                    "object": {"id": self._event_id(user), **fields},
                 },
             }
         )
