@@ -264,6 +264,16 @@ def _person(world: World, name: str, *, enabled: bool = True) -> Person:
     return Person(name, zoom_user["id"].lower(), entra_user["id"].lower(), email)
 
 
+def _matched_in_a_meeting(world: World, name: str) -> Person:
+    """A person linked by a matching run, in a Zoom meeting that their Teams shows."""
+    person = _person(world, name)
+    run_matching(world)
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    return person
+
+
 def _link(world: World, person: Person) -> dict:
     return world.admin("GET", f"links/{person.zoom_id}").json()
 
@@ -291,11 +301,7 @@ def test_entra_account_disabled_and_enabled_again(world: World):
 
 
 def test_a_changed_email_moves_a_match_and_releases_the_old_one(world: World):
-    ada = _person(world, "ada")
-    run_matching(world)
-    world.zoom.join_meeting(ada.zoom_id)
-    world.settle()
-    assert world.teams_shows(ada) == ("Busy", "InACall")
+    ada = _matched_in_a_meeting(world, "ada")
     # The mailbox moves to another Entra user (ada's old account keeps only its UPN).
     new_entra = world.graph.add_user(mail=ada.email.upper(), user_principal_name=f"ada2@{TENANT}")["id"].lower()
     world.graph.set_teams_client(new_entra, "Available", "Available")
@@ -311,11 +317,7 @@ def test_a_zoom_email_change_moves_the_match_without_waiting_for_the_night(world
     # The Zoom admin hands ada's licence to a new hire by changing its email. Zoom's user.updated
     # makes the bridge ask for a matching run at once: the link follows the email, ada's Teams is
     # let go, and the new hire's shows the meeting the Zoom user is in.
-    ada = _person(world, "ada")
-    run_matching(world)
-    world.zoom.join_meeting(ada.zoom_id)
-    world.settle()
-    assert world.teams_shows(ada) == ("Busy", "InACall")
+    ada = _matched_in_a_meeting(world, "ada")
     hire_email = f"hire.{uuid.uuid4().hex[:6]}@{DOMAIN}"
     hire = world.graph.add_user(display_name="hire", mail=hire_email)["id"].lower()
     world.graph.set_teams_client(hire, "Available", "Available")
@@ -496,11 +498,7 @@ def test_a_deactivation_whose_reconcile_could_not_be_queued_releases_ours_on_its
 
     from shared import storage, sync
 
-    ada = _person(world, "ada")
-    run_matching(world)
-    world.zoom.join_meeting(ada.zoom_id)
-    world.settle()
-    assert world.teams_shows(ada) == ("Busy", "InACall")
+    ada = _matched_in_a_meeting(world, "ada")
     real_enqueue, refused = storage.enqueue, []
 
     def enqueue_refusing_one_reconcile(queue_name, message, **kwargs):

@@ -143,17 +143,24 @@ def test_preferred_slot_taken_back_by_the_person_is_left_alone():
     assert w.teams_writes[-1].overlay.availability == "Away"
 
 
-def test_a_report_read_before_our_preferred_write_was_answered_does_not_give_up_the_slot():
-    """Between clearing our session and setting the preferred slot Graph briefly shows the person's
-    own state; a report of that moment, applied after our set, is not the person taking the slot."""
-    w = World()
+def _meeting_replaced_by_dnd(w: World, *, answered: bool):
+    """Our session shows a Zoom meeting on Teams; then Zoom shows DND instead (the meeting's status
+    gone at once): one plan clears our session and sets the preferred slot."""
     w.teams("Available", "Available")
     w.zoom("In_Meeting")
     w.tick()
     w.user.zoom_native, w.user.zoom_native_since = None, 0
     observe_zoom(w.user, "Do_Not_Disturb", w.ts, w.now, CFG)
-    result = w.reconcile(answered=False)  # clear the session, set the preferred slot: under way
+    result = w.reconcile(answered=answered)
     assert [op.kind for op in result.teams_ops] == [TeamsOpKind.CLEAR_SESSION, TeamsOpKind.SET_PREFERRED]
+    return result
+
+
+def test_a_report_read_before_our_preferred_write_was_answered_does_not_give_up_the_slot():
+    """Between clearing our session and setting the preferred slot Graph briefly shows the person's
+    own state; a report of that moment, applied after our set, is not the person taking the slot."""
+    w = World()
+    result = _meeting_replaced_by_dnd(w, answered=False)  # clear the session, set the preferred slot: under way
     read_between = w.ts + 5
     w.tick()
     mark_teams_answered(w.user, result.teams_overlay, w.now)  # Graph answered the set
@@ -171,13 +178,7 @@ def test_pushed_content_that_may_predate_our_write_is_read_again_not_applied():
     preferred write was answered, it may be the moment between our clear and our set (Graph takes up
     to a minute to deliver). Unsure: nothing changes and the caller reads afresh."""
     w = World()
-    w.teams("Available", "Available")
-    w.zoom("In_Meeting")
-    w.tick()
-    w.user.zoom_native, w.user.zoom_native_since = None, 0
-    observe_zoom(w.user, "Do_Not_Disturb", w.ts, w.now, CFG)
-    result = w.reconcile()  # clear the session, set the preferred slot, answered
-    assert [op.kind for op in result.teams_ops] == [TeamsOpKind.CLEAR_SESSION, TeamsOpKind.SET_PREFERRED]
+    _meeting_replaced_by_dnd(w, answered=True)  # clear the session, set the preferred slot, answered
     w.tick(3)
     seen = (w.user.teams_seen_seq, w.user.teams_seen_ts, w.user.teams_native)
     w.seq += 1
