@@ -9,12 +9,18 @@ someone else owns the run now: the loser stops.
 
 Table ``directory``: PartitionKey = the run kind, RowKey ``"run"``: the live or last run.
 Large JSON (snapshots, reports) is stored compressed across several string properties.
+
+A run that changes a link queues that person's reconcile after the link write. Should the put
+fail, the retried step would find the link already changed and queue nothing, so the run keeps
+the reconciles it owes in its checkpoint (:class:`ReconcileOutbox`) and queues them first when
+it resumes.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
 import uuid
 import zlib
@@ -163,6 +169,15 @@ def save(run: Run) -> bool:
     return True
 
 
+def save_quietly(run: Run) -> None:
+    """Checkpoint on the way out of a failed step, whose own error is the one to raise."""
+    try:
+        run.updated_at = time.time()
+        save(run)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("%s run %s: could not save its checkpoint (%s)", run.kind, run.run_id, exc.__class__.__name__)
+
+
 class Budget:
     """The work time left in this invocation."""
 
@@ -187,3 +202,63 @@ def write_blob(kind: str, row: str, value: Any, **extra: Any) -> None:
 def read_blob(kind: str, row: str) -> tuple[Any, dict | None]:
     entity, _ = storage.read_entity(TABLE, kind, row)
     return unpack(entity), entity
+
+
+OWED_RECONCILES = "owed_reconciles"
+
+
+class ReconcileOutbox:
+    """The reconciles a run queues for links it changed; those whose put failed are owed, and go
+    into the run's checkpoint (:meth:`keep_failed`) until a later invocation queues them
+    (:meth:`queue_owed`). Safe to use from the run's worker threads."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self._lock = threading.Lock()
+        self._failed: list[dict[str, Any]] = []
+        self._error: Exception | None = None
+
+    def queue_owed(self) -> None:
+        """Queue what an earlier invocation could not; raises (for a retry) while that still fails.
+        A put that went through before a later one failed is queued again on the retry: a
+        reconcile is idempotent."""
+        owed = self._run.state.get(OWED_RECONCILES) or []
+        for entry in owed:
+            _put_reconcile(entry)
+        if owed:
+            log.info("%s run %s: queued %d reconciles owed since an earlier attempt", self._run.kind,
+                     self._run.run_id, len(owed))
+        self._run.state.pop(OWED_RECONCILES, None)
+
+    def queue(self, zoom_user_id: str, reason: str, *, confirm_zoom: bool = False,
+              confirm_teams: bool = False) -> None:
+        entry: dict[str, Any] = {"zoom_user_id": zoom_user_id, "reason": reason}
+        if confirm_zoom:
+            entry["confirm_zoom"] = True
+        if confirm_teams:
+            entry["confirm_teams"] = True
+        try:
+            _put_reconcile(entry)
+        except Exception as exc:  # noqa: BLE001 - whatever failed the put, the reconcile is owed
+            log.warning("%s run %s: could not queue the reconcile of user %s (%s); kept with the run",
+                        self._run.kind, self._run.run_id, zoom_user_id, exc.__class__.__name__)
+            with self._lock:
+                self._failed.append(entry)
+                self._error = self._error or exc
+
+    def keep_failed(self) -> Exception | None:
+        """Move the failed puts into the run's state, for the caller to save before it raises the
+        error returned (the first put's), so the queue retries the run. None when all went out."""
+        with self._lock:
+            failed, error = self._failed, self._error
+            self._failed, self._error = [], None
+        if failed:
+            self._run.state.setdefault(OWED_RECONCILES, []).extend(failed)
+        return error
+
+
+def _put_reconcile(entry: dict[str, Any]) -> None:
+    from shared.sync import queue_reconcile  # the engine imports much; runs are read without it
+
+    queue_reconcile(str(entry["zoom_user_id"]), str(entry["reason"]), confirm_zoom=bool(entry.get("confirm_zoom")),
+                    confirm_teams=bool(entry.get("confirm_teams")))

@@ -464,6 +464,8 @@ def _load_world(run: runs.Run) -> _World:
 def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
     """Apply decisions after the cursor until done (True) or the budget is spent (False)."""
     state = run.state
+    outbox = runs.ReconcileOutbox(run)
+    outbox.queue_owed()
     world = _load_world(run)
     if not world.zoom or not world.entra:
         # An empty listing is far likelier a permission or paging problem than an empty directory:
@@ -480,12 +482,24 @@ def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
         for start_at in range(0, len(pending), APPLY_STEP):
             step = pending[start_at:start_at + APPLY_STEP]
             # Links are independent of each other: overlap their storage round trips.
-            results = list(pool.map(lambda z: _apply_one(z, plan.targets[z], world, owners, listed_at,
-                                                         current_scopes), step))
+            try:
+                results = list(pool.map(lambda z: _apply_one(z, plan.targets[z], world, owners, listed_at,
+                                                             current_scopes, outbox), step))
+            except Exception:
+                # The step is retried from its start; what it changed already owes its reconciles.
+                if outbox.keep_failed() is not None:
+                    runs.save_quietly(run)
+                raise
             for bumps in results:
                 for key in bumps:
                     _bump(counts, key)
             state["cursor"] = step[-1]
+            put_error = outbox.keep_failed()
+            if put_error is not None:
+                run.updated_at = time.time()
+                if not runs.save(run):
+                    raise _TakenOver()
+                raise put_error  # the queue retries the run, which queues what it owes first
             if start_at + APPLY_STEP < len(pending):
                 run.updated_at = time.time()
                 if not runs.save(run):
@@ -531,7 +545,7 @@ def _bump(counts: dict, key: str) -> None:
 
 
 def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, str], zoom_listed_at: float,
-               current_scopes: scopes.Scopes) -> list[str]:
+               current_scopes: scopes.Scopes, outbox: runs.ReconcileOutbox) -> list[str]:
     """Bring one link in step; returns the report counters to bump."""
     counts: list[str] = []
     row = world.links.get(zoom_id)
@@ -573,7 +587,7 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
                 counts.append("created_disabled")
         else:
             counts.append("updated")
-            _after_change(old, link, repointed, counts)
+            _after_change(old, link, repointed, counts, outbox)
     entra_id = link.entra_user_id if link is not None else (old.entra_user_id if old else "")
     _check_index(zoom_id, entra_id, world, owners, counts, repaired=link is None)
     return counts
@@ -609,24 +623,26 @@ def _copy(link: Link) -> Link:
     return link_from_entity({k: v for k, v in entity.items() if v is not None})
 
 
-def _after_change(old: Link, new: Link, repointed: bool, counts: list[str]) -> None:
+def _after_change(old: Link, new: Link, repointed: bool, counts: list[str], outbox: runs.ReconcileOutbox) -> None:
+    # The reconcile first: should the release below fail, the step's retry finds the link
+    # already changed and would not come back here.
+    if old.status != STATUS_DISABLED and new.status == STATUS_DISABLED:
+        counts.append("disabled")
+        # The engine releases our overlays of a disabled link; Zoom is read first, since a
+        # Zoom user who is no longer active shows Offline and takes no presence update.
+        outbox.queue(new.zoom_user_id, f"disabled:{new.disabled_reason}", confirm_zoom=True)
+    elif old.status == STATUS_DISABLED and new.status == STATUS_ACTIVE:
+        counts.append("enabled")
+        outbox.queue(new.zoom_user_id, "enabled", confirm_zoom=True, confirm_teams=True)
+    elif repointed:
+        # Read the new Teams account; then ours on Zoom is kept, replaced or released for it.
+        outbox.queue(new.zoom_user_id, "relinked", confirm_teams=True)
     if repointed:
         counts.append("repointed")
         from shared.admin import release_overlays
 
         release_overlays(old, zoom=False)  # the old Teams account's; Zoom's stays with the link
         _delete_index_if_points_to(old.entra_user_id, old.zoom_user_id)
-    if old.status != STATUS_DISABLED and new.status == STATUS_DISABLED:
-        counts.append("disabled")
-        # The engine releases our overlays of a disabled link; Zoom is read first, since a
-        # Zoom user who is no longer active shows Offline and takes no presence update.
-        queue_reconcile(new.zoom_user_id, f"disabled:{new.disabled_reason}", confirm_zoom=True)
-    elif old.status == STATUS_DISABLED and new.status == STATUS_ACTIVE:
-        counts.append("enabled")
-        queue_reconcile(new.zoom_user_id, "enabled", confirm_zoom=True, confirm_teams=True)
-    elif repointed:
-        # Read the new Teams account; then ours on Zoom is kept, replaced or released for it.
-        queue_reconcile(new.zoom_user_id, "relinked", confirm_teams=True)
 
 
 def _finish(run: runs.Run, error: str = "") -> runs.Run | None:

@@ -29,6 +29,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,13 +217,14 @@ def refresh(link: Link, scopes: Scopes, member: str | None = None) -> frozenset[
     return before
 
 
-def reconcile_after_change(zoom_user_id: str, before: frozenset[str], after: frozenset[str], reason: str) -> None:
+def reconcile_after_change(zoom_user_id: str, before: frozenset[str], after: frozenset[str], reason: str, *,
+                           queue: Callable[..., None] = queue_reconcile) -> None:
     """A person's directions changed: release what is no longer in effect, or start what now is."""
     if before == after:
         return
     widened = bool(after - before)
     # Widened: re-read both sides so what is due now shows without waiting for the next change.
-    queue_reconcile(zoom_user_id, reason, confirm_zoom=widened, confirm_teams=widened)
+    queue(zoom_user_id, reason, confirm_zoom=widened, confirm_teams=widened)
 
 
 # --- group membership -----------------------------------------------------------------------------------
@@ -313,6 +315,8 @@ def continue_run(run_id: str, *, budget_s: float | None = None) -> runs.Run | No
         log.error("scopes: %s; nothing changed", exc)
         return _finish(run, error=str(exc))
     counts = run.state.setdefault("counts", {})
+    outbox = runs.ReconcileOutbox(run)
+    outbox.queue_owed()
     client = storage.table(LINKS_TABLE)
     from shared.links import _decode_token, _encode_token
 
@@ -321,16 +325,26 @@ def continue_run(run_id: str, *, budget_s: float | None = None) -> runs.Run | No
         continuation_token=_decode_token(run.state.get("cursor")))
     for page in pager:
         storage.count_operation()
-        for entity in page:
-            _apply_row(storage.entity_dict(entity), scopes, membership, counts)
+        try:
+            for entity in page:
+                _apply_row(storage.entity_dict(entity), scopes, membership, counts, outbox)
+        except Exception:
+            # The page is read again on the retry; what it changed already owes its reconciles.
+            if outbox.keep_failed() is not None:
+                runs.save_quietly(run)
+            raise
         token = _encode_token(pager.continuation_token)
-        if token is None:
+        put_error = outbox.keep_failed()
+        if token is None and put_error is None:
             break
-        run.state["cursor"] = token
+        if token is not None:
+            run.state["cursor"] = token  # (else the retry reads the last page again: a no-op)
         run.updated_at = time.time()
         if not runs.save(run):
             log.info("scopes: run %s was taken over; stopping", run_id)
             return None
+        if put_error is not None:
+            raise put_error  # the queue retries the run, which queues what it owes first
         if budget.spent():
             runs.continue_later(KIND, run_id)
             return run
@@ -360,7 +374,8 @@ def _row_directions(value: Any) -> frozenset[str]:
     return frozenset(d for d in str(value or "").split(",") if d in ALL_DIRECTIONS)
 
 
-def _apply_row(row: dict, scopes: Scopes, membership: Membership, counts: dict) -> None:
+def _apply_row(row: dict, scopes: Scopes, membership: Membership, counts: dict,
+               outbox: runs.ReconcileOutbox) -> None:
     zoom_user_id = str(row["PartitionKey"])
     _bump(counts, "links")
     current = _row_directions(row.get("directions"))
@@ -383,7 +398,7 @@ def _apply_row(row: dict, scopes: Scopes, membership: Membership, counts: dict) 
         _bump(counts, "narrowed")
     if after - before:
         _bump(counts, "widened")
-    reconcile_after_change(zoom_user_id, before, after, "scope")
+    reconcile_after_change(zoom_user_id, before, after, "scope", queue=outbox.queue)
 
 
 def _update_link(zoom_user_id: str, scopes: Scopes, member: str) -> tuple[frozenset | None, frozenset | None]:

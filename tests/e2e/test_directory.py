@@ -491,28 +491,70 @@ def test_lifecycle_webhooks_disable_and_enable_links(world: World):
     assert _link(world, ada)["status"] == "active"
 
 
-def test_a_deactivation_whose_reconcile_could_not_be_queued_releases_ours_on_its_retry(world: World, monkeypatch):
-    # The link is written disabled, then storage refuses the reconcile's put: the event is
-    # retried, finds the link already disabled, and must still queue what takes ours back.
+def _refuse_one_reconcile_put(monkeypatch, reason_prefix: str) -> list[dict]:
+    """Storage refuses the first reconcile put whose reason starts with ``reason_prefix``; the
+    refused message is recorded (an empty list afterwards means the test proved nothing)."""
     from azure.core.exceptions import ServiceRequestError
 
     from shared import storage, sync
 
-    ada = _matched_in_a_meeting(world, "ada")
     real_enqueue, refused = storage.enqueue, []
 
     def enqueue_refusing_one_reconcile(queue_name, message, **kwargs):
-        if queue_name == sync.QUEUE_RECONCILE and not refused:
+        if queue_name == sync.QUEUE_RECONCILE and not refused and str(message.get("reason")).startswith(reason_prefix):
             refused.append(message)
             raise ServiceRequestError("storage unavailable")
         return real_enqueue(queue_name, message, **kwargs)
 
     monkeypatch.setattr(storage, "enqueue", enqueue_refusing_one_reconcile)
+    return refused
+
+
+def test_a_deactivation_whose_reconcile_could_not_be_queued_releases_ours_on_its_retry(world: World, monkeypatch):
+    # The link is written disabled, then storage refuses the reconcile's put: the event is
+    # retried, finds the link already disabled, and must still queue what takes ours back.
+    ada = _matched_in_a_meeting(world, "ada")
+    refused = _refuse_one_reconcile_put(monkeypatch, "zoom_deactivated")
     world.zoom.deactivate_user(ada.zoom_id)
     world.settle(timeout=60)
     assert refused, "the reconcile's put was never refused: the test proves nothing"
     assert _link(world, ada)["disabled_reason"] == "zoom_deactivated"
     assert world.teams_shows(ada) == ("Available", "Available")
+    assert world.host.poisoned == []
+
+
+def test_a_matching_run_whose_reconcile_could_not_be_queued_queues_it_when_it_resumes(world: World, monkeypatch):
+    # The run disables a link, then storage refuses the reconcile's put. The step's retry finds the
+    # link already disabled: only what the run kept in its checkpoint takes ours back.
+    ada, bob = _matched_in_a_meeting(world, "ada"), _person(world, "bob")
+    world.graph.update_user(ada.entra_id, accountEnabled=False)
+    refused = _refuse_one_reconcile_put(monkeypatch, "disabled:")
+    matching = run_matching(world)
+    assert refused and refused[0]["zoom_user_id"] == ada.zoom_id, "no put was refused: the test proves nothing"
+    assert _link(world, ada)["disabled_reason"] == "entra_disabled"
+    assert world.teams_shows(ada) == ("Available", "Available")  # our overlay was released
+    counts = matching["report"]["counts"]
+    assert (counts["disabled"], counts["updated"]) == (1, 1)  # counted once, not lost to the retry
+    assert _link(world, bob)["status"] == "active"
+    assert world.host.poisoned == []
+
+
+def test_a_scope_run_whose_reconcile_could_not_be_queued_queues_it_when_it_resumes(world: World, monkeypatch):
+    # Likewise a scope run narrowing someone: the page read again on its retry shows the link
+    # already narrowed.
+    ada, bob = _linked(world, "ada"), _linked(world, "bob")
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+    group = str(uuid.uuid4())
+    world.graph.add_group(group, [bob.entra_id])
+    refused = _refuse_one_reconcile_put(monkeypatch, "scope")
+    assert world.admin("PUT", "scopes", json={"entra_group_ids": [group]}).status_code == 200
+    world.settle(timeout=60)
+    assert refused and refused[0]["zoom_user_id"] == ada.zoom_id, "no put was refused: the test proves nothing"
+    assert world.admin("GET", "status").json()["scopes"]["last_run"]["status"] == "done"
+    assert _link(world, ada)["directions"] == []
+    assert world.teams_shows(ada) == ("Available", "Available")  # our overlay was released
     assert world.host.poisoned == []
 
 
