@@ -145,14 +145,16 @@ def teams_pair_matches(written: tuple[str, str], seen_availability: str | None, 
     """Is what Teams reports the pair we wrote?
 
     Our own Busy/InACall comes back with activity Busy or InACall (Microsoft Q&A 2237086), so
-    the call-like activities under Busy count as one; idle variants count as their base.
+    the call-like activities under Busy count as one; idle variants count as their base. While
+    the person is out of office Teams shows that as the activity (API-FACTS §5) over whatever
+    sets the availability, ours included: an app cannot set OutOfOffice, so it hides our pair.
     """
     w_avail, w_act = (written[0].lower(), written[1].lower())
     s_avail = (seen_availability or "").lower().removesuffix("idle")
     s_act = (seen_activity or "").lower()
     if s_avail != w_avail.removesuffix("idle"):
         return False
-    if s_act == w_act:
+    if s_act == w_act or s_act == "outofoffice":
         return True
     if w_avail == "busy":
         call_like = _CALL_ACTIVITIES | {"busy"}

@@ -110,6 +110,22 @@ def test_teams_echo_with_busy_activity_is_still_an_echo():
     assert w.zoom_writes == []
 
 
+@pytest.mark.parametrize(("zoom_status", "availability"), [("Do_Not_Disturb", "DoNotDisturb"), ("Busy", "Busy")])
+def test_our_preferred_state_shown_with_out_of_office_as_its_activity_is_still_ours(zoom_status, availability):
+    # Out of office replaces the activity over whatever sets the availability (API-FACTS §5),
+    # ours included. Taking it for the person's choice would forget our overlay, and leave it
+    # on Teams when the Zoom state ends.
+    w = World(directions=(ZOOM_TO_TEAMS,))
+    w.teams("Available", "OutOfOffice")
+    w.zoom(zoom_status)
+    assert w.teams_writes[-1].kind == TeamsOpKind.SET_PREFERRED
+    assert w.teams(availability, "OutOfOffice") == Observed.ECHO
+    w.zoom("Available")
+    assert w.teams_writes[-1].kind == TeamsOpKind.CLEAR_PREFERRED
+    assert w.teams("Available", "OutOfOffice") == Observed.UNCHANGED
+    assert len(w.teams_writes) == 2
+
+
 def test_native_teams_call_through_a_zoom_meeting():
     w = World(directions=(ZOOM_TO_TEAMS,))
     w.teams("Busy", "InACall")  # a real Teams call
