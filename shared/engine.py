@@ -159,16 +159,17 @@ def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: Engin
     return _set_zoom_native(user, state, ts_ms) or Observed.UNCHANGED
 
 
-# Zoom times a Do Not Disturb from when it took our PUT, a little after we wrote it down, and
-# its clock is not ours: a report this close to our expiry is taken as the expiry.
-ZOOM_EXPIRY_SLACK_SECONDS = 5.0
+# Zoom times a Do Not Disturb (and Graph a preferred presence) from when it took our write, a
+# little after we wrote it down, and its clock is not ours: a report this close to our expiry is
+# taken as the expiry.
+EXPIRY_SLACK_SECONDS = 5.0
 
 
 def _ran_out(overlay: ZoomOverlayRecord, ts_ms: int) -> bool:
     # A record that expires when it was written is not a duration but a PUT whose answer was lost,
     # kept due at once (shared.sync): nothing ran out, so a manual report is still the person's.
     return (overlay.expires_at is not None and overlay.expires_at > overlay.written_at
-            and ts_ms >= (overlay.expires_at - ZOOM_EXPIRY_SLACK_SECONDS) * 1000)
+            and ts_ms >= (overlay.expires_at - EXPIRY_SLACK_SECONDS) * 1000)
 
 
 def _set_zoom_native(user: UserSync, state: Presence, ts_ms: int) -> Observed | None:
@@ -235,7 +236,12 @@ def observe_teams(
             # The user-preferred slot is the person's once Teams shows anything else (DESIGN.md §5)
             # but Teams closed or signed out: the preferred presence is still set then, and shows
             # only while a session exists (API-FACTS §6). "Appear offline" is OffWork: the person's.
-            if not teams_closed(state, activity):
+            if _teams_preferred_ran_out(overlay, ts_ms):
+                # Renewals failed (throttling, an outage) until Graph let our preferred state go:
+                # what shows now is what it put back, not a choice the person made over ours; the
+                # plan writes ours again if it is still due.
+                user.teams_overlay = None
+            elif not teams_closed(state, activity):
                 user.teams_yielded = _current_source(user.zoom_native, user.zoom_native_since, overlay.source)
                 user.teams_overlay = None
         elif priority(state) < priority(overlay.overlay.state):
@@ -243,6 +249,10 @@ def observe_teams(
             # so the reconciler may write it again while its source holds.
             user.teams_overlay = None
     return _set_teams_native(user, state, ts_ms) or Observed.UNCHANGED
+
+
+def _teams_preferred_ran_out(overlay: TeamsOverlayRecord, ts_ms: int) -> bool:
+    return overlay.expires_at > overlay.written_at and ts_ms >= (overlay.expires_at - EXPIRY_SLACK_SECONDS) * 1000
 
 
 def _current_source(native: Presence | None, since: int, recorded: str) -> str:

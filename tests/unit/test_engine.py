@@ -159,6 +159,21 @@ def test_preferred_slot_taken_back_by_the_person_is_left_alone():
     assert w.teams_writes[-1].overlay.availability == "Away"
 
 
+def test_our_preferred_state_that_ran_out_is_not_taken_for_the_persons_choice():
+    # Renewals failed (a throttle, an outage) until Graph let our preferred DND go: Teams shows
+    # the person's own state again, which they did not choose over ours. While Zoom still shows
+    # DND, ours is written again.
+    w = World()
+    w.teams("Available", "Available")
+    w.zoom("Do_Not_Disturb")
+    assert [op.kind for op in w.teams_writes] == [TeamsOpKind.SET_PREFERRED]
+    w.tick(CFG.teams_overlay_seconds)  # no renewal went through
+    w.teams("Available", "Available")
+    assert w.user.teams_yielded == ""
+    assert [op.kind for op in w.teams_writes] == [TeamsOpKind.SET_PREFERRED, TeamsOpKind.SET_PREFERRED]
+    assert w.teams_writes[-1].overlay.availability == "DoNotDisturb"
+
+
 def _meeting_replaced_by_dnd(w: World, *, answered: bool):
     """Our session shows a Zoom meeting on Teams; then Zoom shows DND instead (the meeting's status
     gone at once): one plan clears our session and sets the preferred slot."""
