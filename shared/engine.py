@@ -96,6 +96,11 @@ class UserSync:
     teams_shows_ours: bool = False
     teams_overlay: TeamsOverlayRecord | None = None
     teams_yielded: str = ""
+    # The pair of the overlay we last removed ("Availability/Activity") and when Graph answered
+    # the removal (planned time until then): a report of it read or pushed from before then is
+    # our own state, not the person's.
+    teams_released: str = ""
+    teams_released_at: float = 0.0
 
     def enabled(self, direction: str) -> bool:
         return self.active and direction in self.directions
@@ -209,15 +214,21 @@ def observe_teams(
         # A state busier than our session is the person's either way: sessions only add ours, and
         # Teams may not report it again (what it shows does not change when our session lands).
         return Observed.STALE
+    released_ms = _released_in_place_ms(user, availability, activity, cfg or EngineConfig())
+    if released_ms is not None and ts_ms < released_ms:
+        # The overlay we have just removed, read before its removal was in place (a short Zoom
+        # call, a sweep read under way while we cleared): ours, not a state of the person's.
+        return Observed.STALE
     if sequence and user.teams_seen_seq:
         if sequence <= user.teams_seen_seq:
             return Observed.STALE
     elif ts_ms <= user.teams_seen_ts:
         return Observed.STALE
-    if contradicts and earliest_ms is not None and earliest_ms < in_place_ms:
+    if ((contradicts and earliest_ms is not None and earliest_ms < in_place_ms)
+            or (released_ms is not None and earliest_ms is not None and earliest_ms < released_ms)):
         # Pushed content that may have been true just before our write (Graph takes up to a
         # minute to deliver, API-FACTS §7): only a read begun now can tell the person's change
-        # from the state our write replaced.
+        # from the state our write replaced (or our overlay the write removed).
         return Observed.UNSURE
     if sequence:
         user.teams_seen_seq = sequence
@@ -249,6 +260,17 @@ def observe_teams(
             # so the reconciler may write it again while its source holds.
             user.teams_overlay = None
     return _set_teams_native(user, state, ts_ms) or Observed.UNCHANGED
+
+
+def _released_in_place_ms(user: UserSync, availability: str, activity: str | None, cfg: EngineConfig) -> float | None:
+    """When the removal of our last overlay was in place, if this report shows that overlay and no
+    other of ours stands; else None."""
+    if user.teams_overlay is not None or not user.teams_released:
+        return None
+    pair = tuple(user.teams_released.split("/", 1))
+    if len(pair) != 2 or not teams_pair_matches(pair, availability, activity):
+        return None
+    return user.teams_released_at * 1000
 
 
 def _teams_preferred_ran_out(overlay: TeamsOverlayRecord, ts_ms: int) -> bool:
@@ -453,18 +475,28 @@ def _release_zoom(current: ZoomOverlayRecord, out: Plan) -> None:
 
 
 def mark_teams_answered(user: UserSync, planned: TeamsOverlayRecord | None, answered_at: float) -> None:
-    """Graph answered the writes that put ``planned`` in place: note when (in place on ``user``)."""
+    """Graph answered the writes that put ``planned`` in place (or removed ours, ``planned`` None):
+    note when (in place on ``user``)."""
+    if planned is None and user.teams_overlay is None and user.teams_released:
+        user.teams_released_at = answered_at
+        return
     current = user.teams_overlay
     if planned is not None and current is not None and current.answered_at is None \
             and (current.overlay, current.written_at) == (planned.overlay, planned.written_at):
         user.teams_overlay = replace(current, answered_at=answered_at)
 
 
-def apply_plan(user: UserSync, result: Plan, now: float, *, zoom_written: bool) -> UserSync:
+def apply_plan(user: UserSync, result: Plan, now: float, *, zoom_written: bool,
+               cfg: EngineConfig | None = None) -> UserSync:
     """The bookkeeping of a plan, recorded before its operations run (intent first)."""
     updated = replace(user, teams_overlay=result.teams_overlay)
     if result.teams_overlay is None and user.teams_overlay is not None:
         updated.teams_shows_ours = False
+        if any(op.kind in (TeamsOpKind.CLEAR_SESSION, TeamsOpKind.CLEAR_PREFERRED) for op in result.teams_ops):
+            written = user.teams_overlay.overlay.pair
+            # Until Graph answers, the removal counts as in place only after a write's usual time.
+            updated.teams_released = f"{written[0]}/{written[1]}"
+            updated.teams_released_at = now + (cfg or EngineConfig()).write_in_flight_seconds
     if zoom_written and result.zoom_op is not None:
         updated.zoom_overlay = result.zoom_overlay
         updated.zoom_last_put = result.zoom_op.status

@@ -212,7 +212,8 @@ _KNOWN = {
     "zoom_native_since",
     "zoom_seen_ts", "zoom_shows_ours", "zoom_overlay", "zoom_yielded", "zoom_last_put", "zoom_last_put_at",
     "teams_native", "teams_native_since", "teams_seen_seq", "teams_seen_ts", "teams_shows_ours",
-    "teams_overlay", "teams_yielded", "lease_owner", "lease_until", "pending", "Timestamp",
+    "teams_overlay", "teams_yielded", "teams_released", "teams_released_at", "lease_owner", "lease_until",
+    "pending", "Timestamp",
     "wanted_directions", "opt_out", "scope_member", "disabled_reason", "disabled_at", "lifecycle_ts",
     TEAMS_OVERLAY_EXPIRES, ZOOM_OVERLAY_EXPIRES,
 }
@@ -245,6 +246,8 @@ def link_from_entity(entity: dict) -> Link:
         teams_shows_ours=bool(entity.get("teams_shows_ours")),
         teams_overlay=_teams_overlay_from(entity.get("teams_overlay")),
         teams_yielded=entity.get("teams_yielded") or "",
+        teams_released=entity.get("teams_released") or "",
+        teams_released_at=float(entity.get("teams_released_at") or 0.0),
     )
     return Link(
         sync=sync,
@@ -325,6 +328,8 @@ def link_to_entity(link: Link) -> dict:
         "teams_shows_ours": s.teams_shows_ours,
         "teams_overlay": _teams_overlay_to(s.teams_overlay),
         "teams_yielded": s.teams_yielded,
+        "teams_released": s.teams_released,
+        "teams_released_at": s.teams_released_at,
         # The overlays' expiries as plain columns (absent when nothing of ours expires, or nothing
         # can be done about it yet), so the keep-alive finds what is due with one filtered scan of
         # this table instead of an index kept beside it at one more write per change.

@@ -287,7 +287,7 @@ def _plan_step(link: Link, now: float, outcome: Outcome) -> _Step | None:
     if result.zoom_op is not None and not zoom_allowed:
         telemetry.coalesced("deferred" if schedule_at is not None else "already_scheduled")
     previous = link.sync
-    link.sync = apply_plan(link.sync, result, now, zoom_written=zoom_allowed)
+    link.sync = apply_plan(link.sync, result, now, zoom_written=zoom_allowed, cfg=cfg)
     if schedule_at is not None:
         link.zoom_deferred_until = schedule_at
         _schedule(link.zoom_user_id, schedule_at - now, "zoom_rate_limit", "")

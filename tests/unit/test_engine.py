@@ -18,6 +18,7 @@ from shared.engine import (
     plan,
 )
 from shared.mapping import parse_mapping
+from shared.presence import Presence
 
 CFG = EngineConfig()
 MAPPING = parse_mapping(None)
@@ -225,6 +226,44 @@ def test_pushed_content_that_may_predate_our_write_is_read_again_not_applied():
     assert observe_teams(w.user, "Available", "Available", sequence=f"{w.seq + 2:020d}", ts_ms=w.ts,
                          earliest_ms=w.ts - 60_000, cfg=CFG) not in (Observed.UNSURE, Observed.STALE)
     assert w.user.teams_overlay is None and w.user.teams_yielded  # the person took the slot
+
+
+def _short_zoom_call(w: World) -> int:
+    """Our session shows a Zoom call on Teams, then the call ends and we clear it; returns the
+    time (ms) of a read begun while the session still showed."""
+    w.teams("Available", "Available")
+    w.zoom("On_Phone_Call")
+    assert w.teams_writes[-1].kind == TeamsOpKind.SET_SESSION
+    read_during_the_call = w.ts + 500
+    w.tick(5)
+    w.zoom("Available")
+    assert w.teams_writes[-1].kind == TeamsOpKind.CLEAR_SESSION
+    return read_during_the_call
+
+
+def test_our_session_pushed_back_after_we_cleared_it_is_read_again_not_sent_to_zoom():
+    # A call shorter than Graph's delivery (up to a minute, API-FACTS §7): the notification of our
+    # session arrives after we cleared it. Taken as the person's, it would put On_A_Call on Zoom.
+    w = World()
+    _short_zoom_call(w)
+    w.tick(10)
+    w.seq += 1
+    assert observe_teams(w.user, "Busy", "InACall", sequence=f"{w.seq:020d}", ts_ms=w.ts,
+                         earliest_ms=w.ts - 60_000, cfg=CFG) == Observed.UNSURE
+    assert w.reconcile().zoom_op is None and w.zoom_writes == []
+    # A read begun now shows what Teams shows: a call there now is the person's own.
+    assert w.teams("Busy", "InACall") == Observed.APPLIED
+    assert w.zoom_writes[-1].status == "On_A_Call"
+
+
+def test_our_session_read_before_we_cleared_it_is_stale():
+    # A sweep read under way while we cleared the session, applied after the clear.
+    w = World()
+    read_at = _short_zoom_call(w)
+    w.tick()
+    assert w.teams_read_at(read_at, "Busy", "InACall") == Observed.STALE
+    assert w.reconcile().zoom_op is None and w.zoom_writes == []
+    assert w.user.teams_native == Presence.AVAILABLE
 
 
 def test_a_write_whose_answer_never_came_counts_as_in_place_after_the_write_lease():
