@@ -172,6 +172,42 @@ param logRetentionInDays int = 30
 @description('Optional. Resource id of an action group the alert rules notify (docs/operations.md, "Alerts"); empty = alerts show in the portal only.')
 param alertActionGroupId string = ''
 
+// --- alert thresholds and working hours (passed to modules/observability.bicep, same defaults) ----
+
+@description('Optional. Alert when the 95th percentile of sync latency (event reaching the app to the target write) exceeds this, in milliseconds.')
+@minValue(1000)
+param syncLatencyP95ThresholdMs int = 60000
+
+@description('Optional. Alert when more Zoom writes than this fail with 5301 (person not signed in to a Zoom client) within 30 minutes.')
+@minValue(1)
+param zoomNotSignedInThreshold int = 50
+
+@description('Optional. Alert when more Graph calls than this are refused with 403 within 15 minutes.')
+@minValue(1)
+param graphForbiddenThreshold int = 5
+
+@description('Optional. Alert when subscription maintenance failed at least this many times within 30 minutes (a broken sync account alerts on its own, at once).')
+@minValue(1)
+param subscriptionFailureThreshold int = 2
+
+@description('Optional. Alert when no Zoom webhook arrived for this many minutes during working hours.')
+@minValue(15)
+@maxValue(720)
+param noWebhookMinutes int = 60
+
+@description('Optional. Time zone of the working hours (a .NET/IANA zone name accepted by KQL datetime_utc_to_local, e.g. Europe/Berlin).')
+param workingHoursTimeZone string = 'UTC'
+
+@description('Optional. First hour (0-23, local) of the working day, Monday to Friday.')
+@minValue(0)
+@maxValue(23)
+param workingHoursStart int = 8
+
+@description('Optional. Hour (1-24, local) at which the working day ends.')
+@minValue(1)
+@maxValue(24)
+param workingHoursEnd int = 18
+
 // --- names ---------------------------------------------------------------------------------------
 
 var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, baseName))
@@ -243,6 +279,14 @@ module observability 'modules/observability.bicep' = {
     location: location
     tags: allTags
     actionGroupId: alertActionGroupId
+    syncLatencyP95ThresholdMs: syncLatencyP95ThresholdMs
+    zoomNotSignedInThreshold: zoomNotSignedInThreshold
+    graphForbiddenThreshold: graphForbiddenThreshold
+    subscriptionFailureThreshold: subscriptionFailureThreshold
+    noWebhookMinutes: noWebhookMinutes
+    workingHoursTimeZone: workingHoursTimeZone
+    workingHoursStart: workingHoursStart
+    workingHoursEnd: workingHoursEnd
   }
 }
 

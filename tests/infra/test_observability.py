@@ -36,6 +36,34 @@ def test_main_deploys_the_module_against_the_application_insights_component():
     assert bm.parameter_default("alertActionGroupId") == ""
 
 
+# What main.bicep decides itself rather than exposing one to one.
+STRUCTURAL = {"applicationInsightsId", "namePrefix", "location", "tags", "actionGroupId", "alertsEnabled"}
+
+
+def _bounds(spec: dict) -> dict:
+    return {d["type"]: d.get("argument") for d in spec.get("decorators", []) if d["type"] != "description"}
+
+
+def test_thresholds_and_working_hours_are_parameters_of_main():
+    """docs/operations.md tells admins to change the thresholds and working hours: each must be a
+    main.bicep parameter (same default and bounds as the module's) passed through to the module,
+    or main.bicepparam could not set it."""
+    module_params = _template()["parameters"]
+    main = bm.parse(bm.MAIN)
+    passed = main["modules"]["observability"]["config"]["params"]
+    runbook = (ROOT / "docs" / "operations.md").read_text()
+    tunable = set(module_params) - STRUCTURAL
+    assert tunable >= {"syncLatencyP95ThresholdMs", "zoomNotSignedInThreshold", "graphForbiddenThreshold",
+                       "subscriptionFailureThreshold", "noWebhookMinutes", "workingHoursTimeZone",
+                       "workingHoursStart", "workingHoursEnd"}
+    for name in sorted(tunable):
+        assert f"`{name}`" in runbook, f"docs/operations.md does not name {name}"
+        assert name in main["parameters"], f"main.bicep does not expose {name}"
+        assert passed.get(name) == name, f"main.bicep does not pass {name} to the module"
+        assert bm.parameter_default(name) == module_params[name]["default"], name
+        assert _bounds(main["parameters"][name]) == _bounds(module_params[name]), name
+
+
 def test_every_name_the_queries_use_is_emitted_by_the_code():
     known = set(t.INSTRUMENTS) | set(t.SPAN_NAMES) | {t.LATENCY_ATTRIBUTE}
     used = {name for name in QUOTED if name.startswith(NAMESPACES)}
@@ -96,7 +124,7 @@ def test_alert_rules_cover_the_documented_conditions_and_notify_the_action_group
 
 def _kql(node, params: dict) -> str:
     """An alert's query as deployed: the module's ``replace(..., string(param))`` calls resolved
-    with the parameters' defaults (main.bicep passes none of the thresholds)."""
+    with the parameters' defaults (main.bicep's are the same, see the test above)."""
     if isinstance(node, str):
         return str(node)
     call = node["function"]
