@@ -50,5 +50,16 @@ resource graphNotificationHostKey 'Microsoft.Web/sites/host/functionKeys@2024-04
   ]
 }
 
+// Standard module outputs (Azure Verified Modules) for its primary resource, the appsettings
+// config (it has no location of its own).
+@description('The name of the app settings resource (appsettings).')
+output name string = settings.name
+
+@description('The resource id of the app settings resource.')
+output resourceId string = settings.id
+
+@description('The resource group of the function app.')
+output resourceGroupName string = resourceGroup().name
+
 @description('The name of the host key Graph presents.')
 output graphNotificationKeyName string = graphNotificationKeyName

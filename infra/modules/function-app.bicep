@@ -173,3 +173,6 @@ output planResourceId string = plan.id
 
 @description('The resource group the app was deployed into.')
 output resourceGroupName string = resourceGroup().name
+
+@description('The location of the function app.')
+output location string = site.location

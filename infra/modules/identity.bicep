@@ -32,3 +32,6 @@ output principalId string = identity.properties.principalId
 
 @description('The resource group the identity was deployed into.')
 output resourceGroupName string = resourceGroup().name
+
+@description('The location of the identity.')
+output location string = identity.location

@@ -88,3 +88,6 @@ output uri string = vault.properties.vaultUri
 
 @description('The resource group the vault was deployed into.')
 output resourceGroupName string = resourceGroup().name
+
+@description('The location of the vault.')
+output location string = vault.location

@@ -80,3 +80,6 @@ output workspaceResourceId string = workspace.id
 
 @description('The resource group the resources were deployed into.')
 output resourceGroupName string = resourceGroup().name
+
+@description('The location of the Application Insights component.')
+output location string = applicationInsights.location

@@ -371,8 +371,24 @@ resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
   }
 }
 
+// Standard module outputs (Azure Verified Modules): the workbook is the module's primary resource.
+@description('The name of the workbook.')
+output name string = workbook.name
+
 @description('The resource id of the workbook.')
+output resourceId string = workbook.id
+
+@description('The resource group the workbook and alert rules were deployed into.')
+output resourceGroupName string = resourceGroup().name
+
+@description('The location of the workbook and alert rules.')
+output location string = workbook.location
+
+@description('The resource id of the workbook (the same as resourceId).')
 output workbookId string = workbook.id
 
 @description('The names of the alert rules.')
 output alertRuleNames array = [for (alert, i) in alertDefinitions: alerts[i].name]
+
+@description('The resource ids of the alert rules.')
+output alertRuleResourceIds array = [for (alert, i) in alertDefinitions: alerts[i].id]

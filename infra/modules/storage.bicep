@@ -164,3 +164,6 @@ output deploymentContainerName string = deploymentContainer.name
 
 @description('The resource group the account was deployed into.')
 output resourceGroupName string = resourceGroup().name
+
+@description('The location of the storage account.')
+output location string = account.location

@@ -54,6 +54,50 @@ def test_modules_referenced_by_main_exist_and_use_no_registry():
         assert (bm.INFRA / module["detail"]["path"]).is_file()
 
 
+# Modules whose resources are not Azure resources: no resource group or location to report.
+NOT_ARM = {"modules/entra-app.bicep": "Microsoft Graph resources (Entra ID objects) live in the tenant"}
+MODULES = [p for p in FILES if p.parent.name == "modules"]
+
+
+def _accessor(value) -> tuple[str, str] | None:
+    """(resource, property) of an output value written as ``resource.property``."""
+    op = value.get("operator", {}) if isinstance(value, dict) else {}
+    if op.get("type") != "property_accessor":
+        return None
+    first, second = op["operands"]["operand_1"], op["operands"]["operand_2"]
+    return (str(first), str(second)) if isinstance(first, str) and isinstance(second, str) else None
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.relative_to(bm.INFRA).as_posix())
+def test_modules_have_the_standard_outputs(path):
+    """Azure Verified Modules conventions: name, resourceId and resourceGroupName of the module's
+    primary resource, and its location when it has one."""
+    rel = path.relative_to(bm.INFRA).as_posix()
+    if rel in NOT_ARM:
+        pytest.skip(NOT_ARM[rel])
+    template = bm.parse(path)
+    outputs = template.get("outputs", {})
+    assert {"name", "resourceId", "resourceGroupName"} <= set(outputs), f"{rel}: outputs {sorted(outputs)}"
+    primary, prop = _accessor(outputs["resourceId"]["value"]) or ("", "")
+    resource = template["resources"].get(primary)
+    assert prop == "id" and resource is not None and not resource.get("existing"), \
+        f"{rel}: resourceId must be the id of a resource the module deploys"
+    assert _accessor(outputs["name"]["value"]) == (primary, "name")
+    assert "resource_group" in repr(outputs["resourceGroupName"]["value"])
+    if "location" in resource["config"]:
+        assert "location" in outputs, f"{rel}: {primary} has a location, the module does not output it"
+        assert _accessor(outputs["location"]["value"]) == (primary, "location")
+
+
+def test_every_module_output_main_reads_exists():
+    modules = bm.parse(bm.MAIN)["modules"]
+    used = set(re.findall(r"\b(\w+)\.outputs\.(\w+)", bm.MAIN.read_text()))
+    assert used
+    for module, output in sorted(used):
+        outputs = bm.parse(bm.INFRA / modules[module]["detail"]["path"]).get("outputs", {})
+        assert output in outputs, f"main.bicep reads {module}.outputs.{output}, which the module does not have"
+
+
 def test_role_assignments_are_guid_named():
     assignments = []
     for path in FILES:
