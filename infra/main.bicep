@@ -143,7 +143,7 @@ param teamsWriteMode string = 'app'
 @description('Optional. JSON overriding the presence mapping tables; empty = the built-in mapping.')
 param presenceMapping string = ''
 
-@description('Optional. More app settings, merged last (tuning knobs, sovereign-cloud endpoints); see README for names.')
+@description('Optional. More app settings (string values, no secrets), merged last so they also override the template\'s: tuning knobs, sovereign-cloud endpoints, host settings. Every deployment replaces the whole set, so settings added by hand are lost; put them here (main.bicepparam reads ADDITIONAL_APP_SETTINGS).')
 param additionalAppSettings object = {}
 
 // --- platform knobs ------------------------------------------------------------------------------

@@ -32,3 +32,8 @@ param instanceMemoryMB = int(readEnvironmentVariable('INSTANCE_MEMORY_MB', '2048
 param alwaysReadyHttpInstances = int(readEnvironmentVariable('ALWAYS_READY_HTTP_INSTANCES', '0'))
 param httpPerInstanceConcurrency = int(readEnvironmentVariable('HTTP_PER_INSTANCE_CONCURRENCY', '16'))
 param zoneRedundant = bool(readEnvironmentVariable('ZONE_REDUNDANT', 'false'))
+
+// Extra app settings as a JSON object of strings, e.g. '{"AzureWebJobs.directory_matching.Disabled": "true"}'.
+// Every deployment replaces the app's settings, so this is where settings of your own live
+// (docs/operations.md, "Changing app settings"). Never secrets: they would be stored in clear.
+param additionalAppSettings = json(readEnvironmentVariable('ADDITIONAL_APP_SETTINGS', '{}'))

@@ -214,6 +214,19 @@ def test_bicepparam_uses_main_and_sets_only_its_parameters():
     assert required <= set(assigned), f"required parameters not set: {sorted(required - set(assigned))}"
 
 
+def test_additional_app_settings_are_settable_and_merged_last():
+    """Every deployment replaces the app's whole settings set, so the settings the docs tell admins
+    to add (a disabled timer, log levels, samplers) must come through the template: main.bicep merges
+    additionalAppSettings last, and main.bicepparam fills it from ADDITIONAL_APP_SETTINGS."""
+    main = bm.parse(bm.MAIN)
+    union = main["variables"]["appSettings"]["value"]["function"]
+    assert union["type"] == "union"
+    assert list(union["parameters"].values())[-1] == "additionalAppSettings"
+    assert bm.parameter_default("additionalAppSettings") == {}
+    assert bm.bicepparam_assignments()["additionalAppSettings"] == \
+        "json(readEnvironmentVariable('ADDITIONAL_APP_SETTINGS', '{}'))"
+
+
 def test_bicepparam_holds_no_secret_values():
     assigned = bm.bicepparam_assignments()
     for name in bm.secure_parameters() & set(assigned):
@@ -249,6 +262,19 @@ def test_deploy_guide_uses_the_documented_commands():
     assert 'func azure functionapp publish "$(out functionAppName)" --python' in guide
     for output in ("healthUrl", "zoomWebhookUrl", "manageApiBaseUrl", "microsoftConnectRedirectUri"):
         assert f"$(out {output})" in guide
+
+
+def _guide_section(title: str) -> str:
+    guide = DEPLOY_GUIDE.read_text()
+    return guide.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_upgrades_leave_admin_consent_off():
+    # Granting consent again can fail with Conflict "EntitlementGrant entry already exists"
+    # (microsoftgraph/msgraph-bicep-types#161); consent granted once stays.
+    upgrade = _guide_section("9. Upgrade, rollback, rotation")
+    assert "export GRANT_ENTRA_ADMIN_CONSENT=false" in upgrade
+    assert "msgraph-bicep-types/issues/161" in upgrade
 
 
 def test_azure_yaml_publishes_this_folder_as_the_api_function():

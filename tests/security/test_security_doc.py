@@ -41,3 +41,18 @@ def test_zoom_scopes_in_the_doc_match_the_deploy_guide():
     zoom_section = security.split("### Zoom", 1)[1].split("## 3.", 1)[0]
     listed = set(scope.findall(zoom_section))
     assert listed and listed <= set(scope.findall(deploy)) | {"group:read:list_members:admin"}
+
+
+def test_graph_key_rotation_keeps_the_old_key_until_subscriptions_move():
+    """Every deployment overwrites the graph-notifications host key, while live subscriptions call
+    with the old value (renewing keeps their URL): the old value must stay valid as an extra host
+    key, added before the redeploy, and the app restarted so that it re-creates them at once."""
+    text = (ROOT / "docs" / "security.md").read_text(encoding="utf-8")
+    bullet = " ".join(text.split("- **Function keys.**", 1)[1].split("\n- **", 1)[0].split())
+    assert "graph-notifications-next" not in bullet
+    steps = [bullet.index(s) for s in ("--key-name graph-notifications-prev --key-value <old>",
+                                       "Export the new `GRAPH_NOTIFICATION_KEY` and redeploy",
+                                       "az functionapp restart", "az functionapp keys delete")]
+    assert steps == sorted(steps)
+    subscriptions = (ROOT / "shared" / "subscriptions.py").read_text(encoding="utf-8")
+    assert '"subscription_url_id": self.url_id' in subscriptions  # re-created when the key changes
