@@ -277,6 +277,12 @@ def test_upgrades_leave_admin_consent_off():
     assert "msgraph-bicep-types/issues/161" in upgrade
 
 
+def test_self_service_zoom_app_is_exported_before_and_redirected_after_deploying():
+    guide = DEPLOY_GUIDE.read_text()
+    deploy = guide.index("-f infra/main.bicep -p infra/main.bicepparam")
+    assert guide.index("export ZOOM_OAUTH_CLIENT_ID=") < deploy < guide.index("$(out zoomConnectRedirectUri)")
+
+
 def test_azure_yaml_publishes_this_folder_as_the_api_function():
     text = (bm.ROOT / "azure.yaml").read_text()
     assert re.search(r"^services:\n  api:\n    project: \.\n    language: python\n    host: function$", text, re.M)
