@@ -15,9 +15,13 @@ bp = func.Blueprint()
 @bp.route(route="manage/links", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
 def manage_list_links(req: func.HttpRequest) -> func.HttpResponse:
     from shared import admin
+    from shared.config import SettingMissing
 
-    return json_response(*admin.get_links(req.params.get("page_size"), req.params.get("continuation"),
-                                          req.params.get("state"), req.params.get("direction")))
+    try:
+        return json_response(*admin.get_links(req.params.get("page_size"), req.params.get("continuation"),
+                                              req.params.get("state"), req.params.get("direction")))
+    except SettingMissing as exc:
+        return not_configured(exc)
 
 
 @bp.route(route="manage/links/{zoom_user_id}", methods=["GET", "PUT", "PATCH", "DELETE"],

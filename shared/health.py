@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 
-from shared.config import get_settings
+from shared.config import SettingMissing, get_settings
 
 log = logging.getLogger(__name__)
 
 
 def check_health() -> dict:
-    settings = get_settings()
-    checks: dict[str, str] = {}
+    try:
+        settings = get_settings()
+    except SettingMissing as exc:  # a setting the app cannot use: its name is logged, never its value
+        log.error("health: %s", exc)
+        return {"status": "degraded", "checks": {"settings_valid": "error"}}
+    checks: dict[str, str] = {"settings_valid": "ok"}
     checks["storage_configured"] = (
         "ok" if (settings.storage_connection_string or settings.storage_account_name
                  or settings.storage_table_service_uri) else "missing"
