@@ -103,6 +103,10 @@ def default_scopes() -> Scopes:
 
 def read_scopes() -> Scopes:
     entity, _ = storage.read_entity(runs.TABLE, KIND, SCOPES_ROW)
+    return _scopes_from(entity)
+
+
+def _scopes_from(entity: dict | None) -> Scopes:
     if entity is None:
         return default_scopes()
     return Scopes(
@@ -150,23 +154,35 @@ def put_scopes(raw_body: bytes) -> tuple[int, dict]:
         fields = [".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors()[:5]]
         log.info("scopes: change rejected (%s)", ", ".join(fields))
         return _error(400, "invalid scopes", fields=fields)
-    current = read_scopes()
-    updated = Scopes(
-        zoom_to_teams=current.zoom_to_teams if body.zoom_to_teams is None else body.zoom_to_teams,
-        teams_to_zoom=current.teams_to_zoom if body.teams_to_zoom is None else body.teams_to_zoom,
-        entra_group_ids=current.entra_group_ids if body.entra_group_ids is None
-        else tuple(dict.fromkeys(str(g).lower() for g in body.entra_group_ids)),
-        zoom_group_ids=current.zoom_group_ids if body.zoom_group_ids is None
-        else tuple(dict.fromkeys(body.zoom_group_ids)),
-        source="stored",
-        updated_at=now_iso(),
-    )
-    storage.upsert_entity(runs.TABLE, {
-        "PartitionKey": KIND, "RowKey": SCOPES_ROW, "zoom_to_teams": updated.zoom_to_teams,
-        "teams_to_zoom": updated.teams_to_zoom,
-        "entra_group_ids": storage.to_json_column(list(updated.entra_group_ids)),
-        "zoom_group_ids": storage.to_json_column(list(updated.zoom_group_ids)), "updated_at": updated.updated_at,
-    })
+    # A change names only the fields it changes: merged into what is stored, written only if that
+    # is still what is stored, so two admins changing different fields at once both take effect.
+    for _ in range(5):
+        entity, etag = storage.read_entity(runs.TABLE, KIND, SCOPES_ROW)
+        current = _scopes_from(entity)
+        updated = Scopes(
+            zoom_to_teams=current.zoom_to_teams if body.zoom_to_teams is None else body.zoom_to_teams,
+            teams_to_zoom=current.teams_to_zoom if body.teams_to_zoom is None else body.teams_to_zoom,
+            entra_group_ids=current.entra_group_ids if body.entra_group_ids is None
+            else tuple(dict.fromkeys(str(g).lower() for g in body.entra_group_ids)),
+            zoom_group_ids=current.zoom_group_ids if body.zoom_group_ids is None
+            else tuple(dict.fromkeys(body.zoom_group_ids)),
+            source="stored",
+            updated_at=now_iso(),
+        )
+        try:
+            storage.write_entity(runs.TABLE, {
+                "PartitionKey": KIND, "RowKey": SCOPES_ROW, "zoom_to_teams": updated.zoom_to_teams,
+                "teams_to_zoom": updated.teams_to_zoom,
+                "entra_group_ids": storage.to_json_column(list(updated.entra_group_ids)),
+                "zoom_group_ids": storage.to_json_column(list(updated.zoom_group_ids)),
+                "updated_at": updated.updated_at,
+            }, etag)
+        except storage.Conflict:
+            continue
+        break
+    else:
+        log.warning("scopes: change not applied: the stored scopes kept changing")
+        return _error(409, "the scopes kept changing; read them and try again")
     log.info("scopes: changed (zoom_to_teams=%s, teams_to_zoom=%s, %d Entra and %d Zoom groups)",
              updated.zoom_to_teams, updated.teams_to_zoom, len(updated.entra_group_ids), len(updated.zoom_group_ids))
     request_run("scopes changed")

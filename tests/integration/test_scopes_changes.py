@@ -1,0 +1,60 @@
+"""Admin changes of the enablement scopes against a real Azurite: a change names only the fields it
+changes, so two admins changing different fields at the same moment must both take effect."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from shared import directory_runs, scopes, storage
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def scopes_env(storage_env, unique_name, monkeypatch):
+    storage.reset_storage_clients()
+    monkeypatch.setattr(directory_runs, "TABLE", unique_name)
+    monkeypatch.setattr(storage, "enqueue", lambda *args, **kwargs: None)  # the scope run it asks for
+    yield
+    storage.reset_storage_clients()
+
+
+def test_two_admins_changing_different_fields_at_once_both_take_effect(scopes_env, monkeypatch):
+    group = str(uuid.uuid4())
+    real_read, raced = storage.read_entity, []
+
+    def read_then_another_admin_changes(table_name, pk, rk):
+        found = real_read(table_name, pk, rk)
+        if rk == scopes.SCOPES_ROW and not raced:
+            # The other admin's change lands between this one's read and its write.
+            raced.append(None)
+            raced[0] = scopes.put_scopes(json.dumps({"entra_group_ids": [group]}).encode())
+        return found
+
+    monkeypatch.setattr(storage, "read_entity", read_then_another_admin_changes)
+    status, body = scopes.put_scopes(b'{"zoom_to_teams": false}')
+    assert raced and raced[0][0] == 200, "the other change never ran: the test proves nothing"
+    assert status == 200 and body["zoom_to_teams"] is False and body["entra_group_ids"] == [group]
+    stored = scopes.read_scopes()
+    assert (stored.zoom_to_teams, stored.entra_group_ids) == (False, (group,))
+
+
+def test_a_change_racing_a_reset_applies_to_the_reset_scopes(scopes_env, monkeypatch):
+    group = str(uuid.uuid4())
+    assert scopes.put_scopes(json.dumps({"entra_group_ids": [group]}).encode())[0] == 200
+    real_read, raced = storage.read_entity, []
+
+    def read_then_a_reset(table_name, pk, rk):
+        found = real_read(table_name, pk, rk)
+        if rk == scopes.SCOPES_ROW and not raced:
+            raced.append(scopes.delete_scopes())
+        return found
+
+    monkeypatch.setattr(storage, "read_entity", read_then_a_reset)
+    assert scopes.put_scopes(b'{"teams_to_zoom": false}')[0] == 200
+    assert raced, "the reset never ran: the test proves nothing"
+    stored = scopes.read_scopes()
+    assert (stored.teams_to_zoom, stored.entra_group_ids) == (False, ())  # the reset's groups, not the old
