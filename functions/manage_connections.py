@@ -1,5 +1,5 @@
-"""/api/manage/connections: connected accounts for the admin (admin key): list them (no token
-material), issue a one-time invitation to connect a sync account, disconnect one."""
+"""/api/manage/connections: connected accounts for the admin (admin key): list them a page at a
+time (no token material), issue a one-time invitation to connect a sync account, disconnect one."""
 
 import azure.functions as func
 
@@ -12,7 +12,8 @@ bp = func.Blueprint()
 def manage_list_connections(req: func.HttpRequest) -> func.HttpResponse:
     from shared.connect import manage
 
-    return json_response(*manage.list_accounts())
+    return json_response(*manage.list_accounts(req.params.get("page_size"), req.params.get("continuation"),
+                                               req.params.get("purpose"), req.params.get("status")))
 
 
 @bp.route(route="manage/connections/invitations", methods=["POST"], auth_level=func.AuthLevel.ADMIN)

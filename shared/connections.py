@@ -321,13 +321,44 @@ def get_connection(account_id: str) -> Connection | None:
     return _connection(entity) if entity else None
 
 
+def _query(purpose: str | None, status: str | None) -> tuple[str, dict[str, str]]:
+    """The filter for accounts of one purpose and/or status (None: any). In the query, not after
+    it: with people connecting themselves there is a row per person, and the few sync accounts
+    must not cost reading them all."""
+    clauses, params = ["PartitionKey eq @pk"], {"pk": PARTITION}
+    if purpose is not None:
+        clauses.append("purpose eq @purpose")
+        params["purpose"] = purpose
+    if status is not None:
+        clauses.append("status eq @status")
+        params["status"] = status
+    return " and ".join(clauses), params
+
+
 def list_connections(purpose: str | None = None, status: str | None = STATUS_OK) -> list[Connection]:
-    """Connected accounts (one partition read, token caches not fetched), by account id."""
-    found = [_connection(e) for e in storage.query_partition(TABLE, PARTITION, select=_PUBLIC_FIELDS)]
-    return sorted(
-        (c for c in found if (purpose is None or c.purpose == purpose) and (status is None or c.status == status)),
-        key=lambda c: c.account_id,
-    )
+    """Every connected account of this purpose and status (token caches not fetched), by account
+    id. Without a purpose that is one row per person who connected themselves: page through
+    :func:`connections_page` instead."""
+    query, params = _query(purpose, status)
+    pages = storage.table(TABLE).query_entities(query, parameters=params, select=_PUBLIC_FIELDS).by_page()
+    found = []
+    for page in pages:
+        storage.count_operation()
+        found.extend(_connection(storage.entity_dict(e)) for e in page)
+    return sorted(found, key=lambda c: c.account_id)
+
+
+def connections_page(page_size: int, continuation: dict | None = None, *, purpose: str | None = None,
+                     status: str | None = None) -> tuple[list[Connection], dict | None]:
+    """One page of connected accounts (by account id, token caches not fetched) and the table
+    service's continuation token for the next (None: no more). Filtered in the query, so a page
+    may hold fewer than ``page_size`` accounts while the token says there are more."""
+    query, params = _query(purpose, status)
+    pager = storage.table(TABLE).query_entities(query, parameters=params, select=_PUBLIC_FIELDS,
+                                                results_per_page=page_size).by_page(continuation_token=continuation)
+    page = next(pager, [])
+    storage.count_operation()
+    return [_connection(storage.entity_dict(e)) for e in page], pager.continuation_token
 
 
 def _rewrite_cache(account_id: str, entity: dict, ring: KeyRing) -> None:

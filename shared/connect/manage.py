@@ -1,5 +1,6 @@
-"""Admin API for connected accounts: list them (no token material), issue a one-time invitation
-to connect a sync account, and disconnect one. Returns (status, body) pairs; no HTTP here."""
+"""Admin API for connected accounts: list them a page at a time (no token material), issue a
+one-time invitation to connect a sync account, and disconnect one. Returns (status, body) pairs;
+no HTTP here."""
 
 from __future__ import annotations
 
@@ -20,10 +21,51 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def list_accounts() -> tuple[int, dict]:
-    """Every connected account, healthy or broken, with the shards whose subscription it holds."""
+STATUSES = (connections.STATUS_OK, connections.STATUS_BROKEN)
+PAGE_SIZE_DEFAULT = 100
+PAGE_SIZE_MAX = 1000
+
+
+def list_accounts(page_size: str | None = None, continuation: str | None = None, purpose: str | None = None,
+                  status: str | None = None) -> tuple[int, dict]:
+    """A page of connected accounts, healthy or broken, with the shards whose subscription each
+    holds; optionally one purpose (``sync-account|self``) and/or status (``ok|broken``). Paged like
+    the links listing: with people connecting themselves there is an account per person. Filtered
+    in the query, so a page may hold fewer than ``page_size`` accounts while the continuation says
+    there are more."""
+    from azure.core.exceptions import HttpResponseError
+
+    from shared.admin import checked_token
+    from shared.links import _encode_token
     from shared.shards import read_shards
 
+    try:
+        size = int(page_size) if page_size else PAGE_SIZE_DEFAULT
+    except ValueError:
+        log.info("connect: accounts listing with a non-integer page_size rejected")
+        return 400, {"error": "page_size must be an integer"}
+    if not 1 <= size <= PAGE_SIZE_MAX:
+        log.info("connect: accounts listing with page_size %s rejected", size)
+        return 400, {"error": f"page_size must be between 1 and {PAGE_SIZE_MAX}"}
+    if purpose is not None and purpose not in connections.PURPOSES:
+        log.info("connect: accounts listing with an unknown purpose rejected")
+        return 400, {"error": f"purpose must be one of {', '.join(connections.PURPOSES)}"}
+    if status is not None and status not in STATUSES:
+        log.info("connect: accounts listing with an unknown status rejected")
+        return 400, {"error": f"status must be one of {', '.join(STATUSES)}"}
+    try:
+        token = checked_token(continuation)
+        found, next_token = connections.connections_page(size, token, purpose=purpose, status=status)
+    except ValueError:
+        log.info("connect: accounts listing with an invalid continuation token rejected")
+        return 400, {"error": "invalid continuation token"}
+    except HttpResponseError as exc:
+        # The table service judges the token's content (Azurite takes anything): a token it
+        # refuses is the caller's, not an outage.
+        if continuation and exc.status_code == 400:
+            log.info("connect: accounts listing with a continuation token the table service refused rejected")
+            return 400, {"error": "invalid continuation token"}
+        raise
     held: dict[str, list[int]] = {}
     for shard in read_shards():
         owner = shard.extra.get("subscription_account")
@@ -39,8 +81,8 @@ def list_accounts() -> tuple[int, dict]:
         "created_at": c.created_at,
         "updated_at": c.updated_at,
         "subscribed_shards": sorted(held.get(c.account_id, [])),
-    } for c in connections.list_connections(status=None)]
-    return 200, {"value": value}
+    } for c in found]
+    return 200, {"value": value, "continuation": _encode_token(next_token)}
 
 
 def create_invitation(raw_body: bytes) -> tuple[int, dict]:

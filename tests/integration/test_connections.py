@@ -3,9 +3,12 @@ authorization-code flow, tokens encrypted at rest, key rotation, and revoked gra
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 
 import pytest
+import requests
 
 from shared import connections, storage
 from shared.config import reset_settings
@@ -247,3 +250,134 @@ def test_a_sign_in_is_taken_back_only_while_it_is_the_one_stored_and_only_a_pers
     held = connect_account_via_auth_code(graph, sync, "sync-account")
     assert connections.withdraw_sign_in(sync["id"], held.sign_in_id) is False
     assert connections.get_connection(sync["id"]) is not None
+
+
+# --- thousands of people connected: paged, counted, never all in one answer ----------------------------------
+
+OWN_CONNECTIONS = 2500
+BROKEN_EVERY = 100  # every 100th own connection is broken: 25 of them
+
+
+def account_id(kind: int, number: int) -> str:
+    return f"{number:08x}-0000-4000-8000-{kind:012x}"
+
+
+def insert_connections(count: int, purpose: str, kind: int) -> list[str]:
+    """Rows written straight to the table, a batch of 100 at a time (no sign-in: what is listed and
+    counted never reads the token cache)."""
+    table = storage.table("connections")
+    ids = [account_id(kind, n) for n in range(count)]
+    for start in range(0, count, 100):
+        batch = []
+        for n, row in enumerate(ids[start:start + 100], start=start):
+            broken = n % BROKEN_EVERY == BROKEN_EVERY - 1
+            batch.append(("upsert", {"PartitionKey": "microsoft", "RowKey": row, "purpose": purpose,
+                                     "status": "broken" if broken else "ok",
+                                     "broken_reason": "invalid_grant" if broken else "", "key_id": "k1",
+                                     "display_hint": "p***@contoso.example", "created_at": "2024-05-01T09:00:00Z",
+                                     "updated_at": "2024-05-01T09:00:00Z"}))
+        table.submit_transaction(batch)
+    return ids
+
+
+@pytest.fixture
+def no_connections(storage_env) -> None:
+    from tests.fixtures.connections import reset_app_caches, wipe_storage
+
+    reset_app_caches()
+    wipe_storage()
+    yield
+    reset_app_caches()
+
+
+@pytest.fixture
+def many_connections(no_connections) -> dict[str, list[str]]:
+    """Two sync accounts (the second broken) and OWN_CONNECTIONS people's own connections."""
+    sync = [account_id(1, 0), account_id(1, 1)]
+    for n, row in enumerate(sync):
+        storage.upsert_entity("connections", {"PartitionKey": "microsoft", "RowKey": row, "purpose": "sync-account",
+                                              "status": "broken" if n else "ok",
+                                              "broken_reason": "invalid_grant (AADSTS50173)" if n else "",
+                                              "display_hint": "s***@contoso.example"})
+    return {"sync": sync, "self": insert_connections(OWN_CONNECTIONS, "self", 2)}
+
+
+@pytest.fixture
+def manage_host(no_connections, functions_host_factory):
+    import azure.functions as func
+
+    from functions import manage_connections, manage_status
+
+    app = func.FunctionApp()
+    app.register_functions(manage_connections.bp)
+    app.register_functions(manage_status.bp)
+    return functions_host_factory(app, run_timers=False, listen_to_queues=False)
+
+
+def listing(host, query: str = "") -> requests.Response:
+    return requests.get(host.url("manage/connections", key="master") + query, timeout=60)
+
+
+def every_page(host, query: str) -> list[list[dict]]:
+    pages, token = [], None
+    while True:
+        response = listing(host, query + (f"&continuation={token}" if token else ""))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        pages.append(body["value"])
+        token = body["continuation"]
+        if token is None:
+            return pages
+        assert len(pages) < 100, "the continuation never ends"
+
+
+def test_the_accounts_listing_pages_through_thousands_of_own_connections(manage_host, many_connections):
+    everyone = sorted(many_connections["sync"] + many_connections["self"])
+    first = listing(manage_host).json()
+    assert len(first["value"]) == 100 and first["continuation"]  # the default page
+    pages = every_page(manage_host, "&page_size=400")
+    assert [len(p) for p in pages] == [400] * 6 + [len(everyone) - 2400]
+    assert [a["account_id"] for p in pages for a in p] == everyone  # each once, in account id order
+    # Filters hold across pages (in the query: a page may come back short while more follow).
+    sync = [a for p in every_page(manage_host, "&purpose=sync-account&page_size=1") for a in p]
+    assert [(a["account_id"], a["status"]) for a in sync] == [(many_connections["sync"][0], "ok"),
+                                                               (many_connections["sync"][1], "broken")]
+    broken = [a for p in every_page(manage_host, "&status=broken&page_size=10") for a in p]
+    assert len(broken) == OWN_CONNECTIONS // BROKEN_EVERY + 1 and {a["status"] for a in broken} == {"broken"}
+    own_broken = [a for p in every_page(manage_host, "&purpose=self&status=broken&page_size=1000") for a in p]
+    assert len(own_broken) == OWN_CONNECTIONS // BROKEN_EVERY and {a["purpose"] for a in own_broken} == {"self"}
+
+
+def _token(value) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
+
+
+@pytest.mark.parametrize("query", [
+    "&page_size=0", "&page_size=1001", "&page_size=ten", "&continuation=not%20a%20token",
+    "&continuation=" + _token(["PartitionKey"]), "&continuation=" + _token({"PartitionKey": 1}),
+    "&purpose=admin", "&status=revoked",
+])
+def test_bad_listing_parameters_are_a_400_with_a_log_line(manage_host, caplog, query: str):
+    caplog.set_level(logging.INFO, logger="shared.connect.manage")
+    response = listing(manage_host, query)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]
+    assert [r for r in caplog.records if r.name == "shared.connect.manage" and "listing" in r.getMessage()
+            and "rejected" in r.getMessage()]
+
+
+def test_a_continuation_token_the_table_service_refuses_is_a_400(many_connections, monkeypatch, caplog):
+    from azure.core.exceptions import HttpResponseError
+
+    from shared.connect import manage
+
+    def refused(*args, **kwargs):
+        error = HttpResponseError(message="InvalidInput")
+        error.status_code = 400
+        raise error
+
+    monkeypatch.setattr(connections, "connections_page", refused)
+    caplog.set_level(logging.INFO, logger="shared.connect.manage")
+    status, body = manage.list_accounts(None, _token({"PartitionKey": "bWljcm9zb2Z0", "RowKey": "garbage"}))
+    assert (status, body) == (400, {"error": "invalid continuation token"})
+    assert "refused rejected" in caplog.text
