@@ -103,7 +103,7 @@ def _card(title: str, big: Any, sub: str = "", *, bad: bool = False) -> str:
             f'<div class="sub">{sub}</div></div>')
 
 
-def _cards(status: dict) -> str:
+def _cards(status: dict, key: str | None) -> str:
     cards = []
     links = status.get("links") or {}
     if "error" in links:
@@ -138,9 +138,20 @@ def _cards(status: dict) -> str:
                            bad=bool(subs.get("expiring_soon"))))
         cards.append(_card("Last sweep", subs.get("last_sweep_at") or "never", ""))
     conns = status.get("connections") or {}
-    if "error" not in conns:
-        cards.append(_card("Connected accounts", f'{conns.get("ok", 0)} / {conns.get("total", 0)}',
-                           f'healthy / total · {_e(conns.get("broken", 0))} broken', bad=bool(conns.get("broken"))))
+    if "error" in conns:
+        cards.append(_card("Connected accounts", "?", _e(conns["error"]), bad=True))
+    else:
+        sync = conns.get("items") or []
+        sync_broken = sum(1 for c in sync if c.get("status") != "ok")
+        cards.append(_card("Sync accounts", f'{len(sync) - sync_broken} / {len(sync)}',
+                           f'healthy / connected · {_e(sync_broken)} broken', bad=sync_broken > 0))
+        own = conns.get("self") or {}
+        sub = (f'<span class="ok">{_e(own.get("ok", 0))} healthy</span> · '
+               f'<span class="{"bad" if own.get("broken") else "muted"}">{_e(own.get("broken", 0))} broken</span>')
+        if not own.get("complete", True):
+            sub += " · partial count"
+        sub += f' · <a id="own-connections" href="{_e(_with_key("manage/connections?purpose=self", key))}">list</a>'
+        cards.append(_card("People connected", own.get("total", 0), sub))
     queues = status.get("queues") or {}
     if "error" not in queues:
         cards.append(_card("Queues", queues.get("messages", 0),
@@ -206,6 +217,38 @@ def _row(link: Link, scope_state: str) -> str:
     )
 
 
+def _sync_account_row(account: dict) -> str:
+    healthy = account.get("status") == "ok"
+    cls = "" if healthy else ' class="error"'
+    return (
+        f"<tr{cls}>"
+        f'<td class="mono">{_e(account.get("account_id"))}</td>'
+        f'<td>{_e(account.get("display_hint")) or "<span class=muted>–</span>"}</td>'
+        f'<td><span class="pill {"active" if healthy else "error"}">{_e(account.get("status"))}</span></td>'
+        f'<td class="bad">{_e(account.get("broken_reason"))}</td>'
+        f'<td class="mono">{_e(account.get("updated_at"))}</td>'
+        "</tr>"
+    )
+
+
+def _sync_accounts(status: dict) -> str:
+    """Each sync account: Graph push for its shards depends on it, so a broken one gets a row."""
+    items = (status.get("connections") or {}).get("items") or []
+    if not items:
+        return ""
+    rows = "".join(_sync_account_row(account) for account in items)
+    return ('<section id="sync-accounts"><h2>Sync accounts</h2><table><thead><tr><th>Account</th>'
+            "<th>Signed in as</th><th>State</th><th>Why broken</th><th>Updated</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table></section>")
+
+
+def _with_key(path: str, key: str | None) -> str:
+    """A link to an admin route, keeping the admin key the page was opened with."""
+    if not key:
+        return path
+    return f'{path}{"&" if "?" in path else "?"}{urlencode({"code": key})}'
+
+
 def _url(params: dict[str, str | None]) -> str:
     clean = {k: v for k, v in params.items() if v}
     return "?" + urlencode(clean) if clean else "?"
@@ -228,7 +271,7 @@ def render(status: dict, links: list[Link], scope_states: dict[str, str], *, q: 
         href = _url({"q": q, "state": state, "page_size": str(page_size), "continuation": continuation, "code": key})
         pager = f'<div class="pager"><a id="next" href="{_e(href)}">Next page →</a></div>'
     hidden_key = f'<input type="hidden" name="code" value="{_e(key)}">' if key else ""
-    json_href = _url({"code": key}).replace("?", "manage/status?", 1) if key else "manage/status"
+    json_href = _with_key("manage/status", key)
     page = f"""<!doctype html>
 <html lang="en">
 <head>
@@ -242,7 +285,8 @@ def render(status: dict, links: list[Link], scope_states: dict[str, str], *, q: 
 <header><h1>presence-bridge · sync status</h1><span>generated {_e(status.get("generated_at"))}</span></header>
 <main>
 {f'<p class="bad">{_e(notice)}</p>' if notice else ""}
-{_cards(status)}
+{_cards(status, key)}
+{_sync_accounts(status)}
 <section>
 <h2>People</h2>
 <form class="filters" method="get" action="">

@@ -1,11 +1,12 @@
 """The sync status at a glance (``GET /api/manage/status`` and the status page).
 
 Counts of links per state and direction, recent errors by kind, Graph subscriptions and their
-expiry (from the ``shards`` table), connected accounts' health (``connections``), the last sweep,
-queue depths (with their ``-poison`` queues), the enablement scopes and the last matching report.
-Each part is read on its own: one that fails shows its error instead of failing the whole status.
-The link counts come from a projected scan bounded in time; on a very large table the answer
-says ``complete: false`` and counts what it saw.
+expiry (from the ``shards`` table), connected accounts' health (``connections``: the sync accounts
+each, people's own connections counted), the last sweep, queue depths (with their ``-poison``
+queues), the enablement scopes and the last matching report. Each part is read on its own: one that
+fails shows its error instead of failing the whole status. The link and own-connection counts come
+from projected scans bounded in time; on a very large table the answer says ``complete: false``
+and counts what it saw.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 RECENT_ERRORS_S = 24 * 3600
 SCAN_BUDGET_S = 20.0
+# People's own connections are counted after the links, within the same request.
+CONNECTIONS_SCAN_BUDGET_S = 10.0
+SELF_CONNECTIONS_LISTING = "/api/manage/connections?purpose=self"
 RECENT_ERROR_ITEMS = 20
 EXPIRY_WARNING_S = 15 * 60
 _SUMMARY_FIELDS = ["PartitionKey", "status", "directions", "error_kind", "error_at", "disabled_reason", "opt_out",
@@ -136,14 +140,38 @@ def subscriptions_summary(now: float | None = None) -> dict[str, Any]:
     }
 
 
-def connections_summary() -> dict[str, Any]:
-    from shared.connections import list_connections
+def connections_summary(budget_s: float = CONNECTIONS_SCAN_BUDGET_S) -> dict[str, Any]:
+    """Connected accounts' health. The sync accounts in full (a few, and Graph push depends on
+    them); people's own connections (``self``: one per person when Teams is written with their
+    tokens) only counted by status, from a scan of one property bounded in time, with where to page
+    through them. ``total``, ``ok`` and ``broken`` are over both."""
+    from shared.connections import PARTITION, PURPOSE_SELF, PURPOSE_SYNC_ACCOUNT, TABLE, list_connections
 
     items = [{"account_id": c.account_id, "purpose": c.purpose, "status": c.status,
               "broken_reason": c.broken_reason or None, "display_hint": c.display_hint or None,
-              "updated_at": c.updated_at or None} for c in list_connections(status=None)]
-    return {"total": len(items), "ok": sum(1 for i in items if i["status"] == "ok"),
-            "broken": sum(1 for i in items if i["status"] != "ok"), "items": items}
+              "updated_at": c.updated_at or None} for c in list_connections(PURPOSE_SYNC_ACCOUNT, status=None)]
+    deadline = time.monotonic() + budget_s
+    own: Counter[str] = Counter()
+    complete = True
+    pages = storage.table(TABLE).query_entities("PartitionKey eq @pk and purpose eq @purpose",
+                                                parameters={"pk": PARTITION, "purpose": PURPOSE_SELF},
+                                                select=["status"], results_per_page=1000).by_page()
+    for page in pages:
+        storage.count_operation()
+        own.update(str(e.get("status") or "") for e in page)
+        if time.monotonic() > deadline:
+            complete = pages.continuation_token is None  # out of time on the last page is still all
+            break
+    own_total = sum(own.values())
+    own_ok = own.get("ok", 0)
+    sync_ok = sum(1 for i in items if i["status"] == "ok")
+    return {
+        "total": len(items) + own_total, "ok": sync_ok + own_ok,
+        "broken": len(items) - sync_ok + own_total - own_ok, "complete": complete,
+        "items": items,
+        "self": {"total": own_total, "ok": own_ok, "broken": own_total - own_ok, "complete": complete,
+                 "listing": SELF_CONNECTIONS_LISTING},
+    }
 
 
 def queue_names() -> list[str]:

@@ -381,3 +381,36 @@ def test_a_continuation_token_the_table_service_refuses_is_a_400(many_connection
     status, body = manage.list_accounts(None, _token({"PartitionKey": "bWljcm9zb2Z0", "RowKey": "garbage"}))
     assert (status, body) == (400, {"error": "invalid continuation token"})
     assert "refused rejected" in caplog.text
+
+
+def test_status_shows_each_sync_account_and_counts_own_connections(manage_host, many_connections):
+    response = requests.get(manage_host.url("manage/status", key="master"), timeout=120)
+    assert response.status_code == 200, response.text
+    shown = response.json()["connections"]
+    assert [(c["account_id"], c["status"]) for c in shown["items"]] == [(many_connections["sync"][0], "ok"),
+                                                                         (many_connections["sync"][1], "broken")]
+    own_broken = OWN_CONNECTIONS // BROKEN_EVERY
+    assert shown["self"] == {"total": OWN_CONNECTIONS, "ok": OWN_CONNECTIONS - own_broken, "broken": own_broken,
+                             "complete": True, "listing": "/api/manage/connections?purpose=self"}
+    assert (shown["total"], shown["ok"], shown["broken"], shown["complete"]) == (
+        OWN_CONNECTIONS + 2, OWN_CONNECTIONS - own_broken + 1, own_broken + 1, True)
+    assert not any(own in response.text for own in many_connections["self"])
+
+    page = requests.get(manage_host.url("manage", key="master"), timeout=120)
+    assert page.status_code == 200
+    sync_table = page.text.split('<section id="sync-accounts">', 1)[1].split("</section>", 1)[0]
+    assert all(account in sync_table for account in many_connections["sync"])
+    assert "invalid_grant (AADSTS50173)" in sync_table
+    assert not any(own in page.text for own in many_connections["self"])
+    assert f"People connected</h2><div class=\"big\">{OWN_CONNECTIONS}</div>" in page.text
+    assert f'href="manage/connections?purpose=self&amp;code={manage_host.master_key}"' in page.text
+
+
+def test_own_connections_counted_within_the_budget_say_so(many_connections):
+    from shared import status
+
+    cut_short = status.connections_summary(budget_s=0)  # stops after the first page of 1000
+    assert cut_short["complete"] is False and cut_short["self"]["complete"] is False
+    assert cut_short["self"]["total"] < OWN_CONNECTIONS
+    assert [c["account_id"] for c in cut_short["items"]] == many_connections["sync"]  # the sync accounts all the same
+    assert status.connections_summary(budget_s=30)["self"]["total"] == OWN_CONNECTIONS
