@@ -96,7 +96,7 @@ def links_summary(now: float | None = None, budget_s: float = SCAN_BUDGET_S) -> 
                 recent.append({"zoom_user_id": e["PartitionKey"], "kind": kind, "at": e.get("error_at")})
             last_sync = max(last_sync, str(e.get("last_sync_at") or ""))
         if time.monotonic() > deadline:
-            complete = False
+            complete = pages.continuation_token is None  # out of time on the last page is still all
             break
     recent.sort(key=lambda item: item["at"] or "", reverse=True)
     return {

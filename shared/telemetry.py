@@ -86,6 +86,8 @@ TEAMS_TO_ZOOM = "teams_to_zoom"
 LATENCY_BOUNDS_MS = (50, 100, 250, 500, 1000, 2000, 3000, 5000, 10000, 20000, 30000, 60000, 120000, 300000)
 # Gauges stop reporting when their snapshot is older than this (another instance refreshes them).
 GAUGE_MAX_AGE_S = 15 * 60
+# How long the gauge refresh may spend counting links, and again connected accounts, per table.
+GAUGE_SCAN_BUDGET_S = 10.0
 
 
 # --- the per-change context (set where a queued change is picked up) ----------------------------------
@@ -131,6 +133,10 @@ class _Gauges:
     connections: dict[str, int] = field(default_factory=dict)
     links: dict[str, int] = field(default_factory=dict)
     poison: dict[str, int] = field(default_factory=dict)
+    # When connections and links were last counted in full: a count that ran out of time is not
+    # published, and the last full one goes quiet once it is as old as a stale snapshot would.
+    connections_at: float = 0.0
+    links_at: float = 0.0
 
 
 class _Live:
@@ -142,8 +148,10 @@ class _Live:
         self.histograms = {name: meter.create_histogram(name, unit="ms") for name in HISTOGRAMS}
         meter.create_observable_gauge(SUBSCRIPTIONS_COUNT, callbacks=[_by("state", lambda g: g.subscriptions)])
         meter.create_observable_gauge(SUBSCRIPTIONS_NEAREST_EXPIRY, callbacks=[_nearest_expiry], unit="s")
-        meter.create_observable_gauge(CONNECTIONS_COUNT, callbacks=[_by("health", lambda g: g.connections)])
-        meter.create_observable_gauge(LINKS_COUNT, callbacks=[_by("state", lambda g: g.links)])
+        meter.create_observable_gauge(CONNECTIONS_COUNT, callbacks=[
+            _by("health", lambda g: g.connections, counted_at=lambda g: g.connections_at)])
+        meter.create_observable_gauge(LINKS_COUNT, callbacks=[_by("state", lambda g: g.links,
+                                                                  counted_at=lambda g: g.links_at)])
         meter.create_observable_gauge(POISON_MESSAGES, callbacks=[_by("queue", lambda g: g.poison)])
 
 
@@ -513,12 +521,12 @@ def write_span(direction: str, side: str, zoom_user_id: str, operation: str) -> 
 
 # --- gauges: a cached snapshot refreshed on a timer, never a scan per collection ----------------------------
 
-def _by(attribute: str, pick):
+def _by(attribute: str, pick, counted_at=lambda g: g.taken_at):
     def callback(options: Any) -> list[Any]:
         from opentelemetry.metrics import Observation
 
         snapshot = _gauges
-        if time.time() - snapshot.taken_at > GAUGE_MAX_AGE_S:
+        if time.time() - min(snapshot.taken_at, counted_at(snapshot)) > GAUGE_MAX_AGE_S:
             return []
         return [Observation(value, {attribute: key}) for key, value in pick(snapshot).items()]
 
@@ -536,7 +544,9 @@ def _nearest_expiry(options: Any) -> list[Any]:
 
 def refresh_gauges(now: float | None = None) -> None:
     """Read subscriptions, connections, links and poison queues once (from the maintenance timer) and
-    keep the figures for the observable gauges. Never raises: a part that fails keeps its old figure."""
+    keep the figures for the observable gauges. Never raises: a part that fails keeps its old figure.
+    Connections and links are published only when counted in full within GAUGE_SCAN_BUDGET_S (a
+    partial count is no total); until then the last full count stands, for GAUGE_MAX_AGE_S."""
     global _gauges
     if _ensure() is None:
         return
@@ -547,7 +557,8 @@ def refresh_gauges(now: float | None = None) -> None:
     now = time.time() if now is None else now
     old = _gauges
     fresh = _Gauges(taken_at=now, subscriptions=dict(old.subscriptions), nearest_expiry_at=old.nearest_expiry_at,
-                    connections=dict(old.connections), links=dict(old.links), poison=dict(old.poison))
+                    connections=dict(old.connections), links=dict(old.links), poison=dict(old.poison),
+                    connections_at=old.connections_at, links_at=old.links_at)
     try:
         subs = status.subscriptions_summary(now)
         states = Counter("active" if i["healthy"] else str(i["status"] or "none") for i in subs["items"] if i["people"])
@@ -557,12 +568,21 @@ def refresh_gauges(now: float | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - one unreadable part must not hide the others
         log.warning("telemetry: subscription figures unavailable (%s)", type(exc).__name__)
     try:
-        conns = status.connections_summary()
-        fresh.connections = {"ok": conns["ok"], "broken": conns["broken"]}
+        conns = status.connections_summary(budget_s=GAUGE_SCAN_BUDGET_S)
+        if conns["complete"]:
+            fresh.connections, fresh.connections_at = {"ok": int(conns["ok"]), "broken": int(conns["broken"])}, now
+        else:
+            log.warning("telemetry: connected accounts not all counted within %.0f s (%d seen); %s keeps its "
+                        "last full count", GAUGE_SCAN_BUDGET_S, conns["total"], CONNECTIONS_COUNT)
     except Exception as exc:  # noqa: BLE001
         log.warning("telemetry: connection figures unavailable (%s)", type(exc).__name__)
     try:
-        fresh.links = {k: int(v) for k, v in status.links_summary(now, budget_s=10.0)["by_state"].items()}
+        links = status.links_summary(now, budget_s=GAUGE_SCAN_BUDGET_S)
+        if links["complete"]:
+            fresh.links, fresh.links_at = {k: int(v) for k, v in links["by_state"].items()}, now
+        else:
+            log.warning("telemetry: links not all counted within %.0f s (%d seen); %s keeps its last full count",
+                        GAUGE_SCAN_BUDGET_S, links["total"], LINKS_COUNT)
     except Exception as exc:  # noqa: BLE001
         log.warning("telemetry: link figures unavailable (%s)", type(exc).__name__)
     try:

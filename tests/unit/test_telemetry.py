@@ -274,9 +274,10 @@ def test_gauges_report_the_cached_snapshot_and_go_quiet_when_it_is_old(recorder,
         {"people": 10, "healthy": True, "status": "active", "expires_in_s": 600},
         {"people": 5, "healthy": False, "status": "error", "expires_in_s": None},
         {"people": 0, "healthy": False, "status": "none", "expires_in_s": None}]})
-    monkeypatch.setattr(status, "connections_summary", lambda: {"ok": 2, "broken": 1})
+    monkeypatch.setattr(status, "connections_summary", lambda budget_s: {"ok": 2, "broken": 1, "total": 3,
+                                                                         "complete": True})
     monkeypatch.setattr(status, "links_summary", lambda now, budget_s: scans.append(1) or {
-        "by_state": {"active": 7, "disabled": 1, "error": 0}})
+        "by_state": {"active": 7, "disabled": 1, "error": 0}, "total": 8, "complete": True})
     monkeypatch.setattr(status, "queues_summary", lambda: {"items": {"zoom-presence": {"messages": 0, "poison": 3}}})
     t.refresh_gauges(now)
     for _ in range(3):  # scrapes read the snapshot: no scan per collection
@@ -301,11 +302,63 @@ def test_a_failing_part_keeps_the_others(recorder, monkeypatch):
         raise ConnectionError("storage down")
 
     monkeypatch.setattr(status, "subscriptions_summary", broken)
-    monkeypatch.setattr(status, "connections_summary", lambda: {"ok": 1, "broken": 0})
+    monkeypatch.setattr(status, "connections_summary", lambda budget_s: {"ok": 1, "broken": 0, "total": 1,
+                                                                         "complete": True})
     monkeypatch.setattr(status, "links_summary", broken)
     monkeypatch.setattr(status, "queues_summary", broken)
     t.refresh_gauges()
     assert t.read_figures(reader).gauges[t.CONNECTIONS_COUNT][(("health", "ok"),)] == 1
+
+
+def test_a_count_cut_short_by_its_budget_is_not_published_as_the_total(recorder, monkeypatch, caplog):
+    from shared import status
+
+    reader, _ = recorder
+    budgets = []
+    counts = {"links": {"by_state": {"active": 90_000, "disabled": 9_000, "error": 1_000}, "total": 100_000,
+                        "complete": True},
+              "connections": {"ok": 99_000, "broken": 1_000, "total": 100_000, "complete": True}}
+    monkeypatch.setattr(status, "subscriptions_summary", lambda now: {"items": []})
+    monkeypatch.setattr(status, "queues_summary", lambda: {"items": {}})
+    monkeypatch.setattr(status, "links_summary", lambda now, budget_s: budgets.append(budget_s) or counts["links"])
+    monkeypatch.setattr(status, "connections_summary",
+                        lambda budget_s: budgets.append(budget_s) or counts["connections"])
+    now = time.time()
+    t.refresh_gauges(now - 600)
+    assert budgets == [t.GAUGE_SCAN_BUDGET_S] * 2  # counted within a budget, never without one
+
+    # The next scans run out of time part way: what they saw is not the total.
+    counts["links"] = {"by_state": {"active": 20_000, "disabled": 0, "error": 0}, "total": 20_000, "complete": False}
+    counts["connections"] = {"ok": 30_000, "broken": 0, "total": 30_000, "complete": False}
+    caplog.set_level(logging.WARNING, logger="shared.telemetry")
+    t.refresh_gauges(now)
+    gauges = t.read_figures(reader).gauges
+    assert gauges[t.LINKS_COUNT][(("state", "active"),)] == 90_000
+    assert gauges[t.CONNECTIONS_COUNT][(("health", "ok"),)] == 99_000
+    assert "links not all counted within 10 s (20000 seen); links.count keeps its last full count" in caplog.text
+    assert "connected accounts not all counted within 10 s (30000 seen)" in caplog.text
+
+    # The last full count stands no longer than a snapshot would: then the gauges go quiet.
+    monkeypatch.setattr(t._gauges, "links_at", time.time() - t.GAUGE_MAX_AGE_S - 1)
+    monkeypatch.setattr(t._gauges, "connections_at", time.time() - t.GAUGE_MAX_AGE_S - 1)
+    gauges = t.read_figures(reader).gauges
+    assert gauges.get(t.LINKS_COUNT, {}) == {} and gauges.get(t.CONNECTIONS_COUNT, {}) == {}
+
+
+def test_a_first_count_cut_short_publishes_nothing(recorder, monkeypatch):
+    from shared import status
+
+    reader, _ = recorder
+    monkeypatch.setattr(status, "subscriptions_summary", lambda now: {"items": []})
+    monkeypatch.setattr(status, "queues_summary", lambda: {"items": {"zoom-presence": {"messages": 0, "poison": 0}}})
+    monkeypatch.setattr(status, "links_summary", lambda now, budget_s: {
+        "by_state": {"active": 5, "disabled": 0, "error": 0}, "total": 5, "complete": False})
+    monkeypatch.setattr(status, "connections_summary", lambda budget_s: {"ok": 5, "broken": 0, "total": 5,
+                                                                         "complete": False})
+    t.refresh_gauges()
+    gauges = t.read_figures(reader).gauges
+    assert gauges.get(t.LINKS_COUNT, {}) == {} and gauges.get(t.CONNECTIONS_COUNT, {}) == {}
+    assert gauges[t.POISON_MESSAGES][(("queue", "zoom-presence"),)] == 0  # the rest as usual
 
 
 # --- structured logs -------------------------------------------------------------------------------------------
