@@ -10,10 +10,14 @@ bp = func.Blueprint()
 
 @bp.route(route="manage/connections", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
 def manage_list_connections(req: func.HttpRequest) -> func.HttpResponse:
+    from shared.config import SettingMissing
     from shared.connect import manage
 
-    return json_response(*manage.list_accounts(req.params.get("page_size"), req.params.get("continuation"),
-                                               req.params.get("purpose"), req.params.get("status")))
+    try:
+        return json_response(*manage.list_accounts(req.params.get("page_size"), req.params.get("continuation"),
+                                                   req.params.get("purpose"), req.params.get("status")))
+    except SettingMissing as exc:
+        return not_configured(exc)
 
 
 @bp.route(route="manage/connections/invitations", methods=["POST"], auth_level=func.AuthLevel.ADMIN)

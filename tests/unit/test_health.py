@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import azure.functions as func
+import pytest
 
 from shared.config import reset_settings
 
@@ -31,14 +32,17 @@ def test_health_reports_an_unusable_setting_as_degraded_not_a_500(monkeypatch, c
     assert "secret-looking" not in caplog.text
 
 
-def test_the_links_listing_answers_503_naming_an_unusable_setting(monkeypatch, caplog):
+@pytest.mark.parametrize("listing", ["links", "connections"])
+def test_the_listings_answer_503_naming_an_unusable_setting(monkeypatch, caplog, listing):
+    from functions.manage_connections import manage_list_connections
     from functions.manage_links import manage_list_links
 
     monkeypatch.setenv("TEAMS_OVERLAY_MINUTES", "1-secret-looking-value")
     reset_settings()
+    function = {"links": manage_list_links, "connections": manage_list_connections}[listing]
     try:
         with caplog.at_level("ERROR"):
-            response = _call(manage_list_links, "http://localhost/api/manage/links")
+            response = _call(function, f"http://localhost/api/manage/{listing}")
     finally:
         reset_settings()
     assert response.status_code == 503
