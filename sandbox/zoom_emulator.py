@@ -173,8 +173,40 @@ DEFAULT_S2S_SCOPES = (
     "user:read:admin user:write:admin user:read:list_users:admin "
     "user:read:presence_status:admin user:update:presence_status:admin group:read:admin"
 )
-# Classic and granular scopes that allow listing a group's members (List group members).
-GROUP_MEMBER_SCOPES = frozenset({"group:read:admin", "group:read:list_members:admin"})
+
+
+@dataclass(frozen=True)
+class EndpointScopes:
+    """The scopes one endpoint accepts (Zoom API reference: each operation's classic "Scopes" and
+    its "Granular Scopes"). A token holding none of them is answered 400 / code 4711 "Invalid
+    access token, does not contain scopes:[...]", the list naming the granular ones
+    (devforum.zoom.us/t/108207). Scopes without ``:admin`` reach only the token's own user."""
+
+    granular: tuple[str, ...]
+    classic: tuple[str, ...]
+
+    @property
+    def accepted(self) -> frozenset[str]:
+        return frozenset(self.granular + self.classic)
+
+    @property
+    def account_wide(self) -> frozenset[str]:
+        return frozenset(s for s in self.accepted if s.endswith(":admin"))
+
+    def missing_message(self) -> str:
+        return f"Invalid access token, does not contain scopes:[{', '.join(self.granular)}]."
+
+
+# Each operation's "Scopes" and "Granular Scopes" in Zoom's API reference (developers.zoom.us/docs/api/users/;
+# the PUT's are in API-FACTS §3). List users is account-level: admin scopes only.
+LIST_USERS_SCOPES = EndpointScopes(granular=("user:read:list_users:admin",), classic=("user:read:admin",))
+GET_USER_SCOPES = EndpointScopes(granular=("user:read:user", "user:read:user:admin"),
+                                 classic=("user:read", "user:read:admin"))
+GET_PRESENCE_SCOPES = EndpointScopes(granular=("user:read:presence_status", "user:read:presence_status:admin"),
+                                     classic=("user:read", "user:read:admin"))
+PUT_PRESENCE_SCOPES = EndpointScopes(granular=("user:update:presence_status", "user:update:presence_status:admin"),
+                                     classic=("user:write", "user:write:admin"))
+GROUP_MEMBER_SCOPES = EndpointScopes(granular=("group:read:list_members:admin",), classic=("group:read:admin",))
 DEFAULT_USER_SCOPES = "user:read user:write user:read:presence_status user:update:presence_status"
 
 
@@ -296,10 +328,6 @@ class _Token:
     expires_at: float
     scope: str
     user_id: str | None = None
-
-    @property
-    def admin(self) -> bool:
-        return any(s.endswith(":admin") for s in self.scope.split())
 
 
 @dataclass
@@ -854,7 +882,7 @@ class ZoomEmulator:
         self, client_id: str, client_secret: str, redirect_uris: Iterable[str], scopes: str | None = None
     ) -> None:
         """A user-level OAuth app. Its tokens reach only the authorizing user unless ``scopes``
-        include ``:admin`` scopes (an admin-installed app)."""
+        include the endpoint's ``:admin`` scopes (an admin-installed app)."""
         with self._lock:
             self._oauth_apps[client_id] = (client_secret, tuple(redirect_uris), scopes or DEFAULT_USER_SCOPES)
 
@@ -1699,15 +1727,19 @@ class ZoomEmulator:
         return self._find_user(key, token.account_id)
 
     def _begin(
-        self, request: Request, ctx: dict, category: str, user_key: str | None
+        self, request: Request, ctx: dict, category: str, user_key: str | None, scopes: EndpointScopes
     ) -> tuple[_Token, _User | None] | Response:
-        """Authenticate, rate-limit and (when the path names a user) resolve the user."""
+        """Authenticate, rate-limit, check the token holds one of the endpoint's ``scopes`` and
+        (when the path names a user) resolve the user."""
         token = self._authenticate(request, ctx)
         if isinstance(token, Response):
             return token
         limited = self._rate_check(token, category, user_key)
         if limited is not None:
             return limited
+        if not scopes.accepted & set(token.scope.split()):
+            # Before the user is looked up (emulator choice: Zoom does not say which comes first).
+            return _zoom_error(400, 4711, scopes.missing_message())
         self._expire_dnd()
         if user_key is None:
             return token, None
@@ -1720,12 +1752,10 @@ class ZoomEmulator:
     def _h_list_users(self, request: Request, ctx: dict) -> Response:
         q = request.args
         with self._lock:
-            began = self._begin(request, ctx, "Medium", None)
+            began = self._begin(request, ctx, "Medium", None, LIST_USERS_SCOPES)
             if isinstance(began, Response):
                 return began
             token, _ = began
-            if not token.admin:
-                return _zoom_error(400, 200, "No permission.")
             try:
                 page_size = int(q.get("page_size", "30"))
             except ValueError:
@@ -1766,14 +1796,10 @@ class ZoomEmulator:
         404 code 4130 for an unknown group; Group APIs need a paid plan (code 200 otherwise)."""
         q = request.args
         with self._lock:
-            began = self._begin(request, ctx, "Medium", None)
+            began = self._begin(request, ctx, "Medium", None, GROUP_MEMBER_SCOPES)
             if isinstance(began, Response):
                 return began
             token, _ = began
-            if not token.admin:
-                return _zoom_error(400, 200, "No permission.")
-            if not GROUP_MEMBER_SCOPES & set(token.scope.split()):
-                return _zoom_error(400, 4711, "Invalid access token, does not contain scopes:[group:read:admin].")
             if self._plans.get(token.account_id, self._initial["plan"]) == "free":
                 return _zoom_error(400, 200, f"Only available for Paid account,{token.account_id}")
             group = self._groups.get(group_id.lower())
@@ -1817,16 +1843,18 @@ class ZoomEmulator:
                 },
             )
 
-    def _allowed(self, token: _Token, user: _User) -> bool:
-        return token.admin or token.user_id == user.id
+    def _allowed(self, token: _Token, user: _User, scopes: EndpointScopes) -> bool:
+        """An ``:admin`` scope of the endpoint reaches the whole account; its user-level scopes
+        (a user-level OAuth app's) reach only the user who authorized the token."""
+        return bool(scopes.account_wide & set(token.scope.split())) or token.user_id == user.id
 
     def _h_get_user(self, request: Request, ctx: dict, user_id: str) -> Response:
         with self._lock:
-            began = self._begin(request, ctx, "Light", user_id)
+            began = self._begin(request, ctx, "Light", user_id, GET_USER_SCOPES)
             if isinstance(began, Response):
                 return began
             token, user = began
-            if not self._allowed(token, user):
+            if not self._allowed(token, user, GET_USER_SCOPES):
                 return _zoom_error(400, 200, "No permission.")
             body = user.api_dict()
             body["account_id"] = user.account_id
@@ -1834,11 +1862,11 @@ class ZoomEmulator:
 
     def _h_get_presence(self, request: Request, ctx: dict, user_id: str) -> Response:
         with self._lock:
-            began = self._begin(request, ctx, "Medium", user_id)
+            began = self._begin(request, ctx, "Medium", user_id, GET_PRESENCE_SCOPES)
             if isinstance(began, Response):
                 return began
             token, user = began
-            if not self._allowed(token, user):
+            if not self._allowed(token, user, GET_PRESENCE_SCOPES):
                 return _zoom_error(400, 200, "No permission.")
             shown = user.displayed()
             body: dict[str, Any] = {"status": webhook_to_get(shown)}
@@ -1852,11 +1880,11 @@ class ZoomEmulator:
     def _h_put_presence(self, request: Request, ctx: dict, user_id: str) -> Response:
         body = request.get_json(silent=True)
         with self._lock:
-            began = self._begin(request, ctx, "Medium", user_id)
+            began = self._begin(request, ctx, "Medium", user_id, PUT_PRESENCE_SCOPES)
             if isinstance(began, Response):
                 return began
             token, user = began
-            if not self._allowed(token, user) or user.beyond_admin_role:
+            if not self._allowed(token, user, PUT_PRESENCE_SCOPES) or user.beyond_admin_role:
                 return _zoom_error(
                     400,
                     5411,

@@ -7,10 +7,13 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -696,6 +699,95 @@ def test_user_oauth_code_flow_and_refresh_rotation(zoom):
         timeout=5,
     )
     assert bad.status_code == 400
+
+
+# ------------------------------------------------------------------------------------------
+# scopes per endpoint
+# ------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+# A row of the scope table in docs/deploy.md: `granular` [`classic`] ... (`METHOD /path`).
+_SCOPE_ROW = re.compile(r"^\s*\| `(?P<granular>[a-z_:]+)` \[`(?P<classic>[a-z_:]+)`\].*"
+                        r"\(`(?P<method>GET|PUT) (?P<path>/[a-z_{}/]+)`\)")
+
+
+def documented_zoom_scopes() -> list[dict[str, str]]:
+    """The scope table an admin follows when creating the app (docs/deploy.md, section 2)."""
+    text = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    table = text.split("5. **Scopes**", 1)[1].split("6. **Activation**", 1)[0]
+    return [m.groupdict() for m in map(_SCOPE_ROW.match, table.splitlines()) if m]
+
+
+def _call(z: ZoomEmulator, token: str, method: str, path: str) -> requests.Response:
+    user = z.add_user(email=f"scoped-{uuid.uuid4().hex[:8]}@example.com")["id"]
+    group = z.add_group(f"group-{uuid.uuid4().hex[:8]}", [user])["id"]
+    url = z.api_base_url + path.replace("/users/{id}", f"/users/{user}").replace("/groups/{id}", f"/groups/{group}")
+    body = {"status": "Away"} if method == "PUT" else None
+    return requests.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=5)
+
+
+def _app_with(z: ZoomEmulator, scopes: Iterable[str]) -> str:
+    client_id = f"scoped-{uuid.uuid4().hex[:8]}"
+    z.register_s2s_app(client_id, "secret-" + client_id, scopes=" ".join(scopes))
+    return s2s_token(z, client_id, "secret-" + client_id)
+
+
+def test_the_deploy_guide_lists_a_scope_for_every_endpoint_the_app_calls():
+    assert {(row["method"], row["path"]) for row in documented_zoom_scopes()} == {
+        ("GET", "/users"), ("GET", "/users/{id}"), ("GET", "/users/{id}/presence_status"),
+        ("PUT", "/users/{id}/presence_status"), ("GET", "/groups/{id}/members"),
+    }
+
+
+@pytest.mark.parametrize("row", documented_zoom_scopes(), ids=lambda row: f"{row['method']} {row['path']}")
+def test_each_documented_scope_opens_its_endpoint_and_nothing_else_does(zoom, row):
+    zoom.presence_min_interval_s = 0
+    for scope in (row["granular"], row["classic"]):
+        r = _call(zoom, _app_with(zoom, [scope]), row["method"], row["path"])
+        assert r.status_code in (200, 204), f"{scope}: {r.text}"
+    # Every other granular scope of the guide does not stand in for this one.
+    others = [other["granular"] for other in documented_zoom_scopes() if other != row]
+    r = _call(zoom, _app_with(zoom, others), row["method"], row["path"])
+    assert r.status_code == 400 and r.json()["code"] == 4711, r.text
+    # Zoom names the endpoint's granular scopes (devforum.zoom.us/t/108207).
+    assert r.json()["message"].startswith("Invalid access token, does not contain scopes:[")
+    assert row["granular"] in r.json()["message"]
+
+
+def test_an_app_that_may_only_read_users_cannot_set_presence(hooked, receiver):
+    uid = hooked.add_user(email="reader-only@example.com")["id"]
+    api = Api(hooked, _app_with(hooked, ["user:read:admin"]))
+    r = api.put_presence(uid, "Do_Not_Disturb")
+    assert (r.status_code, r.json()) == (400, {
+        "code": 4711,
+        "message": "Invalid access token, does not contain scopes:"
+                   "[user:update:presence_status, user:update:presence_status:admin].",
+    })
+    assert hooked.status(uid) == "Available" and api.presence(uid) == "Available"
+    assert [p["status"] for p in hooked.presence_puts] == [400], "the refusal is recorded like any PUT"
+    hooked.wait_for_deliveries()
+    assert receiver.statuses() == []
+    r = Api(hooked, _app_with(hooked, ["user:read:list_users:admin"])).get(f"/users/{uid}/presence_status")
+    assert r.status_code == 400 and r.json()["code"] == 4711
+
+
+def test_user_level_scopes_reach_only_the_user_who_authorized(zoom):
+    # A user-level token holding the admin scope of one endpoint reaches everyone there only.
+    redirect = "http://127.0.0.1:9/api/connect/zoom/callback"
+    zoom.register_oauth_app("mixed", "mixed-secret", [redirect], scopes="user:read:admin user:update:presence_status")
+    me = zoom.add_user(email="me-mixed@example.com")["id"]
+    other = zoom.add_user(email="other-mixed@example.com")["id"]
+    zoom.set_default_authorizing_user(me)
+    r = requests.get(zoom.oauth_base_url + "/oauth/authorize", allow_redirects=False, timeout=5,
+                     params={"response_type": "code", "client_id": "mixed", "redirect_uri": redirect})
+    code = parse_qs(urlsplit(r.headers["Location"]).query)["code"][0]
+    token = requests.post(zoom.oauth_base_url + "/oauth/token", auth=("mixed", "mixed-secret"), timeout=5,
+                          data={"grant_type": "authorization_code", "code": code, "redirect_uri": redirect}).json()
+    api = Api(zoom, token["access_token"])
+    assert api.presence(other) == "Available"
+    assert api.put_presence(me, "Away").status_code == 204
+    r = api.put_presence(other, "Away")
+    assert r.status_code == 400 and r.json()["code"] == 5411
 
 
 # ------------------------------------------------------------------------------------------
