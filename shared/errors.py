@@ -114,6 +114,33 @@ class ZoomNoPermission(Forbidden):
     will not change on a retry, so it is recorded on the link, not retried."""
 
 
+# The scopes Zoom names in "Invalid access token, does not contain scopes:[a, b]." (also seen
+# quoted: ["a","b"]; devforum.zoom.us/t/108207 and /t/111305).
+_NAMED_SCOPES = re.compile(r"does not contain scopes:\s*\[([^\]]*)\]")
+
+
+def missing_scope_named(message: object) -> tuple[str, ...] | None:
+    """The scopes a "does not contain scopes" message names (possibly none); None for any other message."""
+    found = _NAMED_SCOPES.search(str(message or ""))
+    if found is None:
+        return None
+    return tuple(s for s in (part.strip().strip("'\"") for part in found.group(1).split(",")) if s)
+
+
+class ZoomMissingScope(ZoomNoPermission):
+    """Zoom code 4711: the app's token lacks the scope the call needs (Zoom answers 400 "Invalid
+    access token, does not contain scopes:[...]"). Only an admin adding the scope to the app
+    changes that, so it is a permission refusal like 5411: recorded, not retried. ``scopes``:
+    what Zoom said would do (any one of them)."""
+
+    def __init__(self, status: int, code: str | int | None = None, message: str = "") -> None:
+        self.scopes = missing_scope_named(message) or ()
+        if self.scopes:
+            # Zoom's wording reads like an expired token; say what an admin has to do instead.
+            message = "the Zoom app is missing a scope; it needs one of: " + ", ".join(self.scopes)
+        super().__init__(status, code, message)
+
+
 # OAuth errors that mean the server could not serve the request right now (RFC 6749 §4.1.2.1 names
 # them for the authorization response; Entra and others answer them from the token endpoint too):
 # an outage to try again after, not a refused grant or sign-in.

@@ -45,6 +45,8 @@ from shared.errors import (
     Throttled,
     TransientVendorError,
     VendorError,
+    ZoomMissingScope,
+    ZoomNoPermission,
     ZoomUserNotSignedIn,
 )
 from shared.links import (
@@ -413,6 +415,10 @@ TRANSIENT = "transient"
 
 
 def _raise_read_failure(required: bool | str, exc: Exception) -> bool:
+    if isinstance(exc, ZoomNoPermission):
+        # A scope missing from the Zoom app (4711) is missing on every retry too: the queue would
+        # only carry the change to its poison queue. The caller's warning names the scope.
+        return False
     if required == TRANSIENT:
         return isinstance(exc, (TransientVendorError, Throttled))
     return bool(required)
@@ -673,8 +679,7 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
         return False
     except Forbidden as exc:
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_forbidden")
-        _revert(link.zoom_user_id, **undo, plan_news=True,
-                error=("zoom_forbidden", f"Zoom refused the update ({exc.code})"))
+        _revert(link.zoom_user_id, **undo, plan_news=True, error=("zoom_forbidden", _zoom_refusal(exc)))
         outcome.error = "zoom_forbidden"
         return False
     except Exception as exc:
@@ -686,6 +691,14 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     telemetry.written(TEAMS_TO_ZOOM)
     logs.debug(log, f"sync: Zoom {'release to' if op.release else 'put'} {op.status}", user=link.zoom_user_id, cid=cid)
     return True
+
+
+def _zoom_refusal(exc: Forbidden) -> str:
+    """What the link says of a refused Zoom PUT: for a missing scope, which scope the app needs."""
+    if isinstance(exc, ZoomMissingScope):
+        needs = ", ".join(exc.scopes) or "a scope Zoom did not name"
+        return f"the Zoom app is missing a scope ({exc.code}): it needs one of {needs}"
+    return f"Zoom refused the update ({exc.code})"
 
 
 def queue_reconcile(zoom_user_id: str, reason: str, *, delay_s: float = 0.0, confirm_zoom: bool = False,

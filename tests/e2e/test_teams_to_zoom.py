@@ -6,11 +6,12 @@ emulator and the app alike (tests/fixtures/world.py)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
 
-from sandbox.world import Person, World
+from sandbox.world import ZOOM_CLIENT_SECRET, Person, World
 from tests.fixtures.connections import sync_accounts
 from tests.fixtures.world import E2E_OUTAGE_RETRY_DELAYS_S, E2E_ZOOM_MIN_INTERVAL_S
 
@@ -519,6 +520,51 @@ def test_zoom_refusing_permission_is_recorded_on_the_link_not_retried(world: Wor
     assert link["error"]["kind"] == "zoom_forbidden" and "5411" in link["error"]["detail"]
     assert world.host.poisoned == []
     assert person.email not in caplog.text
+
+
+# The sandbox app's scopes (sandbox.zoom_emulator.DEFAULT_S2S_SCOPES) without the presence write.
+SCOPES_WITHOUT_PRESENCE_WRITE = ("user:read:admin user:read:list_users:admin user:read:presence_status:admin "
+                                 "group:read:admin")
+
+
+@pytest.fixture
+def zoom_app_scopes(world: World) -> Iterator[Callable[[str], None]]:
+    """Give the world's Zoom Server-to-Server app other scopes for one test (restored after it)."""
+    from sandbox.world import ZOOM_ACCOUNT_ID, ZOOM_CLIENT_ID, ZOOM_CLIENT_SECRET, reset_app_caches
+
+    def grant(scopes: str) -> None:
+        world.zoom.register_s2s_app(ZOOM_CLIENT_ID, ZOOM_CLIENT_SECRET, ZOOM_ACCOUNT_ID, scopes=scopes)
+        reset_app_caches()  # the app's cached token carries the scopes it was issued with
+
+    yield grant
+    world.zoom.register_s2s_app(ZOOM_CLIENT_ID, ZOOM_CLIENT_SECRET, ZOOM_ACCOUNT_ID)
+    reset_app_caches()
+
+
+def test_a_zoom_app_missing_the_presence_scope_is_recorded_on_the_link_not_retried(world: World, zoom_app_scopes,
+                                                                                     caplog):
+    # 400 / 4711 "does not contain scopes:[...]": only an admin adding the scope changes that, so
+    # like 5411 it is one PUT, the link says which scope, and nothing goes to a poison queue.
+    caplog.set_level("WARNING")
+    person = world.add_person()
+    zoom_app_scopes(SCOPES_WITHOUT_PRESENCE_WRITE)
+    with listening(world, "poll"):
+        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        propagate(world, "poll")
+    tried = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
+    assert [p["status"] for p in tried] == [400]
+    assert world.zoom_shows(person) == "Available"
+    world.wait_until(lambda: world.admin("GET", f"links/{person.zoom_id}").json()["error"], timeout=10)
+    error = world.admin("GET", f"links/{person.zoom_id}").json()["error"]
+    assert error["kind"] == "zoom_forbidden"
+    assert error["detail"] == ("the Zoom app is missing a scope (4711): it needs one of "
+                               "user:update:presence_status, user:update:presence_status:admin")
+    assert world.host.poisoned == []
+    assert world.admin("GET", "status").json()["errors"]["by_kind"].get("zoom_forbidden", 0) >= 1
+    named = [r.getMessage() for r in caplog.records if "user:update:presence_status:admin" in r.getMessage()]
+    assert named and all(person.zoom_id in line for line in named)
+    assert person.email not in caplog.text
+    assert ZOOM_CLIENT_SECRET not in caplog.text and "Bearer" not in caplog.text
 
 
 def test_a_person_zoom_found_signed_out_gets_the_teams_state_once_they_sign_in(world: World):

@@ -163,3 +163,35 @@ def test_a_rerun_asked_for_as_the_live_run_ends_is_started_not_lost(directory_en
                                                    stale_after_s=600, rerun_if_live=True)
     assert still_live is None and started is not None and started.run_id != live.run_id
     assert directory_runs.read_run("matching").run_id == started.run_id
+
+
+def test_a_zoom_app_without_the_list_users_scope_ends_the_matching_run_naming_it(directory_env, zoom_env,
+                                                                                   monkeypatch):
+    # Zoom's 400 / 4711 is no outage: the run ends with its reason for the status page at once,
+    # neither waiting it out in rounds nor retried by the host.
+    from functions.directory import directory_worker
+    from shared import tokens
+    from shared.config import reset_settings
+
+    zoom_env.register_s2s_app("no-list-users", "secret-no-list-users",
+                              scopes="user:read:user:admin user:update:presence_status:admin")
+    monkeypatch.setenv("ZOOM_CLIENT_ID", "no-list-users")
+    monkeypatch.setenv("ZOOM_CLIENT_SECRET", "secret-no-list-users")
+    monkeypatch.setenv("DIRECTORY_RUN_BUDGET_SECONDS", "0")  # one step per invocation
+    reset_settings()
+    tokens.reset_token_caches()
+    monkeypatch.setattr(graph_client, "default_client", lambda: _Graph(down=None))
+    try:
+        run, _ = matching.start("test")
+        message = {"kind": "matching_continue", "run_id": run.run_id}
+        deliver(directory_worker, message, 1)  # Entra's users
+        assert [(q, m) for q, m, _ in directory_env] == [(names.DIRECTORY_QUEUE, message)]
+        directory_env.clear()
+        deliver(directory_worker, message, 1)  # Zoom's: refused, and not raised for a retry
+        ended = directory_runs.read_run("matching")
+        assert ended.status == directory_runs.STATUS_FAILED
+        assert ended.error == ("zoom: HTTP 400 4711: the Zoom app is missing a scope; it needs one of: "
+                               "user:read:list_users:admin")
+        assert directory_env == []
+    finally:
+        tokens.reset_token_caches()
