@@ -114,6 +114,7 @@ class GraphEmulator:
         self._delivery_workers = delivery_workers
         self.signing_key = SigningKey()
         self.faults = FaultSwitches(default_paths=("/v1.0/",), token_paths=("/oauth2/v2.0/token", "/oauth2/token"))
+        self.app_calls_report_busy = False  # report an app's Busy/InACall session as Busy/Busy
         self._log = RequestLog()
         self._lock = threading.RLock()
         self._users: dict[str, dict[str, Any]] = {}
@@ -1003,6 +1004,10 @@ class GraphEmulator:
                     raise GraphError(400, "BadRequest", f"Invalid expirationDuration '{duration}'.") from None
                 if not pres.SET_MIN_S <= seconds <= pres.SET_MAX_S:
                     raise GraphError(400, "BadRequest", "expirationDuration must be between PT5M and PT4H.")
+            if (av, act) == ("Busy", "InACall") and self.app_calls_report_busy:
+                # Microsoft Q&A 2237086 (API-FACTS §7): an app's Busy/InACall has come back as
+                # Busy/Busy. Off by default; tests switch it on to meet that variant.
+                act = "Busy"
             up.sessions[session_id] = pres.Session(av, act, now, now + seconds, fades=av == "Available")
         elif action == "clearpresence":
             session_id = self._session_id(p, body)

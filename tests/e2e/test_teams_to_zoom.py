@@ -116,6 +116,28 @@ def test_offline_teams_changes_nothing_in_zoom(world: World, path, gesture):
         assert zoom_puts(world, person) == []
 
 
+def test_our_call_reported_back_as_busy_busy_is_still_our_echo(world: World):
+    # Microsoft Q&A 2237086 (API-FACTS §7): our Busy/InACall has come back as Busy/Busy. Taken for
+    # the person's Teams state, it would put Busy on Zoom over the meeting and ping-pong.
+    person = world.add_person()
+    world.graph.app_calls_report_busy = True
+    try:
+        with listening(world, "push"):
+            world.zoom.join_meeting(person.zoom_id)
+            world.settle()
+            assert world.teams_shows(person) == ("Busy", "Busy")  # the variant, not what we set
+            # Graph told us of it, and the app read it back: the echo was met, not missed.
+            assert any(person.entra_id in str(d.payload).lower() for d in world.graph.delivered)
+            world.zoom.leave_meeting(person.zoom_id)
+            world.settle()
+    finally:
+        world.graph.app_calls_report_busy = False
+    assert world.teams_shows(person) == ("Available", "Available")
+    assert world.zoom_shows(person) == "Available"
+    assert zoom_puts(world, person) == []  # the echo never reached Zoom
+    assert [r.path.rsplit("/", 1)[-1] for r in graph_writes(world, person)] == ["setPresence", "clearPresence"]
+
+
 def test_ping_pong_fifty_people_one_write_per_change(world: World):
     people = [world.add_person() for _ in range(50)]
     with listening(world, "push", people=len(people)):
