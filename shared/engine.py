@@ -441,8 +441,17 @@ def _plan_zoom(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig, 
         if current is not None:
             _release_zoom(current, out)
         return
+    if _teams_hidden_by_our_preferred(user):
+        # Our preferred presence beats every session (API-FACTS §5), so what Teams showed before
+        # we wrote it may have ended unseen: Zoom is written from the report that follows ours.
+        return
     restore = current.restore if current is not None else _restore_status(native)
     _write_zoom(rule, source, restore, now, cfg, out)
+
+
+def _teams_hidden_by_our_preferred(user: UserSync) -> bool:
+    ours = user.teams_overlay
+    return ours is not None and ours.overlay.kind == "preferred" and user.teams_native_since < ours.written_at * 1000
 
 
 def keepalive_expiries(user: UserSync) -> tuple[float | None, float | None]:

@@ -127,6 +127,25 @@ def test_our_preferred_state_shown_with_out_of_office_as_its_activity_is_still_o
     assert len(w.teams_writes) == 2
 
 
+@pytest.mark.parametrize(("teams_after", "zoom_after"), [(("Available", "Available"), []),
+                                                       (("Busy", "InACall"), ["On_A_Call"])])
+def test_a_teams_state_hidden_under_our_preferred_state_is_not_sent_to_zoom_until_seen_again(teams_after, zoom_after):
+    # A Teams call, then the person signs in to Zoom with DND: our DND goes over the call in Teams'
+    # preferred slot, which hides every session. The call may end unseen; when Zoom goes Available,
+    # On_A_Call would overwrite the person's Available. Zoom waits for the report after our clear.
+    w = World()
+    w.zoom("Offline")
+    w.teams("Busy", "InACall")
+    w.zoom("Do_Not_Disturb")
+    assert w.teams_writes[-1].kind == TeamsOpKind.SET_PREFERRED and w.zoom_writes == []
+    assert w.teams("DoNotDisturb", "DoNotDisturb") == Observed.ECHO
+    w.zoom("Available")
+    assert w.teams_writes[-1].kind == TeamsOpKind.CLEAR_PREFERRED
+    assert w.zoom_writes == []
+    w.teams(*teams_after)
+    assert [op.status for op in w.zoom_writes] == zoom_after
+
+
 def test_native_teams_call_through_a_zoom_meeting():
     w = World(directions=(ZOOM_TO_TEAMS,))
     w.teams("Busy", "InACall")  # a real Teams call
