@@ -28,13 +28,14 @@ from shared.links import (
     ENTRA_INDEX_TABLE,
     ROW,
     STATUS_ACTIVE,
+    EntraTaken,
     Link,
-    active_link_for_entra,
+    claim_entra,
     delete_link,
-    index_entra,
     list_links,
     now_iso,
     read_link,
+    release_entra_claim,
     write_link,
     zoom_id_for_entra,
 )
@@ -88,18 +89,58 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     from shared import scopes
 
     current_scopes = scopes.read_scopes()
+    # Two links writing one Teams account overwrite each other's status there, and its changes reach
+    # only one of them: the account is claimed before the link is written (shared.links), so of two
+    # saves racing for it one is refused. The admin frees the account first (DELETE or re-point the
+    # other link), as the connect flow asks a person to.
+    try:
+        claim = claim_entra(entra_id, zoom_id)
+    except EntraTaken as taken:
+        if taken.in_progress:
+            log.info("admin: link for Zoom user %s refused: its Teams account is being linked to Zoom user %s",
+                     zoom_id, taken.zoom_user_id)
+            return _error(409, "this Teams account is being linked to another Zoom user; try again",
+                          zoom_user_id=taken.zoom_user_id)
+        log.info("admin: link for Zoom user %s refused: its Teams account is linked to Zoom user %s",
+                 zoom_id, taken.zoom_user_id)
+        return _error(409, "this Teams account is linked to another Zoom user", zoom_user_id=taken.zoom_user_id)
+    except storage.Conflict:
+        return _error(409, "the link changed concurrently; try again")
+    try:
+        written = _write_admin_link(zoom_id, entra_id, body, current_scopes)
+    except Exception:
+        release_entra_claim(claim)
+        raise
+    if written is None:
+        release_entra_claim(claim)
+        return _error(409, "the link changed concurrently; try again")
+    link, existing = written
+    if existing is not None and existing.entra_user_id != entra_id:
+        release_overlays(existing, zoom=False)
+        from shared.links import _delete_index_if_points_to
+
+        _delete_index_if_points_to(existing.entra_user_id, zoom_id)
+        # Read the new Teams account; then ours on Zoom is kept, replaced or released for it, and
+        # what Zoom shows reaches it at once.
+        queue_reconcile(zoom_id, "relinked", confirm_teams=True)
+    elif existing is not None:
+        # Same person: a narrowed direction or a re-enabled link is settled by a reconcile.
+        before = existing.sync.directions if existing.status == STATUS_ACTIVE else frozenset()
+        scopes.reconcile_after_change(zoom_id, before, link.sync.directions, "admin_change")
+    if current_scopes.restricted and link.scope_member == scopes.MEMBER_UNKNOWN:
+        scopes.request_run("admin link")
+    log.info("admin: link for Zoom user %s saved", zoom_id)
+    return 200, link.to_public()
+
+
+def _write_admin_link(zoom_id: str, entra_id: str, body: LinkBody,
+                      current_scopes: Any) -> tuple[Link, Link | None] | None:
+    """Write the link an admin PUT asks for; returns it and the link it replaced (None if new), or
+    None when it kept changing under us."""
+    from shared import scopes
+
     for _ in range(8):
         existing, etag = read_link(zoom_id)
-        same_account = existing is not None and existing.entra_user_id == entra_id
-        other = None if same_account else active_link_for_entra(entra_id)
-        holder = other.zoom_user_id if other is not None and other.zoom_user_id != zoom_id else None
-        if holder is not None:
-            # Two links writing one Teams account overwrite each other's status there, and its
-            # changes reach only one of them: the admin frees the account first (DELETE or
-            # re-point the other link), as the connect flow asks a person to.
-            log.info("admin: link for Zoom user %s refused: its Teams account is linked to Zoom user %s",
-                     zoom_id, holder)
-            return _error(409, "this Teams account is linked to another Zoom user", zoom_user_id=holder)
         stamp = now_iso()
         if existing is not None and existing.entra_user_id == entra_id:
             link = existing
@@ -136,26 +177,8 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
             write_link(link, etag)
         except storage.Conflict:
             continue
-        break
-    else:
-        return _error(409, "the link changed concurrently; try again")
-    if existing is not None and existing.entra_user_id != entra_id:
-        release_overlays(existing, zoom=False)
-        from shared.links import _delete_index_if_points_to
-
-        _delete_index_if_points_to(existing.entra_user_id, zoom_id)
-        # Read the new Teams account; then ours on Zoom is kept, replaced or released for it, and
-        # what Zoom shows reaches it at once.
-        queue_reconcile(zoom_id, "relinked", confirm_teams=True)
-    elif existing is not None:
-        # Same person: a narrowed direction or a re-enabled link is settled by a reconcile.
-        before = existing.sync.directions if existing.status == STATUS_ACTIVE else frozenset()
-        scopes.reconcile_after_change(zoom_id, before, link.sync.directions, "admin_change")
-    index_entra(entra_id, zoom_id)
-    if current_scopes.restricted and link.scope_member == scopes.MEMBER_UNKNOWN:
-        scopes.request_run("admin link")
-    log.info("admin: link for Zoom user %s saved", zoom_id)
-    return 200, link.to_public()
+        return link, existing
+    return None
 
 
 def get_link(zoom_user_id: str) -> tuple[int, dict]:

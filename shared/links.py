@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from shared import names, storage
 from shared.engine import ALL_DIRECTIONS, TeamsOverlayRecord, UserSync, ZoomOverlayRecord, keepalive_expiries
 from shared.mapping import TeamsOverlay
 from shared.presence import Presence
+
+log = logging.getLogger(__name__)
 
 LINKS_TABLE = names.LINKS_TABLE
 ENTRA_INDEX_TABLE = names.ENTRA_INDEX_TABLE
@@ -376,6 +379,88 @@ def index_entra(entra_user_id: str, zoom_user_id: str) -> None:
         "PartitionKey": entra_user_id.lower(), "RowKey": ROW, "zoom_user_id": zoom_user_id.lower(),
     })
     _index_cache.put(entra_user_id, zoom_user_id.lower())
+
+
+# --- claims on a Teams account ----------------------------------------------------------------------------
+#
+# One active link per Teams account: two would overwrite each other's status there, and the
+# account's changes would reach only the one its index entry names. A check before the link write
+# cannot keep that under concurrency (two writers both see the account free), so an admin PUT and a
+# self link first *claim* the account's index entry with a conditional write (insert if absent,
+# If-Match otherwise), and only then write their link. An entry is taken over only from a link that
+# does not hold the account actively, and not while another writer's claim is fresh: between its
+# claim and its link write the entry names a link that does not hold the account yet.
+# (Directory matching still writes the index unconditionally: its runs decide holders in bulk.)
+
+# How long a claim stands for a link not written (yet): far longer than a link write takes, short
+# enough that a claim whose writer died leaves the account free again soon.
+ENTRA_CLAIM_HOLD_S = 300.0
+_CLAIMED_AT = "claimed_at"
+
+
+class EntraTaken(Exception):
+    """Another link holds the Teams account (``in_progress``: is being linked to it right now)."""
+
+    def __init__(self, zoom_user_id: str, *, in_progress: bool) -> None:
+        super().__init__(f"Teams account {'being linked' if in_progress else 'linked'} to Zoom user {zoom_user_id}")
+        self.zoom_user_id = zoom_user_id
+        self.in_progress = in_progress
+
+
+@dataclass(frozen=True)
+class EntraClaim:
+    """A claim made by :func:`claim_entra`: what to put back should the link not be written."""
+
+    entra_user_id: str
+    zoom_user_id: str
+    etag: str | None
+    previous: dict | None
+
+
+def claim_entra(entra_user_id: str, zoom_user_id: str) -> EntraClaim:
+    """Point the Teams account's index entry at ``zoom_user_id``, conditionally, before that link is
+    made active for it. Raises :class:`EntraTaken` when another link holds it actively or has a fresh
+    claim on it, ``storage.Conflict`` when the entry kept changing. A writer that then fails to write
+    its link gives the claim back (:func:`release_entra_claim`)."""
+    entra, zoom = entra_user_id.lower(), zoom_user_id.lower()
+    for _ in range(8):
+        entity, etag = storage.read_entity(ENTRA_INDEX_TABLE, entra, ROW)
+        holder = str((entity or {}).get("zoom_user_id") or "")
+        if holder and holder != zoom:
+            other, _ = read_link(holder)
+            if other is not None and other.entra_user_id == entra and other.status == STATUS_ACTIVE:
+                raise EntraTaken(holder, in_progress=False)
+            claimed_at = (entity or {}).get(_CLAIMED_AT)
+            if isinstance(claimed_at, (int, float)) and time.time() - claimed_at < ENTRA_CLAIM_HOLD_S:
+                raise EntraTaken(holder, in_progress=True)
+        # Written even when the entry names us already: a writer racing us (re-enabling this link,
+        # say, while another takes the account) then loses on the ETag, or sees our fresh claim.
+        try:
+            new_etag = storage.write_entity(ENTRA_INDEX_TABLE, {
+                "PartitionKey": entra, "RowKey": ROW, "zoom_user_id": zoom, _CLAIMED_AT: time.time(),
+            }, etag)
+        except storage.Conflict:
+            continue
+        _index_cache.put(entra, zoom)
+        return EntraClaim(entra, zoom, new_etag, entity)
+    raise storage.Conflict(f"index entry of Entra user {entra} kept changing")
+
+
+def release_entra_claim(claim: EntraClaim) -> None:
+    """Put the index entry back as it was before ``claim``, unless it changed since (best effort:
+    a claim left behind lapses after ENTRA_CLAIM_HOLD_S)."""
+    try:
+        if claim.previous is None:
+            storage.delete_entity(ENTRA_INDEX_TABLE, claim.entra_user_id, ROW, claim.etag)
+        else:
+            previous = {k: v for k, v in claim.previous.items() if k != "Timestamp"}
+            storage.write_entity(ENTRA_INDEX_TABLE, previous, claim.etag)
+    except storage.Conflict:
+        pass  # claimed again, or taken over: no longer ours to put back
+    except Exception as exc:  # noqa: BLE001 - the caller's own failure is what it reports
+        log.warning("links: claim on Entra user %s not given back (%s); it lapses", claim.entra_user_id,
+                    type(exc).__name__)
+    _index_cache.forget(claim.entra_user_id)
 
 
 class _IndexCache:

@@ -25,12 +25,14 @@ from shared.errors import TokenError, Unauthorized, VendorError
 from shared.links import (
     STATUS_ACTIVE,
     STATUS_DISABLED,
+    EntraTaken,
     Link,
     active_link_for_entra,
+    claim_entra,
     delete_link,
-    index_entra,
     now_iso,
     read_link,
+    release_entra_claim,
     write_link,
     zoom_id_for_entra,
 )
@@ -103,15 +105,24 @@ def link_self(zoom_user_id: str, entra_user_id: str) -> LinkResult:
             link = Link(sync=UserSync(zoom_id, entra_id, frozenset(ALL_DIRECTIONS)), origin=ORIGIN_SELF,
                         status=STATUS_ACTIVE, created_at=stamp, updated_at=stamp)
             outcome = LinkOutcome.CREATED
+        # Claimed before the link is written, as an admin's link is (shared.links): of two links
+        # made for one Teams account at once, one is refused rather than both writing to it.
+        try:
+            claim = claim_entra(entra_id, zoom_id)
+        except EntraTaken:
+            return LinkResult(LinkOutcome.CONFLICT, "entra_linked_elsewhere")
         try:
             write_link(link, etag)
         except storage.Conflict:
+            release_entra_claim(claim)
             continue
+        except Exception:
+            release_entra_claim(claim)
+            raise
         if existing is not None and existing.entra_user_id != entra_id:
             from shared.links import _delete_index_if_points_to
 
             _delete_index_if_points_to(existing.entra_user_id, zoom_id)
-        index_entra(entra_id, zoom_id)
         # The engine reads both sides and applies what is due: overlays start flowing.
         _reconcile_soon(zoom_id, "self_link")
         log.info("connect: self link for Zoom user %s %s", zoom_id, outcome.value)

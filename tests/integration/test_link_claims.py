@@ -1,0 +1,160 @@
+"""One active link per Teams account under concurrency, against a real Azurite: an admin PUT and a
+self link claim the account's index entry before writing their link (shared.links.claim_entra), so
+of two racing for one account exactly one is made and the other is told so (409 / conflict)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from shared import admin, names, storage
+from shared.connect import people
+from shared.links import (
+    STATUS_ACTIVE,
+    STATUS_DISABLED,
+    read_link,
+    write_link,
+    zoom_id_for_entra,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def claims_env(storage_env, unique_name, monkeypatch):
+    """Links, index and directory tables of this test's own; queue puts recorded, not sent."""
+    from shared.links import reset_link_caches
+
+    storage.reset_storage_clients()
+    reset_link_caches()
+    monkeypatch.setattr(names, "LINKS_TABLE", "l" + unique_name)
+    monkeypatch.setattr("shared.links.LINKS_TABLE", "l" + unique_name)
+    monkeypatch.setattr("shared.links.ENTRA_INDEX_TABLE", "i" + unique_name)
+    monkeypatch.setattr("shared.directory_runs.TABLE", "d" + unique_name)
+    puts: list[tuple[str, dict]] = []
+    monkeypatch.setattr(storage, "enqueue", lambda queue_name, message, *, delay_seconds=0, ttl_seconds=None:
+                        puts.append((queue_name, message)))
+    yield puts
+    storage.reset_storage_clients()
+    reset_link_caches()
+
+
+def _zoom_id() -> str:
+    return "z" + uuid.uuid4().hex[:12]
+
+
+def _put(zoom_id: str, entra_id: str) -> tuple[int, dict]:
+    return admin.put_link(zoom_id, json.dumps({"entra_user_id": entra_id}).encode())
+
+
+def _active_links_naming(entra_id: str, *zoom_ids: str) -> list[str]:
+    found = []
+    for zoom_id in zoom_ids:
+        link, _ = read_link(zoom_id)
+        if link is not None and link.entra_user_id == entra_id and link.status == STATUS_ACTIVE:
+            found.append(zoom_id)
+    return found
+
+
+def _run_first(monkeypatch, module, name: str, when, interloper) -> list:
+    """Patch ``module.name`` so that its first call for which ``when(args)`` holds first runs
+    ``interloper()`` to the end; returns the interloper's result (in a list, once it ran)."""
+    real = getattr(module, name)
+    result: list = []
+
+    def patched(*args, **kwargs):
+        if not result and when(args):
+            result.append(interloper())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, patched)
+    return result
+
+
+@pytest.mark.parametrize("at", ["link_write", "claim_write"])
+def test_two_admin_saves_racing_for_one_teams_account_make_one_link(claims_env, monkeypatch, at):
+    zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
+    # The save for B runs to its end in the middle of A's: just before A writes its link, or
+    # between A's read of the index entry and its conditional write of it.
+    if at == "link_write":
+        other = _run_first(monkeypatch, admin, "write_link", lambda args: args[0].zoom_user_id == zoom_a,
+                           lambda: _put(zoom_b, entra))
+    else:
+        other = _run_first(monkeypatch, storage, "write_entity",
+                           lambda args: args[0].startswith("i") and args[1].get("zoom_user_id") == zoom_a,
+                           lambda: _put(zoom_b, entra))
+    first = _put(zoom_a, entra)
+    assert len(other) == 1
+    answers = {zoom_a: first, zoom_b: other[0]}
+    assert sorted(status for status, _ in answers.values()) == [200, 409]
+    winner = next(z for z, (status, _) in answers.items() if status == 200)
+    loser = zoom_b if winner == zoom_a else zoom_a
+    assert answers[loser][1]["zoom_user_id"] == winner
+    assert _active_links_naming(entra, zoom_a, zoom_b) == [winner]
+    assert read_link(loser)[0] is None  # refused: nothing was made for it
+    assert zoom_id_for_entra(entra, fresh=True) == winner
+
+
+def test_an_admin_save_racing_a_self_link_makes_one_link(claims_env, monkeypatch):
+    zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
+    other = _run_first(monkeypatch, admin, "write_link", lambda args: args[0].zoom_user_id == zoom_a,
+                       lambda: people.link_self(zoom_b, entra))
+    assert _put(zoom_a, entra)[0] == 200
+    assert other[0].outcome == people.LinkOutcome.CONFLICT and other[0].reason == "entra_linked_elsewhere"
+    assert _active_links_naming(entra, zoom_a, zoom_b) == [zoom_a]
+    assert zoom_id_for_entra(entra, fresh=True) == zoom_a
+
+
+def test_a_self_link_racing_an_admin_save_makes_one_link(claims_env, monkeypatch):
+    zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
+    other = _run_first(monkeypatch, people, "write_link", lambda args: args[0].zoom_user_id == zoom_b,
+                       lambda: _put(zoom_a, entra))
+    assert people.link_self(zoom_b, entra).outcome == people.LinkOutcome.CREATED
+    status, body = other[0]
+    assert status == 409 and body["zoom_user_id"] == zoom_b
+    assert _active_links_naming(entra, zoom_a, zoom_b) == [zoom_b]
+    assert zoom_id_for_entra(entra, fresh=True) == zoom_b
+
+
+def test_re_enabling_a_link_while_another_takes_its_teams_account_makes_one_active(claims_env, monkeypatch):
+    # A disabled link still names the account (its index entry too), so the account looks free to
+    # a save for another Zoom user; the admin re-enables the first one at that very moment.
+    zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
+    assert _put(zoom_a, entra)[0] == 200
+    link, etag = read_link(zoom_a)
+    link.status, link.sync.active, link.disabled_reason = STATUS_DISABLED, False, "zoom_deactivated"
+    write_link(link, etag)
+    other = _run_first(monkeypatch, admin, "write_link", lambda args: args[0].zoom_user_id == zoom_a,
+                       lambda: _put(zoom_b, entra))
+    first = _put(zoom_a, entra)
+    assert sorted([first[0], other[0][0]]) == [200, 409]
+    winner = zoom_a if first[0] == 200 else zoom_b
+    assert _active_links_naming(entra, zoom_a, zoom_b) == [winner]
+    assert zoom_id_for_entra(entra, fresh=True) == winner
+
+
+def test_a_claim_whose_save_gave_up_is_given_back(claims_env, monkeypatch):
+    zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
+
+    def always_changed(link, etag):
+        raise storage.Conflict("changed")
+
+    monkeypatch.setattr(admin, "write_link", always_changed)
+    assert _put(zoom_a, entra) == (409, {"error": "the link changed concurrently; try again"})
+    monkeypatch.undo()
+    assert zoom_id_for_entra(entra, fresh=True) is None
+    assert _put(zoom_b, entra)[0] == 200  # the account is free at once, not after the claim lapses
+
+
+def test_a_claim_left_by_a_save_that_died_stands_for_a_while_then_lapses(claims_env, monkeypatch):
+    from shared import links
+
+    zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
+    links.claim_entra(entra, zoom_a)  # and its link was never written
+    status, body = _put(zoom_b, entra)
+    assert status == 409 and body["zoom_user_id"] == zoom_a and "try again" in body["error"]
+    monkeypatch.setattr(links, "ENTRA_CLAIM_HOLD_S", 0.0)
+    assert _put(zoom_b, entra)[0] == 200
+    assert zoom_id_for_entra(entra, fresh=True) == zoom_b
