@@ -421,6 +421,10 @@ class LocalFunctionsHost:
     def resume_queues(self) -> None:
         self._queues_running.set()
 
+    @property
+    def queues_running(self) -> bool:
+        return self._queues_running.is_set()
+
     def drain(self, timeout: float = 30.0, queues: list[str] | None = None) -> None:
         """Wait until the trigger queues are empty (visible and invisible messages alike) and no
         invocation is running; poison queues are not waited for. Raises TimeoutError otherwise."""

@@ -165,7 +165,9 @@ class World:
             self.graph.set_teams_client(entra_user["id"], teams[0], teams[1])
         person = Person(name, zoom_user["id"].lower(), entra_user["id"].lower(), email)
         if link:
-            self.link(person, directions)
+            made = self.link(person, directions)
+            if made["directions"] and getattr(self.host, "queues_running", True):
+                self.wait_for_first_look(person)
         return person
 
     def admin(self, method: str, route: str, **kwargs) -> requests.Response:
@@ -179,6 +181,21 @@ class World:
         response = self.admin("PUT", f"links/{person.zoom_id}", json=body)
         response.raise_for_status()
         return response.json()
+
+    def wait_for_first_look(self, person: Person, timeout: float = 30.0) -> None:
+        """Wait until a new link has read both sides and done what they called for (an admin-made
+        link is reconciled at once: shared.admin.put_link), so that what comes next does not race it."""
+        from shared.links import read_link
+
+        def at_rest() -> bool:
+            link, _ = read_link(person.zoom_id)
+            if link is None or link.error_kind:
+                return True
+            s = link.sync
+            return s.zoom_native is not None and s.teams_native is not None and not link.lease_owner \
+                and not link.pending
+
+        self.wait_until(at_rest, timeout=timeout, interval=0.02)
 
     def connect_sync_account(self, name: str = "Presence sync account") -> str:
         """An admin connects a dedicated sync account (the authorization-code flow against the

@@ -127,6 +127,11 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
         # Same person: a narrowed direction or a re-enabled link is settled by a reconcile.
         before = existing.sync.directions if existing.status == STATUS_ACTIVE else frozenset()
         scopes.reconcile_after_change(zoom_id, before, link.sync.directions, "admin_change")
+    else:
+        # A new link reads both sides: a meeting under way or a Do Not Disturb set before it was
+        # made shows on the other side now, not at the person's next Zoom change (nothing reads
+        # Zoom on a schedule). Nothing to do while no direction is in effect.
+        scopes.reconcile_after_change(zoom_id, frozenset(), link.sync.directions, "admin_link")
     if current_scopes.restricted and link.scope_member == scopes.MEMBER_UNKNOWN:
         scopes.request_run("admin link")
     log.info("admin: link for Zoom user %s saved", zoom_id)

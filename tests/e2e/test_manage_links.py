@@ -29,6 +29,26 @@ def test_put_get_and_case_insensitive_ids(world: World):
     assert got["sync"]["zoom"]["shows"] is None
 
 
+
+def test_a_new_link_shows_a_zoom_meeting_already_under_way_on_teams(world: World):
+    # The person is in a Zoom meeting when the admin links them. Nothing reads Zoom on a schedule
+    # and their next Zoom change may be an hour away: the new link reads both sides at once.
+    person = world.add_person(link=False)
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()  # its webhook came and went: not linked then
+    assert world.teams_shows(person) == ("Available", "Available")
+    world.link(person)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+
+
+def test_a_new_link_shows_a_teams_do_not_disturb_already_set_on_zoom(world: World):
+    person = world.add_person(link=False)
+    world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+    world.link(person)
+    world.settle()
+    assert world.zoom_shows(person) == "Do_Not_Disturb"
+
 @pytest.mark.parametrize(
     "body",
     [
