@@ -287,20 +287,89 @@ def remove_link(zoom_user_id: str) -> tuple[int, dict]:
     # Deleted only as read, then released: a sync that took the person's write lease after the
     # read would otherwise write after the release, and no one would take that back. One whose
     # lease the read shows is looked after by release_overlays.
+    # Once the link is gone nothing else will take our status back, so before the delete the
+    # release is also queued for later (a backstop), withdrawn once the release below is made or
+    # queued: a failure that release does not queue itself (storage reading a delegated
+    # connection, a setting, a bug) then loses nothing. If even that put fails, nothing is
+    # deleted (503) and a retried DELETE tries again.
     for _ in range(8):
         link, etag = read_link(zoom_user_id.lower())
         if link is None:
             return _error(404, "no link for this Zoom user")
         try:
-            delete_link(link.zoom_user_id, link.entra_user_id, etag)
+            backstop = _queue_backstop_release(link)
+        except Exception as exc:  # noqa: BLE001 - answered 503, nothing changed
+            log.error("admin: link for Zoom user %s not deleted: its release could not be queued (%s)",
+                      link.zoom_user_id, type(exc).__name__)
+            return _error(503, "the release of this person's status could not be queued; nothing was changed, "
+                               "try again")
+        try:
+            delete_link(link.zoom_user_id, "", etag)
             break
         except storage.Conflict:
+            _withdraw(backstop, link.zoom_user_id)
             continue
     else:
         return _error(409, "the link changed concurrently; try again")
-    release_overlays(link)
+    try:
+        from shared.links import _delete_index_if_points_to
+
+        _delete_index_if_points_to(link.entra_user_id, link.zoom_user_id)
+    except Exception as exc:  # noqa: BLE001 - lookups check the link an entry names: a stale one is harmless
+        log.warning("admin: index entry of the deleted link of Zoom user %s left in place (%s)",
+                    link.zoom_user_id, type(exc).__name__)
+    try:
+        release_overlays(link)
+    except Exception as exc:  # noqa: BLE001 - the backstop release makes it
+        log.warning("admin: releasing the overlays of Zoom user %s failed (%s); the queued release makes it",
+                    link.zoom_user_id, type(exc).__name__)
+    else:
+        _withdraw(backstop, link.zoom_user_id)
     log.info("admin: link for Zoom user %s deleted", link.zoom_user_id)
     return 204, {}
+
+
+# How long after a DELETE its backstop release runs, unless withdrawn: longer than releasing now
+# can take (each vendor call's retry budget), so it never runs beside a release still under way.
+RELEASE_BACKSTOP_S = 300.0
+
+
+def _queue_backstop_release(link: Link) -> storage.QueuedMessage | None:
+    """Queue, for RELEASE_BACKSTOP_S from now, the release :func:`release_overlays` is about to make
+    for this link (None when nothing of ours is there)."""
+    s = link.sync
+    lease_left = _lease_left(link)
+    left: dict[str, dict] = {}
+    if s.teams_overlay is not None and (_teams_ours_to_release(s) or lease_left > -LATE_WRITE_GRACE_S):
+        left["teams"] = _teams_left(s)
+    if s.zoom_overlay is not None:
+        left["zoom"] = _zoom_left(s)
+    if not left:
+        return None
+    delay_s = max(RELEASE_BACKSTOP_S, lease_left + LATE_WRITE_GRACE_S)
+    return _queue_release(s.zoom_user_id, s.entra_user_id, left, delay_s, attempt=1)
+
+
+def _withdraw(backstop: storage.QueuedMessage | None, zoom_user_id: str) -> None:
+    if backstop is None:
+        return
+    try:
+        storage.withdraw(backstop)
+    except Exception as exc:  # noqa: BLE001 - left queued, it releases only what still shows as ours
+        log.info("admin: backstop release for Zoom user %s not withdrawn (%s)", zoom_user_id, type(exc).__name__)
+
+
+def _lease_left(link: Link) -> float:
+    """Seconds left of a write under way for the person (-LATE_WRITE_GRACE_S when there is none)."""
+    return link.lease_until - time.time() if link.lease_owner else -LATE_WRITE_GRACE_S
+
+
+def _teams_ours_to_release(s: UserSync) -> bool:
+    """Is our Teams overlay ours to take off? The preferred slot is ours while we are seen in it,
+    or while Teams is closed (the engine keeps the overlay then: the slot is still set, it just
+    shows nowhere); otherwise the person may have picked their own, which is theirs to keep."""
+    return (release_teams(s.teams_overlay).kind == TeamsOpKind.CLEAR_SESSION or s.teams_shows_ours
+            or s.teams_native in (None, Presence.OFFLINE, Presence.UNKNOWN))
 
 
 def release_overlays(link: Link, *, zoom: bool = True) -> None:
@@ -316,12 +385,8 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
     delay_s = 0.0
     if s.teams_overlay is not None:
         session_id = settings.require("entra_client_id", "ENTRA_CLIENT_ID")
-        # The preferred slot is ours while we are seen in it, or while Teams is closed (the engine
-        # keeps the overlay then: the slot is still set, it just shows nowhere); otherwise the
-        # person may have picked their own, which is theirs to keep.
         op = release_teams(s.teams_overlay)
-        if (op.kind == TeamsOpKind.CLEAR_SESSION or s.teams_shows_ours
-                or s.teams_native in (None, Presence.OFFLINE, Presence.UNKNOWN)):
+        if _teams_ours_to_release(s):
             try:
                 # Through the sync's own write path, so a deployment writing with people's delegated
                 # tokens (TEAMS_WRITE_MODE) releases the same way it wrote.
@@ -340,7 +405,7 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
             delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0))
     if left:
         _queue_release(s.zoom_user_id, s.entra_user_id, left, delay_s, attempt=1)
-    lease_left = link.lease_until - time.time() if link.lease_owner else -LATE_WRITE_GRACE_S
+    lease_left = _lease_left(link)
     if lease_left > -LATE_WRITE_GRACE_S:
         # A write for this person is under way and may land after the release above; its calls
         # start no attempt past its lease (shared.sync). Look again once the lease has ended, at
@@ -389,11 +454,11 @@ RELEASE_MAX_WAIT_S = 6 * 24 * 3600.0  # within a queue message's 7-day life
 
 
 def _queue_release(zoom_user_id: str, entra_user_id: str, left: dict, delay_s: float, *, attempt: int,
-                   since: float | None = None) -> None:
-    storage.enqueue(RECONCILE_QUEUE, {"kind": "release", "zoom_user_id": zoom_user_id, "entra_user_id": entra_user_id,
-                                      "left": left, "attempt": attempt,
-                                      "since": time.time() if since is None else since},
-                    delay_seconds=max(1.0, delay_s))
+                   since: float | None = None) -> storage.QueuedMessage | None:
+    return storage.enqueue(RECONCILE_QUEUE, {"kind": "release", "zoom_user_id": zoom_user_id,
+                                             "entra_user_id": entra_user_id, "left": left, "attempt": attempt,
+                                             "since": time.time() if since is None else since},
+                           delay_seconds=max(1.0, delay_s))
 
 
 def _hand_over(zoom_id: str, take_over: Callable[[Link], bool | None], what: str) -> bool:

@@ -265,8 +265,17 @@ def encode_message(message: dict | str) -> str:
     return message if isinstance(message, str) else json.dumps(message, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A message this process put on a queue: what :func:`withdraw` needs to take it off again."""
+
+    queue_name: str
+    message_id: str
+    pop_receipt: str
+
+
 def enqueue(queue_name: str, message: dict | str, *, delay_seconds: float = 0,
-            ttl_seconds: int | None = None) -> None:
+            ttl_seconds: int | None = None) -> QueuedMessage:
     """Put a message on a queue, invisible for ``delay_seconds`` (at most 7 days)."""
     delay = 0 if delay_seconds <= 0 else min(MAX_DELAY_SECONDS, math.ceil(delay_seconds))
     if ttl_seconds is not None and ttl_seconds > 0 and delay >= ttl_seconds:
@@ -279,7 +288,14 @@ def enqueue(queue_name: str, message: dict | str, *, delay_seconds: float = 0,
         kwargs["visibility_timeout"] = delay
     if ttl_seconds is not None:
         kwargs["time_to_live"] = ttl_seconds
-    queue(queue_name).send_message(encode_message(message), **kwargs)
+    sent = queue(queue_name).send_message(encode_message(message), **kwargs)
+    return QueuedMessage(queue_name, sent.id, sent.pop_receipt)
+
+
+def withdraw(message: QueuedMessage) -> None:
+    """Take a message put by :func:`enqueue` off its queue before anyone has taken it (the put's
+    pop receipt holds until then; after that the service refuses, PopReceiptMismatch, raised)."""
+    queue(message.queue_name).delete_message(message.message_id, message.pop_receipt)
 
 
 # --- entities -----------------------------------------------------------------------------------------

@@ -148,6 +148,67 @@ def test_a_release_zoom_refuses_at_delete_is_queued_and_made_when_it_may(world: 
     assert world.host.poisoned == []
 
 
+
+def test_a_release_that_fails_unexpectedly_after_the_delete_is_still_made(world: World, monkeypatch):
+    from azure.core.exceptions import ServiceRequestError
+
+    from shared import admin, write_path
+
+    # The Teams release fails in a way it does not queue itself (storage unreachable on the way
+    # to Graph, as when the person's delegated connection is read): the link is gone, and no
+    # link will take our In a call back, so the release queued before the delete makes it.
+    monkeypatch.setattr(admin, "RELEASE_BACKSTOP_S", 1.0)
+    person = world.add_person()
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    real_teams_write = write_path.teams_write
+    failures = [ServiceRequestError("storage unreachable")]
+
+    def teams_write(entra_user_id, call):
+        if failures:
+            raise failures.pop()
+        return real_teams_write(entra_user_id, call)
+
+    monkeypatch.setattr(write_path, "teams_write", teams_write)
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+    assert failures == []  # it did fail
+    assert world.admin("GET", f"links/{person.zoom_id}").status_code == 404
+    world.wait_until(lambda: world.teams_shows(person) == ("Available", "Available"), timeout=30, interval=0.2)
+    world.settle(timeout=60)
+    assert world.host.poisoned == []
+
+
+def test_a_delete_whose_release_cannot_be_queued_changes_nothing_and_a_retry_releases(world: World, monkeypatch):
+    from azure.core.exceptions import ServiceRequestError
+
+    from shared import storage
+
+    # Zoom refuses the release for now (its one update per user per minute), so it must be queued,
+    # and the queue refuses the first put. Nothing may be deleted then (nothing else would ever take
+    # our Away back): 503, the link is kept, and the admin's retry deletes and releases.
+    person = _our_away_on_zoom(world)
+    real_enqueue = storage.enqueue
+    failures = [ServiceRequestError("queue unreachable")]
+
+    def enqueue(queue_name, message, **kwargs):
+        if failures and isinstance(message, dict) and message.get("kind") == "release":
+            raise failures.pop()
+        return real_enqueue(queue_name, message, **kwargs)
+
+    monkeypatch.setattr(storage, "enqueue", enqueue)
+    refused = world.admin("DELETE", f"links/{person.zoom_id}")
+    assert failures == []
+    assert refused.status_code == 503
+    assert "try again" in refused.json()["error"]
+    assert world.admin("GET", f"links/{person.zoom_id}").status_code == 200
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+    assert world.admin("GET", f"links/{person.zoom_id}").status_code == 404
+    world.settle(timeout=60)
+    world.wait_until(lambda: world.zoom_shows(person) == "Available", timeout=E2E_ZOOM_MIN_INTERVAL_S + 20,
+                     interval=0.2)
+    assert world.host.poisoned == []
+
 def test_a_queued_release_leaves_a_status_the_person_chose_meanwhile(world: World):
     person = _our_away_on_zoom(world)
     assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from azure.core.exceptions import HttpResponseError
 from azure.data.tables import TableServiceClient
 from azure.storage.queue import QueueClient
 
@@ -90,6 +91,20 @@ def test_enqueue_ttl_and_delay_clamps(storage_env, unique_name):
     assert [json.loads(base64.b64decode(m.content)) for m in visible] == [{"n": 1}]
     assert (visible[0].expires_on - visible[0].inserted_on).total_seconds() == pytest.approx(60, abs=2)
 
+
+
+def test_a_delayed_message_is_withdrawn_before_anyone_takes_it(storage_env, unique_name):
+    kept = storage.enqueue(unique_name, {"n": 1}, delay_seconds=1)
+    withdrawn = storage.enqueue(unique_name, {"n": 2}, delay_seconds=1)
+    storage.withdraw(withdrawn)
+    assert storage.queue(unique_name).get_queue_properties().approximate_message_count == 1
+    time.sleep(1.5)
+    taken = list(storage.queue(unique_name).receive_messages(max_messages=5))
+    assert [json.loads(m.content) for m in taken] == [{"n": 1}]
+    # Once taken, the put's receipt no longer holds: a late withdrawal fails and leaves it to its taker.
+    with pytest.raises(HttpResponseError) as refused:
+        storage.withdraw(kept)
+    assert refused.value.status_code == 400 and "PopReceiptMismatch" in str(refused.value)
 
 # --- entities and optimistic concurrency -------------------------------------------------------------------
 
