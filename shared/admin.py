@@ -131,7 +131,11 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
         # A new link reads both sides: a meeting under way or a Do Not Disturb set before it was
         # made shows on the other side now, not at the person's next Zoom change (nothing reads
         # Zoom on a schedule). Nothing to do while no direction is in effect.
-        scopes.reconcile_after_change(zoom_id, frozenset(), link.sync.directions, "admin_link")
+        try:
+            scopes.reconcile_after_change(zoom_id, frozenset(), link.sync.directions, "admin_link")
+        except Exception as exc:  # noqa: BLE001 - the link is saved; a retried PUT would change nothing
+            log.warning("admin: first reconcile of the new link of Zoom user %s could not be queued (%s); "
+                        "their next change, or POST .../resync, syncs them", zoom_id, type(exc).__name__)
     if current_scopes.restricted and link.scope_member == scopes.MEMBER_UNKNOWN:
         scopes.request_run("admin link")
     log.info("admin: link for Zoom user %s saved", zoom_id)

@@ -469,12 +469,14 @@ def test_storage_outage_mid_burst(record_property):
         refused = sum(1 for d in world.zoom.deliveries[deliveries_mark:] if not d["ok"])
 
         # Storage is back. Azurite comes back empty; real storage would have kept the links, so
-        # they are written again (what durable storage would have held) before Zoom's retries land.
+        # they are written again (what durable storage would have held) before Zoom's retries land:
+        # straight to the tables, as kept, not through the admin API, whose new link would first
+        # read both sides and take our forgotten "In a call" on Teams for the person's own call.
         world.host.pause_queues()
         world.azurite.start()
         reset_app_caches()
         for person in people:
-            world.link(person)
+            _store_link_as_kept(person)
         world.host.resume_queues()
         world.settle(timeout=90)
 
@@ -501,6 +503,16 @@ def test_storage_outage_mid_burst(record_property):
         world.stop()
 
 
+def _store_link_as_kept(person) -> None:
+    from shared.engine import ALL_DIRECTIONS, UserSync
+    from shared.links import Link, index_entra, now_iso, write_link
+
+    stamp = now_iso()
+    write_link(Link(sync=UserSync(person.zoom_id, person.entra_id, frozenset(ALL_DIRECTIONS)), email=person.email,
+                    created_at=stamp, updated_at=stamp), None)
+    index_entra(person.entra_id, person.zoom_id)
+
+
 def test_intake_answers_503_not_500_while_storage_is_down(world: World, monkeypatch):
     """No stack trace and a status Zoom and Graph retry: storage failing at intake is a 503."""
     from azure.core.exceptions import ServiceRequestError
@@ -510,8 +522,8 @@ def test_intake_answers_503_not_500_while_storage_is_down(world: World, monkeypa
     def broken(*args, **kwargs):
         raise ServiceRequestError("storage is unreachable")
 
+    person = world.add_person()  # linked (and its first reconcile queued) before storage fails
     monkeypatch.setattr(storage, "enqueue", broken)
-    person = world.add_person()
     from sandbox.zoom_emulator import sign_webhook, zoom_json_bytes
 
     event = world.zoom.presence_event(person.zoom_id, "In_Meeting")

@@ -50,6 +50,11 @@ def _seed(world: World) -> dict[str, Person]:
     people = {name: world.add_person(name) for name in ("ada", "grace", "linus", "margaret", "ken")}
     world.zoom.join_meeting(people["ada"].zoom_id)
     world.settle()
+    # Teams is heard as in a deployment (the sweep): ada's new link read Teams before the meeting,
+    # and the page shows the last report from each side.
+    world.host.fire_timer("graph_subscriptions")
+    world.host.fire_timer("presence_sweep")
+    world.settle()
     # Graph no longer knows Linus: the next write for him fails and marks his link in error.
     world.graph.delete_user(people["linus"].entra_id)
     world.zoom.join_meeting(people["linus"].zoom_id)

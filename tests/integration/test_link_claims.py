@@ -1,6 +1,7 @@
-"""One active link per Teams account under concurrency, against a real Azurite: an admin PUT and a
-self link claim the account's index entry before writing their link (shared.links.claim_entra), so
-of two racing for one account exactly one is made and the other is told so (409 / conflict)."""
+"""Admin and self links against a real Azurite. One active link per Teams account under
+concurrency: an admin PUT and a self link claim the account's index entry before writing their
+link (shared.links.claim_entra), so of two racing for one account exactly one is made and the
+other is told so (409 / conflict). And a new admin link's first reconcile."""
 
 from __future__ import annotations
 
@@ -158,3 +159,25 @@ def test_a_claim_left_by_a_save_that_died_stands_for_a_while_then_lapses(claims_
     monkeypatch.setattr(links, "ENTRA_CLAIM_HOLD_S", 0.0)
     assert _put(zoom_b, entra)[0] == 200
     assert zoom_id_for_entra(entra, fresh=True) == zoom_b
+
+
+def test_a_new_admin_link_queues_a_reconcile_reading_both_sides(claims_env):
+    zoom_id, entra = _zoom_id(), str(uuid.uuid4())
+    assert _put(zoom_id, entra)[0] == 200
+    reconciles = [m for queue_name, m in claims_env if queue_name == names.RECONCILE_QUEUE]
+    assert [(m["zoom_user_id"], m["reason"], m.get("confirm_zoom"), m.get("confirm_teams")) for m in reconciles] \
+        == [(zoom_id, "admin_link", True, True)]
+
+
+def test_a_new_admin_link_whose_first_reconcile_cannot_be_queued_is_saved(claims_env, monkeypatch, caplog):
+    from azure.core.exceptions import ServiceRequestError
+
+    def broken(*args, **kwargs):
+        raise ServiceRequestError("queue unreachable")
+
+    monkeypatch.setattr(storage, "enqueue", broken)
+    zoom_id, entra = _zoom_id(), str(uuid.uuid4())
+    with caplog.at_level("WARNING", logger="shared.admin"):
+        assert _put(zoom_id, entra)[0] == 200
+    assert _active_links_naming(entra, zoom_id) == [zoom_id]
+    assert "could not be queued" in caplog.text
