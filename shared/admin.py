@@ -237,20 +237,23 @@ def get_links(page_size: str | None, continuation: str | None, state: str | None
 
 def _list_filtered(size: int, continuation: str | None, state: str | None,
                    direction: str | None) -> tuple[list[Link], str | None]:
-    from shared.links import LINKS_TABLE, _encode_token, link_from_entity
+    from shared.links import LINKS_TABLE, STATUS_DISABLED, _encode_token, link_from_entity
 
     clauses, params = ["RowKey eq @row"], {"row": ROW}
     if state is not None:
         clauses.append("status eq @state")
         params["state"] = state
+    # Directions *in effect*: a disabled link syncs nothing, whatever its directions say (it keeps
+    # them for when it is enabled again).
     if direction == "none":
-        clauses.append("directions eq @none")
-        params["none"] = ""
+        clauses.append("( directions eq @none or status eq @disabled )")
+        params["none"], params["disabled"] = "", STATUS_DISABLED
     elif direction is not None:
         # ``directions`` is the sorted, comma-joined set: a direction is on in two spellings.
         # (The SDK substitutes parameters between spaces: keep the parentheses apart.)
-        clauses.append("( directions eq @one or directions eq @both )")
+        clauses.append("( directions eq @one or directions eq @both ) and status ne @disabled")
         params["one"], params["both"] = direction, ",".join(sorted(ALL_DIRECTIONS))
+        params["disabled"] = STATUS_DISABLED
     client = storage.table(LINKS_TABLE)
     pager = client.query_entities(" and ".join(clauses), parameters=params, results_per_page=size).by_page(
         continuation_token=checked_token(continuation))

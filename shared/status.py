@@ -80,7 +80,8 @@ def links_summary(now: float | None = None, budget_s: float = SCAN_BUDGET_S) -> 
             total += 1
             status = str(e.get("status") or "active")
             states[status] += 1
-            on = [d for d in str(e.get("directions") or "").split(",") if d]
+            # In effect: a disabled link syncs nothing (it keeps its directions for when enabled).
+            on = [d for d in str(e.get("directions") or "").split(",") if d] if status != "disabled" else []
             for d in on:
                 directions[d] += 1
             if not on:

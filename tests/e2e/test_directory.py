@@ -630,7 +630,8 @@ def test_links_filters_resync_and_status(world: World):
     assert ids(state="active") == {ada.zoom_id, cy.zoom_id}
     assert ids(state="disabled") == {bob.zoom_id}
     assert ids(state="error") == set()
-    assert ids(direction="teams_to_zoom") == {ada.zoom_id, bob.zoom_id}
+    assert ids(direction="teams_to_zoom") == {ada.zoom_id}  # in effect: bob's link is disabled
+    assert ids(direction="none") == {bob.zoom_id}
     assert ids(direction="zoom_to_teams", state="active") == {ada.zoom_id, cy.zoom_id}
     bogus = base64.urlsafe_b64encode(b"123").decode()  # decodes, but is no continuation token
     for bad in ({"state": "sleeping"}, {"direction": "sideways"}, {"page_size": "x"}, {"continuation": bogus},
@@ -653,7 +654,7 @@ def test_links_filters_resync_and_status(world: World):
     status = world.admin("GET", "status").json()
     assert status["links"]["by_state"] == {"active": 2, "disabled": 1, "error": 0}
     assert status["links"]["disabled_reasons"] == {"entra_disabled": 1}
-    assert status["links"]["by_direction"] == {"zoom_to_teams": 3, "teams_to_zoom": 2, "none": 0}
+    assert status["links"]["by_direction"] == {"zoom_to_teams": 2, "teams_to_zoom": 1, "none": 1}
     assert set(status["queues"]["items"]) >= {"reconcile", "zoom-presence", "directory", "zoom-user-events"}
     assert status["queues"]["items"]["reconcile"] == {"messages": 0, "poison": 0}
     assert status["matching"]["report"]["counts"]["matched"] == 3
