@@ -24,22 +24,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def claims_env(storage_env, unique_name, monkeypatch):
+def claims_env(link_tables, unique_name, monkeypatch):
     """Links, index and directory tables of this test's own; queue puts recorded, not sent."""
-    from shared.links import reset_link_caches
-
-    storage.reset_storage_clients()
-    reset_link_caches()
-    monkeypatch.setattr(names, "LINKS_TABLE", "l" + unique_name)
-    monkeypatch.setattr("shared.links.LINKS_TABLE", "l" + unique_name)
-    monkeypatch.setattr("shared.links.ENTRA_INDEX_TABLE", "i" + unique_name)
     monkeypatch.setattr("shared.directory_runs.TABLE", "d" + unique_name)
-    puts: list[tuple[str, dict]] = []
-    monkeypatch.setattr(storage, "enqueue", lambda queue_name, message, *, delay_seconds=0, ttl_seconds=None:
-                        puts.append((queue_name, message)))
-    yield puts
-    storage.reset_storage_clients()
-    reset_link_caches()
+    return link_tables
 
 
 def _zoom_id() -> str:

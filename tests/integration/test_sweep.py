@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shared import graph_client, names, storage, sweep
+from shared import graph_client, names, sweep
 from shared.errors import Throttled
 from shared.shards import Shard, read_shards, save_shard
 
@@ -16,22 +16,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def sweep_env(storage_env, unique_name, monkeypatch):
-    """Shards and links tables of this test's own; every queue put recorded as (queue, message)."""
-    from shared.links import reset_link_caches
-
-    storage.reset_storage_clients()
-    reset_link_caches()
+def sweep_env(link_tables, unique_name, monkeypatch):
+    """Shards, links and index tables of this test's own; every queue put recorded as (queue, message)."""
     monkeypatch.setattr("shared.shards.SHARDS_TABLE", "s" + unique_name)
-    monkeypatch.setattr(names, "LINKS_TABLE", "l" + unique_name)
-    monkeypatch.setattr("shared.links.LINKS_TABLE", "l" + unique_name)
-    monkeypatch.setattr("shared.links.ENTRA_INDEX_TABLE", "i" + unique_name)
-    puts: list[tuple[str, dict]] = []
-    monkeypatch.setattr(storage, "enqueue", lambda queue_name, message, *, delay_seconds=0, ttl_seconds=None:
-                        puts.append((queue_name, message)))
-    yield puts
-    storage.reset_storage_clients()
-    reset_link_caches()
+    return link_tables
 
 
 def _presence(entra_id: str, availability: str = "Available", activity: str = "Available", seq: str = "1") -> dict:
