@@ -525,21 +525,27 @@ def test_a_teams_write_that_fails_does_not_hold_back_the_zoom_write_planned_with
     assert world.host.poisoned == []
 
 
+def _teams_dnd_refused_once_by_zoom(world: World, person: Person) -> dict:
+    """The person sets DND in Teams, which Zoom refuses: exactly one PUT (a 400), Zoom unchanged.
+    Returns the error the link then shows."""
+    with listening(world, "poll"):
+        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        propagate(world, "poll")
+    tried = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
+    assert [p["status"] for p in tried] == [400]
+    assert world.zoom_shows(person) == "Available"
+    world.wait_until(lambda: world.admin("GET", f"links/{person.zoom_id}").json()["error"], timeout=10)
+    return world.admin("GET", f"links/{person.zoom_id}").json()["error"]
+
+
 def test_zoom_refusing_permission_is_recorded_on_the_link_not_retried(world: World, caplog):
     # 400 / 5411: the admin role behind the app does not cover this person. That will not change on
     # a retry: one PUT, the link says why, and nothing goes to a poison queue.
     caplog.set_level("WARNING")
     person = world.add_person()
     world.zoom.put_beyond_admin_role(person.zoom_id)
-    with listening(world, "poll"):
-        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
-        propagate(world, "poll")
-    refused = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
-    assert [p["status"] for p in refused] == [400]
-    assert world.zoom_shows(person) == "Available"
-    world.wait_until(lambda: world.admin("GET", f"links/{person.zoom_id}").json()["error"], timeout=10)
-    link = world.admin("GET", f"links/{person.zoom_id}").json()
-    assert link["error"]["kind"] == "zoom_forbidden" and "5411" in link["error"]["detail"]
+    error = _teams_dnd_refused_once_by_zoom(world, person)
+    assert error["kind"] == "zoom_forbidden" and "5411" in error["detail"]
     assert world.host.poisoned == []
     assert person.email not in caplog.text
 
@@ -570,14 +576,7 @@ def test_a_zoom_app_missing_the_presence_scope_is_recorded_on_the_link_not_retri
     caplog.set_level("WARNING")
     person = world.add_person()
     zoom_app_scopes(SCOPES_WITHOUT_PRESENCE_WRITE)
-    with listening(world, "poll"):
-        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
-        propagate(world, "poll")
-    tried = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
-    assert [p["status"] for p in tried] == [400]
-    assert world.zoom_shows(person) == "Available"
-    world.wait_until(lambda: world.admin("GET", f"links/{person.zoom_id}").json()["error"], timeout=10)
-    error = world.admin("GET", f"links/{person.zoom_id}").json()["error"]
+    error = _teams_dnd_refused_once_by_zoom(world, person)
     assert error["kind"] == "zoom_forbidden"
     assert error["detail"] == ("the Zoom app is missing a scope (4711): it needs one of "
                                "user:update:presence_status, user:update:presence_status:admin")
