@@ -1,5 +1,5 @@
-"""/api/health and the links listing with a setting the app cannot use: a report or a 503 that
-names the setting, never a 500 (and never the value)."""
+"""/api/health and the links and connections listings with a setting the app cannot use: a report or
+a 503 that names the setting, never a 500 (and never the value)."""
 
 from __future__ import annotations
 
@@ -11,25 +11,28 @@ import pytest
 from shared.config import reset_settings
 
 
-def _call(function, url: str) -> func.HttpResponse:
+def _answer_with_an_unusable_setting(function, url: str, monkeypatch, caplog) -> func.HttpResponse:
+    """Call ``function`` while TEAMS_OVERLAY_MINUTES holds something unusable; the log must name the
+    setting and never its value."""
+    monkeypatch.setenv("TEAMS_OVERLAY_MINUTES", "1-secret-looking-value")
+    reset_settings()
     request = func.HttpRequest(method="GET", url=url, body=b"", params={}, route_params={})
-    return function.build().get_user_function()(request)
+    try:
+        with caplog.at_level("ERROR"):
+            response = function.build().get_user_function()(request)
+    finally:
+        reset_settings()
+    assert "TEAMS_OVERLAY_MINUTES" in caplog.text
+    assert "secret-looking" not in caplog.text
+    return response
 
 
 def test_health_reports_an_unusable_setting_as_degraded_not_a_500(monkeypatch, caplog):
     from functions.health import health
 
-    monkeypatch.setenv("TEAMS_OVERLAY_MINUTES", "1-secret-looking-value")
-    reset_settings()
-    try:
-        with caplog.at_level("ERROR"):
-            response = _call(health, "http://localhost/api/health")
-    finally:
-        reset_settings()
+    response = _answer_with_an_unusable_setting(health, "http://localhost/api/health", monkeypatch, caplog)
     assert response.status_code == 503
     assert json.loads(response.get_body()) == {"status": "degraded", "checks": {"settings_valid": "error"}}
-    assert "TEAMS_OVERLAY_MINUTES" in caplog.text
-    assert "secret-looking" not in caplog.text
 
 
 @pytest.mark.parametrize("listing", ["links", "connections"])
@@ -37,15 +40,8 @@ def test_the_listings_answer_503_naming_an_unusable_setting(monkeypatch, caplog,
     from functions.manage_connections import manage_list_connections
     from functions.manage_links import manage_list_links
 
-    monkeypatch.setenv("TEAMS_OVERLAY_MINUTES", "1-secret-looking-value")
-    reset_settings()
     function = {"links": manage_list_links, "connections": manage_list_connections}[listing]
-    try:
-        with caplog.at_level("ERROR"):
-            response = _call(function, f"http://localhost/api/manage/{listing}")
-    finally:
-        reset_settings()
+    response = _answer_with_an_unusable_setting(function, f"http://localhost/api/manage/{listing}", monkeypatch,
+                                                caplog)
     assert response.status_code == 503
     assert json.loads(response.get_body()) == {"error": "not_configured"}
-    assert "TEAMS_OVERLAY_MINUTES" in caplog.text
-    assert "secret-looking" not in caplog.text
