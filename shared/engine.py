@@ -170,9 +170,10 @@ def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: Engin
 EXPIRY_SLACK_SECONDS = 5.0
 
 
-def _ran_out(overlay: ZoomOverlayRecord, ts_ms: int) -> bool:
-    # A record that expires when it was written is not a duration but a PUT whose answer was lost,
-    # kept due at once (shared.sync): nothing ran out, so a manual report is still the person's.
+def _ran_out(overlay: ZoomOverlayRecord | TeamsOverlayRecord, ts_ms: int) -> bool:
+    """Did our timed overlay (Zoom's Do Not Disturb, a Teams preferred presence) expire by ``ts_ms``?"""
+    # A record that expires when it was written is not a duration but a write whose answer was
+    # lost, kept due at once (shared.sync): nothing ran out, so a report is still the person's.
     return (overlay.expires_at is not None and overlay.expires_at > overlay.written_at
             and ts_ms >= (overlay.expires_at - EXPIRY_SLACK_SECONDS) * 1000)
 
@@ -247,7 +248,7 @@ def observe_teams(
             # The user-preferred slot is the person's once Teams shows anything else (DESIGN.md §5)
             # but Teams closed or signed out: the preferred presence is still set then, and shows
             # only while a session exists (API-FACTS §6). "Appear offline" is OffWork: the person's.
-            if _teams_preferred_ran_out(overlay, ts_ms):
+            if _ran_out(overlay, ts_ms):
                 # Renewals failed (throttling, an outage) until Graph let our preferred state go:
                 # what shows now is what it put back, not a choice the person made over ours; the
                 # plan writes ours again if it is still due.
@@ -271,10 +272,6 @@ def _released_in_place_ms(user: UserSync, availability: str, activity: str | Non
     if len(pair) != 2 or not teams_pair_matches(pair, availability, activity):
         return None
     return user.teams_released_at * 1000
-
-
-def _teams_preferred_ran_out(overlay: TeamsOverlayRecord, ts_ms: int) -> bool:
-    return overlay.expires_at > overlay.written_at and ts_ms >= (overlay.expires_at - EXPIRY_SLACK_SECONDS) * 1000
 
 
 def _current_source(native: Presence | None, since: int, recorded: str) -> str:
