@@ -390,7 +390,8 @@ def index_entra(entra_user_id: str, zoom_user_id: str) -> None:
 # If-Match otherwise), and only then write their link. An entry is taken over only from a link that
 # does not hold the account actively, and not while another writer's claim is fresh: between its
 # claim and its link write the entry names a link that does not hold the account yet.
-# (Directory matching still writes the index unconditionally: its runs decide holders in bulk.)
+# Zoom user events (a new user matched, a deactivated one back) claim the same way; matching runs
+# still write the index unconditionally: they decide holders in bulk.
 
 # How long a claim stands for a link not written (yet): far longer than a link write takes, short
 # enough that a claim whose writer died leaves the account free again soon.

@@ -45,12 +45,14 @@ from shared.links import (
     ROW,
     STATUS_ACTIVE,
     STATUS_DISABLED,
+    EntraTaken,
     Link,
     _delete_index_if_points_to,
-    active_link_for_entra,
+    claim_entra,
     index_entra,
     now_iso,
     read_link,
+    release_entra_claim,
     write_link,
     zoom_id_for_entra,
 )
@@ -753,11 +755,22 @@ def match_zoom_user(zoom_user_id: str) -> str:
                     create=True)
     current_scopes = scopes.read_scopes()
     link = _new_link(zoom_id, target, current_scopes)
+    # Claimed before the link is written, as an admin PUT or a self link does (shared.links): of
+    # this and one of those racing for the account, one is refused, never two active links.
+    try:
+        claim = claim_entra(entra_id, zoom_id)
+    except EntraTaken as taken:
+        log.warning("matching: Entra user %s is %s Zoom user %s; %s not linked", entra_id,
+                    "being linked to" if taken.in_progress else "linked to", taken.zoom_user_id, zoom_id)
+        return "conflict"
     try:
         write_link(link, None)
     except storage.Conflict:
+        release_entra_claim(claim)
         return "exists"
-    index_entra(entra_id, zoom_id)
+    except Exception:
+        release_entra_claim(claim)
+        raise
     log.info("matching: Zoom user %s linked to Entra user %s", zoom_id, entra_id)
     if current_scopes.restricted:
         scopes.request_run("new link from a Zoom user event")
@@ -862,14 +875,19 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
             log.info("matching: stale Zoom lifecycle event for user %s dropped", zoom_id)
             return "stale"
         enabled = link.status == STATUS_DISABLED and link.disabled_reason in REACTIVATABLE
-        holder = active_link_for_entra(link.entra_user_id) if enabled else None
-        if holder is not None and holder.zoom_user_id != zoom_id:
-            # While this user was deactivated its Teams account was linked to another Zoom user (a
-            # new one with the same person's address): two active links would overwrite each other
-            # there. It stays disabled; the nightly run or an admin settles who keeps the account.
-            log.warning("matching: Zoom user %s not enabled again: its Teams account is linked to another "
-                        "Zoom user now", zoom_id)
-            enabled = False
+        claim = None
+        if enabled and link.entra_user_id:
+            # While this user was deactivated its Teams account may have been linked to another Zoom
+            # user (a new one with the same person's address), or is being linked right now: two
+            # active links would overwrite each other there. The account is claimed before the link
+            # is enabled (shared.links); if it is taken the link stays disabled, and the nightly run
+            # or an admin settles who keeps it.
+            try:
+                claim = claim_entra(link.entra_user_id, zoom_id)
+            except EntraTaken:
+                log.warning("matching: Zoom user %s not enabled again: its Teams account is linked to another "
+                            "Zoom user now", zoom_id)
+                enabled = False
         if not enabled and event_ts <= link.lifecycle_ts:
             if event_ts and event_ts == link.lifecycle_ts and link.status == STATUS_ACTIVE:
                 # This event's retry (or a duplicate): its reconcile may not have been queued.
@@ -882,8 +900,12 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
         link.updated_at = now_iso()
         try:
             write_link(link, etag)
-        except storage.Conflict:
-            continue
+        except Exception as exc:
+            if claim is not None:
+                release_entra_claim(claim)
+            if isinstance(exc, storage.Conflict):
+                continue
+            raise
         break
     else:
         raise storage.Conflict(f"matching: link {zoom_id} kept changing")

@@ -1,7 +1,8 @@
-"""Admin and self links against a real Azurite. One active link per Teams account under
-concurrency: an admin PUT and a self link claim the account's index entry before writing their
-link (shared.links.claim_entra), so of two racing for one account exactly one is made and the
-other is told so (409 / conflict). And a new admin link's first reconcile."""
+"""Admin and self links, and links made or enabled by Zoom user events, against a real Azurite.
+One active link per Teams account under concurrency: an admin PUT, a self link and a user event
+claim the account's index entry before writing their link (shared.links.claim_entra), so of two
+racing for one account exactly one is made and the other is told so (409 / conflict). And a new
+admin link's first reconcile."""
 
 from __future__ import annotations
 
@@ -169,3 +170,68 @@ def test_a_new_admin_link_whose_first_reconcile_cannot_be_queued_is_saved(claims
         assert _put(zoom_id, entra)[0] == 200
     assert _active_links_naming(entra, zoom_id) == [zoom_id]
     assert "could not be queued" in caplog.text
+
+
+# --- Zoom user events claim the account too ---------------------------------------------------------------------
+
+
+def _zoom_user_event(event: str, zoom_id: str) -> str:
+    from shared import matching
+
+    return matching.handle_user_event({"kind": "zoom_user_event", "event": event, "zoom_user_id": zoom_id,
+                                       "event_ts": 1000})
+
+
+@pytest.mark.parametrize("at", ["link_write", "claim_write"])
+def test_a_new_zoom_user_matched_while_an_admin_links_its_teams_account_makes_one_link(claims_env, monkeypatch, at):
+    # user.created for B matches the Teams account by email while an admin saves A with it: the
+    # admin's save runs to its end just before the match writes its link, or between the match's
+    # read of the index entry and its conditional write of it.
+    from shared import matching
+
+    zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
+    monkeypatch.setattr(matching.zoom_client, "get_user", lambda zoom_id: {"status": "active",
+                                                                           "email": "pat@contoso.example"})
+    monkeypatch.setattr(matching, "entra_candidates", lambda email: {entra: {"id": entra}})
+    if at == "link_write":
+        other = _run_first(monkeypatch, matching, "write_link", lambda args: args[0].zoom_user_id == zoom_b,
+                           lambda: _put(zoom_a, entra))
+    else:
+        other = _run_first(monkeypatch, storage, "write_entity",
+                           lambda args: args[0].startswith("i") and args[1].get("zoom_user_id") == zoom_b,
+                           lambda: _put(zoom_a, entra))
+    outcome = _zoom_user_event("user.created", zoom_b)
+    assert len(other) == 1
+    status, body = other[0]
+    if at == "link_write":  # the match had claimed the account: the admin is told to try again
+        assert (outcome, status, body["zoom_user_id"]) == ("linked", 409, zoom_b)
+        winner = zoom_b
+    else:  # the admin's save claimed it first: the match is reported as a conflict, nothing made
+        assert (outcome, status) == ("conflict", 200)
+        assert read_link(zoom_b)[0] is None
+        winner = zoom_a
+    assert _active_links_naming(entra, zoom_a, zoom_b) == [winner]
+    assert zoom_id_for_entra(entra, fresh=True) == winner
+
+
+def test_a_zoom_user_activated_while_an_admin_links_its_teams_account_makes_one_active(claims_env, monkeypatch):
+    # A's link was made by a matching run (no claim on the index entry) and disabled when Zoom
+    # deactivated the user. As user.activated enables it again, an admin saves B with the account,
+    # which looks free: A's link is not active.
+    from shared import matching
+    from shared.links import index_entra
+
+    zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
+    assert _put(zoom_a, entra)[0] == 200
+    link, etag = read_link(zoom_a)
+    link.status, link.sync.active, link.disabled_reason = STATUS_DISABLED, False, "zoom_deactivated"
+    write_link(link, etag)
+    index_entra(entra, zoom_a)  # as a matching run writes it: no claim standing
+    other = _run_first(monkeypatch, matching, "write_link", lambda args: args[0].zoom_user_id == zoom_a,
+                       lambda: _put(zoom_b, entra))
+    assert _zoom_user_event("user.activated", zoom_a) == "enabled"
+    status, body = other[0]
+    assert (status, body["zoom_user_id"]) == (409, zoom_a)
+    assert _active_links_naming(entra, zoom_a, zoom_b) == [zoom_a]
+    assert zoom_id_for_entra(entra, fresh=True) == zoom_a
+
