@@ -10,7 +10,7 @@ import secrets
 from typing import Any
 from urllib.parse import urlencode
 
-from shared.admin import LINK_STATES
+from shared.admin import LINK_STATES, token_refused
 from shared.links import Link
 
 log = logging.getLogger(__name__)
@@ -323,6 +323,8 @@ def content_security_policy(nonce: str) -> str:
 
 def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:
     """Build the page from the request's query parameters: (status, html, headers)."""
+    from azure.core.exceptions import HttpResponseError
+
     from shared import scopes
     from shared.status import collect_status, search_links
 
@@ -338,8 +340,14 @@ def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:
     except ValueError:
         page_size = PAGE_SIZE_DEFAULT
     page_size = max(1, min(PAGE_SIZE_MAX, page_size))
+    continuation = params.get("continuation") or None
     try:
-        links, token = search_links(q, state or None, page_size, params.get("continuation") or None)
+        try:
+            links, token = search_links(q, state or None, page_size, continuation)
+        except HttpResponseError as exc:
+            if not token_refused(exc, continuation):
+                raise
+            raise ValueError("continuation token refused by the table service") from None
     except ValueError:
         log.info("admin page: invalid continuation token ignored")
         notices.append("That page link is not valid; showing the first page.")

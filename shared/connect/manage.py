@@ -35,7 +35,7 @@ def list_accounts(page_size: str | None = None, continuation: str | None = None,
     there are more."""
     from azure.core.exceptions import HttpResponseError
 
-    from shared.admin import checked_token
+    from shared.admin import checked_token, token_refused
     from shared.links import _encode_token
     from shared.shards import read_shards
 
@@ -60,12 +60,10 @@ def list_accounts(page_size: str | None = None, continuation: str | None = None,
         log.info("connect: accounts listing with an invalid continuation token rejected")
         return 400, {"error": "invalid continuation token"}
     except HttpResponseError as exc:
-        # The table service judges the token's content (Azurite takes anything): a token it
-        # refuses is the caller's, not an outage.
-        if continuation and exc.status_code == 400:
-            log.info("connect: accounts listing with a continuation token the table service refused rejected")
-            return 400, {"error": "invalid continuation token"}
-        raise
+        if not token_refused(exc, continuation):
+            raise
+        log.info("connect: accounts listing with a continuation token the table service refused rejected")
+        return 400, {"error": "invalid continuation token"}
     held: dict[str, list[int]] = {}
     for shard in read_shards():
         owner = shard.extra.get("subscription_account")

@@ -64,6 +64,67 @@ def test_the_admin_page_ignores_a_continuation_token_nested_too_deep(fuzz_env, c
     assert "invalid continuation token ignored" in caplog.text
 
 
+# A well-formed token whose keys the table service refuses: Azure answers 400 InvalidInput (a blank
+# NextRowKey: microsoft/AzureStorageExplorer#5434); Azurite takes any token, so its answer is given here.
+REFUSED_TOKEN = base64.urlsafe_b64encode(json.dumps({"PartitionKey": "1!8!dXNlcg--", "RowKey": ""}).encode()).decode()
+
+
+@pytest.fixture
+def service_refuses_tokens(monkeypatch):
+    """The links table's queries answer 400 InvalidInput whenever they are given a continuation."""
+    from azure.core.exceptions import HttpResponseError
+
+    from shared import storage
+
+    real_table = storage.table
+
+    class RefusingPager:
+        def __init__(self, pages):
+            self._pages = pages
+
+        def by_page(self, continuation_token=None):
+            if continuation_token:
+                error = HttpResponseError(message="One of the request inputs is not valid.")
+                error.status_code = 400
+                raise error
+            return self._pages.by_page()
+
+        def __iter__(self):
+            return iter(self._pages)
+
+    class RefusingTable:
+        def __init__(self, client):
+            self._client = client
+
+        def query_entities(self, *args, **kwargs):
+            return RefusingPager(self._client.query_entities(*args, **kwargs))
+
+        def __getattr__(self, name):
+            return getattr(self._client, name)
+
+    monkeypatch.setattr(storage, "table", lambda name: RefusingTable(real_table(name)))
+
+
+@pytest.mark.parametrize("state", [None, "active"])
+def test_a_continuation_token_the_table_service_refuses_is_refused(refused, service_refuses_tokens, caplog, state):
+    from functions.manage_links import manage_list_links
+
+    params = {"continuation": REFUSED_TOKEN, **({"state": state} if state else {})}
+    status, answer = refused(manage_list_links, method="GET", params=params)
+    assert status == 400 and json.loads(answer) == {"error": "invalid continuation token"}
+    assert "continuation token the table service refused rejected" in caplog.text
+
+
+def test_the_admin_page_shows_the_first_page_for_a_token_the_table_service_refuses(fuzz_env, service_refuses_tokens,
+                                                                                   caplog):
+    from functions.manage_status import manage_page
+
+    caplog.set_level(logging.INFO)
+    status, answer = call(manage_page, method="GET", params={"continuation": REFUSED_TOKEN})
+    assert status == 200 and b"That page link is not valid" in answer
+    assert "invalid continuation token ignored" in caplog.text
+
+
 def test_an_invitation_body_nested_too_deep_is_refused(refused):
     from functions.manage_connections import manage_connection_invitation
 
