@@ -164,6 +164,7 @@ def print_table(result: dict) -> None:
         table.add_row(key, str(row["value"]), row["target"], row["verdict"])
     for key in ("zoom_to_teams.p50_ms", "zoom_to_teams.p95_ms", "teams_to_zoom.p50_ms", "teams_to_zoom.p95_ms",
                 "converge_s", "converge_bound_s", "graph_reads_per_sweep_10k", "steady.cpu.app_ms_per_change",
+                "steady.cpu.app_per_storage_cpu", "burst.cpu.app_per_storage_cpu",
                 "burst.cpu.app_ms_per_change", "burst.cpu.functions_ms_per_change", "burst.cpu.all_ms_per_change",
                 "burst.cpu.cores_busy", "burst.cpu.ceiling_changes_per_s",
                 "burst.cpu.ceiling_changes_per_s_free_app", "burst.keepalive_due.queued",

@@ -154,6 +154,18 @@ def test_the_ceilings_are_the_cores_over_the_cpu_per_change_with_and_without_the
     assert cpu_figures(before, after, wall_s=20.0, changes=1000)["ceiling_changes_per_s"] is None  # cores unknown
 
 
+def test_the_app_cpu_against_azurites_divides_the_machine_speed_out():
+    before = {"app": 0.0, "storage": 0.0, "sandbox": 0.0}
+    cpu = cpu_figures(before, {"app": 20.0, "storage": 8.0, "sandbox": 4.0}, wall_s=20.0, changes=1000, cores=2)
+    # The same run on a machine half as fast: every part takes twice the CPU, the ratio stays.
+    slower = cpu_figures(before, {"app": 40.0, "storage": 16.0, "sandbox": 8.0}, wall_s=40.0, changes=1000, cores=2)
+    assert cpu["app_per_storage_cpu"] == slower["app_per_storage_cpu"] == 2.5
+    assert slower["app_ms_per_change"] == 2 * cpu["app_ms_per_change"]
+    inproc = cpu_figures({"app": None, "storage": 0.0, "sandbox": 0.0}, {"app": None, "storage": 6.0, "sandbox": 24.0},
+                         wall_s=20.0, changes=1000, cores=2)
+    assert inproc["app_per_storage_cpu"] is None
+
+
 def test_app_cores_for_the_peak_scale_with_people_and_cpu_per_change():
     cores = app_cores_for_peak(20.0, users=(12_000, 24_000))
     assert cores["users"]["12000"] == {"changes_per_s": 60.0, "cores": 1.2}  # 30 % of 12,000 in a minute
