@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shared import storage, telemetry
+from shared.errors import ZoomMissingScope
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,12 @@ def run_queue_message(queue_name: str, body: bytes, dequeue_count: int | None,
             return handler(message)
     except (KeyError, TypeError, ValueError) as exc:
         dead_letter(queue_name, body, f"malformed message: {exc.__class__.__name__}: {exc}")
+        return None
+    except ZoomMissingScope as exc:
+        # Only an admin adding the scope to the Zoom app changes this answer (a Zoom user event's
+        # user read, say): the host's retries would only repeat it. Dead-lettered at once, naming
+        # the scope; resubmit the message once the scope is added.
+        dead_letter(queue_name, body, f"zoom_missing_scope: {exc}")
         return None
     except Exception as exc:
         last = (dequeue_count or 1) >= MAX_DEQUEUE_COUNT

@@ -195,3 +195,30 @@ def test_a_zoom_app_without_the_list_users_scope_ends_the_matching_run_naming_it
         assert directory_env == []
     finally:
         tokens.reset_token_caches()
+
+
+def test_a_zoom_user_event_zoom_refuses_for_a_missing_scope_is_dead_lettered_at_once_naming_it(directory_env, zoom_env,
+                                                                                              monkeypatch, caplog):
+    # Reading the new user needs user:read:user:admin, which this app lacks: no retry changes
+    # Zoom's 4711, so the event goes to the poison queue on its first attempt, with the scope.
+    from functions.directory import zoom_user_worker
+    from shared import tokens
+    from shared.config import reset_settings
+
+    zoom_env.register_s2s_app("no-user-read", "secret-no-user-read",
+                              scopes="user:read:list_users:admin user:update:presence_status:admin")
+    monkeypatch.setenv("ZOOM_CLIENT_ID", "no-user-read")
+    monkeypatch.setenv("ZOOM_CLIENT_SECRET", "secret-no-user-read")
+    reset_settings()
+    tokens.reset_token_caches()
+    caplog.set_level("WARNING", logger="shared.queue_messages")
+    try:
+        message = {"kind": "zoom_user_event", "event": "user.created", "zoom_user_id": "z-new", "event_ts": 1000}
+        deliver(zoom_user_worker, message, 1)  # returns: the host neither retries it nor poisons it itself
+        assert [(q, json.loads(m)) for q, m, _ in directory_env] == [(names.ZOOM_USERS_QUEUE + "-poison", message)]
+        assert ("message dead-lettered: zoom_missing_scope: HTTP 400 4711: the Zoom app is missing a scope; "
+                "it needs one of: user:read:user, user:read:user:admin") in caplog.text
+        assert read_link("z-new")[0] is None
+    finally:
+        tokens.reset_token_caches()
+        reset_settings()
