@@ -1061,6 +1061,11 @@ class ZoomEmulator:
         with self._lock:
             self._require_user(user_id).beyond_admin_role = True
 
+    def cover_by_admin_role(self, user_id: str) -> None:
+        """An admin widened the role behind the app to this user again: their presence may be updated."""
+        with self._lock:
+            self._require_user(user_id).beyond_admin_role = False
+
     def join_meeting(self, user_id: str) -> None:
         self._change(user_id, lambda u: setattr(u, "meeting", True))
 

@@ -42,7 +42,7 @@ from shared.links import (
 )
 from shared.names import RECONCILE_QUEUE
 from shared.presence import Presence
-from shared.sync import queue_reconcile, teams_call
+from shared.sync import ADMIN_RESYNC, queue_reconcile, teams_call
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def resync_link(zoom_user_id: str) -> tuple[int, dict]:
     link, _ = read_link(zoom_user_id.lower())
     if link is None:
         return _error(404, "no link for this Zoom user")
-    queue_reconcile(link.zoom_user_id, "admin_resync", confirm_zoom=True, confirm_teams=True)
+    queue_reconcile(link.zoom_user_id, ADMIN_RESYNC, confirm_zoom=True, confirm_teams=True)
     log.info("admin: resync of Zoom user %s queued", link.zoom_user_id)
     return 202, {"zoom_user_id": link.zoom_user_id, "status": "queued"}
 

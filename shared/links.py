@@ -43,6 +43,7 @@ STATUS_ERROR = "error"
 # Why Zoom PUTs for a person are held back (``zoom_blocked_why``).
 BLOCKED_NOT_SIGNED_IN = "not_signed_in"  # 400/5301: ended early by a report of the person in a client
 BLOCKED_THROTTLED = "throttled"  # 429: Zoom's Retry-After
+BLOCKED_FORBIDDEN = "forbidden"  # 400/5411, 4711: tried again an hour later, or at an admin's resync
 
 ORIGIN_ADMIN = "admin"  # set through the admin API: directory matching never changes it
 ORIGIN_MATCH = "match"  # made by directory matching (email match)

@@ -50,6 +50,7 @@ from shared.errors import (
     ZoomUserNotSignedIn,
 )
 from shared.links import (
+    BLOCKED_FORBIDDEN,
     BLOCKED_NOT_SIGNED_IN,
     BLOCKED_THROTTLED,
     STATUS_ACTIVE,
@@ -170,6 +171,9 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
         before = _state(link)
         now = time.time()
         learn(link, now)
+        if reason == ADMIN_RESYNC and link.zoom_blocked_why == BLOCKED_FORBIDDEN:
+            # An admin asked for this person again, after changing the app's role or scopes, say.
+            link.zoom_blocked_until, link.zoom_blocked_why = 0.0, ""
         if link.lease_owner and link.lease_owner != me and link.lease_until > now:
             # Someone is writing to the vendors for this person right now: leave what we learnt
             # for them (they re-plan before letting go) rather than race their calls. A reconcile
@@ -464,6 +468,10 @@ def _zoom_gate(link: Link, result: Plan, now: float, min_interval: float) -> tup
     due = max(link.sync.zoom_last_put_at + min_interval, link.zoom_blocked_until)
     if due <= now:
         return True, None
+    if link.zoom_blocked_why == BLOCKED_FORBIDDEN and link.zoom_blocked_until > now:
+        # Refused for permission: nothing is scheduled for when the wait ends (only an admin's
+        # change helps, and their resync tries at once); the person's next change after it tries.
+        return False, None
     # Zoom takes one presence update per user per minute (API-FACTS §3): coalesce and defer.
     if link.zoom_deferred_until >= due - 0.5 and link.zoom_deferred_until > now:
         return False, None  # a reconcile is already scheduled; it will read the latest state
@@ -679,7 +687,12 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
         return False
     except Forbidden as exc:
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_forbidden")
-        _revert(link.zoom_user_id, **undo, plan_news=True, error=("zoom_forbidden", _zoom_refusal(exc)))
+        # Only an admin changes this answer (the app's role or scopes): the person's changes in the
+        # next ZOOM_FORBIDDEN_RETRY_S make no PUT, rather than one refused PUT each (with a whole
+        # account refused, every Teams change of every person against the account's shared rate
+        # limit); their first change after it tries again, and an admin's resync tries at once.
+        _revert(link.zoom_user_id, **undo, plan_news=True, error=("zoom_forbidden", _zoom_refusal(exc)),
+                blocked_until=time.time() + ZOOM_FORBIDDEN_RETRY_S, blocked_why=BLOCKED_FORBIDDEN)
         outcome.error = "zoom_forbidden"
         return False
     except Exception as exc:
@@ -691,6 +704,11 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     telemetry.written(TEAMS_TO_ZOOM)
     logs.debug(log, f"sync: Zoom {'release to' if op.release else 'put'} {op.status}", user=link.zoom_user_id, cid=cid)
     return True
+
+
+# How long a person whose Zoom PUT was refused for permission (5411, 4711) is left alone.
+ZOOM_FORBIDDEN_RETRY_S = 3600.0
+ADMIN_RESYNC = "admin_resync"
 
 
 def _zoom_refusal(exc: Forbidden) -> str:

@@ -550,6 +550,24 @@ def test_zoom_refusing_permission_is_recorded_on_the_link_not_retried(world: Wor
     assert person.email not in caplog.text
 
 
+def test_a_person_zoom_refused_for_permission_is_left_alone_until_an_admin_resyncs(world: World):
+    # After a 5411, the person's later Teams changes make no PUT (each would be refused too, from
+    # the account's shared rate limit) until the retry an hour on, or an admin's resync.
+    person = world.add_person()
+    world.zoom.put_beyond_admin_role(person.zoom_id)
+    _teams_dnd_refused_once_by_zoom(world, person)
+    with listening(world, "poll"):
+        world.graph.set_preferred_by_user(person.entra_id, "Busy", "Busy")
+        propagate(world, "poll")
+    tried = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
+    assert [p["status"] for p in tried] == [400]  # still the one refused PUT
+    world.zoom.cover_by_admin_role(person.zoom_id)
+    assert world.admin("POST", f"links/{person.zoom_id}/resync").status_code == 202
+    world.wait_until(lambda: world.zoom_shows(person) == "Busy", timeout=30, interval=0.2)
+    tried = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
+    assert [p["status"] for p in tried] == [400, 204]
+
+
 # The sandbox app's scopes (sandbox.zoom_emulator.DEFAULT_S2S_SCOPES) without the presence write.
 SCOPES_WITHOUT_PRESENCE_WRITE = ("user:read:admin user:read:list_users:admin user:read:presence_status:admin "
                                  "group:read:admin")
