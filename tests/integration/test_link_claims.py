@@ -63,18 +63,30 @@ def _run_first(monkeypatch, module, name: str, when, interloper) -> list:
     return result
 
 
+def _interrupt(monkeypatch, at: str, module, zoom_id: str, interloper) -> list:
+    """Run ``interloper()`` to its end in the middle of the save of ``zoom_id``'s link: just before
+    ``module.write_link`` writes it (``at="link_write"``), or between the save's read of the Teams
+    account's index entry and its conditional write of it (``"claim_write"``)."""
+    if at == "link_write":
+        return _run_first(monkeypatch, module, "write_link", lambda args: args[0].zoom_user_id == zoom_id,
+                          interloper)
+    return _run_first(monkeypatch, storage, "write_entity",
+                      lambda args: args[0].startswith("i") and args[1].get("zoom_user_id") == zoom_id, interloper)
+
+
+def _linked_then_deactivated(zoom_id: str, entra_id: str) -> None:
+    """An active link, then disabled as Zoom's user.deactivated disables it (it keeps the account)."""
+    assert _put(zoom_id, entra_id)[0] == 200
+    link, etag = read_link(zoom_id)
+    link.status, link.sync.active, link.disabled_reason = STATUS_DISABLED, False, "zoom_deactivated"
+    write_link(link, etag)
+
 @pytest.mark.parametrize("at", ["link_write", "claim_write"])
 def test_two_admin_saves_racing_for_one_teams_account_make_one_link(claims_env, monkeypatch, at):
     zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
     # The save for B runs to its end in the middle of A's: just before A writes its link, or
     # between A's read of the index entry and its conditional write of it.
-    if at == "link_write":
-        other = _run_first(monkeypatch, admin, "write_link", lambda args: args[0].zoom_user_id == zoom_a,
-                           lambda: _put(zoom_b, entra))
-    else:
-        other = _run_first(monkeypatch, storage, "write_entity",
-                           lambda args: args[0].startswith("i") and args[1].get("zoom_user_id") == zoom_a,
-                           lambda: _put(zoom_b, entra))
+    other = _interrupt(monkeypatch, at, admin, zoom_a, lambda: _put(zoom_b, entra))
     first = _put(zoom_a, entra)
     assert len(other) == 1
     answers = {zoom_a: first, zoom_b: other[0]}
@@ -112,10 +124,7 @@ def test_re_enabling_a_link_while_another_takes_its_teams_account_makes_one_acti
     # A disabled link still names the account (its index entry too), so the account looks free to
     # a save for another Zoom user; the admin re-enables the first one at that very moment.
     zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
-    assert _put(zoom_a, entra)[0] == 200
-    link, etag = read_link(zoom_a)
-    link.status, link.sync.active, link.disabled_reason = STATUS_DISABLED, False, "zoom_deactivated"
-    write_link(link, etag)
+    _linked_then_deactivated(zoom_a, entra)
     other = _run_first(monkeypatch, admin, "write_link", lambda args: args[0].zoom_user_id == zoom_a,
                        lambda: _put(zoom_b, entra))
     first = _put(zoom_a, entra)
@@ -193,13 +202,7 @@ def test_a_new_zoom_user_matched_while_an_admin_links_its_teams_account_makes_on
     monkeypatch.setattr(matching.zoom_client, "get_user", lambda zoom_id: {"status": "active",
                                                                            "email": "pat@contoso.example"})
     monkeypatch.setattr(matching, "entra_candidates", lambda email: {entra: {"id": entra}})
-    if at == "link_write":
-        other = _run_first(monkeypatch, matching, "write_link", lambda args: args[0].zoom_user_id == zoom_b,
-                           lambda: _put(zoom_a, entra))
-    else:
-        other = _run_first(monkeypatch, storage, "write_entity",
-                           lambda args: args[0].startswith("i") and args[1].get("zoom_user_id") == zoom_b,
-                           lambda: _put(zoom_a, entra))
+    other = _interrupt(monkeypatch, at, matching, zoom_b, lambda: _put(zoom_a, entra))
     outcome = _zoom_user_event("user.created", zoom_b)
     assert len(other) == 1
     status, body = other[0]
@@ -222,10 +225,7 @@ def test_a_zoom_user_activated_while_an_admin_links_its_teams_account_makes_one_
     from shared.links import index_entra
 
     zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
-    assert _put(zoom_a, entra)[0] == 200
-    link, etag = read_link(zoom_a)
-    link.status, link.sync.active, link.disabled_reason = STATUS_DISABLED, False, "zoom_deactivated"
-    write_link(link, etag)
+    _linked_then_deactivated(zoom_a, entra)
     index_entra(entra, zoom_a)  # as a matching run writes it: no claim standing
     other = _run_first(monkeypatch, matching, "write_link", lambda args: args[0].zoom_user_id == zoom_a,
                        lambda: _put(zoom_b, entra))
