@@ -24,7 +24,7 @@ from shared.engine import (
     release_teams,
     teams_closed,
 )
-from shared.errors import NotFound, TokenError, VendorError, ZoomUserNotSignedIn
+from shared.errors import Forbidden, NotFound, TokenError, VendorError, ZoomUserNotSignedIn
 from shared.links import (
     ENTRA_INDEX_TABLE,
     ROW,
@@ -42,7 +42,7 @@ from shared.links import (
 )
 from shared.names import RECONCILE_QUEUE
 from shared.presence import Presence
-from shared.sync import ADMIN_RESYNC, queue_reconcile, teams_call
+from shared.sync import ADMIN_RESYNC, queue_reconcile, teams_call, zoom_refusal
 
 log = logging.getLogger(__name__)
 
@@ -592,7 +592,8 @@ def finish_release(message: dict) -> None:
     the person may have changed it), and handed to the account's new link if it is linked again.
     Each side on its own: one failing does not keep the other from being released. What is not
     done yet is queued again; after RELEASE_ATTEMPTS failures, or RELEASE_MAX_WAIT_S, it is
-    dead-lettered with the reason."""
+    dead-lettered with the reason. A side refused for permission is dead-lettered at once: only
+    an admin changes that answer, and until then each retry would be refused the same way."""
     from shared.presence import ZOOM_MANUAL_STATES, parse_teams, parse_zoom, teams_pair_matches
 
     zoom_id = str(message["zoom_user_id"]).lower()
@@ -601,6 +602,7 @@ def finish_release(message: dict) -> None:
     attempt = int(message.get("attempt", 1))
     since = float(message.get("since") or time.time())
     still: dict[str, dict] = {}
+    refused: dict[str, str] = {}
     delay_s = 0.0
     failed = False
 
@@ -610,6 +612,10 @@ def finish_release(message: dict) -> None:
         delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0) or RELEASE_RETRY_S)
         log.warning("admin: queued release for Zoom user %s: %s side failed (%s); tried again",
                     zoom_id, side, type(exc).__name__)
+
+    def refuse(side: str, why: str) -> None:
+        refused[side] = why
+        log.warning("admin: queued release for Zoom user %s: %s side refused: %s", zoom_id, side, why)
 
     def wait(side: str, look_again_s: float) -> None:
         nonlocal delay_s
@@ -634,6 +640,8 @@ def finish_release(message: dict) -> None:
             wait("teams", held.seconds)
         except NotFound:
             log.info("admin: queued release: Graph no longer knows the Teams account of Zoom user %s", zoom_id)
+        except Forbidden as exc:  # the app's permission, or no token that may write for the person
+            refuse("teams", f"Graph refused the presence write ({exc.code or exc.status})")
         except (VendorError, TokenError, storage.Conflict) as exc:
             retry("teams", exc)
     zoom = left.get("zoom")
@@ -660,16 +668,28 @@ def finish_release(message: dict) -> None:
             wait("zoom", RELEASE_SIGNED_OUT_LOOK_S)
         except NotFound:
             log.info("admin: queued release: Zoom no longer knows user %s", zoom_id)
+        except Forbidden as exc:  # 5411 (the app's admin role), 4711 (a scope the app lacks)
+            refuse("zoom", zoom_refusal(exc))
         except (VendorError, TokenError) as exc:
             retry("zoom", exc)
+    # A dead letter goes without its attempts and start, so that once its cause is fixed it can be
+    # put back on the reconcile queue as it is and runs as a new release.
+    fresh = {k: v for k, v in message.items() if k not in ("attempt", "since")}
+    if refused:
+        from shared.queue_messages import dead_letter
+
+        dead_letter(RECONCILE_QUEUE, json.dumps({**fresh, "left": {side: left[side] for side in refused}}),
+                    "release_refused: " + "; ".join(f"{side} side: {why}" for side, why in sorted(refused.items()))
+                    + " (not retried; move the message back to the queue once the permission is restored)")
     if not still:
-        log.info("admin: queued release for Zoom user %s done", zoom_id)
+        if not refused:
+            log.info("admin: queued release for Zoom user %s done", zoom_id)
         return
     attempts = attempt + 1 if failed else attempt
     if attempts > RELEASE_ATTEMPTS or time.time() - since > RELEASE_MAX_WAIT_S:
         from shared.queue_messages import dead_letter
 
-        dead_letter(RECONCILE_QUEUE, json.dumps({**message, "left": still}),
+        dead_letter(RECONCILE_QUEUE, json.dumps({**fresh, "left": still}),
                     f"release not done after {attempt} attempts over {(time.time() - since) / 3600:.1f} h "
                     f"({', '.join(sorted(still))} side)")
         return

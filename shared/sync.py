@@ -691,7 +691,7 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
         # next ZOOM_FORBIDDEN_RETRY_S make no PUT, rather than one refused PUT each (with a whole
         # account refused, every Teams change of every person against the account's shared rate
         # limit); their first change after it tries again, and an admin's resync tries at once.
-        _revert(link.zoom_user_id, **undo, plan_news=True, error=("zoom_forbidden", _zoom_refusal(exc)),
+        _revert(link.zoom_user_id, **undo, plan_news=True, error=("zoom_forbidden", zoom_refusal(exc)),
                 blocked_until=time.time() + ZOOM_FORBIDDEN_RETRY_S, blocked_why=BLOCKED_FORBIDDEN)
         outcome.error = "zoom_forbidden"
         return False
@@ -711,7 +711,7 @@ ZOOM_FORBIDDEN_RETRY_S = 3600.0
 ADMIN_RESYNC = "admin_resync"
 
 
-def _zoom_refusal(exc: Forbidden) -> str:
+def zoom_refusal(exc: Forbidden) -> str:
     """What the link says of a refused Zoom PUT: for a missing scope, which scope the app needs."""
     if isinstance(exc, ZoomMissingScope):
         needs = ", ".join(exc.scopes) or "a scope Zoom did not name"

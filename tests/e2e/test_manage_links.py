@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
 import pytest
 import requests
 
-from sandbox.world import World
+from sandbox.world import APP_PERMISSIONS, World
 from shared.graph_client import GRAPH_POLICY
 from tests.fixtures.world import E2E_ZOOM_MIN_INTERVAL_S
 
@@ -119,17 +120,18 @@ def test_delete_releases_our_overlay_and_unlinks(world: World):
     assert world.teams_shows(person) == ("Available", "Available")  # unlinked: no more writes
 
 
-def _our_away_on_zoom(world: World):
-    """A linked person whose Teams Away we have put on Zoom; Zoom refuses the next PUT for them
-    (429, as for its one update per user per minute; armed here, so slow settling cannot let
-    the minute pass first)."""
+def _our_away_on_zoom(world: World, *, throttled: bool = True):
+    """A linked person whose Teams Away we have put on Zoom; when ``throttled``, Zoom refuses the
+    next PUT for them (429, as for its one update per user per minute; armed here, so slow
+    settling cannot let the minute pass first)."""
     person = world.add_person()
     world.host.fire_timer("graph_subscriptions")
     world.graph.set_teams_client(person.entra_id, "Away", "Away")
     world.host.fire_timer("presence_sweep")
     world.settle()
     assert world.zoom_shows(person) == "Away"
-    world.zoom.faults.throttle(count=1, retry_after=E2E_ZOOM_MIN_INTERVAL_S, path=r"/presence_status$")
+    if throttled:
+        world.zoom.faults.throttle(count=1, retry_after=E2E_ZOOM_MIN_INTERVAL_S, path=r"/presence_status$")
     return person
 
 
@@ -208,6 +210,70 @@ def test_a_delete_whose_release_cannot_be_queued_changes_nothing_and_a_retry_rel
     world.wait_until(lambda: world.zoom_shows(person) == "Available", timeout=E2E_ZOOM_MIN_INTERVAL_S + 20,
                      interval=0.2)
     assert world.host.poisoned == []
+
+def _dead_letters_of(person) -> list:
+    from shared import storage
+
+    messages = storage.queue("reconcile-poison").peek_messages(max_messages=32)
+    return [json.loads(m.content) for m in messages if person.zoom_id in str(m.content)]
+
+
+def test_a_release_zoom_refuses_for_permission_is_dead_lettered_at_once_with_why(world: World, caplog):
+    # The admin role behind the app no longer covers the person (400 / 5411), and every retry of
+    # the release would be refused the same way: it is dead-lettered at once, naming the refusal,
+    # instead of being refused twelve times over twelve minutes. Moved back to the queue once
+    # the role covers the person again, it is made.
+    from shared import storage
+
+    caplog.set_level("WARNING")
+    person = _our_away_on_zoom(world, throttled=False)
+    world.zoom.put_beyond_admin_role(person.zoom_id)
+    assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+    world.settle(timeout=60)
+    refused = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id and p["status"] == 400]
+    assert len(refused) == 2  # the delete's own attempt and the queued release's one
+    [dead] = _dead_letters_of(person)
+    assert dead["kind"] == "release" and list(dead["left"]) == ["zoom"]
+    assert "attempt" not in dead and "since" not in dead  # a fresh release when moved back
+    assert "release_refused: zoom side: Zoom refused the update (5411)" in caplog.text
+    assert person.email not in caplog.text
+    assert world.zoom_shows(person) == "Away"
+
+    world.zoom.cover_by_admin_role(person.zoom_id)
+    time.sleep(E2E_ZOOM_MIN_INTERVAL_S)  # Zoom's one update a minute, counted from the refused PUTs
+    storage.enqueue("reconcile", json.dumps(dead))
+    world.wait_until(lambda: world.zoom_shows(person) == "Available", timeout=30, interval=0.2)
+    world.settle(timeout=60)
+    assert len(_dead_letters_of(person)) == 1  # only the one moved back (peeked, never received here)
+
+
+def test_a_release_graph_refuses_for_permission_is_dead_lettered_at_once(world: World, caplog):
+    # The app's Presence.ReadWrite.All was withdrawn (and the person has no connection of their own
+    # to write with): Graph refuses the release of our call, at the delete and on every retry.
+    from sandbox.world import reset_app_caches
+    from shared.write_path import reset_write_path_cache
+    from tests.e2e.connect_browser import register_apps
+
+    caplog.set_level("WARNING")
+    person = world.add_person()
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Busy", "InACall")
+    try:
+        register_apps(world, tuple(p for p in APP_PERMISSIONS if p != "Presence.ReadWrite.All"))
+        reset_app_caches()  # the app's cached token carries the roles it was issued with
+        assert world.admin("DELETE", f"links/{person.zoom_id}").status_code == 204
+        world.settle(timeout=60)
+        [dead] = _dead_letters_of(person)
+        assert dead["kind"] == "release" and list(dead["left"]) == ["teams"]
+        assert "release_refused: teams side: Graph refused the presence write" in caplog.text
+        assert world.teams_shows(person) == ("Busy", "InACall")
+    finally:
+        register_apps(world)
+        reset_app_caches()
+        reset_write_path_cache()
+    assert not [line for line in caplog.text.splitlines() if "tried again" in line and person.zoom_id in line]
+
 
 def test_a_queued_release_leaves_a_status_the_person_chose_meanwhile(world: World):
     person = _our_away_on_zoom(world)

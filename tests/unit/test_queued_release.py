@@ -3,23 +3,24 @@ on its own, waiting is not failing, and what is left is queued again or dead-let
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from shared import admin
-from shared.errors import TransientVendorError
+from shared.errors import Forbidden, TransientVendorError, ZoomNoPermission
 
 
 @pytest.fixture
 def world(monkeypatch):
-    calls: dict[str, list] = {"teams": [], "zoom_puts": [], "queued": [], "dead": []}
+    calls: dict[str, list] = {"teams": [], "zoom_puts": [], "queued": [], "dead": [], "dead_bodies": []}
     shown = {"zoom": "Away"}
-    teams_fails = {"on": True}
+    teams_fails = {"on": True, "with": TransientVendorError(503, "ServiceUnavailable", "down")}
 
     def teams_call(op, entra, session_id):
         if teams_fails["on"]:
-            raise TransientVendorError(503, "ServiceUnavailable", "down")
+            raise teams_fails["with"]
         calls["teams"].append(op.kind.value)
 
     monkeypatch.setattr(admin, "zoom_id_for_entra", lambda entra, fresh=False: None)
@@ -29,8 +30,11 @@ def world(monkeypatch):
     monkeypatch.setattr(admin.zoom_client, "put_presence_status",
                         lambda zoom_id, status: calls["zoom_puts"].append(status))
     monkeypatch.setattr(admin.storage, "enqueue", lambda queue, message, **kw: calls["queued"].append(message))
-    monkeypatch.setattr("shared.queue_messages.dead_letter",
-                        lambda queue, body, reason: calls["dead"].append(reason))
+    def dead_letter(queue, body, reason):
+        calls["dead"].append(reason)
+        calls["dead_bodies"].append(json.loads(body))
+
+    monkeypatch.setattr("shared.queue_messages.dead_letter", dead_letter)
     monkeypatch.setattr(admin, "get_settings", lambda: type("S", (), {"require": lambda *a: "app"})())
     return calls, shown, teams_fails
 
@@ -85,6 +89,39 @@ def test_failures_past_the_budget_are_dead_lettered_with_what_is_left(world):
     admin.finish_release(_message(attempt=admin.RELEASE_ATTEMPTS))
     assert calls["queued"] == []
     assert len(calls["dead"]) == 1 and "(teams side)" in calls["dead"][0]
+
+
+def test_a_dead_letter_can_be_put_back_as_a_new_release(world):
+    calls, _, _ = world
+    admin.finish_release(_message(attempt=admin.RELEASE_ATTEMPTS, since=time.time() - 60))
+    [body] = calls["dead_bodies"]
+    assert "attempt" not in body and "since" not in body and set(body["left"]) == {"teams"}
+
+
+def test_a_side_refused_for_permission_is_dead_lettered_at_once_and_the_other_released(world):
+    calls, _, teams_fails = world
+    teams_fails["with"] = Forbidden(403, "Forbidden", "Insufficient privileges")
+    admin.finish_release(_message())
+    assert calls["zoom_puts"] == ["Available"]
+    assert calls["queued"] == []  # nothing to try again: the refusal would be the same
+    [reason] = calls["dead"]
+    assert reason.startswith("release_refused: teams side: Graph refused the presence write (Forbidden)")
+    [body] = calls["dead_bodies"]
+    assert set(body["left"]) == {"teams"} and "attempt" not in body
+
+
+def test_a_zoom_refusal_for_permission_is_dead_lettered_while_the_other_side_is_tried_again(world, monkeypatch):
+    calls, _, _ = world
+
+    def refused(zoom_id, status):
+        raise ZoomNoPermission(400, 5411, "Unauthorized request.")
+
+    monkeypatch.setattr(admin.zoom_client, "put_presence_status", refused)
+    admin.finish_release(_message())
+    [reason] = calls["dead"]
+    assert reason.startswith("release_refused: zoom side: Zoom refused the update (5411)")
+    [again] = calls["queued"]
+    assert set(again["left"]) == {"teams"} and again["attempt"] == 2  # the outage is retried
 
 
 def test_waiting_ends_after_the_longest_wait(world):

@@ -50,11 +50,11 @@ def test_other_zoom_400s_stay_bad_requests():
 
 def test_the_link_says_which_zoom_scope_is_missing_and_5411_keeps_its_words():
     missing = ZoomMissingScope(400, 4711, LISTED)
-    assert sync._zoom_refusal(missing) == ("the Zoom app is missing a scope (4711): it needs one of "
+    assert sync.zoom_refusal(missing) == ("the Zoom app is missing a scope (4711): it needs one of "
                                            "user:update:presence_status, user:update:presence_status:admin")
-    assert sync._zoom_refusal(ZoomMissingScope(400, 4711, "")) == (
+    assert sync.zoom_refusal(ZoomMissingScope(400, 4711, "")) == (
         "the Zoom app is missing a scope (4711): it needs one of a scope Zoom did not name")
-    assert sync._zoom_refusal(ZoomNoPermission(400, 5411, "Unauthorized request.")) == "Zoom refused the update (5411)"
+    assert sync.zoom_refusal(ZoomNoPermission(400, 5411, "Unauthorized request.")) == "Zoom refused the update (5411)"
 
 
 @pytest.mark.parametrize("required", [True, False, sync.TRANSIENT])
