@@ -469,8 +469,8 @@ def _zoom_gate(link: Link, result: Plan, now: float, min_interval: float) -> tup
     if due <= now:
         return True, None
     if link.zoom_blocked_why == BLOCKED_FORBIDDEN and link.zoom_blocked_until > now:
-        # Refused for permission: nothing is scheduled for when the wait ends (only an admin's
-        # change helps, and their resync tries at once); the person's next change after it tries.
+        # Refused for permission: the refusal scheduled what tries when the wait ends (once a run;
+        # then the person's next change after it), and an admin's resync tries at once.
         return False, None
     # Zoom takes one presence update per user per minute (API-FACTS §3): coalesce and defer.
     if link.zoom_deferred_until >= due - 0.5 and link.zoom_deferred_until > now:
@@ -690,9 +690,15 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
         # Only an admin changes this answer (the app's role or scopes): the person's changes in the
         # next ZOOM_FORBIDDEN_RETRY_S make no PUT, rather than one refused PUT each (with a whole
         # account refused, every Teams change of every person against the account's shared rate
-        # limit); their first change after it tries again, and an admin's resync tries at once.
+        # limit); an admin's resync tries at once. The first refusal of a run also schedules one
+        # try for when the wait ends, in case the permission was fixed without a resync; refused
+        # again, the person's next change after the wait tries (at most a PUT an hour meanwhile).
+        now = time.time()
+        first = not _refused_for_permission_lately(link, now)
         _revert(link.zoom_user_id, **undo, plan_news=True, error=("zoom_forbidden", zoom_refusal(exc)),
-                blocked_until=time.time() + ZOOM_FORBIDDEN_RETRY_S, blocked_why=BLOCKED_FORBIDDEN)
+                blocked_until=now + ZOOM_FORBIDDEN_RETRY_S, blocked_why=BLOCKED_FORBIDDEN)
+        if first:
+            _schedule(link.zoom_user_id, ZOOM_FORBIDDEN_RETRY_S + FORBIDDEN_RETRY_MARGIN_S, "zoom_forbidden", cid)
         outcome.error = "zoom_forbidden"
         return False
     except Exception as exc:
@@ -706,9 +712,17 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     return True
 
 
-# How long a person whose Zoom PUT was refused for permission (5411, 4711) is left alone.
+# How long a person whose Zoom PUT was refused for permission (5411, 4711) is left alone, and how
+# long after that the one scheduled try runs (so that the wait has surely ended when it does).
 ZOOM_FORBIDDEN_RETRY_S = 3600.0
+FORBIDDEN_RETRY_MARGIN_S = 5.0
 ADMIN_RESYNC = "admin_resync"
+
+
+def _refused_for_permission_lately(link: Link, now: float) -> bool:
+    """Is this refusal part of a run: did a wait for an earlier one end within the last wait's
+    length? (The try scheduled for the end of a wait runs FORBIDDEN_RETRY_MARGIN_S after it.)"""
+    return link.zoom_blocked_why == BLOCKED_FORBIDDEN and link.zoom_blocked_until > now - ZOOM_FORBIDDEN_RETRY_S
 
 
 def zoom_refusal(exc: Forbidden) -> str:

@@ -525,47 +525,74 @@ def test_a_teams_write_that_fails_does_not_hold_back_the_zoom_write_planned_with
     assert world.host.poisoned == []
 
 
-def _teams_dnd_refused_once_by_zoom(world: World, person: Person) -> dict:
-    """The person sets DND in Teams, which Zoom refuses: exactly one PUT (a 400), Zoom unchanged.
-    Returns the error the link then shows."""
+def _zoom_answers(world: World, person: Person) -> list[int]:
+    """The HTTP status of each presence PUT Zoom had for the person, in order."""
+    return [p["status"] for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
+
+
+def _teams_dnd_refused_by_zoom(world: World, person: Person, *, settle: bool = True) -> dict:
+    """The person sets DND in Teams, which Zoom refuses (a 400). Settled, the one try scheduled for
+    the end of the wait (E2E_ZOOM_FORBIDDEN_RETRY_S here; settle() waits for scheduled messages) is
+    refused too, and nothing more is scheduled (settle() would time out on a chain of them); not
+    settled, this returns as soon as the first refusal is on the link. Zoom is unchanged either
+    way. Returns the error the link shows."""
+    def link_error() -> dict | None:
+        return world.admin("GET", f"links/{person.zoom_id}").json()["error"]
+
     with listening(world, "poll"):
         world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
-        propagate(world, "poll")
-    tried = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
-    assert [p["status"] for p in tried] == [400]
+        world.host.fire_timer("presence_sweep")
+        world.wait_until(lambda: _zoom_answers(world, person) == [400] and link_error(), timeout=20, interval=0.2)
+        if settle:
+            world.settle()
+    assert _zoom_answers(world, person) == ([400, 400] if settle else [400])
     assert world.zoom_shows(person) == "Available"
-    world.wait_until(lambda: world.admin("GET", f"links/{person.zoom_id}").json()["error"], timeout=10)
-    return world.admin("GET", f"links/{person.zoom_id}").json()["error"]
+    return link_error()
 
 
-def test_zoom_refusing_permission_is_recorded_on_the_link_not_retried(world: World, caplog):
+def test_zoom_refusing_permission_is_recorded_on_the_link_and_tried_once_when_the_wait_ends(world: World, caplog):
     # 400 / 5411: the admin role behind the app does not cover this person. That will not change on
-    # a retry: one PUT, the link says why, and nothing goes to a poison queue.
+    # a quick retry: one PUT, the link says why, and nothing goes to a poison queue. One more try
+    # comes when the person's wait ends (an hour; seconds here), refused too, and no more.
     caplog.set_level("WARNING")
     person = world.add_person()
     world.zoom.put_beyond_admin_role(person.zoom_id)
-    error = _teams_dnd_refused_once_by_zoom(world, person)
+    error = _teams_dnd_refused_by_zoom(world, person)
     assert error["kind"] == "zoom_forbidden" and "5411" in error["detail"]
     assert world.host.poisoned == []
     assert person.email not in caplog.text
 
 
-def test_a_person_zoom_refused_for_permission_is_left_alone_until_an_admin_resyncs(world: World):
-    # After a 5411, the person's later Teams changes make no PUT (each would be refused too, from
-    # the account's shared rate limit) until the retry an hour on, or an admin's resync.
+def test_a_permission_fixed_without_a_resync_is_used_when_the_wait_ends(world: World):
+    # An admin widens the role behind the app to the person but does not resync them: the try
+    # scheduled for the end of the wait puts their Teams DND on Zoom without another change.
     person = world.add_person()
     world.zoom.put_beyond_admin_role(person.zoom_id)
-    _teams_dnd_refused_once_by_zoom(world, person)
+    _teams_dnd_refused_by_zoom(world, person, settle=False)
+    world.zoom.cover_by_admin_role(person.zoom_id)
+    world.settle()
+    assert world.zoom_shows(person) == "Do_Not_Disturb"
+    assert _zoom_answers(world, person) == [400, 204]
+
+
+def test_a_person_zoom_refused_for_permission_is_left_alone_until_an_admin_resyncs(world: World, monkeypatch):
+    # After a 5411, the person's later Teams changes make no PUT (each would be refused too, from
+    # the account's shared rate limit) until the try an hour on, or an admin's resync.
+    monkeypatch.setattr("shared.sync.ZOOM_FORBIDDEN_RETRY_S", 3600.0)  # (so: no settle() below)
+    person = world.add_person()
+    world.zoom.put_beyond_admin_role(person.zoom_id)
+    _teams_dnd_refused_by_zoom(world, person, settle=False)
     with listening(world, "poll"):
         world.graph.set_preferred_by_user(person.entra_id, "Busy", "Busy")
-        propagate(world, "poll")
-    tried = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
-    assert [p["status"] for p in tried] == [400]  # still the one refused PUT
+        world.host.fire_timer("presence_sweep")
+        world.host.drain(queues=["teams-presence"])
+    shows = world.admin("GET", f"links/{person.zoom_id}").json()["sync"]["teams"]["shows"]
+    assert shows == "Busy/Busy"  # the change was taken in
+    assert _zoom_answers(world, person) == [400]  # still the one refused PUT
     world.zoom.cover_by_admin_role(person.zoom_id)
     assert world.admin("POST", f"links/{person.zoom_id}/resync").status_code == 202
     world.wait_until(lambda: world.zoom_shows(person) == "Busy", timeout=30, interval=0.2)
-    tried = [p for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
-    assert [p["status"] for p in tried] == [400, 204]
+    assert _zoom_answers(world, person) == [400, 204]
 
 
 # The sandbox app's scopes (sandbox.zoom_emulator.DEFAULT_S2S_SCOPES) without the presence write.
@@ -587,14 +614,15 @@ def zoom_app_scopes(world: World) -> Iterator[Callable[[str], None]]:
     reset_app_caches()
 
 
-def test_a_zoom_app_missing_the_presence_scope_is_recorded_on_the_link_not_retried(world: World, zoom_app_scopes,
-                                                                                     caplog):
+def test_a_zoom_app_missing_the_presence_scope_is_recorded_on_the_link_like_5411(world: World, zoom_app_scopes,
+                                                                                 caplog):
     # 400 / 4711 "does not contain scopes:[...]": only an admin adding the scope changes that, so
-    # like 5411 it is one PUT, the link says which scope, and nothing goes to a poison queue.
+    # like 5411 it is one PUT (and one when the wait ends), the link says which scope, and nothing
+    # goes to a poison queue.
     caplog.set_level("WARNING")
     person = world.add_person()
     zoom_app_scopes(SCOPES_WITHOUT_PRESENCE_WRITE)
-    error = _teams_dnd_refused_once_by_zoom(world, person)
+    error = _teams_dnd_refused_by_zoom(world, person)
     assert error["kind"] == "zoom_forbidden"
     assert error["detail"] == ("the Zoom app is missing a scope (4711): it needs one of "
                                "user:update:presence_status, user:update:presence_status:admin")

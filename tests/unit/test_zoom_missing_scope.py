@@ -66,3 +66,20 @@ def test_zoom_reads_that_fail_otherwise_are_raised_as_before():
     assert sync._raise_read_failure(True, BadRequest(400, 300, "bad"))
     assert sync._raise_read_failure(sync.TRANSIENT, TransientVendorError(503))
     assert not sync._raise_read_failure(sync.TRANSIENT, BadRequest(400, 300, "bad"))
+
+
+def test_a_refusal_at_the_try_that_ends_the_wait_is_part_of_the_run_and_a_later_one_starts_a_new_run():
+    # The first refusal of a run schedules one try for the end of the wait; that try, refused
+    # again, must not schedule another (a PUT an hour for good), whatever the margin it runs after.
+    from shared.engine import ALL_DIRECTIONS, UserSync
+    from shared.links import BLOCKED_FORBIDDEN, BLOCKED_THROTTLED, Link
+
+    link = Link(sync=UserSync("z1", "e1", frozenset(ALL_DIRECTIONS)))
+    assert not sync._refused_for_permission_lately(link, 1_000_000.0)  # never refused
+    refused_at = 1_000_000.0
+    link.zoom_blocked_why, link.zoom_blocked_until = BLOCKED_FORBIDDEN, refused_at + sync.ZOOM_FORBIDDEN_RETRY_S
+    the_try = link.zoom_blocked_until + sync.FORBIDDEN_RETRY_MARGIN_S
+    assert sync._refused_for_permission_lately(link, the_try)
+    assert not sync._refused_for_permission_lately(link, link.zoom_blocked_until + sync.ZOOM_FORBIDDEN_RETRY_S + 1)
+    link.zoom_blocked_why = BLOCKED_THROTTLED
+    assert not sync._refused_for_permission_lately(link, the_try)
