@@ -672,12 +672,12 @@ def finish_release(message: dict) -> None:
             refuse("zoom", zoom_refusal(exc))
         except (VendorError, TokenError) as exc:
             retry("zoom", exc)
+    from shared.queue_messages import dead_letter
+
     # A dead letter goes without its attempts and start, so that once its cause is fixed it can be
     # put back on the reconcile queue as it is and runs as a new release.
     fresh = {k: v for k, v in message.items() if k not in ("attempt", "since")}
     if refused:
-        from shared.queue_messages import dead_letter
-
         dead_letter(RECONCILE_QUEUE, json.dumps({**fresh, "left": {side: left[side] for side in refused}}),
                     "release_refused: " + "; ".join(f"{side} side: {why}" for side, why in sorted(refused.items()))
                     + " (not retried; move the message back to the queue once the permission is restored)")
@@ -687,8 +687,6 @@ def finish_release(message: dict) -> None:
         return
     attempts = attempt + 1 if failed else attempt
     if attempts > RELEASE_ATTEMPTS or time.time() - since > RELEASE_MAX_WAIT_S:
-        from shared.queue_messages import dead_letter
-
         dead_letter(RECONCILE_QUEUE, json.dumps({**fresh, "left": still}),
                     f"release not done after {attempt} attempts over {(time.time() - since) / 3600:.1f} h "
                     f"({', '.join(sorted(still))} side)")

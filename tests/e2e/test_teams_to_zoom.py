@@ -648,12 +648,9 @@ def test_a_person_zoom_found_signed_out_gets_the_teams_state_once_they_sign_in(w
         world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
         world.host.fire_timer("presence_sweep")  # (a retry is queued 15 minutes out: no settling)
 
-        def tried() -> list[int]:
-            return [p["status"] for p in world.zoom.presence_puts if p["user_id"].lower() == person.zoom_id]
-
         def refused_as_signed_out() -> bool:
             error = world.admin("GET", f"links/{person.zoom_id}").json()["error"] or {}
-            return tried() == [400] and error.get("kind") == "zoom_not_signed_in"
+            return _zoom_answers(world, person) == [400] and error.get("kind") == "zoom_not_signed_in"
 
         world.wait_until(refused_as_signed_out, timeout=20, interval=0.2)
         world.zoom.sign_in(person.zoom_id)

@@ -81,6 +81,7 @@ def _linked_then_deactivated(zoom_id: str, entra_id: str) -> None:
     link.status, link.sync.active, link.disabled_reason = STATUS_DISABLED, False, "zoom_deactivated"
     write_link(link, etag)
 
+
 @pytest.mark.parametrize("at", ["link_write", "claim_write"])
 def test_two_admin_saves_racing_for_one_teams_account_make_one_link(claims_env, monkeypatch, at):
     zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
@@ -101,8 +102,7 @@ def test_two_admin_saves_racing_for_one_teams_account_make_one_link(claims_env, 
 
 def test_an_admin_save_racing_a_self_link_makes_one_link(claims_env, monkeypatch):
     zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
-    other = _run_first(monkeypatch, admin, "write_link", lambda args: args[0].zoom_user_id == zoom_a,
-                       lambda: people.link_self(zoom_b, entra))
+    other = _interrupt(monkeypatch, "link_write", admin, zoom_a, lambda: people.link_self(zoom_b, entra))
     assert _put(zoom_a, entra)[0] == 200
     assert other[0].outcome == people.LinkOutcome.CONFLICT and other[0].reason == "entra_linked_elsewhere"
     assert _active_links_naming(entra, zoom_a, zoom_b) == [zoom_a]
@@ -111,8 +111,7 @@ def test_an_admin_save_racing_a_self_link_makes_one_link(claims_env, monkeypatch
 
 def test_a_self_link_racing_an_admin_save_makes_one_link(claims_env, monkeypatch):
     zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
-    other = _run_first(monkeypatch, people, "write_link", lambda args: args[0].zoom_user_id == zoom_b,
-                       lambda: _put(zoom_a, entra))
+    other = _interrupt(monkeypatch, "link_write", people, zoom_b, lambda: _put(zoom_a, entra))
     assert people.link_self(zoom_b, entra).outcome == people.LinkOutcome.CREATED
     status, body = other[0]
     assert status == 409 and body["zoom_user_id"] == zoom_b
@@ -125,8 +124,7 @@ def test_re_enabling_a_link_while_another_takes_its_teams_account_makes_one_acti
     # a save for another Zoom user; the admin re-enables the first one at that very moment.
     zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
     _linked_then_deactivated(zoom_a, entra)
-    other = _run_first(monkeypatch, admin, "write_link", lambda args: args[0].zoom_user_id == zoom_a,
-                       lambda: _put(zoom_b, entra))
+    other = _interrupt(monkeypatch, "link_write", admin, zoom_a, lambda: _put(zoom_b, entra))
     first = _put(zoom_a, entra)
     assert sorted([first[0], other[0][0]]) == [200, 409]
     winner = zoom_a if first[0] == 200 else zoom_b
@@ -227,11 +225,9 @@ def test_a_zoom_user_activated_while_an_admin_links_its_teams_account_makes_one_
     zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
     _linked_then_deactivated(zoom_a, entra)
     index_entra(entra, zoom_a)  # as a matching run writes it: no claim standing
-    other = _run_first(monkeypatch, matching, "write_link", lambda args: args[0].zoom_user_id == zoom_a,
-                       lambda: _put(zoom_b, entra))
+    other = _interrupt(monkeypatch, "link_write", matching, zoom_a, lambda: _put(zoom_b, entra))
     assert _zoom_user_event("user.activated", zoom_a) == "enabled"
     status, body = other[0]
     assert (status, body["zoom_user_id"]) == (409, zoom_a)
     assert _active_links_naming(entra, zoom_a, zoom_b) == [zoom_a]
     assert zoom_id_for_entra(entra, fresh=True) == zoom_a
-
