@@ -44,7 +44,7 @@ param alwaysReadyHttpInstances int = 0
 @maxValue(1000)
 param httpPerInstanceConcurrency int = 16
 
-@description('Optional. Spread the plan\'s instances across availability zones (in regions that offer it for Flex Consumption).')
+@description('Optional. Spread the plan\'s instances across availability zones (in regions that offer it for Flex Consumption). Costs: the platform then keeps at least two always-ready instances, billed as such, for the HTTP group and for each queue- or timer-triggered function (24 instances for this app; docs/deploy.md).')
 param zoneRedundant bool = false
 
 // --- Zoom ----------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ param graphNotificationKey string
 @secure()
 param graphNotificationCertificate string = ''
 
-@description('Optional. encryptionCertificateId sent with that certificate; empty = derived from its thumbprint.')
+@description('Optional. Label of the encryptionCertificateId sent with that certificate (the certificate\'s thumbprint is always appended); empty = presence-bridge.')
 param graphNotificationCertificateId string = ''
 
 @description('Optional. Public base URL (scheme and host, no /api, no trailing slash) when a custom domain fronts the app; empty = https://<default hostname>.')
@@ -190,9 +190,8 @@ param graphForbiddenThreshold int = 5
 @minValue(1)
 param subscriptionFailureThreshold int = 2
 
-@description('Optional. Alert when no Zoom webhook arrived for this many minutes during working hours.')
-@minValue(15)
-@maxValue(720)
+@description('Optional. Alert when no Zoom webhook arrived for this many minutes during working hours (one of the window sizes Azure Monitor log search alerts accept).')
+@allowed([15, 30, 45, 60, 120, 180, 240, 300, 360])
 param noWebhookMinutes int = 60
 
 @description('Optional. Time zone of the working hours (a .NET/IANA zone name accepted by KQL datetime_utc_to_local, e.g. Europe/Berlin).')

@@ -48,7 +48,7 @@ param alwaysReadyHttpInstances int = 0
 @maxValue(1000)
 param httpPerInstanceConcurrency int = 16
 
-@description('Optional. Spread the plan\'s instances across availability zones (only in regions that offer it for Flex Consumption).')
+@description('Optional. Spread the plan\'s instances across availability zones (only in regions that offer it for Flex Consumption). Costs: the platform then keeps at least two always-ready instances, billed as such, for the HTTP group and for each queue- or timer-triggered function (24 instances for this app; docs/deploy.md).')
 param zoneRedundant bool = false
 
 @description('Optional. Name azd uses to find this app for `azd deploy` (azure.yaml service name).')

@@ -36,9 +36,8 @@ param graphForbiddenThreshold int = 5
 @minValue(1)
 param subscriptionFailureThreshold int = 2
 
-@description('Optional. Alert when no Zoom webhook arrived for this many minutes during working hours.')
-@minValue(15)
-@maxValue(720)
+@description('Optional. Alert when no Zoom webhook arrived for this many minutes during working hours (one of the window sizes Azure Monitor log search alerts accept).')
+@allowed([15, 30, 45, 60, 120, 180, 240, 300, 360])
 param noWebhookMinutes int = 60
 
 @description('Optional. Time zone of the working hours (a .NET/IANA zone name accepted by KQL datetime_utc_to_local, e.g. Europe/Berlin).')

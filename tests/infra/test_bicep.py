@@ -289,3 +289,19 @@ def test_azure_yaml_publishes_this_folder_as_the_api_function():
     assert re.search(r"^  path: infra\n  module: main$", text, re.M)
     function_app = bm.parse(bm.INFRA / "modules" / "function-app.bicep")
     assert bm.parameter_default("azdServiceName", function_app) == "api"
+
+
+def test_the_zone_redundancy_cost_stated_matches_the_apps_scaling_groups():
+    """With zone redundancy Flex Consumption keeps two always-ready instances per scaling group: the
+    HTTP triggers share one, every other trigger scales alone. The count the parameter descriptions
+    and docs/deploy.md give an admin must follow the functions the app has."""
+    triggers = [b["type"] for b in bm.indexed_bindings() if b.get("type", "").endswith("Trigger")]
+    alone = sum(1 for t in triggers if t != "httpTrigger")
+    assert "httpTrigger" in triggers and alone >= 11
+    instances = 2 * (1 + alone)
+    deploy = (bm.ROOT / "docs" / "deploy.md").read_text()
+    assert f"(this app has {alone}), so {1 + alone} groups and at least {instances} always-ready" in deploy
+    for path in (bm.MAIN, bm.INFRA / "modules" / "function-app.bicep"):
+        spec = bm.parse(path)["parameters"]["zoneRedundant"]
+        description = next(d["argument"] for d in spec["decorators"] if d["type"] == "description")
+        assert f"({instances} instances for this app;" in description, path.name

@@ -182,3 +182,40 @@ def test_the_code_emits_what_the_module_documents():
                         "presence.sync.latency", "vendor.request.duration",
                         "subscriptions.count", "subscriptions.nearest_expiry_seconds", "connections.count",
                         "links.count"}
+
+
+# The window sizes (aggregation granularities) a log search alert rule accepts, in minutes; any
+# other fails the rule's creation, and with it the deployment: Azure/azure-rest-api-specs#21258
+# quotes the service ("Supported granularities are: 5, 10, 15, 30, 45, 60, 120, 180, 240, 300,
+# 360, 1440, 2880"), as does hashicorp/terraform-provider-azurerm#18886.
+ALERT_GRANULARITIES_MIN = {5, 10, 15, 30, 45, 60, 120, 180, 240, 300, 360, 1440, 2880}
+
+
+def _minutes(duration: str) -> int:
+    hours, minutes = re.fullmatch(r"PT(?:(\d+)H)?(?:(\d+)M)?", duration).groups()
+    return int(hours or 0) * 60 + int(minutes or 0)
+
+
+def test_every_alert_window_a_deployment_can_ask_for_is_one_azure_monitor_accepts():
+    """Each rule's window and frequency, for every value of the parameter the window is built from
+    (main.bicep's bounds are the module's, above): a window of 20 or 720 minutes would fail the
+    whole deployment at the alert rule."""
+    template = _template()
+    allowed = {name: next((d["argument"] for d in spec.get("decorators", []) if d["type"] == "allowed"), None)
+               for name, spec in template["parameters"].items()}
+    checked = 0
+    for alert in template["variables"]["alertDefinitions"]["value"]:
+        assert _minutes(str(alert["frequency"])) in ALERT_GRANULARITIES_MIN, alert["key"]
+        window = str(alert["window"])
+        names = re.findall(r"\$\{(\w+)\}", window)
+        if not names:
+            assert _minutes(window) in ALERT_GRANULARITIES_MIN, alert["key"]
+            continue
+        (name,) = names
+        assert allowed[name], f"{name} sets {alert['key']}'s window but does not list its allowed values"
+        for value in allowed[name]:
+            minutes = _minutes(window.replace(f"${{{name}}}", str(value)))
+            assert minutes in ALERT_GRANULARITIES_MIN, f"{alert['key']}: {name}={value}"
+            assert minutes >= _minutes(str(alert["frequency"])), f"{alert['key']}: {name}={value}"
+            checked += 1
+    assert checked >= 9  # noWebhookMinutes' values
