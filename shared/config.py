@@ -124,7 +124,8 @@ class Settings(BaseSettings):
     graph_notification_certificate: str | None = Field(
         default=None, validation_alias=AliasChoices("GRAPH_NOTIFICATION_CERTIFICATE")
     )
-    # The encryptionCertificateId sent with that certificate; empty = derived from its thumbprint.
+    # A label for the encryptionCertificateId sent with that certificate (default "presence-bridge");
+    # the certificate's thumbprint is always appended, so a new certificate is a new id.
     graph_notification_certificate_id: str | None = Field(
         default=None, validation_alias=AliasChoices("GRAPH_NOTIFICATION_CERTIFICATE_ID")
     )

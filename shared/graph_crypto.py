@@ -87,10 +87,15 @@ def load_notification_certificate(pem: str, certificate_id: str | None = None) -
         raise ValueError("GRAPH_NOTIFICATION_CERTIFICATE: the private key does not belong to the certificate")
     thumbprint = cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - Graph's thumbprint is SHA-1
     der = cert.public_bytes(serialization.Encoding.DER)
+    # The thumbprint is always part of the id: a subscription's certificate is fixed at creation,
+    # and the id is what tells a subscription made for another certificate (recorded on the shard,
+    # and Graph's encryptionCertificateId when a 409 is resolved) - an admin who swaps the PEM but
+    # keeps GRAPH_NOTIFICATION_CERTIFICATE_ID must still get subscriptions for the new one.
+    label = (certificate_id or "").strip() or "presence-bridge"
     return NotificationCertificate(
         private_key=key,
         certificate_b64=base64.b64encode(der).decode("ascii"),
-        certificate_id=(certificate_id or "").strip() or f"presence-bridge-{thumbprint[:16].lower()}",
+        certificate_id=f"{label}-{thumbprint[:16].lower()}",
         thumbprint=thumbprint,
     )
 

@@ -151,13 +151,23 @@ def assign(shards: list[Shard], wanted: set[str], size: int = SHARD_SIZE) -> Sha
 def plan_shards() -> ShardPlan:
     """Re-shard after link changes; writes only the shards that changed."""
     result = assign(read_shards(), wanted_entra_ids())
+    lost: list[int] = []
     for shard in result.shards:
         if shard.number in result.changed:
             try:
-                storage.write_entity(SHARDS_TABLE, shard.to_entity(), shard.etag)
+                shard.etag = storage.write_entity(SHARDS_TABLE, shard.to_entity(), shard.etag)
             except storage.Conflict:
-                # Another planner run got there first; the next run converges.
+                # Another planner run or the sweep wrote it first; the next run converges.
                 log.warning("shards: shard %s changed concurrently; left for the next run", shard.number)
+                lost.append(shard.number)
+    if lost:
+        # Go on with what is stored, not the plan that was not: a subscription made for unsaved
+        # ids would be recorded against the stored shard as made for the version planned, and the
+        # next plan of that shard reaches the same version with other ids ("fits", yet it does not).
+        stored = {s.number: s for s in read_shards()}
+        result.shards = [stored.get(s.number) if s.number in lost else s for s in result.shards]
+        result.shards = [s for s in result.shards if s is not None]
+        result.changed = [n for n in result.changed if n not in lost]
     if result.changed:
         log.info("shards: %d added, %d removed, shards changed: %s", result.added, result.removed, result.changed)
     return result

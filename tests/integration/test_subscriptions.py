@@ -7,6 +7,7 @@ and from the shards the sweep consults."""
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 
 from shared import connections, graph_client, storage, subscriptions
 from shared.shards import read_shards
@@ -117,6 +118,45 @@ def test_shards_get_one_subscription_each_and_stay_in_step(graph_app_env, webhoo
     report = run(graph)
     assert report.orphans_deleted == 1
     assert orphan not in live(graph) and len(live(graph)) == 3
+
+
+def test_a_shard_plan_that_lost_its_write_is_not_acted_on(graph_app_env, webhook_host, monkeypatch):
+    # The sweep saves shards too (their sequence numbers): when it writes one between the planner's
+    # read and write, the plan for that shard is not stored. A subscription made for it anyway was
+    # recorded against the stored shard as made for the planned version, and the next plan of the
+    # shard reached that version with other ids: the subscription "fitted" and the people added
+    # since got no notifications.
+    from shared import shards
+
+    graph = graph_app_env
+    everyone = people(graph, 5)
+    sync_accounts(graph, 1)
+    run(graph)
+    [first] = live(graph).values()
+    first_id = first.id.lower()
+    newcomer = people(graph, 1)[0]
+    wanted = shards.wanted_entra_ids
+
+    def sweep_saves_the_shard_meanwhile() -> set[str]:
+        for shard in read_shards():
+            shards.save_shard(shard)
+        return wanted()
+
+    monkeypatch.setattr(shards, "wanted_entra_ids", sweep_saves_the_shard_meanwhile)
+    report = run(graph)
+    monkeypatch.setattr(shards, "wanted_entra_ids", wanted)
+    assert (report.created, report.replaced) == (0, 0)  # nothing made for the plan that was not stored
+    [state] = shard_state().values()
+    assert newcomer not in state["ids"] and state["subscription_id"] == first_id
+    assert int(state["subscription_version"]) == state["version"]
+
+    later = people(graph, 1)[0]  # the shard changes again before the next run
+    report = run(graph)
+    assert (report.created, report.replaced) == (1, 1)
+    [sub] = live(graph).values()
+    assert sorted(u.lower() for u in sub.user_ids) == sorted([*everyone, newcomer, later])
+    [state] = shard_state().values()
+    assert state["subscription_id"] == sub.id.lower() and int(state["subscription_version"]) == state["version"]
 
 
 def test_a_subscription_gone_from_graph_is_recreated(graph_app_env, webhook_host):
@@ -287,6 +327,36 @@ def test_turning_rich_notifications_on_recreates_the_subscription(graph_app_env,
     assert rich.id != basic.id and rich.include_resource_data
     [state] = shard_state().values()
     assert state["subscription_certificate_id"] == rich.encryption_certificate_id
+    assert run(graph).created == 0  # and it stays
+
+
+def test_a_new_certificate_under_the_same_configured_id_recreates_the_subscription(graph_app_env, webhook_host,
+                                                                                 monkeypatch):
+    # The certificate is fixed when a subscription is made (API-FACTS §7). An admin who rolls the
+    # PEM over but keeps GRAPH_NOTIFICATION_CERTIFICATE_ID must still get subscriptions Graph
+    # encrypts for the new one: renewing the old would leave every rich item undecryptable.
+    from shared.graph_crypto import notification_certificate
+    from tests.fixtures.connections import reset_app_caches
+    from tests.integration.test_graph_notifications import notification_certificate_pem
+
+    graph = graph_app_env
+    people(graph, 5)
+    sync_accounts(graph, 1)
+    monkeypatch.setenv("GRAPH_NOTIFICATION_CERTIFICATE_ID", "contoso-presence")
+    monkeypatch.setenv("GRAPH_NOTIFICATION_CERTIFICATE", notification_certificate_pem())
+    reset_app_caches()
+    run(graph)
+    [old] = live(graph).values()
+    monkeypatch.setenv("GRAPH_NOTIFICATION_CERTIFICATE", notification_certificate_pem())
+    reset_app_caches()
+    ours = notification_certificate()
+    report = run(graph)
+    assert (report.created, report.replaced, report.renewed) == (1, 1, 0)
+    [new] = live(graph).values()
+    assert new.id != old.id and new.include_resource_data
+    assert new.encryption_certificate_id == ours.certificate_id != old.encryption_certificate_id
+    assert new.encryption_certificate_id.startswith("contoso-presence-")  # the admin's label stays
+    assert new.cert.fingerprint(hashes.SHA1()).hex().upper() == ours.thumbprint  # noqa: S303
     assert run(graph).created == 0  # and it stays
 
 
