@@ -130,6 +130,11 @@ def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: Engin
         # older PUT of ours): Zoom has one manual slot and our PUT replaced it. Taking it as the
         # person's would give up our overlay for good. (Zoom's event time against our clock.)
         return Observed.STALE
+    if (overlay is None and user.zoom_last_put and state in ZOOM_MANUAL_STATES
+            and state != parse_zoom(user.zoom_last_put) and ts_ms < user.zoom_last_put_at * 1000):
+        # Likewise once we let go: the status we put back replaced the slot, so a manual status
+        # from before that PUT (the late echo of the overlay we released, say) is not the person's.
+        return Observed.STALE
     user.zoom_seen_ts = ts_ms
     if overlay is not None and state == parse_zoom(overlay.status):
         # Zoom shows what we put there. If the person's own state was an automatic one

@@ -2,7 +2,9 @@
 
 Each table maps a canonical source state to one of:
 - ``CLEAR``: the source is idle — remove the overlays we own on the target;
-- ``NO_CHANGE``: the source tells us nothing (offline, unknown…) — leave the target alone;
+- ``NO_CHANGE``: the source tells us nothing (offline, unknown…) — write nothing for it; an
+  overlay of ours from the source's previous state is still taken off, as that state has ended
+  (Teams closed while its DND was mirrored to Zoom: Zoom gets the person's own status back);
 - an overlay to put on the target.
 
 ``PRESENCE_MAPPING`` holds JSON such as

@@ -215,6 +215,29 @@ def test_zoom_dnd_set_by_the_person_is_never_cleared_from_teams(world: World):
         assert zoom_puts(world, person) == []
 
 
+def test_our_zoom_dnd_reported_after_we_let_go_is_not_mirrored_to_teams(world: World):
+    # Zoom delivers the webhook of our DND late (a backlog, a retry), after the person left DND in
+    # Teams and we put their own status back, and the webhook of that PUT never comes. The late DND
+    # is older than our PUT: taken as the person's Zoom status it would put DND on Teams.
+    person = world.add_person()
+    with listening(world, "push"):
+        world.zoom.faults.webhook_delay(seconds=3 * E2E_ZOOM_MIN_INTERVAL_S, count=1)
+        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        world.wait_until(lambda: world.zoom_shows(person) == "Do_Not_Disturb")
+        world.zoom.faults.webhook_drop(count=1, status="Available")
+        world.graph.clear_preferred_by_user(person.entra_id)
+        world.settle()
+    puts = zoom_puts(world, person)
+    assert [p["body"]["status"] for p in puts] == ["Do_Not_Disturb", "Available"]
+    bodies = [(d["time"], d["body"].decode() if isinstance(d["body"], bytes) else str(d["body"]))
+              for d in world.zoom.deliveries if d["status"] == 200]
+    late = [at for at, body in bodies if person.zoom_id in body.lower() and "Do_Not_Disturb" in body]
+    assert late and min(late) > puts[-1]["time"]  # the DND reached us after we let go
+    assert world.zoom_shows(person) == "Available"
+    assert world.teams_shows(person) == ("Available", "Available")
+    assert graph_writes(world, person) == []  # nothing of Zoom's DND put on Teams
+
+
 def test_rate_limit_coalesces_rapid_teams_changes(world: World):
     person = world.add_person()
     interval = E2E_ZOOM_MIN_INTERVAL_S

@@ -510,15 +510,22 @@ def test_when_graph_answered_is_stored_with_the_overlay(answered_at):
     assert link_from_entity(entity).sync.teams_overlay.answered_at == 1_000_000.0
 
 
-def test_a_late_echo_of_an_older_zoom_put_does_not_give_up_the_newer_overlay():
-    # Teams DND → Zoom DND; a minute later a Teams call → Zoom On_A_Call. The DND echo comes late
-    # (Zoom retried it) with its original event time, after the second PUT was planned.
+def _zoom_dnd_whose_echo_is_late(then: tuple[str, str]) -> tuple[World, int]:
+    """Teams DND → Zoom DND, whose webhook is held up; two minutes on Teams moves to ``then``.
+    Returns the world and the DND report's event time."""
     w = World()
     w.zoom("Available")
     w.teams("DoNotDisturb", "DoNotDisturb")
     dnd_echo_ts = w.ts + 500
     w.tick(120)
-    w.teams("Busy", "InACall")
+    w.teams(*then)
+    return w, dnd_echo_ts
+
+
+def test_a_late_echo_of_an_older_zoom_put_does_not_give_up_the_newer_overlay():
+    # Teams DND → Zoom DND; a minute later a Teams call → Zoom On_A_Call. The DND echo comes late
+    # (Zoom retried it) with its original event time, after the second PUT was planned.
+    w, dnd_echo_ts = _zoom_dnd_whose_echo_is_late(("Busy", "InACall"))
     assert [op.status for op in w.zoom_writes] == ["Do_Not_Disturb", "On_A_Call"]
     w.tick(60)
     assert observe_zoom(w.user, "Do_Not_Disturb", dnd_echo_ts, w.now, CFG) == Observed.STALE
@@ -528,6 +535,22 @@ def test_a_late_echo_of_an_older_zoom_put_does_not_give_up_the_newer_overlay():
     assert w.teams_writes == []  # our own DND is not mirrored back to Teams
     w.teams("Available", "Available")  # the call ends: Zoom is released
     assert w.zoom_writes[-1].release and w.zoom_writes[-1].status == "Available"
+
+
+def test_a_late_echo_of_a_zoom_overlay_we_have_released_is_not_the_persons_status():
+    # Teams DND → Zoom DND, whose webhook is held up (a queue backlog, or Zoom retrying it); the
+    # person leaves DND in Teams and we put Available back. The DND report, older than that PUT,
+    # then arrives: taken as the person's, it would put DND on Teams after they had left it.
+    w, dnd_echo_ts = _zoom_dnd_whose_echo_is_late(("Available", "Available"))
+    assert [(op.status, op.release) for op in w.zoom_writes] == [("Do_Not_Disturb", False), ("Available", True)]
+    w.tick(5)
+    assert observe_zoom(w.user, "Do_Not_Disturb", dnd_echo_ts, w.now, CFG) == Observed.STALE
+    assert w.user.zoom_native == Presence.AVAILABLE
+    w.reconcile()
+    assert w.teams_writes == []  # nothing mirrored to Teams
+    # A manual status the person picks after our PUT is theirs, as ever.
+    assert w.zoom("Do_Not_Disturb") == Observed.APPLIED
+    assert w.teams_writes[-1].kind == TeamsOpKind.SET_PREFERRED
 
 
 def test_a_manual_zoom_status_set_after_our_put_still_takes_the_slot():
