@@ -124,16 +124,15 @@ def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: Engin
         return Observed.STALE
     state = parse_zoom(status)
     overlay = user.zoom_overlay
-    if (overlay is not None and state in ZOOM_MANUAL_STATES and state != parse_zoom(overlay.status)
-            and ts_ms < overlay.written_at * 1000):
-        # A manual status from before we decided to write ours (a late delivery, or the echo of an
-        # older PUT of ours): Zoom has one manual slot and our PUT replaced it. Taking it as the
-        # person's would give up our overlay for good. (Zoom's event time against our clock.)
-        return Observed.STALE
-    if (overlay is None and user.zoom_last_put and state in ZOOM_MANUAL_STATES
-            and state != parse_zoom(user.zoom_last_put) and ts_ms < user.zoom_last_put_at * 1000):
-        # Likewise once we let go: the status we put back replaced the slot, so a manual status
-        # from before that PUT (the late echo of the overlay we released, say) is not the person's.
+    # What we last put in Zoom's one manual slot, and since when: our overlay (from when we decided
+    # to write it) or, once we let go, the status we put back.
+    ours = (overlay.status, overlay.written_at) if overlay is not None else (
+        (user.zoom_last_put, user.zoom_last_put_at) if user.zoom_last_put else None)
+    if ours and state in ZOOM_MANUAL_STATES and state != parse_zoom(ours[0]) and ts_ms < ours[1] * 1000:
+        # A manual status from before that (a late delivery, the echo of an older PUT of ours, or
+        # of the overlay we released): our PUT replaced it. Taken as the person's, it would give
+        # up our overlay for good, or mirror a status Zoom no longer shows. (Zoom's event time
+        # against our clock.)
         return Observed.STALE
     user.zoom_seen_ts = ts_ms
     if overlay is not None and state == parse_zoom(overlay.status):
