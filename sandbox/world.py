@@ -38,9 +38,10 @@ ZOOM_OAUTH_CLIENT_SECRET = "sandbox-zoom-oauth-secret-" + "z" * 12
 @dataclass
 class Person:
     name: str
-    zoom_id: str
+    zoom_id: str  # lowercase, as the app keys it
     entra_id: str
     email: str
+    zoom_api_id: str = ""  # as Zoom issued it (what an admin copies from Zoom)
 
 
 class World:
@@ -163,7 +164,7 @@ class World:
         entra_user = self.graph.add_user(display_name=name, mail=email, user_principal_name=email)
         if teams is not None:
             self.graph.set_teams_client(entra_user["id"], teams[0], teams[1])
-        person = Person(name, zoom_user["id"].lower(), entra_user["id"].lower(), email)
+        person = Person(name, zoom_user["id"].lower(), entra_user["id"].lower(), email, zoom_user["id"])
         if link:
             made = self.link(person, directions)
             if made["directions"] and getattr(self.host, "queues_running", True):
@@ -178,7 +179,7 @@ class World:
         body: dict = {"entra_user_id": person.entra_id, "email": person.email}
         if directions is not None:
             body["directions"] = directions
-        response = self.admin("PUT", f"links/{person.zoom_id}", json=body)
+        response = self.admin("PUT", f"links/{person.zoom_api_id or person.zoom_id}", json=body)
         response.raise_for_status()
         return response.json()
 

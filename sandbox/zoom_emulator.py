@@ -713,6 +713,10 @@ class ZoomEmulator:
         # Zoom sends user ids in lowercase in some places (ha-zoom-automation README): set to
         # True to emit lowercased ids in webhook events.
         self.lowercase_event_ids = False
+        # Nor does Zoom document whether its REST API takes a user id in another case than it
+        # issued: set to True to refuse one (404, code 1001), as a case-sensitive API would.
+        # Emails and "me" are looked up case-insensitively either way.
+        self.case_sensitive_rest_ids = False
         # Zoom does not document whether an API update produces user.presence_status_updated;
         # the emulator assumes it does (so echo suppression is exercised). Switch off to check
         # that nothing depends on the echo.
@@ -855,6 +859,7 @@ class ZoomEmulator:
                 self.presence_min_interval_s = init["presence_min_interval_s"]
                 self.per_user_retry_after = True
                 self.lowercase_event_ids = False
+                self.case_sensitive_rest_ids = False
                 self.echo_api_updates = True
         self.faults.clear()
         with self._record_lock:
@@ -1729,7 +1734,10 @@ class ZoomEmulator:
                 return self._find_user(token.user_id)
             # A Server-to-Server app's "me" is the account owner: here the first user added.
             return next((u for u in self._users.values() if u.account_id == token.account_id), None)
-        return self._find_user(key, token.account_id)
+        user = self._find_user(key, token.account_id)
+        if user is not None and self.case_sensitive_rest_ids and "@" not in key and key != user.id:
+            return None
+        return user
 
     def _begin(
         self, request: Request, ctx: dict, category: str, user_key: str | None, scopes: EndpointScopes

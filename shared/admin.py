@@ -108,7 +108,7 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     except storage.Conflict:
         return _error(409, "the link changed concurrently; try again")
     try:
-        written = _write_admin_link(zoom_id, entra_id, body, current_scopes)
+        written = _write_admin_link(zoom_user_id, entra_id, body, current_scopes)
     except Exception:
         release_entra_claim(claim)
         raise
@@ -143,12 +143,13 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     return 200, link.to_public()
 
 
-def _write_admin_link(zoom_id: str, entra_id: str, body: LinkBody,
+def _write_admin_link(zoom_user_id: str, entra_id: str, body: LinkBody,
                       current_scopes: Any) -> tuple[Link, Link | None] | None:
     """Write the link an admin PUT asks for; returns it and the link it replaced (None if new), or
-    None when it kept changing under us."""
+    None when it kept changing under us. ``zoom_user_id`` as the admin gave it (Zoom's spelling)."""
     from shared import scopes
 
+    zoom_id = zoom_user_id.lower()
     for _ in range(8):
         existing, etag = read_link(zoom_id)
         stamp = now_iso()
@@ -171,6 +172,8 @@ def _write_admin_link(zoom_id: str, entra_id: str, body: LinkBody,
                 # with the Zoom user, as matching's re-point keeps them: a re-point is no opt-in,
                 # and a late, older lifecycle event must still be dropped.
                 link.opt_out, link.lifecycle_ts = existing.opt_out, existing.lifecycle_ts
+                link.zoom_id_issued = existing.zoom_id_issued
+        link.learn_zoom_id(zoom_user_id, from_zoom=False)
         link.email = body.email or (existing.email if existing else "")
         link.origin = "admin"
         link.status = STATUS_ACTIVE
@@ -367,7 +370,7 @@ def _queue_backstop_release(link: Link) -> storage.QueuedMessage | None:
     if not left:
         return None
     delay_s = max(RELEASE_BACKSTOP_S, lease_left + LATE_WRITE_GRACE_S)
-    return _queue_release(s.zoom_user_id, s.entra_user_id, left, delay_s, attempt=1)
+    return _queue_release(link.zoom_api_id, s.entra_user_id, left, delay_s, attempt=1)
 
 
 def _withdraw(backstop: storage.QueuedMessage | None, zoom_user_id: str) -> None:
@@ -418,13 +421,13 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
                 delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0))
     if zoom and s.zoom_overlay is not None:
         try:
-            zoom_client.put_presence_status(s.zoom_user_id, s.zoom_overlay.restore)
+            zoom_client.put_presence_status(link.zoom_api_id, s.zoom_overlay.restore)
         except (VendorError, TokenError) as exc:
             log.warning("admin: could not release the Zoom overlay of user %s now (%s); queued", s.zoom_user_id, exc)
             left["zoom"] = _zoom_left(s)
             delay_s = max(delay_s, getattr(exc, "retry_after_s", 0.0))
     if left:
-        _queue_release(s.zoom_user_id, s.entra_user_id, left, delay_s, attempt=1)
+        _queue_release(link.zoom_api_id, s.entra_user_id, left, delay_s, attempt=1)
     lease_left = _lease_left(link)
     if lease_left > -LATE_WRITE_GRACE_S:
         # A write for this person is under way and may land after the release above; its calls
@@ -439,7 +442,7 @@ def release_overlays(link: Link, *, zoom: bool = True) -> None:
         if delay_s >= after_s:  # what is queued already goes late enough
             later = {side: v for side, v in later.items() if side not in left}
         if later:
-            _queue_release(s.zoom_user_id, s.entra_user_id, later, after_s, attempt=1)
+            _queue_release(link.zoom_api_id, s.entra_user_id, later, after_s, attempt=1)
 
 
 def _teams_left(s: UserSync) -> dict:
@@ -475,6 +478,7 @@ RELEASE_MAX_WAIT_S = 6 * 24 * 3600.0  # within a queue message's 7-day life
 
 def _queue_release(zoom_user_id: str, entra_user_id: str, left: dict, delay_s: float, *, attempt: int,
                    since: float | None = None) -> storage.QueuedMessage | None:
+    # ``zoom_user_id`` as Zoom issued it (Link.zoom_api_id): the link, which knew it, may be gone.
     return storage.enqueue(RECONCILE_QUEUE, {"kind": "release", "zoom_user_id": zoom_user_id,
                                              "entra_user_id": entra_user_id, "left": left, "attempt": attempt,
                                              "since": time.time() if since is None else since},
@@ -505,10 +509,11 @@ def _hand_over(zoom_id: str, take_over: Callable[[Link], bool | None], what: str
     return result["taken"] is not False
 
 
-def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
+def _hand_over_zoom(zoom_api_id: str, zoom: dict) -> bool:
     """Is the Zoom user linked again? Then the new link's sync takes over our status on Zoom (to
     keep, replace or release as its Teams account calls for, under its write lease and within
-    Zoom's minute) rather than later taking it for the person's own and keeping it for good."""
+    Zoom's minute) rather than later taking it for the person's own and keeping it for good.
+    ``zoom_api_id`` as the release names the user (Zoom's spelling, which the new link may lack)."""
     from shared.engine import ZoomOverlayRecord
     from shared.presence import ZOOM_MANUAL_STATES, parse_zoom
 
@@ -536,9 +541,10 @@ def _hand_over_zoom(zoom_id: str, zoom: dict) -> bool:
         s.zoom_shows_ours = s.zoom_native == restore
         s.zoom_last_put = zoom["ours"]
         s.zoom_last_put_at = max(s.zoom_last_put_at, float(zoom.get("last_put_at") or now))
+        link.learn_zoom_id(zoom_api_id, from_zoom=False)
         return True
 
-    return _hand_over(zoom_id, take_over, "Zoom")
+    return _hand_over(zoom_api_id.lower(), take_over, "Zoom")
 
 
 class _LeaseHeld(Exception):
@@ -596,7 +602,8 @@ def finish_release(message: dict) -> None:
     an admin changes that answer, and until then each retry would be refused the same way."""
     from shared.presence import ZOOM_MANUAL_STATES, parse_teams, parse_zoom, teams_pair_matches
 
-    zoom_id = str(message["zoom_user_id"]).lower()
+    zoom_api_id = str(message["zoom_user_id"])  # as Zoom issued it, for its REST paths
+    zoom_id = zoom_api_id.lower()
     entra = str(message["entra_user_id"]).lower()
     left = dict(message["left"])
     attempt = int(message.get("attempt", 1))
@@ -647,16 +654,16 @@ def finish_release(message: dict) -> None:
     zoom = left.get("zoom")
     if zoom:
         try:
-            if _hand_over_zoom(zoom_id, zoom):
+            if _hand_over_zoom(zoom_api_id, zoom):
                 zoom = None
         except storage.Conflict as exc:
             retry("zoom", exc)
             zoom = None
     if zoom:
         try:
-            shown = parse_zoom(zoom_client.get_presence_status(zoom_id))
+            shown = parse_zoom(zoom_client.get_presence_status(zoom_api_id))
             if shown == parse_zoom(zoom["ours"]):
-                zoom_client.put_presence_status(zoom_id, zoom["restore"])
+                zoom_client.put_presence_status(zoom_api_id, zoom["restore"])
             elif shown == Presence.OFFLINE:
                 # Signed out: Zoom keeps the manual status for their next sign-in, but refuses to
                 # change it until then.
@@ -691,7 +698,7 @@ def finish_release(message: dict) -> None:
                     f"release not done after {attempt} attempts over {(time.time() - since) / 3600:.1f} h "
                     f"({', '.join(sorted(still))} side)")
         return
-    _queue_release(zoom_id, entra, still, delay_s, attempt=attempts, since=since)
+    _queue_release(zoom_api_id, entra, still, delay_s, attempt=attempts, since=since)
 
 
 __all__ = ["put_link", "get_link", "get_links", "remove_link", "resync_link", "release_overlays",

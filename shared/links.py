@@ -7,6 +7,7 @@ users by their Entra id only.
 
 Keys: PartitionKey = Zoom user id (lowercase: Zoom is not consistent about case, API-FACTS §2),
 RowKey = ``"link"``. Index: PartitionKey = Entra object id (lowercase), RowKey = ``"link"``.
+The id as Zoom issued it (``zoom_id_issued``) is kept beside the key for Zoom's REST paths.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ ZOOM_OVERLAY_EXPIRES = "zoom_overlay_expires_at"
 STATUS_ACTIVE = "active"
 STATUS_DISABLED = "disabled"
 STATUS_ERROR = "error"
+ZOOM_USER_NOT_FOUND = "zoom_user_not_found"  # the error a Zoom 404 (1001) leaves (shared.sync)
 
 # Why Zoom PUTs for a person are held back (``zoom_blocked_why``).
 BLOCKED_NOT_SIGNED_IN = "not_signed_in"  # 400/5301: ended early by a report of the person in a client
@@ -93,10 +95,36 @@ class Link:
     extra: dict[str, Any] = field(default_factory=dict)
     # The keep-alive's columns as stored (Teams, Zoom); every write derives them afresh.
     expiry_columns: tuple[float | None, float | None] = (None, None)
+    # The Zoom user id as Zoom spells it (from Zoom itself, or an admin's PUT); the key is lowercased.
+    zoom_id_issued: str = ""
 
     @property
     def zoom_user_id(self) -> str:
         return self.sync.zoom_user_id
+
+    @property
+    def zoom_api_id(self) -> str:
+        """The id for Zoom's REST paths. Zoom lowercases ids in some webhooks (API-FACTS §2) and does
+        not document whether its API takes an id in another case than it issued: the issued
+        spelling is used where known, the key otherwise (links saved before it was kept)."""
+        return self.zoom_id_issued or self.sync.zoom_user_id
+
+    def learn_zoom_id(self, given: str | None, *, from_zoom: bool = True) -> bool:
+        """Keep ``given`` as the issued id where :func:`issued_zoom_id` says so. True if it changed."""
+        kept = self.zoom_id_issued
+        self.zoom_id_issued = issued_zoom_id(kept, given, self.sync.zoom_user_id, from_zoom=from_zoom)
+        return self.zoom_id_issued != kept
+
+    def retry_refused_zoom_id(self, called_before: str) -> bool:
+        """Zoom refused the link's id (``zoom_user_not_found``), and the id it is called with is no
+        longer ``called_before``: the error may have been the spelling's, so the link is active
+        again (the caller reconciles it). True if so."""
+        if self.zoom_api_id == called_before or self.status != STATUS_ERROR \
+                or self.error_kind != ZOOM_USER_NOT_FOUND:
+            return False
+        self.status, self.sync.active = STATUS_ACTIVE, True
+        self.error_kind = self.error_detail = self.error_at = ""
+        return True
 
     @property
     def entra_user_id(self) -> str:
@@ -148,6 +176,19 @@ class Link:
                 "last_sync_direction": self.last_sync_direction or None,
             },
         }
+
+
+def issued_zoom_id(kept: str, given: str | None, key: str, *, from_zoom: bool = True) -> str:
+    """Of the spelling ``kept`` and a newly ``given`` one of Zoom user ``key``, the one to keep.
+    Lowercasing only loses information: a spelling with capitals is never replaced by one without,
+    and only by another from Zoom itself (its user listing, a user read, its sign-in), not by what
+    an admin typed."""
+    given = str(given or "")
+    if not given or given.lower() != key.lower() or given == kept:
+        return kept
+    if not kept or kept == kept.lower():
+        return given
+    return given if from_zoom and given != given.lower() else kept
 
 
 def _iso(ts: float | None) -> str | None:
@@ -217,7 +258,7 @@ _KNOWN = {
     "zoom_seen_ts", "zoom_shows_ours", "zoom_overlay", "zoom_yielded", "zoom_last_put", "zoom_last_put_at",
     "teams_native", "teams_native_since", "teams_seen_seq", "teams_seen_ts", "teams_shows_ours",
     "teams_overlay", "teams_yielded", "teams_released", "teams_released_at", "lease_owner", "lease_until",
-    "pending", "Timestamp",
+    "pending", "Timestamp", "zoom_id_issued",
     "wanted_directions", "opt_out", "scope_member", "disabled_reason", "disabled_at", "lifecycle_ts",
     TEAMS_OVERLAY_EXPIRES, ZOOM_OVERLAY_EXPIRES,
 }
@@ -281,6 +322,7 @@ def link_from_entity(entity: dict) -> Link:
         lifecycle_ts=int(entity.get("lifecycle_ts") or 0),
         extra={k: v for k, v in entity.items() if k not in _KNOWN},
         expiry_columns=(entity.get(TEAMS_OVERLAY_EXPIRES), entity.get(ZOOM_OVERLAY_EXPIRES)),
+        zoom_id_issued=str(entity.get("zoom_id_issued") or ""),
     )
 
 
@@ -317,6 +359,7 @@ def link_to_entity(link: Link) -> dict:
         "disabled_reason": link.disabled_reason,
         "disabled_at": link.disabled_at,
         "lifecycle_ts": link.lifecycle_ts,
+        "zoom_id_issued": link.zoom_id_issued,
         "zoom_native": s.zoom_native.value if s.zoom_native else "",
         "zoom_native_since": s.zoom_native_since,
         "zoom_seen_ts": s.zoom_seen_ts,

@@ -50,6 +50,7 @@ from shared.links import (
     _delete_index_if_points_to,
     claim_entra,
     index_entra,
+    issued_zoom_id,
     now_iso,
     read_link,
     release_entra_claim,
@@ -108,6 +109,7 @@ class LinkRow:
     disabled_reason: str = ""
     email: str = ""
     lifecycle_ts: int = 0
+    zoom_id_issued: str = ""
 
     def probe(self) -> Link:
         """A stand-in link to test a target against without reading the whole entity."""
@@ -116,13 +118,15 @@ class LinkRow:
                     email=self.email, origin=self.origin, status=self.status, disabled_reason=self.disabled_reason,
                     lifecycle_ts=self.lifecycle_ts)
 
-    _FIELDS = ("PartitionKey", "entra_user_id", "origin", "status", "disabled_reason", "email", "lifecycle_ts")
+    _FIELDS = ("PartitionKey", "entra_user_id", "origin", "status", "disabled_reason", "email", "lifecycle_ts",
+               "zoom_id_issued")
 
     @classmethod
     def from_entity(cls, e: dict) -> LinkRow:
         return cls(str(e["PartitionKey"]), str(e.get("entra_user_id") or "").lower(),
                    str(e.get("origin") or ORIGIN_ADMIN), str(e.get("status") or STATUS_ACTIVE),
-                   str(e.get("disabled_reason") or ""), str(e.get("email") or ""), int(e.get("lifecycle_ts") or 0))
+                   str(e.get("disabled_reason") or ""), str(e.get("email") or ""), int(e.get("lifecycle_ts") or 0),
+                   str(e.get("zoom_id_issued") or ""))
 
 
 @dataclass(frozen=True)
@@ -294,12 +298,12 @@ def _entra_record(user: dict) -> list | None:
 
 
 def _zoom_record(user: dict) -> list | None:
-    zoom_id = str(user.get("id") or "").lower()
-    if not zoom_id:
+    issued = str(user.get("id") or "")
+    if not issued:
         return None
     if str(user.get("status") or "active").lower() != "active":
         return None
-    return [zoom_id, _address(user.get("email")) or ""]
+    return [issued.lower(), _address(user.get("email")) or "", issued]
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -439,12 +443,15 @@ class _World:
     entra: dict[str, tuple[bool, list[str]]]
     links: dict[str, LinkRow]
     index: dict[str, str]
+    zoom_issued: dict[str, str] = field(default_factory=dict)  # key -> the id as Zoom spells it
 
 
 def _load_world(run: runs.Run) -> _World:
     state = run.state
     entra = {r[0]: (bool(r[1]), list(r[2])) for r in _load_pages("entra", state["entra_pages"], run.run_id)}
-    zoom = {r[0]: r[1] for r in _load_pages("zoom", state["zoom_pages"], run.run_id)}
+    zoom_records = _load_pages("zoom", state["zoom_pages"], run.run_id)
+    zoom = {r[0]: r[1] for r in zoom_records}
+    zoom_issued = {r[0]: r[2] for r in zoom_records if len(r) > 2 and r[2]}  # pages saved before: none
     links: dict[str, LinkRow] = {}
     client = storage.table(LINKS_TABLE)
     select = list(LinkRow._FIELDS)
@@ -460,7 +467,7 @@ def _load_world(run: runs.Run) -> _World:
         storage.count_operation()
         for e in page:
             index[str(e["PartitionKey"])] = str(e.get("zoom_user_id") or "")
-    return _World(zoom, entra, links, index)
+    return _World(zoom, entra, links, index, zoom_issued)
 
 
 def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
@@ -551,7 +558,9 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
     """Bring one link in step; returns the report counters to bump."""
     counts: list[str] = []
     row = world.links.get(zoom_id)
-    if row is not None and not apply_target(row.probe(), target, zoom_listed_at)[0]:
+    issued = world.zoom_issued.get(zoom_id, "")
+    if row is not None and not apply_target(row.probe(), target, zoom_listed_at)[0] \
+            and issued_zoom_id(row.zoom_id_issued, issued, zoom_id) == row.zoom_id_issued:
         # Decided from the scanned columns: an unchanged link costs no read and no write.
         _check_index(zoom_id, row.entra_user_id, world, owners, counts, repaired=True)
         return counts
@@ -559,21 +568,27 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
     for _ in range(8):
         old: Link | None = None
         link: Link | None = None
-        repointed = False
+        changed = repointed = revived = id_learnt = False
         current, etag = (None, None) if fresh else read_link(zoom_id)
         fresh = False
         if current is None:
             if not target.create:
                 return counts  # deleted meanwhile: nothing to keep in step
-            link = _new_link(zoom_id, target, current_scopes)
+            link = _new_link(zoom_id, target, current_scopes, issued)
         else:
             old = _copy(current)
             link = current
             changed, repointed = apply_target(link, target, zoom_listed_at)
-            if not changed:
+            # Zoom's spelling of the id, for its REST paths (a link saved before it was kept, or by
+            # an admin who gave it otherwise): recorded on its own costs one write, once.
+            called_before = link.zoom_api_id
+            id_learnt = link.learn_zoom_id(issued)
+            revived = link.retry_refused_zoom_id(called_before)
+            if not changed and not id_learnt:
                 link = None
                 break
-            link.updated_at = now_iso()
+            if changed or revived:
+                link.updated_at = now_iso()
         try:
             write_link(link, etag)
         except storage.Conflict:
@@ -587,9 +602,14 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
             counts.append("created")
             if link.status == STATUS_DISABLED:
                 counts.append("created_disabled")
-        else:
+        elif changed:
             counts.append("updated")
             _after_change(old, link, repointed, counts, outbox)
+        if old is not None and id_learnt:
+            counts.append("zoom_id_recorded")
+        if revived:
+            counts.append("error_cleared")
+            outbox.queue(link.zoom_user_id, "zoom_id_recorded", confirm_zoom=True, confirm_teams=True)
     entra_id = link.entra_user_id if link is not None else (old.entra_user_id if old else "")
     _check_index(zoom_id, entra_id, world, owners, counts, repaired=link is None)
     return counts
@@ -606,10 +626,11 @@ def _check_index(zoom_id: str, entra_id: str, world: _World, owners: dict[str, s
             counts.append("index_repaired")
 
 
-def _new_link(zoom_id: str, target: Target, current_scopes: scopes.Scopes) -> Link:
+def _new_link(zoom_id: str, target: Target, current_scopes: scopes.Scopes, issued: str = "") -> Link:
     stamp = now_iso()
     link = Link(sync=UserSync(zoom_id, target.entra_user_id, frozenset(ALL_DIRECTIONS)), email=target.email or "",
                 origin=ORIGIN_MATCH, created_at=stamp, updated_at=stamp)
+    link.learn_zoom_id(issued)
     link.wanted_directions = frozenset(ALL_DIRECTIONS)
     scopes.refresh(link, current_scopes)
     if target.reason:
@@ -672,7 +693,8 @@ def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
 def _save_report(run: runs.Run, plan: MatchPlan) -> None:
     cap = get_settings().matching_report_list_cap
     counts = dict(plan.counts)
-    for key in ("created", "created_disabled", "updated", "disabled", "enabled", "repointed", "index_repaired"):
+    for key in ("created", "created_disabled", "updated", "disabled", "enabled", "repointed", "index_repaired",
+                "zoom_id_recorded", "error_cleared"):
         counts[key] = int(run.state["counts"].get(key, 0))
     lists = {
         "ambiguous_zoom": plan.ambiguous_zoom, "ambiguous_entra": plan.ambiguous_entra,
@@ -723,7 +745,7 @@ def match_zoom_user(zoom_user_id: str) -> str:
     """Link one Zoom user (``user.created`` / ``user.activated``) if exactly one Entra user matches."""
     zoom_id = zoom_user_id.lower()
     try:
-        user = zoom_client.get_user(zoom_id)
+        user = zoom_client.get_user(zoom_user_id)  # as the event spelt it (lowercased, at worst)
     except NotFound:
         log.info("matching: Zoom user %s not found; not linked", zoom_id)
         return "zoom_user_not_found"
@@ -754,7 +776,7 @@ def match_zoom_user(zoom_user_id: str) -> str:
     target = Target(entra_id, "" if entra_user.get("accountEnabled") is not False else "entra_disabled", email,
                     create=True)
     current_scopes = scopes.read_scopes()
-    link = _new_link(zoom_id, target, current_scopes)
+    link = _new_link(zoom_id, target, current_scopes, str(user.get("id") or zoom_user_id))
     # Claimed before the link is written, as an admin PUT or a self link does (shared.links): of
     # this and one of those racing for the account, one is refused, never two active links.
     try:
@@ -791,14 +813,15 @@ def handle_user_event(message: dict) -> str:
     if message.get("kind") != "zoom_user_event":
         raise ValueError(f"unknown message kind {message.get('kind')!r}")
     event = str(message["event"])
-    zoom_id = str(message["zoom_user_id"]).lower()
+    zoom_user_id = str(message["zoom_user_id"])
+    zoom_id = zoom_user_id.lower()
     event_ts = int(message.get("event_ts") or 0)
     if event in DISABLING_EVENTS:
         return _disable_for_event(zoom_id, DISABLING_EVENTS[event], event_ts)
     if event in ENABLING_EVENTS:
         outcome = _enable_for_event(zoom_id, event_ts)
         if outcome == "not_linked":
-            return match_zoom_user(zoom_id)
+            return match_zoom_user(zoom_user_id)
         return outcome
     if event == "user.updated":
         fields = message.get("fields")
@@ -818,7 +841,7 @@ def _recheck_email(zoom_id: str) -> str:
     if link is None or link.origin in PINNED_ORIGINS:
         return "ignored"
     try:
-        user = zoom_client.get_user(zoom_id)
+        user = zoom_client.get_user(link.zoom_api_id)
     except NotFound:
         return "zoom_user_not_found"  # its deletion event follows
     if (_address(user.get("email")) or "") == (link.email or "").lower():

@@ -433,7 +433,7 @@ def _read_zoom(link: Link, outcome: Outcome, *, required: bool | str = False) ->
     and always when Zoom does not know the account)."""
     outcome.reads += 1
     try:
-        return zoom_client.get_presence_status(link.zoom_user_id)
+        return zoom_client.get_presence_status(link.zoom_api_id)
     except NotFound:
         raise UnknownAccount(TEAMS_TO_ZOOM, "zoom_user_not_found", ZOOM_UNKNOWN, link.entra_user_id) from None
     except VendorError as exc:
@@ -661,7 +661,7 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     settings = get_settings()
     undo = {"zoom": _zoom_undo(link, step), "owner": link.lease_owner}
     try:
-        zoom_client.put_presence_status(link.zoom_user_id, op.status, op.duration_minutes)
+        zoom_client.put_presence_status(link.zoom_api_id, op.status, op.duration_minutes)
     except ZoomUserNotSignedIn:
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_not_signed_in")
         until = time.time() + settings.zoom_not_signed_in_backoff_seconds

@@ -220,7 +220,8 @@ def _user_event(event: ZoomEvent, enqueue) -> WebhookResponse:
         payload = UserPayload.model_validate(event.payload)
     except ValidationError as exc:
         raise _Rejected(400, "bad_shape", f"user event payload invalid: {_fields(exc)}") from None
-    message = {"kind": "zoom_user_event", "event": event.event, "zoom_user_id": payload.object.id.lower(),
+    # The id as the event spells it (the worker keys on it lowercased; a new user is read by it).
+    message = {"kind": "zoom_user_event", "event": event.event, "zoom_user_id": payload.object.id,
                "event_ts": event.event_ts}
     if event.event == "user.updated":
         # The names of the fields that changed (Zoom's object holds the id and those), never their

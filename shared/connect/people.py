@@ -77,6 +77,23 @@ def resync_after_connect(entra_user_id: str) -> bool:
     return True
 
 
+def _record_zoom_id(link: Link, zoom_user_id: str, etag: str | None) -> bool:
+    """Keep the spelling of the id Zoom's sign-in gave on a link that is otherwise as it was
+    (reconciled at once if Zoom had refused the old one). False if the link changed meanwhile."""
+    called_before = link.zoom_api_id
+    if not link.learn_zoom_id(zoom_user_id):
+        return True
+    retry = link.retry_refused_zoom_id(called_before)
+    link.updated_at = now_iso()
+    try:
+        write_link(link, etag)
+    except storage.Conflict:
+        return False
+    if retry:
+        _reconcile_soon(link.zoom_user_id, "zoom_id_recorded")
+    return True
+
+
 def link_self(zoom_user_id: str, entra_user_id: str) -> LinkResult:
     """Create or confirm the link between a Zoom user and an Entra user who both just signed in."""
     zoom_id, entra_id = zoom_user_id.lower(), entra_user_id.lower()
@@ -92,6 +109,8 @@ def link_self(zoom_user_id: str, entra_user_id: str) -> LinkResult:
         stamp = now_iso()
         if existing is not None and existing.entra_user_id == entra_id:
             if not _withdrawn(existing):
+                if not _record_zoom_id(existing, zoom_user_id, etag):
+                    continue
                 return LinkResult(LinkOutcome.CONFIRMED)
             existing.status = STATUS_ACTIVE
             existing.sync.active = True
@@ -105,6 +124,7 @@ def link_self(zoom_user_id: str, entra_user_id: str) -> LinkResult:
             link = Link(sync=UserSync(zoom_id, entra_id, frozenset(ALL_DIRECTIONS)), origin=ORIGIN_SELF,
                         status=STATUS_ACTIVE, created_at=stamp, updated_at=stamp)
             outcome = LinkOutcome.CREATED
+        link.learn_zoom_id(zoom_user_id)  # as Zoom's sign-in named them: the spelling its REST paths take
         # Claimed before the link is written, as an admin's link is (shared.links): of two links
         # made for one Teams account at once, one is refused rather than both writing to it.
         try:

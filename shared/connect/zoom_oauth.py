@@ -106,7 +106,8 @@ def who_am_i(access_token: str) -> ZoomIdentity:
     body = _json(resp)
     if resp.status_code != 200 or not body.get("id"):
         raise ZoomSignInFailed(str(body.get("code") or resp.status_code), transient=resp.status_code >= 500)
-    return ZoomIdentity(str(body["id"]).lower(), str(body.get("account_id") or ""))
+    # The id as Zoom issued it, for its REST paths (Link.zoom_api_id); keys lowercase it.
+    return ZoomIdentity(str(body["id"]), str(body.get("account_id") or ""))
 
 
 def revoke(access_token: str) -> None:

@@ -155,6 +155,14 @@ def test_an_invitation_outlives_a_sign_in_that_fails_after_entra_answered(connec
     assert page.status_code == 200 and "Sync account connected" in page.text
 
 
+def zoom_spelling(person) -> str:
+    """The Zoom id the person's link calls Zoom's REST API with."""
+    from shared.links import read_link
+
+    link, _ = read_link(person.zoom_id)
+    return link.zoom_api_id
+
+
 def test_self_connect_links_the_person_and_writes_with_their_own_token(connect_world: World, app_setting):
     """No application permission to write presence: Teams writes use the person's own token."""
     world = connect_world
@@ -170,6 +178,7 @@ def test_self_connect_links_the_person_and_writes_with_their_own_token(connect_w
                     ["oauth", "authorize"], ["zoom", "callback"]]
     link = world.admin("GET", f"links/{person.zoom_id}").json()
     assert (link["entra_user_id"], link["origin"], link["status"]) == (person.entra_id, "self", "active")
+    assert zoom_spelling(person) == person.zoom_api_id  # as Zoom's sign-in named them, for its REST paths
     assert connection(world, person.entra_id)["purpose"] == "self"
     assert browser.cookie() is None  # the binding cookie is cleared at the end
 
@@ -211,6 +220,7 @@ def test_self_connect_from_zoom_keeps_no_zoom_token(connect_world: World, monkey
     assert hops == [["zoom", "start"], ["oauth", "authorize"], ["zoom", "callback"],
                     ["v2.0", "authorize"], ["microsoft", "callback"]]
     assert world.admin("GET", f"links/{person.zoom_id}").json()["origin"] == "self"
+    assert zoom_spelling(person) == person.zoom_api_id
 
     # The Zoom grant was only used to learn who the person is: revoked, and stored nowhere.
     [token] = seen

@@ -261,7 +261,7 @@ def _person(world: World, name: str, *, enabled: bool = True) -> Person:
     zoom_user = world.zoom.add_user(email=email, display_name=name)
     entra_user = world.graph.add_user(display_name=name, mail=email, account_enabled=enabled)
     world.graph.set_teams_client(entra_user["id"], "Available", "Available")
-    return Person(name, zoom_user["id"].lower(), entra_user["id"].lower(), email)
+    return Person(name, zoom_user["id"].lower(), entra_user["id"].lower(), email, zoom_user["id"])
 
 
 def _matched_in_a_meeting(world: World, name: str) -> Person:
@@ -574,6 +574,57 @@ def test_a_zoom_user_deleted_and_created_again_is_linked_at_once(world: World):
     world.zoom.join_meeting(again)
     world.settle()
     assert world.teams_shows(ada) == ("Busy", "InACall")
+
+
+def test_links_call_zoom_with_zooms_spelling_of_the_id_and_matching_repairs_a_lowercased_one(world: World):
+    # A Zoom that lowercases webhook ids and refuses a REST path naming an id in another case
+    # than it issued (both undocumented, API-FACTS §2; the emulator's switches). Matching keeps
+    # the spelling its listing gives; a link an admin saved with the lowercased id (from a log
+    # line, or before the app kept the spelling) is refused by Zoom until a run records it.
+    world.zoom.lowercase_event_ids = world.zoom.case_sensitive_rest_ids = True
+    try:
+        ada, bob = _person(world, "ada"), _person(world, "bob")
+        assert world.admin("PUT", f"links/{bob.zoom_id}", json={"entra_user_id": bob.entra_id}).status_code == 200
+        world.settle()
+        assert _link(world, bob)["error"]["kind"] == "zoom_user_not_found"
+
+        counts = run_matching(world)["report"]["counts"]
+        assert (counts["created"], counts["zoom_id_recorded"], counts["error_cleared"]) == (1, 1, 1)
+        world.settle()
+        assert [(_link(world, p)["status"], _link(world, p)["error"]) for p in (ada, bob)] == [("active", None)] * 2
+        before = etags("links")
+        assert run_matching(world)["report"]["counts"]["zoom_id_recorded"] == 0
+        assert etags("links") == before  # recorded once: the next run writes nothing
+
+        for person in (ada, bob):
+            world.zoom.join_meeting(person.zoom_id)
+        world.settle()
+        assert [world.teams_shows(p) for p in (ada, bob)] == [("Busy", "InACall")] * 2
+        for person in (ada, bob):
+            world.zoom.leave_meeting(person.zoom_id)
+        world.host.fire_timer("graph_subscriptions")
+        for person in (ada, bob):
+            world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        world.host.fire_timer("presence_sweep")
+        world.settle()
+        assert [world.zoom_shows(p) for p in (ada, bob)] == ["Do_Not_Disturb"] * 2
+        refused = [r for r in world.zoom.requests if r["status"] == 404 and r["path"].startswith("/v2/users/")]
+        assert len(refused) == 1, refused  # bob's first look, before the run
+
+        # A new Zoom user whose user.created names them in lowercase cannot be read by that id
+        # here: the next run links them, in Zoom's spelling.
+        email = f"cy.{uuid.uuid4().hex[:6]}@{DOMAIN}"
+        world.graph.set_teams_client(world.graph.add_user(display_name="cy", mail=email)["id"], "Available",
+                                     "Available")
+        cy = world.zoom.add_user(email=email, emit_created=True)["id"]
+        world.settle()
+        assert world.admin("GET", f"links/{cy.lower()}").status_code == 404
+        assert run_matching(world)["report"]["counts"]["created"] == 1
+        from shared.links import read_link
+
+        assert read_link(cy)[0].zoom_api_id == cy
+    finally:
+        world.zoom.lowercase_event_ids = world.zoom.case_sensitive_rest_ids = False
 
 
 def test_a_zoom_user_activated_again_does_not_take_a_teams_account_linked_meanwhile(world: World):

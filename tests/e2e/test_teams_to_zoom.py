@@ -480,7 +480,7 @@ def test_a_person_zoom_keeps_refusing_holds_back_no_one_else_in_the_batch(world:
     caplog.set_level("WARNING")
     monkeypatch.setattr(sweep, "PERSON_RETRY_DELAY_S", 0.5)
     refused, *others = (world.add_person() for _ in range(3))
-    world.zoom.faults.server_error(count=None, status=503, path=rf"/users/{refused.zoom_id}/presence_status$")
+    world.zoom.faults.server_error(count=None, status=503, path=rf"/users/{refused.zoom_api_id}/presence_status$")
     with listening(world, "poll"):
         for person in (refused, *others):
             world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")

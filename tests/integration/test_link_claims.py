@@ -16,6 +16,7 @@ from shared.connect import people
 from shared.links import (
     STATUS_ACTIVE,
     STATUS_DISABLED,
+    STATUS_ERROR,
     read_link,
     write_link,
     zoom_id_for_entra,
@@ -231,3 +232,31 @@ def test_a_zoom_user_activated_while_an_admin_links_its_teams_account_makes_one_
     assert (status, body["zoom_user_id"]) == (409, zoom_a)
     assert _active_links_naming(entra, zoom_a, zoom_b) == [zoom_a]
     assert zoom_id_for_entra(entra, fresh=True) == zoom_a
+
+
+def test_links_keep_zooms_spelling_of_the_id_and_a_sign_in_retries_a_refused_one(claims_env):
+    # Zoom may not take a lowercased id in its REST paths (docs/architecture.md, "Known
+    # limitations"). An admin saves the link with the lowercased id; Zoom refuses it
+    # (zoom_user_not_found). The person then signs in with Zoom, which names them as it spells
+    # them: the link keeps that spelling, is active again and is reconciled. An admin saving the
+    # link again, lowercased or spelt otherwise, does not overrule Zoom's spelling.
+    issued, entra = "Zq" + uuid.uuid4().hex[:10].upper() + "xY", str(uuid.uuid4())
+    key = issued.lower()
+    assert _put(key, entra)[0] == 200
+    link, etag = read_link(key)
+    assert link.zoom_api_id == key
+    link.status, link.sync.active, link.error_kind = STATUS_ERROR, False, "zoom_user_not_found"
+    write_link(link, etag)
+    claims_env.clear()
+
+    assert people.link_self(issued, entra).outcome == people.LinkOutcome.CONFIRMED
+    link, _ = read_link(key)
+    assert (link.zoom_api_id, link.status, link.error_kind) == (issued, STATUS_ACTIVE, "")
+    assert [m["reason"] for q, m in claims_env if q == names.RECONCILE_QUEUE] == ["zoom_id_recorded"]
+
+    for typed in (key, issued.upper()):
+        assert _put(typed, entra)[0] == 200
+        assert read_link(key)[0].zoom_api_id == issued
+    claims_env.clear()
+    assert people.link_self(issued, entra).outcome == people.LinkOutcome.CONFIRMED
+    assert claims_env == []  # nothing new to record: no write, no reconcile

@@ -1024,3 +1024,19 @@ def test_switches_for_undocumented_behaviour(hooked, receiver, api):
     assert len(receiver.received) == 1, "no echo of our own PUT"
     assert got["json"]["payload"]["object"]["id"] == uid.lower()
     assert api.get(f"/users/{uid.lower()}").json()["id"] == uid
+
+
+def test_case_sensitive_rest_ids_refuse_an_id_in_another_case(hooked, api):
+    hooked.case_sensitive_rest_ids = True
+    uid = hooked.add_user(id="MiXeDcAsE-Id0000000001", email="Case.Sensitive@example.com")["id"]
+    assert api.get(f"/users/{uid}").json()["id"] == uid
+    assert api.get(f"/users/{uid}/presence_status").status_code == 200
+    for path in (f"/users/{uid.lower()}", f"/users/{uid.lower()}/presence_status"):
+        r = api.get(path)
+        assert r.status_code == 404 and r.json()["code"] == 1001, path
+    assert api.put_presence(uid.lower(), "Away").status_code == 404
+    assert api.put_presence(uid, "Away").status_code == 204
+    # Emails stay case-insensitive (Zoom takes an email in place of the id).
+    assert api.get("/users/case.sensitive@EXAMPLE.com").json()["id"] == uid
+    hooked.reset(config=True)
+    assert hooked.case_sensitive_rest_ids is False

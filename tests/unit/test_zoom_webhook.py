@@ -144,12 +144,13 @@ def test_other_events_are_acknowledged_not_queued():
 
 
 def test_user_lifecycle_events_are_queued_for_linking():
+    # The id as Zoom spelt it: a new user is read by it (the worker lowercases it for keys only).
     body = json.dumps({"event": "user.deactivated", "event_ts": 5,
                        "payload": {"object": {"id": "XyZ", "email": "a@b.c"}}}).encode()
     response, queued = _call(body)
     assert response.status == 200
     assert queued == [(zoom_webhook.QUEUE_ZOOM_USERS,
-                       {"kind": "zoom_user_event", "event": "user.deactivated", "zoom_user_id": "xyz",
+                       {"kind": "zoom_user_event", "event": "user.deactivated", "zoom_user_id": "XyZ",
                         "event_ts": 5})]
 
 
@@ -185,7 +186,7 @@ def test_a_user_update_carries_the_names_of_the_changed_fields_never_their_value
 
     _, queued = _call(updated({"email": "new.owner@example.com"}))
     [(_, message)] = queued
-    assert message["fields"] == ["email"] and message["zoom_user_id"] == "abc123"
+    assert message["fields"] == ["email"] and message["zoom_user_id"] == "AbC123"
     assert "new.owner" not in json.dumps(message)
     _, queued = _call(updated({"dept": "Sales", "job_title": "Lead"}))
     assert queued[0][1]["fields"] == ["dept", "job_title"]
