@@ -53,7 +53,12 @@ ORIGIN_SELF = "self"  # the person connected themselves: directory matching neve
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return iso_time(time.time())
+
+
+def iso_time(ts: float) -> str:
+    """``ts`` as links store times (``created_at``, ``updated_at``): ISO seconds, UTC, so they sort."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass

@@ -50,6 +50,7 @@ from shared.links import (
     _delete_index_if_points_to,
     claim_entra,
     index_entra,
+    iso_time,
     issued_zoom_id,
     now_iso,
     read_link,
@@ -110,6 +111,7 @@ class LinkRow:
     email: str = ""
     lifecycle_ts: int = 0
     zoom_id_issued: str = ""
+    updated_at: str = ""
 
     def probe(self) -> Link:
         """A stand-in link to test a target against without reading the whole entity."""
@@ -119,14 +121,14 @@ class LinkRow:
                     lifecycle_ts=self.lifecycle_ts)
 
     _FIELDS = ("PartitionKey", "entra_user_id", "origin", "status", "disabled_reason", "email", "lifecycle_ts",
-               "zoom_id_issued")
+               "zoom_id_issued", "updated_at")
 
     @classmethod
     def from_entity(cls, e: dict) -> LinkRow:
         return cls(str(e["PartitionKey"]), str(e.get("entra_user_id") or "").lower(),
                    str(e.get("origin") or ORIGIN_ADMIN), str(e.get("status") or STATUS_ACTIVE),
                    str(e.get("disabled_reason") or ""), str(e.get("email") or ""), int(e.get("lifecycle_ts") or 0),
-                   str(e.get("zoom_id_issued") or ""))
+                   str(e.get("zoom_id_issued") or ""), str(e.get("updated_at") or ""))
 
 
 @dataclass(frozen=True)
@@ -315,7 +317,7 @@ def _stale_after() -> float:
 
 def _new_state() -> dict[str, Any]:
     return {"phase": "entra", "entra_next": None, "entra_pages": 0, "zoom_next": None, "zoom_pages": 0,
-            "zoom_token_at": 0.0, "zoom_listed_at": 0.0, "cursor": "", "counts": {}}
+            "zoom_token_at": 0.0, "entra_listed_at": 0.0, "zoom_listed_at": 0.0, "cursor": "", "counts": {}}
 
 
 def start(trigger: str) -> tuple[runs.Run | None, runs.Run | None]:
@@ -397,6 +399,7 @@ def _entra_step(run: runs.Run) -> None:
             state["entra_next"], state["entra_pages"] = None, 0
             return
     else:
+        state["entra_listed_at"] = time.time()
         page_size = get_settings().matching_entra_page_size
         body = client.request("GET", "/users", params={"$select": ENTRA_SELECT, "$top": page_size}).json()
     records = [r for r in (_entra_record(u) for u in body.get("value") or []) if r]
@@ -486,6 +489,11 @@ def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
     current_scopes = scopes.read_scopes()
     pending = [z for z in sorted(plan.targets) if z > state["cursor"]]
     listed_at = float(state["zoom_listed_at"])
+    # A link made or changed since the listings began (an admin's PUT, a self link, a Zoom user
+    # event, a scope change) may name people the listings predate: judged by them it would be
+    # disabled as absent (zoom_inactive, entra_not_found) or re-pointed. Left to the next run.
+    began = min(float(state.get("entra_listed_at") or listed_at), listed_at)
+    changed_since = iso_time(began) if began > 0 else ""
     workers = max(1, get_settings().matching_parallelism)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="matching") as pool:
         for start_at in range(0, len(pending), APPLY_STEP):
@@ -493,7 +501,7 @@ def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
             # Links are independent of each other: overlap their storage round trips.
             try:
                 results = list(pool.map(lambda z: _apply_one(z, plan.targets[z], world, owners, listed_at,
-                                                             current_scopes, outbox), step))
+                                                             current_scopes, outbox, changed_since), step))
             except Exception:
                 # The step is retried from its start; what it changed already owes its reconciles.
                 if outbox.keep_failed() is not None:
@@ -554,10 +562,13 @@ def _bump(counts: dict, key: str) -> None:
 
 
 def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, str], zoom_listed_at: float,
-               current_scopes: scopes.Scopes, outbox: runs.ReconcileOutbox) -> list[str]:
-    """Bring one link in step; returns the report counters to bump."""
+               current_scopes: scopes.Scopes, outbox: runs.ReconcileOutbox, changed_since: str = "") -> list[str]:
+    """Bring one link in step; returns the report counters to bump. A link changed at or after
+    ``changed_since`` (ISO time) is left as it is."""
     counts: list[str] = []
     row = world.links.get(zoom_id)
+    if row is not None and changed_since and row.updated_at >= changed_since:
+        return ["changed_during_run"]
     issued = world.zoom_issued.get(zoom_id, "")
     if row is not None and not apply_target(row.probe(), target, zoom_listed_at)[0] \
             and issued_zoom_id(row.zoom_id_issued, issued, zoom_id) == row.zoom_id_issued:
@@ -575,6 +586,8 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
             if not target.create:
                 return counts  # deleted meanwhile: nothing to keep in step
             link = _new_link(zoom_id, target, current_scopes, issued)
+        elif changed_since and current.updated_at >= changed_since:
+            return ["changed_during_run"]  # made or changed after the scan above
         else:
             old = _copy(current)
             link = current
@@ -694,7 +707,7 @@ def _save_report(run: runs.Run, plan: MatchPlan) -> None:
     cap = get_settings().matching_report_list_cap
     counts = dict(plan.counts)
     for key in ("created", "created_disabled", "updated", "disabled", "enabled", "repointed", "index_repaired",
-                "zoom_id_recorded", "error_cleared"):
+                "zoom_id_recorded", "error_cleared", "changed_during_run"):
         counts[key] = int(run.state["counts"].get(key, 0))
     lists = {
         "ambiguous_zoom": plan.ambiguous_zoom, "ambiguous_entra": plan.ambiguous_entra,

@@ -1,0 +1,71 @@
+"""A matching run judges links by directory listings taken minutes (at 100,000 people, longer)
+before it applies them. Links made or changed meanwhile — an admin's PUT, a person's self link, a
+Zoom user event — may name people those listings predate; judged by them, they would be disabled
+as absent until the next night's run. Against a real Azurite, with the listings' snapshot pages
+written as the run's own listing steps write them."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from shared import admin, directory_runs, matching
+from shared.engine import UserSync
+from shared.links import STATUS_ACTIVE, STATUS_DISABLED, Link, read_link, write_link
+
+pytestmark = pytest.mark.integration
+
+E1, E2, E_NEW, E_GONE = (str(uuid.uuid4()) for _ in range(4))
+
+
+@pytest.fixture
+def run_env(link_tables, unique_name, monkeypatch):
+    """Links, index and directory tables of this test's own (queue puts recorded by link_tables)."""
+    monkeypatch.setattr(directory_runs, "TABLE", "d" + unique_name)
+    monkeypatch.setattr(matching, "LINKS_TABLE", "l" + unique_name)  # as link_tables names them
+    monkeypatch.setattr(matching, "ENTRA_INDEX_TABLE", "i" + unique_name)
+    return link_tables
+
+
+def _listed_run(listed_at: float) -> directory_runs.Run:
+    """A run whose listings began at ``listed_at``: Entra E1, E2; Zoom z1, z2 (same addresses)."""
+    run, _ = matching.start("test")
+    run.state.update({"phase": "apply", "entra_pages": 1, "zoom_pages": 1, "entra_listed_at": listed_at,
+                      "zoom_listed_at": listed_at + 1})
+    matching._save_page("entra", 0, run.run_id, [[E1, True, ["a@contoso.example"]],
+                                                  [E2, True, ["b@contoso.example"]]])
+    matching._save_page("zoom", 0, run.run_id, [["z1", "a@contoso.example", "Z1"], ["z2", "b@contoso.example", "Z2"]])
+    return run
+
+
+def test_a_link_made_while_the_run_listed_is_left_to_the_next_run(run_env):
+    run = _listed_run(time.time() - 5)
+    # Before the listings: an admin's link to a Zoom user no longer listed (deactivated since).
+    old = Link(sync=UserSync("z-gone", E_GONE, frozenset({"zoom_to_teams"})), created_at="2020-01-01T00:00:00Z",
+               updated_at="2020-01-01T00:00:00Z")
+    write_link(old, None)
+    # After them: an admin links a Zoom user and an Entra user both created since.
+    status, _ = admin.put_link("z-new", json.dumps({"entra_user_id": E_NEW}).encode())
+    assert status == 200
+
+    assert matching._apply_step(run, directory_runs.Budget(60)) is True
+
+    new, _ = read_link("z-new")
+    assert (new.status, new.disabled_reason) == (STATUS_ACTIVE, "")
+    gone, _ = read_link("z-gone")
+    assert (gone.status, gone.disabled_reason) == (STATUS_DISABLED, "zoom_inactive")  # judged as before
+    assert [read_link(z)[0].entra_user_id for z in ("z1", "z2")] == [E1, E2]  # the run's own matches
+    counts = matching.read_report()["counts"]
+    assert (counts["changed_during_run"], counts["created"], counts["disabled"]) == (1, 2, 1)
+
+
+def test_a_run_resumed_from_before_entra_listed_at_existed_judges_by_its_zoom_listing(run_env):
+    run = _listed_run(time.time() - 5)
+    del run.state["entra_listed_at"]  # a run checkpointed by the previous version
+    status, _ = admin.put_link("z-new", json.dumps({"entra_user_id": E_NEW}).encode())
+    assert status == 200
+    assert matching._apply_step(run, directory_runs.Budget(60)) is True
+    assert read_link("z-new")[0].status == STATUS_ACTIVE
