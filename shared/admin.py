@@ -109,25 +109,36 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
         return _error(409, "the link changed concurrently; try again")
     try:
         written = _write_admin_link(zoom_user_id, entra_id, body, current_scopes)
+    except _BackstopNotQueued:
+        release_entra_claim(claim)
+        return _error(503, "the release of this person's status on their old Teams account could not be queued; "
+                           "nothing was changed, try again")
     except Exception:
         release_entra_claim(claim)
         raise
     if written is None:
         release_entra_claim(claim)
         return _error(409, "the link changed concurrently; try again")
-    link, existing = written
+    link, existing, backstop = written
     if existing is not None and existing.entra_user_id != entra_id:
-        release_overlays(existing, zoom=False)
-        from shared.links import _delete_index_if_points_to
-
-        _delete_index_if_points_to(existing.entra_user_id, zoom_id)
-        # Read the new Teams account; then ours on Zoom is kept, replaced or released for it, and
-        # what Zoom shows reaches it at once.
-        queue_reconcile(zoom_id, "relinked", confirm_teams=True)
+        # Saved: whatever fails from here on must not lose the old Teams account's release (a
+        # retried PUT finds the link as asked and does nothing), hence the backstop queued before.
+        _release_after_repoint(existing, backstop)
+        try:
+            # Read the new Teams account; then ours on Zoom is kept, replaced or released for it,
+            # and what Zoom shows reaches it at once.
+            queue_reconcile(zoom_id, "relinked", confirm_teams=True)
+        except Exception as exc:  # noqa: BLE001 - saved; the keep-alive confirms what we hold
+            log.warning("admin: reconcile of the re-pointed link of Zoom user %s could not be queued (%s); "
+                        "their next change, or POST .../resync, syncs them", zoom_id, type(exc).__name__)
     elif existing is not None:
         # Same person: a narrowed direction or a re-enabled link is settled by a reconcile.
         before = existing.sync.directions if existing.status == STATUS_ACTIVE else frozenset()
-        scopes.reconcile_after_change(zoom_id, before, link.sync.directions, "admin_change")
+        try:
+            scopes.reconcile_after_change(zoom_id, before, link.sync.directions, "admin_change")
+        except Exception as exc:  # noqa: BLE001 - saved; a retried PUT would change nothing
+            log.warning("admin: reconcile of the changed link of Zoom user %s could not be queued (%s); "
+                        "their next change, or POST .../resync, syncs them", zoom_id, type(exc).__name__)
     else:
         # A new link reads both sides: a meeting under way or a Do Not Disturb set before it was
         # made shows on the other side now, not at the person's next Zoom change (nothing reads
@@ -143,15 +154,47 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     return 200, link.to_public()
 
 
-def _write_admin_link(zoom_user_id: str, entra_id: str, body: LinkBody,
-                      current_scopes: Any) -> tuple[Link, Link | None] | None:
-    """Write the link an admin PUT asks for; returns it and the link it replaced (None if new), or
-    None when it kept changing under us. ``zoom_user_id`` as the admin gave it (Zoom's spelling)."""
+class _BackstopNotQueued(Exception):
+    pass
+
+
+def _release_after_repoint(old: Link, backstop: storage.QueuedMessage | None) -> None:
+    """Let go of what we put on the Teams account a re-pointed link named before (its Zoom
+    side stays with the link); the backstop queued before the write makes it if this fails."""
+    from shared.links import _delete_index_if_points_to
+
+    try:
+        release_overlays(old, zoom=False)
+    except Exception as exc:  # noqa: BLE001 - the backstop release makes it
+        log.warning("admin: releasing the old Teams overlay of Zoom user %s failed (%s); the queued release "
+                    "makes it", old.zoom_user_id, type(exc).__name__)
+    else:
+        _withdraw(backstop, old.zoom_user_id)
+    try:
+        _delete_index_if_points_to(old.entra_user_id, old.zoom_user_id)
+    except Exception as exc:  # noqa: BLE001 - lookups check the link an entry names: a stale one is harmless
+        log.warning("admin: index entry of the old Teams account of Zoom user %s left in place (%s)",
+                    old.zoom_user_id, type(exc).__name__)
+
+
+def _write_admin_link(zoom_user_id: str, entra_id: str, body: LinkBody, current_scopes: Any) \
+        -> tuple[Link, Link | None, storage.QueuedMessage | None] | None:
+    """Write the link an admin PUT asks for; returns it, the link it replaced (None if new) and,
+    when it names another Teams account, the backstop release queued for the old one; None when
+    it kept changing under us. ``zoom_user_id`` as the admin gave it (Zoom's spelling)."""
     from shared import scopes
 
     zoom_id = zoom_user_id.lower()
     for _ in range(8):
         existing, etag = read_link(zoom_id)
+        backstop = None
+        if existing is not None and existing.entra_user_id != entra_id:
+            try:
+                backstop = _queue_backstop_release(existing, zoom=False)
+            except Exception as exc:
+                log.error("admin: link for Zoom user %s not re-pointed: the release on its old Teams account "
+                          "could not be queued (%s)", zoom_id, type(exc).__name__)
+                raise _BackstopNotQueued() from exc
         stamp = now_iso()
         if existing is not None and existing.entra_user_id == entra_id:
             link = existing
@@ -189,8 +232,12 @@ def _write_admin_link(zoom_user_id: str, entra_id: str, body: LinkBody,
         try:
             write_link(link, etag)
         except storage.Conflict:
+            _withdraw(backstop, zoom_id)
             continue
-        return link, existing
+        except Exception:
+            _withdraw(backstop, zoom_id)
+            raise
+        return link, existing, backstop
     return None
 
 
@@ -357,15 +404,15 @@ def remove_link(zoom_user_id: str) -> tuple[int, dict]:
 RELEASE_BACKSTOP_S = 300.0
 
 
-def _queue_backstop_release(link: Link) -> storage.QueuedMessage | None:
+def _queue_backstop_release(link: Link, *, zoom: bool = True) -> storage.QueuedMessage | None:
     """Queue, for RELEASE_BACKSTOP_S from now, the release :func:`release_overlays` is about to make
-    for this link (None when nothing of ours is there)."""
+    for this link (None when nothing of ours is there); the Teams side only when ``zoom`` is False."""
     s = link.sync
     lease_left = _lease_left(link)
     left: dict[str, dict] = {}
     if s.teams_overlay is not None and (_teams_ours_to_release(s) or lease_left > -LATE_WRITE_GRACE_S):
         left["teams"] = _teams_left(s)
-    if s.zoom_overlay is not None:
+    if zoom and s.zoom_overlay is not None:
         left["zoom"] = _zoom_left(s)
     if not left:
         return None

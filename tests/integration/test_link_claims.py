@@ -260,3 +260,56 @@ def test_links_keep_zooms_spelling_of_the_id_and_a_sign_in_retries_a_refused_one
     claims_env.clear()
     assert people.link_self(issued, entra).outcome == people.LinkOutcome.CONFIRMED
     assert claims_env == []  # nothing new to record: no write, no reconcile
+
+
+def _with_our_teams_overlay(zoom_id: str) -> None:
+    import time
+
+    from shared.engine import TeamsOverlayRecord
+    from shared.mapping import TeamsOverlay
+
+    link, etag = read_link(zoom_id)
+    now = time.time()
+    link.sync.teams_overlay = TeamsOverlayRecord(TeamsOverlay("session", "Busy", "InACall"), now - 60, now + 3600,
+                                                 "zoom", answered_at=now - 60)
+    link.sync.teams_shows_ours = True
+    write_link(link, etag)
+
+
+def _releases(puts: list) -> list[dict]:
+    return [m for q, m in puts if q == names.RECONCILE_QUEUE and m.get("kind") == "release"]
+
+
+def test_a_repoint_whose_release_fails_after_the_save_leaves_it_queued(claims_env, monkeypatch):
+    # Saved, the link names the new Teams account: a retried PUT would find it as asked and do
+    # nothing, so the old account's release must already be queued when anything after fails.
+    zoom_id, old, new = _zoom_id(), str(uuid.uuid4()), str(uuid.uuid4())
+    assert _put(zoom_id, old)[0] == 200
+    _with_our_teams_overlay(zoom_id)
+    claims_env.clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("storage hiccup reading a delegated connection")
+
+    monkeypatch.setattr(admin, "release_overlays", broken)
+    assert _put(zoom_id, new)[0] == 200
+    assert read_link(zoom_id)[0].entra_user_id == new
+    [release] = _releases(claims_env)
+    assert release["entra_user_id"] == old and set(release["left"]) == {"teams"}  # Zoom's stays with the link
+
+
+def test_a_repoint_whose_release_cannot_be_queued_changes_nothing(claims_env, monkeypatch):
+    zoom_id, old, new = _zoom_id(), str(uuid.uuid4()), str(uuid.uuid4())
+    assert _put(zoom_id, old)[0] == 200
+    _with_our_teams_overlay(zoom_id)
+
+    def queue_down(queue_name, message, **kwargs):
+        if message.get("kind") == "release":
+            raise RuntimeError("queue unavailable")
+        claims_env.append((queue_name, message))
+
+    monkeypatch.setattr(storage, "enqueue", queue_down)
+    status, body = _put(zoom_id, new)
+    assert status == 503 and "nothing was changed" in body["error"]
+    assert read_link(zoom_id)[0].entra_user_id == old
+    assert zoom_id_for_entra(new, fresh=True) is None  # the new account's claim was let go
