@@ -10,10 +10,15 @@ import azure.functions as func
 log = logging.getLogger(__name__)
 
 
+# Admin answers hold people's emails and link state: never cached, never sniffed as another type.
+_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
 def json_response(status: int, body: dict | None = None) -> func.HttpResponse:
     if status == 204:
-        return func.HttpResponse(status_code=204)
-    return func.HttpResponse(json.dumps(body or {}), status_code=status, mimetype="application/json")
+        return func.HttpResponse(status_code=204, headers=dict(_HEADERS))
+    return func.HttpResponse(json.dumps(body or {}), status_code=status, mimetype="application/json",
+                             headers=dict(_HEADERS))
 
 
 def not_configured(exc: Exception) -> func.HttpResponse:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from azure.core.exceptions import HttpResponseError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared import graph_client, storage, zoom_client
+from shared import graph_client, logs, storage, zoom_client
 from shared.config import get_settings
 from shared.engine import (
     ALL_DIRECTIONS,
@@ -71,6 +71,19 @@ def _error(status: int, message: str, **details: Any) -> tuple[int, dict]:
     return status, {"error": message, **details}
 
 
+# The admin API's bodies are a few hundred bytes (a link, a change, the scopes with their group
+# lists); anything far larger is refused before it is parsed.
+MAX_BODY_BYTES = 64 * 1024
+
+
+def body_too_large(raw_body: bytes | None) -> tuple[int, dict] | None:
+    """The 413 answer for an admin API body over MAX_BODY_BYTES, or None."""
+    if raw_body is not None and len(raw_body) > MAX_BODY_BYTES:
+        log.info("admin: a body of %d bytes refused (over %d)", len(raw_body), MAX_BODY_BYTES)
+        return _error(413, f"body over {MAX_BODY_BYTES} bytes")
+    return None
+
+
 def valid_zoom_id(zoom_user_id: str) -> bool:
     return bool(_ZOOM_ID.match(zoom_user_id or ""))
 
@@ -79,10 +92,12 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     if not valid_zoom_id(zoom_user_id):
         log.info("admin: link save for an invalid Zoom user id rejected")
         return _error(400, "invalid Zoom user id")
+    if (too_large := body_too_large(raw_body)) is not None:
+        return too_large
     try:
         body = LinkBody.model_validate_json(raw_body or b"{}")
     except ValidationError as exc:
-        fields = [".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors()[:5]]
+        fields = logs.invalid_fields(exc)
         log.info("admin: link body rejected (%s)", ", ".join(fields))
         return _error(400, "invalid link", fields=fields)
     zoom_id = zoom_user_id.lower()

@@ -61,3 +61,17 @@ def info(logger: logging.Logger, message: str, **fields: Any) -> None:
 
 def warning(logger: logging.Logger, message: str, **fields: Any) -> None:
     event(logger, logging.WARNING, message, **fields)
+
+
+def invalid_fields(exc: Any, limit: int = 5) -> list[str]:
+    """Where a pydantic ``ValidationError`` found a body wrong, to log and to answer: dotted paths
+    of the model's own fields. A key the model does not know is only called unexpected: it is the
+    caller's text, which may be anything, an email address included."""
+    out = []
+    for err in exc.errors()[:limit]:
+        if err.get("type") == "extra_forbidden":
+            out.append("(unexpected field)")
+        else:
+            out.append(".".join(str(p) for p in err["loc"]) or "body")
+    return out
+

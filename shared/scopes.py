@@ -36,7 +36,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared import directory_runs as runs
-from shared import graph_client, names, storage, zoom_client
+from shared import graph_client, logs, names, storage, zoom_client
 from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, TEAMS_TO_ZOOM, ZOOM_TO_TEAMS
 from shared.errors import NotFound, VendorError
@@ -148,10 +148,14 @@ def get_scopes_response() -> tuple[int, dict]:
 
 
 def put_scopes(raw_body: bytes) -> tuple[int, dict]:
+    from shared.admin import body_too_large
+
+    if (too_large := body_too_large(raw_body)) is not None:
+        return too_large
     try:
         body = ScopesBody.model_validate_json(raw_body or b"{}")
     except ValidationError as exc:
-        fields = [".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors()[:5]]
+        fields = logs.invalid_fields(exc)
         log.info("scopes: change rejected (%s)", ", ".join(fields))
         return _error(400, "invalid scopes", fields=fields)
     # A change names only the fields it changes: merged into what is stored, written only if that
@@ -490,15 +494,17 @@ def set_opt_out(zoom_user_id: str, opt_out: bool) -> Link | None:
 
 def patch_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     """Admin API: ``PATCH /api/manage/links/{id}`` with ``opt_out`` and/or ``directions``."""
-    from shared.admin import valid_zoom_id
+    from shared.admin import body_too_large, valid_zoom_id
 
     if not valid_zoom_id(zoom_user_id):
         log.info("admin: link change for an invalid Zoom user id rejected")
         return _error(400, "invalid Zoom user id")
+    if (too_large := body_too_large(raw_body)) is not None:
+        return too_large
     try:
         body = LinkPatch.model_validate_json(raw_body or b"{}")
     except ValidationError as exc:
-        fields = [".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors()[:5]]
+        fields = logs.invalid_fields(exc)
         log.info("admin: link change rejected (%s)", ", ".join(fields))
         return _error(400, "invalid link change", fields=fields)
     if body.opt_out is None and body.directions is None:

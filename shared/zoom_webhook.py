@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared import names, telemetry
+from shared import logs, names, telemetry
 from shared.signing import presented_matches
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def _handle(
 
 
 def _fields(exc: ValidationError) -> str:
-    return ", ".join(".".join(str(p) for p in err["loc"]) or "body" for err in exc.errors()[:5])
+    return ", ".join(logs.invalid_fields(exc))
 
 
 def _url_validation(event: ZoomEvent, secret: str) -> WebhookResponse:

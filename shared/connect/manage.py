@@ -85,6 +85,10 @@ def list_accounts(page_size: str | None = None, continuation: str | None = None,
 
 def create_invitation(raw_body: bytes) -> tuple[int, dict]:
     """A one-time start URL for connecting a sync account (``{"purpose": "sync-account"}``, the default)."""
+    from shared.admin import body_too_large
+
+    if (too_large := body_too_large(raw_body)) is not None:
+        return too_large
     try:
         body = json.loads(raw_body or b"{}")
     except (ValueError, RecursionError):  # RecursionError: nested too deep for the decoder

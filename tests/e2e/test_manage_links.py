@@ -66,6 +66,23 @@ def test_invalid_link_bodies_are_400(world: World, body):
     assert response.json()["error"] == "invalid link"
 
 
+def test_an_unknown_key_is_not_echoed_or_logged_and_a_huge_body_is_413(world: World, caplog):
+    # The caller's key may be anything, an email address included (no addresses in logs).
+    caplog.set_level("INFO")
+    response = world.admin("PUT", f"links/u{uuid.uuid4().hex[:8]}",
+                           json={"entra_user_id": str(uuid.uuid4()), "jane.doe@contoso.example": 1})
+    assert (response.status_code, response.json()["fields"]) == (400, ["(unexpected field)"])
+    assert "link body rejected ((unexpected field))" in caplog.text and "jane.doe" not in caplog.text
+    huge = {"entra_user_id": str(uuid.uuid4()), "email": "a@b.example", "directions": ["zoom_to_teams"] * 10000}
+    for method, route in (("PUT", "links/abc"), ("PATCH", "links/abc"), ("PUT", "scopes"),
+                          ("POST", "connections/invitations")):
+        response = world.admin(method, route, json=huge)
+        assert response.status_code == 413, (method, route, response.text)
+    # Answers hold people's emails: never cached.
+    answer = world.admin("GET", "links")
+    assert (answer.headers["Cache-Control"], answer.headers["X-Content-Type-Options"]) == ("no-store", "nosniff")
+
+
 def test_malformed_json_and_bad_ids_are_400(world: World):
     assert world.admin("PUT", "links/abc", data=b"{nope").status_code == 400
     assert world.admin("GET", "links/bad%20id").status_code == 400

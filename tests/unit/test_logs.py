@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shared.logs import kv
+from shared.logs import invalid_fields, kv
 
 
 def test_plain_values_stay_bare_and_empty_ones_are_left_out():
@@ -24,3 +24,17 @@ def test_other_values_are_quoted_so_they_cannot_end_the_line_or_forge_a_field(va
 def test_values_that_look_like_addresses_are_redacted():
     assert kv(who="someone@example.com") == "who={redacted}"
     assert kv(who="a\nsomeone@example.com") == "who={redacted}"
+
+
+def test_a_bodys_unknown_keys_are_never_named_where_it_went_wrong():
+    from pydantic import BaseModel, ConfigDict, ValidationError
+
+    class Body(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        count: int
+        tags: list[int] = []
+
+    with pytest.raises(ValidationError) as caught:
+        Body.model_validate({"count": "x", "tags": [1, "y"], "jane@contoso.example": 1})
+    assert invalid_fields(caught.value) == ["count", "tags.1", "(unexpected field)"]
+
