@@ -374,7 +374,7 @@ def continue_run(run_id: str, *, budget_s: float | None = None) -> runs.Run | No
         except _TakenOver:
             log.info("matching: run %s was taken over; stopping", run_id)
             return None
-        except (_Fatal, BadRequest, Forbidden, Unauthorized) as exc:
+        except (_Fatal, BadRequest, Forbidden, Unauthorized, runs.TooLarge) as exc:
             # Retrying cannot help (a permission is missing, a listing is unusable): end the run
             # with its reason for the status page; throttling and outages raise for a retry.
             log.error("matching: run %s failed in phase %s: %s", run_id, phase, exc)
@@ -713,13 +713,23 @@ def _save_report(run: runs.Run, plan: MatchPlan) -> None:
         "ambiguous_zoom": plan.ambiguous_zoom, "ambiguous_entra": plan.ambiguous_entra,
         "conflicts": plan.conflicts, "unmatched_zoom": plan.unmatched_zoom, "unmatched_entra": plan.unmatched_entra,
     }
-    report = {
-        "run_id": run.run_id, "trigger": run.trigger, "started_at": runs.iso(run.started_at),
-        "finished_at": runs.iso(time.time()), "invocations": run.invocations, "counts": counts,
-        "truncated": {k: len(v) > cap for k, v in lists.items()},
-        **{k: v[:cap] for k, v in lists.items()},
-    }
-    runs.write_blob(KIND, REPORT_ROW, report, run_id=run.run_id)
+    while True:
+        report = {
+            "run_id": run.run_id, "trigger": run.trigger, "started_at": runs.iso(run.started_at),
+            "finished_at": runs.iso(time.time()), "invocations": run.invocations, "counts": counts,
+            "truncated": {k: len(v) > cap for k, v in lists.items()},
+            **{k: v[:cap] for k, v in lists.items()},
+        }
+        try:
+            runs.write_blob(KIND, REPORT_ROW, report, run_id=run.run_id)
+            return
+        except runs.TooLarge:
+            # Ids barely compress: at the highest cap five full lists may not fit in one entity.
+            # The lists are a sample for the admin (the counts are whole); shorter ones do.
+            if cap == 0:
+                raise
+            log.warning("matching: report lists of %d ids do not fit in one entity; kept %d each", cap, cap // 2)
+            cap //= 2
 
 
 def read_report() -> dict | None:

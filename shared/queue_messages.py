@@ -59,6 +59,8 @@ def is_outage(exc: BaseException) -> bool:
         return True
     if isinstance(exc, TokenError):
         return exc.transient
+    if _vendor_answer_not_json(exc):  # a proxy's error page, a cut-off body: passes like an outage
+        return True
     if isinstance(exc, HttpResponseError):  # storage answered, but with a 5xx, a 408 or a 429
         status = exc.status_code or 0
         return status >= 500 or status in (408, 429)
@@ -114,6 +116,8 @@ def run_queue_message(queue_name: str, body: bytes, dequeue_count: int | None,
         with telemetry.work_span(queue_name, message):
             return handler(message)
     except (KeyError, TypeError, ValueError) as exc:
+        if _vendor_answer_not_json(exc):
+            return _failed(queue_name, body, message, dequeue_count, outage_retries, exc)
         dead_letter(queue_name, body, f"malformed message: {exc.__class__.__name__}: {exc}")
         return None
     except ZoomMissingScope as exc:
@@ -122,23 +126,37 @@ def run_queue_message(queue_name: str, body: bytes, dequeue_count: int | None,
         # the scope; resubmit the message once the scope is added.
         dead_letter(queue_name, body, f"zoom_missing_scope: {exc}")
         return None
-    except Exception as exc:
-        last = (dequeue_count or 1) >= MAX_DEQUEUE_COUNT
-        waits = outage_retries(message) if callable(outage_retries) else outage_retries
-        # A change already waiting out an outage gets one attempt a round, not the host's quick
-        # retries again: a vendor that is down is not asked 5 times over for every change.
-        if waits and (last or outage_round(message)) and is_outage(exc):
-            if rounds_used_up(message):
-                dead_letter(queue_name, body, f"retries_exhausted: an outage outlasted {outage_round(message)} "
-                                              f"rounds ({exc.__class__.__name__}: {exc})")
-                return None
-            if retry_after_outage(queue_name, message, exc):
-                return None  # this copy is done (the host deletes it); the new one waits out the outage
-        if last:
-            telemetry.dead_lettered(queue_name, "retries_exhausted")
-            log.error("queue %s: giving up after %s attempts (%s: %s); the host moves it to %s-poison",
-                      queue_name, dequeue_count, exc.__class__.__name__, exc, queue_name)
-        else:
-            log.warning("queue %s: attempt %s failed (%s: %s); it will be retried",
-                        queue_name, dequeue_count, exc.__class__.__name__, exc)
-        raise
+    except Exception as exc:  # noqa: BLE001 - _failed raises it again unless it is waited out
+        return _failed(queue_name, body, message, dequeue_count, outage_retries, exc)
+
+
+def _vendor_answer_not_json(exc: BaseException) -> bool:
+    """A ValueError that says nothing of the message: a vendor's answer that was not JSON."""
+    from requests.exceptions import JSONDecodeError
+
+    return isinstance(exc, JSONDecodeError)
+
+
+def _failed(queue_name: str, body: bytes, message: dict, dequeue_count: int | None,
+            outage_retries: bool | Callable[[dict], bool], exc: Exception) -> None:
+    """A change that failed for something other than its message: waited out (an outage), retried
+    by the host (raises ``exc`` again) or, after the last attempt, left to the host's poison queue."""
+    last = (dequeue_count or 1) >= MAX_DEQUEUE_COUNT
+    waits = outage_retries(message) if callable(outage_retries) else outage_retries
+    # A change already waiting out an outage gets one attempt a round, not the host's quick
+    # retries again: a vendor that is down is not asked 5 times over for every change.
+    if waits and (last or outage_round(message)) and is_outage(exc):
+        if rounds_used_up(message):
+            dead_letter(queue_name, body, f"retries_exhausted: an outage outlasted {outage_round(message)} "
+                                          f"rounds ({exc.__class__.__name__}: {exc})")
+            return None
+        if retry_after_outage(queue_name, message, exc):
+            return None  # this copy is done (the host deletes it); the new one waits out the outage
+    if last:
+        telemetry.dead_lettered(queue_name, "retries_exhausted")
+        log.error("queue %s: giving up after %s attempts (%s: %s); the host moves it to %s-poison",
+                  queue_name, dequeue_count, exc.__class__.__name__, exc, queue_name)
+    else:
+        log.warning("queue %s: attempt %s failed (%s: %s); it will be retried",
+                    queue_name, dequeue_count, exc.__class__.__name__, exc)
+    raise exc

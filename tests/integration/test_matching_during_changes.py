@@ -69,3 +69,32 @@ def test_a_run_resumed_from_before_entra_listed_at_existed_judges_by_its_zoom_li
     assert status == 200
     assert matching._apply_step(run, directory_runs.Budget(60)) is True
     assert read_link("z-new")[0].status == STATUS_ACTIVE
+
+
+def test_a_report_whose_lists_do_not_fit_one_entity_keeps_shorter_ones(run_env, monkeypatch):
+    # At the highest MATCHING_REPORT_LIST_CAP five full lists of ids (which barely compress) are
+    # over an entity's 15 x 30,000 characters: the run ended without its report, its continuation
+    # dead-lettered as a "malformed message". Shorter lists are kept instead; the counts are whole.
+    from shared.config import reset_settings
+
+    monkeypatch.setenv("MATCHING_REPORT_LIST_CAP", "2000")
+    reset_settings()
+    run, _ = matching.start("test")
+
+    def zoom_id() -> str:
+        return "z" + uuid.uuid4().hex[:21]
+
+    plan = matching.MatchPlan(
+        targets={}, pairs={},
+        ambiguous_zoom=[{"zoom_user_id": zoom_id(), "entra_user_ids": [str(uuid.uuid4()), str(uuid.uuid4())]}
+                        for _ in range(2000)],
+        ambiguous_entra=[{"entra_user_id": str(uuid.uuid4()), "zoom_user_ids": [zoom_id(), zoom_id()]}
+                         for _ in range(2000)],
+        conflicts=[{"zoom_user_id": zoom_id(), "entra_user_id": str(uuid.uuid4()), "linked_to": zoom_id()}
+                   for _ in range(2000)],
+        unmatched_zoom=[zoom_id() for _ in range(2000)], unmatched_entra=[str(uuid.uuid4()) for _ in range(2000)],
+        counts={"zoom_users": 12000, "unmatched_zoom": 2000})
+    matching._save_report(run, plan)
+    report = matching.read_report()
+    assert report["run_id"] == run.run_id and report["counts"]["unmatched_zoom"] == 2000
+    assert 0 < len(report["unmatched_zoom"]) < 2000 and all(report["truncated"].values())

@@ -259,3 +259,28 @@ def test_an_unusable_setting_is_retried_not_taken_for_a_malformed_message(queued
         reset_settings()
     assert queued == []  # nothing dead-lettered
     assert "malformed" not in caplog.text
+
+
+def test_a_vendor_answer_that_is_not_json_is_retried_not_taken_for_a_malformed_message(queued, caplog):
+    # requests' JSONDecodeError is a ValueError, as a malformed message's errors are: a proxy's
+    # HTML error page answering 200 must not dead-letter the change at its first attempt.
+    import requests
+
+    def not_json() -> Exception:
+        try:
+            requests.models.complexjson.loads("<html>gateway</html>")
+        except ValueError as exc:
+            return requests.exceptions.JSONDecodeError(exc.msg, exc.doc, exc.pos)
+        raise AssertionError("parsed")
+
+    with pytest.raises(requests.exceptions.JSONDecodeError):
+        _run(not_json(), attempt=1)
+    assert queued == [] and "malformed" not in caplog.text  # left to the host's quick retries
+    assert _run(not_json()) is None  # the last quick attempt: waited out as an outage
+    [(_, again, _)] = queued
+    assert again == {**MESSAGE, qm.OUTAGE_ROUND: 1}
+    queued.clear()
+    # A message's own fault is still dead-lettered at once.
+    assert qm.run_queue_message("reconcile", json.dumps(MESSAGE).encode(), 1, _failing(KeyError("kind"))) is None
+    [(poison, _, _)] = queued
+    assert poison == "reconcile-poison"
