@@ -563,11 +563,12 @@ def _bump(counts: dict, key: str) -> None:
 
 def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, str], zoom_listed_at: float,
                current_scopes: scopes.Scopes, outbox: runs.ReconcileOutbox, changed_since: str = "") -> list[str]:
-    """Bring one link in step; returns the report counters to bump. A link changed at or after
-    ``changed_since`` (ISO time) is left as it is."""
+    """Bring one link in step; returns the report counters to bump. A link changed after
+    ``changed_since`` (ISO seconds: one changed in that very second is judged, not a run's own
+    links of a moment before) is left as it is."""
     counts: list[str] = []
     row = world.links.get(zoom_id)
-    if row is not None and changed_since and row.updated_at >= changed_since:
+    if row is not None and changed_since and row.updated_at > changed_since:
         return ["changed_during_run"]
     issued = world.zoom_issued.get(zoom_id, "")
     if row is not None and not apply_target(row.probe(), target, zoom_listed_at)[0] \
@@ -586,7 +587,7 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
             if not target.create:
                 return counts  # deleted meanwhile: nothing to keep in step
             link = _new_link(zoom_id, target, current_scopes, issued)
-        elif changed_since and current.updated_at >= changed_since:
+        elif changed_since and current.updated_at > changed_since:
             return ["changed_during_run"]  # made or changed after the scan above
         else:
             old = _copy(current)
