@@ -39,7 +39,7 @@ from shared import directory_runs as runs
 from shared import graph_client, logs, names, storage, zoom_client
 from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, TEAMS_TO_ZOOM, ZOOM_TO_TEAMS
-from shared.errors import NotFound, VendorError
+from shared.errors import BadRequest, Forbidden, NotFound, Unauthorized, VendorError
 from shared.links import LINKS_TABLE, ROW, Link, now_iso, read_link, write_link
 from shared.sync import queue_reconcile
 
@@ -334,6 +334,12 @@ def continue_run(run_id: str, *, budget_s: float | None = None) -> runs.Run | No
     except MissingGroups as exc:
         log.error("scopes: %s; nothing changed", exc)
         return _finish(run, error=str(exc))
+    except (Forbidden, Unauthorized, BadRequest) as exc:
+        # A permission the app lacks (Graph's GroupMember.Read.All, a Zoom scope or role): every
+        # retry would be refused the same way. The run ends with the reason for the status page,
+        # as a matching run does, rather than retried into the poison queue, "running" meanwhile.
+        log.error("scopes: the group members could not be read (%s); nothing changed", exc)
+        return _finish(run, error=f"group members could not be read: {exc}"[:300])
     counts = run.state.setdefault("counts", {})
     outbox = runs.ReconcileOutbox(run)
     outbox.queue_owed()

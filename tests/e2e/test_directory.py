@@ -441,6 +441,30 @@ def test_missing_scope_group_changes_nothing(world: World):
     assert _link(world, ada)["directions"] == ["teams_to_zoom", "zoom_to_teams"]
 
 
+def test_a_scope_run_graph_refuses_the_group_members_ends_failed_with_why(world: World):
+    # The app lacks GroupMember.Read.All: every retry would be refused the same way. The run ends
+    # failed, naming Graph's refusal, instead of being retried into the poison queue while the
+    # status page says "running".
+    from sandbox.world import APP_PERMISSIONS, reset_app_caches
+    from tests.e2e.connect_browser import register_apps
+
+    ada = _linked(world, "ada")
+    group = str(uuid.uuid4())
+    world.graph.add_group(group, [ada.entra_id])
+    register_apps(world, tuple(p for p in APP_PERMISSIONS if p != "GroupMember.Read.All"))
+    reset_app_caches()  # the app's token named the old roles
+    try:
+        assert world.admin("PUT", "scopes", json={"entra_group_ids": [group]}).status_code == 200
+        world.settle(timeout=60)
+        last = world.admin("GET", "scopes").json()["last_run"]
+        assert last["status"] == "failed" and "GroupMember.Read.All" in last["error"], last
+        assert world.host.poisoned == []
+        assert _link(world, ada)["directions"] == ["teams_to_zoom", "zoom_to_teams"]  # nothing changed
+    finally:
+        register_apps(world)
+        reset_app_caches()
+
+
 @pytest.mark.parametrize("body", [
     {"zoom_to_teams": "sometimes"},
     {"entra_group_ids": ["not-a-guid"]},
