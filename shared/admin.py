@@ -123,7 +123,7 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
     except storage.Conflict:
         return _error(409, "the link changed concurrently; try again")
     try:
-        written = _write_admin_link(zoom_user_id, entra_id, body, current_scopes)
+        written = _write_admin_link(zoom_user_id, entra_id, body, current_scopes, claim.claimed_at)
     except _BackstopNotQueued:
         release_entra_claim(claim)
         return _error(503, "the release of this person's status on their old Teams account could not be queued; "
@@ -192,8 +192,8 @@ def _release_after_repoint(old: Link, backstop: storage.QueuedMessage | None) ->
                     old.zoom_user_id, type(exc).__name__)
 
 
-def _write_admin_link(zoom_user_id: str, entra_id: str, body: LinkBody, current_scopes: Any) \
-        -> tuple[Link, Link | None, storage.QueuedMessage | None] | None:
+def _write_admin_link(zoom_user_id: str, entra_id: str, body: LinkBody, current_scopes: Any,
+                      claimed_at: float) -> tuple[Link, Link | None, storage.QueuedMessage | None] | None:
     """Write the link an admin PUT asks for; returns it, the link it replaced (None if new) and,
     when it names another Teams account, the backstop release queued for the old one; None when
     it kept changing under us. ``zoom_user_id`` as the admin gave it (Zoom's spelling)."""
@@ -232,6 +232,7 @@ def _write_admin_link(zoom_user_id: str, entra_id: str, body: LinkBody, current_
                 link.opt_out, link.lifecycle_ts = existing.opt_out, existing.lifecycle_ts
                 link.zoom_id_issued = existing.zoom_id_issued
         link.learn_zoom_id(zoom_user_id, from_zoom=False)
+        link.entra_claimed_at = claimed_at
         link.email = body.email or (existing.email if existing else "")
         link.origin = "admin"
         link.status = STATUS_ACTIVE

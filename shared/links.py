@@ -102,6 +102,8 @@ class Link:
     expiry_columns: tuple[float | None, float | None] = (None, None)
     # The Zoom user id as Zoom spells it (from Zoom itself, or an admin's PUT); the key is lowercased.
     zoom_id_issued: str = ""
+    # The stamp of the Teams-account claim this link was last made active under (EntraClaim).
+    entra_claimed_at: float = 0.0
 
     @property
     def zoom_user_id(self) -> str:
@@ -263,7 +265,7 @@ _KNOWN = {
     "zoom_seen_ts", "zoom_shows_ours", "zoom_overlay", "zoom_yielded", "zoom_last_put", "zoom_last_put_at",
     "teams_native", "teams_native_since", "teams_seen_seq", "teams_seen_ts", "teams_shows_ours",
     "teams_overlay", "teams_yielded", "teams_released", "teams_released_at", "lease_owner", "lease_until",
-    "pending", "Timestamp", "zoom_id_issued",
+    "pending", "Timestamp", "zoom_id_issued", "entra_claimed_at",
     "wanted_directions", "opt_out", "scope_member", "disabled_reason", "disabled_at", "lifecycle_ts",
     TEAMS_OVERLAY_EXPIRES, ZOOM_OVERLAY_EXPIRES,
 }
@@ -328,6 +330,7 @@ def link_from_entity(entity: dict) -> Link:
         extra={k: v for k, v in entity.items() if k not in _KNOWN},
         expiry_columns=(entity.get(TEAMS_OVERLAY_EXPIRES), entity.get(ZOOM_OVERLAY_EXPIRES)),
         zoom_id_issued=str(entity.get("zoom_id_issued") or ""),
+        entra_claimed_at=float(entity.get("entra_claimed_at") or 0.0),
     )
 
 
@@ -365,6 +368,7 @@ def link_to_entity(link: Link) -> dict:
         "disabled_at": link.disabled_at,
         "lifecycle_ts": link.lifecycle_ts,
         "zoom_id_issued": link.zoom_id_issued,
+        "entra_claimed_at": link.entra_claimed_at,
         "zoom_native": s.zoom_native.value if s.zoom_native else "",
         "zoom_native_since": s.zoom_native_since,
         "zoom_seen_ts": s.zoom_seen_ts,
@@ -439,8 +443,8 @@ def index_entra(entra_user_id: str, zoom_user_id: str) -> None:
 # If-Match otherwise), and only then write their link. An entry is taken over only from a link that
 # does not hold the account actively, and not while another writer's claim is fresh: between its
 # claim and its link write the entry names a link that does not hold the account yet.
-# Zoom user events (a new user matched, a deactivated one back) claim the same way; matching runs
-# still write the index unconditionally: they decide holders in bulk.
+# Zoom user events (a new user matched, a deactivated one back) and matching runs (a link they make
+# active) claim the same way; otherwise a run repairs entries in bulk (shared.matching._check_index).
 
 # How long a claim stands for a link not written (yet): far longer than a link write takes, short
 # enough that a claim whose writer died leaves the account free again soon.
@@ -465,6 +469,7 @@ class EntraClaim:
     zoom_user_id: str
     etag: str | None
     previous: dict | None
+    claimed_at: float = 0.0  # its stamp: the link written under it keeps it (Link.entra_claimed_at)
 
 
 def claim_entra(entra_user_id: str, zoom_user_id: str) -> EntraClaim:
@@ -481,19 +486,29 @@ def claim_entra(entra_user_id: str, zoom_user_id: str) -> EntraClaim:
             if other is not None and other.entra_user_id == entra and other.status == STATUS_ACTIVE:
                 raise EntraTaken(holder, in_progress=False)
             claimed_at = (entity or {}).get(_CLAIMED_AT)
-            if isinstance(claimed_at, (int, float)) and time.time() - claimed_at < ENTRA_CLAIM_HOLD_S:
+            if isinstance(claimed_at, (int, float)) and time.time() - claimed_at < ENTRA_CLAIM_HOLD_S \
+                    and not _written_since(other, entra, claimed_at):
                 raise EntraTaken(holder, in_progress=True)
         # Written even when the entry names us already: a writer racing us (re-enabling this link,
         # say, while another takes the account) then loses on the ETag, or sees our fresh claim.
+        stamp = time.time()
         try:
             new_etag = storage.write_entity(ENTRA_INDEX_TABLE, {
-                "PartitionKey": entra, "RowKey": ROW, "zoom_user_id": zoom, _CLAIMED_AT: time.time(),
+                "PartitionKey": entra, "RowKey": ROW, "zoom_user_id": zoom, _CLAIMED_AT: stamp,
             }, etag)
         except storage.Conflict:
             continue
         _index_cache.put(entra, zoom)
-        return EntraClaim(entra, zoom, new_etag, entity)
+        return EntraClaim(entra, zoom, new_etag, entity, stamp)
     raise storage.Conflict(f"index entry of Entra user {entra} kept changing")
+
+
+def _written_since(link: Link | None, entra: str, claimed_at: float) -> bool:
+    """Has the claim's writer been and gone: ``link`` names the account and was written under this
+    claim (it carries its stamp)? Then the claim is done, and the link, inactive since (its Zoom
+    user deactivated, say), holds the account no more: another may take it now, not when the
+    claim lapses. A link written before the claim (one being re-enabled) does not carry it."""
+    return link is not None and link.entra_user_id == entra and link.entra_claimed_at == claimed_at
 
 
 def release_entra_claim(claim: EntraClaim) -> None:

@@ -68,7 +68,9 @@ REPORT_ROW = "report"
 ENTRA_SELECT = "id,mail,userPrincipalName,proxyAddresses,accountEnabled"
 PINNED_ORIGINS = (ORIGIN_ADMIN, ORIGIN_SELF)
 # Reasons matching sets and clears itself.
-MATCH_REASONS = frozenset({"zoom_inactive", "entra_disabled", "entra_not_found", "match_lost"})
+MATCH_REASONS = frozenset({"zoom_inactive", "entra_disabled", "entra_not_found", "match_lost", "entra_taken"})
+# A link the run would make active for a Teams account another active link holds.
+ENTRA_TAKEN = "entra_taken"
 # Reasons set by Zoom user lifecycle webhooks: cleared only by a Zoom listing newer than the event.
 LIFECYCLE_REASONS = frozenset({"zoom_deactivated", "zoom_deleted", "zoom_disassociated"})
 # How many links one checkpoint covers in the apply phase.
@@ -581,6 +583,7 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
         old: Link | None = None
         link: Link | None = None
         changed = repointed = revived = id_learnt = False
+        taken_by = ""
         current, etag = (None, None) if fresh else read_link(zoom_id)
         fresh = False
         if current is None:
@@ -603,10 +606,36 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
                 break
             if changed or revived:
                 link.updated_at = now_iso()
+        claim = None
+        if link.status == STATUS_ACTIVE and link.entra_user_id and (
+                old is None or old.status != STATUS_ACTIVE or repointed):
+            # Made active for a Teams account: claimed first, as an admin PUT, a self link or a Zoom
+            # user event does (shared.links), so that one active link holds it. Another may have
+            # taken it while this one was disabled (say, the person's self link while this Zoom
+            # user was deactivated), or since the listings.
+            try:
+                claim = claim_entra(link.entra_user_id, zoom_id)
+                link.entra_claimed_at = claim.claimed_at
+            except EntraTaken as taken:
+                taken_by = taken.zoom_user_id
+                _keep_disabled(link, old)
+                if old is not None:
+                    changed = _changed(link, (old.entra_user_id, old.status, old.disabled_reason, old.email))
+                    if not changed:
+                        link.updated_at = old.updated_at
+                        if not id_learnt:
+                            link = None
+                            break
         try:
             write_link(link, etag)
-        except storage.Conflict:
-            continue
+        except Exception as exc:
+            if claim is not None:
+                release_entra_claim(claim)
+            if isinstance(exc, storage.Conflict):
+                continue
+            raise
+        if claim is not None:
+            world.index[link.entra_user_id] = zoom_id  # claimed: nothing for _check_index to repair
         break
     else:
         log.warning("matching: link %s kept changing; left for the next run", zoom_id)
@@ -621,12 +650,25 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
             _after_change(old, link, repointed, counts, outbox)
         if old is not None and id_learnt:
             counts.append("zoom_id_recorded")
-        if revived:
+        if revived and link.status == STATUS_ACTIVE:
             counts.append("error_cleared")
             outbox.queue(link.zoom_user_id, "zoom_id_recorded", confirm_zoom=True, confirm_teams=True)
+    if taken_by:
+        counts.append(ENTRA_TAKEN)
+        log.warning("matching: link of Zoom user %s left disabled: its Teams account is linked to Zoom user %s",
+                    zoom_id, taken_by)
+        return counts  # the index names the link that holds the account
     entra_id = link.entra_user_id if link is not None else (old.entra_user_id if old else "")
     _check_index(zoom_id, entra_id, world, owners, counts, repaired=link is None)
     return counts
+
+
+def _keep_disabled(link: Link, old: Link | None) -> None:
+    """``link`` stays (or is made) disabled: its Teams account is held by another active link."""
+    kept = old is not None and old.status == STATUS_DISABLED and old.disabled_reason == ENTRA_TAKEN
+    link.status, link.disabled_reason = STATUS_DISABLED, ENTRA_TAKEN
+    link.disabled_at = old.disabled_at if kept and old is not None else now_iso()
+    link.sync.active = False
 
 
 def _check_index(zoom_id: str, entra_id: str, world: _World, owners: dict[str, str], counts: list[str], *,
@@ -708,7 +750,7 @@ def _save_report(run: runs.Run, plan: MatchPlan) -> None:
     cap = get_settings().matching_report_list_cap
     counts = dict(plan.counts)
     for key in ("created", "created_disabled", "updated", "disabled", "enabled", "repointed", "index_repaired",
-                "zoom_id_recorded", "error_cleared", "changed_during_run"):
+                "zoom_id_recorded", "error_cleared", "changed_during_run", ENTRA_TAKEN):
         counts[key] = int(run.state["counts"].get(key, 0))
     lists = {
         "ambiguous_zoom": plan.ambiguous_zoom, "ambiguous_entra": plan.ambiguous_entra,
@@ -809,6 +851,7 @@ def match_zoom_user(zoom_user_id: str) -> str:
         log.warning("matching: Entra user %s is %s Zoom user %s; %s not linked", entra_id,
                     "being linked to" if taken.in_progress else "linked to", taken.zoom_user_id, zoom_id)
         return "conflict"
+    link.entra_claimed_at = claim.claimed_at
     try:
         write_link(link, None)
     except storage.Conflict:
@@ -944,6 +987,8 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
         if enabled:
             link.status, link.disabled_reason, link.disabled_at = STATUS_ACTIVE, "", ""
             link.sync.active = True
+            if claim is not None:
+                link.entra_claimed_at = claim.claimed_at
         link.updated_at = now_iso()
         try:
             write_link(link, etag)

@@ -131,6 +131,7 @@ def link_self(zoom_user_id: str, entra_user_id: str) -> LinkResult:
             claim = claim_entra(entra_id, zoom_id)
         except EntraTaken:
             return LinkResult(LinkOutcome.CONFLICT, "entra_linked_elsewhere")
+        link.entra_claimed_at = claim.claimed_at
         try:
             write_link(link, etag)
         except storage.Conflict:

@@ -651,6 +651,39 @@ def test_links_call_zoom_with_zooms_spelling_of_the_id_and_matching_repairs_a_lo
         world.zoom.lowercase_event_ids = world.zoom.case_sensitive_rest_ids = False
 
 
+def test_a_run_never_enables_a_link_whose_teams_account_another_active_link_holds(world: World):
+    # ada's Zoom user is deactivated; meanwhile the admin links a second Zoom user to her Teams
+    # account (allowed: the first link is disabled). Her first Zoom user is activated again: its
+    # event leaves that link disabled (below), and the nightly run must too, or two active links
+    # would write one Teams account and its changes reach only one of them.
+    from shared.links import zoom_id_for_entra
+
+    ada = _person(world, "ada")
+    assert world.admin("PUT", f"links/{ada.zoom_api_id}", json={"entra_user_id": ada.entra_id}).status_code == 200
+    world.zoom.deactivate_user(ada.zoom_id)
+    world.settle()
+    assert _link(world, ada)["disabled_reason"] == "zoom_deactivated"
+    second = world.zoom.add_user(email=f"ada.second.{uuid.uuid4().hex[:6]}@{DOMAIN}")["id"]
+    assert world.admin("PUT", f"links/{second}", json={"entra_user_id": ada.entra_id}).status_code == 200
+    world.zoom.activate_user(ada.zoom_id)
+    world.settle()
+
+    counts = run_matching(world)["report"]["counts"]
+    assert counts["entra_taken"] == 1
+    assert (_link(world, ada)["status"], _link(world, ada)["disabled_reason"]) == ("disabled", "entra_taken")
+    assert world.admin("GET", f"links/{second}").json()["status"] == "active"
+    assert zoom_id_for_entra(ada.entra_id, fresh=True) == second.lower()
+    before = etags("links")
+    assert run_matching(world)["report"]["counts"]["entra_taken"] == 1
+    assert etags("links") == before  # still taken: nothing written
+
+    # The second link goes: the next run gives the account back to the first.
+    assert world.admin("DELETE", f"links/{second}").status_code == 204
+    assert run_matching(world)["report"]["counts"]["enabled"] == 1
+    assert _link(world, ada)["status"] == "active"
+    assert zoom_id_for_entra(ada.entra_id, fresh=True) == ada.zoom_id
+
+
 def test_a_zoom_user_activated_again_does_not_take_a_teams_account_linked_meanwhile(world: World):
     # While ada's Zoom user was deactivated, a new Zoom user with another of her addresses was
     # linked to her Teams account. Activating the old one must not make two active links there.

@@ -313,3 +313,16 @@ def test_a_repoint_whose_release_cannot_be_queued_changes_nothing(claims_env, mo
     assert status == 503 and "nothing was changed" in body["error"]
     assert read_link(zoom_id)[0].entra_user_id == old
     assert zoom_id_for_entra(new, fresh=True) is None  # the new account's claim was let go
+
+
+def test_a_claim_whose_link_was_written_and_disabled_since_frees_the_account_at_once(claims_env):
+    # The claim's writer has been and gone: the link it made was written, then disabled (its Zoom
+    # user deactivated). Another link may take the account now, not five minutes later.
+    zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
+    assert _put(zoom_a, entra)[0] == 200
+    assert _put(zoom_b, entra)[0] == 409  # held actively
+    link, etag = read_link(zoom_a)
+    link.status, link.sync.active, link.disabled_reason = STATUS_DISABLED, False, "zoom_deactivated"
+    write_link(link, etag)
+    assert _put(zoom_b, entra)[0] == 200
+    assert zoom_id_for_entra(entra, fresh=True) == zoom_b
