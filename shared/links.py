@@ -511,6 +511,20 @@ def _written_since(link: Link | None, entra: str, claimed_at: float) -> bool:
     return link is not None and link.entra_user_id == entra and link.entra_claimed_at == claimed_at
 
 
+def write_claimed_link(link: Link, etag: str | None, claim: EntraClaim | None) -> bool:
+    """:func:`write_link` for a link made active under ``claim`` (None: none was needed), which is
+    given back if the write fails. False on a lost race (the caller reads the link again)."""
+    try:
+        write_link(link, etag)
+    except Exception as exc:
+        if claim is not None:
+            release_entra_claim(claim)
+        if isinstance(exc, storage.Conflict):
+            return False
+        raise
+    return True
+
+
 def release_entra_claim(claim: EntraClaim) -> None:
     """Put the index entry back as it was before ``claim``, unless it changed since (best effort:
     a claim left behind lapses after ENTRA_CLAIM_HOLD_S)."""

@@ -55,6 +55,7 @@ from shared.links import (
     now_iso,
     read_link,
     release_entra_claim,
+    write_claimed_link,
     write_link,
     zoom_id_for_entra,
 )
@@ -626,14 +627,8 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
                         if not id_learnt:
                             link = None
                             break
-        try:
-            write_link(link, etag)
-        except Exception as exc:
-            if claim is not None:
-                release_entra_claim(claim)
-            if isinstance(exc, storage.Conflict):
-                continue
-            raise
+        if not write_claimed_link(link, etag, claim):
+            continue
         if claim is not None:
             world.index[link.entra_user_id] = zoom_id  # claimed: nothing for _check_index to repair
         break
@@ -990,14 +985,8 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
             if claim is not None:
                 link.entra_claimed_at = claim.claimed_at
         link.updated_at = now_iso()
-        try:
-            write_link(link, etag)
-        except Exception as exc:
-            if claim is not None:
-                release_entra_claim(claim)
-            if isinstance(exc, storage.Conflict):
-                continue
-            raise
+        if not write_claimed_link(link, etag, claim):
+            continue
         break
     else:
         raise storage.Conflict(f"matching: link {zoom_id} kept changing")

@@ -220,13 +220,14 @@ def test_a_zoom_user_activated_while_an_admin_links_its_teams_account_makes_one_
     # A's link was made by a matching run (no claim on the index entry) and disabled when Zoom
     # deactivated the user. As user.activated enables it again, an admin saves B with the account,
     # which looks free: A's link is not active.
-    from shared import matching
+    from shared import links
     from shared.links import index_entra
 
     zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
     _linked_then_deactivated(zoom_a, entra)
-    index_entra(entra, zoom_a)  # as a matching run writes it: no claim standing
-    other = _interrupt(monkeypatch, "link_write", matching, zoom_a, lambda: _put(zoom_b, entra))
+    index_entra(entra, zoom_a)  # as a matching run repairs it: no claim standing
+    # (the event's write goes through links.write_claimed_link, which looks write_link up there)
+    other = _interrupt(monkeypatch, "link_write", links, zoom_a, lambda: _put(zoom_b, entra))
     assert _zoom_user_event("user.activated", zoom_a) == "enabled"
     status, body = other[0]
     assert (status, body["zoom_user_id"]) == (409, zoom_a)
