@@ -472,16 +472,17 @@ class EntraClaim:
     claimed_at: float = 0.0  # its stamp: the link written under it keeps it (Link.entra_claimed_at)
 
 
-def claim_entra(entra_user_id: str, zoom_user_id: str) -> EntraClaim:
+def claim_entra(entra_user_id: str, zoom_user_id: str, *, giving_way: str = "") -> EntraClaim:
     """Point the Teams account's index entry at ``zoom_user_id``, conditionally, before that link is
     made active for it. Raises :class:`EntraTaken` when another link holds it actively or has a fresh
     claim on it, ``storage.Conflict`` when the entry kept changing. A writer that then fails to write
-    its link gives the claim back (:func:`release_entra_claim`)."""
+    its link gives the claim back (:func:`release_entra_claim`). ``giving_way``: a holder the caller
+    itself is about to take off the account (a matching run moving it to this link)."""
     entra, zoom = entra_user_id.lower(), zoom_user_id.lower()
     for _ in range(8):
         entity, etag = storage.read_entity(ENTRA_INDEX_TABLE, entra, ROW)
         holder = str((entity or {}).get("zoom_user_id") or "")
-        if holder and holder != zoom:
+        if holder and holder != zoom and holder != giving_way.lower():
             other, _ = read_link(holder)
             if other is not None and other.entra_user_id == entra and other.status == STATUS_ACTIVE:
                 raise EntraTaken(holder, in_progress=False)
@@ -517,12 +518,21 @@ def write_claimed_link(link: Link, etag: str | None, claim: EntraClaim | None) -
     try:
         write_link(link, etag)
     except Exception as exc:
-        if claim is not None:
+        if claim is not None and (isinstance(exc, storage.Conflict) or not _landed(link, claim)):
             release_entra_claim(claim)
         if isinstance(exc, storage.Conflict):
             return False
         raise
     return True
+
+
+def _landed(link: Link, claim: EntraClaim) -> bool:
+    """Did a write that failed (a timeout, say) land after all? Then its claim stands."""
+    try:
+        stored, _ = read_link(link.zoom_user_id)
+    except Exception:  # noqa: BLE001 - unknown: given back, as before (a claim left lapses anyway)
+        return False
+    return stored is not None and stored.entra_claimed_at == claim.claimed_at
 
 
 def release_entra_claim(claim: EntraClaim) -> None:

@@ -450,6 +450,7 @@ class _World:
     links: dict[str, LinkRow]
     index: dict[str, str]
     zoom_issued: dict[str, str] = field(default_factory=dict)  # key -> the id as Zoom spells it
+    targets: dict[str, Target] = field(default_factory=dict)  # the plan's, once made
 
 
 def _load_world(run: runs.Run) -> _World:
@@ -487,6 +488,7 @@ def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
         # never disable everybody on its word.
         raise _Fatal("a directory listing came back empty; nothing applied")
     plan = plan_matches(world.zoom, world.entra, world.links)
+    world.targets = plan.targets
     counts = state["counts"]
     owners = _index_owners(plan, world)
     current_scopes = scopes.read_scopes()
@@ -615,7 +617,8 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
             # taken it while this one was disabled (say, the person's self link while this Zoom
             # user was deactivated), or since the listings.
             try:
-                claim = claim_entra(link.entra_user_id, zoom_id)
+                claim = claim_entra(link.entra_user_id, zoom_id,
+                                    giving_way=_giving_way(world, link.entra_user_id, zoom_id, changed_since))
                 link.entra_claimed_at = claim.claimed_at
             except EntraTaken as taken:
                 taken_by = taken.zoom_user_id
@@ -656,6 +659,19 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
     entra_id = link.entra_user_id if link is not None else (old.entra_user_id if old else "")
     _check_index(zoom_id, entra_id, world, owners, counts, repaired=link is None)
     return counts
+
+
+def _giving_way(world: _World, entra_id: str, zoom_id: str, changed_since: str) -> str:
+    """The link this run takes off ``entra_id`` as it gives the account to ``zoom_id`` (the account
+    moved: an email handed on, a Zoom user gone), whichever of the two it applies first; "" if none
+    (nor one changed since the listings, which the run leaves as it is)."""
+    holder = world.index.get(entra_id, "")
+    row, target = world.links.get(holder), world.targets.get(holder)
+    if not holder or holder == zoom_id or row is None or target is None or row.entra_user_id != entra_id:
+        return ""
+    if changed_since and row.updated_at > changed_since:
+        return ""
+    return holder if target.reason or target.entra_user_id != entra_id else ""
 
 
 def _keep_disabled(link: Link, old: Link | None) -> None:

@@ -25,6 +25,7 @@ from shared.errors import TokenError, Unauthorized, VendorError
 from shared.links import (
     STATUS_ACTIVE,
     STATUS_DISABLED,
+    STATUS_ERROR,
     EntraTaken,
     Link,
     active_link_for_entra,
@@ -33,6 +34,7 @@ from shared.links import (
     now_iso,
     read_link,
     release_entra_claim,
+    write_claimed_link,
     write_link,
     zoom_id_for_entra,
 )
@@ -78,18 +80,28 @@ def resync_after_connect(entra_user_id: str) -> bool:
 
 
 def _record_zoom_id(link: Link, zoom_user_id: str, etag: str | None) -> bool:
-    """Keep the spelling of the id Zoom's sign-in gave on a link that is otherwise as it was
-    (reconciled at once if Zoom had refused the old one). False if the link changed meanwhile."""
+    """Keep the spelling of the id Zoom's sign-in gave on a link that is otherwise as it was; if
+    Zoom had refused the old one, the link is active again (its Teams account claimed first, as
+    any link made active is) and reconciled at once. False if the link changed meanwhile."""
     called_before = link.zoom_api_id
     if not link.learn_zoom_id(zoom_user_id):
         return True
-    retry = link.retry_refused_zoom_id(called_before)
-    link.updated_at = now_iso()
-    try:
-        write_link(link, etag)
-    except storage.Conflict:
+    claim = None
+    if link.zoom_api_id != called_before and link.status == STATUS_ERROR and link.entra_user_id:
+        try:
+            claim = claim_entra(link.entra_user_id, link.zoom_user_id)
+        except EntraTaken:
+            pass  # another link holds the account now: the spelling is recorded, the error stays
+        else:
+            if link.retry_refused_zoom_id(called_before):
+                link.entra_claimed_at = claim.claimed_at
+                link.updated_at = now_iso()
+            else:
+                release_entra_claim(claim)
+                claim = None
+    if not write_claimed_link(link, etag, claim):
         return False
-    if retry:
+    if claim is not None:
         _reconcile_soon(link.zoom_user_id, "zoom_id_recorded")
     return True
 

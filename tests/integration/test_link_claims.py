@@ -327,3 +327,27 @@ def test_a_claim_whose_link_was_written_and_disabled_since_frees_the_account_at_
     write_link(link, etag)
     assert _put(zoom_b, entra)[0] == 200
     assert zoom_id_for_entra(entra, fresh=True) == zoom_b
+
+
+def test_a_claimed_write_whose_answer_was_lost_keeps_its_claim_only_if_it_landed(claims_env, monkeypatch):
+    from shared import links
+    from shared.engine import UserSync
+    from shared.links import Link, claim_entra
+
+    real = links.write_link
+    landed, lost = (_zoom_id(), str(uuid.uuid4())), (_zoom_id(), str(uuid.uuid4()))
+
+    def answer_lost(link, etag):
+        if link.zoom_user_id == landed[0]:
+            real(link, etag)  # written, then the answer is lost
+        raise TimeoutError("the answer was lost")
+
+    monkeypatch.setattr(links, "write_link", answer_lost)
+    for zoom_id, entra in (landed, lost):
+        link = Link(sync=UserSync(zoom_id, entra, frozenset({"zoom_to_teams"})))
+        claim = claim_entra(entra, zoom_id)
+        link.entra_claimed_at = claim.claimed_at
+        with pytest.raises(TimeoutError):
+            links.write_claimed_link(link, None, claim)
+    assert zoom_id_for_entra(landed[1], fresh=True) == landed[0]  # the link is there: so is its claim
+    assert zoom_id_for_entra(lost[1], fresh=True) is None  # given back

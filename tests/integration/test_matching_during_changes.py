@@ -98,3 +98,21 @@ def test_a_report_whose_lists_do_not_fit_one_entity_keeps_shorter_ones(run_env, 
     report = matching.read_report()
     assert report["run_id"] == run.run_id and report["counts"]["unmatched_zoom"] == 2000
     assert 0 < len(report["unmatched_zoom"]) < 2000 and all(report["truncated"].values())
+
+
+def test_an_account_moving_to_another_zoom_user_moves_in_one_run(run_env):
+    # A matched Zoom user left (deactivated, its webhook lost) and a new one has the address: the
+    # run disables the old link and creates the new one, whichever it applies first. The new
+    # one comes first here (ids sort so): the old one still holds the account when it is claimed.
+    from shared.engine import ALL_DIRECTIONS
+    from shared.links import ORIGIN_MATCH, index_entra, zoom_id_for_entra
+
+    run = _listed_run(time.time() - 5)
+    held = Link(sync=UserSync("zz-left", E1, frozenset(ALL_DIRECTIONS)), email="a@contoso.example",
+                origin=ORIGIN_MATCH, created_at="2020-01-01T00:00:00Z", updated_at="2020-01-01T00:00:00Z")
+    write_link(held, None)
+    index_entra(E1, "zz-left")
+    assert matching._apply_step(run, directory_runs.Budget(60)) is True
+    assert (read_link("z1")[0].status, read_link("zz-left")[0].disabled_reason) == (STATUS_ACTIVE, "zoom_inactive")
+    assert zoom_id_for_entra(E1, fresh=True) == "z1"
+    assert matching.read_report()["counts"]["entra_taken"] == 0
