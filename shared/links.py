@@ -40,7 +40,7 @@ ZOOM_OVERLAY_EXPIRES = "zoom_overlay_expires_at"
 STATUS_ACTIVE = "active"
 STATUS_DISABLED = "disabled"
 STATUS_ERROR = "error"
-ZOOM_USER_NOT_FOUND = "zoom_user_not_found"  # the error a Zoom 404 (1001) leaves (shared.sync)
+ZOOM_USER_NOT_FOUND = "zoom_user_not_found"  # the error a Zoom 404 (1001) leaves (shared.sync writes it)
 
 # Why Zoom PUTs for a person are held back (``zoom_blocked_why``).
 BLOCKED_NOT_SIGNED_IN = "not_signed_in"  # 400/5301: ended early by a report of the person in a client
@@ -122,12 +122,16 @@ class Link:
         self.zoom_id_issued = issued_zoom_id(kept, given, self.sync.zoom_user_id, from_zoom=from_zoom)
         return self.zoom_id_issued != kept
 
-    def retry_refused_zoom_id(self, called_before: str) -> bool:
+    def refused_for_its_spelling(self, called_before: str) -> bool:
         """Zoom refused the link's id (``zoom_user_not_found``), and the id it is called with is no
-        longer ``called_before``: the error may have been the spelling's, so the link is active
-        again (the caller reconciles it). True if so."""
-        if self.zoom_api_id == called_before or self.status != STATUS_ERROR \
-                or self.error_kind != ZOOM_USER_NOT_FOUND:
+        longer ``called_before``: the error may have been the spelling's."""
+        return self.zoom_api_id != called_before and self.status == STATUS_ERROR \
+            and self.error_kind == ZOOM_USER_NOT_FOUND
+
+    def retry_refused_zoom_id(self, called_before: str) -> bool:
+        """If :meth:`refused_for_its_spelling`, the link is active again (the caller reconciles
+        it). True if so."""
+        if not self.refused_for_its_spelling(called_before):
             return False
         self.status, self.sync.active = STATUS_ACTIVE, True
         self.error_kind = self.error_detail = self.error_at = ""

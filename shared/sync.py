@@ -57,6 +57,7 @@ from shared.links import (
     STATUS_ERROR,
     TEAMS_OVERLAY_EXPIRES,
     ZOOM_OVERLAY_EXPIRES,
+    ZOOM_USER_NOT_FOUND,
     Link,
     now_iso,
     read_link,
@@ -435,7 +436,7 @@ def _read_zoom(link: Link, outcome: Outcome, *, required: bool | str = False) ->
     try:
         return zoom_client.get_presence_status(link.zoom_api_id)
     except NotFound:
-        raise UnknownAccount(TEAMS_TO_ZOOM, "zoom_user_not_found", ZOOM_UNKNOWN, link.entra_user_id) from None
+        raise UnknownAccount(TEAMS_TO_ZOOM, ZOOM_USER_NOT_FOUND, ZOOM_UNKNOWN, link.entra_user_id) from None
     except VendorError as exc:
         log.warning("sync: could not read Zoom presence of user %s: %s", link.zoom_user_id, exc)
         if _raise_read_failure(required, exc):
@@ -680,10 +681,10 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
         outcome.deferred_until = time.time() + exc.retry_after_s
         return False
     except NotFound:
-        telemetry.failed(TEAMS_TO_ZOOM, "zoom_user_not_found")
-        _revert(link.zoom_user_id, **undo, error=("zoom_user_not_found", ZOOM_UNKNOWN))
+        telemetry.failed(TEAMS_TO_ZOOM, ZOOM_USER_NOT_FOUND)
+        _revert(link.zoom_user_id, **undo, error=(ZOOM_USER_NOT_FOUND, ZOOM_UNKNOWN))
         _schedule(link.zoom_user_id, 1.0, "unknown_account", cid)  # lets go of ours on Teams now
-        outcome.error = "zoom_user_not_found"
+        outcome.error = ZOOM_USER_NOT_FOUND
         return False
     except Forbidden as exc:
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_forbidden")
@@ -759,7 +760,7 @@ def _took_zoom_slot_since(s: UserSync, seen_ts: int) -> bool:
     return s.zoom_seen_ts > seen_ts and s.zoom_overlay is None and s.zoom_native in ZOOM_MANUAL_STATES
 
 
-UNKNOWN_ACCOUNT_KINDS = ("teams_user_not_found", "zoom_user_not_found")
+UNKNOWN_ACCOUNT_KINDS = ("teams_user_not_found", ZOOM_USER_NOT_FOUND)
 
 
 def _mark_error(link: Link, kind: str, detail: str) -> None:

@@ -25,7 +25,6 @@ from shared.errors import TokenError, Unauthorized, VendorError
 from shared.links import (
     STATUS_ACTIVE,
     STATUS_DISABLED,
-    STATUS_ERROR,
     EntraTaken,
     Link,
     active_link_for_entra,
@@ -87,18 +86,15 @@ def _record_zoom_id(link: Link, zoom_user_id: str, etag: str | None) -> bool:
     if not link.learn_zoom_id(zoom_user_id):
         return True
     claim = None
-    if link.zoom_api_id != called_before and link.status == STATUS_ERROR and link.entra_user_id:
+    if link.entra_user_id and link.refused_for_its_spelling(called_before):
         try:
             claim = claim_entra(link.entra_user_id, link.zoom_user_id)
         except EntraTaken:
             pass  # another link holds the account now: the spelling is recorded, the error stays
         else:
-            if link.retry_refused_zoom_id(called_before):
-                link.entra_claimed_at = claim.claimed_at
-                link.updated_at = now_iso()
-            else:
-                release_entra_claim(claim)
-                claim = None
+            link.retry_refused_zoom_id(called_before)
+            link.entra_claimed_at = claim.claimed_at
+            link.updated_at = now_iso()
     if not write_claimed_link(link, etag, claim):
         return False
     if claim is not None:
