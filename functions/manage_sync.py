@@ -13,7 +13,7 @@ def manage_links_sync(req: func.HttpRequest) -> func.HttpResponse:
     from shared.config import SettingMissing
 
     try:
-        return json_response(*matching.request_run("admin"))
+        return json_response(*matching.request_run("admin", req.get_body()))
     except SettingMissing as exc:
         return not_configured(exc)
 

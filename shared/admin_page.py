@@ -173,6 +173,15 @@ def _cards(status: dict, key: str | None) -> str:
         cards.append(_card("Directory matching", f'{c.get("matched", 0)} matched',
                            f'{_e(c.get("unmatched_zoom", 0))} unmatched · {_e(problems)} ambiguous · '
                            f'{_e(report.get("finished_at") or "")}'))
+        held = int(c.get("disables_held", 0) or 0)
+        if held:
+            guard = report.get("disable_guard") or {}
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted((guard.get("by_reason") or {}).items()))
+            cards.append(_card("Disables held", held,
+                               f'the last matching run would have disabled {_e(held)} people, over the limit of '
+                               f'{_e(guard.get("limit"))} ({_e(reasons)}); check the directories, then '
+                               f'<span class="mono">POST manage/links/sync {{"allow_disables": {_e(held)}}}</span>',
+                               bad=True))
     elif run:
         cards.append(_card("Directory matching", run.get("status", "?"), _e(run.get("started_at") or "")))
     else:

@@ -199,6 +199,13 @@ class Settings(BaseSettings):
     matching_parallelism: int = Field(
         default=8, ge=1, le=64, validation_alias=AliasChoices("MATCHING_PARALLELISM")
     )
+    # The most links one matching run may disable: more, and the run holds its disables (a listing
+    # missing a chunk, or a domain renamed on one side first, would otherwise disable thousands).
+    # A count ("500", as Entra Connect's deletion threshold) or a share of the active links ("10%");
+    # "0" turns the guard off. An admin lets a run past it (POST /api/manage/links/sync).
+    matching_disable_limit: str = Field(
+        default="500", validation_alias=AliasChoices("MATCHING_DISABLE_LIMIT")
+    )
 
     # --- the app ---------------------------------------------------------------------------
     public_base_url: str | None = Field(default=None, validation_alias=AliasChoices("PUBLIC_BASE_URL"))
@@ -235,6 +242,23 @@ class Settings(BaseSettings):
         if mode not in ("app", "delegated", "auto"):
             raise ValueError("TEAMS_WRITE_MODE must be app, delegated or auto")
         return mode
+
+    @field_validator("matching_disable_limit")
+    @classmethod
+    def _disable_limit(cls, value: str) -> str:
+        text = (value or "").strip()
+        number = text[:-1].strip() if text.endswith("%") else text
+        if not number.isdigit() or (text.endswith("%") and int(number) > 100):
+            raise ValueError("MATCHING_DISABLE_LIMIT must be a count (500) or a percentage (10%)")
+        return f"{int(number)}%" if text.endswith("%") else str(int(number))
+
+    def disable_limit(self, active_links: int) -> int | None:
+        """The most links a matching run may disable with ``active_links`` active; None = no limit."""
+        text = self.matching_disable_limit
+        if text.endswith("%"):
+            share = int(text[:-1])
+            return None if share == 0 else active_links * share // 100
+        return int(text) or None
 
     def require(self, attribute: str, setting: str, purpose: str = "") -> str:
         value = getattr(self, attribute)

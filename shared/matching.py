@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from shared import directory_runs as runs
-from shared import graph_client, scopes, storage, zoom_client
+from shared import graph_client, logs, scopes, storage, zoom_client
 from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, UserSync, keep_zoom_side
 from shared.errors import BadRequest, Forbidden, NotFound, Unauthorized
@@ -72,12 +74,19 @@ PINNED_ORIGINS = (ORIGIN_ADMIN, ORIGIN_SELF)
 MATCH_REASONS = frozenset({"zoom_inactive", "entra_disabled", "entra_not_found", "match_lost", "entra_taken"})
 # A link the run would make active for a Teams account another active link holds.
 ENTRA_TAKEN = "entra_taken"
+# Disables a run held at the disable limit (report count, list and column).
+DISABLES_HELD = "disables_held"
 # Reasons set by Zoom user lifecycle webhooks: cleared only by a Zoom listing newer than the event.
 LIFECYCLE_REASONS = frozenset({"zoom_deactivated", "zoom_deleted", "zoom_disassociated"})
 # How many links one checkpoint covers in the apply phase.
 APPLY_STEP = 200
 # Zoom's next_page_token lives 15 minutes (API-FACTS §3): restart the listing before that.
 ZOOM_TOKEN_TTL_S = 14 * 60
+# The run's decision on the disable limit (MATCHING_DISABLE_LIMIT), taken once, at its first apply step.
+DISABLE_GUARD = "disable_guard"
+ALLOW_DISABLES = "allow_disables"
+# The most an admin may allow in one run: more than any directory holds, small enough to store.
+ALLOW_DISABLES_MAX = 10_000_000
 
 
 # --- addresses ---------------------------------------------------------------------------------------
@@ -318,24 +327,48 @@ def _stale_after() -> float:
     return 2 * get_settings().directory_run_budget_seconds + 120.0
 
 
-def _new_state() -> dict[str, Any]:
-    return {"phase": "entra", "entra_next": None, "entra_pages": 0, "zoom_next": None, "zoom_pages": 0,
-            "zoom_token_at": 0.0, "entra_listed_at": 0.0, "zoom_listed_at": 0.0, "cursor": "", "counts": {}}
+def _new_state(allow_disables: int | None = None) -> dict[str, Any]:
+    state = {"phase": "entra", "entra_next": None, "entra_pages": 0, "zoom_next": None, "zoom_pages": 0,
+             "zoom_token_at": 0.0, "entra_listed_at": 0.0, "zoom_listed_at": 0.0, "cursor": "", "counts": {}}
+    if allow_disables is not None:
+        state[ALLOW_DISABLES] = allow_disables
+    return state
 
 
-def start(trigger: str) -> tuple[runs.Run | None, runs.Run | None]:
+def start(trigger: str, allow_disables: int | None = None) -> tuple[runs.Run | None, runs.Run | None]:
     """Begin a matching run unless one is live: ``(new, None)`` or ``(None, live)``."""
-    return runs.start_run(KIND, trigger, _new_state(), stale_after_s=_stale_after())
+    return runs.start_run(KIND, trigger, _new_state(allow_disables), stale_after_s=_stale_after())
 
 
-def request_run(trigger: str) -> tuple[int, dict]:
+class SyncBody(BaseModel):
+    """``POST /api/manage/links/sync``: an empty body, or the disables the admin lets this run make."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Past the disable limit: the number the held run's report gives, once the directories are checked.
+    allow_disables: int | None = Field(default=None, ge=0, le=ALLOW_DISABLES_MAX, strict=True)
+
+
+def request_run(trigger: str, raw_body: bytes | None = None) -> tuple[int, dict]:
     """Admin API ``POST /api/manage/links/sync``: start a run; the directory queue works on it."""
-    run, live = start(trigger)
+    from shared.admin import body_too_large
+
+    if (too_large := body_too_large(raw_body)) is not None:
+        return too_large
+    try:
+        body = SyncBody.model_validate_json(raw_body.strip() or b"{}" if raw_body else b"{}")
+    except ValidationError as exc:
+        fields = logs.invalid_fields(exc)
+        log.info("matching: run request rejected (%s)", ", ".join(fields))
+        return 400, {"error": "invalid request", "fields": fields}
+    run, live = start(trigger, body.allow_disables)
     if run is None:
         log.info("matching: a run is in progress (%s); not starting another", live.run_id if live else "?")
         return 409, {"error": "a matching run is in progress", "run": live.public() if live else None}
     runs.continue_later(KIND, run.run_id)
-    return 202, {"run_id": run.run_id, "status": run.status}
+    if body.allow_disables is not None:
+        log.info("matching: run %s may disable up to %d links", run.run_id, body.allow_disables)
+    return 202, {"run_id": run.run_id, "status": run.status, ALLOW_DISABLES: body.allow_disables}
 
 
 def run_now(trigger: str, *, budget_s: float | None = None) -> runs.Run | None:
@@ -488,17 +521,18 @@ def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
         # never disable everybody on its word.
         raise _Fatal("a directory listing came back empty; nothing applied")
     plan = plan_matches(world.zoom, world.entra, world.links)
-    world.targets = plan.targets
-    counts = state["counts"]
-    owners = _index_owners(plan, world)
-    current_scopes = scopes.read_scopes()
-    pending = [z for z in sorted(plan.targets) if z > state["cursor"]]
     listed_at = float(state["zoom_listed_at"])
     # A link made or changed since the listings began (an admin's PUT, a self link, a Zoom user
     # event, a scope change) may name people the listings predate: judged by them it would be
     # disabled as absent (zoom_inactive, entra_not_found) or re-pointed. Left to the next run.
     began = min(float(state.get("entra_listed_at") or listed_at), listed_at)
     changed_since = iso_time(began) if began > 0 else ""
+    held = _guard_disables(run, plan, world, listed_at, changed_since)
+    world.targets = plan.targets
+    counts = state["counts"]
+    owners = _index_owners(plan, world)
+    current_scopes = scopes.read_scopes()
+    pending = [z for z in sorted(plan.targets) if z > state["cursor"]]
     workers = max(1, get_settings().matching_parallelism)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="matching") as pool:
         for start_at in range(0, len(pending), APPLY_STEP):
@@ -528,8 +562,58 @@ def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
                     raise _TakenOver()
                 if budget.spent():
                     return False
-    _save_report(run, plan)
+    _save_report(run, plan, held)
     return True
+
+
+def would_disable(plan: MatchPlan, links: dict[str, LinkRow], zoom_listed_at: float,
+                  changed_since: str = "") -> dict[str, str]:
+    """The active links ``plan`` disables, Zoom id → reason (a link changed during the run is left
+    alone anyway, and one a newer lifecycle event settled is not the listing's to disable)."""
+    out: dict[str, str] = {}
+    for zoom_id, target in plan.targets.items():
+        row = links.get(zoom_id)
+        if row is None or row.status != STATUS_ACTIVE or not target.reason:
+            continue
+        if changed_since and row.updated_at > changed_since:
+            continue
+        probe = row.probe()
+        apply_target(probe, target, zoom_listed_at)
+        if probe.status == STATUS_DISABLED:
+            out[zoom_id] = probe.disabled_reason
+    return out
+
+
+def _guard_disables(run: runs.Run, plan: MatchPlan, world: _World, zoom_listed_at: float,
+                    changed_since: str) -> dict[str, str]:
+    """Hold the run's disables when there are more than MATCHING_DISABLE_LIMIT (or than the admin
+    allowed this run): a listing missing a chunk, or a domain renamed on one side before the other,
+    would otherwise disable thousands of people until the directories agree again. Held links keep
+    their pairing and stay active (``plan`` is changed in place); everything else is applied. Decided
+    once, at the first apply step; returns the held disables (Zoom id → reason), recounted each time."""
+    state = run.state
+    wanted = would_disable(plan, world.links, zoom_listed_at, changed_since)
+    guard = state.get(DISABLE_GUARD)
+    if guard is None:
+        active = sum(1 for row in world.links.values() if row.status == STATUS_ACTIVE)
+        limit = get_settings().disable_limit(active)
+        allowed = state.get(ALLOW_DISABLES)
+        ceiling = max(limit, int(allowed or 0)) if limit is not None else None
+        guard = {"would_disable": len(wanted), "limit": limit, "allowed": allowed,
+                 "held": ceiling is not None and len(wanted) > ceiling,
+                 "by_reason": dict(Counter(wanted.values()))}
+        state[DISABLE_GUARD] = guard
+        if guard["held"]:
+            log.warning("matching: run %s would disable %d links (limit %d%s): the disables are held, the rest is "
+                        "applied; if the directories are right, POST /api/manage/links/sync with "
+                        "{\"allow_disables\": %d}", run.run_id, len(wanted), limit,
+                        f", {allowed} allowed" if allowed is not None else "", len(wanted))
+    if not guard["held"]:
+        return {}
+    for zoom_id in wanted:
+        row = world.links[zoom_id]
+        plan.targets[zoom_id] = Target(row.entra_user_id, "", None)  # as it is
+    return wanted
 
 
 class _TakenOver(Exception):
@@ -599,6 +683,11 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
             old = _copy(current)
             link = current
             changed, repointed = apply_target(link, target, zoom_listed_at)
+            if repointed and current_scopes.entra_group_ids:
+                # The previous person's Entra group membership is not the new one's: nothing
+                # syncs until the scope run (asked for at the end of this run) has looked, as
+                # after an admin's re-point.
+                scopes.refresh(link, current_scopes, scopes.MEMBER_UNKNOWN)
             # Zoom's spelling of the id, for its REST paths (a link saved before it was kept, or by
             # an admin who gave it otherwise): recorded on its own costs one write, once.
             called_before = link.zoom_api_id
@@ -747,8 +836,10 @@ def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
     log.info("matching: run %s done in %d invocation(s): %d created, %d updated, %d disabled, %d enabled",
              run.run_id, run.invocations, c.get("created", 0), c.get("updated", 0), c.get("disabled", 0),
              c.get("enabled", 0))
-    if scopes.read_scopes().restricted and c.get("created"):
-        scopes.request_run("new links from matching")
+    if scopes.read_scopes().restricted and (c.get("created") or c.get("repointed")):
+        # New people on the Teams side, whose group membership is not known yet: they sync once
+        # the scope run has found them in the scope groups.
+        scopes.request_run("new links from matching" if c.get("created") else "links re-pointed by matching")
     if runs.rerun_requested(run):
         # Asked for while this one ran (a Zoom email change it may have listed too early).
         again, _ = start("asked for during the previous run")
@@ -757,25 +848,31 @@ def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
     return run
 
 
-def _save_report(run: runs.Run, plan: MatchPlan) -> None:
+def _save_report(run: runs.Run, plan: MatchPlan, held: dict[str, str] | None = None) -> None:
     cap = get_settings().matching_report_list_cap
     counts = dict(plan.counts)
     for key in ("created", "created_disabled", "updated", "disabled", "enabled", "repointed", "index_repaired",
                 "zoom_id_recorded", "error_cleared", "changed_during_run", ENTRA_TAKEN):
         counts[key] = int(run.state["counts"].get(key, 0))
+    held = held or {}
+    counts[DISABLES_HELD] = len(held)
     lists = {
         "ambiguous_zoom": plan.ambiguous_zoom, "ambiguous_entra": plan.ambiguous_entra,
         "conflicts": plan.conflicts, "unmatched_zoom": plan.unmatched_zoom, "unmatched_entra": plan.unmatched_entra,
+        "held_disables": [{"zoom_user_id": z, "reason": r} for z, r in sorted(held.items())],
     }
+    guard = dict(run.state.get(DISABLE_GUARD) or {})
     while True:
         report = {
             "run_id": run.run_id, "trigger": run.trigger, "started_at": runs.iso(run.started_at),
             "finished_at": runs.iso(time.time()), "invocations": run.invocations, "counts": counts,
+            DISABLE_GUARD: guard,
             "truncated": {k: len(v) > cap for k, v in lists.items()},
             **{k: v[:cap] for k, v in lists.items()},
         }
         try:
-            runs.write_blob(KIND, REPORT_ROW, report, run_id=run.run_id)
+            # The held count also as a column of its own: the telemetry timer reads it every 5 minutes.
+            runs.write_blob(KIND, REPORT_ROW, report, run_id=run.run_id, **{DISABLES_HELD: len(held)})
             return
         except runs.TooLarge:
             # Ids barely compress: at the highest cap five full lists may not fit in one entity.
@@ -789,6 +886,12 @@ def _save_report(run: runs.Run, plan: MatchPlan) -> None:
 def read_report() -> dict | None:
     report, _ = runs.read_blob(KIND, REPORT_ROW)
     return report
+
+
+def disables_held() -> int:
+    """How many disables the last run held (0 before any run): one entity read."""
+    entity, _ = storage.read_entity(runs.TABLE, KIND, REPORT_ROW)
+    return int((entity or {}).get(DISABLES_HELD) or 0)
 
 
 def status() -> dict[str, Any]:

@@ -64,12 +64,14 @@ SUBSCRIPTIONS_NEAREST_EXPIRY = "subscriptions.nearest_expiry_seconds"
 CONNECTIONS_COUNT = "connections.count"
 LINKS_COUNT = "links.count"
 POISON_MESSAGES = "queues.poison_messages"
+MATCHING_DISABLES_HELD = "matching.disables_held"
 
 COUNTERS = (CHANGES_OBSERVED, CHANGES_WRITTEN, CHANGES_SUPPRESSED_ECHO, CHANGES_DROPPED_STALE, CHANGES_COALESCED,
             CHANGES_DEAD_LETTERED, CHANGES_RETRIED_AFTER_OUTAGE, CHANGES_FAILED, WEBHOOKS_RECEIVED,
             SUBSCRIPTION_RENEWAL_FAILURES)
 HISTOGRAMS = (SYNC_LATENCY, VENDOR_REQUEST_DURATION)
-GAUGES = (SUBSCRIPTIONS_COUNT, SUBSCRIPTIONS_NEAREST_EXPIRY, CONNECTIONS_COUNT, LINKS_COUNT, POISON_MESSAGES)
+GAUGES = (SUBSCRIPTIONS_COUNT, SUBSCRIPTIONS_NEAREST_EXPIRY, CONNECTIONS_COUNT, LINKS_COUNT, POISON_MESSAGES,
+          MATCHING_DISABLES_HELD)
 INSTRUMENTS = COUNTERS + HISTOGRAMS + GAUGES
 
 # Span names and attributes the workbook and alerts query.
@@ -133,6 +135,7 @@ class _Gauges:
     connections: dict[str, int] = field(default_factory=dict)
     links: dict[str, int] = field(default_factory=dict)
     poison: dict[str, int] = field(default_factory=dict)
+    disables_held: int | None = None  # by the last matching run (None: not read yet)
     # When connections and links were last counted in full: a count that ran out of time is not
     # published, and the last full one goes quiet once it is as old as a stale snapshot would.
     connections_at: float = 0.0
@@ -153,6 +156,7 @@ class _Live:
         meter.create_observable_gauge(LINKS_COUNT, callbacks=[_by("state", lambda g: g.links,
                                                                   counted_at=lambda g: g.links_at)])
         meter.create_observable_gauge(POISON_MESSAGES, callbacks=[_by("queue", lambda g: g.poison)])
+        meter.create_observable_gauge(MATCHING_DISABLES_HELD, callbacks=[_disables_held])
 
 
 _lock = threading.Lock()
@@ -542,8 +546,18 @@ def _nearest_expiry(options: Any) -> list[Any]:
     return [Observation(round(snapshot.nearest_expiry_at - time.time(), 1))]
 
 
+def _disables_held(options: Any) -> list[Any]:
+    from opentelemetry.metrics import Observation
+
+    snapshot = _gauges
+    if time.time() - snapshot.taken_at > GAUGE_MAX_AGE_S or snapshot.disables_held is None:
+        return []
+    return [Observation(snapshot.disables_held)]
+
+
 def refresh_gauges(now: float | None = None) -> None:
-    """Read subscriptions, connections, links and poison queues once (from the maintenance timer) and
+    """Read subscriptions, connections, links, poison queues and the disables the last matching run
+    held once (from the maintenance timer) and
     keep the figures for the observable gauges. Never raises: a part that fails keeps its old figure.
     Connections and links are published only when counted in full within GAUGE_SCAN_BUDGET_S (a
     partial count is no total); until then the last full count stands, for GAUGE_MAX_AGE_S."""
@@ -558,6 +572,7 @@ def refresh_gauges(now: float | None = None) -> None:
     old = _gauges
     fresh = _Gauges(taken_at=now, subscriptions=dict(old.subscriptions), nearest_expiry_at=old.nearest_expiry_at,
                     connections=dict(old.connections), links=dict(old.links), poison=dict(old.poison),
+                    disables_held=old.disables_held,
                     connections_at=old.connections_at, links_at=old.links_at)
     try:
         subs = status.subscriptions_summary(now)
@@ -589,6 +604,12 @@ def refresh_gauges(now: float | None = None) -> None:
         fresh.poison = {name: int(q["poison"]) for name, q in status.queues_summary()["items"].items()}
     except Exception as exc:  # noqa: BLE001
         log.warning("telemetry: queue figures unavailable (%s)", type(exc).__name__)
+    try:
+        from shared import matching
+
+        fresh.disables_held = matching.disables_held()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("telemetry: matching figures unavailable (%s)", type(exc).__name__)
     _gauges = fresh
 
 

@@ -83,6 +83,23 @@ union gauge, dead
 '''
   }
   {
+    // The gauge repeats the last matching run's figure every 5 minutes: the alert stays while a run
+    // holds disables and resolves after a run that holds none (the admin allowed them, or the
+    // directories agree again).
+    key: 'disables-held'
+    displayName: 'Presence bridge: directory matching held its disables'
+    description: 'The last matching run would have disabled more links than MATCHING_DISABLE_LIMIT allows, so it disabled none of them (a listing missing people, or a domain renamed on one side). See docs/operations.md, "Alerts".'
+    severity: 2
+    frequency: 'PT15M'
+    window: 'PT30M'
+    query: '''
+customMetrics
+| where name == 'matching.disables_held'
+| summarize held = max(value)
+| where held > 0
+'''
+  }
+  {
     key: 'outage-retries'
     displayName: 'Presence bridge: changes waiting out an outage'
     description: 'Changes failed every quick attempt for an outage (a vendor, a token endpoint or storage down) and were queued again for a later round; they apply once it ends. See docs/operations.md, "Alerts".'
@@ -268,7 +285,7 @@ customMetrics
 
 var healthQuery = '''
 customMetrics
-| where name in ('subscriptions.count', 'subscriptions.nearest_expiry_seconds', 'connections.count', 'links.count', 'queues.poison_messages')
+| where name in ('subscriptions.count', 'subscriptions.nearest_expiry_seconds', 'connections.count', 'links.count', 'queues.poison_messages', 'matching.disables_held')
 | extend label = coalesce(tostring(customDimensions['state']), tostring(customDimensions['health']), tostring(customDimensions['queue']), '')
 | summarize arg_max(timestamp, value) by name, label
 | project name, label, value, as_of = timestamp
@@ -309,7 +326,7 @@ var panels = [
     visualization: 'table'
   }
   {
-    title: 'Subscriptions, connections, links, poison queues (latest)'
+    title: 'Subscriptions, connections, links, poison queues, disables held by matching (latest)'
     query: healthQuery
     visualization: 'table'
   }

@@ -67,9 +67,10 @@ def all_links(world: World) -> dict[str, dict]:
             return out
 
 
-def run_matching(world: World, timeout: float = 120.0) -> dict:
+def run_matching(world: World, timeout: float = 120.0, *, allow_disables: int | None = None) -> dict:
     """Start a run through the admin API, let the queue finish it, return the stored report."""
-    response = world.admin("POST", "links/sync")
+    body = {"allow_disables": allow_disables} if allow_disables is not None else None
+    response = world.admin("POST", "links/sync", json=body)
     assert response.status_code == 202, response.text
     run_id = response.json()["run_id"]
     world.settle(timeout=timeout)

@@ -226,6 +226,18 @@ def test_a_run_survives_an_expired_zoom_page_token_and_a_lost_invocation(world: 
     assert len(listings) == 2 + 1 + 4
 
 
+class _telemetry_reset:
+    """Telemetry back to unconfigured after a block that recorded into a reader of its own."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        from shared import telemetry
+
+        telemetry.reset()
+
+
 class _settings:
     """App settings changed for a block (the host runs in this process and reads them too)."""
 
@@ -300,6 +312,89 @@ def test_entra_account_disabled_and_enabled_again(world: World):
     assert world.teams_shows(ada) == ("Busy", "InACall")  # still in the meeting: shown again
 
 
+def test_a_run_over_the_disable_limit_holds_its_disables_until_an_admin_allows_them(world: World, caplog):
+    """The mail domain is renamed in Entra before Zoom: every match would be lost at once. Over
+    MATCHING_DISABLE_LIMIT the run disables nobody (Teams keeps showing the meeting) but applies the
+    rest (a new hire is linked); the report, the status page and the gauge say so. An admin who
+    finds the disables right lets one run make them; allowing fewer than are due holds them again."""
+    import requests
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from shared import telemetry
+
+    def page() -> str:
+        return requests.get(world.host.url("manage", key="master"), timeout=30).text
+
+    def gauge() -> float:
+        telemetry.refresh_gauges()  # as the maintenance timer does every 5 minutes
+        return telemetry.read_figures(reader).gauges[telemetry.MATCHING_DISABLES_HELD][()]
+
+    reader = InMemoryMetricReader()
+    telemetry.reset()
+    telemetry.use_sdk(metric_readers=[reader])
+    people = [_person(world, name) for name in ("ada", "bob", "cy", "dee", "eve")]
+    ada = people[0]
+    run_matching(world)
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+    renamed = people[:4]
+    for person in renamed:
+        new_address = person.email.replace(DOMAIN, "renamed.example")
+        world.graph.update_user(person.entra_id, mail=new_address, userPrincipalName=new_address, proxyAddresses=[])
+    hire = _person(world, "hire")
+
+    with _settings(world, MATCHING_DISABLE_LIMIT="3"), caplog.at_level("WARNING", logger="shared.matching"), \
+            _telemetry_reset():
+        report = run_matching(world)["report"]
+        counts = report["counts"]
+        assert counts["disables_held"] == 4 and counts["disabled"] == 0 and counts["created"] == 1
+        assert report["disable_guard"] == {"would_disable": 4, "limit": 3, "allowed": None, "held": True,
+                                           "by_reason": {"match_lost": 4}}
+        assert report["held_disables"] == [{"zoom_user_id": p.zoom_id, "reason": "match_lost"}
+                                           for p in sorted(renamed, key=lambda p: p.zoom_id)]
+        for person in renamed:
+            assert (_link(world, person)["status"], _link(world, person)["entra_user_id"]) == ("active",
+                                                                                              person.entra_id)
+        assert _link(world, hire)["status"] == "active"
+        world.settle()
+        assert world.teams_shows(ada) == ("Busy", "InACall")
+        assert "would disable 4 links (limit 3)" in caplog.text and DOMAIN not in caplog.text
+        assert "Disables held" in page() and "match_lost: 4" in page()
+        assert gauge() == 4
+
+        # Allowing fewer than are due is no licence: held again.
+        again = run_matching(world, allow_disables=2)["report"]
+        assert again["counts"]["disables_held"] == 4 and again["disable_guard"]["allowed"] == 2
+        assert _link(world, ada)["status"] == "active"
+
+        allowed = run_matching(world, allow_disables=4)["report"]
+        assert allowed["counts"]["disables_held"] == 0 and allowed["counts"]["disabled"] == 4
+        assert allowed["disable_guard"]["held"] is False and allowed["held_disables"] == []
+        for person in renamed:
+            assert (_link(world, person)["status"], _link(world, person)["disabled_reason"]) == ("disabled",
+                                                                                                "match_lost")
+        assert _link(world, people[4])["status"] == "active"
+        world.settle()
+        assert world.teams_shows(ada) == ("Available", "Available")  # our overlay was released
+        assert "Disables held" not in page()
+        assert gauge() == 0
+        # Nightly runs keep the limit: the next one finds nothing more to disable.
+        assert run_matching(world)["report"]["counts"]["disables_held"] == 0
+
+
+@pytest.mark.parametrize("body", [b'{"allow_disables": -1}', b'{"allow_disables": "4"}', b'{"allow_disables": 4.5}',
+                                  b'{"allow_disables": true}', b'{"allow_disables": 10000001}', b'{"allow": 4}',
+                                  b'[4]', b'not json'])
+def test_a_bad_matching_request_is_400_and_starts_no_run(world: World, body: bytes, caplog):
+    with caplog.at_level("INFO", logger="shared.matching"):
+        response = world.admin("POST", "links/sync", data=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid request" and response.json()["fields"]
+    assert "run request rejected" in caplog.text
+    assert world.admin("GET", "status").json()["matching"]["run"] is None
+
+
 def test_a_changed_email_moves_a_match_and_releases_the_old_one(world: World):
     ada = _matched_in_a_meeting(world, "ada")
     # The mailbox moves to another Entra user (ada's old account keeps only its UPN).
@@ -311,6 +406,41 @@ def test_a_changed_email_moves_a_match_and_releases_the_old_one(world: World):
     assert counts["repointed"] == 1
     assert _link(world, ada)["entra_user_id"] == new_entra
     assert world.teams_shows(ada) == ("Available", "Available")  # released on the old account
+
+
+def test_a_match_moved_to_someone_outside_the_scope_groups_syncs_nothing_for_them(world: World):
+    """Under an Entra-group restriction, ada (in the group) is matched and in a meeting. Her mailbox
+    moves to an account outside the group: the moved link must not put the meeting on that account,
+    before the scope run (the membership it had was ada's) or after (it is not a member)."""
+    ada = _matched_in_a_meeting(world, "ada")
+    group = str(uuid.uuid4())
+    world.graph.add_group(group, [ada.entra_id])
+    assert world.admin("PUT", "scopes", json={"entra_group_ids": [group]}).status_code == 200
+    world.settle(timeout=60)
+    assert _link(world, ada)["directions"] == ["teams_to_zoom", "zoom_to_teams"]
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+
+    outsider = world.graph.add_user(mail=ada.email.upper(), user_principal_name=f"ada3@{TENANT}")["id"].lower()
+    world.graph.set_teams_client(outsider, "Available", "Available")
+    world.graph.update_user(ada.entra_id, mail=None, userPrincipalName=f"old.{uuid.uuid4().hex[:6]}@{TENANT}",
+                            proxyAddresses=[])
+    from shared import matching
+
+    world.host.pause_queues()  # the moved link as the run leaves it, before the scope run it asks for
+    try:
+        run, _ = matching.start("test")
+        assert matching.continue_run(run.run_id, budget_s=60).status == "done"
+        link = _link(world, ada)
+        assert link["entra_user_id"] == outsider and link["directions"] == []
+        assert link["wanted_directions"] == ["teams_to_zoom", "zoom_to_teams"]
+    finally:
+        world.host.resume_queues()
+    world.settle(timeout=60)
+    scopes_run = world.admin("GET", "scopes").json()["last_run"]
+    assert scopes_run["trigger"] == "links re-pointed by matching" and scopes_run["status"] == "done"
+    assert _link(world, ada)["directions"] == []
+    assert world.graph.presence(outsider)["activity"] == "Available"
+    assert world.teams_shows(ada) == ("Available", "Available")  # released on ada's old account
 
 
 def test_a_zoom_email_change_moves_the_match_without_waiting_for_the_night(world: World):

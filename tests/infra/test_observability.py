@@ -12,7 +12,8 @@ from tests.infra import bicep_model as bm
 MODULE = bm.INFRA / "modules" / "observability.bicep"
 TEXT = MODULE.read_text()
 ROOT = Path(__file__).resolve().parents[2]
-NAMESPACES = ("presence.", "vendor.", "subscriptions.", "connections.", "links.", "queues.", "webhooks.")
+NAMESPACES = ("presence.", "vendor.", "subscriptions.", "connections.", "links.", "queues.", "webhooks.",
+              "matching.")
 # Every quoted dotted name in the KQL (metric and span names, span attributes).
 QUOTED = set(re.findall(r"'([a-z_]+(?:\.[a-z_]+)+\.?)'", TEXT))
 
@@ -106,7 +107,7 @@ def test_alert_rules_cover_the_documented_conditions_and_notify_the_action_group
     alerts = template["variables"]["alertDefinitions"]["value"]
     keys = {a["key"] for a in alerts}
     assert keys == {"poison-queue", "outage-retries", "subscription-failures", "sync-account-broken", "sync-latency",
-                    "zoom-5301", "graph-403", "no-webhooks"}
+                    "zoom-5301", "graph-403", "no-webhooks", "disables-held"}
     by_key = {a["key"]: str(a["query"]) for a in alerts}
     assert t.POISON_MESSAGES in by_key["poison-queue"] and t.CHANGES_DEAD_LETTERED in by_key["poison-queue"]
     assert t.CHANGES_RETRIED_AFTER_OUTAGE in by_key["outage-retries"]
@@ -116,6 +117,7 @@ def test_alert_rules_cover_the_documented_conditions_and_notify_the_action_group
     assert t.CHANGES_FAILED in by_key["zoom-5301"]
     assert t.VENDOR_REQUEST_DURATION in by_key["graph-403"] and "'403'" in by_key["graph-403"]
     assert t.WEBHOOKS_RECEIVED in by_key["no-webhooks"] and "datetime_utc_to_local" in by_key["no-webhooks"]
+    assert t.MATCHING_DISABLES_HELD in by_key["disables-held"] and "held > 0" in by_key["disables-held"]
     rule = next(r for r in template["resources"].values() if r["type"] == "Microsoft.Insights/scheduledQueryRules")
     body = rule["config"].get("config", rule["config"])
     assert body["properties"]["actions"]["actionGroups"] == "actionGroups"
@@ -175,13 +177,14 @@ def test_the_code_emits_what_the_module_documents():
     for name in (t.CHANGES_OBSERVED, t.CHANGES_WRITTEN, t.CHANGES_SUPPRESSED_ECHO, t.CHANGES_DROPPED_STALE,
                  t.CHANGES_COALESCED, t.CHANGES_DEAD_LETTERED, t.CHANGES_RETRIED_AFTER_OUTAGE, t.SYNC_LATENCY,
                  t.VENDOR_REQUEST_DURATION,
-                 t.SUBSCRIPTIONS_COUNT, t.SUBSCRIPTIONS_NEAREST_EXPIRY, t.CONNECTIONS_COUNT, t.LINKS_COUNT):
+                 t.SUBSCRIPTIONS_COUNT, t.SUBSCRIPTIONS_NEAREST_EXPIRY, t.CONNECTIONS_COUNT, t.LINKS_COUNT,
+                 t.MATCHING_DISABLES_HELD):
         assert name in {"presence.changes.observed", "presence.changes.written", "presence.changes.suppressed_echo",
                         "presence.changes.dropped_stale", "presence.changes.coalesced",
                         "presence.changes.dead_lettered", "presence.changes.retried_after_outage",
                         "presence.sync.latency", "vendor.request.duration",
                         "subscriptions.count", "subscriptions.nearest_expiry_seconds", "connections.count",
-                        "links.count"}
+                        "links.count", "matching.disables_held"}
 
 
 # The window sizes (aggregation granularities) a log search alert rule accepts, in minutes; any

@@ -171,3 +171,49 @@ def test_a_user_update_that_leaves_the_email_alone_reads_nothing(monkeypatch):
     message = {"kind": "zoom_user_event", "event": "user.updated", "zoom_user_id": "z1", "event_ts": 1,
                "fields": ["dept"]}
     assert matching.handle_user_event(message) == "ignored"
+
+
+def test_disable_limit_is_a_count_or_a_share_of_the_active_links(monkeypatch):
+    import pytest
+
+    from shared.config import SettingInvalid, get_settings, reset_settings
+
+    def limit(value: str | None, active: int) -> int | None:
+        if value is None:
+            monkeypatch.delenv("MATCHING_DISABLE_LIMIT", raising=False)
+        else:
+            monkeypatch.setenv("MATCHING_DISABLE_LIMIT", value)
+        reset_settings()
+        try:
+            return get_settings().disable_limit(active)
+        finally:
+            reset_settings()
+
+    assert limit(None, 100_000) == 500  # Entra Connect's default deletion threshold
+    assert limit(" 1200 ", 100_000) == 1200
+    assert limit("10%", 100_000) == 10_000 and limit("10 %", 25) == 2
+    assert limit("0", 100_000) is None and limit("0%", 100_000) is None  # the guard off
+    for bad in ("-1", "ten", "101%", "5.5", "%"):
+        with pytest.raises(SettingInvalid):
+            limit(bad, 10)
+
+
+def test_would_disable_counts_active_links_the_plan_disables_and_nothing_else():
+    from shared.matching import would_disable
+
+    zoom = {"z1": "a@x.com", "z2": "b@x.com", "z5": "e@x.com", "z6": "f@x.com"}
+    directory = {"e1": entra(True, "a@x.com"), "e2": entra(False, "b@x.com"), "e6": entra(True, "f@x.com")}
+    links = {
+        "z1": LinkRow("z1", "e1", "match"),  # stays
+        "z2": LinkRow("z2", "e2", "match"),  # its Entra account was disabled
+        "z3": LinkRow("z3", "e3", "admin"),  # its Zoom user is no longer active
+        "z4": LinkRow("z4", "e4", "match", status="disabled", disabled_reason="zoom_inactive"),  # already
+        "z5": LinkRow("z5", "e5", "match"),  # its match is lost
+        # Deactivated and activated again by webhooks after the listing: not the listing's to judge.
+        "z7": LinkRow("z7", "e7", "admin", lifecycle_ts=2_000_000),
+        # Changed after the listings began: the run leaves it alone, so it is no disable either.
+        "z8": LinkRow("z8", "e8", "admin", updated_at="2026-11-26T10:00:01Z"),
+    }
+    plan = plan_matches(zoom, directory, links)
+    assert would_disable(plan, links, 1000.0, "2026-11-26T10:00:00Z") == {
+        "z2": "entra_disabled", "z3": "zoom_inactive", "z5": "match_lost"}

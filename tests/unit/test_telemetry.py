@@ -265,7 +265,7 @@ def test_a_message_without_traceparent_starts_its_own_trace(recorder):
 # --- gauges: a cached snapshot --------------------------------------------------------------------------------
 
 def test_gauges_report_the_cached_snapshot_and_go_quiet_when_it_is_old(recorder, monkeypatch):
-    from shared import status
+    from shared import matching, status
 
     reader, _ = recorder
     scans = []
@@ -279,6 +279,7 @@ def test_gauges_report_the_cached_snapshot_and_go_quiet_when_it_is_old(recorder,
     monkeypatch.setattr(status, "links_summary", lambda now, budget_s: scans.append(1) or {
         "by_state": {"active": 7, "disabled": 1, "error": 0}, "total": 8, "complete": True})
     monkeypatch.setattr(status, "queues_summary", lambda: {"items": {"zoom-presence": {"messages": 0, "poison": 3}}})
+    monkeypatch.setattr(matching, "disables_held", lambda: 812)
     t.refresh_gauges(now)
     for _ in range(3):  # scrapes read the snapshot: no scan per collection
         f = t.read_figures(reader)
@@ -289,8 +290,10 @@ def test_gauges_report_the_cached_snapshot_and_go_quiet_when_it_is_old(recorder,
     assert f.gauges[t.CONNECTIONS_COUNT][(("health", "broken"),)] == 1
     assert f.gauges[t.LINKS_COUNT][(("state", "active"),)] == 7
     assert f.gauges[t.POISON_MESSAGES][(("queue", "zoom-presence"),)] == 3
+    assert f.gauges[t.MATCHING_DISABLES_HELD][()] == 812
     monkeypatch.setattr(t._gauges, "taken_at", now - t.GAUGE_MAX_AGE_S - 1)
     assert t.read_figures(reader).gauges.get(t.LINKS_COUNT, {}) == {}
+    assert t.read_figures(reader).gauges.get(t.MATCHING_DISABLES_HELD, {}) == {}
 
 
 def test_a_failing_part_keeps_the_others(recorder, monkeypatch):
