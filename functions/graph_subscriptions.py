@@ -9,12 +9,14 @@ bp = func.Blueprint()
 
 @bp.timer_trigger(arg_name="timer", schedule="0 */5 * * * *", run_on_startup=False)
 def graph_subscriptions(timer: func.TimerRequest) -> None:
+    from shared.status import count_links_quietly
     from shared.subscriptions import maintain_subscriptions
     from shared.telemetry import refresh_gauges
 
     try:
         maintain_subscriptions()
     finally:
+        count_links_quietly()  # a step of the link count the status page and the links gauge show
         refresh_gauges()  # the gauges' figures (subscriptions, connections, links, poison queues)
 
 

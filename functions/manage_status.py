@@ -13,7 +13,7 @@ def manage_status(req: func.HttpRequest) -> func.HttpResponse:
     from shared.status import get_status
 
     try:
-        return json_response(*get_status())
+        return json_response(*get_status(dict(req.params)))
     except SettingMissing as exc:
         return not_configured(exc)
 

@@ -116,6 +116,9 @@ def _cards(status: dict, key: str | None) -> str:
                f'<span class="bad">{_e(errors)} in error</span>')
         if not links.get("complete", True):
             sub += " · partial count"
+        if links.get("counted_at"):
+            sub += (f' · counted {_e(links["counted_at"])} · '
+                    f'<a id="count-now" href="{_e(_with_key("manage?fresh=1", key))}">count now</a>')
         cards.append(_card("People linked", links.get("total", 0), sub, bad=errors > 0))
         by_dir = links.get("by_direction", {})
         both = f'{by_dir.get("zoom_to_teams", 0)} / {by_dir.get("teams_to_zoom", 0)}'
@@ -352,7 +355,7 @@ def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:
     continuation = params.get("continuation") or None
     try:
         try:
-            links, token = search_links(q, state or None, page_size, continuation)
+            found = search_links(q, state or None, page_size, continuation)
         except HttpResponseError as exc:
             if not token_refused(exc, continuation):
                 raise
@@ -360,8 +363,13 @@ def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:
     except ValueError:
         log.info("admin page: invalid continuation token ignored")
         notices.append("That page link is not valid; showing the first page.")
-        links, token = search_links(q, state or None, page_size, None)
-    status = collect_status()
+        found = search_links(q, state or None, page_size, None)
+    links, token = found.links, found.continuation
+    if (q or state) and token and len(links) < page_size:
+        # Out of time before the page filled: say how far it got, not just "no people".
+        notices.append(f"Searched {found.searched} links in this page's time; the next page searches on "
+                       "(a whole Zoom or Entra id is found at once).")
+    status = collect_status(fresh=params.get("fresh") == "1")
     current = scopes.read_scopes()
     states = {link.zoom_user_id: scopes.scope_state(link, current) for link in links}
     body, nonce = render(status, links, states, q=q, state=state, continuation=token, page_size=page_size,

@@ -12,11 +12,12 @@ and counts what it saw.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from azure.core.exceptions import ResourceNotFoundError
 
@@ -31,18 +32,19 @@ SCAN_BUDGET_S = 20.0
 CONNECTIONS_SCAN_BUDGET_S = 10.0
 SELF_CONNECTIONS_LISTING = "/api/manage/connections?purpose=self"
 RECENT_ERROR_ITEMS = 20
+COUNT_PAGE_SIZE = 1000  # links per page of a count (the table service's most)
 EXPIRY_WARNING_S = 15 * 60
 _SUMMARY_FIELDS = ["PartitionKey", "status", "directions", "error_kind", "error_at", "disabled_reason", "opt_out",
                    "last_sync_at"]
 
 
-def _iso(ts: float | None) -> str | None:
+def iso(ts: float | None) -> str | None:
     if not ts:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _parse_iso(value: Any) -> float:
+def parse_iso(value: Any) -> float:
     if not value:
         return 0.0
     try:
@@ -59,55 +61,161 @@ def _part(name: str, read: Callable[[], Any]) -> Any:
         return {"error": f"unavailable ({type(exc).__name__})"}
 
 
-def links_summary(now: float | None = None, budget_s: float = SCAN_BUDGET_S) -> dict[str, Any]:
-    now = time.time() if now is None else now
+class _LinkTally:
+    """Link counts over one scan, which may span several timer runs (kept between them as JSON)."""
+
+    def __init__(self, now: float) -> None:
+        self.started_at = now
+        self.total = 0
+        self.opted_out = 0
+        self.last_sync = ""
+        self.states: Counter[str] = Counter()
+        self.directions: Counter[str] = Counter()
+        self.disabled: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.recent: list[dict] = []
+
+    def add(self, e: Any) -> None:
+        self.total += 1
+        status = str(e.get("status") or "active")
+        self.states[status] += 1
+        # In effect: a disabled link syncs nothing (it keeps its directions for when enabled).
+        on = [d for d in str(e.get("directions") or "").split(",") if d] if status != "disabled" else []
+        for d in on:
+            self.directions[d] += 1
+        if not on:
+            self.directions["none"] += 1
+        if status == "disabled":
+            self.disabled[str(e.get("disabled_reason") or "unspecified")] += 1
+        if e.get("opt_out"):
+            self.opted_out += 1
+        kind = str(e.get("error_kind") or "")
+        at = parse_iso(e.get("error_at"))
+        if kind and self.started_at - at <= RECENT_ERRORS_S:
+            self.errors[kind] += 1
+            self.recent.append({"zoom_user_id": e["PartitionKey"], "kind": kind, "at": e.get("error_at")})
+        self.last_sync = max(self.last_sync, str(e.get("last_sync_at") or ""))
+
+    def _latest(self) -> list[dict]:
+        return sorted(self.recent, key=lambda item: item["at"] or "", reverse=True)[:RECENT_ERROR_ITEMS]
+
+    def summary(self, complete: bool) -> dict[str, Any]:
+        return {
+            "total": self.total, "complete": complete,
+            "by_state": {s: self.states.get(s, 0) for s in ("active", "disabled", "error")} | dict(self.states),
+            "by_direction": {d: self.directions.get(d, 0) for d in ("zoom_to_teams", "teams_to_zoom", "none")},
+            "disabled_reasons": dict(self.disabled), "opted_out": self.opted_out,
+            "last_sync_at": self.last_sync or None,
+            "recent_errors": {"window_hours": RECENT_ERRORS_S // 3600, "by_kind": dict(self.errors),
+                              "latest": self._latest()},
+        }
+
+    def to_state(self, token: Any) -> dict[str, Any]:
+        return {"started_at": self.started_at, "token": token, "total": self.total, "opted_out": self.opted_out,
+                "last_sync": self.last_sync, "states": dict(self.states), "directions": dict(self.directions),
+                "disabled": dict(self.disabled), "errors": dict(self.errors), "recent": self._latest()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _LinkTally:
+        tally = cls(float(state["started_at"]))
+        tally.total, tally.opted_out = int(state["total"]), int(state["opted_out"])
+        tally.last_sync = str(state["last_sync"])
+        tally.states, tally.directions = Counter(state["states"]), Counter(state["directions"])
+        tally.disabled, tally.errors = Counter(state["disabled"]), Counter(state["errors"])
+        tally.recent = list(state["recent"])
+        return tally
+
+
+def _scan_links(tally: _LinkTally, token: Any, budget_s: float) -> tuple[bool, Any]:
+    """Add pages of the links table to ``tally`` from ``token`` until the end (True) or the budget is
+    spent (False and where to go on)."""
     deadline = time.monotonic() + budget_s
-    states: Counter[str] = Counter()
-    directions: Counter[str] = Counter()
-    disabled: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    recent: list[dict] = []
-    opted_out = 0
-    last_sync = ""
-    total = 0
-    complete = True
-    client = storage.table(LINKS_TABLE)
-    pages = client.query_entities("RowKey eq @row", parameters={"row": ROW}, select=_SUMMARY_FIELDS,
-                                  results_per_page=1000).by_page()
+    pages = storage.table(LINKS_TABLE).query_entities("RowKey eq @row", parameters={"row": ROW},
+                                                      select=_SUMMARY_FIELDS,
+                                                      results_per_page=COUNT_PAGE_SIZE).by_page(
+        continuation_token=token)
     for page in pages:
         storage.count_operation()
         for e in page:
-            total += 1
-            status = str(e.get("status") or "active")
-            states[status] += 1
-            # In effect: a disabled link syncs nothing (it keeps its directions for when enabled).
-            on = [d for d in str(e.get("directions") or "").split(",") if d] if status != "disabled" else []
-            for d in on:
-                directions[d] += 1
-            if not on:
-                directions["none"] += 1
-            if status == "disabled":
-                disabled[str(e.get("disabled_reason") or "unspecified")] += 1
-            if e.get("opt_out"):
-                opted_out += 1
-            kind = str(e.get("error_kind") or "")
-            at = _parse_iso(e.get("error_at"))
-            if kind and now - at <= RECENT_ERRORS_S:
-                errors[kind] += 1
-                recent.append({"zoom_user_id": e["PartitionKey"], "kind": kind, "at": e.get("error_at")})
-            last_sync = max(last_sync, str(e.get("last_sync_at") or ""))
+            tally.add(e)
+        token = pages.continuation_token
+        if token is None:
+            return True, None
         if time.monotonic() > deadline:
-            complete = pages.continuation_token is None  # out of time on the last page is still all
-            break
-    recent.sort(key=lambda item: item["at"] or "", reverse=True)
-    return {
-        "total": total, "complete": complete,
-        "by_state": {s: states.get(s, 0) for s in ("active", "disabled", "error")} | dict(states),
-        "by_direction": {d: directions.get(d, 0) for d in ("zoom_to_teams", "teams_to_zoom", "none")},
-        "disabled_reasons": dict(disabled), "opted_out": opted_out, "last_sync_at": last_sync or None,
-        "recent_errors": {"window_hours": RECENT_ERRORS_S // 3600, "by_kind": dict(errors),
-                          "latest": recent[:RECENT_ERROR_ITEMS]},
-    }
+            return False, token
+    return True, None
+
+
+def links_summary(now: float | None = None, budget_s: float = SCAN_BUDGET_S) -> dict[str, Any]:
+    """The links counted now, within ``budget_s`` (``complete: false`` past it)."""
+    tally = _LinkTally(time.time() if now is None else now)
+    complete, _token = _scan_links(tally, None, budget_s)
+    return tally.summary(complete)
+
+
+# --- link counts kept by the maintenance timer --------------------------------------------------------------
+
+COUNTS_PARTITION = "status"
+COUNTS_ROW = "link-counts"  # the last full count
+COUNTS_SCAN_ROW = "link-counts-scan"  # the count under way: where it got to, and its tallies so far
+# A count left unfinished this long (the timer stopped, say) starts again rather than mix eras.
+COUNT_RESTART_S = 3600
+# The status API counts live (bounded) when the timer's last full count is older than this.
+COUNTS_MAX_AGE_S = 30 * 60
+# Up to this many links the status counts them on every request (a few table pages): the figures
+# are current, errors included. Above, it serves the timer's count.
+LIVE_COUNT_MAX_LINKS = 20_000
+
+
+def count_links_step(now: float | None = None, budget_s: float = 10.0) -> dict[str, Any] | None:
+    """One step of the link count the maintenance timer keeps: goes on from where the last step
+    stopped, so a table of any size is counted in full over a few runs (100,000 links take one or
+    two). Returns the full count when this step finished it (also saved for :func:`kept_link_counts`),
+    else None."""
+    from shared import directory_runs as runs
+
+    now = time.time() if now is None else now
+    entity, etag = storage.read_entity(runs.TABLE, COUNTS_PARTITION, COUNTS_SCAN_ROW)
+    state = runs.unpack(entity) if entity else None
+    if isinstance(state, dict) and state.get("token") and now - float(state.get("started_at") or 0) < COUNT_RESTART_S:
+        tally, token = _LinkTally.from_state(state), state["token"]
+    else:
+        tally, token = _LinkTally(now), None
+    done, token = _scan_links(tally, token, budget_s)
+    scan_entity = {"PartitionKey": COUNTS_PARTITION, "RowKey": COUNTS_SCAN_ROW,
+                   **runs.pack(tally.to_state(token) if not done else {})}
+    try:
+        # Conditional: of two instances counting at once, one saves its step (the other's is redone).
+        storage.write_entity(runs.TABLE, scan_entity, etag)
+    except storage.Conflict:
+        return None
+    if not done:
+        log.info("status: %d links counted so far; the count goes on at the next maintenance run", tally.total)
+        return None
+    summary = tally.summary(True)
+    summary["counted_at"] = iso(tally.started_at)
+    runs.write_blob(COUNTS_PARTITION, COUNTS_ROW, summary, counted_at=tally.started_at)
+    return summary
+
+
+def count_links_quietly(budget_s: float = 10.0) -> None:
+    """:func:`count_links_step` for the maintenance timer: a failure is logged, and the step is
+    taken again at its next run."""
+    try:
+        count_links_step(budget_s=budget_s)
+    except Exception as exc:  # noqa: BLE001 - the timer's other work must go on
+        log.warning("status: links not counted this run (%s)", type(exc).__name__)
+
+
+def kept_link_counts(now: float | None = None, max_age_s: float = COUNTS_MAX_AGE_S) -> dict[str, Any] | None:
+    """The last full link count the timer kept, with ``counted_at``; None if there is none that recent."""
+    from shared import directory_runs as runs
+
+    now = time.time() if now is None else now
+    summary, entity = runs.read_blob(COUNTS_PARTITION, COUNTS_ROW)
+    if not isinstance(summary, dict) or now - float((entity or {}).get("counted_at") or 0) > max_age_s:
+        return None
+    return summary
 
 
 def subscriptions_summary(now: float | None = None) -> dict[str, Any]:
@@ -123,10 +231,10 @@ def subscriptions_summary(now: float | None = None) -> dict[str, Any]:
             "shard": shard.number, "people": len(shard.ids),
             "status": extra.get("subscription_status") or "none",
             "healthy": shard_subscription_healthy(shard, now),
-            "expires_at": _iso(expires), "expires_in_s": round(expires - now) if expires else None,
+            "expires_at": iso(expires), "expires_in_s": round(expires - now) if expires else None,
             "account": extra.get("subscription_account") or None,
             "error": extra.get("subscription_error") or None,
-            "last_swept_at": _iso(shard.last_swept_at),
+            "last_swept_at": iso(shard.last_swept_at),
         })
     healthy = [i for i in items if i["healthy"]]
     expiries = [i["expires_in_s"] for i in healthy if i["expires_in_s"] is not None]
@@ -195,14 +303,25 @@ def queues_summary() -> dict[str, Any]:
             "poison": sum(q["poison"] for q in out.values())}
 
 
-def collect_status(now: float | None = None) -> dict[str, Any]:
+def _link_counts(now: float, fresh: bool) -> dict[str, Any]:
+    """Counted now, up to LIVE_COUNT_MAX_LINKS links (a second or two); above, the maintenance
+    timer's last full count (``counted_at`` says when), unless ``fresh`` or it is older than
+    COUNTS_MAX_AGE_S."""
+    if not fresh:
+        kept = kept_link_counts(now)
+        if kept is not None and int(kept.get("total") or 0) > LIVE_COUNT_MAX_LINKS:
+            return kept
+    return links_summary(now)
+
+
+def collect_status(now: float | None = None, *, fresh: bool = False) -> dict[str, Any]:
     from shared import matching, scopes
 
     now = time.time() if now is None else now
-    links = _part("links", lambda: links_summary(now))
+    links = _part("links", lambda: _link_counts(now, fresh))
     subscriptions = _part("subscriptions", lambda: subscriptions_summary(now))
     return {
-        "generated_at": _iso(now),
+        "generated_at": iso(now),
         "links": links,
         "errors": links.get("recent_errors") if isinstance(links, dict) and "recent_errors" in links else links,
         "subscriptions": subscriptions,
@@ -214,35 +333,71 @@ def collect_status(now: float | None = None) -> dict[str, Any]:
     }
 
 
-def get_status() -> tuple[int, dict]:
-    return 200, collect_status()
+def get_status(params: dict[str, str] | None = None) -> tuple[int, dict]:
+    """``GET /api/manage/status``; ``?fresh=true`` counts the links now instead of the kept count."""
+    fresh = str((params or {}).get("fresh") or "").lower() in ("1", "true")
+    return 200, collect_status(fresh=fresh)
 
 
 # --- people (status page) -----------------------------------------------------------------------------------
 
 
+class Found(NamedTuple):
+    links: list[Link]
+    continuation: str | None  # where the scan goes on (None: the table is searched to its end)
+    searched: int  # links this request looked at
+    exact: bool = False  # found by its id, without a scan
+
+
+_ENTRA_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+
+def _by_id(needle: str, state: str | None) -> Link | None:
+    """The link a whole Zoom or Entra id names: one or two point reads, where a scan of 100,000
+    links takes longer than a page may."""
+    from shared.admin import valid_zoom_id
+    from shared.links import read_link, zoom_id_for_entra
+
+    zoom_id = zoom_id_for_entra(needle, fresh=True) if _ENTRA_ID.match(needle) else \
+        needle if valid_zoom_id(needle) else None
+    link = read_link(zoom_id)[0] if zoom_id else None
+    if link is None or (state and link.status != state):
+        return None
+    return link
+
+
+# Search all: the time one page of results may take, and the fewest links read per table page.
+SEARCH_BUDGET_S = 10.0
+SEARCH_PAGE_MIN = 200
+
+
 def search_links(q: str, state: str | None, page_size: int, continuation: str | None,
-                 budget_s: float = 10.0) -> tuple[list[Link], str | None]:
-    """Links whose email or ids contain ``q`` (case-insensitive), a page of the table at a time until
-    ``page_size`` matched or the time budget is spent; the continuation resumes the scan."""
+                 budget_s: float | None = None) -> Found:
+    """Links whose email or ids contain ``q`` (case-insensitive): a whole id is looked up first;
+    otherwise a page of the table at a time until ``page_size`` matched or the time budget is spent,
+    and the continuation resumes the scan."""
     from shared.admin import checked_token
     from shared.links import _encode_token
 
     needle = q.strip().lower()
+    if needle and continuation is None and (hit := _by_id(needle, state)) is not None:
+        return Found([hit], None, 1, exact=True)
     clauses, params = ["RowKey eq @row"], {"row": ROW}
     if state:
         clauses.append("status eq @state")
         params["state"] = state
     client = storage.table(LINKS_TABLE)
     pager = client.query_entities(" and ".join(clauses), parameters=params,
-                                  results_per_page=max(page_size, 200)).by_page(
+                                  results_per_page=max(page_size, SEARCH_PAGE_MIN)).by_page(
         continuation_token=checked_token(continuation))
-    deadline = time.monotonic() + budget_s
+    deadline = time.monotonic() + (SEARCH_BUDGET_S if budget_s is None else budget_s)
     found: list[Link] = []
     token = None
+    searched = 0
     for page in pager:
         storage.count_operation()
         for e in page:
+            searched += 1
             entity = storage.entity_dict(e)
             haystack = " ".join(str(entity.get(k) or "") for k in ("PartitionKey", "entra_user_id", "email")).lower()
             if not needle or needle in haystack:
@@ -250,4 +405,4 @@ def search_links(q: str, state: str | None, page_size: int, continuation: str | 
         token = _encode_token(pager.continuation_token)
         if token is None or len(found) >= page_size or time.monotonic() > deadline:
             break
-    return found, token
+    return Found(found, token, searched)

@@ -88,8 +88,11 @@ TEAMS_TO_ZOOM = "teams_to_zoom"
 LATENCY_BOUNDS_MS = (50, 100, 250, 500, 1000, 2000, 3000, 5000, 10000, 20000, 30000, 60000, 120000, 300000)
 # Gauges stop reporting when their snapshot is older than this (another instance refreshes them).
 GAUGE_MAX_AGE_S = 15 * 60
-# How long the gauge refresh may spend counting links, and again connected accounts, per table.
+# How long the gauge refresh may spend counting connected accounts.
 GAUGE_SCAN_BUDGET_S = 10.0
+# Links are counted by the maintenance timer a step at a time (shared.status.count_links_step): a
+# large table's count completes every few runs, so the last full one stands this long.
+LINK_COUNT_MAX_AGE_S = 30 * 60
 
 
 # --- the per-change context (set where a queued change is picked up) ----------------------------------
@@ -154,7 +157,8 @@ class _Live:
         meter.create_observable_gauge(CONNECTIONS_COUNT, callbacks=[
             _by("health", lambda g: g.connections, counted_at=lambda g: g.connections_at)])
         meter.create_observable_gauge(LINKS_COUNT, callbacks=[_by("state", lambda g: g.links,
-                                                                  counted_at=lambda g: g.links_at)])
+                                                                  counted_at=lambda g: g.links_at,
+                                                                  max_age_s=LINK_COUNT_MAX_AGE_S)])
         meter.create_observable_gauge(POISON_MESSAGES, callbacks=[_by("queue", lambda g: g.poison)])
         meter.create_observable_gauge(MATCHING_DISABLES_HELD, callbacks=[_disables_held])
 
@@ -525,12 +529,12 @@ def write_span(direction: str, side: str, zoom_user_id: str, operation: str) -> 
 
 # --- gauges: a cached snapshot refreshed on a timer, never a scan per collection ----------------------------
 
-def _by(attribute: str, pick, counted_at=lambda g: g.taken_at):
+def _by(attribute: str, pick, counted_at=lambda g: g.taken_at, max_age_s: float = GAUGE_MAX_AGE_S):
     def callback(options: Any) -> list[Any]:
         from opentelemetry.metrics import Observation
 
         snapshot = _gauges
-        if time.time() - min(snapshot.taken_at, counted_at(snapshot)) > GAUGE_MAX_AGE_S:
+        if time.time() - snapshot.taken_at > GAUGE_MAX_AGE_S or time.time() - counted_at(snapshot) > max_age_s:
             return []
         return [Observation(value, {attribute: key}) for key, value in pick(snapshot).items()]
 
@@ -556,11 +560,12 @@ def _disables_held(options: Any) -> list[Any]:
 
 
 def refresh_gauges(now: float | None = None) -> None:
-    """Read subscriptions, connections, links, poison queues and the disables the last matching run
-    held once (from the maintenance timer) and
-    keep the figures for the observable gauges. Never raises: a part that fails keeps its old figure.
-    Connections and links are published only when counted in full within GAUGE_SCAN_BUDGET_S (a
-    partial count is no total); until then the last full count stands, for GAUGE_MAX_AGE_S."""
+    """Read subscriptions, connections, poison queues, the link count the maintenance timer keeps
+    and the disables the last matching run held, once (from that timer), and keep the figures for
+    the observable gauges. Never raises: a part that fails keeps its old figure. Connections are
+    published only when counted in full within GAUGE_SCAN_BUDGET_S (a partial count is no total);
+    until then the last full count stands, for GAUGE_MAX_AGE_S. Links are the timer's last full
+    count (shared.status.count_links_step), for LINK_COUNT_MAX_AGE_S."""
     global _gauges
     if _ensure() is None:
         return
@@ -592,12 +597,10 @@ def refresh_gauges(now: float | None = None) -> None:
     except Exception as exc:  # noqa: BLE001
         log.warning("telemetry: connection figures unavailable (%s)", type(exc).__name__)
     try:
-        links = status.links_summary(now, budget_s=GAUGE_SCAN_BUDGET_S)
-        if links["complete"]:
-            fresh.links, fresh.links_at = {k: int(v) for k, v in links["by_state"].items()}, now
-        else:
-            log.warning("telemetry: links not all counted within %.0f s (%d seen); %s keeps its last full count",
-                        GAUGE_SCAN_BUDGET_S, links["total"], LINKS_COUNT)
+        links = status.kept_link_counts(now, max_age_s=LINK_COUNT_MAX_AGE_S)
+        if links is not None:
+            fresh.links = {k: int(v) for k, v in links["by_state"].items()}
+            fresh.links_at = status.parse_iso(links.get("counted_at"))
     except Exception as exc:  # noqa: BLE001
         log.warning("telemetry: link figures unavailable (%s)", type(exc).__name__)
     try:

@@ -907,6 +907,41 @@ def test_links_filters_resync_and_status(world: World):
     world.settle(timeout=60)
 
 
+def test_status_serves_the_timers_link_count_and_search_finds_a_whole_id_at_once(world: World, monkeypatch):
+    """At 100,000 links a scan per page load takes longer than a page may: the counts come from the
+    maintenance timer's kept count, and search finds a whole id with a point read. A search the
+    page's time runs out on says how far it got rather than just "No people"."""
+    from shared import status as status_module
+
+    ada, bob = _person(world, "ada"), _person(world, "bob")
+    run_matching(world)
+    world.host.fire_timer("graph_subscriptions")  # counts the links (a step: the whole table here)
+    assert "counted_at" not in world.admin("GET", "status").json()["links"]  # small: counted live
+    monkeypatch.setattr(status_module, "LIVE_COUNT_MAX_LINKS", 1)  # as if it were 100,000
+    kept = world.admin("GET", "status").json()["links"]
+    assert kept["total"] == 2 and kept["counted_at"]
+    cy = _person(world, "cy")
+    run_matching(world)
+    assert world.admin("GET", "status").json()["links"] == kept  # served, not counted per request
+    fresh = world.admin("GET", "status", params={"fresh": "true"}).json()["links"]
+    assert fresh["total"] == 3 and "counted_at" not in fresh
+    page = world.admin("GET", "").text
+    assert f"counted {kept['counted_at']}" in page and "count now" in page
+    world.host.fire_timer("graph_subscriptions")
+    assert world.admin("GET", "status").json()["links"]["total"] == 3
+
+    # A whole id: one or two point reads, whatever the table's size (no scan: its budget is none).
+    monkeypatch.setattr(status_module, "SEARCH_BUDGET_S", 0.0)
+    monkeypatch.setattr(status_module, "SEARCH_PAGE_MIN", 1)
+    for q in (bob.zoom_api_id, bob.entra_id.upper()):
+        page = world.admin("GET", "", params={"q": q, "page_size": "1"}).text
+        assert bob.email in page and ada.email not in page and cy.email not in page, q
+        assert 'id="next"' not in page
+    # Anything else is scanned a page at a time; out of time, the page says how far it got.
+    page = world.admin("GET", "", params={"q": "nobody-by-this-name", "page_size": "1"}).text
+    assert "No people to show" in page and "Searched 1 links" in page and 'id="next"' in page
+
+
 def test_status_counts_recent_errors_and_dead_letters(world: World):
     ada = _person(world, "ada")
     run_matching(world)

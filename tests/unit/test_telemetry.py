@@ -276,8 +276,9 @@ def test_gauges_report_the_cached_snapshot_and_go_quiet_when_it_is_old(recorder,
         {"people": 0, "healthy": False, "status": "none", "expires_in_s": None}]})
     monkeypatch.setattr(status, "connections_summary", lambda budget_s: {"ok": 2, "broken": 1, "total": 3,
                                                                          "complete": True})
-    monkeypatch.setattr(status, "links_summary", lambda now, budget_s: scans.append(1) or {
-        "by_state": {"active": 7, "disabled": 1, "error": 0}, "total": 8, "complete": True})
+    monkeypatch.setattr(status, "kept_link_counts", lambda now, max_age_s: scans.append(1) or {
+        "by_state": {"active": 7, "disabled": 1, "error": 0}, "total": 8, "complete": True,
+        "counted_at": status.iso(now - 60)})
     monkeypatch.setattr(status, "queues_summary", lambda: {"items": {"zoom-presence": {"messages": 0, "poison": 3}}})
     monkeypatch.setattr(matching, "disables_held", lambda: 812)
     t.refresh_gauges(now)
@@ -307,7 +308,7 @@ def test_a_failing_part_keeps_the_others(recorder, monkeypatch):
     monkeypatch.setattr(status, "subscriptions_summary", broken)
     monkeypatch.setattr(status, "connections_summary", lambda budget_s: {"ok": 1, "broken": 0, "total": 1,
                                                                          "complete": True})
-    monkeypatch.setattr(status, "links_summary", broken)
+    monkeypatch.setattr(status, "kept_link_counts", broken)
     monkeypatch.setattr(status, "queues_summary", broken)
     t.refresh_gauges()
     assert t.read_figures(reader).gauges[t.CONNECTIONS_COUNT][(("health", "ok"),)] == 1
@@ -318,50 +319,55 @@ def test_a_count_cut_short_by_its_budget_is_not_published_as_the_total(recorder,
 
     reader, _ = recorder
     budgets = []
-    counts = {"links": {"by_state": {"active": 90_000, "disabled": 9_000, "error": 1_000}, "total": 100_000,
-                        "complete": True},
-              "connections": {"ok": 99_000, "broken": 1_000, "total": 100_000, "complete": True}}
+    counts = {"connections": {"ok": 99_000, "broken": 1_000, "total": 100_000, "complete": True}}
     monkeypatch.setattr(status, "subscriptions_summary", lambda now: {"items": []})
     monkeypatch.setattr(status, "queues_summary", lambda: {"items": {}})
-    monkeypatch.setattr(status, "links_summary", lambda now, budget_s: budgets.append(budget_s) or counts["links"])
     monkeypatch.setattr(status, "connections_summary",
                         lambda budget_s: budgets.append(budget_s) or counts["connections"])
     now = time.time()
     t.refresh_gauges(now - 600)
-    assert budgets == [t.GAUGE_SCAN_BUDGET_S] * 2  # counted within a budget, never without one
+    assert budgets == [t.GAUGE_SCAN_BUDGET_S]  # counted within a budget, never without one
 
-    # The next scans run out of time part way: what they saw is not the total.
-    counts["links"] = {"by_state": {"active": 20_000, "disabled": 0, "error": 0}, "total": 20_000, "complete": False}
+    # The next scan runs out of time part way: what it saw is not the total.
     counts["connections"] = {"ok": 30_000, "broken": 0, "total": 30_000, "complete": False}
     caplog.set_level(logging.WARNING, logger="shared.telemetry")
     t.refresh_gauges(now)
-    gauges = t.read_figures(reader).gauges
-    assert gauges[t.LINKS_COUNT][(("state", "active"),)] == 90_000
-    assert gauges[t.CONNECTIONS_COUNT][(("health", "ok"),)] == 99_000
-    assert "links not all counted within 10 s (20000 seen); links.count keeps its last full count" in caplog.text
+    assert t.read_figures(reader).gauges[t.CONNECTIONS_COUNT][(("health", "ok"),)] == 99_000
     assert "connected accounts not all counted within 10 s (30000 seen)" in caplog.text
 
-    # The last full count stands no longer than a snapshot would: then the gauges go quiet.
-    monkeypatch.setattr(t._gauges, "links_at", time.time() - t.GAUGE_MAX_AGE_S - 1)
+    # The last full count stands no longer than a snapshot would: then the gauge goes quiet.
     monkeypatch.setattr(t._gauges, "connections_at", time.time() - t.GAUGE_MAX_AGE_S - 1)
-    gauges = t.read_figures(reader).gauges
-    assert gauges.get(t.LINKS_COUNT, {}) == {} and gauges.get(t.CONNECTIONS_COUNT, {}) == {}
+    assert t.read_figures(reader).gauges.get(t.CONNECTIONS_COUNT, {}) == {}
 
 
-def test_a_first_count_cut_short_publishes_nothing(recorder, monkeypatch):
+def test_the_links_gauge_shows_the_timers_last_full_count_while_it_is_recent(recorder, monkeypatch):
+    """Links are counted a step per maintenance run (shared.status.count_links_step): at 100,000 a
+    count completes every run or two, so the last full one stands for LINK_COUNT_MAX_AGE_S, which
+    is longer than a snapshot's life; none that recent, and the gauge says nothing."""
     from shared import status
 
     reader, _ = recorder
+    kept: dict = {"count": None}
     monkeypatch.setattr(status, "subscriptions_summary", lambda now: {"items": []})
     monkeypatch.setattr(status, "queues_summary", lambda: {"items": {"zoom-presence": {"messages": 0, "poison": 0}}})
-    monkeypatch.setattr(status, "links_summary", lambda now, budget_s: {
-        "by_state": {"active": 5, "disabled": 0, "error": 0}, "total": 5, "complete": False})
-    monkeypatch.setattr(status, "connections_summary", lambda budget_s: {"ok": 5, "broken": 0, "total": 5,
-                                                                         "complete": False})
+    monkeypatch.setattr(status, "connections_summary", lambda budget_s: {"ok": 1, "broken": 0, "total": 1,
+                                                                         "complete": True})
+    monkeypatch.setattr(status, "kept_link_counts", lambda now, max_age_s: kept["count"])
     t.refresh_gauges()
     gauges = t.read_figures(reader).gauges
-    assert gauges.get(t.LINKS_COUNT, {}) == {} and gauges.get(t.CONNECTIONS_COUNT, {}) == {}
+    assert gauges.get(t.LINKS_COUNT, {}) == {}  # never counted in full yet
     assert gauges[t.POISON_MESSAGES][(("queue", "zoom-presence"),)] == 0  # the rest as usual
+
+    counted = time.time() - 20 * 60  # older than a snapshot may be, within the count's allowance
+    kept["count"] = {"by_state": {"active": 90_000, "disabled": 9_000, "error": 1_000}, "total": 100_000,
+                     "complete": True, "counted_at": status.iso(counted)}
+    t.refresh_gauges()
+    assert t.read_figures(reader).gauges[t.LINKS_COUNT][(("state", "active"),)] == 90_000
+    kept["count"] = None  # a count under way: the last full one stands
+    t.refresh_gauges()
+    assert t.read_figures(reader).gauges[t.LINKS_COUNT][(("state", "error"),)] == 1_000
+    monkeypatch.setattr(t._gauges, "links_at", time.time() - t.LINK_COUNT_MAX_AGE_S - 1)
+    assert t.read_figures(reader).gauges.get(t.LINKS_COUNT, {}) == {}
 
 
 # --- structured logs -------------------------------------------------------------------------------------------
