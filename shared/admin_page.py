@@ -180,11 +180,12 @@ def _cards(status: dict, key: str | None) -> str:
         if held:
             guard = report.get("disable_guard") or {}
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted((guard.get("by_reason") or {}).items()))
+            allowed = f', {guard["allowed"]} allowed' if guard.get("allowed") is not None else ""
             cards.append(_card("Disables held", held,
                                f'the last matching run would have disabled {_e(held)} people, over the limit of '
-                               f'{_e(guard.get("limit"))} ({_e(reasons)}); check the directories, then '
-                               f'<span class="mono">POST manage/links/sync {{"allow_disables": {_e(held)}}}</span>',
-                               bad=True))
+                               f'{_e(guard.get("limit"))}{_e(allowed)} (when it began: {_e(reasons)}); check the '
+                               f'directories, then <span class="mono">POST manage/links/sync '
+                               f'{{"allow_disables": {_e(held)}}}</span>', bad=True))
     elif run:
         cards.append(_card("Directory matching", run.get("status", "?"), _e(run.get("started_at") or "")))
     else:

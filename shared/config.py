@@ -201,7 +201,7 @@ class Settings(BaseSettings):
     )
     # The most links one matching run may disable: more, and the run holds its disables (a listing
     # missing a chunk, or a domain renamed on one side first, would otherwise disable thousands).
-    # A count ("500", as Entra Connect's deletion threshold) or a share of the active links ("10%");
+    # A count ("500", as Entra Connect's deletion threshold) or a share of the links not disabled ("10%");
     # "0" turns the guard off. An admin lets a run past it (POST /api/manage/links/sync).
     matching_disable_limit: str = Field(
         default="500", validation_alias=AliasChoices("MATCHING_DISABLE_LIMIT")
@@ -257,7 +257,8 @@ class Settings(BaseSettings):
         text = self.matching_disable_limit
         if text.endswith("%"):
             share = int(text[:-1])
-            return None if share == 0 else active_links * share // 100
+            # Rounded up, and at least one: "10%" of 9 links must not hold every single disable.
+            return None if share == 0 else max(1, -(-active_links * share // 100))
         return int(text) or None
 
     def require(self, attribute: str, setting: str, purpose: str = "") -> str:

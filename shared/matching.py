@@ -568,12 +568,13 @@ def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
 
 def would_disable(plan: MatchPlan, links: dict[str, LinkRow], zoom_listed_at: float,
                   changed_since: str = "") -> dict[str, str]:
-    """The active links ``plan`` disables, Zoom id → reason (a link changed during the run is left
-    alone anyway, and one a newer lifecycle event settled is not the listing's to disable)."""
+    """The links ``plan`` disables that are not disabled yet (active, or in error), Zoom id → reason
+    (a link changed during the run is left alone anyway, and one a newer lifecycle event settled is
+    not the listing's to disable)."""
     out: dict[str, str] = {}
     for zoom_id, target in plan.targets.items():
         row = links.get(zoom_id)
-        if row is None or row.status != STATUS_ACTIVE or not target.reason:
+        if row is None or row.status == STATUS_DISABLED or not target.reason:
             continue
         if changed_since and row.updated_at > changed_since:
             continue
@@ -595,19 +596,14 @@ def _guard_disables(run: runs.Run, plan: MatchPlan, world: _World, zoom_listed_a
     wanted = would_disable(plan, world.links, zoom_listed_at, changed_since)
     guard = state.get(DISABLE_GUARD)
     if guard is None:
-        active = sum(1 for row in world.links.values() if row.status == STATUS_ACTIVE)
-        limit = get_settings().disable_limit(active)
+        enabled = sum(1 for row in world.links.values() if row.status != STATUS_DISABLED)
+        limit = get_settings().disable_limit(enabled)
         allowed = state.get(ALLOW_DISABLES)
         ceiling = max(limit, int(allowed or 0)) if limit is not None else None
         guard = {"would_disable": len(wanted), "limit": limit, "allowed": allowed,
                  "held": ceiling is not None and len(wanted) > ceiling,
                  "by_reason": dict(Counter(wanted.values()))}
         state[DISABLE_GUARD] = guard
-        if guard["held"]:
-            log.warning("matching: run %s would disable %d links (limit %d%s): the disables are held, the rest is "
-                        "applied; if the directories are right, POST /api/manage/links/sync with "
-                        "{\"allow_disables\": %d}", run.run_id, len(wanted), limit,
-                        f", {allowed} allowed" if allowed is not None else "", len(wanted))
     if not guard["held"]:
         return {}
     for zoom_id in wanted:
@@ -862,6 +858,13 @@ def _save_report(run: runs.Run, plan: MatchPlan, held: dict[str, str] | None = N
         "held_disables": [{"zoom_user_id": z, "reason": r} for z, r in sorted(held.items())],
     }
     guard = dict(run.state.get(DISABLE_GUARD) or {})
+    if held:
+        # Counted again as the run ends (links may have changed since it decided): the number to allow.
+        allowed = guard.get("allowed")
+        log.warning("matching: run %s would disable %d links (limit %s%s): the disables are held, the rest is "
+                    "applied; if the directories are right, POST /api/manage/links/sync with "
+                    "{\"allow_disables\": %d}", run.run_id, len(held), guard.get("limit"),
+                    f", {allowed} allowed" if allowed is not None else "", len(held))
     while True:
         report = {
             "run_id": run.run_id, "trigger": run.trigger, "started_at": runs.iso(run.started_at),

@@ -194,7 +194,9 @@ def count_links_step(now: float | None = None, budget_s: float = 10.0) -> dict[s
         return None
     summary = tally.summary(True)
     summary["counted_at"] = iso(tally.started_at)
-    runs.write_blob(COUNTS_PARTITION, COUNTS_ROW, summary, counted_at=tally.started_at)
+    # Served for COUNTS_MAX_AGE_S from when it was done: a count that took several runs is no
+    # older for the page than the timer's rhythm makes it.
+    runs.write_blob(COUNTS_PARTITION, COUNTS_ROW, summary, counted_at=tally.started_at, finished_at=now)
     return summary
 
 
@@ -208,12 +210,13 @@ def count_links_quietly(budget_s: float = 10.0) -> None:
 
 
 def kept_link_counts(now: float | None = None, max_age_s: float = COUNTS_MAX_AGE_S) -> dict[str, Any] | None:
-    """The last full link count the timer kept, with ``counted_at``; None if there is none that recent."""
+    """The last full link count the timer kept, with ``counted_at`` (when it began); None if none
+    was finished within ``max_age_s``."""
     from shared import directory_runs as runs
 
     now = time.time() if now is None else now
     summary, entity = runs.read_blob(COUNTS_PARTITION, COUNTS_ROW)
-    if not isinstance(summary, dict) or now - float((entity or {}).get("counted_at") or 0) > max_age_s:
+    if not isinstance(summary, dict) or now - float((entity or {}).get("finished_at") or 0) > max_age_s:
         return None
     return summary
 
@@ -354,14 +357,15 @@ _ENTRA_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 
 def _by_id(needle: str, state: str | None) -> Link | None:
     """The link a whole Zoom or Entra id names: one or two point reads, where a scan of 100,000
-    links takes longer than a page may."""
+    links takes longer than a page may. The Entra index may lag a link's write (a re-point, a
+    crash between the two): the link it names must still hold the id."""
     from shared.admin import valid_zoom_id
     from shared.links import read_link, zoom_id_for_entra
 
     zoom_id = zoom_id_for_entra(needle, fresh=True) if _ENTRA_ID.match(needle) else \
         needle if valid_zoom_id(needle) else None
     link = read_link(zoom_id)[0] if zoom_id else None
-    if link is None or (state and link.status != state):
+    if link is None or needle not in (link.zoom_user_id, link.entra_user_id) or (state and link.status != state):
         return None
     return link
 
@@ -380,8 +384,13 @@ def search_links(q: str, state: str | None, page_size: int, continuation: str | 
     from shared.links import _encode_token
 
     needle = q.strip().lower()
+    found: list[Link] = []
     if needle and continuation is None and (hit := _by_id(needle, state)) is not None:
-        return Found([hit], None, 1, exact=True)
+        if hit.zoom_user_id == needle:
+            return Found([hit], None, 1, exact=True)  # a Zoom id is one link's key
+        # An Entra id: the link holding it first; the scan goes on for others naming it (a
+        # disabled match, a link left disabled as entra_taken).
+        found.append(hit)
     clauses, params = ["RowKey eq @row"], {"row": ROW}
     if state:
         clauses.append("status eq @state")
@@ -391,7 +400,7 @@ def search_links(q: str, state: str | None, page_size: int, continuation: str | 
                                   results_per_page=max(page_size, SEARCH_PAGE_MIN)).by_page(
         continuation_token=checked_token(continuation))
     deadline = time.monotonic() + (SEARCH_BUDGET_S if budget_s is None else budget_s)
-    found: list[Link] = []
+    shown = {link.zoom_user_id for link in found}
     token = None
     searched = 0
     for page in pager:
@@ -399,6 +408,8 @@ def search_links(q: str, state: str | None, page_size: int, continuation: str | 
         for e in page:
             searched += 1
             entity = storage.entity_dict(e)
+            if entity["PartitionKey"] in shown:
+                continue
             haystack = " ".join(str(entity.get(k) or "") for k in ("PartitionKey", "entra_user_id", "email")).lower()
             if not needle or needle in haystack:
                 found.append(link_from_entity(entity))

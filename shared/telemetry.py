@@ -91,7 +91,7 @@ GAUGE_MAX_AGE_S = 15 * 60
 # How long the gauge refresh may spend counting connected accounts.
 GAUGE_SCAN_BUDGET_S = 10.0
 # Links are counted by the maintenance timer a step at a time (shared.status.count_links_step): a
-# large table's count completes every few runs, so the last full one stands this long.
+# large table's count completes every run or two, and the last one finished stands this long.
 LINK_COUNT_MAX_AGE_S = 30 * 60
 
 
@@ -142,7 +142,6 @@ class _Gauges:
     # When connections and links were last counted in full: a count that ran out of time is not
     # published, and the last full one goes quiet once it is as old as a stale snapshot would.
     connections_at: float = 0.0
-    links_at: float = 0.0
 
 
 class _Live:
@@ -156,9 +155,7 @@ class _Live:
         meter.create_observable_gauge(SUBSCRIPTIONS_NEAREST_EXPIRY, callbacks=[_nearest_expiry], unit="s")
         meter.create_observable_gauge(CONNECTIONS_COUNT, callbacks=[
             _by("health", lambda g: g.connections, counted_at=lambda g: g.connections_at)])
-        meter.create_observable_gauge(LINKS_COUNT, callbacks=[_by("state", lambda g: g.links,
-                                                                  counted_at=lambda g: g.links_at,
-                                                                  max_age_s=LINK_COUNT_MAX_AGE_S)])
+        meter.create_observable_gauge(LINKS_COUNT, callbacks=[_by("state", lambda g: g.links)])
         meter.create_observable_gauge(POISON_MESSAGES, callbacks=[_by("queue", lambda g: g.poison)])
         meter.create_observable_gauge(MATCHING_DISABLES_HELD, callbacks=[_disables_held])
 
@@ -529,12 +526,12 @@ def write_span(direction: str, side: str, zoom_user_id: str, operation: str) -> 
 
 # --- gauges: a cached snapshot refreshed on a timer, never a scan per collection ----------------------------
 
-def _by(attribute: str, pick, counted_at=lambda g: g.taken_at, max_age_s: float = GAUGE_MAX_AGE_S):
+def _by(attribute: str, pick, counted_at=lambda g: g.taken_at):
     def callback(options: Any) -> list[Any]:
         from opentelemetry.metrics import Observation
 
         snapshot = _gauges
-        if time.time() - snapshot.taken_at > GAUGE_MAX_AGE_S or time.time() - counted_at(snapshot) > max_age_s:
+        if time.time() - min(snapshot.taken_at, counted_at(snapshot)) > GAUGE_MAX_AGE_S:
             return []
         return [Observation(value, {attribute: key}) for key, value in pick(snapshot).items()]
 
@@ -565,7 +562,7 @@ def refresh_gauges(now: float | None = None) -> None:
     the observable gauges. Never raises: a part that fails keeps its old figure. Connections are
     published only when counted in full within GAUGE_SCAN_BUDGET_S (a partial count is no total);
     until then the last full count stands, for GAUGE_MAX_AGE_S. Links are the timer's last full
-    count (shared.status.count_links_step), for LINK_COUNT_MAX_AGE_S."""
+    count (shared.status.count_links_step), once finished within LINK_COUNT_MAX_AGE_S."""
     global _gauges
     if _ensure() is None:
         return
@@ -578,7 +575,7 @@ def refresh_gauges(now: float | None = None) -> None:
     fresh = _Gauges(taken_at=now, subscriptions=dict(old.subscriptions), nearest_expiry_at=old.nearest_expiry_at,
                     connections=dict(old.connections), links=dict(old.links), poison=dict(old.poison),
                     disables_held=old.disables_held,
-                    connections_at=old.connections_at, links_at=old.links_at)
+                    connections_at=old.connections_at)
     try:
         subs = status.subscriptions_summary(now)
         states = Counter("active" if i["healthy"] else str(i["status"] or "none") for i in subs["items"] if i["people"])
@@ -598,9 +595,8 @@ def refresh_gauges(now: float | None = None) -> None:
         log.warning("telemetry: connection figures unavailable (%s)", type(exc).__name__)
     try:
         links = status.kept_link_counts(now, max_age_s=LINK_COUNT_MAX_AGE_S)
-        if links is not None:
-            fresh.links = {k: int(v) for k, v in links["by_state"].items()}
-            fresh.links_at = status.parse_iso(links.get("counted_at"))
+        # None: no count finished that recently, and an older figure is no total any more.
+        fresh.links = {k: int(v) for k, v in links["by_state"].items()} if links is not None else {}
     except Exception as exc:  # noqa: BLE001
         log.warning("telemetry: link figures unavailable (%s)", type(exc).__name__)
     try:

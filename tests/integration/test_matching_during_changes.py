@@ -117,3 +117,51 @@ def test_an_account_moving_to_another_zoom_user_moves_in_one_run(run_env):
     assert (read_link("z1")[0].status, read_link("zz-left")[0].disabled_reason) == (STATUS_ACTIVE, "zoom_inactive")
     assert zoom_id_for_entra(E1, fresh=True) == "z1"
     assert matching.read_report()["counts"]["entra_taken"] == 0
+
+
+def test_the_disable_limit_is_decided_once_and_holds_over_every_invocation_of_the_run(run_env, monkeypatch):
+    """A run at 100,000 people applies in many invocations, each reloading links partly applied: the
+    guard's decision is taken at the first apply step and kept in the checkpoint, so a later
+    invocation counting fewer disables (an admin re-saved one of the links meanwhile) does not let
+    the rest through. 50 % of five links is 3: four disables are held, and three stay held."""
+    from shared.config import reset_settings
+    from shared.engine import ALL_DIRECTIONS
+
+    monkeypatch.setenv("MATCHING_DISABLE_LIMIT", "50%")
+    reset_settings()
+    monkeypatch.setattr(matching, "APPLY_STEP", 1)
+    entra = {f"z{i}": str(uuid.uuid4()) for i in range(1, 7)}
+    for i in range(1, 6):
+        write_link(Link(sync=UserSync(f"z{i}", entra[f"z{i}"], frozenset(ALL_DIRECTIONS)), origin="match",
+                        email=f"p{i}@contoso.example", created_at="2020-01-01T00:00:00Z",
+                        updated_at="2020-01-01T00:00:00Z"), None)
+    run, _ = matching.start("test")
+    listed = time.time() - 5
+    run.state.update({"phase": "apply", "entra_pages": 1, "zoom_pages": 1, "entra_listed_at": listed,
+                      "zoom_listed_at": listed + 1})
+    # Entra lists p1 and a new hire, p6; p2..p5's addresses are gone (a domain renamed there first).
+    matching._save_page("entra", 0, run.run_id, [[entra["z1"], True, ["p1@contoso.example"]],
+                                                  [entra["z6"], True, ["p6@contoso.example"]]])
+    matching._save_page("zoom", 0, run.run_id, [[f"z{i}", f"p{i}@contoso.example", f"Z{i}"] for i in range(1, 7)])
+    assert directory_runs.save(run)
+
+    invocations = 0
+    while True:
+        current = matching.continue_run(run.run_id, budget_s=0)
+        invocations += 1
+        assert current is not None
+        if current.status != directory_runs.STATUS_RUNNING:
+            break
+        assert current.state[matching.DISABLE_GUARD]["held"] is True
+        if invocations == 1:
+            status, _ = admin.put_link("z2", json.dumps({"entra_user_id": entra["z2"]}).encode())
+            assert status == 200
+    assert current.status == directory_runs.STATUS_DONE and invocations >= 6
+    assert [read_link(f"z{i}")[0].status for i in range(1, 7)] == [STATUS_ACTIVE] * 6  # z6 created
+    report = matching.read_report()
+    assert report["disable_guard"] == {"would_disable": 4, "limit": 3, "allowed": None, "held": True,
+                                       "by_reason": {"match_lost": 4}}
+    counts = report["counts"]
+    assert (counts["disables_held"], counts["disabled"], counts["created"], counts["changed_during_run"]) == \
+        (3, 0, 1, 1)
+    assert matching.disables_held() == 3

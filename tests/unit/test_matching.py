@@ -191,7 +191,8 @@ def test_disable_limit_is_a_count_or_a_share_of_the_active_links(monkeypatch):
 
     assert limit(None, 100_000) == 500  # Entra Connect's default deletion threshold
     assert limit(" 1200 ", 100_000) == 1200
-    assert limit("10%", 100_000) == 10_000 and limit("10 %", 25) == 2
+    assert limit("10%", 100_000) == 10_000 and limit("10 %", 25) == 3  # rounded up
+    assert limit("10%", 9) == 1 and limit("1%", 0) == 1  # never a limit of none at all
     assert limit("0", 100_000) is None and limit("0%", 100_000) is None  # the guard off
     for bad in ("-1", "ten", "101%", "5.5", "%"):
         with pytest.raises(SettingInvalid):
