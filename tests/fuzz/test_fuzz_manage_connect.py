@@ -77,6 +77,33 @@ def test_manage_scopes_arbitrary_bodies(fuzz_env, storage_writes, record_propert
     assert len(seen) >= FUZZ_EXAMPLES
 
 
+def test_manage_links_sync_arbitrary_bodies(fuzz_env, storage_writes, record_property):
+    """POST manage/links/sync: the body is optional, and at most allows disables. A refused body
+    (400, 413) or a run already live (409) writes nothing; the first good one starts a run."""
+    from functions.manage_sync import manage_links_sync
+
+    seen = []
+
+    @FUZZ_SETTINGS
+    @given(body=st.binary(max_size=300) | JSON.map(lambda d: json.dumps(d).encode())
+           | st.fixed_dictionaries({}, optional={
+               "allow_disables": st.integers(-10, 20_000_000) | JSON, "x": JSON}).map(
+               lambda d: json.dumps(d).encode()))
+    def case(body):
+        before = storage_writes.count
+        status, answer = call(manage_links_sync, method="POST", body=body)
+        seen.append(status)
+        assert status < 500, (status, answer[:200])
+        if status >= 400:
+            assert storage_writes.count == before, storage_writes.calls[before:]
+
+    case()
+    record_property("manage_links_sync_cases", len(seen))
+    assert len(seen) >= FUZZ_EXAMPLES
+    if len(seen) >= 5_000:
+        assert {202, 400, 409} <= set(seen)
+
+
 CALLBACK_FIELDS = st.sampled_from(["state", "code", "error", "error_description", "session_state", "client_info",
                                    "id_token", "x"])
 
