@@ -590,8 +590,9 @@ def _guard_disables(run: runs.Run, plan: MatchPlan, world: _World, zoom_listed_a
     """Hold the run's disables when there are more than MATCHING_DISABLE_LIMIT (or than the admin
     allowed this run): a listing missing a chunk, or a domain renamed on one side before the other,
     would otherwise disable thousands of people until the directories agree again. Held links keep
-    their pairing and stay active (``plan`` is changed in place); everything else is applied. Decided
-    once, at the first apply step; returns the held disables (Zoom id → reason), recounted each time."""
+    their pairing and stay as they are, active or in error (``plan`` is changed in place); everything
+    else is applied. Decided once, at the first apply step; returns the held disables (Zoom id →
+    reason), recounted each time."""
     state = run.state
     wanted = would_disable(plan, world.links, zoom_listed_at, changed_since)
     guard = state.get(DISABLE_GUARD)

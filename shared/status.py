@@ -349,7 +349,6 @@ class Found(NamedTuple):
     links: list[Link]
     continuation: str | None  # where the scan goes on (None: the table is searched to its end)
     searched: int  # links this request looked at
-    exact: bool = False  # found by its id, without a scan
 
 
 _ENTRA_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
@@ -384,13 +383,12 @@ def search_links(q: str, state: str | None, page_size: int, continuation: str | 
     from shared.links import _encode_token
 
     needle = q.strip().lower()
-    found: list[Link] = []
-    if needle and continuation is None and (hit := _by_id(needle, state)) is not None:
-        if hit.zoom_user_id == needle:
-            return Found([hit], None, 1, exact=True)  # a Zoom id is one link's key
-        # An Entra id: the link holding it first; the scan goes on for others naming it (a
-        # disabled match, a link left disabled as entra_taken).
-        found.append(hit)
+    hit = _by_id(needle, state) if needle else None
+    if hit is not None and hit.zoom_user_id == needle:
+        return Found([hit], None, 1)  # a Zoom id is one link's key
+    # An Entra id: the link holding it first (on the first page; left out of the scan on every
+    # page), and the scan goes on for others naming it (a disabled match, one left entra_taken).
+    found: list[Link] = [hit] if hit is not None and continuation is None else []
     clauses, params = ["RowKey eq @row"], {"row": ROW}
     if state:
         clauses.append("status eq @state")
@@ -400,7 +398,7 @@ def search_links(q: str, state: str | None, page_size: int, continuation: str | 
                                   results_per_page=max(page_size, SEARCH_PAGE_MIN)).by_page(
         continuation_token=checked_token(continuation))
     deadline = time.monotonic() + (SEARCH_BUDGET_S if budget_s is None else budget_s)
-    shown = {link.zoom_user_id for link in found}
+    shown = {hit.zoom_user_id} if hit is not None else set()
     token = None
     searched = 0
     for page in pager:
