@@ -339,7 +339,7 @@ def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:
     from azure.core.exceptions import HttpResponseError
 
     from shared import scopes
-    from shared.status import collect_status, search_links
+    from shared.status import collect_status, fresh_requested, search_links
 
     q = (params.get("q") or "").strip()[:200]
     state = (params.get("state") or "").strip()
@@ -370,7 +370,7 @@ def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:
         # Out of time before the page filled: say how far it got, not just "no people".
         notices.append(f"Searched {found.searched} links in this page's time; the next page searches on "
                        "(a whole Zoom or Entra id is found at once).")
-    status = collect_status(fresh=params.get("fresh") == "1")
+    status = collect_status(fresh=fresh_requested(params))
     current = scopes.read_scopes()
     states = {link.zoom_user_id: scopes.scope_state(link, current) for link in links}
     body, nonce = render(status, links, states, q=q, state=state, continuation=token, page_size=page_size,

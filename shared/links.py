@@ -608,16 +608,23 @@ def zoom_id_for_entra(entra_user_id: str, *, fresh: bool = False) -> str | None:
     return value
 
 
-def active_link_for_entra(entra_user_id: str) -> Link | None:
-    """The active link holding an Entra user's Teams account, if any: the lookup read fresh (this
-    instance's cache may miss a link made elsewhere a moment ago) and checked against the link."""
+def link_for_entra(entra_user_id: str) -> Link | None:
+    """The link the index names for an Entra user, in whatever state: the lookup read fresh (this
+    instance's cache may miss a link made elsewhere a moment ago) and checked against the link (the
+    index may lag a link's write: a re-point, a crash between the two)."""
     zoom_id = zoom_id_for_entra(entra_user_id, fresh=True) if entra_user_id else None
     if not zoom_id:
         return None
     link, _ = read_link(zoom_id)
-    if link is None or link.entra_user_id != entra_user_id.lower() or link.status != STATUS_ACTIVE:
+    if link is None or link.entra_user_id != entra_user_id.lower():
         return None
     return link
+
+
+def active_link_for_entra(entra_user_id: str) -> Link | None:
+    """The active link holding an Entra user's Teams account, if any (:func:`link_for_entra`)."""
+    link = link_for_entra(entra_user_id)
+    return link if link is not None and link.status == STATUS_ACTIVE else None
 
 
 def reset_link_caches() -> None:

@@ -336,10 +336,14 @@ def collect_status(now: float | None = None, *, fresh: bool = False) -> dict[str
     }
 
 
+def fresh_requested(params: dict[str, str] | None) -> bool:
+    """``?fresh=1`` (or ``true``): count the links on this request instead of serving the kept count."""
+    return str((params or {}).get("fresh") or "").lower() in ("1", "true")
+
+
 def get_status(params: dict[str, str] | None = None) -> tuple[int, dict]:
-    """``GET /api/manage/status``; ``?fresh=true`` counts the links now instead of the kept count."""
-    fresh = str((params or {}).get("fresh") or "").lower() in ("1", "true")
-    return 200, collect_status(fresh=fresh)
+    """``GET /api/manage/status``, with :func:`fresh_requested`."""
+    return 200, collect_status(fresh=fresh_requested(params))
 
 
 # --- people (status page) -----------------------------------------------------------------------------------
@@ -356,15 +360,15 @@ _ENTRA_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 
 def _by_id(needle: str, state: str | None) -> Link | None:
     """The link a whole Zoom or Entra id names: one or two point reads, where a scan of 100,000
-    links takes longer than a page may. The Entra index may lag a link's write (a re-point, a
-    crash between the two): the link it names must still hold the id."""
+    links takes longer than a page may."""
     from shared.admin import valid_zoom_id
-    from shared.links import read_link, zoom_id_for_entra
+    from shared.links import link_for_entra, read_link
 
-    zoom_id = zoom_id_for_entra(needle, fresh=True) if _ENTRA_ID.match(needle) else \
-        needle if valid_zoom_id(needle) else None
-    link = read_link(zoom_id)[0] if zoom_id else None
-    if link is None or needle not in (link.zoom_user_id, link.entra_user_id) or (state and link.status != state):
+    if _ENTRA_ID.match(needle):
+        link = link_for_entra(needle)
+    else:
+        link = read_link(needle)[0] if valid_zoom_id(needle) else None
+    if link is None or (state and link.status != state):
         return None
     return link
 
