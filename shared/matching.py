@@ -85,6 +85,8 @@ ZOOM_TOKEN_TTL_S = 14 * 60
 # The run's decision on the disable limit (MATCHING_DISABLE_LIMIT), taken once, at its first apply step.
 DISABLE_GUARD = "disable_guard"
 ALLOW_DISABLES = "allow_disables"
+# Links of the current apply step already applied when the step failed (retried without them).
+STEP_APPLIED = "step_applied"
 # The most an admin may allow in one run: more than any directory holds, small enough to store.
 ALLOW_DISABLES_MAX = 10_000_000
 
@@ -532,31 +534,48 @@ def _apply_step(run: runs.Run, budget: runs.Budget) -> bool:
     counts = state["counts"]
     owners = _index_owners(plan, world)
     current_scopes = scopes.read_scopes()
-    pending = [z for z in sorted(plan.targets) if z > state["cursor"]]
+    # Links a failed step applied before it failed: counted then, not judged again (by now each
+    # looks "changed during the run", being the run's own write).
+    applied = set(state.get(STEP_APPLIED) or ())
+    pending = [z for z in sorted(plan.targets) if z > state["cursor"] and z not in applied]
     workers = max(1, get_settings().matching_parallelism)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="matching") as pool:
         for start_at in range(0, len(pending), APPLY_STEP):
             step = pending[start_at:start_at + APPLY_STEP]
             # Links are independent of each other: overlap their storage round trips.
-            try:
-                results = list(pool.map(lambda z: _apply_one(z, plan.targets[z], world, owners, listed_at,
-                                                             current_scopes, outbox, changed_since), step))
-            except Exception:
-                # The step is retried from its start; what it changed already owes its reconciles.
-                if outbox.keep_failed() is not None:
-                    runs.save_quietly(run)
-                raise
-            for bumps in results:
+            futures = [(z, pool.submit(_apply_one, z, plan.targets[z], world, owners, listed_at, current_scopes,
+                                       outbox, changed_since)) for z in step]
+            failure: BaseException | None = None
+            for zoom_id, future in futures:
+                try:
+                    bumps = future.result()
+                except Exception as exc:  # noqa: BLE001 - the first is raised once all are in
+                    failure = failure or exc
+                    continue
                 for key in bumps:
                     _bump(counts, key)
+                applied.add(zoom_id)
+            if failure is not None:
+                # The rest of the step is retried; what it applied is counted and kept, and owes
+                # its reconciles.
+                state[STEP_APPLIED] = sorted(z for z in applied if z > state["cursor"])
+                outbox.keep_failed()
+                runs.save_quietly(run)
+                raise failure
             state["cursor"] = step[-1]
+            last_step = start_at + APPLY_STEP >= len(pending)
+            applied = set() if last_step else {z for z in applied if z > step[-1]}
+            if applied:
+                state[STEP_APPLIED] = sorted(applied)
+            else:
+                state.pop(STEP_APPLIED, None)
             put_error = outbox.keep_failed()
             if put_error is not None:
                 run.updated_at = time.time()
                 if not runs.save(run):
                     raise _TakenOver()
                 raise put_error  # the queue retries the run, which queues what it owes first
-            if start_at + APPLY_STEP < len(pending):
+            if not last_step:
                 run.updated_at = time.time()
                 if not runs.save(run):
                     raise _TakenOver()

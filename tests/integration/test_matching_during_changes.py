@@ -165,3 +165,44 @@ def test_the_disable_limit_is_decided_once_and_holds_over_every_invocation_of_th
     assert (counts["disables_held"], counts["disabled"], counts["created"], counts["changed_during_run"]) == \
         (3, 0, 1, 1)
     assert matching.disables_held() == 3
+
+
+def test_a_step_that_fails_halfway_is_retried_without_recounting_what_it_applied(run_env, monkeypatch):
+    """A step whose Table write fails for one link (throttling, a dropped connection) is retried by
+    the queue from the run's checkpoint. The links it applied before failing are the run's own
+    writes by then — newer than the listings — and judged again would be counted as "changed
+    during the run" rather than created. The checkpoint keeps them, counted once."""
+    from azure.core.exceptions import ServiceRequestError
+
+    run, _ = matching.start("test")
+    listed = time.time() - 5
+    run.state.update({"phase": "apply", "entra_pages": 1, "zoom_pages": 1, "entra_listed_at": listed,
+                      "zoom_listed_at": listed + 1})
+    entra = {f"z{i}": str(uuid.uuid4()) for i in range(1, 6)}
+    matching._save_page("entra", 0, run.run_id, [[entra[f"z{i}"], True, [f"p{i}@contoso.example"]]
+                                                  for i in range(1, 6)])
+    matching._save_page("zoom", 0, run.run_id, [[f"z{i}", f"p{i}@contoso.example", f"Z{i}"] for i in range(1, 6)])
+    assert directory_runs.save(run)
+
+    real_write = matching.write_claimed_link
+    refused: list[str] = []
+
+    def write_failing_once_for_z3(link, etag, claim):
+        if link.zoom_user_id == "z3" and not refused:
+            refused.append("z3")
+            raise ServiceRequestError("connection reset")
+        return real_write(link, etag, claim)
+
+    monkeypatch.setattr(matching, "write_claimed_link", write_failing_once_for_z3)
+    with pytest.raises(ServiceRequestError):
+        matching.continue_run(run.run_id, budget_s=60)
+    kept = directory_runs.read_run(matching.KIND)
+    assert kept.state[matching.STEP_APPLIED] == ["z1", "z2", "z4", "z5"]
+    assert kept.state["counts"]["created"] == 4
+
+    done = matching.continue_run(run.run_id, budget_s=60)  # the queue's retry
+    assert done is not None and done.status == directory_runs.STATUS_DONE
+    assert matching.STEP_APPLIED not in done.state
+    assert [read_link(f"z{i}")[0].entra_user_id for i in range(1, 6)] == [entra[f"z{i}"] for i in range(1, 6)]
+    counts = matching.read_report()["counts"]
+    assert (counts["created"], counts["changed_during_run"]) == (5, 0)
