@@ -3,10 +3,44 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from shared.config import SettingMissing, get_settings
 
 log = logging.getLogger(__name__)
+
+# /api/health is anonymous: anyone may call it as often as they like. One storage probe per
+# process every few seconds answers them all (a load balancer's or monitor's probe included),
+# rather than one storage call each (with the SDK's retries while storage is down).
+STORAGE_PROBE_TTL_S = 10.0
+_probe_lock = threading.Lock()
+_probe: tuple[float, str] | None = None  # (monotonic time probed, "ok" | "error")
+
+
+def _storage_reachable() -> str:
+    """The last probe's answer while it is fresh; else one caller probes and the rest wait for it."""
+    global _probe
+    with _probe_lock:
+        if _probe is not None and time.monotonic() - _probe[0] < STORAGE_PROBE_TTL_S:
+            return _probe[1]
+        try:
+            from shared.storage import ping_storage
+
+            ping_storage()
+            answer = "ok"
+        except Exception as exc:  # noqa: BLE001 - a health check reports, it does not raise
+            log.warning("health: storage unreachable: %s", type(exc).__name__)
+            answer = "error"
+        _probe = (time.monotonic(), answer)
+        return answer
+
+
+def forget_storage_probe() -> None:
+    """Probe again on the next check (tests; a changed storage setting)."""
+    global _probe
+    with _probe_lock:
+        _probe = None
 
 
 def check_health() -> dict:
@@ -23,13 +57,6 @@ def check_health() -> dict:
     checks["zoom_configured"] = "ok" if settings.zoom_client_id and settings.zoom_account_id else "missing"
     checks["entra_configured"] = "ok" if settings.entra_client_id and settings.entra_tenant_id else "missing"
     if checks["storage_configured"] == "ok":
-        try:
-            from shared.storage import ping_storage
-
-            ping_storage()
-            checks["storage_reachable"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - a health check reports, it does not raise
-            log.warning("health: storage unreachable: %s", type(exc).__name__)
-            checks["storage_reachable"] = "error"
+        checks["storage_reachable"] = _storage_reachable()
     status = "ok" if all(v == "ok" for v in checks.values()) else "degraded"
     return {"status": status, "checks": checks}

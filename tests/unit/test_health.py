@@ -45,3 +45,42 @@ def test_the_listings_answer_503_naming_an_unusable_setting(monkeypatch, caplog,
                                                 caplog)
     assert response.status_code == 503
     assert json.loads(response.get_body()) == {"error": "not_configured"}
+
+
+def test_health_probes_storage_once_per_interval_however_often_it_is_called(monkeypatch):
+    """/api/health is anonymous: a caller polling it in a loop (or a thousand monitors) costs one
+    storage call per process per interval, and an outage is still reported within it."""
+    from shared import health, storage
+
+    monkeypatch.setenv("AzureWebJobsStorage", "UseDevelopmentStorage=true")
+    monkeypatch.setenv("ZOOM_CLIENT_ID", "id")
+    monkeypatch.setenv("ZOOM_ACCOUNT_ID", "acct")
+    monkeypatch.setenv("ENTRA_CLIENT_ID", "id")
+    monkeypatch.setenv("ENTRA_TENANT_ID", "tenant")
+    reset_settings()
+    health.forget_storage_probe()
+    probes: list[str] = []
+    down = False
+
+    def ping() -> None:
+        probes.append("ping")
+        if down:
+            raise ConnectionError("refused")
+
+    monkeypatch.setattr(storage, "ping_storage", ping)
+    now = [1000.0]
+    monkeypatch.setattr(health.time, "monotonic", lambda: now[0])
+    try:
+        assert all(health.check_health()["status"] == "ok" for _ in range(200))
+        assert len(probes) == 1
+        down = True
+        now[0] += health.STORAGE_PROBE_TTL_S - 0.1
+        assert health.check_health()["status"] == "ok" and len(probes) == 1  # still fresh
+        now[0] += 0.2
+        report = health.check_health()
+        assert report["checks"]["storage_reachable"] == "error" and report["status"] == "degraded"
+        assert [health.check_health()["status"] for _ in range(50)] == ["degraded"] * 50
+        assert len(probes) == 2
+    finally:
+        health.forget_storage_probe()
+        reset_settings()
