@@ -27,7 +27,11 @@ single-use code is never sent twice.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
+import re
 import secrets
 import warnings
 from collections.abc import Callable, Mapping
@@ -149,7 +153,28 @@ def guarded(handler: Callable[..., WebResponse]) -> Callable[..., WebResponse]:
 
 def _callback_params(req: WebRequest) -> dict[str, str]:
     source: Mapping[str, str] = req.form if req.method.upper() == "POST" else req.params
-    return {k: str(source[k]) for k in _CALLBACK_FIELDS if k in source}
+    params = {k: str(source[k]) for k in _CALLBACK_FIELDS if k in source}
+    if "client_info" in params and not _usable_client_info(params["client_info"]):
+        # Only a routing hint for Entra's backup service (MSAL sends it as X-AnchorMailbox), which
+        # MSAL decodes and formats unchecked: one it cannot use is dropped, not made a 500.
+        log.info("connect: callback's client_info unreadable; dropped")
+        del params["client_info"]
+    return params
+
+
+# Entra's client_info: base64url JSON naming the account's object and tenant ids.
+_CLIENT_INFO_ID = re.compile(r"[0-9A-Za-z._-]{1,128}")
+
+
+def _usable_client_info(value: str) -> bool:
+    if len(value) > 1024:
+        return False
+    try:
+        info = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+    except (binascii.Error, ValueError):  # not base64url, not UTF-8, not JSON
+        return False
+    return isinstance(info, dict) and all(
+        isinstance(info.get(key), str) and _CLIENT_INFO_ID.fullmatch(info[key]) for key in ("uid", "utid"))
 
 
 def _take(req: WebRequest, provider: str, params: Mapping[str, str]) -> state.Flow:

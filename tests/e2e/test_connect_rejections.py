@@ -166,3 +166,40 @@ def test_a_refused_sign_in_is_a_clear_page(connect_world: World):
     browser, callback = to_callback(world, world.graph.add_user(display_name="Escape"))
     page = browser.load(with_query(callback, code="", error="<script>alert(1)</script>"))
     assert page.status_code == 400 and "<script>" not in page.text
+
+
+@pytest.mark.parametrize("client_info", [
+    "MQ",  # base64url of 1: MSAL's "uid" in 1 is a TypeError
+    "bm9wZQ",  # of "nope": MSAL's JSON error looked like Entra being down
+    "eyJ1aWQiOiAiYVxyXG5YLUV2aWw6IDEiLCAidXRpZCI6ICJ0In0",  # a uid with CR LF: a header injection
+])
+def test_an_unusable_client_info_on_the_callback_is_dropped_not_a_500(connect_world: World, caplog,
+                                                                        client_info: str):
+    """``client_info`` is only a routing hint (MSAL turns it into X-AnchorMailbox) that anyone who
+    starts a flow can set on its callback; one MSAL cannot use is dropped and the sign-in completes."""
+    import logging
+
+    world = connect_world
+    user = world.graph.add_user(display_name="Hint")
+    browser, callback = to_callback(world, user)
+    with caplog.at_level(logging.INFO, logger="shared.connect.flows"):
+        done = browser.load(with_query(callback, client_info=client_info))
+    assert done.status_code == 302, done.text
+    assert connections_table()[user["id"].lower()]["purpose"] == "self"
+    assert "client_info unreadable; dropped" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_usable_client_info_is_passed_on():
+    import base64
+    import json
+
+    from shared.connect.flows import _usable_client_info
+
+    def encoded(info) -> str:
+        return base64.urlsafe_b64encode(json.dumps(info).encode()).decode().rstrip("=")
+
+    assert _usable_client_info(encoded({"uid": "00000000-0000-0000-66f3-3332eca7ea81",
+                                        "utid": "9188040d-6c67-4c5b-b112-36a304b66dad"}))
+    assert not _usable_client_info(encoded({"uid": "x" * 129, "utid": "t"}))
+    assert not _usable_client_info(encoded(["uid", "utid"]))
