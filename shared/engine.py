@@ -88,6 +88,9 @@ class UserSync:
     zoom_yielded: str = ""
     zoom_last_put: str = ""  # last status we PUT (PUT vocabulary), our own echo candidate
     zoom_last_put_at: float = 0.0
+    # The person's manual status last seen (never ours): what Zoom's manual slot holds beneath a
+    # meeting, call or presenting, to put back when we let go of a status we wrote over those.
+    zoom_manual: Presence | None = None
 
     teams_native: Presence | None = None
     teams_native_since: int = 0
@@ -183,6 +186,8 @@ def _ran_out(overlay: ZoomOverlayRecord | TeamsOverlayRecord, ts_ms: int) -> boo
 
 
 def _set_zoom_native(user: UserSync, state: Presence, ts_ms: int) -> Observed | None:
+    if state in ZOOM_MANUAL_STATES:
+        user.zoom_manual = state
     if user.zoom_native == state:
         return None
     user.zoom_native = state
@@ -446,7 +451,7 @@ def _plan_zoom(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig, 
         # Our preferred presence beats every session (API-FACTS §5), so what Teams showed before
         # we wrote it may have ended unseen: Zoom is written from the report that follows ours.
         return
-    restore = current.restore if current is not None else _restore_status(native)
+    restore = current.restore if current is not None else _restore_status(native, user.zoom_manual)
     _write_zoom(rule, source, restore, now, cfg, out)
 
 
@@ -466,9 +471,14 @@ def keepalive_expiries(user: UserSync) -> tuple[float | None, float | None]:
     return teams, (None if user.zoom_native == Presence.OFFLINE else zoom)
 
 
-def _restore_status(native: Presence) -> str:
-    if native in ZOOM_MANUAL_STATES and native != Presence.DO_NOT_DISTURB:
-        return render_zoom_put(native)
+def _restore_status(native: Presence, manual: Presence | None) -> str:
+    """The person's own manual status, to put back when we let go: what Zoom shows, or beneath a
+    meeting, call or presenting (automatic states, which end on their own) the manual status last
+    seen. A calendar event is never put back (in the manual slot it would outlast the event), nor
+    Do Not Disturb (Zoom wants a duration, which the person's own did not say)."""
+    for state in (native, manual):
+        if state in ZOOM_MANUAL_STATES:
+            return render_zoom_put(state) if state != Presence.DO_NOT_DISTURB else "Available"
     return "Available"
 
 

@@ -102,6 +102,25 @@ def test_available_returns_zoom_to_the_persons_own_state(world: World, path):
         assert [p["body"]["status"] for p in zoom_puts(world, person)] == ["On_A_Call", "Away"]
 
 
+def test_the_persons_status_beneath_a_zoom_meeting_is_put_back_not_available(world: World):
+    # Out of office in Zoom, then in a meeting (Zoom shows the meeting; its manual slot keeps
+    # theirs). Teams Do Not Disturb puts ours in that slot; when it ends, theirs goes back.
+    person = world.add_person(directions=["teams_to_zoom"])
+    world.zoom.set_status_by_user(person.zoom_id, "Out_of_Office")
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    with listening(world, "poll"):
+        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        propagate(world, "poll")
+        world.zoom.leave_meeting(person.zoom_id)
+        world.settle()
+        assert world.zoom_shows(person) == "Do_Not_Disturb"
+        world.graph.set_preferred_by_user(person.entra_id, "Available", "Available")
+        propagate(world, "poll")
+        assert world.zoom_shows(person) == "Out_of_Office"
+        assert [p["body"]["status"] for p in zoom_puts(world, person)] == ["Do_Not_Disturb", "Out_of_Office"]
+
+
 @pytest.mark.parametrize("path", ["push", "poll"])
 @pytest.mark.parametrize("gesture", ["appear_offline", "teams_closed"])
 def test_offline_teams_changes_nothing_in_zoom(world: World, path, gesture):

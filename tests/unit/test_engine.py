@@ -647,6 +647,25 @@ def test_a_zoom_calendar_event_beneath_our_status_is_not_put_back_when_we_let_go
     assert [(op.status, op.release) for op in w.zoom_writes] == [("On_A_Call", False), ("Available", True)]
 
 
+@pytest.mark.parametrize("manual", ["Out_of_Office", "Away", "Busy"])
+@pytest.mark.parametrize(("activity", "teams"), [("In_Meeting", ("DoNotDisturb", "DoNotDisturb")),
+                                                  ("On_Phone_Call", ("DoNotDisturb", "Presenting"))])
+def test_the_persons_manual_zoom_status_beneath_a_meeting_is_put_back_when_we_let_go(manual, activity, teams):
+    # The person set a status, then joined a meeting (Zoom shows the meeting; the manual slot still
+    # holds theirs). A busier Teams state puts ours in that slot; once it ends we put theirs back,
+    # not Available: we never clear a state the person set.
+    w = World(directions=(TEAMS_TO_ZOOM,))
+    w.teams("Available", "Available")
+    w.zoom(manual)
+    w.zoom(activity)
+    w.teams(*teams)
+    ours = w.zoom_writes[-1].status
+    w.zoom(ours)  # the meeting ended: Zoom shows ours, from the manual slot
+    w.tick(120)
+    w.teams("Available", "Available")
+    assert [(op.status, op.release) for op in w.zoom_writes] == [(ours, False), (manual, True)]
+
+
 def test_a_calendar_event_starting_over_our_zoom_status_is_not_the_person_taking_the_slot():
     w = World()
     w.zoom("Available")
