@@ -355,11 +355,16 @@ class Plan:
         return not self.teams_ops and self.zoom_op is None and not self.need_teams_read and not self.need_zoom_read
 
 
-def plan(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig) -> Plan:
-    """What to do so that each side shows what it should. Pure: ``user`` is not changed."""
+def plan(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig,
+         unconfirmed: frozenset[str] = frozenset()) -> Plan:
+    """What to do so that each side shows what it should. Pure: ``user`` is not changed.
+
+    ``unconfirmed`` names directions whose source the caller was asked to confirm and could not
+    read: their overlays are not renewed (DESIGN.md §5: kept alive only while the source still
+    holds), and lapse at their bound unless a later confirmation finds the source still there."""
     result = Plan(teams_overlay=user.teams_overlay, zoom_overlay=user.zoom_overlay)
-    _plan_teams(user, mapping, now, cfg, result)
-    _plan_zoom(user, mapping, now, cfg, result)
+    _plan_teams(user, mapping, now, cfg, result, renew=ZOOM_TO_TEAMS not in unconfirmed)
+    _plan_zoom(user, mapping, now, cfg, result, renew=TEAMS_TO_ZOOM not in unconfirmed)
     return result
 
 
@@ -374,7 +379,8 @@ def release_teams(record: TeamsOverlayRecord) -> TeamsOp:
     return TeamsOp(TeamsOpKind.CLEAR_PREFERRED)
 
 
-def _plan_teams(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig, out: Plan) -> None:
+def _plan_teams(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig, out: Plan, *,
+                renew: bool = True) -> None:
     current = user.teams_overlay
     if not user.enabled(ZOOM_TO_TEAMS) or user.zoom_native is None:
         if current is not None and not user.enabled(ZOOM_TO_TEAMS):
@@ -393,7 +399,13 @@ def _plan_teams(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig,
         return
     if current is not None and current.overlay == rule:
         if current.expires_at - now <= cfg.renew_leeway_seconds:
-            _write_teams(rule, source, now, cfg, out)
+            if renew:
+                _write_teams(rule, source, now, cfg, out)
+            elif now - current.expires_at >= cfg.teams_overlay_seconds:
+                # Lapsed, and its source still unconfirmed a lifetime later: let go of the record
+                # (Graph has ended the overlay), rather than look for it at every keep-alive.
+                out.teams_ops.append(release_teams(current))
+                out.teams_overlay = None
         return
     if priority(user.teams_native) >= priority(rule.state):
         # Busier wins: the person's own Teams state already says as much or more.
@@ -416,7 +428,8 @@ def _write_teams(rule: TeamsOverlay, source: str, now: float, cfg: EngineConfig,
     out.teams_overlay = TeamsOverlayRecord(rule, now, now + cfg.teams_overlay_seconds, source)
 
 
-def _plan_zoom(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig, out: Plan) -> None:
+def _plan_zoom(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig, out: Plan, *,
+               renew: bool = True) -> None:
     current = user.zoom_overlay
     if user.zoom_native == Presence.OFFLINE:
         # Not signed in to any Zoom client: Zoom refuses presence updates (400/5301). What we
@@ -436,7 +449,10 @@ def _plan_zoom(user: UserSync, mapping: Mapping, now: float, cfg: EngineConfig, 
         return
     if current is not None and current.status == rule.status:
         if current.expires_at is not None and current.expires_at - now <= cfg.renew_leeway_seconds:
-            _write_zoom(rule, source, current.restore, now, cfg, out)
+            if renew:
+                _write_zoom(rule, source, current.restore, now, cfg, out)
+            elif now - current.expires_at >= cfg.zoom_dnd_minutes * 60:
+                _release_zoom(current, out)  # as for Teams above: Zoom has ended it
         return
     if user.zoom_native is None:
         out.need_zoom_read = True

@@ -152,6 +152,14 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
         except UnknownAccount as exc:
             unknown = exc
             _report_unknown(link, exc, outcome)
+    # A source that could not be read (an outage, a refused scope) is not confirmed: its overlay is
+    # not renewed on the word of what we knew before, or a lost "it ended" would keep it forever.
+    # The next keep-alive run looks again while the overlay is still due.
+    unconfirmed = frozenset() if unknown is not None else frozenset(
+        [ZOOM_TO_TEAMS] * (confirm_zoom and confirmed_zoom is None)
+        + [TEAMS_TO_ZOOM] * (confirm_teams and confirmed_teams is None))
+    if unconfirmed:
+        outcome.notes.append("renewal held: source unread")
 
     def learn(link: Link, now: float) -> None:
         if observe is not None:
@@ -191,7 +199,7 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
             # is then retried, carries the same owner id (its cid) and takes the lease back.
             outcome.notes.append("left for the lease holder")
             return outcome
-        step = _plan_step(link, now, outcome)
+        step = _plan_step(link, now, outcome, unconfirmed)
         if step is None:
             # (Also a record whose keep-alive columns were written under an older rule: they are
             # derived on every write, and one out of step would be queued by every keep-alive run.)
@@ -230,7 +238,7 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
                     break
         now = time.time()
         link.pending = False
-        step = _plan_step(link, now, outcome)
+        step = _plan_step(link, now, outcome, unconfirmed)
         if step is None:
             link.lease_owner, link.lease_until = "", 0.0
             try:
@@ -267,12 +275,12 @@ def _note_answers(sync: UserSync, step: _Step, answered_at: float) -> None:
         mark_teams_answered(sync, step.result.teams_overlay, answered_at)
 
 
-def _plan_step(link: Link, now: float, outcome: Outcome) -> _Step | None:
+def _plan_step(link: Link, now: float, outcome: Outcome, unconfirmed: frozenset[str] = frozenset()) -> _Step | None:
     """Plan on ``link`` (in place: bookkeeping recorded as intent). None when there is nothing to write."""
     settings = get_settings()
     cfg = engine_config()
     mapping = current_mapping()
-    result = plan(link.sync, mapping, now, cfg)
+    result = plan(link.sync, mapping, now, cfg, unconfirmed)
     if result.need_zoom_read or result.need_teams_read:
         # One side was never seen: look before writing over what the person may have set. A read
         # that fails for now (an outage, a throttle) is retried through the queue (raised): without
@@ -289,7 +297,7 @@ def _plan_step(link: Link, now: float, outcome: Outcome) -> _Step | None:
         except UnknownAccount as exc:
             _report_unknown(link, exc, outcome)
             exc.mark(link)
-        result = plan(link.sync, mapping, now, cfg)
+        result = plan(link.sync, mapping, now, cfg, unconfirmed)
     zoom_allowed, schedule_at = _zoom_gate(link, result, now, settings.zoom_presence_min_interval_seconds)
     if result.zoom_op is not None and not zoom_allowed:
         telemetry.coalesced("deferred" if schedule_at is not None else "already_scheduled")

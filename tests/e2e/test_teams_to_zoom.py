@@ -107,6 +107,7 @@ def test_the_persons_status_beneath_a_zoom_meeting_is_put_back_not_available(wor
     # theirs). Teams Do Not Disturb puts ours in that slot; when it ends, theirs goes back.
     person = world.add_person(directions=["teams_to_zoom"])
     world.zoom.set_status_by_user(person.zoom_id, "Out_of_Office")
+    world.settle()  # (a status set the moment before a meeting, delivered after it, is not known)
     world.zoom.join_meeting(person.zoom_id)
     world.settle()
     with listening(world, "poll"):
@@ -413,6 +414,34 @@ def test_keepalive_finds_overlays_near_expiry_in_one_scan_and_confirms_each_at_i
         assert len(graph_writes(world, in_meeting)) == mark_graph + 1
         assert world.teams_shows(in_meeting) == ("Busy", "InACall")
         assert graph_writes(world, idle) == [] and zoom_puts(world, idle) == []
+
+
+def test_an_overlay_the_keepalive_cannot_confirm_is_not_renewed_on_what_it_knew(world: World, app_setting):
+    # The person's meeting ends, and Zoom's webhook of it is lost; the keep-alive's Zoom read fails
+    # (an outage here; a refused scope alike). Renewed on the word of the meeting it last heard
+    # of, Teams would show "In a call" for as long as the read kept failing. It is held instead,
+    # and let go once a keep-alive can read Zoom again.
+    app_setting(TEAMS_OVERLAY_MINUTES="5", OVERLAY_RENEW_LEEWAY_SECONDS="300")  # due at once
+    person = world.add_person()
+    with listening(world, "poll"):
+        world.zoom.join_meeting(person.zoom_id)
+        world.settle()
+        assert world.teams_shows(person) == ("Busy", "InACall")
+        writes = len(graph_writes(world, person))
+        world.zoom.faults.webhook_drop(event="user.presence_status_updated")
+        world.zoom.leave_meeting(person.zoom_id)
+        world.zoom.faults.server_error(count=None, status=503, path=r"/presence_status$")
+        try:
+            world.host.fire_timer("overlay_keepalive")
+            world.settle()
+            assert len(graph_writes(world, person)) == writes  # not renewed
+        finally:
+            world.zoom.faults.clear()
+        world.host.fire_timer("overlay_keepalive")
+        world.settle()
+        assert world.teams_shows(person) == ("Available", "Available")
+        assert [r.path.rsplit("/", 1)[-1] for r in graph_writes(world, person)] == ["setPresence", "clearPresence"]
+        assert world.host.poisoned == []
 
 
 def _teams_dnd_on_zoom(world: World, app_setting) -> Person:

@@ -691,3 +691,40 @@ def test_a_teams_slot_the_person_takes_holds_while_zoom_moves_between_states_wit
     w.zoom("Available")
     w.zoom("Busy")  # a new Zoom state: mirrored again
     assert [op.kind for op in w.teams_writes] == [TeamsOpKind.SET_PREFERRED, TeamsOpKind.SET_PREFERRED]
+
+
+@pytest.mark.parametrize("side", ["teams", "zoom"])
+def test_an_overlay_whose_source_cannot_be_confirmed_is_not_renewed_and_is_let_go_a_lifetime_after(side):
+    # The keep-alive could not read the source (an outage, a refused scope): what we knew of it may
+    # be a meeting that ended unheard. Renewing on that word could hold our status forever; it is
+    # held as it is while later keep-alives look again, then let go a lifetime after it lapsed.
+    w = World()
+    w.zoom("Available")
+    w.teams("Available", "Available")
+    if side == "teams":
+        w.zoom("In_Meeting")
+        unconfirmed, lifetime = frozenset({ZOOM_TO_TEAMS}), CFG.teams_overlay_seconds
+        record = lambda: w.user.teams_overlay  # noqa: E731
+    else:
+        w.teams("DoNotDisturb", "DoNotDisturb")
+        unconfirmed, lifetime = frozenset({TEAMS_TO_ZOOM}), CFG.zoom_dnd_minutes * 60
+        record = lambda: w.user.zoom_overlay  # noqa: E731
+    ours = record()
+    assert ours is not None
+    w.now = ours.expires_at - CFG.renew_leeway_seconds / 2  # due for renewal
+    assert not plan(w.user, MAPPING, w.now, CFG).empty  # confirmed: renewed
+    held = plan(w.user, MAPPING, w.now, CFG, unconfirmed)
+    assert held.empty and held.teams_overlay is w.user.teams_overlay and held.zoom_overlay is w.user.zoom_overlay
+    w.now = ours.expires_at + lifetime - 1
+    assert plan(w.user, MAPPING, w.now, CFG, unconfirmed).empty  # lapsed: still looked for
+    w.now += 1
+    released = plan(w.user, MAPPING, w.now, CFG, unconfirmed)
+    if side == "teams":
+        assert [op.kind for op in released.teams_ops] == [TeamsOpKind.CLEAR_SESSION]
+        assert released.teams_overlay is None
+    else:
+        assert (released.zoom_op.status, released.zoom_op.release) == ("Available", True)
+        assert released.zoom_overlay is None
+    # The other side's overlay is not this confirmation's business.
+    assert plan(w.user, MAPPING, w.now, CFG, frozenset({TEAMS_TO_ZOOM if side == "teams" else ZOOM_TO_TEAMS})) \
+        == plan(w.user, MAPPING, w.now, CFG)
