@@ -136,7 +136,7 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
             # the first renews or lets go, the others find nothing due. Asked of the link, before
             # any vendor read.
             teams_due, zoom_due = _keepalive_due(link.sync, time.time())
-            confirm_zoom, confirm_teams = confirm_zoom and teams_due, confirm_teams and zoom_due
+            confirm_zoom, confirm_teams = confirm_zoom and (teams_due or zoom_due), confirm_teams and zoom_due
             if not (confirm_zoom or confirm_teams) and link.expiry_columns == keepalive_expiries(link.sync):
                 return outcome
         # A side we know nothing of yet (a link just re-pointed at another Teams account) cannot
@@ -944,7 +944,10 @@ def keepalive_due(now: float | None = None) -> int:
         zoom_due = _due(row.get(ZOOM_OVERLAY_EXPIRES), horizon)
         try:
             # A Teams overlay mirrors Zoom, so Zoom is the source to confirm; and the other way round.
-            queue_reconcile(row["PartitionKey"], KEEPALIVE, confirm_zoom=teams_due, confirm_teams=zoom_due)
+            # Our Zoom status is also looked at where it is: Zoom's web client reports no changes
+            # (API-FACTS §2), and a person who took the slot there is not overwritten by a renewal.
+            # (Teams needs no such look: the sweep reads it every 30 seconds.)
+            queue_reconcile(row["PartitionKey"], KEEPALIVE, confirm_zoom=teams_due or zoom_due, confirm_teams=zoom_due)
             count, in_a_row = count + 1, 0
         except Exception as exc:  # noqa: BLE001 - counted, logged and raised once the rest are queued
             failed, in_a_row = failed + 1, in_a_row + 1

@@ -474,6 +474,22 @@ def test_zoom_dnd_is_renewed_while_teams_holds_it_and_released_after(world: Worl
         "Do_Not_Disturb", "Do_Not_Disturb", "Available"]
 
 
+def test_a_status_the_person_picks_in_zoom_s_web_client_is_not_overwritten_by_a_renewal(world: World, app_setting):
+    # Zoom's web client reports no presence changes (API-FACTS §2): the person's Available there
+    # reaches us by no webhook. The keep-alive looks at Zoom before renewing our Do Not Disturb,
+    # finds the person's choice and leaves it, while Teams still shows DND.
+    person = _teams_dnd_on_zoom(world, app_setting)
+    world.zoom.faults.webhook_drop(event="user.presence_status_updated")
+    world.zoom.set_status_by_user(person.zoom_id, "Available")
+    world.settle()
+    time.sleep(11)
+    world.host.fire_timer("overlay_keepalive")
+    world.settle()
+    assert world.zoom_shows(person) == "Available"
+    assert [p["body"]["status"] for p in zoom_puts(world, person)] == ["Do_Not_Disturb"]
+    assert world.teams_shows(person)[0] == "DoNotDisturb"
+
+
 def test_a_person_who_left_the_directory_is_not_kept_in_dnd_on_zoom(world: World, app_setting, caplog):
     # Their Teams DND is on Zoom when their Entra account is deleted (they left). The keep-alive's
     # confirm read gets Graph's 404: the DND is let go rather than renewed for good, and the link

@@ -60,7 +60,8 @@ def test_each_person_due_is_queued_once_with_the_side_to_confirm(keepalive_world
     assert sorted(by_person) == sorted(people["teams_due"] + people["zoom_due"])
     # A Teams overlay mirrors Zoom: Zoom is confirmed. A Zoom DND mirrors Teams: Teams is.
     assert all(by_person[p].get("confirm_zoom") and not by_person[p].get("confirm_teams") for p in people["teams_due"])
-    assert all(by_person[p].get("confirm_teams") and not by_person[p].get("confirm_zoom") for p in people["zoom_due"])
+    # Our Zoom status is confirmed at its source (Teams) and looked at where it is (Zoom).
+    assert all(by_person[p].get("confirm_teams") and by_person[p].get("confirm_zoom") for p in people["zoom_due"])
     assert {m["reason"] for m in messages} == {"keepalive"}
     assert len({m["cid"] for m in messages}) == 300  # each its own lease owner
 
@@ -119,7 +120,7 @@ def keepalive_person(storage_env, unique_name, monkeypatch):
         "id": entra_id, "availability": "DoNotDisturb", "activity": "DoNotDisturb",
         "sequenceNumber": f"{len(calls['teams_reads']):04d}"})
     monkeypatch.setattr(zoom_client, "get_presence_status",
-                        lambda zoom_id: calls["zoom_reads"].append(zoom_id) or "Available")
+                        lambda zoom_id: calls["zoom_reads"].append(zoom_id) or "Do_Not_Disturb")  # ours
     monkeypatch.setattr(zoom_client, "put_presence_status",
                         lambda zoom_id, status, duration=None: calls["zoom_puts"].append((status, duration)))
     now = time.time()
@@ -146,7 +147,7 @@ def test_two_keepalive_messages_for_one_person_cost_one_vendor_read(keepalive_pe
     sync.handle_reconcile(first)
     renewed, etag = read_link("z1")
     sync.handle_reconcile(second)
-    assert calls["teams_reads"] == ["e1"]  # one confirmation, not one per copy
+    assert calls["teams_reads"] == ["e1"] and calls["zoom_reads"] == ["z1"]  # one confirmation, not one per copy
     assert calls["zoom_puts"] == [("Do_Not_Disturb", 60)]  # renewed once
     assert renewed.sync.zoom_overlay.expires_at > time.time() + 3000
     assert read_link("z1")[1] == etag  # the second copy wrote nothing either
