@@ -389,6 +389,12 @@ class ZoomFaults:
     def server_error(self, count: int = 1, status: int = 500, path: str | None = None) -> None:
         self._add(self._api, "server_error", count, path, status=status)
 
+    def bad_request(self, count: int | None = 1, code: int = 300, message: str = "Invalid request.",
+                    path: str | None = None, method: str | None = None) -> None:
+        """Answer the next ``count`` API requests (of ``method``, if given) 400 with Zoom error
+        ``code``: a request Zoom will not take as sent, under a code the caller may not know."""
+        self._add(self._api, "bad_request", count, path, code=code, message=message, method=method)
+
     def timeout(self, count: int = 1, seconds: float = 5.0, path: str | None = None) -> None:
         """Hold the next ``count`` requests for ``seconds`` (real time), then answer 504."""
         self._add(self._api, "timeout", count, path, seconds=seconds)
@@ -445,10 +451,12 @@ class ZoomFaults:
         with self._lock:
             bucket.append(_FaultRule(kind, count, params, pattern))
 
-    def _match(self, bucket: list[_FaultRule], path: str) -> _FaultRule | None:
+    def _match(self, bucket: list[_FaultRule], path: str, method: str = "") -> _FaultRule | None:
         with self._lock:
             for rule in bucket:
                 if rule.path is not None and not rule.path.search(path):
+                    continue
+                if rule.params.get("method") and rule.params["method"] != method:
                     continue
                 if rule.take():
                     return rule
@@ -1481,7 +1489,7 @@ class ZoomEmulator:
             if rule is not None:
                 self.faults._note("token_endpoint_down", path=path, time=self.clock.now())
                 return _json(rule.params["status"], {"reason": "Service unavailable", "error": "server_error"})
-        fault = self.faults._match(self.faults._api, path)
+        fault = self.faults._match(self.faults._api, path, request.method)
         if fault is not None and fault.kind == "lost_answer":
             self.faults._note("lost_answer", path=path, time=self.clock.now())
             ctx["lost_answer"] = True
@@ -1525,6 +1533,8 @@ class ZoomEmulator:
             return _zoom_error(429, 429, message, headers)
         if fault.kind == "server_error":
             return _zoom_error(p["status"], p["status"], "Internal server error. Please try again later.")
+        if fault.kind == "bad_request":
+            return _zoom_error(400, p["code"], p["message"])
         if fault.kind == "timeout":
             self._stop.wait(p["seconds"])
             return Response("Gateway Timeout", status=504, content_type="text/plain")

@@ -40,6 +40,7 @@ from shared.engine import (
 )
 from shared.errors import (
     NOT_SENT,
+    BadRequest,
     Forbidden,
     NotFound,
     Throttled,
@@ -709,6 +710,15 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
         if first:
             _schedule(link.zoom_user_id, ZOOM_FORBIDDEN_RETRY_S + FORBIDDEN_RETRY_MARGIN_S, "zoom_forbidden", cid)
         outcome.error = "zoom_forbidden"
+        return False
+    except BadRequest as exc:
+        # Refused as invalid under a code we do not know (a status this account's Zoom does not
+        # take, say): the same PUT would be refused on every retry, and dead-lettered for every
+        # change of the person. Recorded on the link (the admin sees it); their next change plans afresh.
+        telemetry.failed(TEAMS_TO_ZOOM, "zoom_refused")
+        _revert(link.zoom_user_id, **undo, plan_news=True,
+                error=("zoom_refused", f"Zoom refused {op.status} as invalid ({exc.code}): {exc.message}"[:300]))
+        outcome.error = "zoom_refused"
         return False
     except Exception as exc:
         telemetry.failed(TEAMS_TO_ZOOM, _failure_reason(exc))

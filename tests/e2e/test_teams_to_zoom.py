@@ -650,6 +650,30 @@ def test_zoom_refusing_permission_is_recorded_on_the_link_and_tried_once_when_th
     assert person.email not in caplog.text
 
 
+def test_a_zoom_refusal_under_an_unknown_code_is_recorded_once_not_retried_into_the_poison_queue(
+        world: World, caplog):
+    # Zoom refuses the PUT as invalid under a code we do not know (a status this account does not
+    # take, say). The same PUT would be refused on every retry: one PUT, the link says why in
+    # Zoom's words, nothing is dead-lettered. The person's next change plans afresh.
+    caplog.set_level("WARNING")
+    person = world.add_person()
+    world.settle()
+    world.zoom.faults.bad_request(count=None, code=300, message="Invalid status: Do_Not_Disturb",
+                                  path=r"/presence_status$", method="PUT")
+    with listening(world, "poll"):
+        world.graph.set_preferred_by_user(person.entra_id, "DoNotDisturb", "DoNotDisturb")
+        propagate(world, "poll")
+        assert _zoom_answers(world, person) == [400]  # one PUT: no retries
+        error = world.admin("GET", f"links/{person.zoom_id}").json()["error"]
+        assert error["kind"] == "zoom_refused" and "300" in error["detail"] and "Invalid status" in error["detail"]
+        assert world.host.poisoned == []
+        world.zoom.faults.clear()
+        world.graph.set_preferred_by_user(person.entra_id, "Busy", "Busy")  # their next change
+        propagate(world, "poll")
+        assert world.zoom_shows(person) == "Busy"
+    assert person.email not in caplog.text
+
+
 def test_a_permission_fixed_without_a_resync_is_used_when_the_wait_ends(world: World):
     # An admin widens the role behind the app to the person but does not resync them: the try
     # scheduled for the end of the wait puts their Teams DND on Zoom without another change.

@@ -925,6 +925,16 @@ def test_api_throttle_server_error_and_path_filter(zoom, api):
     assert api.get(f"/users/{uid}").status_code == 200
 
 
+def test_bad_request_answers_a_zoom_error_code_to_the_method_it_names(zoom, api):
+    uid = zoom.add_user(email="bad@example.com")["id"]
+    zoom.faults.bad_request(count=1, code=300, message="Invalid status", path=r"/presence_status$", method="PUT")
+    assert api.get(f"/users/{uid}/presence_status").status_code == 200  # a GET is not refused
+    r = api.put_presence(uid, "Away")
+    assert r.status_code == 400 and r.json() == {"code": 300, "message": "Invalid status"}
+    assert zoom.status(uid) == "Available"  # not carried out
+    assert api.put_presence(uid, "Away").status_code == 204  # count=1: the next one goes through
+
+
 def test_lost_answer_carries_out_the_put_and_drops_the_connection(zoom, api):
     uid = zoom.add_user(email="lost@example.com")["id"]
     zoom.faults.lost_answer(count=1, path=r"/presence_status$")
