@@ -9,6 +9,7 @@ bp = func.Blueprint()
 
 @bp.timer_trigger(arg_name="timer", schedule="0 */5 * * * *", run_on_startup=False)
 def graph_subscriptions(timer: func.TimerRequest) -> None:
+    from shared.connections import finish_key_rotation
     from shared.status import count_links_quietly
     from shared.subscriptions import maintain_subscriptions
     from shared.telemetry import refresh_gauges
@@ -17,6 +18,7 @@ def graph_subscriptions(timer: func.TimerRequest) -> None:
         maintain_subscriptions()
     finally:
         count_links_quietly()  # a step of the link count the status page and the links gauge show
+        finish_key_rotation()  # connections still under an older TOKEN_ENCRYPTION_KEY key, if any
         refresh_gauges()  # the gauges' figures (subscriptions, connections, links, poison queues)
 
 

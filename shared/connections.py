@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -434,10 +435,49 @@ def delete_connection(account_id: str) -> None:
 
 def reencrypt_connections() -> int:
     """Re-encrypt every record still under an older key (finish a key rotation); returns how many."""
-    ring = key_ring()
-    done = 0
+    return _reencrypt(key_ring(), deadline=None)[0]
+
+
+# The maintenance timer's share of a key rotation per run (it runs every 5 minutes).
+ROTATION_BUDGET_S = 60.0
+
+
+def finish_key_rotation(budget_s: float = ROTATION_BUDGET_S) -> None:
+    """A maintenance-timer step: while TOKEN_ENCRYPTION_KEY holds older keys after the current one,
+    re-encrypt the connections still under them, and say when none is left, so the admin knows
+    the older keys may go. (Sync accounts are re-encrypted by their hourly refresh anyway; a
+    self-service sign-in is used only by delegated writes, and would otherwise stay under the old
+    key.) Never raises: the timer's other steps go on."""
+    try:
+        ring = key_ring()
+    except (SettingMissing, TokenKeyInvalid):
+        return  # no connections can have been stored (or the app reports the setting elsewhere)
+    if len(ring.keys) < 2:
+        return
+    try:
+        done, left = _reencrypt(ring, deadline=time.monotonic() + budget_s)
+    except Exception as exc:  # noqa: BLE001 - storage trouble: the next run goes on
+        log.warning("connections: re-encrypting under key %s stopped (%s); the next run goes on",
+                    ring.current_id, type(exc).__name__)
+        return
+    if left:
+        log.info("connections: %d re-encrypted under key %s; %d still under older keys (the next run goes "
+                 "on; a record under a key TOKEN_ENCRYPTION_KEY no longer holds stays so until it is "
+                 "connected again)", done, ring.current_id, left)
+    else:
+        log.info("connections: every stored sign-in is under key %s (%d re-encrypted now): the older keys "
+                 "may be removed from TOKEN_ENCRYPTION_KEY", ring.current_id, done)
+
+
+def _reencrypt(ring: KeyRing, deadline: float | None) -> tuple[int, int]:
+    """(records re-encrypted, records still under another key) — those left when ``deadline``
+    (monotonic) passed, or whose key the ring no longer holds, in the second."""
+    done = left = 0
     for entity in storage.query_partition(TABLE, PARTITION, select=["RowKey", "key_id"]):
         if entity.get("key_id") == ring.current_id:
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            left += 1
             continue
         account_id = str(entity["RowKey"])
 
@@ -449,9 +489,13 @@ def reencrypt_connections() -> int:
             return current if current.get("key_id") != before else None
 
         stored = storage.mutate_entity(TABLE, PARTITION, account_id, mutate)
-        if stored and stored.get("key_id") == ring.current_id:
+        if stored is None:
+            continue  # deleted meanwhile
+        if stored.get("key_id") == ring.current_id:
             done += 1
-    return done
+        elif stored.get("token_cache"):  # (a record without tokens holds nothing to decrypt)
+            left += 1
+    return done, left
 
 
 def _error_code(result: Mapping[str, Any]) -> str:

@@ -156,6 +156,34 @@ def test_reencrypt_connections_finishes_a_rotation(graph_app_env, monkeypatch):
     assert {c.key_id for c in connections.list_connections()} == {"k2"}
 
 
+def test_the_maintenance_timer_finishes_a_rotation_and_says_when_the_old_key_may_go(graph_app_env, monkeypatch,
+                                                                                       caplog):
+    # Self-service sign-ins are used only by delegated writes: with the default app writes nothing
+    # would ever re-encrypt them, and an admin dropping the old key would lose them.
+    import logging
+    import os
+
+    graph = graph_app_env
+    old = os.environ["TOKEN_ENCRYPTION_KEY"]
+    users = [graph.add_user(display_name=f"Self {i}") for i in range(3)]
+    for user in users:
+        connect_account_via_auth_code(graph, user, connections.PURPOSE_SELF)
+    connections.finish_key_rotation()  # one key: nothing to do, nothing said
+    current = new_key("k2")
+    monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", f"{current},{old}")
+    reset_settings()
+    with caplog.at_level(logging.INFO, logger="shared.connections"):
+        connections.finish_key_rotation(budget_s=0)  # its budget spent at once: all still to do
+        assert "0 re-encrypted under key k2; 3 still under older keys" in caplog.text
+        assert {c.key_id for c in connections.list_connections()} != {"k2"}
+        connections.finish_key_rotation()
+        assert "every stored sign-in is under key k2 (3 re-encrypted now)" in caplog.text
+    monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", current)  # the admin drops the old key
+    reset_settings()
+    assert {c.key_id for c in connections.list_connections()} == {"k2"}
+    assert all(connections.delegated_token(u["id"]) for u in users)
+
+
 def test_revoked_refresh_token_breaks_the_connection(graph_app_env):
     graph = graph_app_env
     user = graph.add_user(display_name="Sync Revoked")
