@@ -22,7 +22,7 @@ param functionAppName string = ''
 
 // --- scale ---------------------------------------------------------------------------------------
 
-@description('Optional. Upper bound on function app instances.')
+@description('Optional. Upper bound on function app instances. Flex Consumption refuses less than 40 except in regions where Azure previews lower values.')
 @minValue(1)
 @maxValue(1000)
 param maximumInstanceCount int = 40

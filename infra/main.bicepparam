@@ -26,6 +26,10 @@ param entraClientId = readEnvironmentVariable('ENTRA_CLIENT_ID', '')
 param entraClientSecret = readEnvironmentVariable('ENTRA_CLIENT_SECRET', '')
 param entraClientCertificate = readEnvironmentVariable('ENTRA_CLIENT_CERTIFICATE', '')
 
+// Rich Graph notifications (optional): a PEM read from the environment, never written here.
+param graphNotificationCertificate = readEnvironmentVariable('GRAPH_NOTIFICATION_CERTIFICATE', '')
+param graphNotificationCertificateId = readEnvironmentVariable('GRAPH_NOTIFICATION_CERTIFICATE_ID', '')
+
 // Scale of the Flex Consumption app.
 param maximumInstanceCount = int(readEnvironmentVariable('MAXIMUM_INSTANCE_COUNT', '40'))
 param instanceMemoryMB = int(readEnvironmentVariable('INSTANCE_MEMORY_MB', '2048'))
