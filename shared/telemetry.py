@@ -90,9 +90,6 @@ LATENCY_BOUNDS_MS = (50, 100, 250, 500, 1000, 2000, 3000, 5000, 10000, 20000, 30
 GAUGE_MAX_AGE_S = 15 * 60
 # How long the gauge refresh may spend counting connected accounts.
 GAUGE_SCAN_BUDGET_S = 10.0
-# Links are counted by the maintenance timer a step at a time (shared.status.count_links_step): a
-# large table's count completes every run or two, and the last one finished stands this long.
-LINK_COUNT_MAX_AGE_S = 30 * 60
 
 
 # --- the per-change context (set where a queued change is picked up) ----------------------------------
@@ -562,7 +559,7 @@ def refresh_gauges(now: float | None = None) -> None:
     the observable gauges. Never raises: a part that fails keeps its old figure. Connections are
     published only when counted in full within GAUGE_SCAN_BUDGET_S (a partial count is no total);
     until then the last full count stands, for GAUGE_MAX_AGE_S. Links are the timer's last full
-    count (shared.status.count_links_step), once finished within LINK_COUNT_MAX_AGE_S."""
+    count (shared.status.count_links_step: a step a run), while it stands (status.COUNTS_MAX_AGE_S)."""
     global _gauges
     if _ensure() is None:
         return
@@ -594,7 +591,7 @@ def refresh_gauges(now: float | None = None) -> None:
     except Exception as exc:  # noqa: BLE001
         log.warning("telemetry: connection figures unavailable (%s)", type(exc).__name__)
     try:
-        links = status.kept_link_counts(now, max_age_s=LINK_COUNT_MAX_AGE_S)
+        links = status.kept_link_counts(now)
         # None: no count finished that recently, and an older figure is no total any more.
         fresh.links = {k: int(v) for k, v in links["by_state"].items()} if links is not None else {}
     except Exception as exc:  # noqa: BLE001

@@ -276,7 +276,7 @@ def test_gauges_report_the_cached_snapshot_and_go_quiet_when_it_is_old(recorder,
         {"people": 0, "healthy": False, "status": "none", "expires_in_s": None}]})
     monkeypatch.setattr(status, "connections_summary", lambda budget_s: {"ok": 2, "broken": 1, "total": 3,
                                                                          "complete": True})
-    monkeypatch.setattr(status, "kept_link_counts", lambda now, max_age_s: scans.append(1) or {
+    monkeypatch.setattr(status, "kept_link_counts", lambda now, max_age_s=status.COUNTS_MAX_AGE_S: scans.append(1) or {
         "by_state": {"active": 7, "disabled": 1, "error": 0}, "total": 8, "complete": True,
         "counted_at": status.iso(now - 60)})
     monkeypatch.setattr(status, "queues_summary", lambda: {"items": {"zoom-presence": {"messages": 0, "poison": 3}}})
@@ -342,8 +342,8 @@ def test_a_count_cut_short_by_its_budget_is_not_published_as_the_total(recorder,
 
 def test_the_links_gauge_shows_the_timers_last_full_count_while_it_is_recent(recorder, monkeypatch):
     """Links are counted a step per maintenance run (shared.status.count_links_step): at 100,000 a
-    count completes every run or two, and the one last finished within LINK_COUNT_MAX_AGE_S is the
-    figure; none that recent, and the gauge says nothing rather than an old count."""
+    count completes every run or two, and the one last finished within status.COUNTS_MAX_AGE_S (as
+    the status page takes it) is the figure; none that recent, and the gauge says nothing rather than an old count."""
     from shared import status
 
     reader, _ = recorder
@@ -353,12 +353,13 @@ def test_the_links_gauge_shows_the_timers_last_full_count_while_it_is_recent(rec
     monkeypatch.setattr(status, "queues_summary", lambda: {"items": {"zoom-presence": {"messages": 0, "poison": 0}}})
     monkeypatch.setattr(status, "connections_summary", lambda budget_s: {"ok": 1, "broken": 0, "total": 1,
                                                                          "complete": True})
-    monkeypatch.setattr(status, "kept_link_counts", lambda now, max_age_s: ages.append(max_age_s) or kept["count"])
+    monkeypatch.setattr(status, "kept_link_counts", lambda now, max_age_s=status.COUNTS_MAX_AGE_S:
+                        ages.append(max_age_s) or kept["count"])
     t.refresh_gauges()
     gauges = t.read_figures(reader).gauges
     assert gauges.get(t.LINKS_COUNT, {}) == {}  # never counted in full yet
     assert gauges[t.POISON_MESSAGES][(("queue", "zoom-presence"),)] == 0  # the rest as usual
-    assert ages == [t.LINK_COUNT_MAX_AGE_S]
+    assert ages == [status.COUNTS_MAX_AGE_S]
 
     kept["count"] = {"by_state": {"active": 90_000, "disabled": 9_000, "error": 1_000}, "total": 100_000,
                      "complete": True, "counted_at": status.iso(time.time() - 20 * 60)}
