@@ -158,9 +158,14 @@ def _check_tokens(batch: Any, what: str, now: float | None) -> Reply | None:
 
 def _known(item: Any, what: str) -> Any | None:
     """The subscription the item claims, if it is ours and its clientState matches."""
-    from shared.subscriptions import lookup_subscription
+    from shared.subscriptions import lookup_pending, lookup_subscription
 
     ref = lookup_subscription(item.subscriptionId)
+    if ref is None and item.clientState:
+        ref = lookup_pending(item.subscriptionId, item.clientState)  # made, its 201 not yet read
+        if ref is not None:
+            log.info("graph %s: subscription %s of shard %s is still being recorded; item taken", what,
+                     ref.subscription_id, ref.shard)
     if ref is None:
         log.warning("graph %s: subscription %s is not ours; item ignored", what, _safe(item.subscriptionId))
         return None

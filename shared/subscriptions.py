@@ -134,6 +134,32 @@ def _record_lookup(subscription_id: str, shard: int, client_state: str, account:
         _cache[key] = (time.monotonic(), SubscriptionRef(key, shard, client_state, account))
 
 
+def _pending_key(client_state: str) -> str:
+    # Keyed by a digest: the row names the secret without holding it as its key.
+    return "pending-" + hashlib.sha256(client_state.encode()).hexdigest()
+
+
+def _record_pending(client_state: str, shard: int, account: str, version: int) -> None:
+    """Written before the POST: Graph may deliver a change in the instant between making the
+    subscription and our reading its 201, before the subscription's own row exists."""
+    storage.upsert_entity(LOOKUP_TABLE, {
+        "PartitionKey": LOOKUP_PARTITION, "RowKey": _pending_key(client_state), "shard": shard,
+        "account": account, "version": version, "created_wall": time.time(),
+    })
+
+
+def lookup_pending(subscription_id: str, client_state: str) -> SubscriptionRef | None:
+    """A subscription still being made, known by the clientState it was made with (64 random
+    characters only Graph and we hold), or None."""
+    key = str(subscription_id).strip().lower()
+    if not key or len(key) > 128 or not client_state or len(client_state) > 128:
+        return None
+    entity, _ = storage.read_entity(LOOKUP_TABLE, LOOKUP_PARTITION, _pending_key(client_state))
+    if entity is None:
+        return None
+    return SubscriptionRef(key, int(entity.get("shard") or 0), client_state, str(entity.get("account") or ""))
+
+
 def _forget_lookup(subscription_id: str | None) -> None:
     if not subscription_id:
         return
@@ -489,6 +515,8 @@ class _Run:
             _update_shard(shard, {"subscription_pending_state": client_state,
                                   "subscription_pending_version": shard.version,
                                   "subscription_pending_account": account})
+        pending_state = client_state
+        _record_pending(pending_state, shard.number, account, shard.version)
         notification_url, lifecycle_url = notification_urls()
         resource = presence_resource(shard.ids)
         body: dict[str, Any] = {
@@ -513,6 +541,7 @@ class _Run:
             client_state = created["clientState"]  # what it was made with, from our records
         expires_at = _parse_expiry(created.get("expirationDateTime"), self.now + self.lifetime_s)
         _record_lookup(sub_id, shard.number, client_state, account, shard.version)
+        _forget_lookup(_pending_key(pending_state))
         fields: dict[str, Any] = dict.fromkeys(_PENDING)
         fields.update({
             "subscription_id": sub_id, "subscription_client_state": client_state,

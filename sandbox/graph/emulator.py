@@ -637,7 +637,10 @@ class GraphEmulator:
                 handled = self._graph_http(request, record) if is_graph else self._entra_http(request, record)
                 record.status = handled.status_code
                 raise _Drop()
-            if fault is not None:
+            if fault is not None and fault.kind == "slow_answer":
+                response = self._graph_http(request, record) if is_graph else self._entra_http(request, record)
+                time.sleep(fault.seconds)
+            elif fault is not None:
                 response = self._fault_response(fault, is_graph)
             elif is_graph:
                 response = self._graph_http(request, record)

@@ -27,7 +27,7 @@ def _as_paths(paths: Paths) -> tuple[str, ...] | None:
 class Fault:
     """One armed fault. ``remaining=None`` means until cleared."""
 
-    kind: str  # "throttle" | "server_error" | "timeout" | "lost_answer"
+    kind: str  # "throttle" | "server_error" | "timeout" | "lost_answer" | "slow_answer"
     remaining: int | None
     paths: tuple[str, ...]
     status: int = 503
@@ -80,6 +80,12 @@ class FaultSwitches:
         without an answer: the write took effect, but the caller cannot know it."""
         with self._lock:
             self._faults.append(Fault("lost_answer", count, self._paths(paths), status=0))
+
+    def slow_answer(self, count: int = 1, seconds: float = 2.0, paths: Paths = None) -> None:
+        """The next ``count`` matching requests are carried out at once, and their answer is held
+        ``seconds``: what they made (a subscription that delivers) is live before the caller knows."""
+        with self._lock:
+            self._faults.append(Fault("slow_answer", count, self._paths(paths), status=0, seconds=seconds))
 
     def latency(self, seconds: float, paths: Paths = None) -> None:
         """Add ``seconds`` to every matching request until cleared (0 removes it)."""

@@ -8,6 +8,7 @@ import base64
 import copy
 import datetime as dt
 import json
+import threading
 import time
 import uuid
 from urllib.parse import quote
@@ -133,6 +134,49 @@ def test_basic_notifications_are_queued_forgeries_ignored(graph_app_env, webhook
     assert post(url, {"value": [item, item, wrong_state, {**item, "resourceData": {"id": ids[2]}}]}).status_code == 202
     [message] = queued(PRESENCE_QUEUE)
     assert message["kind"] == "teams_ids" and sorted(message["ids"]) == sorted([ids[0], ids[2]])
+
+
+def test_a_change_delivered_before_graph_answers_the_create_is_queued(graph_app_env, webhook_host):
+    """Graph's subscription delivers from the moment it is made; its 201 may reach us after the
+    first notification. The clientState, recorded before the POST, vouches for it meanwhile."""
+    graph = graph_app_env
+    ids = [graph.add_user(display_name=f"Person {i}")["id"].lower() for i in range(3)]
+    for i in ids:
+        graph.set_teams_client(i, "Available")
+    link_people(ids)
+    connect_account_via_auth_code(graph, graph.add_user(display_name="Sync"), "sync-account")
+    clear(PRESENCE_QUEUE)
+    graph.faults.slow_answer(seconds=4.0, paths="/v1.0/subscriptions")
+    reports: list[subscriptions.Report] = []
+    worker = threading.Thread(target=lambda: reports.append(subscriptions.maintain_subscriptions(
+        now=graph.clock.now())))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not graph.subscriptions and time.monotonic() < deadline:
+        time.sleep(0.02)
+    [sub] = graph.subscriptions.values()
+    assert subscriptions.lookup_subscription(sub.id) is None  # its 201 is still on the way
+
+    graph.set_teams_client(ids[1], "DoNotDisturb")
+    graph.wait_for_deliveries()
+    assert worker.is_alive(), "the answer was meant to be held until after the delivery"
+    assert [d.status for d in graph.delivered if "notifications" in d.url][-1] == 202
+    [message] = queued(PRESENCE_QUEUE)
+    assert message["kind"] == "teams_ids" and message["ids"] == [ids[1]]
+    # The clientState vouches only for itself: another state for an unknown id is still not ours.
+    clear(PRESENCE_QUEUE)
+    url = webhook_host.url("graph/notifications")
+    forged = {"subscriptionId": str(uuid.uuid4()), "clientState": "x" * 64, "changeType": "updated",
+              "resource": f"communications/presences('{ids[0]}')", "tenantId": graph.tenant_id}
+    assert post(url, {"value": [forged]}).status_code == 202
+    assert queued(PRESENCE_QUEUE) == []
+
+    worker.join(timeout=15)
+    assert [r.created for r in reports] == [1]
+    # Once recorded, the subscription answers for itself and the pending row is gone.
+    assert subscriptions.lookup_subscription(sub.id) is not None
+    from shared import storage
+    assert not [e for e in storage.query_partition("subscriptions", "sub") if e["RowKey"].startswith("pending-")]
 
 
 # --- rich notifications ------------------------------------------------------------------------------------------
