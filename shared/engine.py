@@ -91,6 +91,7 @@ class UserSync:
     # The person's manual status last seen (never ours): what Zoom's manual slot holds beneath a
     # meeting, call or presenting, to put back when we let go of a status we wrote over those.
     zoom_manual: Presence | None = None
+    zoom_manual_ts: int = 0  # ms: Zoom's time of that report (0: not known, rows before it was kept)
 
     teams_native: Presence | None = None
     teams_native_since: int = 0
@@ -123,14 +124,15 @@ class Observed(StrEnum):
 
 def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: EngineConfig) -> Observed:
     """Apply a Zoom report (webhook, GET or our own echo) to ``user`` in place."""
-    if ts_ms <= user.zoom_seen_ts:
-        return Observed.STALE
     state = parse_zoom(status)
     overlay = user.zoom_overlay
     # What we last put in Zoom's one manual slot, and since when: our overlay (from when we decided
     # to write it) or, once we let go, the status we put back.
     ours = (overlay.status, overlay.written_at) if overlay is not None else (
         (user.zoom_last_put, user.zoom_last_put_at) if user.zoom_last_put else None)
+    if ts_ms <= user.zoom_seen_ts:
+        _late_manual(user, state, ts_ms, ours)
+        return Observed.STALE
     if ours and state in ZOOM_MANUAL_STATES and state != parse_zoom(ours[0]) and ts_ms < ours[1] * 1000:
         # A manual status from before that (a late delivery, the echo of an older PUT of ours, or
         # of the overlay we released): our PUT replaced it. Taken as the person's, it would give
@@ -185,9 +187,20 @@ def _ran_out(overlay: ZoomOverlayRecord | TeamsOverlayRecord, ts_ms: int) -> boo
             and ts_ms >= (overlay.expires_at - EXPIRY_SLACK_SECONDS) * 1000)
 
 
+def _late_manual(user: UserSync, state: Presence, ts_ms: int, ours: tuple[str, float] | None) -> None:
+    """A manual status reported after a newer report (Zoom's webhooks may arrive out of order:
+    a status set the moment before joining a meeting, delivered after the meeting's) is too old
+    to be what Zoom shows, but may still be what its manual slot holds beneath the meeting."""
+    if state not in ZOOM_MANUAL_STATES or (user.zoom_manual is not None and ts_ms <= user.zoom_manual_ts):
+        return  # not a manual status, or not newer than the one we know (of unknown time: kept)
+    if ours and (ts_ms < ours[1] * 1000 or state == parse_zoom(ours[0])):
+        return  # our PUT replaced it since, or it may be the echo of ours
+    user.zoom_manual, user.zoom_manual_ts = state, ts_ms
+
+
 def _set_zoom_native(user: UserSync, state: Presence, ts_ms: int) -> Observed | None:
     if state in ZOOM_MANUAL_STATES:
-        user.zoom_manual = state
+        user.zoom_manual, user.zoom_manual_ts = state, ts_ms
     if user.zoom_native == state:
         return None
     user.zoom_native = state

@@ -666,6 +666,49 @@ def test_the_persons_manual_zoom_status_beneath_a_meeting_is_put_back_when_we_le
     assert [(op.status, op.release) for op in w.zoom_writes] == [(ours, False), (manual, True)]
 
 
+@pytest.mark.parametrize("manual", ["Out_of_Office", "Away", "Busy"])
+def test_a_manual_zoom_status_delivered_after_the_meeting_that_followed_it_is_put_back(manual):
+    # The person set a status, then joined a meeting; Zoom delivered the meeting's webhook first.
+    # The status is too old to be what Zoom shows, but it is what the manual slot holds beneath
+    # the meeting: the one to put back when we let go of ours.
+    w = World(directions=(TEAMS_TO_ZOOM,))
+    w.teams("Available", "Available")
+    w.zoom("Available")
+    set_at = w.ts + 500
+    w.zoom("In_Meeting")
+    assert observe_zoom(w.user, manual, set_at, w.now, CFG) == Observed.STALE
+    assert w.user.zoom_native == Presence.IN_MEETING
+    from shared.links import Link, link_from_entity, link_to_entity
+    assert link_from_entity(link_to_entity(Link(sync=w.user))).sync == w.user  # kept on the link, with its time
+    w.teams("DoNotDisturb", "DoNotDisturb")
+    w.zoom("Do_Not_Disturb")  # the meeting ended: Zoom shows ours, from the manual slot
+    w.tick(120)
+    w.teams("Available", "Available")
+    assert [(op.status, op.release) for op in w.zoom_writes] == [("Do_Not_Disturb", False), (manual, True)]
+
+
+def test_a_late_manual_zoom_status_older_than_the_one_known_or_than_our_put_is_not_kept():
+    w = World(directions=(TEAMS_TO_ZOOM,))
+    w.teams("Available", "Available")
+    w.zoom("Away")
+    before_away = w.ts - 100
+    w.zoom("In_Meeting")
+    observe_zoom(w.user, "Busy", before_away, w.now, CFG)  # older than the Away we know
+    assert w.user.zoom_manual == Presence.AWAY
+    w.teams("DoNotDisturb", "DoNotDisturb")
+    [ours] = w.zoom_writes
+    put_at_ms = int(w.now * 1000)
+    w.tick(5)
+    assert observe_zoom(w.user, "In_Meeting", w.ts, w.now, CFG) == Observed.UNCHANGED
+    # Late: a status from before our PUT (which replaced it in the slot), and one that is ours.
+    assert observe_zoom(w.user, "Out_of_Office", put_at_ms - 1, w.now, CFG) == Observed.STALE
+    assert observe_zoom(w.user, ours.status, put_at_ms + 10, w.now, CFG) == Observed.STALE
+    assert w.user.zoom_manual == Presence.AWAY
+    # One the person chose after our PUT is theirs, however late it came.
+    assert observe_zoom(w.user, "Out_of_Office", put_at_ms + 20, w.now, CFG) == Observed.STALE
+    assert w.user.zoom_manual == Presence.OUT_OF_OFFICE
+
+
 def test_a_calendar_event_starting_over_our_zoom_status_is_not_the_person_taking_the_slot():
     w = World()
     w.zoom("Available")
