@@ -269,11 +269,12 @@ def read_shard(number: int) -> Shard | None:
     return shard_from_entity(entity, etag) if entity else None
 
 
-def _update_shard(shard: Shard, fields: dict[str, Any]) -> None:
-    """Write only our fields onto the shard (re-read on conflict; the sweep writes it too)."""
+def _update_shard(shard: Shard, fields: dict[str, Any], *, only_if: Callable[[dict], bool] | None = None) -> None:
+    """Write only our fields onto the shard (re-read on conflict; the sweep writes it too), if
+    the stored shard passes ``only_if``."""
 
     def mutate(current: dict | None) -> dict | None:
-        if current is None:
+        if current is None or (only_if is not None and not only_if(current)):
             return None
         changed = False
         for key, value in fields.items():
@@ -298,6 +299,32 @@ def _released(error: str = "") -> dict[str, Any]:
     fields["subscription_status"] = STATUS_NONE
     fields["subscription_error"] = error or None
     return fields
+
+
+def held_by(account_id: str) -> dict[int, str]:
+    """The shards an account's subscriptions serve: number → subscription id ("" if none yet).
+    Reads three columns of each shard, not its ids."""
+    account = account_id.lower()
+    rows = storage.query_partition(SHARDS_TABLE, SHARD_PARTITION,
+                                   select=["RowKey", "subscription_account", "subscription_id"])
+    return {int(r["RowKey"]): str(r.get("subscription_id") or "").lower() for r in rows
+            if str(r.get("subscription_account") or "").lower() == account}
+
+
+def release_account(account_id: str, why: str) -> int:
+    """Hand an account's shards to the sweep's poll at once (the next maintenance run gives them
+    another account): no Graph call, so a disconnect does not wait for a whole run. Returns how
+    many shards were released."""
+    account = account_id.lower()
+    held = held_by(account)
+    for number, sub_id in held.items():
+        _forget_lookup(sub_id or None)
+        # Unless a maintenance run has meanwhile given it to another account.
+        _update_shard(Shard(number), _released(why),
+                      only_if=lambda row: str(row.get("subscription_account") or "").lower() == account)
+    if held:
+        log.info("subscriptions: %d shards of account %s released to the poll (%s)", len(held), account_id, why)
+    return len(held)
 
 
 # --- one run ----------------------------------------------------------------------------------------------

@@ -203,19 +203,18 @@ class Removal:
     purpose: str
     subscriptions_deleted: int = 0
     link_released: bool = False
-    replanned: bool = False
+    shards_released: int = 0
 
     def to_public(self) -> dict:
         return {"account_id": self.account_id, "purpose": self.purpose,
                 "subscriptions_deleted": self.subscriptions_deleted, "link_released": self.link_released,
-                "replanned": self.replanned}
+                "shards_released": self.shards_released}
 
 
 def _held_subscriptions(account_id: str) -> set[str]:
-    from shared.shards import read_shards
+    from shared.subscriptions import held_by
 
-    return {str(sh.extra["subscription_id"]).lower() for sh in read_shards()
-            if sh.extra.get("subscription_account") == account_id and sh.extra.get("subscription_id")}
+    return {sid for sid in held_by(account_id).values() if sid}
 
 
 def _delete_subscriptions(account_id: str, held: set[str]) -> int:
@@ -251,9 +250,10 @@ def _delete_subscriptions(account_id: str, held: set[str]) -> int:
 
 
 def remove_connection(account_id: str) -> Removal | None:
-    """Disconnect an account: subscriptions, the self link's overlays, tokens; then re-plan.
-    None when the account is not connected."""
-    from shared.subscriptions import maintain_subscriptions
+    """Disconnect an account: subscriptions, the self link's overlays, tokens; its shards go to the
+    poll until the maintenance timer gives them another account (Graph work stays on the timer,
+    DESIGN.md §2). None when the account is not connected."""
+    from shared.subscriptions import release_account
 
     conn = connections.get_connection(account_id)
     if conn is None:
@@ -264,13 +264,7 @@ def remove_connection(account_id: str) -> Removal | None:
         removal.subscriptions_deleted = _delete_subscriptions(conn.account_id, held)
     removal.link_released = release_self_link(entra_user_id=conn.account_id)
     connections.delete_connection(conn.account_id)
-    if held:
-        try:
-            maintain_subscriptions()
-            removal.replanned = True
-        except Exception as exc:  # noqa: BLE001 - the timer re-plans within minutes anyway
-            log.warning("connect: re-planning subscriptions after removing %s failed (%s)", conn.account_id,
-                        type(exc).__name__)
+    removal.shards_released = release_account(conn.account_id, "account disconnected")
     log.info("connect: account %s disconnected (%s): %d subscriptions deleted, link released: %s",
              conn.account_id, conn.purpose, removal.subscriptions_deleted, removal.link_released)
     return removal

@@ -71,15 +71,28 @@ def test_sync_account_connects_through_the_browser_and_holds_a_subscription(conn
     assert sub.covers(person.entra_id)
     assert connection(world, account_id)["subscribed_shards"] == [0]
 
-    # The admin disconnects it: its subscription is deleted at Graph with its own token, the
-    # tokens are gone, and the shard is back on the poll.
+    # A second sync account, idle: one subscription per account, and there is one shard.
+    spare = world.graph.add_user(display_name="Sync account 01b")
+    assert Browser(world).go(invitation(world) + "&login_hint=" + spare["userPrincipalName"]).status_code == 200
+    spare_id = spare["id"].lower()
+
+    # The admin disconnects the first: its subscription is deleted at Graph with its own token, the
+    # tokens are gone, and the shard is back on the poll at once. No maintenance run inside the
+    # request (DESIGN.md §2): the next timer run gives the shard to the spare account.
+    world.graph.clear_requests()
     removed = world.admin("DELETE", f"connections/{account_id}")
     assert removed.status_code == 200, removed.text
-    assert removed.json()["subscriptions_deleted"] == 1 and removed.json()["replanned"]
-    assert not [s for s in world.graph.subscriptions.values() if (s.owner_user_id or "").lower() == account_id]
+    assert removed.json()["subscriptions_deleted"] == 1 and removed.json()["shards_released"] == 1
+    assert [r.method for r in world.graph.requests_matching(None, "/v1.0/subscriptions")] == ["GET", "DELETE"]
+    assert not world.graph.subscriptions
     assert account_id not in connections_table()
     assert connection(world, account_id) is None
+    assert connection(world, spare_id)["subscribed_shards"] == []
     assert world.admin("DELETE", f"connections/{account_id}").status_code == 404
+    world.host.fire_timer("graph_subscriptions")
+    [sub] = world.graph.subscriptions.values()
+    assert (sub.owner_user_id or "").lower() == spare_id and sub.covers(person.entra_id)
+    assert connection(world, spare_id)["subscribed_shards"] == [0]
 
 
 def test_a_sync_account_sign_in_asks_which_account_and_a_self_sign_in_does_not(connect_world: World):
