@@ -50,6 +50,13 @@ BLOCKED_FORBIDDEN = "forbidden"  # 400/5411, 4711: tried again an hour later, or
 ORIGIN_ADMIN = "admin"  # set through the admin API: directory matching never changes it
 ORIGIN_MATCH = "match"  # made by directory matching (email match)
 ORIGIN_SELF = "self"  # the person connected themselves: directory matching never changes it
+# The person disconnected their self link: only their next sign-in enables it again.
+WITHDRAWN = "withdrawn"
+
+
+def withdrawn(link: Link) -> bool:
+    """A self link its person withdrew (rows from before the reason was written have none)."""
+    return link.origin == ORIGIN_SELF and link.status == STATUS_DISABLED and link.disabled_reason in ("", WITHDRAWN)
 
 
 def now_iso() -> str:

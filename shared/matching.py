@@ -57,6 +57,7 @@ from shared.links import (
     now_iso,
     read_link,
     release_entra_claim,
+    withdrawn,
     write_claimed_link,
     write_link,
     zoom_id_for_entra,
@@ -257,6 +258,8 @@ def apply_target(link: Link, target: Target, zoom_listed_at: float) -> tuple[boo
     """Bring ``link`` (in place) to ``target``. Returns (changed, re-pointed to another Entra user)."""
     before = (link.sync.entra_user_id, link.status, link.disabled_reason, link.email)
     repointed = False
+    if withdrawn(link):
+        return False, False  # the person's choice: only their own sign-in enables it again
     if link.origin not in PINNED_ORIGINS and target.entra_user_id != link.sync.entra_user_id:
         # Another person on the Teams side: what we knew about the old one no longer applies.
         old_sync = link.sync
@@ -1068,6 +1071,17 @@ def _disable_for_event(zoom_id: str, reason: str, event_ts: int) -> str:
         if event_ts and event_ts < link.lifecycle_ts:
             log.info("matching: stale Zoom lifecycle event for user %s dropped", zoom_id)
             return "stale"
+        if withdrawn(link):
+            # Disabled by the person, and kept so: taking this reason would let the user's
+            # re-activation enable it. Only the event's time is kept, to order later ones.
+            if event_ts <= link.lifecycle_ts:
+                return "withdrawn"
+            link.lifecycle_ts = event_ts
+            try:
+                write_link(link, etag)
+            except storage.Conflict:
+                continue
+            return "withdrawn"
         if link.status == STATUS_DISABLED and link.disabled_reason == reason and event_ts <= link.lifecycle_ts:
             # A duplicate delivery, or this event's retry after its reconcile could not be queued:
             # queue it again (a reconcile is idempotent), or what we put on either side stays.

@@ -25,6 +25,7 @@ from shared.errors import TokenError, Unauthorized, VendorError
 from shared.links import (
     STATUS_ACTIVE,
     STATUS_DISABLED,
+    WITHDRAWN,
     EntraTaken,
     Link,
     active_link_for_entra,
@@ -57,7 +58,8 @@ class LinkResult:
     reason: str = ""  # for a conflict: zoom_linked_elsewhere | entra_linked_elsewhere
 
 
-def _withdrawn(link: Link) -> bool:
+def _reclaimable(link: Link) -> bool:
+    # Withdrawn, or disabled by matching or Zoom's lifecycle: the person's sign-in takes it back.
     return link.origin == ORIGIN_SELF and link.status == STATUS_DISABLED
 
 
@@ -110,22 +112,22 @@ def link_self(zoom_user_id: str, entra_user_id: str) -> LinkResult:
         if other_zoom and other_zoom != zoom_id:
             other, _ = read_link(other_zoom)
             if other is not None and other.entra_user_id == entra_id:
-                if not _withdrawn(other):
+                if not _reclaimable(other):
                     return LinkResult(LinkOutcome.CONFLICT, "entra_linked_elsewhere")
                 delete_link(other.zoom_user_id, other.entra_user_id)
         existing, etag = read_link(zoom_id)
         stamp = now_iso()
         if existing is not None and existing.entra_user_id == entra_id:
-            if not _withdrawn(existing):
+            if not _reclaimable(existing):
                 if not _record_zoom_id(existing, zoom_user_id, etag):
                     continue
                 return LinkResult(LinkOutcome.CONFIRMED)
-            existing.status = STATUS_ACTIVE
+            existing.status, existing.disabled_reason, existing.disabled_at = STATUS_ACTIVE, "", ""
             existing.sync.active = True
             existing.error_kind = existing.error_detail = existing.error_at = ""
             existing.updated_at = stamp
             link, outcome = existing, LinkOutcome.REACTIVATED
-        elif existing is not None and not _withdrawn(existing):
+        elif existing is not None and not _reclaimable(existing):
             # An admin's link, or someone else's active one: never overwritten from here.
             return LinkResult(LinkOutcome.CONFLICT, "zoom_linked_elsewhere")
         else:
@@ -173,9 +175,11 @@ def release_self_link(*, zoom_user_id: str | None = None, entra_user_id: str | N
             return False
         if entra_user_id and link.entra_user_id != entra_user_id.lower():
             return False
-        if link.status == STATUS_DISABLED:
+        if link.status == STATUS_DISABLED and link.disabled_reason == WITHDRAWN:
             break
-        link.status = STATUS_DISABLED
+        # The reason tells matching and Zoom's lifecycle events to leave it disabled (they enable
+        # again only what they disabled themselves).
+        link.status, link.disabled_reason, link.disabled_at = STATUS_DISABLED, WITHDRAWN, now_iso()
         link.sync.active = False
         link.updated_at = now_iso()
         try:

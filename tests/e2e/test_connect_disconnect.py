@@ -12,6 +12,7 @@ from tests.e2e.connect_browser import (  # noqa: F401 - connect_world_fixture is
     connect_world_fixture,
     connections_table,
 )
+from tests.e2e.directory_support import run_matching
 from tests.e2e.test_connect_flows import self_connect
 
 pytestmark = pytest.mark.e2e
@@ -46,9 +47,26 @@ def test_self_disconnect_releases_overlays_and_deletes_the_tokens(connect_world:
     assert (clear.token_kind, clear.user_id.lower(), clear.status) == ("delegated", person.entra_id, 200)
     assert person.entra_id not in connections_table()
     link = world.admin("GET", f"links/{person.zoom_id}").json()
-    assert (link["origin"], link["status"]) == ("self", "disabled")
+    assert (link["origin"], link["status"], link["disabled_reason"]) == ("self", "disabled", "withdrawn")
 
     world.zoom.leave_meeting(person.zoom_id)
+    world.zoom.join_meeting(person.zoom_id)
+    world.settle()
+    assert world.teams_shows(person) == ("Available", "Available")
+
+    # Their Zoom user deactivated and activated again, their Entra account disabled and enabled
+    # again across matching runs: each enables only what it disabled, never a withdrawn link.
+    world.zoom.deactivate_user(person.zoom_id)
+    world.settle()
+    world.zoom.activate_user(person.zoom_id)
+    world.settle()
+    world.graph.update_user(person.entra_id, accountEnabled=False)
+    run_matching(world)
+    world.graph.update_user(person.entra_id, accountEnabled=True)
+    run_matching(world)
+    link = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert (link["status"], link["disabled_reason"]) == ("disabled", "withdrawn")
+    world.zoom.sign_in(person.zoom_id)
     world.zoom.join_meeting(person.zoom_id)
     world.settle()
     assert world.teams_shows(person) == ("Available", "Available")

@@ -88,6 +88,20 @@ def test_apply_target_respects_newer_lifecycle_events_and_errors():
     assert apply_target(errored, Target("e1", "", "a@x.com"), 1000.0) == (False, False)
 
 
+def test_apply_target_leaves_a_withdrawn_self_link_alone():
+    # The person disconnected: neither a reason of matching's nor its clearing enables it again
+    # (rows written before the reason was kept have none).
+    for reason in ("withdrawn", ""):
+        link = _link("disabled", reason, origin="self")
+        assert apply_target(link, Target("e1", "entra_disabled", None), 1000.0) == (False, False)
+        assert apply_target(link, Target("e1", "", None), 1000.0) == (False, False)
+        assert (link.status, link.disabled_reason, link.sync.active) == ("disabled", reason, False)
+    # Disabled by matching itself, a self link comes back with its Entra account.
+    link = _link("disabled", "entra_disabled", origin="self")
+    assert apply_target(link, Target("e1", "", None), 1000.0) == (True, False)
+    assert link.status == "active"
+
+
 def test_apply_target_repoints_match_links_only():
     link = _link()
     assert apply_target(link, Target("e2", "", "a@x.com"), 1000.0) == (True, True)
