@@ -7,16 +7,16 @@ call that records something, :func:`_ensure` decides once per process:
   (with a managed-identity credential when ``APPLICATIONINSIGHTS_AUTHENTICATION_STRING`` says
   ``Authorization=AAD``). Its log export is off (the Functions host already ships our log lines to
   Application Insights; a second copy would double them) and so are the library instrumentations
-  (every Table and queue call as a dependency is cost without insight; vendor calls get our own
-  spans in :mod:`shared.http`).
+  (every Table and queue call as a dependency is cost without insight; vendor calls are measured
+  by :mod:`shared.http` in our own ``vendor.request.duration`` histogram, with no span of their own).
 - else ``TELEMETRY_EXPORTER`` = ``console`` / ``otlp``: the OpenTelemetry SDK with that exporter
   (for the sandbox).
 - else nothing: every recording function returns at once.
 
 HTTP intake must answer within a few hundred ms, so it never waits for the exporter to load: the
-first intake call starts configuration on a thread and records nothing until it is done (queue and
-timer work wait for it). Tests and ``make run`` install SDK providers with in-memory readers
-through :func:`use_sdk`.
+first intake call starts configuration on a thread; counts made meanwhile are kept and added once
+it is done, spans are not recorded (queue and timer work wait for it). Tests and ``make run``
+install SDK providers with in-memory readers through :func:`use_sdk`.
 
 Instrument names are a contract: the workbook and alert rules in
 ``infra/modules/observability.bicep`` query them (a test cross-checks). Attributes:
@@ -163,6 +163,11 @@ _decided = False  # True once configuration ran (whatever its result)
 _configuring: threading.Thread | None = None
 _gauges = _Gauges()
 _providers: list[Any] = []  # what use_sdk made (shut down by reset)
+# Counts made while configuration runs (intake does not wait for it), added once it is done: a quiet
+# tenant's webhooks landing on fresh instances must still count (the no-webhooks alert). Keyed by
+# instrument and attributes, which are few. Its own lock: _finish runs under _lock and without it.
+_pending_lock = threading.Lock()
+_pending: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
 
 
 def _ensure(block: bool = True) -> _Live | None:
@@ -198,7 +203,14 @@ def _wanted() -> bool:
 
 def _finish(live: _Live | None) -> None:
     global _live, _decided
-    _live, _decided = live, True
+    with _pending_lock:
+        # Decided and pending taken in one step: a count made meanwhile lands in one or the other.
+        _live, _decided = live, True
+        pending = dict(_pending)
+        _pending.clear()
+    if live is not None:
+        for (name, attributes), amount in pending.items():
+            live.counters[name].add(amount, dict(attributes))
 
 
 def _configure_logged() -> None:
@@ -303,13 +315,23 @@ def reset() -> None:
             except Exception as exc:  # noqa: BLE001 - best effort
                 log.debug("telemetry: shutdown failed (%s)", type(exc).__name__)
         _providers.clear()
-        _live, _decided, _configuring, _gauges = None, False, None, _Gauges()
+        with _pending_lock:
+            _pending.clear()
+            _live, _decided, _configuring, _gauges = None, False, None, _Gauges()
 
 
 # --- counters and histograms ----------------------------------------------------------------------------
 
 def _add(name: str, attributes: dict[str, str], amount: int = 1, *, block: bool = True) -> None:
     live = _ensure(block)
+    if live is None and not _decided:
+        # Still configuring (a caller that does not wait, or a wait that timed out): kept for later.
+        with _pending_lock:
+            if not _decided:
+                key = (name, tuple(sorted(attributes.items())))
+                _pending[key] = _pending.get(key, 0) + amount
+                return
+        live = _live
     if live is not None:
         live.counters[name].add(amount, attributes)
 
@@ -368,7 +390,7 @@ def retried_after_outage(queue_name: str, reason: str) -> None:
 
 
 def webhook_received(source: str, status: int) -> None:
-    """An intake request answered (never waits for the exporter to load)."""
+    """An intake request answered (never waits for the exporter to load: counted once it has)."""
     _add(WEBHOOKS_RECEIVED, {"source": source, "status": str(status)}, block=False)
 
 
@@ -382,6 +404,13 @@ def vendor_request(method: str, url: str, status: str, duration_ms: float) -> No
         vendor, operation = classify(method, url)
         live.histograms[VENDOR_REQUEST_DURATION].record(
             duration_ms, {"vendor": vendor, "operation": operation, "status": status})
+
+
+# Vendor path segments whose next segment is an id (Zoom: /users/{id}, /groups/{id}/members; Graph:
+# /users/{id}/presence, /groups/{id}/transitiveMembers, /subscriptions/{id}, /communications/presences/{id}),
+# lower case; and what may follow one of them and is no id (Zoom's /users/me).
+_ID_COLLECTIONS = frozenset({"users", "groups", "subscriptions", "presences", "members", "transitivemembers"})
+_ROUTE_LITERALS = frozenset({"me", "delta", "$count", "$ref"})
 
 
 def classify(method: str, url: str) -> tuple[str, str]:
@@ -401,11 +430,17 @@ def classify(method: str, url: str) -> tuple[str, str]:
             break
     path = urlsplit(url).path[len(base_path):] if vendor != "other" else urlsplit(url).path
     parts = []
+    after_collection = False
     for segment in path.strip("/").split("/"):
         if not segment:
             continue
-        looks_like_id = any(c.isdigit() for c in segment) and len(segment) >= 8 or "@" in segment or "%" in segment
-        parts.append("{id}" if looks_like_id or len(segment) > 40 else segment)
+        # What follows a collection is an id whatever it looks like (a Zoom id may have no digit);
+        # the shape heuristics catch ids elsewhere.
+        looks_like_id = (after_collection and segment.lower() not in _ROUTE_LITERALS
+                         or any(c.isdigit() for c in segment) and len(segment) >= 8
+                         or "@" in segment or "%" in segment or len(segment) > 40)
+        parts.append("{id}" if looks_like_id else segment)
+        after_collection = not looks_like_id and segment.lower() in _ID_COLLECTIONS
     return vendor, f"{method.upper()} /" + "/".join(parts[:6])
 
 

@@ -137,6 +137,64 @@ def test_intake_never_waits_for_the_exporter(monkeypatch, no_telemetry):
     assert t._decided
 
 
+@pytest.fixture
+def slow_setup(monkeypatch, no_telemetry):
+    """Configuration (the SDK path, into an in-memory reader) that finishes only when released."""
+    import threading
+
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from shared.config import reset_settings
+
+    reader, release, real_sdk = InMemoryMetricReader(), threading.Event(), t._sdk
+
+    def slow_sdk(**kwargs):
+        release.wait(10)
+        return real_sdk(metric_readers=[reader])
+
+    monkeypatch.setattr(t, "_sdk", slow_sdk)
+    monkeypatch.setenv("TELEMETRY_EXPORTER", "none")
+    reset_settings()
+    return reader, release
+
+
+def test_a_webhook_received_while_telemetry_loads_is_counted_once_it_has(slow_setup):
+    # A fresh instance: its first webhook starts configuration and must still count (no-webhooks alert).
+    reader, release = slow_setup
+    t.webhook_received("zoom", 200)
+    assert not t._decided  # not waited for
+    release.set()
+    t._ensure(block=True)
+    assert t.read_figures(reader).total(t.WEBHOOKS_RECEIVED, source="zoom", status="200") == 1
+    t.webhook_received("zoom", 200)
+    assert t.read_figures(reader).total(t.WEBHOOKS_RECEIVED, source="zoom", status="200") == 2  # added once
+
+
+def test_no_webhook_count_is_lost_while_configuration_finishes(slow_setup):
+    import threading
+
+    reader, release = slow_setup
+    t.webhook_received("teams", 202)
+    made = [1]
+
+    def burst():
+        # Until configuration is done and some more after: counts on both sides of the hand-over.
+        n, after = 0, 0
+        while after < 200:
+            t.webhook_received("teams", 202)
+            n += 1
+            after += t._decided
+        made.append(n)
+
+    threads = [threading.Thread(target=burst) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert t.read_figures(reader).total(t.WEBHOOKS_RECEIVED, source="teams", status="202") == sum(made)
+
+
 def test_credential_parsing():
     assert t._credential(None) is None
     assert t._credential("Authorization=Key") is None
@@ -189,6 +247,114 @@ def test_vendor_calls_are_recorded_per_route_template(recorder, monkeypatch):
                    operation="POST /users/{id}/presence/setPresence") == 1
     assert f.count(t.VENDOR_REQUEST_DURATION, vendor="zoom", operation="PUT /users/{id}/presence_status") == 1
     reset_settings()
+
+
+@pytest.fixture
+def vendor_bases(monkeypatch):
+    from shared.config import reset_settings
+
+    bases = {"zoom": "https://api.zoom.us/v2", "zoom_oauth": "https://zoom.us", "graph": "https://graph.example/v1.0"}
+    monkeypatch.setenv("ZOOM_API_BASE_URL", bases["zoom"])
+    monkeypatch.setenv("ZOOM_OAUTH_BASE_URL", bases["zoom_oauth"])
+    monkeypatch.setenv("GRAPH_BASE_URL", bases["graph"])
+    reset_settings()
+    yield bases
+    reset_settings()
+
+
+# Ids without a digit (about 2.4 % of Zoom's 22-character ids; any Graph GUID could be one in principle).
+ZOOM_USER = "KDcuGImaQgePTOxWbOqwIQ"
+ZOOM_GROUP = "QvFhRzWxYbTnKpLmAsDfGh"
+GRAPH_ID = "abcdefab-cdef-abcd-efab-cdefabcdefab"
+
+
+def test_an_id_after_a_collection_is_an_id_even_without_a_digit(vendor_bases):
+    zoom, graph = vendor_bases["zoom"], vendor_bases["graph"]
+    assert t.classify("PUT", f"{zoom}/users/{ZOOM_USER}/presence_status") == (
+        "zoom", "PUT /users/{id}/presence_status")
+    assert t.classify("GET", f"{zoom}/groups/{ZOOM_GROUP}/members") == ("zoom", "GET /groups/{id}/members")
+    assert t.classify("GET", f"{graph}/communications/presences/{GRAPH_ID}") == (
+        "graph", "GET /communications/presences/{id}")
+    assert t.classify("PATCH", f"{graph}/subscriptions/{GRAPH_ID}") == ("graph", "PATCH /subscriptions/{id}")
+    # Literal routes stay readable.
+    assert t.classify("GET", f"{zoom}/users/me") == ("zoom", "GET /users/me")  # shared.connect.zoom_oauth
+    assert t.classify("GET", f"{zoom}/users") == ("zoom", "GET /users")
+    assert t.classify("POST", f"{graph}/communications/getPresencesByUserId") == (
+        "graph", "POST /communications/getPresencesByUserId")
+    assert t.classify("POST", f"{vendor_bases['zoom_oauth']}/oauth/token") == ("zoom_oauth", "POST /oauth/token")
+
+
+def test_every_path_the_vendor_clients_call_is_recorded_without_its_ids(vendor_bases, monkeypatch):
+    # Every public call of both clients, with digit-free ids; a new call fails here until it is added.
+    import inspect
+
+    import requests
+
+    from shared import graph_client, zoom_client
+
+    urls: list[tuple[str, str]] = []
+
+    def fake_send(method, url, **kwargs):
+        urls.append((method, url))
+        body = {}
+        if url.startswith(vendor_bases["graph"]) and method == "GET" and "?" not in url:
+            body = {"@odata.nextLink": url + "?$skiptoken=abc"}  # a second page, as Graph links it
+        resp = requests.Response()
+        resp.status_code, resp._content = 200, json.dumps(body).encode()
+        return resp
+
+    class Tokens:
+        def token(self, force_refresh=False):
+            return "token"
+
+        def invalidate(self, token):
+            pass
+
+    monkeypatch.setattr(zoom_client, "send", fake_send)
+    monkeypatch.setattr(graph_client, "send", fake_send)
+    zoom = zoom_client.ZoomClient(token_provider=Tokens())
+    graph = graph_client.GraphClient(token_provider=lambda force_refresh: "token")
+    zoom_calls = {
+        "get_presence_status": lambda: zoom.get_presence_status(ZOOM_USER),
+        "put_presence_status": lambda: zoom.put_presence_status(ZOOM_USER, "Away"),
+        "list_users": lambda: list(zoom.list_users()),
+        "get_user": lambda: zoom.get_user(ZOOM_USER),
+        "list_group_members": lambda: list(zoom.list_group_members(ZOOM_GROUP)),
+    }
+    graph_calls = {
+        "set_presence": lambda: graph.set_presence(GRAPH_ID, "session", "Busy", "InACall"),
+        "clear_presence": lambda: graph.clear_presence(GRAPH_ID, "session"),
+        "set_user_preferred_presence": lambda: graph.set_user_preferred_presence(GRAPH_ID, "Away", "Away"),
+        "clear_user_preferred_presence": lambda: graph.clear_user_preferred_presence(GRAPH_ID),
+        "get_presence": lambda: graph.get_presence(GRAPH_ID),
+        "get_presences": lambda: graph.get_presences([GRAPH_ID]),
+        "list_users": lambda: list(graph.list_users("id")),
+        "transitive_member_ids": lambda: list(graph.transitive_member_ids(GRAPH_ID)),
+        "create_subscription": lambda: graph.create_subscription({}, "token"),
+        "renew_subscription": lambda: graph.renew_subscription(GRAPH_ID, "2030-01-01T00:00:00Z", "token"),
+        "delete_subscription": lambda: graph.delete_subscription(GRAPH_ID, "token"),
+        "list_subscriptions": lambda: graph.list_subscriptions("token"),
+    }
+    for cls, calls in ((zoom_client.ZoomClient, zoom_calls), (graph_client.GraphClient, graph_calls)):
+        public = {name for name, _ in inspect.getmembers(cls, inspect.isfunction)
+                  if not name.startswith("_") and name != "request"}
+        assert public == set(calls), cls.__name__
+        for call in calls.values():
+            call()
+    operations = {t.classify(method, url) for method, url in urls}
+    assert len(urls) > len(zoom_calls) + len(graph_calls)  # the Graph pages were followed too
+    for vendor, operation in operations:
+        assert vendor in ("zoom", "graph")
+        assert not any(i in operation for i in (ZOOM_USER, ZOOM_GROUP, GRAPH_ID)), operation
+    assert {op for vendor, op in operations if vendor == "zoom"} == {
+        "GET /users/{id}/presence_status", "PUT /users/{id}/presence_status", "GET /users", "GET /users/{id}",
+        "GET /groups/{id}/members"}
+    assert {op for vendor, op in operations if vendor == "graph"} == {
+        "POST /users/{id}/presence/setPresence", "POST /users/{id}/presence/clearPresence",
+        "POST /users/{id}/presence/setUserPreferredPresence", "POST /users/{id}/presence/clearUserPreferredPresence",
+        "GET /users/{id}/presence", "POST /communications/getPresencesByUserId", "GET /users",
+        "GET /groups/{id}/transitiveMembers", "POST /subscriptions", "PATCH /subscriptions/{id}",
+        "DELETE /subscriptions/{id}", "GET /subscriptions"}
 
 
 def test_dead_lettered_and_retries_exhausted_through_run_queue_message(recorder, monkeypatch):
