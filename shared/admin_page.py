@@ -7,11 +7,14 @@ from __future__ import annotations
 import html
 import logging
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from shared.admin import LINK_STATES, token_refused
 from shared.links import Link
+
+if TYPE_CHECKING:
+    from shared.status import Found
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,8 @@ a { color:var(--accent); }
 _SCRIPT = """
 (function () {
   var input = document.getElementById('search');
-  var rows = Array.prototype.slice.call(document.querySelectorAll('#people tbody tr'));
+  // People only: the "No people to show." row has nothing to search (and stays shown).
+  var rows = Array.prototype.slice.call(document.querySelectorAll('#people tbody tr[data-search]'));
   var count = document.getElementById('count');
   function apply() {
     var needle = input.value.trim().toLowerCase();
@@ -156,12 +160,16 @@ def _cards(status: dict, key: str | None) -> str:
         sub += f' · <a id="own-connections" href="{_e(_with_key("manage/connections?purpose=self", key))}">list</a>'
         cards.append(_card("People connected", own.get("total", 0), sub))
     queues = status.get("queues") or {}
-    if "error" not in queues:
+    if "error" in queues:
+        cards.append(_card("Queues", "?", _e(queues["error"]), bad=True))
+    else:
         cards.append(_card("Queues", queues.get("messages", 0),
                            f'messages waiting · <span class="{"bad" if queues.get("poison") else "muted"}">'
                            f'{_e(queues.get("poison", 0))} dead-lettered</span>', bad=bool(queues.get("poison"))))
     scopes = status.get("scopes") or {}
-    if "error" not in scopes:
+    if "error" in scopes:
+        cards.append(_card("Scopes", "?", _e(scopes["error"]), bad=True))
+    else:
         z2t, t2z = bool(scopes.get("zoom_to_teams")), bool(scopes.get("teams_to_zoom"))
         big = "Both ways" if z2t and t2z else "Zoom→Teams only" if z2t else "Teams→Zoom only" if t2z else "Off"
         groups = len(scopes.get("entra_group_ids") or []) + len(scopes.get("zoom_group_ids") or [])
@@ -170,7 +178,9 @@ def _cards(status: dict, key: str | None) -> str:
     matching = status.get("matching") or {}
     report = matching.get("report") if isinstance(matching, dict) else None
     run = matching.get("run") if isinstance(matching, dict) else None
-    if report:
+    if isinstance(matching, dict) and "error" in matching:  # unread, which is not "not run yet"
+        cards.append(_card("Directory matching", "?", _e(matching["error"]), bad=True))
+    elif report:
         c = report.get("counts", {})
         problems = int(c.get("ambiguous_zoom", 0)) + int(c.get("ambiguous_entra", 0)) + int(c.get("conflicts", 0))
         cards.append(_card("Directory matching", f'{c.get("matched", 0)} matched',
@@ -334,12 +344,62 @@ def content_security_policy(nonce: str) -> str:
             "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 
 
-def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:
-    """Build the page from the request's query parameters: (status, html, headers)."""
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What a storage outage raises: the service's error answers, and no answer at all."""
+    from azure.core.exceptions import AzureError
+
+    return AzureError, ConnectionError, TimeoutError
+
+
+def _unavailable(exc: BaseException, notices: list[str]) -> Found:
+    from shared.status import Found
+
+    # The type only: a storage error's message may hold the request's URL.
+    log.warning("admin page: people unavailable (%s)", type(exc).__name__)
+    notices.append("People could not be read from storage just now; try again in a moment.")
+    return Found([], None, 0)
+
+
+def _people(q: str, state: str | None, page_size: int, continuation: str | None, notices: list[str]) -> Found:
+    """One page of "Search all". A continuation that is not ours, or that the table service refuses,
+    shows the first page; a storage outage shows a notice, not a 500 (the cards say what else is down)."""
     from azure.core.exceptions import HttpResponseError
 
+    from shared.status import search_links
+
+    try:
+        return search_links(q, state, page_size, continuation)
+    except ValueError:
+        pass
+    except HttpResponseError as exc:
+        if not token_refused(exc, continuation):
+            return _unavailable(exc, notices)
+    except _storage_errors() as exc:
+        return _unavailable(exc, notices)
+    log.info("admin page: invalid continuation token ignored")
+    notices.append("That page link is not valid; showing the first page.")
+    try:
+        return search_links(q, state, page_size, None)
+    except _storage_errors() as exc:
+        return _unavailable(exc, notices)
+
+
+def _scope_states(links: list[Link]) -> dict[str, str]:
+    """Why each person syncs less than asked; none shown while the scopes cannot be read (the Scopes
+    card says so) rather than a guess from the defaults."""
     from shared import scopes
-    from shared.status import collect_status, fresh_requested, search_links
+
+    try:
+        current = scopes.read_scopes()
+    except _storage_errors() as exc:
+        log.warning("admin page: scopes unavailable (%s)", type(exc).__name__)
+        return {}
+    return {link.zoom_user_id: scopes.scope_state(link, current) for link in links}
+
+
+def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:
+    """Build the page from the request's query parameters: (status, html, headers)."""
+    from shared.status import collect_status, fresh_requested
 
     q = (params.get("q") or "").strip()[:200]
     state = (params.get("state") or "").strip()
@@ -354,25 +414,14 @@ def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:
         page_size = PAGE_SIZE_DEFAULT
     page_size = max(1, min(PAGE_SIZE_MAX, page_size))
     continuation = params.get("continuation") or None
-    try:
-        try:
-            found = search_links(q, state or None, page_size, continuation)
-        except HttpResponseError as exc:
-            if not token_refused(exc, continuation):
-                raise
-            raise ValueError("continuation token refused by the table service") from None
-    except ValueError:
-        log.info("admin page: invalid continuation token ignored")
-        notices.append("That page link is not valid; showing the first page.")
-        found = search_links(q, state or None, page_size, None)
+    found = _people(q, state or None, page_size, continuation, notices)
     links, token = found.links, found.continuation
     if (q or state) and token and len(links) < page_size:
         # Out of time before the page filled: say how far it got, not just "no people".
         notices.append(f"Searched {found.searched} links in this page's time; the next page searches on "
                        "(a whole Zoom or Entra id is found at once).")
     status = collect_status(fresh=fresh_requested(params))
-    current = scopes.read_scopes()
-    states = {link.zoom_user_id: scopes.scope_state(link, current) for link in links}
+    states = _scope_states(links)
     body, nonce = render(status, links, states, q=q, state=state, continuation=token, page_size=page_size,
                          key=params.get("code"), notice=" ".join(notices))
     headers = {

@@ -14,26 +14,38 @@ log = logging.getLogger(__name__)
 # process every few seconds answers them all (a load balancer's or monitor's probe included),
 # rather than one storage call each (with the SDK's retries while storage is down).
 STORAGE_PROBE_TTL_S = 10.0
-_probe_lock = threading.Lock()
+_probe_lock = threading.Lock()  # held to read or set the two below, never during a probe
 _probe: tuple[float, str] | None = None  # (monotonic time probed, "ok" | "error")
+_probing_since: float | None = None  # monotonic time the probe under way began (None: none is)
 
 
 def _storage_reachable() -> str:
-    """The last probe's answer while it is fresh; else one caller probes and the rest wait for it."""
-    global _probe
+    """The last probe's answer while it is fresh; else one caller probes, and the rest answer at
+    once rather than wait: a storage that hangs holds a probe for over a minute (the SDK's retries),
+    and every caller waiting on it would hold a worker thread."""
+    global _probe, _probing_since
+    now = time.monotonic()
     with _probe_lock:
-        if _probe is not None and time.monotonic() - _probe[0] < STORAGE_PROBE_TTL_S:
+        if _probe is not None and now - _probe[0] < STORAGE_PROBE_TTL_S:
             return _probe[1]
-        try:
-            from shared.storage import ping_storage
+        if _probing_since is not None:
+            if now - _probing_since >= STORAGE_PROBE_TTL_S:
+                return "error"  # no answer within an interval is an outage, whatever the last answer was
+            return _probe[1] if _probe is not None else "checking"  # "checking": not yet known to be ok
+        _probing_since = now
+    answer = "error"
+    try:
+        from shared.storage import ping_storage
 
-            ping_storage()
-            answer = "ok"
-        except Exception as exc:  # noqa: BLE001 - a health check reports, it does not raise
-            log.warning("health: storage unreachable: %s", type(exc).__name__)
-            answer = "error"
-        _probe = (time.monotonic(), answer)
-        return answer
+        ping_storage()
+        answer = "ok"
+    except Exception as exc:  # noqa: BLE001 - a health check reports, it does not raise
+        log.warning("health: storage unreachable: %s", type(exc).__name__)
+    finally:
+        with _probe_lock:
+            _probe = (time.monotonic(), answer)
+            _probing_since = None
+    return answer
 
 
 def forget_storage_probe() -> None:

@@ -130,10 +130,19 @@ def test_status_page_escapes_what_people_put_in_their_names(page_world: World, b
                             json={"entra_user_id": person.entra_id, "email": "x@y.example"}).status_code == 200
     page = browser.new_page()
     dialogs: list[str] = []
+    errors: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(page_world.host.url("manage", key="master") + "&q=" + evil)
     assert page.locator("#search").input_value() == evil  # shown as text, never as markup
     assert page.locator("img").count() == 0 and dialogs == []
+    # Nobody matches: the table holds only its placeholder row, which the filter leaves alone, on
+    # load and as one types (it once had no data-search, and the filter threw on it).
+    assert errors == []
+    page.fill("#search", evil + "x")
+    assert errors == []
+    assert page.locator("#people tbody tr", has_text="No people to show.").is_visible()
+    assert page.inner_text("#count") == "0 of 0 shown"
     page.close()
 
 
