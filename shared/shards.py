@@ -98,6 +98,12 @@ def read_shards() -> list[Shard]:
     return sorted(shards, key=lambda s: s.number)
 
 
+def read_shard(number: int) -> Shard | None:
+    """One shard (a point read: the whole table is ~70 KB a shard)."""
+    entity, etag = storage.read_entity(SHARDS_TABLE, PARTITION, f"{int(number):05d}")
+    return shard_from_entity(entity, etag) if entity else None
+
+
 def wanted_entra_ids() -> set[str]:
     """Entra ids of active links with Teams → Zoom on (a projected scan: timer work, not hot path)."""
     client = storage.table(names.LINKS_TABLE)

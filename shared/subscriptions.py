@@ -58,7 +58,7 @@ from shared.errors import (
     VendorError,
 )
 from shared.shards import PARTITION as SHARD_PARTITION
-from shared.shards import SHARDS_TABLE, Shard, plan_shards, read_shards, shard_from_entity
+from shared.shards import SHARDS_TABLE, Shard, plan_shards, read_shard, read_shards
 
 log = logging.getLogger(__name__)
 
@@ -264,11 +264,6 @@ def _parse_expiry(value: Any, fallback: float) -> float:
         return fallback
 
 
-def read_shard(number: int) -> Shard | None:
-    entity, etag = storage.read_entity(SHARDS_TABLE, SHARD_PARTITION, f"{int(number):05d}")
-    return shard_from_entity(entity, etag) if entity else None
-
-
 def _update_shard(shard: Shard, fields: dict[str, Any], *, only_if: Callable[[dict], bool] | None = None) -> None:
     """Write only our fields onto the shard (re-read on conflict; the sweep writes it too), if
     the stored shard passes ``only_if``."""
@@ -371,6 +366,20 @@ class _Run:
                 self.load[owner] += 1
         self._warned_no_account = False
 
+    def see_others(self, number: int) -> None:
+        """Learn every other shard's account and subscription id (not its ids: a few columns of
+        each), so that picking an account and a 409's clean-up know what the others hold."""
+        rows = storage.query_partition(SHARDS_TABLE, SHARD_PARTITION,
+                                       select=["RowKey", "size", "subscription_account", "subscription_id"])
+        for row in rows:
+            other = int(row["RowKey"])
+            if other == number or other in self.shards:
+                continue
+            extra = {k: row[k] for k in ("subscription_account", "subscription_id") if row.get(k)}
+            self.shards[other] = Shard(other, extra=extra)
+            if extra.get("subscription_account") in self.healthy and int(row.get("size") or 0):
+                self.load[extra["subscription_account"]] += 1
+
     # -- accounts and tokens -------------------------------------------------------------------------
 
     def pick(self) -> str | None:
@@ -384,6 +393,14 @@ class _Run:
             except ConnectionBroken:
                 self.lose(account)
                 raise
+            except TokenDecryptError:
+                # Its tokens are unusable to every run until the key is right (an old key removed
+                # from TOKEN_ENCRYPTION_KEY too early): its shards move, or fall back to the poll,
+                # rather than fail on it run after run. Not marked broken: the key may be fixed.
+                log.error("subscriptions: account %s's tokens cannot be decrypted with TOKEN_ENCRYPTION_KEY "
+                          "(a key removed too early?); its shards move to another account or the poll", account)
+                self.lose(account)
+                raise ConnectionBroken(account, "token_cache_unreadable") from None
         return self.tokens[account]
 
     def check_accounts(self) -> None:
@@ -723,8 +740,9 @@ def _lifecycle_event(sub_id: str, event: str) -> str:
     if event == "missed":
         sweep(now, only_shard=shard.number)
         return "resynced"
-    run = _Run(now, read_shards())
-    run.shards[shard.number] = shard
+    # The run serves this one shard: the others are read (their subscription columns only) when a
+    # re-creation must know which accounts are taken.
+    run = _Run(now, [shard])
     if event == "reauthorizationRequired":
         account = str(shard.extra.get("subscription_account") or "")
         try:
@@ -754,5 +772,6 @@ def _lifecycle_event(sub_id: str, event: str) -> str:
 
 def _recreate(run: _Run, shard: Shard) -> None:
     """Force a new subscription for one shard (expired in our records, so ``maintain`` creates)."""
+    run.see_others(shard.number)
     shard.extra["subscription_expires_at"] = 0.0
     run.maintain(shard)

@@ -22,7 +22,7 @@ from shared.engine import Observed
 from shared.errors import Throttled, VendorError
 from shared.presence_reads import read_presences
 from shared.queue_messages import OUTAGE_ROUND, dead_letter, is_outage, outage_round, retry_after_outage, rounds_used_up
-from shared.shards import Shard, read_shards, save_shard
+from shared.shards import Shard, read_shard, read_shards, save_shard
 from shared.sync import Outcome, handle_teams_presence
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,12 @@ def _sweep(now: float | None, *, only_shard: int | None, force: bool) -> SweepRe
     report = SweepReport()
     # Least recently read first: a run cut short by throttling leaves the shards it did not reach
     # first in line for the next one, instead of spending the budget on the first shards again.
-    for shard in sorted(read_shards(), key=lambda s: (s.last_swept_at, s.number)):
-        if only_shard is not None and shard.number != only_shard:
-            continue
+    if only_shard is not None:
+        one = read_shard(only_shard)  # a lifecycle event's resync: not the whole table for one shard
+        shards = [one] if one is not None else []
+    else:
+        shards = sorted(read_shards(), key=lambda s: (s.last_swept_at, s.number))
+    for shard in shards:
         report.shards += 1
         if not shard.ids:
             continue

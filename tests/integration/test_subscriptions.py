@@ -297,6 +297,36 @@ def test_a_broken_account_hands_its_shard_over_or_to_the_poll(graph_app_env, web
     assert lookups() == {}
 
 
+def test_an_account_whose_tokens_cannot_be_decrypted_hands_its_shard_over(graph_app_env, webhook_host, caplog):
+    # An old key removed from TOKEN_ENCRYPTION_KEY too early: the account's cache is unreadable
+    # to every run. Its shard moves at once instead of failing run after run on it; the record is
+    # left as it is (the key may be put back), and the log says what to look at.
+    graph = graph_app_env
+    people(graph, 10)
+    accounts = sync_accounts(graph, 2)
+    run(graph)
+    [state] = shard_state().values()
+    holder = state["subscription_account"]
+    spare = next(a for a in accounts if a != holder)
+    entity, _ = storage.read_entity(connections.TABLE, connections.PARTITION, holder)
+    storage.upsert_entity(connections.TABLE, {**entity, "key_id": "removed-too-early"})
+
+    report = run(graph)
+    assert report.broken_accounts == [holder] and (report.active, report.errors) == (1, 0)
+    [state] = shard_state().values()
+    assert state["subscription_account"] == spare and state["subscription_status"] == "active"
+    # The old one cannot be deleted without the account's token: it lapses within the hour, and
+    # its notifications are no longer taken.
+    assert sorted(s.owner_user_id.lower() for s in live(graph).values()) == sorted([holder, spare])
+    assert set(lookups()) == {state["subscription_id"]}
+    assert connections.get_connection(holder).status == "ok"
+    assert any(r.levelname == "ERROR" and "cannot be decrypted" in r.getMessage() for r in caplog.records)
+
+    storage.upsert_entity(connections.TABLE, entity)  # the key is back
+    report = run(graph)
+    assert report.broken_accounts == [] and report.errors == 0
+
+
 def test_no_sync_account_leaves_shards_on_the_poll(graph_app_env, webhook_host):
     graph = graph_app_env
     people(graph, 5)
