@@ -32,6 +32,7 @@ import re
 import secrets
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,15 @@ LOOKUP_CACHE_SECONDS = 60.0
 # A subscription younger than this is never taken for an orphan: a concurrent creation (the
 # lifecycle worker) may not have reached its shard yet.
 ORPHAN_GRACE_SECONDS = 120.0
+# The maintenance timer comes every 5 minutes (functions/graph_subscriptions.py) and the host stops
+# a function at 10 (host.json): a run works this long, then leaves the rest to the next.
+TIMER_PERIOD_SECONDS = 300.0
+RUN_BUDGET_SECONDS = 240.0
+# Accounts whose tokens are checked, and whose subscriptions are listed for orphans, every run; with
+# more, each run does a sixth of them (each every ~30 minutes: one account per 650 people makes
+# 460 accounts at 300,000, and 460 token refreshes and listings every 5 minutes would be most of a run).
+CHECKED_EVERY_RUN_UP_TO = 30
+ACCOUNT_TURNS = 6
 
 STATUS_ACTIVE = "active"
 STATUS_NONE = "none"
@@ -327,6 +337,7 @@ def release_account(account_id: str, why: str) -> int:
 @dataclass
 class Report:
     shards: int = 0
+    left: int = 0  # shards the run had no time for (the next run takes them first)
     active: int = 0
     created: int = 0
     renewed: int = 0
@@ -342,10 +353,19 @@ class _ShardFailed(Exception):
     """This shard could not be served this run (the reason goes to ``subscription_error``)."""
 
 
+def _urgency(shard: Shard) -> float:
+    """Sort key: shards without a live subscription for their ids first, then soonest to expire."""
+    ext = shard.extra
+    if ext.get("subscription_status") != STATUS_ACTIVE or int(ext.get("subscription_version") or -1) != shard.version:
+        return 0.0
+    return float(ext.get("subscription_expires_at") or 0.0)
+
+
 class _Run:
     def __init__(self, now: float, shards: list[Shard]) -> None:
         s = get_settings()
         self.now = now
+        self.started = time.monotonic()
         self.limit = s.subscriptions_per_account
         self.lifetime_s = s.subscription_lifetime_minutes * 60.0
         self.leeway_s = s.subscription_renew_leeway_seconds
@@ -403,11 +423,28 @@ class _Run:
                 raise ConnectionBroken(account, "token_cache_unreadable") from None
         return self.tokens[account]
 
+    def out_of_time(self, share: float = 1.0) -> bool:
+        return time.monotonic() - self.started >= RUN_BUDGET_SECONDS * share
+
+    def in_this_runs_share(self, account: str) -> bool:
+        """Work done for every account each run up to CHECKED_EVERY_RUN_UP_TO accounts; beyond, for
+        a sixth of them in turn, so each account's turn comes every ~30 minutes."""
+        if len(self.healthy) <= CHECKED_EVERY_RUN_UP_TO:
+            return True
+        turn = int(self.now // TIMER_PERIOD_SECONDS) % ACCOUNT_TURNS
+        return zlib.crc32(account.encode()) % ACCOUNT_TURNS == turn
+
     def check_accounts(self) -> None:
-        """Refresh every account's token once per run: a revoked grant (consent withdrawn, password
-        changed) is found now, so its shards move or fall back to the poll in this same run rather
-        than when the cached access token happens to expire."""
+        """Refresh each account's token (every run, or in turns when there are many): a revoked grant
+        (consent withdrawn, password changed) is found now, so its shards move or fall back to the
+        poll in this same run rather than when the cached access token happens to expire. At most
+        a third of the run's time: the shards come first."""
         for account in sorted(self.healthy):
+            if not self.in_this_runs_share(account):
+                continue
+            if self.out_of_time(1 / 3):
+                log.warning("subscriptions: no time left this run to check the other accounts")
+                break
             try:
                 self.token(account, refresh=True)
             except ConnectionBroken:
@@ -672,6 +709,8 @@ class _Run:
             return young(storage.read_entity(LOOKUP_TABLE, LOOKUP_PARTITION, sid)[0], time.time())
 
         for account in sorted(self.healthy):
+            if not self.in_this_runs_share(account) or self.out_of_time():
+                continue
             try:
                 existing = self.call(account, graph_client.list_subscriptions)
             except (ConnectionBroken, VendorError, TokenError, TokenDecryptError) as exc:
@@ -702,13 +741,22 @@ def maintain_subscriptions(now: float | None = None) -> Report:
     if run.healthy:
         notification_urls()  # a missing PUBLIC_BASE_URL fails the run here, before anything changes
     run.check_accounts()
-    for shard in plan.shards:
+    # Most urgent first, within the run's time: at hundreds of shards (a sync account each) a slow
+    # Graph or Entra could otherwise keep every run from reaching the last shards before the host
+    # stops it, and their subscriptions would lapse.
+    pending = sorted(plan.shards, key=lambda sh: (_urgency(sh), sh.number))
+    for done, shard in enumerate(pending):
+        if run.out_of_time():
+            run.report.left = len(pending) - done
+            log.warning("subscriptions: out of time after %d of %d shards; the next run starts with the %d left",
+                        done, len(pending), run.report.left)
+            break
         run.maintain(shard)
     run.delete_orphans()
     r = run.report
     log.info("subscriptions: %d shards: %d active (%d created, %d adopted, %d renewed, %d replaced), "
-             "%d on the poll, %d errors, %d orphans deleted", r.shards, r.active, r.created, r.adopted, r.renewed,
-             r.replaced, r.on_poll, r.errors, r.orphans_deleted)
+             "%d on the poll, %d errors, %d left, %d orphans deleted", r.shards, r.active, r.created, r.adopted,
+             r.renewed, r.replaced, r.on_poll, r.errors, r.left, r.orphans_deleted)
     return r
 
 
