@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from functools import cached_property
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -150,8 +150,10 @@ class Settings(BaseSettings):
     subscription_lifetime_minutes: int = Field(
         default=55, ge=10, le=60, validation_alias=AliasChoices("SUBSCRIPTION_LIFETIME_MINUTES")
     )
+    # More than the maintenance timer's 5 minutes (or a subscription may lapse between two runs), and
+    # less than the lifetime (or every run renews every subscription).
     subscription_renew_leeway_seconds: float = Field(
-        default=900.0, ge=0, validation_alias=AliasChoices("SUBSCRIPTION_RENEW_LEEWAY_SECONDS")
+        default=900.0, ge=360, validation_alias=AliasChoices("SUBSCRIPTION_RENEW_LEEWAY_SECONDS")
     )
     # Who writes a person's Teams presence: "app" (application Presence.ReadWrite.All), "delegated"
     # (the person's own connected account, Presence.ReadWrite: self only), or "auto" (the app while
@@ -242,6 +244,12 @@ class Settings(BaseSettings):
         if mode not in ("app", "delegated", "auto"):
             raise ValueError("TEAMS_WRITE_MODE must be app, delegated or auto")
         return mode
+
+    @model_validator(mode="after")
+    def _renew_leeway_within_lifetime(self) -> Settings:
+        if self.subscription_renew_leeway_seconds >= self.subscription_lifetime_minutes * 60:
+            raise ValueError("SUBSCRIPTION_RENEW_LEEWAY_SECONDS must be less than SUBSCRIPTION_LIFETIME_MINUTES")
+        return self
 
     @field_validator("matching_disable_limit")
     @classmethod
