@@ -9,9 +9,9 @@ bp = func.Blueprint()
 
 @bp.timer_trigger(arg_name="timer", schedule="0 0 3 * * *", run_on_startup=False)
 def directory_matching(timer: func.TimerRequest) -> None:
-    from shared.matching import run_now
+    from shared.matching import start_from_timer
 
-    run_now("timer")
+    start_from_timer("timer")
 
 
 @bp.timer_trigger(arg_name="timer", schedule="0 */15 * * * *", run_on_startup=False)

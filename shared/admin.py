@@ -164,7 +164,12 @@ def put_link(zoom_user_id: str, raw_body: bytes) -> tuple[int, dict]:
             log.warning("admin: first reconcile of the new link of Zoom user %s could not be queued (%s); "
                         "their next change, or POST .../resync, syncs them", zoom_id, type(exc).__name__)
     if current_scopes.restricted and link.scope_member == scopes.MEMBER_UNKNOWN:
-        scopes.request_run("admin link")
+        try:
+            scopes.request_run("admin link")
+        except Exception as exc:  # noqa: BLE001 - saved; the scopes_apply timer's run finds the membership
+            log.warning("admin: the scope run for the link of Zoom user %s could not be queued (%s); the "
+                        "scopes_apply timer's run looks at their membership within 15 minutes", zoom_id,
+                        type(exc).__name__)
     log.info("admin: link for Zoom user %s saved", zoom_id)
     return 200, link.to_public()
 

@@ -15,7 +15,8 @@ Matching rules:
 - One email, several Entra users; or one Entra user matched by several Zoom users: *ambiguous*,
   reported, and nobody in it is linked by matching. No candidate: *unmatched*, reported.
 - Links set by an admin (origin ``admin``) or by the person (``self``) keep their pairing; an
-  Entra user they hold is not given to anybody else (reported as a *conflict*).
+  Entra user they hold is not given to anybody else (reported as a *conflict*), unless their Zoom
+  user left the account (``zoom_deleted``, ``zoom_disassociated``): a new Zoom user is matched.
 - Status follows the directories: an Entra account with ``accountEnabled=false``, an Entra user
   gone, a Zoom user no longer active, or a lost match disables the link (``disabled_reason``
   says which; a reconcile releases our overlays); when the cause goes away the link is enabled
@@ -79,6 +80,8 @@ ENTRA_TAKEN = "entra_taken"
 DISABLES_HELD = "disables_held"
 # Reasons set by Zoom user lifecycle webhooks: cleared only by a Zoom listing newer than the event.
 LIFECYCLE_REASONS = frozenset({"zoom_deactivated", "zoom_deleted", "zoom_disassociated"})
+# Of those, the Zoom user left the account: Zoom does not bring it back (a new user is made instead).
+ZOOM_GONE_REASONS = frozenset({"zoom_deleted", "zoom_disassociated"})
 # How many links one checkpoint covers in the apply phase.
 APPLY_STEP = 200
 # Zoom's next_page_token lives 15 minutes (API-FACTS §3): restart the listing before that.
@@ -195,8 +198,11 @@ def plan_matches(zoom: dict[str, str], entra: dict[str, tuple[bool, list[str]]],
         else:
             proposals[zoom_id] = candidates[0]
             claimed_by[candidates[0]].append(zoom_id)
+    # A pinned link whose Zoom user left the account holds its Teams account no more: Zoom never
+    # brings that user back, and a new Zoom user for the person is matched (the old link stays
+    # disabled, as a match link's does).
     pinned = {row.entra_user_id: row.zoom_user_id for row in links.values()
-              if row.origin in PINNED_ORIGINS and row.entra_user_id}
+              if row.origin in PINNED_ORIGINS and row.entra_user_id and not zoom_gone(row)}
     for zoom_id, entra_id in proposals.items():
         if len(claimed_by[entra_id]) > 1:
             continue
@@ -252,6 +258,12 @@ def plan_matches(zoom: dict[str, str], entra: dict[str, tuple[bool, list[str]]],
         "kept_self": sum(1 for r in links.values() if r.origin == ORIGIN_SELF),
     }
     return plan
+
+
+def zoom_gone(link: LinkRow | Link) -> bool:
+    """Disabled because its Zoom user left the account (deleted, disassociated): a pinned link like
+    that holds its Teams account no more. A withdrawn self link keeps its reason, and holds it."""
+    return link.status == STATUS_DISABLED and link.disabled_reason in ZOOM_GONE_REASONS
 
 
 def apply_target(link: Link, target: Target, zoom_listed_at: float) -> tuple[bool, bool]:
@@ -376,18 +388,17 @@ def request_run(trigger: str, raw_body: bytes | None = None) -> tuple[int, dict]
     return 202, {"run_id": run.run_id, "status": run.status, ALLOW_DISABLES: body.allow_disables}
 
 
-def run_now(trigger: str, *, budget_s: float | None = None) -> runs.Run | None:
-    """Timer: start a run and work on it in this invocation (continuing through the queue)."""
+def start_from_timer(trigger: str) -> runs.Run | None:
+    """Timer: start a run and hand it to the directory queue, which works on it. Nothing is listed
+    here: a timer invocation that dies (a crash, a recycled instance, a timeout) is not retried
+    and queues no continuation, so a run worked on in it would wait, stale, for the next night's
+    trigger. A queued step that dies is retried from the checkpoint."""
     run, live = start(trigger)
     if run is None:
         log.info("matching: run %s is in progress; this trigger adds nothing", live.run_id if live else "?")
         return None
-    try:
-        return continue_run(run.run_id, budget_s=budget_s)
-    except Exception:
-        # Throttling or an outage: the queue retries the run from its checkpoint.
-        runs.continue_later(KIND, run.run_id, delay_s=30)
-        raise
+    runs.continue_later(KIND, run.run_id)
+    return run
 
 
 def continue_run(run_id: str, *, budget_s: float | None = None) -> runs.Run | None:
@@ -972,10 +983,11 @@ def match_zoom_user(zoom_user_id: str) -> str:
     holder = zoom_id_for_entra(entra_id)
     if holder and holder != zoom_id:
         other, _ = read_link(holder)
-        # As in the nightly plan: an admin's or the person's pairing stands; a match holds only
-        # while active (a Zoom user deleted and created again must not be refused by its old link).
+        # As in the nightly plan: an admin's or the person's pairing stands, unless its Zoom user
+        # left the account; a match holds only while active (a Zoom user deleted and created again
+        # must not be refused by its old link).
         if other is not None and other.entra_user_id == entra_id and (
-                other.origin in PINNED_ORIGINS or other.status == STATUS_ACTIVE):
+                (other.origin in PINNED_ORIGINS and not zoom_gone(other)) or other.status == STATUS_ACTIVE):
             log.warning("matching: Entra user %s is linked to Zoom user %s already; %s not linked", entra_id,
                         holder, zoom_id)
             return "conflict"

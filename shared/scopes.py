@@ -40,7 +40,7 @@ from shared import graph_client, logs, names, storage, zoom_client
 from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, TEAMS_TO_ZOOM, ZOOM_TO_TEAMS
 from shared.errors import BadRequest, Forbidden, NotFound, Unauthorized, VendorError
-from shared.links import LINKS_TABLE, ROW, Link, now_iso, read_link, write_link
+from shared.links import LINKS_TABLE, ROW, STATUS_ACTIVE, Link, now_iso, read_link, write_link
 from shared.sync import queue_reconcile
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def put_scopes(raw_body: bytes) -> tuple[int, dict]:
         return _error(409, "the scopes kept changing; read them and try again")
     log.info("scopes: changed (zoom_to_teams=%s, teams_to_zoom=%s, %d Entra and %d Zoom groups)",
              updated.zoom_to_teams, updated.teams_to_zoom, len(updated.entra_group_ids), len(updated.zoom_group_ids))
-    request_run("scopes changed")
+    _request_run_after_save("scopes changed")
     return 200, {**updated.public(), "applying": True}
 
 
@@ -197,8 +197,18 @@ def delete_scopes() -> tuple[int, dict]:
     """Forget the stored scopes: the app settings apply again."""
     storage.delete_entity(runs.TABLE, KIND, SCOPES_ROW)
     log.info("scopes: stored scopes removed; app settings apply")
-    request_run("scopes reset")
+    _request_run_after_save("scopes reset")
     return 200, {**default_scopes().public(), "applying": True}
+
+
+def _request_run_after_save(trigger: str) -> None:
+    # Saved already: a 500 now would have the admin retry a change that has been made. The
+    # scopes_apply timer's run (every 15 minutes) applies the stored scopes all the same.
+    try:
+        request_run(trigger)
+    except Exception as exc:  # noqa: BLE001 - logged; the timer's run applies the change
+        log.warning("scopes: the scope run for the change could not be queued (%s); the scopes_apply timer's "
+                    "run applies it within 15 minutes", type(exc).__name__)
 
 
 # --- effective directions -------------------------------------------------------------------------------
@@ -478,6 +488,10 @@ def update_person(zoom_user_id: str, *, opt_out: bool | None = None,
             link.wanted_directions = frozenset(directions)
         before = refresh(link, scopes)
         if (link.opt_out, link.wanted_directions, link.sync.directions) == before_state:
+            # Nothing to write: a duplicate, or the retry of a change saved by an earlier attempt
+            # whose follow-ups could not be queued. Queued again (a reconcile is idempotent), or
+            # an opted-out person's overlays would stay until their next change.
+            _follow_up(link, scopes, None, reason)
             return link
         link.updated_at = now_iso()
         try:
@@ -486,11 +500,30 @@ def update_person(zoom_user_id: str, *, opt_out: bool | None = None,
             continue
         log.info("scopes: person %s updated (opt_out=%s, directions %s)", link.zoom_user_id, link.opt_out,
                  ",".join(sorted(link.sync.directions)) or "none")
-        reconcile_after_change(link.zoom_user_id, before, link.sync.directions, reason)
-        if scopes.restricted and link.scope_member == MEMBER_UNKNOWN and not link.opt_out:
-            request_run("person opted in")
+        _follow_up(link, scopes, before, reason)
         return link
     raise storage.Conflict(f"link {zoom_user_id} kept changing")
+
+
+def _follow_up(link: Link, scopes: Scopes, before: frozenset[str] | None, reason: str) -> None:
+    """Queue what a person's change calls for: the reconcile (``before``: the directions in effect
+    before the change; None when not known, the change being saved already) and, under a group
+    restriction, the scope run that finds their membership. The change is saved: a put that fails
+    is logged, not raised (a 500 would have the caller retry what is done); the same change again
+    queues it."""
+    try:
+        if before is None:
+            # Re-read both sides where something is in effect (it may have just been widened);
+            # with nothing in effect the plan releases what is ours.
+            widened = bool(link.sync.directions) and link.status == STATUS_ACTIVE
+            queue_reconcile(link.zoom_user_id, reason, confirm_zoom=widened, confirm_teams=widened)
+        else:
+            reconcile_after_change(link.zoom_user_id, before, link.sync.directions, reason)
+        if scopes.restricted and link.scope_member == MEMBER_UNKNOWN and not link.opt_out:
+            request_run("person opted in")
+    except Exception as exc:  # noqa: BLE001 - saved; the same change again queues it
+        log.warning("scopes: the change of person %s is saved, but its reconcile (or scope run) could not be "
+                    "queued (%s); the same change again queues it", link.zoom_user_id, type(exc).__name__)
 
 
 def set_opt_out(zoom_user_id: str, opt_out: bool) -> Link | None:

@@ -50,6 +50,30 @@ def test_admin_links_are_kept_and_hold_their_entra_user():
     assert plan.targets["z7"].reason == "zoom_inactive"  # z7 is not an active Zoom user
 
 
+def test_a_pinned_link_whose_zoom_user_left_the_account_holds_its_entra_user_no_more():
+    # The old Zoom users are gone from the listing; new ones carry the people's addresses.
+    zoom = {"z2": "a@x.com", "z4": "b@x.com", "z6": "c@x.com", "z8": "d@x.com", "z10": "e@x.com"}
+    directory = {e: entra(True, f"{a}@x.com") for e, a in (("e1", "a"), ("e2", "b"), ("e3", "c"), ("e4", "d"),
+                                                           ("e5", "e"))}
+    links = {
+        "z1": LinkRow("z1", "e1", "admin", "disabled", "zoom_deleted"),
+        "z3": LinkRow("z3", "e2", "self", "disabled", "zoom_disassociated"),
+        # The person withdrew their self link (without a reason, from before it was kept): it holds.
+        "z5": LinkRow("z5", "e3", "self", "disabled", "withdrawn"),
+        "z7": LinkRow("z7", "e4", "self", "disabled", ""),
+        # Deactivated only: Zoom may activate the user again.
+        "z9": LinkRow("z9", "e5", "admin", "disabled", "zoom_deactivated"),
+    }
+    plan = plan_matches(zoom, directory, links)
+    assert plan.pairs == {"z2": "e1", "z4": "e2"}
+    assert plan.targets["z2"] == Target("e1", "", "a@x.com", create=True)
+    assert plan.targets["z4"] == Target("e2", "", "b@x.com", create=True)
+    assert plan.conflicts == [{"zoom_user_id": z, "entra_user_id": e, "linked_to": held}
+                              for z, e, held in (("z10", "e5", "z9"), ("z6", "e3", "z5"), ("z8", "e4", "z7"))]
+    # The old links keep their pairing (the run leaves a lifecycle reason as it is).
+    assert [plan.targets[z].entra_user_id for z in ("z1", "z3")] == ["e1", "e2"]
+
+
 def test_disabled_entra_accounts_and_lost_matches_disable_links():
     zoom = {"z1": "a@x.com", "z2": "b@x.com"}
     directory = {"e1": entra(False, "a@x.com"), "e2": entra(True, "other@x.com")}
