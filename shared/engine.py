@@ -191,8 +191,9 @@ def _late_manual(user: UserSync, state: Presence, ts_ms: int, ours: tuple[str, f
     """A manual status reported after a newer report (Zoom's webhooks may arrive out of order:
     a status set the moment before joining a meeting, delivered after the meeting's) is too old
     to be what Zoom shows, but may still be what its manual slot holds beneath the meeting."""
-    if state not in ZOOM_MANUAL_STATES or (user.zoom_manual is not None and ts_ms <= user.zoom_manual_ts):
-        return  # not a manual status, or not newer than the one we know (of unknown time: kept)
+    if state not in ZOOM_MANUAL_STATES or (user.zoom_manual is not None
+                                           and (not user.zoom_manual_ts or ts_ms <= user.zoom_manual_ts)):
+        return  # not a manual status, or not newer than the one we know (one of unknown time is kept)
     if ours and (ts_ms < ours[1] * 1000 or state == parse_zoom(ours[0])):
         return  # our PUT replaced it since, or it may be the echo of ours
     user.zoom_manual, user.zoom_manual_ts = state, ts_ms

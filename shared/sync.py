@@ -112,7 +112,9 @@ ZOOM_UNKNOWN = "Zoom does not know this user (1001)"
 
 
 def _state(link: Link) -> tuple:
-    return (link.sync, link.zoom_shows, link.teams_shows, link.zoom_deferred_until, link.last_sync_at,
+    # A copy of the sync record: the observations change it in place, and what a report taught
+    # (a newer seen time, the manual status beneath a meeting) is stored even with nothing to write.
+    return (replace(link.sync), link.zoom_shows, link.teams_shows, link.zoom_deferred_until, link.last_sync_at,
             link.lease_owner, link.lease_until, link.pending, link.status, link.error_kind)
 
 
