@@ -382,6 +382,35 @@ def test_with_many_accounts_each_is_checked_in_its_turn(graph_app_env, webhook_h
     assert max(per_run) < len(accounts)
 
 
+def test_a_disconnect_whose_shard_release_fails_is_done_and_the_timer_releases_it(graph_app_env, webhook_host,
+                                                                                   monkeypatch, caplog):
+    from azure.core.exceptions import ServiceRequestError
+
+    from shared.connect.people import remove_connection
+
+    graph = graph_app_env
+    people(graph, 10)
+    [account] = sync_accounts(graph, 1)
+    run(graph)
+
+    def storage_down(*args, **kwargs):
+        raise ServiceRequestError("storage unreachable")
+
+    monkeypatch.setattr(subscriptions, "release_account", storage_down)
+    removal = remove_connection(account)
+    # Disconnected all the same (a 500 now would have the admin retry into a 404).
+    assert removal is not None and (removal.subscriptions_deleted, removal.shards_released) == (1, 0)
+    assert connections.get_connection(account) is None
+    assert any(r.levelname == "WARNING" and "could not be released now" in r.getMessage() for r in caplog.records)
+    [state] = shard_state().values()
+    assert state["subscription_account"] == account  # until the next run
+
+    report = run(graph)
+    assert report.on_poll == 1
+    [state] = shard_state().values()
+    assert state["subscription_status"] == "none" and "subscription_account" not in state
+
+
 def test_no_sync_account_leaves_shards_on_the_poll(graph_app_env, webhook_host):
     graph = graph_app_env
     people(graph, 5)
