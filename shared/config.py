@@ -148,10 +148,11 @@ class Settings(BaseSettings):
     )
     # Presence subscriptions live at most 60 minutes (API-FACTS §7).
     subscription_lifetime_minutes: int = Field(
-        default=55, ge=10, le=60, validation_alias=AliasChoices("SUBSCRIPTION_LIFETIME_MINUTES")
+        default=55, ge=15, le=60, validation_alias=AliasChoices("SUBSCRIPTION_LIFETIME_MINUTES")
     )
     # More than the maintenance timer's 5 minutes (or a subscription may lapse between two runs), and
-    # less than the lifetime (or every run renews every subscription).
+    # more than 5 minutes under the lifetime (or every run renews every subscription it renewed the
+    # run before); hence a lifetime of at least 15 minutes.
     subscription_renew_leeway_seconds: float = Field(
         default=900.0, ge=360, validation_alias=AliasChoices("SUBSCRIPTION_RENEW_LEEWAY_SECONDS")
     )
@@ -247,8 +248,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _renew_leeway_within_lifetime(self) -> Settings:
-        if self.subscription_renew_leeway_seconds >= self.subscription_lifetime_minutes * 60:
-            raise ValueError("SUBSCRIPTION_RENEW_LEEWAY_SECONDS must be less than SUBSCRIPTION_LIFETIME_MINUTES")
+        if self.subscription_renew_leeway_seconds >= self.subscription_lifetime_minutes * 60 - 300:
+            raise ValueError("SUBSCRIPTION_RENEW_LEEWAY_SECONDS must be more than 5 minutes under "
+                             "SUBSCRIPTION_LIFETIME_MINUTES (the maintenance timer comes every 5 minutes)")
         return self
 
     @field_validator("matching_disable_limit")

@@ -9,9 +9,10 @@ from shared.config import SettingInvalid, get_settings, reset_settings
 
 @pytest.mark.parametrize(("leeway", "lifetime", "valid"), [
     ("900", "55", True),  # the defaults
-    ("360", "10", True),
+    ("360", "15", True),
     ("300", "55", False),  # not more than the timer's 5 minutes: a subscription may lapse between runs
-    ("600", "10", False),  # the whole lifetime: every run would renew every subscription
+    ("600", "15", False),  # within 5 minutes of the lifetime: every run would renew what the last one did
+    ("900", "15", False),
 ])
 def test_the_subscription_renewal_leeway_fits_between_the_timer_and_the_lifetime(monkeypatch, leeway, lifetime,
                                                                                  valid):
