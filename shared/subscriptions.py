@@ -69,6 +69,10 @@ LOOKUP_CACHE_SECONDS = 60.0
 # A subscription younger than this is never taken for an orphan: a concurrent creation (the
 # lifecycle worker) may not have reached its shard yet.
 ORPHAN_GRACE_SECONDS = 120.0
+# Reasons of subscriptions.renewal_failures for an account lost to a run: one per break (the
+# sync-account-broken alert fires on one), and one every run while its tokens do not decrypt.
+ACCOUNT_BROKEN = "account_broken"
+TOKEN_CACHE_UNREADABLE = "token_cache_unreadable"  # an account's tokens do not decrypt with TOKEN_ENCRYPTION_KEY
 # The maintenance timer comes every 5 minutes (functions/graph_subscriptions.py) and the host stops
 # a function at 10 (host.json): a run works this long, then leaves the rest to the next.
 TIMER_PERIOD_SECONDS = 300.0
@@ -419,8 +423,10 @@ class _Run:
                 # rather than fail on it run after run. Not marked broken: the key may be fixed.
                 log.error("subscriptions: account %s's tokens cannot be decrypted with TOKEN_ENCRYPTION_KEY "
                           "(a key removed too early?); its shards move to another account or the poll", account)
-                self.lose(account)
-                raise ConnectionBroken(account, "token_cache_unreadable") from None
+                # Its own reason: the account is not broken (no reconnect needed once the key is back),
+                # and the renewal-failure alert's runbook says what to do.
+                self.lose(account, TOKEN_CACHE_UNREADABLE)
+                raise ConnectionBroken(account, TOKEN_CACHE_UNREADABLE) from None
         return self.tokens[account]
 
     def out_of_time(self, share: float = 1.0) -> bool:
@@ -453,15 +459,16 @@ class _Run:
                 log.warning("subscriptions: could not refresh account %s this run: %s", account,
                             exc.__class__.__name__)
 
-    def lose(self, account: str) -> None:
+    def lose(self, account: str, why: str = ACCOUNT_BROKEN) -> None:
         if account in self.healthy:
             self.healthy.discard(account)
             self.tokens.pop(account, None)
             self.report.broken_accounts.append(account)
             from shared import telemetry
 
-            telemetry.subscription_renewal_failed("account_broken")
-            log.warning("subscriptions: account %s is broken; its shards fall back to the poll or move", account)
+            telemetry.subscription_renewal_failed(why)
+            log.warning("subscriptions: account %s is unusable (%s); its shards fall back to the poll or move",
+                        account, why)
 
     def call(self, account: str, fn: Callable[[str], T]) -> T:
         """A Graph call with the account's token; a 401 gets one fresh token and one retry."""

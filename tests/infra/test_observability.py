@@ -153,8 +153,11 @@ def _fires_on_one(kql: str, metric: str, reason: str) -> bool:
 def test_one_broken_sync_account_raises_an_alert():
     """The planner records one renewal failure of reason account_broken per account that breaks,
     and the exporter sends deltas, so the window holds exactly one: that must be enough."""
-    subscriptions = (ROOT / "shared" / "subscriptions.py").read_text()
-    assert 'telemetry.subscription_renewal_failed("account_broken")' in subscriptions
+    from shared import subscriptions
+
+    assert subscriptions.ACCOUNT_BROKEN == "account_broken"
+    source = (ROOT / "shared" / "subscriptions.py").read_text()
+    assert "def lose(self, account: str, why: str = ACCOUNT_BROKEN)" in source
     template = _template()
     firing = [a["key"] for a in template["variables"]["alertDefinitions"]["value"]
               if _fires_on_one(_kql(a["query"], template["parameters"]), t.SUBSCRIPTION_RENEWAL_FAILURES,

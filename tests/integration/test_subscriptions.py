@@ -321,6 +321,7 @@ def test_an_account_whose_tokens_cannot_be_decrypted_hands_its_shard_over(graph_
     assert set(lookups()) == {state["subscription_id"]}
     assert connections.get_connection(holder).status == "ok"
     assert any(r.levelname == "ERROR" and "cannot be decrypted" in r.getMessage() for r in caplog.records)
+    assert any("unusable (token_cache_unreadable)" in r.getMessage() for r in caplog.records)
 
     storage.upsert_entity(connections.TABLE, entity)  # the key is back
     report = run(graph)
