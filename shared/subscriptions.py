@@ -169,8 +169,8 @@ def lookup_pending(subscription_id: str, client_state: str) -> SubscriptionRef |
     if not key or len(key) > 128 or not client_state or len(client_state) > 128:
         return None
     entity, _ = storage.read_entity(LOOKUP_TABLE, LOOKUP_PARTITION, _pending_key(client_state))
-    if entity is None:
-        return None
+    if entity is None or time.time() - float(entity.get("created_wall") or 0) > ORPHAN_GRACE_SECONDS:
+        return None  # none, or left by a create that failed (the orphan pass removes it)
     return SubscriptionRef(key, int(entity.get("shard") or 0), client_state, str(entity.get("account") or ""))
 
 
@@ -621,9 +621,14 @@ class _Run:
                          "encryptionCertificateId": cert.certificate_id})
         adopted = False
         try:
-            created = self.call(account, lambda t: graph_client.create_subscription(body, t))
-        except AlreadyExists:
-            created, adopted = self._resolve_conflict(shard, account, body, old_id)
+            try:
+                created = self.call(account, lambda t: graph_client.create_subscription(body, t))
+            except AlreadyExists:
+                created, adopted = self._resolve_conflict(shard, account, body, old_id)
+        except Exception:
+            # Its clientState vouches for nothing now (a retry records the row again before its POST).
+            _forget_lookup(_pending_key(pending_state))
+            raise
         sub_id = str(created["id"]).lower()
         if adopted:
             client_state = created["clientState"]  # what it was made with, from our records

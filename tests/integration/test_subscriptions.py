@@ -6,6 +6,9 @@ and from the shards the sweep consults."""
 
 from __future__ import annotations
 
+import time
+import uuid
+
 import pytest
 from cryptography.hazmat.primitives import hashes
 
@@ -410,6 +413,27 @@ def test_a_disconnect_whose_shard_release_fails_is_done_and_the_timer_releases_i
     assert report.on_poll == 1
     [state] = shard_state().values()
     assert state["subscription_status"] == "none" and "subscription_account" not in state
+
+
+def test_a_pending_row_vouches_only_while_its_create_is_under_way(graph_app_env, webhook_host):
+    graph = graph_app_env
+    people(graph, 3)
+    sync_accounts(graph, 1)
+    graph.faults.server_error(count=20, status=503, paths="/v1.0/subscriptions")
+    report = run(graph)
+    assert (report.created, report.errors) == (0, 1)
+    # The create failed: its clientState vouches for nothing (the row is gone at once).
+    assert not [k for k in lookups() if k.startswith("pending-")]
+    graph.faults.clear()
+
+    # A row a dead run left behind vouches for nothing after the orphan pass's grace either.
+    subscriptions._record_pending("s" * 64, 0, "account", 1)
+    assert subscriptions.lookup_pending(str(uuid.uuid4()), "s" * 64) is not None
+    key = subscriptions._pending_key("s" * 64)
+    row, _ = storage.read_entity("subscriptions", "sub", key)
+    left_at = time.time() - subscriptions.ORPHAN_GRACE_SECONDS - 1
+    storage.upsert_entity("subscriptions", {**row, "created_wall": left_at})
+    assert subscriptions.lookup_pending(str(uuid.uuid4()), "s" * 64) is None
 
 
 def test_no_sync_account_leaves_shards_on_the_poll(graph_app_env, webhook_host):
