@@ -357,12 +357,17 @@ class _ShardFailed(Exception):
     """This shard could not be served this run (the reason goes to ``subscription_error``)."""
 
 
-def _urgency(shard: Shard) -> float:
-    """Sort key: shards without a live subscription for their ids first, then soonest to expire."""
+def _urgency(shard: Shard, now: float, leeway_s: float) -> tuple[int, float, int]:
+    """Sort key: live subscriptions due for renewal, soonest to expire first (each one reached keeps
+    push for its shard); then shards without one (on the poll already, and one that fails every
+    run must not use the time of those that work); then the rest (nothing to do, as a rule)."""
     ext = shard.extra
-    if ext.get("subscription_status") != STATUS_ACTIVE or int(ext.get("subscription_version") or -1) != shard.version:
-        return 0.0
-    return float(ext.get("subscription_expires_at") or 0.0)
+    expires = float(ext.get("subscription_expires_at") or 0.0)
+    live = (ext.get("subscription_status") == STATUS_ACTIVE and expires > now
+            and int(ext.get("subscription_version") or -1) == shard.version)
+    if live and expires - now <= leeway_s:
+        return 0, expires, shard.number
+    return (2 if live else 1), expires, shard.number
 
 
 class _Run:
@@ -753,15 +758,15 @@ def maintain_subscriptions(now: float | None = None) -> Report:
     if run.healthy:
         notification_urls()  # a missing PUBLIC_BASE_URL fails the run here, before anything changes
     run.check_accounts()
-    # Most urgent first, within the run's time: at hundreds of shards (a sync account each) a slow
+    # Most urgent first (_urgency), within the run's time: at hundreds of shards (a sync account each) a slow
     # Graph or Entra could otherwise keep every run from reaching the last shards before the host
     # stops it, and their subscriptions would lapse.
-    pending = sorted(plan.shards, key=lambda sh: (_urgency(sh), sh.number))
-    for done, shard in enumerate(pending):
+    by_urgency = sorted(plan.shards, key=lambda sh: _urgency(sh, run.now, run.leeway_s))
+    for done, shard in enumerate(by_urgency):
         if run.out_of_time():
-            run.report.left = len(pending) - done
+            run.report.left = len(by_urgency) - done
             log.warning("subscriptions: out of time after %d of %d shards; the next run starts with the %d left",
-                        done, len(pending), run.report.left)
+                        done, len(by_urgency), run.report.left)
             break
         run.maintain(shard)
     run.delete_orphans()
