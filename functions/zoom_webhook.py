@@ -25,5 +25,6 @@ def zoom_webhook(req: func.HttpRequest) -> func.HttpResponse:
         enqueue=enqueue,
         max_body_bytes=settings.zoom_webhook_max_body_bytes,
         max_skew_s=settings.zoom_webhook_max_skew_seconds,
+        max_age_s=settings.zoom_webhook_max_age_seconds,
     )
     return json_response(result.status, result.body)

@@ -492,6 +492,7 @@ class _Delivery:
     due: float = 0.0
     seq: int = 0
     copy: int = 1  # 2 for an injected duplicate
+    first_timestamp: str = ""  # x-zm-request-timestamp of the first attempt
 
 
 class _WebhookSender:
@@ -600,9 +601,14 @@ class _WebhookSender:
     def _attempt(self, session: requests.Session, d: _Delivery) -> bool:
         emu = self._emu
         sent_at = emu.clock.now()
-        # Each attempt is signed afresh with the current time; the tracking id stays the same
-        # across retries. Zoom documents neither, so receivers must cope either way.
-        timestamp = str(int(sent_at))
+        # Whether a retry is stamped afresh is not documented (API-FACTS §1, UNCONFIRMED): by default
+        # it keeps its first attempt's time, the case a receiver's timestamp window must survive
+        # (up to 85 minutes old); ``retries_keep_original_timestamp = False`` re-stamps each attempt.
+        # The tracking id stays the same across retries.
+        if not d.first_timestamp:
+            d.first_timestamp = str(int(sent_at))
+        timestamp = (d.first_timestamp if emu.retries_keep_original_timestamp and d.attempt > 1
+                     else str(int(sent_at)))
         headers = {
             "content-type": "application/json",
             "x-zm-request-timestamp": timestamp,
@@ -619,7 +625,7 @@ class _WebhookSender:
             response_body = resp.content[:2000]
         except requests.RequestException as exc:
             error = f"{type(exc).__name__}: {exc}"
-        ok = status is not None and 200 <= status < 300
+        ok = status in (200, 204)  # "respond with either a 200 or a 204" (Zoom dev-support 360059893812)
         if d.generation != self._generation:
             return True  # reset() happened meanwhile: neither record nor retry
         emu._record_delivery(
@@ -718,6 +724,9 @@ class ZoomEmulator:
         # Zoom does not document whether the per-user 429 carries Retry-After: switch it off to check
         # that a client copes without it.
         self.per_user_retry_after = True
+        # Zoom does not document whether a retry keeps its first attempt's x-zm-request-timestamp
+        # (_WebhookSender._attempt): kept by default, the harder case for a receiver.
+        self.retries_keep_original_timestamp = True
         # Zoom sends user ids in lowercase in some places (ha-zoom-automation README): set to
         # True to emit lowercased ids in webhook events.
         self.lowercase_event_ids = False
@@ -866,6 +875,7 @@ class ZoomEmulator:
                 self.retry_scale = init["retry_scale"]
                 self.presence_min_interval_s = init["presence_min_interval_s"]
                 self.per_user_retry_after = True
+                self.retries_keep_original_timestamp = True
                 self.lowercase_event_ids = False
                 self.case_sensitive_rest_ids = False
                 self.echo_api_updates = True

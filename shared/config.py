@@ -78,9 +78,16 @@ class Settings(BaseSettings):
     zoom_oauth_client_secret: str | None = Field(
         default=None, validation_alias=AliasChoices("ZOOM_OAUTH_CLIENT_SECRET")
     )
-    # Zoom publishes no timestamp tolerance (API-FACTS §1, UNCONFIRMED): 300 s is the common choice.
+    # Zoom publishes no timestamp tolerance (API-FACTS §1, UNCONFIRMED): 300 s is the common choice
+    # for a timestamp ahead of our clock. Behind it, a request may be a retry: Zoom retries +5, +20
+    # and +60 minutes after the first attempt, and whether a retry is stamped afresh is UNCONFIRMED
+    # too, so its first attempt's time is accepted up to the last retry (85 min) and some slack.
+    # A replay inside that window is harmless: reports older than what is known are dropped.
     zoom_webhook_max_skew_seconds: int = Field(
-        default=300, validation_alias=AliasChoices("ZOOM_WEBHOOK_MAX_SKEW_SECONDS")
+        default=300, ge=0, validation_alias=AliasChoices("ZOOM_WEBHOOK_MAX_SKEW_SECONDS")
+    )
+    zoom_webhook_max_age_seconds: int = Field(
+        default=5700, ge=0, validation_alias=AliasChoices("ZOOM_WEBHOOK_MAX_AGE_SECONDS")
     )
     zoom_webhook_max_body_bytes: int = Field(
         default=65536, validation_alias=AliasChoices("ZOOM_WEBHOOK_MAX_BODY_BYTES")

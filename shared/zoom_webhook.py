@@ -100,8 +100,11 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return value
 
 
-def verify(headers: Mapping[str, str], body: bytes, secrets: list[str], now: float, max_skew_s: float) -> str:
-    """Check signature and timestamp; returns the secret that matched. Raises ``_Rejected``."""
+def verify(headers: Mapping[str, str], body: bytes, secrets: list[str], now: float, max_skew_s: float,
+           max_age_s: float = 0.0) -> str:
+    """Check signature and timestamp (at most ``max_skew_s`` ahead of ``now``, at most the larger of
+    the two behind it: a retry may carry its first attempt's time); returns the secret that
+    matched. Raises ``_Rejected``."""
     signature = _header(headers, "x-zm-signature")
     timestamp = _header(headers, "x-zm-request-timestamp")
     if not signature or not timestamp:
@@ -111,7 +114,7 @@ def verify(headers: Mapping[str, str], body: bytes, secrets: list[str], now: flo
     if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
         raise _Rejected(401, "bad_timestamp", "x-zm-request-timestamp is not an integer number of seconds")
     ts = int(timestamp)
-    if abs(now - ts) > max_skew_s:
+    if ts - now > max_skew_s or now - ts > max(max_age_s, max_skew_s):
         raise _Rejected(401, "stale_timestamp", f"request timestamp {abs(now - ts):.0f}s away from now")
     matched = None
     for secret in secrets:
@@ -138,6 +141,7 @@ def _handle(
     enqueue: Callable[[str, dict], None],
     max_body_bytes: int = 65536,
     max_skew_s: float = 300,
+    max_age_s: float = 5700,
     now: float | None = None,
 ) -> WebhookResponse:
     """One webhook request → the response to give Zoom. Never raises for bad input."""
@@ -145,7 +149,7 @@ def _handle(
     try:
         if len(body) > max_body_bytes:
             raise _Rejected(413, "too_large", f"body of {len(body)} bytes over the {max_body_bytes} cap")
-        secret = verify(headers, body, secrets, now, max_skew_s)
+        secret = verify(headers, body, secrets, now, max_skew_s, max_age_s)
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError):  # RecursionError: nested too deep for the decoder

@@ -323,8 +323,35 @@ def test_retries_follow_zoom_schedule_and_give_up_after_three():
         assert [d["attempt"] for d in z.deliveries] == [1, 2, 3, 4]
         assert [round(d["time"] - t0) for d in z.deliveries] == [0, 300, 1500, 5100]
         assert len(z.failed_deliveries) == 1 and z.failed_deliveries[0]["attempts"] == 4
-        # Same event every time.
+        # Same event every time, signed with its first attempt's time (whether Zoom stamps a retry
+        # afresh is not documented: the receiver must take one 85 minutes old), and still valid.
         assert len({r["raw"] for r in rx.received}) == 1
+        assert {r["headers"]["X-Zm-Request-Timestamp"] for r in rx.received} == {str(int(t0))}
+        assert all(_signed_by(z, r) for r in rx.received)
+
+
+def test_retries_may_be_stamped_afresh_instead():
+    clock = ManualClock()
+    with Receiver() as rx, ZoomEmulator(clock=clock, webhook_url=None) as z:
+        z.retries_keep_original_timestamp = False
+        rx.respond = lambda i, e: Response(status=500)
+        z.webhook_url = rx.url
+        user = z.add_user(email="s@example.com")
+        t0 = clock.now()
+        z.join_meeting(user["id"])
+        rx.wait_for(1)
+        z.wait_for_deliveries(timeout=2)
+        clock.advance(300)
+        rx.wait_for(2)
+        stamps = [int(r["headers"]["X-Zm-Request-Timestamp"]) for r in rx.received]
+        assert stamps == [int(t0), int(t0 + 300)] and all(_signed_by(z, r) for r in rx.received)
+
+
+def _signed_by(z: ZoomEmulator, received: dict) -> bool:
+    """The request's signature is the emulator's over the timestamp it carries."""
+    headers = received["headers"]
+    return hmac.compare_digest(sign_webhook(z.webhook_secret_token, headers["X-Zm-Request-Timestamp"],
+                                            received["raw"]), headers["X-Zm-Signature"])
 
 
 def test_retries_use_scaled_intervals_in_real_time(hooked, receiver):
