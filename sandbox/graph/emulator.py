@@ -664,7 +664,7 @@ class GraphEmulator:
             if fault.drop:
                 raise _Drop()
         headers = {}
-        if fault.kind == "throttle":
+        if fault.kind == "throttle" and fault.retry_after is not None:
             headers["Retry-After"] = str(max(0, math.ceil(fault.retry_after)))
         if is_graph:
             codes = {429: "TooManyRequests", 500: "InternalServerError", 502: "BadGateway",
@@ -1203,6 +1203,10 @@ class GraphEmulator:
             return _Result(204)
         if method == "PATCH":
             self._require_owner(p, sub)
+            # Renewing takes the permissions creating took (a token for other scopes is refused).
+            own_only = len(sub.user_ids) == 1 and p.user_id is not None and sub.user_ids[0].lower() == p.user_id.lower()
+            self._require(p, delegated=("Presence.Read.All",), delegated_self=("Presence.Read",),
+                          target=sub.user_ids[0] if own_only else None)
             if not isinstance(body, dict) or "expirationDateTime" not in body:
                 raise GraphError(400, "InvalidRequest", "The request body must contain expirationDateTime.")
             extra = set(body) - {"expirationDateTime", "@odata.type"}

@@ -31,7 +31,7 @@ class Fault:
     remaining: int | None
     paths: tuple[str, ...]
     status: int = 503
-    retry_after: float = 1.0
+    retry_after: float | None = 1.0
     seconds: float = 0.0
     drop: bool = False
 
@@ -59,8 +59,9 @@ class FaultSwitches:
     def _paths(self, paths: Paths) -> tuple[str, ...]:
         return _as_paths(paths) or self._default
 
-    def throttle(self, count: int = 1, retry_after: float = 1, paths: Paths = None) -> None:
-        """The next ``count`` matching requests get 429 with ``Retry-After: retry_after``."""
+    def throttle(self, count: int = 1, retry_after: float | None = 1, paths: Paths = None) -> None:
+        """The next ``count`` matching requests get 429 with ``Retry-After: retry_after`` (no header
+        when None: Graph does not always send one, API-FACTS §8)."""
         with self._lock:
             self._faults.append(Fault("throttle", count, self._paths(paths), status=429, retry_after=retry_after))
 

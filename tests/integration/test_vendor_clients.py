@@ -367,6 +367,21 @@ def test_graph_429_beyond_budget_is_throttled_with_retry_after(graph_env, sleeps
     assert len(graph_calls(graph_env)) - before == 1
 
 
+def test_graph_429_without_retry_after_backs_off_then_waits_graph_s_window(graph_env, sleeps):
+    from shared.graph_client import DEFAULT_RETRY_AFTER_S, GraphClient
+
+    user = graph_env.add_user(display_name="Ada")
+    GraphClient().get_presence(user["id"])
+    graph_env.faults.throttle(count=1, retry_after=None)
+    assert GraphClient().get_presence(user["id"])["id"] == user["id"]
+    assert len(sleeps) == 1 and 0 < sleeps[0] <= 8.0  # backed off, within the call's budget
+    sleeps.clear()
+    graph_env.faults.throttle(count=5, retry_after=None)
+    with pytest.raises(Throttled) as info:
+        GraphClient().get_presence(user["id"])
+    assert info.value.retry_after_s == DEFAULT_RETRY_AFTER_S  # the queue waits Graph's 30-second window
+
+
 def test_graph_presence_rate_limit_surfaces_throttled(graph_env, sleeps):
     """The emulator's own presence limit (10,000 / 30 s per app), lowered for the test."""
     from shared.graph_client import GraphClient

@@ -680,6 +680,10 @@ def test_subscription_renew_and_expiry(graph: GraphEmulator, receiver: Receiver)
     assert too_far.status_code == 400
     assert call(graph, "PATCH", f"/subscriptions/{sub['id']}", app_token(graph),
                 json={"expirationDateTime": iso_in(graph, 30 * 60)}).status_code == 403
+    # Renewing takes the permissions creating took: the owner's token for other scopes is refused.
+    user_read_only = graph.issue_delegated_token(TEST_CLIENT_ID, alice["id"], ["User.Read"])
+    assert call(graph, "PATCH", f"/subscriptions/{sub['id']}", user_read_only,
+                json={"expirationDateTime": iso_in(graph, 30 * 60)}).status_code == 403
     renewed = call(graph, "PATCH", f"/subscriptions/{sub['id']}", token,
                    json={"expirationDateTime": iso_in(graph, 60 * 60)})
     assert renewed.status_code == 200 and renewed.json()["expirationDateTime"] > sub["expirationDateTime"]
