@@ -106,15 +106,20 @@ def _record_zoom_id(link: Link, zoom_user_id: str, etag: str | None) -> bool:
 
 def link_self(zoom_user_id: str, entra_user_id: str) -> LinkResult:
     """Create or confirm the link between a Zoom user and an Entra user who both just signed in."""
+    from shared.matching import zoom_gone
+
     zoom_id, entra_id = zoom_user_id.lower(), entra_user_id.lower()
     for _attempt in range(6):
         other_zoom = zoom_id_for_entra(entra_id, fresh=True)
         if other_zoom and other_zoom != zoom_id:
             other, _ = read_link(other_zoom)
             if other is not None and other.entra_user_id == entra_id:
-                if not _reclaimable(other):
+                if zoom_gone(other):
+                    pass  # its Zoom user left the account: the Teams account is free (the old record stays)
+                elif not _reclaimable(other):
                     return LinkResult(LinkOutcome.CONFLICT, "entra_linked_elsewhere")
-                delete_link(other.zoom_user_id, other.entra_user_id)
+                else:
+                    delete_link(other.zoom_user_id, other.entra_user_id)
         existing, etag = read_link(zoom_id)
         stamp = now_iso()
         if existing is not None and existing.entra_user_id == entra_id:

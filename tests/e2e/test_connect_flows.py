@@ -9,7 +9,7 @@ import json
 import pytest
 import requests
 
-from sandbox.world import APP_PERMISSIONS, World
+from sandbox.world import APP_PERMISSIONS, Person, World
 from tests.e2e.connect_browser import (  # noqa: F401 - connect_world_fixture is the connect_world fixture
     Browser,
     connect_world_fixture,
@@ -93,6 +93,28 @@ def test_sync_account_connects_through_the_browser_and_holds_a_subscription(conn
     [sub] = world.graph.subscriptions.values()
     assert (sub.owner_user_id or "").lower() == spare_id and sub.covers(person.entra_id)
     assert connection(world, spare_id)["subscribed_shards"] == [0]
+
+
+def test_a_person_whose_admin_linked_zoom_user_was_deleted_links_their_new_one_themselves(connect_world: World):
+    # The admin's pairing stands while its Zoom user does; once Zoom deleted that user, the
+    # person's own sign-in with their new Zoom user takes the Teams account (the old record stays).
+    world = connect_world
+    person = world.add_person()
+    world.zoom.remove_user(person.zoom_id)
+    world.settle()
+    assert world.admin("GET", f"links/{person.zoom_id}").json()["disabled_reason"] == "zoom_deleted"
+    new_zoom = world.zoom.add_user(email=person.email, display_name=person.name)
+    again = Person(person.name, new_zoom["id"].lower(), person.entra_id, person.email, new_zoom["id"])
+    browser = self_connect(world, again)
+    assert browser.response.status_code == 200, browser.response.text
+    assert "linked elsewhere" not in browser.response.text.lower()
+    link = world.admin("GET", f"links/{again.zoom_id}").json()
+    assert (link["origin"], link["status"], link["entra_user_id"]) == ("self", "active", person.entra_id)
+    old = world.admin("GET", f"links/{person.zoom_id}").json()
+    assert (old["origin"], old["status"]) == ("admin", "disabled")
+    world.zoom.join_meeting(again.zoom_id)
+    world.settle()
+    assert world.teams_shows(again) == ("Busy", "InACall")
 
 
 def test_a_sync_account_sign_in_asks_which_account_and_a_self_sign_in_does_not(connect_world: World):
