@@ -316,10 +316,12 @@ def sweep_at_scale(users: int, progress: Progress = _quiet) -> dict:
     Graph user read, the link, its index entry and a reconcile per person) would take most of an
     hour on this machine for what neither timer reads. No host serves the app: the first sweep
     queues every person as news, and nothing here applies it (the queue is cleared)."""
+    from azure.core.exceptions import ServiceResponseError
+
     from sandbox.world import World
     from shared import names, storage
     from shared.engine import UserSync
-    from shared.links import STATUS_ACTIVE, Link, now_iso, write_link
+    from shared.links import STATUS_ACTIVE, Link, now_iso, read_link, write_link
     from shared.shards import plan_shards
     from shared.sweep import sweep
 
@@ -339,7 +341,17 @@ def sweep_at_scale(users: int, progress: Progress = _quiet) -> dict:
             world.graph.set_teams_client(entra_id, "Available", "Available")
             link = Link(sync=UserSync(zoom_id, entra_id), created_at=stamp, updated_at=stamp, email=email,
                         origin="admin", status=STATUS_ACTIVE)
-            write_link(link, None)
+            for attempt in range(3):
+                try:
+                    write_link(link, None)
+                    break
+                except ServiceResponseError:
+                    # Azurite reset a pooled connection under 16 writers (the SDK does not retry an
+                    # insert it cannot know the fate of): written after all, or written again.
+                    if read_link(zoom_id)[0] is not None:
+                        break
+                    if attempt == 2:
+                        raise
             with lock:
                 seeded += 1
                 if seeded % 1000 == 0 or seeded == users:
