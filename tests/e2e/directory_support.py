@@ -3,11 +3,16 @@ emulators, so these tests do not share the session world), wiped between tests."
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+
+import pytest
 from azure.core.exceptions import ResourceNotFoundError
 
-from sandbox.world import World
+from sandbox.world import Person, World
 from tests.fixtures.world import E2E_ZOOM_MIN_INTERVAL_S
 
+DOMAIN = "contoso.example"
 TABLES = ("links", "linksbyentra", "shards", "directory", "subscriptions", "connections")
 
 
@@ -19,6 +24,36 @@ def directory_world(**env: str) -> World:
     }
     settings.update(env)
     return World(zoom_min_interval_s=E2E_ZOOM_MIN_INTERVAL_S, extra_env=settings)
+
+
+@pytest.fixture(name="dworld", scope="module")
+def dworld_fixture() -> Iterator[World]:
+    """A directory world per test module (import this and ``world_fixture`` into the module)."""
+    world = directory_world()
+    world.start()
+    try:
+        yield world
+    finally:
+        world.stop()
+
+
+@pytest.fixture(name="world")
+def world_fixture(dworld: World) -> Iterator[World]:
+    """The module's directory world, wiped before each test."""
+    wipe(dworld)
+    yield dworld
+    dworld.graph.faults.clear()
+    dworld.zoom.faults.clear()
+
+
+def directory_person(world: World, name: str, *, enabled: bool = True) -> Person:
+    """A Zoom user and an Entra user with one email (unlinked: matching pairs them)."""
+    tag = uuid.uuid4().hex[:6]
+    email = f"{name}.{tag}@{DOMAIN}"
+    zoom_user = world.zoom.add_user(email=email, display_name=name)
+    entra_user = world.graph.add_user(display_name=name, mail=email, account_enabled=enabled)
+    world.graph.set_teams_client(entra_user["id"], "Available", "Available")
+    return Person(name, zoom_user["id"].lower(), entra_user["id"].lower(), email, zoom_user["id"])
 
 
 def wipe(world: World) -> None:

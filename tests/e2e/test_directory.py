@@ -8,38 +8,26 @@ import base64
 import html
 import re
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 import pytest
 
 from sandbox.world import Person, World
-from tests.e2e.directory_support import all_links, directory_world, etags, run_matching, wipe
+from tests.e2e.directory_support import (  # noqa: F401 - the two fixtures are this module's dworld and world
+    DOMAIN,
+    all_links,
+    directory_person,
+    dworld_fixture,
+    etags,
+    run_matching,
+    world_fixture,
+)
 from tests.fixtures.world import E2E_ZOOM_MIN_INTERVAL_S
 
 pytestmark = pytest.mark.e2e
 
-DOMAIN = "contoso.example"
 TENANT = "contoso.onmicrosoft.com"
-
-
-@pytest.fixture(scope="module")
-def dworld() -> Iterator[World]:
-    world = directory_world()
-    world.start()
-    try:
-        yield world
-    finally:
-        world.stop()
-
-
-@pytest.fixture
-def world(dworld: World) -> Iterator[World]:
-    wipe(dworld)
-    yield dworld
-    dworld.graph.faults.clear()
-    dworld.zoom.faults.clear()
 
 
 # --- the directory at scale -----------------------------------------------------------------------------------
@@ -199,7 +187,7 @@ def test_a_run_survives_an_expired_zoom_page_token_and_a_lost_invocation(world: 
     token expired lists Zoom again; a step that is run twice (a retried message) changes nothing."""
     from shared import directory_runs, matching
 
-    people = [_person(world, f"p{i}") for i in range(7)]
+    people = [directory_person(world, f"p{i}") for i in range(7)]
     world.host.pause_queues()  # this test plays the queue itself
     try:
         with _settings(world, MATCHING_ZOOM_PAGE_SIZE="2", MATCHING_ENTRA_PAGE_SIZE="3"):
@@ -270,18 +258,9 @@ class _settings:
         reset_settings()
 
 
-def _person(world: World, name: str, *, enabled: bool = True) -> Person:
-    tag = uuid.uuid4().hex[:6]
-    email = f"{name}.{tag}@{DOMAIN}"
-    zoom_user = world.zoom.add_user(email=email, display_name=name)
-    entra_user = world.graph.add_user(display_name=name, mail=email, account_enabled=enabled)
-    world.graph.set_teams_client(entra_user["id"], "Available", "Available")
-    return Person(name, zoom_user["id"].lower(), entra_user["id"].lower(), email, zoom_user["id"])
-
-
 def _matched_in_a_meeting(world: World, name: str) -> Person:
     """A person linked by a matching run, in a Zoom meeting that their Teams shows."""
-    person = _person(world, name)
+    person = directory_person(world, name)
     run_matching(world)
     world.zoom.join_meeting(person.zoom_id)
     world.settle()
@@ -294,7 +273,7 @@ def _link(world: World, person: Person) -> dict:
 
 
 def test_entra_account_disabled_and_enabled_again(world: World):
-    ada, bob = _person(world, "ada"), _person(world, "bob")
+    ada, bob = directory_person(world, "ada"), directory_person(world, "bob")
     run_matching(world)
     world.zoom.join_meeting(ada.zoom_id)
     world.settle()
@@ -335,7 +314,7 @@ def test_a_run_over_the_disable_limit_holds_its_disables_until_an_admin_allows_t
     reader = InMemoryMetricReader()
     telemetry.reset()
     telemetry.use_sdk(metric_readers=[reader])
-    people = [_person(world, name) for name in ("ada", "bob", "cy", "dee", "eve")]
+    people = [directory_person(world, name) for name in ("ada", "bob", "cy", "dee", "eve")]
     ada = people[0]
     run_matching(world)
     world.zoom.join_meeting(ada.zoom_id)
@@ -345,7 +324,7 @@ def test_a_run_over_the_disable_limit_holds_its_disables_until_an_admin_allows_t
     for person in renamed:
         new_address = person.email.replace(DOMAIN, "renamed.example")
         world.graph.update_user(person.entra_id, mail=new_address, userPrincipalName=new_address, proxyAddresses=[])
-    hire = _person(world, "hire")
+    hire = directory_person(world, "hire")
 
     with _settings(world, MATCHING_DISABLE_LIMIT="3"), caplog.at_level("WARNING", logger="shared.matching"), \
             _telemetry_reset():
@@ -464,7 +443,7 @@ def test_a_zoom_email_change_moves_the_match_without_waiting_for_the_night(world
 
 
 def test_a_moved_match_hands_our_zoom_overlay_to_the_new_teams_account(world: World):
-    ada = _person(world, "ada")
+    ada = directory_person(world, "ada")
     run_matching(world)
     world.host.fire_timer("graph_subscriptions")
     world.graph.set_preferred_by_user(ada.entra_id, "DoNotDisturb", "DoNotDisturb")
@@ -618,7 +597,7 @@ def test_bad_scopes_json_is_400(world: World):
 
 
 def test_lifecycle_webhooks_disable_and_enable_links(world: World):
-    ada, bob = _person(world, "ada"), _person(world, "bob")
+    ada, bob = directory_person(world, "ada"), directory_person(world, "bob")
     run_matching(world)
     world.zoom.join_meeting(ada.zoom_id)
     world.settle()
@@ -683,7 +662,7 @@ def test_a_deactivation_whose_reconcile_could_not_be_queued_releases_ours_on_its
 def test_a_matching_run_whose_reconcile_could_not_be_queued_queues_it_when_it_resumes(world: World, monkeypatch):
     # The run disables a link, then storage refuses the reconcile's put. The step's retry finds the
     # link already disabled: only what the run kept in its checkpoint takes ours back.
-    ada, bob = _matched_in_a_meeting(world, "ada"), _person(world, "bob")
+    ada, bob = _matched_in_a_meeting(world, "ada"), directory_person(world, "bob")
     world.graph.update_user(ada.entra_id, accountEnabled=False)
     refused = _refuse_one_reconcile_put(monkeypatch, "disabled:")
     matching = run_matching(world)
@@ -719,7 +698,7 @@ def test_a_zoom_user_deleted_and_created_again_is_linked_at_once(world: World):
     # Offboarded by mistake, then re-created: a new Zoom id with the same email. The old link,
     # disabled as deleted, holds the Teams account no more: the new user is linked by its event,
     # as the nightly run would.
-    ada = _person(world, "ada")
+    ada = directory_person(world, "ada")
     run_matching(world)
     world.zoom.remove_user(ada.zoom_id)
     world.settle()
@@ -740,7 +719,7 @@ def test_links_call_zoom_with_zooms_spelling_of_the_id_and_matching_repairs_a_lo
     # line, or before the app kept the spelling) is refused by Zoom until a run records it.
     world.zoom.lowercase_event_ids = world.zoom.case_sensitive_rest_ids = True
     try:
-        ada, bob = _person(world, "ada"), _person(world, "bob")
+        ada, bob = directory_person(world, "ada"), directory_person(world, "bob")
         assert world.admin("PUT", f"links/{bob.zoom_id}", json={"entra_user_id": bob.entra_id}).status_code == 200
         world.settle()
         assert _link(world, bob)["error"]["kind"] == "zoom_user_not_found"
@@ -791,7 +770,7 @@ def test_a_run_never_enables_a_link_whose_teams_account_another_active_link_hold
     # would write one Teams account and its changes reach only one of them.
     from shared.links import zoom_id_for_entra
 
-    ada = _person(world, "ada")
+    ada = directory_person(world, "ada")
     assert world.admin("PUT", f"links/{ada.zoom_api_id}", json={"entra_user_id": ada.entra_id}).status_code == 200
     world.zoom.deactivate_user(ada.zoom_id)
     world.settle()
@@ -820,7 +799,7 @@ def test_a_run_never_enables_a_link_whose_teams_account_another_active_link_hold
 def test_a_zoom_user_activated_again_does_not_take_a_teams_account_linked_meanwhile(world: World):
     # While ada's Zoom user was deactivated, a new Zoom user with another of her addresses was
     # linked to her Teams account. Activating the old one must not make two active links there.
-    ada = _person(world, "ada")
+    ada = directory_person(world, "ada")
     run_matching(world)
     alias = f"ada.alias.{uuid.uuid4().hex[:6]}@{DOMAIN}"
     world.graph.update_user(ada.entra_id, proxyAddresses=[f"SMTP:{ada.email}", f"smtp:{alias}"])
@@ -860,7 +839,9 @@ def test_user_created_is_matched_and_linked(world: World):
 
 
 def test_links_filters_resync_and_status(world: World):
-    ada, bob, cy = _person(world, "ada"), _person(world, "bob", enabled=False), _person(world, "cy")
+    ada = directory_person(world, "ada")
+    bob = directory_person(world, "bob", enabled=False)
+    cy = directory_person(world, "cy")
     run_matching(world)
     assert world.admin("PATCH", f"links/{cy.zoom_id}", json={"directions": ["zoom_to_teams"]}).status_code == 200
 
@@ -916,14 +897,14 @@ def test_status_serves_the_timers_link_count_and_search_finds_a_whole_id_at_once
     page's time runs out on says how far it got rather than just "No people"."""
     from shared import status as status_module
 
-    ada, bob = _person(world, "ada"), _person(world, "bob")
+    ada, bob = directory_person(world, "ada"), directory_person(world, "bob")
     run_matching(world)
     world.host.fire_timer("graph_subscriptions")  # counts the links (a step: the whole table here)
     assert "counted_at" not in world.admin("GET", "status").json()["links"]  # small: counted live
     monkeypatch.setattr(status_module, "LIVE_COUNT_MAX_LINKS", 1)  # as if it were 100,000
     kept = world.admin("GET", "status").json()["links"]
     assert kept["total"] == 2 and kept["counted_at"]
-    cy = _person(world, "cy")
+    cy = directory_person(world, "cy")
     run_matching(world)
     assert world.admin("GET", "status").json()["links"] == kept  # served, not counted per request
     fresh = world.admin("GET", "status", params={"fresh": "true"}).json()["links"]
@@ -969,7 +950,7 @@ def test_status_serves_the_timers_link_count_and_search_finds_a_whole_id_at_once
 
 
 def test_status_counts_recent_errors_and_dead_letters(world: World):
-    ada = _person(world, "ada")
+    ada = directory_person(world, "ada")
     run_matching(world)
     world.graph.delete_user(ada.entra_id)  # Graph answers 404 for her now
     world.zoom.join_meeting(ada.zoom_id)

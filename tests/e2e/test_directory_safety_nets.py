@@ -7,44 +7,20 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
-from sandbox.world import Person, World
-from tests.e2e.directory_support import all_links, directory_world, run_matching, wipe
+from sandbox.world import World
+from tests.e2e.directory_support import (  # noqa: F401 - the two fixtures are this module's dworld and world
+    all_links,
+    directory_person,
+    dworld_fixture,
+    run_matching,
+    world_fixture,
+)
 
 pytestmark = pytest.mark.e2e
 
-DOMAIN = "contoso.example"
-
-
-@pytest.fixture(scope="module")
-def dworld() -> Iterator[World]:
-    world = directory_world()
-    world.start()
-    try:
-        yield world
-    finally:
-        world.stop()
-
-
-@pytest.fixture
-def world(dworld: World) -> Iterator[World]:
-    wipe(dworld)
-    yield dworld
-    dworld.graph.faults.clear()
-    dworld.zoom.faults.clear()
-
-
-def _person(world: World, name: str) -> Person:
-    tag = uuid.uuid4().hex[:6]
-    email = f"{name}.{tag}@{DOMAIN}"
-    zoom_user = world.zoom.add_user(email=email, display_name=name)
-    entra_user = world.graph.add_user(display_name=name, mail=email)
-    world.graph.set_teams_client(entra_user["id"], "Available", "Available")
-    return Person(name, zoom_user["id"].lower(), entra_user["id"].lower(), email, zoom_user["id"])
 
 
 def _link(world: World, zoom_id: str) -> dict:
@@ -97,7 +73,7 @@ def test_an_opt_out_saved_while_its_reconcile_could_not_be_queued_is_released_by
 def test_the_matching_timer_hands_its_run_to_the_directory_queue(world: World, monkeypatch):
     from shared import directory_runs, matching, names, storage
 
-    ada, bob = _person(world, "ada"), _person(world, "bob")
+    ada, bob = directory_person(world, "ada"), directory_person(world, "bob")
     world.host.pause_queues()
     try:
         zoom_before, graph_before = len(world.zoom.requests), len(world.graph.requests)
@@ -146,7 +122,7 @@ def test_a_teams_account_whose_pinned_link_lost_its_zoom_user_is_linked_to_the_n
     # the person from being linked again, by the new user's event or by a matching run.
     from shared.links import zoom_id_for_entra
 
-    ada, bob = _person(world, "ada"), _person(world, "bob")
+    ada, bob = directory_person(world, "ada"), directory_person(world, "bob")
     for person in (ada, bob):
         assert world.admin("PUT", f"links/{person.zoom_api_id}",
                            json={"entra_user_id": person.entra_id}).status_code == 200
@@ -183,7 +159,7 @@ def test_a_withdrawn_self_link_still_keeps_its_person_from_being_matched(world: 
     # neither its event nor a matching run links them again (only their own sign-in does).
     from shared.connect import people
 
-    cy = _person(world, "cy")
+    cy = directory_person(world, "cy")
     assert people.link_self(cy.zoom_api_id, cy.entra_id).outcome == people.LinkOutcome.CREATED
     assert people.release_self_link(zoom_user_id=cy.zoom_id)
     world.zoom.remove_user(cy.zoom_id)
