@@ -41,6 +41,16 @@ def run(graph) -> subscriptions.Report:
     return subscriptions.maintain_subscriptions(now=graph.clock.now())
 
 
+def one_shard_held_of_two_accounts(graph) -> tuple[str, str]:
+    """Ten people (one shard), two sync accounts, one run: (the account holding it, the spare)."""
+    people(graph, 10)
+    accounts = sync_accounts(graph, 2)
+    run(graph)
+    [state] = shard_state().values()
+    holder = state["subscription_account"]
+    return holder, next(a for a in accounts if a != holder)
+
+
 def live(graph) -> dict[str, object]:
     """The emulator's subscriptions by id (expired ones are gone)."""
     return {sid.lower(): sub for sid, sub in graph.subscriptions.items()}
@@ -258,12 +268,7 @@ def test_a_rejected_token_is_refreshed_once(graph_app_env, webhook_host):
 
 def test_a_revoked_grant_is_found_in_the_next_run_even_when_nothing_is_due(graph_app_env, webhook_host):
     graph = graph_app_env
-    people(graph, 10)
-    accounts = sync_accounts(graph, 2)
-    run(graph)
-    [state] = shard_state().values()
-    holder = state["subscription_account"]
-    spare = next(a for a in accounts if a != holder)
+    holder, spare = one_shard_held_of_two_accounts(graph)
     graph.revoke_refresh_tokens(holder)  # consent withdrawn; its access token and subscription still live
     report = run(graph)
     assert report.broken_accounts == [holder]
@@ -274,12 +279,7 @@ def test_a_revoked_grant_is_found_in_the_next_run_even_when_nothing_is_due(graph
 
 def test_a_broken_account_hands_its_shard_over_or_to_the_poll(graph_app_env, webhook_host):
     graph = graph_app_env
-    people(graph, 10)
-    accounts = sync_accounts(graph, 2)
-    run(graph)
-    [state] = shard_state().values()
-    holder = state["subscription_account"]
-    spare = next(a for a in accounts if a != holder)
+    holder, spare = one_shard_held_of_two_accounts(graph)
 
     graph.revoke_refresh_tokens(holder)
     graph.clock.advance(HOUR + 60)  # tokens and the subscription have expired
@@ -305,12 +305,7 @@ def test_an_account_whose_tokens_cannot_be_decrypted_hands_its_shard_over(graph_
     # to every run. Its shard moves at once instead of failing run after run on it; the record is
     # left as it is (the key may be put back), and the log says what to look at.
     graph = graph_app_env
-    people(graph, 10)
-    accounts = sync_accounts(graph, 2)
-    run(graph)
-    [state] = shard_state().values()
-    holder = state["subscription_account"]
-    spare = next(a for a in accounts if a != holder)
+    holder, spare = one_shard_held_of_two_accounts(graph)
     entity, _ = storage.read_entity(connections.TABLE, connections.PARTITION, holder)
     storage.upsert_entity(connections.TABLE, {**entity, "key_id": "removed-too-early"})
 
