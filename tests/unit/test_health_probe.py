@@ -1,5 +1,6 @@
-"""/api/health while a storage probe hangs: the other callers answer at once (the last answer, or
-"checking" before there is one) instead of waiting on the probe and holding a worker thread each."""
+"""/api/health's storage probe: one per process per interval answers every caller, and while a
+probe hangs the other callers answer at once (the last answer, or "checking" before there is one)
+instead of waiting on it and holding a worker thread each."""
 
 from __future__ import annotations
 
@@ -29,6 +30,31 @@ def configured(monkeypatch) -> Iterator[list[float]]:
     yield now
     health.forget_storage_probe()
     reset_settings()
+
+
+def test_health_probes_storage_once_per_interval_however_often_it_is_called(configured, monkeypatch):
+    """/api/health is anonymous: a caller polling it in a loop (or a thousand monitors) costs one
+    storage call per process per interval, and an outage is still reported within it."""
+    now = configured
+    probes: list[str] = []
+    down = False
+
+    def ping() -> None:
+        probes.append("ping")
+        if down:
+            raise ConnectionError("refused")
+
+    monkeypatch.setattr(storage, "ping_storage", ping)
+    assert all(health.check_health()["status"] == "ok" for _ in range(200))
+    assert len(probes) == 1
+    down = True
+    now[0] += health.STORAGE_PROBE_TTL_S - 0.1
+    assert health.check_health()["status"] == "ok" and len(probes) == 1  # still fresh
+    now[0] += 0.2
+    report = health.check_health()
+    assert report["checks"]["storage_reachable"] == "error" and report["status"] == "degraded"
+    assert [health.check_health()["status"] for _ in range(50)] == ["degraded"] * 50
+    assert len(probes) == 2
 
 
 class HangingStorage:
