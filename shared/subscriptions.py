@@ -34,7 +34,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -310,13 +310,16 @@ def _released(error: str = "") -> dict[str, Any]:
     return fields
 
 
+def _subscription_columns() -> Iterator[dict]:
+    """Every shard's number, size, account and subscription id: a few columns, not its ids."""
+    return storage.query_partition(SHARDS_TABLE, SHARD_PARTITION,
+                                   select=["RowKey", "size", "subscription_account", "subscription_id"])
+
+
 def held_by(account_id: str) -> dict[int, str]:
-    """The shards an account's subscriptions serve: number → subscription id ("" if none yet).
-    Reads three columns of each shard, not its ids."""
+    """The shards an account's subscriptions serve: number → subscription id ("" if none yet)."""
     account = account_id.lower()
-    rows = storage.query_partition(SHARDS_TABLE, SHARD_PARTITION,
-                                   select=["RowKey", "subscription_account", "subscription_id"])
-    return {int(r["RowKey"]): str(r.get("subscription_id") or "").lower() for r in rows
+    return {int(r["RowKey"]): str(r.get("subscription_id") or "").lower() for r in _subscription_columns()
             if str(r.get("subscription_account") or "").lower() == account}
 
 
@@ -398,9 +401,7 @@ class _Run:
     def see_others(self, number: int) -> None:
         """Learn every other shard's account and subscription id (not its ids: a few columns of
         each), so that picking an account and a 409's clean-up know what the others hold."""
-        rows = storage.query_partition(SHARDS_TABLE, SHARD_PARTITION,
-                                       select=["RowKey", "size", "subscription_account", "subscription_id"])
-        for row in rows:
+        for row in _subscription_columns():
             other = int(row["RowKey"])
             if other == number or other in self.shards:
                 continue
