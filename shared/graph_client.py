@@ -188,6 +188,9 @@ class GraphClient:
             yield list(body.get("value") or [])
             next_url = body.get("@odata.nextLink")
 
+    def get_user(self, user_id: str, select: str, *, token: str | None = None) -> dict:
+        return self.request("GET", self._user(user_id), token=token, params={"$select": select}).json()
+
     def list_users(self, select: Iterable[str] | str, filter: str | None = None,  # noqa: A002 - Graph's name
                    page_size: int = PAGE_SIZE_MAX, *, token: str | None = None,
                    advanced: bool = False) -> Iterator[list[dict]]:
@@ -263,6 +266,10 @@ def get_presence(user_id: str, *, token: str | None = None) -> dict:
 
 def get_presences(ids: Iterable[str], *, token: str | None = None) -> list[dict]:
     return _default.get_presences(ids, token=token)
+
+
+def get_user(user_id: str, select: str, *, token: str | None = None) -> dict:
+    return default_client().get_user(user_id, select, token=token)
 
 
 def list_users(select: Iterable[str] | str, filter: str | None = None,  # noqa: A002

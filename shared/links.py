@@ -488,23 +488,27 @@ class EntraClaim:
     claimed_at: float = 0.0  # its stamp: the link written under it keeps it (Link.entra_claimed_at)
 
 
-def claim_entra(entra_user_id: str, zoom_user_id: str, *, giving_way: str = "") -> EntraClaim:
+def claim_entra(entra_user_id: str, zoom_user_id: str, *, giving_way: str = "",
+                giving_way_seen: str = "") -> EntraClaim:
     """Point the Teams account's index entry at ``zoom_user_id``, conditionally, before that link is
     made active for it. Raises :class:`EntraTaken` when another link holds it actively or has a fresh
     claim on it, ``storage.Conflict`` when the entry kept changing. A writer that then fails to write
     its link gives the claim back (:func:`release_entra_claim`). ``giving_way``: a holder the caller
-    itself is about to take off the account (a matching run moving it to this link)."""
+    itself is about to take off the account (a matching run moving it to this link), as long as its
+    link is as the caller saw it (``giving_way_seen``: its ``updated_at`` then). Changed since (an
+    admin's save, say), it is judged as any holder: the caller, which leaves a link changed during
+    its run as it is, would not take it off after all."""
     entra, zoom = entra_user_id.lower(), zoom_user_id.lower()
     for _ in range(8):
         entity, etag = storage.read_entity(ENTRA_INDEX_TABLE, entra, ROW)
         holder = str((entity or {}).get("zoom_user_id") or "")
-        if holder and holder != zoom and holder != giving_way.lower():
+        if holder and holder != zoom:
             other, _ = read_link(holder)
-            if other is not None and other.entra_user_id == entra and other.status == STATUS_ACTIVE:
+            if holder == giving_way.lower() and (other is None or other.updated_at == giving_way_seen):
+                pass  # the caller takes it off the account itself
+            elif other is not None and other.entra_user_id == entra and other.status == STATUS_ACTIVE:
                 raise EntraTaken(holder, in_progress=False)
-            claimed_at = (entity or {}).get(_CLAIMED_AT)
-            if isinstance(claimed_at, (int, float)) and time.time() - claimed_at < ENTRA_CLAIM_HOLD_S \
-                    and not _written_since(other, entra, claimed_at):
+            elif _claim_in_progress(entity, other, entra):
                 raise EntraTaken(holder, in_progress=True)
         # Written even when the entry names us already: a writer racing us (re-enabling this link,
         # say, while another takes the account) then loses on the ETag, or sees our fresh claim.
@@ -518,6 +522,38 @@ def claim_entra(entra_user_id: str, zoom_user_id: str, *, giving_way: str = "") 
         _index_cache.put(entra, zoom)
         return EntraClaim(entra, zoom, new_etag, entity, stamp)
     raise storage.Conflict(f"index entry of Entra user {entra} kept changing")
+
+
+def _claim_in_progress(entity: dict | None, holder_link: Link | None, entra: str) -> bool:
+    """Does the index entry carry a fresh claim whose writer has not been and gone?"""
+    claimed_at = (entity or {}).get(_CLAIMED_AT)
+    return isinstance(claimed_at, (int, float)) and time.time() - claimed_at < ENTRA_CLAIM_HOLD_S \
+        and not _written_since(holder_link, entra, claimed_at)
+
+
+def repair_entra_index(entra_user_id: str, zoom_user_id: str, listed_holder: str) -> bool:
+    """Point the Teams account's index entry at ``zoom_user_id`` for a matching run that judged,
+    from its listing of the index (the entry then named ``listed_holder``, "" for none), that this
+    link is the account's rightful holder. Only if the entry is still as listed and no claim on it is
+    in progress: one changed since (an admin's save claiming the account for another link once this
+    one was deactivated, say) is not the listing's to judge, and is left to the next run. False
+    when left."""
+    entra, zoom = entra_user_id.lower(), zoom_user_id.lower()
+    entity, etag = storage.read_entity(ENTRA_INDEX_TABLE, entra, ROW)
+    holder = str((entity or {}).get("zoom_user_id") or "")
+    if holder == zoom:
+        _index_cache.put(entra, zoom)
+        return True
+    if holder != listed_holder.lower():
+        return False
+    if holder and _claim_in_progress(entity, read_link(holder)[0], entra):
+        return False
+    try:
+        storage.write_entity(ENTRA_INDEX_TABLE, {"PartitionKey": entra, "RowKey": ROW, "zoom_user_id": zoom}, etag)
+    except storage.Conflict:
+        return False
+    _index_cache.put(entra, zoom)
+    return True
 
 
 def _written_since(link: Link | None, entra: str, claimed_at: float) -> bool:

@@ -52,12 +52,12 @@ from shared.links import (
     Link,
     _delete_index_if_points_to,
     claim_entra,
-    index_entra,
     iso_time,
     issued_zoom_id,
     now_iso,
     read_link,
     release_entra_claim,
+    repair_entra_index,
     withdrawn,
     write_claimed_link,
     write_link,
@@ -736,8 +736,9 @@ def _apply_one(zoom_id: str, target: Target, world: _World, owners: dict[str, st
             # taken it while this one was disabled (say, the person's self link while this Zoom
             # user was deactivated), or since the listings.
             try:
-                claim = claim_entra(link.entra_user_id, zoom_id,
-                                    giving_way=_giving_way(world, link.entra_user_id, zoom_id, changed_since))
+                giving_way = _giving_way(world, link.entra_user_id, zoom_id, changed_since)
+                claim = claim_entra(link.entra_user_id, zoom_id, giving_way=giving_way,
+                                    giving_way_seen=world.links[giving_way].updated_at if giving_way else "")
                 link.entra_claimed_at = claim.claimed_at
             except EntraTaken as taken:
                 taken_by = taken.zoom_user_id
@@ -804,9 +805,14 @@ def _keep_disabled(link: Link, old: Link | None) -> None:
 def _check_index(zoom_id: str, entra_id: str, world: _World, owners: dict[str, str], counts: list[str], *,
                  repaired: bool) -> None:
     """Point the Entra index at this link when it is the rightful holder (also repairs an index
-    entry a crash between the link write and the index write left behind)."""
+    entry a crash between the link write and the index write left behind), unless the entry
+    changed since the run listed it: then the next run judges it."""
     if entra_id and owners.get(entra_id) == zoom_id and world.index.get(entra_id) != zoom_id:
-        index_entra(entra_id, zoom_id)
+        if not repair_entra_index(entra_id, zoom_id, world.index.get(entra_id, "")):
+            log.info("matching: index entry of Entra user %s changed since the run listed it; left to the next run",
+                     entra_id)
+            counts.append("changed_during_run")
+            return
         world.index[entra_id] = zoom_id
         if repaired:
             counts.append("index_repaired")
@@ -1120,6 +1126,7 @@ def _disable_for_event(zoom_id: str, reason: str, event_ts: int) -> str:
 
 
 def _enable_for_event(zoom_id: str, event_ts: int) -> str:
+    teams_side: dict[str, str] = {}  # Entra id -> why its account cannot sync ("" if it can)
     for _ in range(8):
         link, etag = read_link(zoom_id)
         if link is None:
@@ -1128,6 +1135,17 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
             log.info("matching: stale Zoom lifecycle event for user %s dropped", zoom_id)
             return "stale"
         enabled = link.status == STATUS_DISABLED and link.disabled_reason in REACTIVATABLE
+        blocked = ""
+        if enabled and link.entra_user_id:
+            # The link has one disabled reason, and the Zoom user's was the last one set: the Teams
+            # account may have been disabled or deleted meanwhile too (people leave on both sides),
+            # which matching would otherwise find only at its next run.
+            if link.entra_user_id not in teams_side:
+                teams_side[link.entra_user_id] = _teams_account_unusable(link.entra_user_id)
+            blocked = teams_side[link.entra_user_id]
+        if blocked:  # stays disabled, for the Teams account's reason (a retry of this event: unchanged)
+            enabled = False
+            link.disabled_reason, link.disabled_at = blocked, now_iso()
         claim = None
         if enabled and link.entra_user_id:
             # While this user was deactivated its Teams account may have been linked to another Zoom
@@ -1141,7 +1159,7 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
                 log.warning("matching: Zoom user %s not enabled again: its Teams account is linked to another "
                             "Zoom user now", zoom_id)
                 enabled = False
-        if not enabled and event_ts <= link.lifecycle_ts:
+        if not enabled and not blocked and event_ts <= link.lifecycle_ts:
             if event_ts and event_ts == link.lifecycle_ts and link.status == STATUS_ACTIVE:
                 # This event's retry (or a duplicate): its reconcile may not have been queued.
                 queue_reconcile(zoom_id, "zoom_activated", confirm_zoom=True, confirm_teams=True)
@@ -1158,11 +1176,31 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
         break
     else:
         raise storage.Conflict(f"matching: link {zoom_id} kept changing")
+    if blocked:
+        log.info("matching: Zoom user %s active again, but its link stays disabled: its Teams account is %s",
+                 zoom_id, "disabled" if blocked == "entra_disabled" else "gone")
+        return blocked
     if not enabled:
         return "unchanged"
     queue_reconcile(zoom_id, "zoom_activated", confirm_zoom=True, confirm_teams=True)
     log.info("matching: link of Zoom user %s enabled again", zoom_id)
     return "enabled"
+
+
+def _teams_account_unusable(entra_id: str) -> str:
+    """Why the Teams account of ``entra_id`` cannot sync now, as matching would say it
+    (``entra_disabled``, ``entra_not_found``), or "" when it can."""
+    try:
+        user = graph_client.get_user(entra_id, "id,accountEnabled")
+    except NotFound:
+        return "entra_not_found"
+    except Forbidden:
+        # Without User.Read.All (links made by hand, docs/deploy.md) there is nothing to look at:
+        # enabled, as the Zoom user is; a Teams account gone shows as the link's error on its write.
+        log.warning("matching: the Teams account of Entra user %s could not be checked (Graph refused: "
+                    "User.Read.All?); its link is enabled with its Zoom user", entra_id)
+        return ""
+    return "entra_disabled" if user.get("accountEnabled") is False else ""
 
 
 # --- the directory queue -----------------------------------------------------------------------------------------

@@ -627,6 +627,43 @@ def test_lifecycle_webhooks_disable_and_enable_links(world: World):
     assert _link(world, ada)["status"] == "active"
 
 
+@pytest.mark.parametrize("teams_side", ["disabled", "deleted"])
+def test_a_zoom_user_activated_again_stays_disabled_while_its_teams_account_is_gone(world: World, teams_side,
+                                                                                   caplog):
+    # People leave on both sides: Zoom deactivates ada's user, Entra disables (or deletes) her account.
+    # The link keeps one reason, Zoom's, the last set; when Zoom activates the user again (a licence
+    # reassigned, say) the link must not sync a Teams account that cannot be synced until the next run.
+    ada = directory_person(world, "ada")
+    run_matching(world)
+    world.zoom.deactivate_user(ada.zoom_id)
+    world.settle()
+    if teams_side == "disabled":
+        world.graph.update_user(ada.entra_id, accountEnabled=False)
+    else:
+        world.graph.delete_user(ada.entra_id)
+    with caplog.at_level("INFO", logger="shared.matching"):
+        world.zoom.activate_user(ada.zoom_id)
+        world.settle()
+    link = _link(world, ada)
+    reason = "entra_disabled" if teams_side == "disabled" else "entra_not_found"
+    assert (link["status"], link["disabled_reason"]) == ("disabled", reason)
+    assert caplog.text.count(f"its Teams account is {'disabled' if teams_side == 'disabled' else 'gone'}") == 1
+    if teams_side == "deleted":
+        return
+    world.zoom.sign_in(ada.zoom_id)
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Available", "Available")  # not synced
+
+    # Her account enabled again: the next run enables the link (its reason is matching's now).
+    world.graph.update_user(ada.entra_id, accountEnabled=True)
+    assert run_matching(world)["report"]["counts"]["enabled"] == 1
+    world.zoom.leave_meeting(ada.zoom_id)
+    world.zoom.join_meeting(ada.zoom_id)
+    world.settle()
+    assert world.teams_shows(ada) == ("Busy", "InACall")
+
+
 def _refuse_one_reconcile_put(monkeypatch, reason_prefix: str) -> list[dict]:
     """Storage refuses the first reconcile put whose reason starts with ``reason_prefix``; the
     refused message is recorded (an empty list afterwards means the test proved nothing)."""

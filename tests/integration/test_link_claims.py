@@ -226,6 +226,8 @@ def test_a_zoom_user_activated_while_an_admin_links_its_teams_account_makes_one_
     zoom_a, zoom_b, entra = _zoom_id(), _zoom_id(), str(uuid.uuid4())
     _linked_then_deactivated(zoom_a, entra)
     index_entra(entra, zoom_a)  # as a matching run repairs it: no claim standing
+    monkeypatch.setattr("shared.matching.graph_client.get_user",
+                        lambda entra_id, select: {"id": entra_id, "accountEnabled": True})
     # (the event's write goes through links.write_claimed_link, which looks write_link up there)
     other = _interrupt(monkeypatch, "link_write", links, zoom_a, lambda: _put(zoom_b, entra))
     assert _zoom_user_event("user.activated", zoom_a) == "enabled"

@@ -206,3 +206,72 @@ def test_a_step_that_fails_halfway_is_retried_without_recounting_what_it_applied
     assert [read_link(f"z{i}")[0].entra_user_id for i in range(1, 6)] == [entra[f"z{i}"] for i in range(1, 6)]
     counts = matching.read_report()["counts"]
     assert (counts["created"], counts["changed_during_run"]) == (5, 0)
+
+
+def _before_the_run_applies(monkeypatch, interloper) -> None:
+    """Run ``interloper()`` once the run has loaded its listings of links and index, before it
+    applies anything: what it does, the run judges by listings that predate it."""
+    real = matching.plan_matches
+
+    def patched(*args, **kwargs):
+        interloper()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(matching, "plan_matches", patched)
+
+
+def test_an_index_entry_claimed_after_the_listing_is_not_repaired_over(run_env, monkeypatch):
+    # z1's link holds E1, but the index has no entry for it (a crash between the link write and the
+    # index write): the run repairs that. Meanwhile Zoom deactivates z1 and an admin links E1 to z3,
+    # which claims the entry. Repairing it to z1 now would leave E1's changes going to a disabled
+    # link while z3 is the one active link for the account.
+    from shared.engine import ALL_DIRECTIONS
+    from shared.links import ORIGIN_MATCH, zoom_id_for_entra
+
+    run = _listed_run(time.time() - 5)
+    for zoom_id, entra_id, email in (("z1", E1, "a@contoso.example"), ("z2", E2, "b@contoso.example")):
+        # As the listing has them: the run decides from its scan alone that they are unchanged.
+        link = Link(sync=UserSync(zoom_id, entra_id, frozenset(ALL_DIRECTIONS)), email=email, origin=ORIGIN_MATCH,
+                    created_at="2020-01-01T00:00:00Z", updated_at="2020-01-01T00:00:00Z")
+        link.learn_zoom_id(zoom_id.upper())
+        write_link(link, None)
+
+    def meanwhile():
+        matching.handle_user_event({"kind": "zoom_user_event", "event": "user.deactivated", "zoom_user_id": "z1",
+                                    "event_ts": int(time.time() * 1000)})
+        assert admin.put_link("z3", json.dumps({"entra_user_id": E1}).encode())[0] == 200
+
+    _before_the_run_applies(monkeypatch, meanwhile)
+    assert matching._apply_step(run, directory_runs.Budget(60)) is True
+
+    assert zoom_id_for_entra(E1, fresh=True) == "z3"
+    assert zoom_id_for_entra(E2, fresh=True) == "z2"  # an entry nobody touched is repaired
+    counts = matching.read_report()["counts"]
+    # E1's entry left to the next run; E2's repaired.
+    assert (counts["changed_during_run"], counts["index_repaired"]) == (1, 1)
+
+
+def test_a_holder_saved_by_an_admin_during_the_run_does_not_give_its_account_way(run_env, monkeypatch):
+    # As in the account-moving test above, the run would move E1 from zz-left (not listed by Zoom)
+    # to the new z1. But an admin saves zz-left's link meanwhile: the run leaves it as it is, still
+    # active for E1, so z1 must not take the account from it: two active links would overwrite each
+    # other's status on one Teams account.
+    from shared.engine import ALL_DIRECTIONS
+    from shared.links import ORIGIN_MATCH, index_entra, zoom_id_for_entra
+
+    run = _listed_run(time.time() - 5)
+    held = Link(sync=UserSync("zz-left", E1, frozenset(ALL_DIRECTIONS)), email="a@contoso.example",
+                origin=ORIGIN_MATCH, created_at="2020-01-01T00:00:00Z", updated_at="2020-01-01T00:00:00Z")
+    write_link(held, None)
+    index_entra(E1, "zz-left")
+    _before_the_run_applies(
+        monkeypatch, lambda: admin.put_link("zz-left", json.dumps({"entra_user_id": E1}).encode()))
+
+    assert matching._apply_step(run, directory_runs.Budget(60)) is True
+
+    left, z1 = read_link("zz-left")[0], read_link("z1")[0]
+    assert (left.status, left.origin) == (STATUS_ACTIVE, "admin")
+    assert (z1.status, z1.disabled_reason) == (STATUS_DISABLED, "entra_taken")
+    assert zoom_id_for_entra(E1, fresh=True) == "zz-left"
+    counts = matching.read_report()["counts"]
+    assert (counts["entra_taken"], counts["changed_during_run"]) == (1, 1)
