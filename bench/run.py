@@ -6,6 +6,7 @@ table, and draws the latency CDF and the burst throughput plot into ``bench/resu
     python -m bench.run --runs 3        # median of three runs per figure
     python -m bench.run --only steady,cold
     python -m bench.run --only sweep-100k   # the sweep and keep-alive scan on 100,000 links (~10 min)
+    python -m bench.run --only matching-300k   # a matching run's memory at 300,000 people (~30 s)
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from bench import scenarios
 from bench.figures import app_cores_for_peak, capacity_plan, sweep_cost
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = {"steady", "burst", "cold", "sweep-100k"}
+ALL = {"steady", "burst", "cold", "sweep-100k", "matching-300k"}
 SCALE_USERS = 100_000
+MATCHING_USERS = 300_000
 TARGETS = {
     "zoom_to_teams.p99_ms": ("<=", 250), "teams_to_zoom.p99_ms": ("<=", 500),
     "throughput_changes_per_s": (">=", 300), "converge_ratio": ("<=", 1.2), "lost": ("==", 0),
@@ -168,7 +170,7 @@ def print_table(result: dict) -> None:
                 "burst.cpu.app_ms_per_change", "burst.cpu.functions_ms_per_change", "burst.cpu.all_ms_per_change",
                 "burst.cpu.cores_busy", "burst.cpu.ceiling_changes_per_s",
                 "burst.cpu.ceiling_changes_per_s_free_app", "burst.keepalive_due.queued",
-                "burst.keepalive_due.seconds"):
+                "burst.keepalive_due.seconds", "matching_300k.peak_rss_mb"):
         table.add_row(key, str(get(result, key)), "", "")
     Console().print(table)
 
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run on a few dozen people")
     parser.add_argument("--runs", type=int, default=1, help="runs per scenario; figures are medians")
-    parser.add_argument("--only", default="steady,burst,cold,sweep-100k", help="comma-separated scenarios")
+    parser.add_argument("--only", default=",".join(sorted(ALL)), help="comma-separated scenarios")
     parser.add_argument("--out", default=str(RESULTS / "latest.json"))
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--burst-scale", type=float, default=1.0,
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def save(steady=None, burst=None, cold=None, scale=None) -> dict:  # after each scenario: a crash keeps the rest
             result = assemble(steady, burst, cold, max(1, args.runs), args.quick, hosting, load_at_start, scale)
+            if matching_memory:
+                result["matching_300k"] = matching_memory
             if previous and not repeated:  # only the 100k sweep ran: the rest, and how it ran, are kept
                 for key in ("runs", "app_hosting", "generated_at"):
                     result[key] = previous.get(key, result[key])
@@ -255,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
                 section = dict(section, series=old_series[name])
             return section
 
+        # A process of its own, once: its peak memory is the figure (not a timing to take medians of).
+        matching_memory = previous.get("matching_300k")
+        if "matching-300k" in only and not args.quick:
+            from bench.matching_memory import measure
+
+            progress("matching-300k (memory)", 0, 1)
+            matching_memory = measure(MATCHING_USERS)
+            progress("matching-300k (memory)", 1, 1)
         cold = repeat("cold", lambda p: scenarios.cold(p)) or kept("cold")
         save(cold=cold)
         steady = repeat("steady", lambda p: scenarios.steady(params, p)) or kept("steady")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,7 +118,7 @@ def entra_addresses(user: dict) -> list[str]:
 # --- the pure matcher ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkRow:
     """What matching needs of an existing link."""
 
@@ -149,7 +150,7 @@ class LinkRow:
                    str(e.get("zoom_id_issued") or ""), str(e.get("updated_at") or ""))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Target:
     """What a link should be: its Entra user and why it is disabled ("" = enabled)."""
 
@@ -178,10 +179,17 @@ def plan_matches(zoom: dict[str, str], entra: dict[str, tuple[bool, list[str]]],
     ``zoom``: active Zoom user id → email (lowercase); ``entra``: Entra id → (accountEnabled,
     addresses); ``links``: Zoom user id → existing link.
     """
-    by_address: dict[str, set[str]] = defaultdict(set)
+    # Address -> the Entra id answering it, or a list of them when several do. Nearly every address
+    # has one: a set per address would be most of this map's memory at 300,000 people.
+    by_address: dict[str, str | list[str]] = {}
     for entra_id, (_enabled, addresses) in entra.items():
         for address in addresses:
-            by_address[address].add(entra_id)
+            found = by_address.setdefault(address, entra_id)
+            if isinstance(found, list):
+                if entra_id not in found:
+                    found.append(entra_id)
+            elif found != entra_id:
+                by_address[address] = [found, entra_id]
     plan = MatchPlan(targets={}, pairs={})
     proposals: dict[str, str] = {}
     claimed_by: dict[str, list[str]] = defaultdict(list)
@@ -190,7 +198,8 @@ def plan_matches(zoom: dict[str, str], entra: dict[str, tuple[bool, list[str]]],
         if row is not None and row.origin in PINNED_ORIGINS:
             continue  # the admin's (or the person's) pairing stands; their email claims nobody
         email = zoom[zoom_id]
-        candidates = sorted(by_address.get(email, ())) if email else []
+        found = by_address.get(email) if email else None
+        candidates = [] if found is None else [found] if isinstance(found, str) else sorted(found)
         if not candidates:
             plan.unmatched_zoom.append(zoom_id)
         elif len(candidates) > 1:
@@ -311,14 +320,13 @@ def _save_page(source: str, number: int, run_id: str, records: list) -> None:
     runs.write_blob(SNAPSHOT, f"{source}-{number:05d}", records, run_id=run_id, count=len(records))
 
 
-def _load_pages(source: str, pages: int, run_id: str) -> list:
-    out: list = []
+def _page_records(source: str, pages: int, run_id: str) -> Iterator[list]:
+    """The records of a listing's snapshot pages, a page at a time (none is kept)."""
     for number in range(pages):
         records, entity = runs.read_blob(SNAPSHOT, f"{source}-{number:05d}")
         if entity is None or entity.get("run_id") != run_id:
             raise _Fatal(f"snapshot page {source} {number} of run {run_id} is missing")
-        out.extend(records or [])
-    return out
+        yield from records or []
 
 
 def _entra_record(user: dict) -> list | None:
@@ -504,25 +512,36 @@ class _World:
 
 def _load_world(run: runs.Run) -> _World:
     state = run.state
-    entra = {r[0]: (bool(r[1]), list(r[2])) for r in _load_pages("entra", state["entra_pages"], run.run_id)}
-    zoom_records = _load_pages("zoom", state["zoom_pages"], run.run_id)
-    zoom = {r[0]: r[1] for r in zoom_records}
-    zoom_issued = {r[0]: r[2] for r in zoom_records if len(r) > 2 and r[2]}  # pages saved before: none
-    links: dict[str, LinkRow] = {}
-    client = storage.table(LINKS_TABLE)
-    select = list(LinkRow._FIELDS)
+    return build_world(_page_records("entra", state["entra_pages"], run.run_id),
+                       _page_records("zoom", state["zoom_pages"], run.run_id),
+                       _scan(LINKS_TABLE, list(LinkRow._FIELDS)),
+                       _scan(ENTRA_INDEX_TABLE, ["PartitionKey", "zoom_user_id"]))
+
+
+def _scan(table_name: str, select: list[str]) -> Iterator[dict]:
+    client = storage.table(table_name)
     for page in client.query_entities("RowKey eq @row", parameters={"row": ROW}, select=select).by_page():
         storage.count_operation()
         for e in page:
-            row = LinkRow.from_entity(storage.entity_dict(e))
-            links[row.zoom_user_id] = row
-    index: dict[str, str] = {}
-    client = storage.table(ENTRA_INDEX_TABLE)
-    for page in client.query_entities("RowKey eq @row", parameters={"row": ROW},
-                                      select=["PartitionKey", "zoom_user_id"]).by_page():
-        storage.count_operation()
-        for e in page:
-            index[str(e["PartitionKey"])] = str(e.get("zoom_user_id") or "")
+            yield storage.entity_dict(e)
+
+
+def build_world(entra_records: Iterable[list], zoom_records: Iterable[list], link_entities: Iterable[dict],
+                index_entities: Iterable[dict]) -> _World:
+    """What an apply invocation holds, from the listings' snapshot records and the links and
+    index entries as scanned, each streamed (no page is kept). The benchmark measures its memory."""
+    entra = {r[0]: (bool(r[1]), list(r[2])) for r in entra_records}
+    zoom: dict[str, str] = {}
+    zoom_issued: dict[str, str] = {}
+    for r in zoom_records:
+        zoom[r[0]] = r[1]
+        if len(r) > 2 and r[2]:  # pages saved before the issued spelling was kept: none
+            zoom_issued[r[0]] = r[2]
+    links: dict[str, LinkRow] = {}
+    for e in link_entities:
+        row = LinkRow.from_entity(e)
+        links[row.zoom_user_id] = row
+    index = {str(e["PartitionKey"]): str(e.get("zoom_user_id") or "") for e in index_entities}
     return _World(zoom, entra, links, index, zoom_issued)
 
 

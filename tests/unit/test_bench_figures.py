@@ -184,3 +184,12 @@ def test_the_result_carries_the_cores_the_peak_needs_when_the_burst_measured_its
     both = assemble(None, dict(burst, cpu={"app_ms_per_change": 22.0, "functions_ms_per_change": 16.0}), None, 1,
                     False)["capacity"]
     assert both["functions_cores_at_peak"]["users"]["100000"]["cores"] == 8.0
+
+
+def test_the_matching_memory_figure_is_taken_in_a_process_of_its_own_over_an_unchanged_directory():
+    from bench.matching_memory import measure
+
+    figures = measure(2_000)  # the child asserts its plan: every link kept, none disabled
+    assert figures["users"] == 2_000
+    assert 0 < figures["after_import_rss_mb"] <= figures["peak_rss_mb"]
+    assert figures["held_mb"] == round(figures["peak_rss_mb"] - figures["after_import_rss_mb"], 1)
