@@ -814,13 +814,23 @@ def _lifecycle_event(sub_id: str, event: str) -> str:
         try:
             if account not in run.healthy:
                 raise NotFound(404, message="account unavailable")
+            # A fresh token first ("ensure that the app has a valid access token", Graph's lifecycle
+            # page): the cached one may predate what caused the challenge (sessions revoked, a
+            # password reset), and a renewal Graph took with it would leave the subscription
+            # paused. A refresh the grant no longer allows marks the account broken here.
+            run.token(account, refresh=True)
             body = run.renew(account, sub_id)
         except (Throttled, TransientVendorError):
             raise  # Graph is busy or down, the subscription may well be fine: the queue retries the renewal
         except (ConnectionBroken, VendorError) as exc:
-            log.info("subscriptions: renewing %s after reauthorizationRequired failed (%s); re-creating", sub_id, exc)
+            log.info("subscriptions: renewing %s after reauthorizationRequired failed (%s); re-creating it", sub_id,
+                     exc)
             _recreate(run, shard)
-            return "recreated"
+            if shard.extra.get("subscription_id"):
+                return "recreated"
+            log.info("subscriptions: shard %d could not be re-subscribed; the sweep reads it until a run can",
+                     shard.number)
+            return "on_poll"
         _update_shard(shard, {"subscription_expires_at": _parse_expiry(body.get("expirationDateTime"),
                                                                        now + run.lifetime_s),
                               "subscription_status": STATUS_ACTIVE, "subscription_error": None})

@@ -85,6 +85,7 @@ class Principal:
     user_id: str | None
     roles: set[str] = field(default_factory=set)  # lower-case
     scopes: set[str] = field(default_factory=set)  # lower-case
+    token_id: str | None = None  # the token's uti
 
 
 @dataclass
@@ -99,16 +100,26 @@ class GraphEmulator:
 
     def __init__(self, *, clock: Clock | None = None, tenant_id: str = DEFAULT_TENANT_ID, host: str = "127.0.0.1",
                  port: int = 0, tenant_domain: str = DEFAULT_TENANT_DOMAIN, presence_request_limit: int = 10000,
-                 presence_window_s: float = 30.0, delivery_timeout_s: float = 3.0, delivery_workers: int = 1,
-                 handshake_timeout_s: float = 10.0) -> None:
+                 presence_window_s: float = 30.0, bulk_presence_read_limit: int = 1500,
+                 delivery_timeout_s: float = 3.0, delivery_workers: int = 1, handshake_timeout_s: float = 10.0,
+                 reauthorization_grace_s: float = 300.0) -> None:
         self.clock = clock or Clock()
         self.tenant_id = tenant_id
         self.tenant_domain = tenant_domain
         self.host, self._port = host, port
         # Graph presence throttling: 10,000 requests per 30 s per app per tenant
-        # (learn.microsoft.com/graph/throttling-limits, "Presence service limits").
-        self._limits = (presence_request_limit, presence_window_s)
-        self.presence_request_limit, self.presence_window_s = self._limits
+        # (learn.microsoft.com/graph/throttling-limits, "Presence service limits"); and, on top of
+        # it, getPresencesByUserId's own page still says 1,500 per 30 s (API-FACTS §8;
+        # learn.microsoft.com/graph/api/cloudcommunications-getpresencesbyuserid): both apply.
+        self._limits = (presence_request_limit, presence_window_s, bulk_presence_read_limit)
+        self.presence_request_limit, self.presence_window_s, self.bulk_presence_read_limit = self._limits
+        # After a revocation, how long change notifications still flow before they pause: the
+        # lifecycle page says only "may continue for a while" (see _require_reauthorization).
+        self.reauthorization_grace_s = reauthorization_grace_s
+        # What a reauthorize or renewal made with a token from before the revocation gets: the page
+        # names no answer. "refused" (401, the default) or "accepted": answered as done while the
+        # subscription stays paused, the worse case for a client (see _reauthorize).
+        self.stale_token_reauthorization = "refused"
         self.delivery_timeout_s = delivery_timeout_s
         self.handshake_timeout_s = handshake_timeout_s
         self._delivery_workers = delivery_workers
@@ -125,6 +136,7 @@ class GraphEmulator:
         self._scheduled: dict[str, float] = {}
         self._subs: dict[str, SubscriptionRecord] = {}
         self._presence_calls: dict[str, collections.deque[float]] = {}
+        self._bulk_presence_calls: dict[str, collections.deque[float]] = {}
         self._handshakes: list[Delivery] = []
         self._seq = itertools.count(1)
         self.entra = Entra(self)
@@ -195,9 +207,11 @@ class GraphEmulator:
             self._scheduled.clear()
             self._subs.clear()
             self._presence_calls.clear()
+            self._bulk_presence_calls.clear()
             self._handshakes.clear()
             self.entra.reset()
-            self.presence_request_limit, self.presence_window_s = self._limits
+            self.presence_request_limit, self.presence_window_s, self.bulk_presence_read_limit = self._limits
+            self.stale_token_reauthorization = "refused"
         self._log.clear()
         self.faults.clear()
         if self._deliverer is not None:
@@ -235,9 +249,12 @@ class GraphEmulator:
             self.entra.default_signin_user = user_id
 
     def revoke_refresh_tokens(self, user_id: str) -> None:
-        """Invalidate every refresh token issued to the user so far (like revokeSignInSessions)."""
+        """Invalidate every refresh token issued to the user so far (like revokeSignInSessions);
+        the subscriptions they own then need reauthorization (``_require_reauthorization``)."""
         with self._lock:
-            self.entra.revoke_refresh_tokens(user_id)
+            self._process_due()
+            generation = self.entra.revoke_refresh_tokens(user_id)
+            self._require_reauthorization(user_id, generation)
 
     def issue_app_token(self, client_id: str, *, lifetime: int = 3599) -> str:
         """An app-only Graph token for a registered app, without a round trip."""
@@ -411,21 +428,17 @@ class GraphEmulator:
             return list(self._handshakes)
 
     def send_lifecycle(self, subscription_id: str, event: str) -> None:
-        """Send a lifecycle notification; ``subscriptionRemoved`` also deletes the subscription."""
+        """Send a lifecycle notification by hand (the emulator sends reauthorizationRequired itself
+        after a revocation); ``subscriptionRemoved`` also deletes the subscription."""
         if event not in LIFECYCLE_EVENTS:
             raise ValueError(f"lifecycle event must be one of {LIFECYCLE_EVENTS}")
         with self._lock:
             sub = self._subs.get(subscription_id)
             if sub is None:
                 raise KeyError(f"no subscription {subscription_id}")
-            item = {
-                "subscriptionId": sub.id, "subscriptionExpirationDateTime": sub.expiration_date_time,
-                "tenantId": self.tenant_id, "clientState": sub.client_state, "lifecycleEvent": event,
-            }
             if event == "subscriptionRemoved":
                 del self._subs[subscription_id]
-            if sub.lifecycle_notification_url and self._deliverer:
-                self._deliverer.submit(sub.lifecycle_notification_url, {"value": [item]})
+            self._send_lifecycle(sub, event)
 
     def stop_delivering(self, subscription_id: str) -> None:
         """The subscription stays (GET, PATCH work) but silently stops delivering
@@ -527,6 +540,47 @@ class GraphEmulator:
         if self._deliverer:
             self._deliverer.promote_due()
 
+    def _send_lifecycle(self, sub: SubscriptionRecord, event: str) -> None:
+        # Shape: learn.microsoft.com/graph/change-notifications-lifecycle-events, "Structure of a
+        # lifecycle notification". Without a lifecycleNotificationUrl none is sent.
+        if not sub.lifecycle_notification_url or not self._deliverer:
+            return
+        item = {
+            "subscriptionId": sub.id, "subscriptionExpirationDateTime": sub.expiration_date_time,
+            "tenantId": self.tenant_id, "clientState": sub.client_state, "lifecycleEvent": event,
+        }
+        self._deliverer.submit(sub.lifecycle_notification_url, {"value": [item]})
+
+    def _require_reauthorization(self, user_id: str, generation: int) -> None:
+        """learn.microsoft.com/graph/change-notifications-lifecycle-events, "reauthorizationRequired
+        notifications": when access is revoked (here: the owner's sign-in sessions) Graph sends
+        reauthorizationRequired; change notifications "may continue for a while", then delivery
+        pauses until a reauthorize or a renewal succeeds ("it may then be necessary for the app to
+        obtain a new access token"), and changes meanwhile are lost. The page gives no figure for
+        "a while": reauthorization_grace_s, 5 minutes by default. Delegated subscriptions are the
+        owner's (owner_user_id); one without a lifecycleNotificationUrl pauses unannounced."""
+        pause_at = self.clock.now() + self.reauthorization_grace_s
+        for sub in self._subs.values():
+            if (sub.owner_user_id or "").lower() != user_id.lower():
+                continue
+            sub.reauthorize_generation = generation
+            if sub.reauthorize_by is None:  # a second revocation does not move an earlier pause
+                sub.reauthorize_by = pause_at
+            self._send_lifecycle(sub, "reauthorizationRequired")
+
+    def _reauthorize(self, p: Principal, sub: SubscriptionRecord) -> None:
+        """A reauthorize or renewal resumes delivery if its token was issued since the revocation."""
+        if sub.reauthorize_by is None:
+            return
+        issued = self.entra.issued_generation(p.token_id)
+        if issued is None or issued < sub.reauthorize_generation:
+            if self.stale_token_reauthorization == "accepted":
+                return  # answered as done; delivery stays paused all the same
+            # The page names no status; 401 is what tells a client to get a new token, as it must.
+            raise GraphError(401, "InvalidAuthenticationToken", "The access token was issued before the user's "
+                             "sign-in sessions were revoked; acquire a new token to reauthorize the subscription.")
+        sub.reauthorize_by = None
+
     def _expire_subscriptions(self, now: float) -> None:
         for sid in [s for s, sub in self._subs.items() if sub.expires_at <= now]:
             del self._subs[sid]
@@ -560,7 +614,7 @@ class GraphEmulator:
             return
         now = self.clock.now()
         for sub in list(self._subs.values()):
-            if sub.silent or sub.expires_at <= now:
+            if not sub.delivering(now):
                 continue
             items = [self._notification_item(sub, key) for key in changed if sub.covers(key)]
             if not items:
@@ -771,7 +825,7 @@ class GraphEmulator:
         client_id = str(claims.get("appid") or claims.get("azp") or "")
         if "scp" in claims:
             return Principal("delegated", client_id, str(claims.get("oid")),
-                             scopes={s.lower() for s in str(claims["scp"]).split()})
+                             scopes={s.lower() for s in str(claims["scp"]).split()}, token_id=claims.get("uti"))
         return Principal("app", client_id, None, roles={r.lower() for r in claims.get("roles") or []})
 
     def _require(self, p: Principal, *, app: Iterable[str] = (), delegated: Iterable[str] = (),
@@ -792,19 +846,33 @@ class GraphEmulator:
         raise GraphError(403, code, "Insufficient privileges to complete the operation. API requires one of "
                          f"'{', '.join(wanted)}'. Scopes on the request '{' '.join(sorted(p.scopes))}'.")
 
-    def _check_presence_throttle(self, p: Principal) -> None:
+    def _check_presence_throttle(self, p: Principal, bulk: bool) -> None:
+        """The presence window, and for getPresencesByUserId its own one too: a call refused by
+        either counts in neither (nothing was served)."""
         now = self.clock.now()
-        window = self._presence_calls.setdefault(p.client_id.lower(), collections.deque())
+        client = p.client_id.lower()
+        windows = [(self._presence_window(self._presence_calls, client, now), self.presence_request_limit)]
+        if bulk:
+            windows.append((self._presence_window(self._bulk_presence_calls, client, now),
+                            self.bulk_presence_read_limit))
+        full = [window for window, limit in windows if len(window) >= limit]
+        if full:
+            # Whole seconds until the oldest call of each full window leaves it.
+            retry = max(max(1, math.ceil((w[0] if w else now) + self.presence_window_s - now)) for w in full)
+            raise GraphError(429, "TooManyRequests", "Too many requests. The presence request limit for this "
+                             "application was exceeded.", {"Retry-After": str(retry)})
+        for window, _ in windows:
+            window.append(now)
+
+    def _presence_window(self, calls: dict[str, collections.deque[float]], client: str,
+                         now: float) -> collections.deque[float]:
+        window = calls.setdefault(client, collections.deque())
         if window and window[-1] > now:
             # The clock was moved back (a test reset it): stamps from its future count for nothing.
             window.clear()
         while window and window[0] <= now - self.presence_window_s:
             window.popleft()
-        if len(window) >= self.presence_request_limit:
-            retry = max(1, math.ceil(window[0] + self.presence_window_s - now))
-            raise GraphError(429, "TooManyRequests", "Too many requests. The presence request limit for this "
-                             "application was exceeded.", {"Retry-After": str(retry)})
-        window.append(now)
+        return window
 
     def _graph_call(self, p: Principal, method: str, segs: list[str], args: dict[str, str], body: Any) -> _Result:
         low = [s.lower() for s in segs]
@@ -814,7 +882,7 @@ class GraphEmulator:
         with self._lock:
             self._process_due()
             if any("presence" in s for s in low):
-                self._check_presence_throttle(p)
+                self._check_presence_throttle(p, bulk=low == ["communications", "getpresencesbyuserid"])
             return self._route_graph(p, method, segs, low, args, body)
 
     def _route_graph(self, p: Principal, method: str, segs: list[str], low: list[str], args: dict[str, str],
@@ -1191,6 +1259,7 @@ class GraphEmulator:
             self._method(method, "POST")
             sub = self._visible_sub(p, segs[1])
             self._require_owner(p, sub)
+            self._reauthorize(p, sub)
             return _Result(204)
         if len(low) != 2:
             raise GraphError(400, "BadRequest", f"Resource not found for the segment '{segs[-1]}'.")
@@ -1213,7 +1282,9 @@ class GraphEmulator:
             if extra:
                 raise GraphError(400, "InvalidRequest",
                                  f"Only expirationDateTime can be updated (got {sorted(extra)}).")
-            sub.expires_at = self._check_expiration(body["expirationDateTime"], self.clock.now())
+            expires = self._check_expiration(body["expirationDateTime"], self.clock.now())
+            self._reauthorize(p, sub)  # "renewing your subscription also reauthorizes" (the same page)
+            sub.expires_at = expires
             return _Result(200, sub.to_json(self._sub_context()))
         raise GraphError(405, "Request_BadRequest", f"The HTTP method '{method}' is not allowed for this resource.")
 

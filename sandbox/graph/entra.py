@@ -130,12 +130,16 @@ class Entra:
         self.codes: dict[str, AuthCode] = {}
         self.refresh_tokens: dict[str, RefreshGrant] = {}
         self.rt_generation: dict[str, int] = {}
+        # uti of each delegated access token -> (its user's rt_generation when issued, exp): whether
+        # it predates a revocation (its iat cannot tell: it follows the real time, not the sandbox's).
+        self.token_generation: dict[str, tuple[int, float]] = {}
         self.default_signin_user: str | None = None
 
     def reset(self) -> None:
         self.codes.clear()
         self.refresh_tokens.clear()
         self.rt_generation.clear()
+        self.token_generation.clear()
         self.default_signin_user = None
 
     # -- registration (Python API) ---------------------------------------------------------
@@ -166,9 +170,16 @@ class Entra:
             raise KeyError(f"no app registered with client id {client_id}")
         return self.apps[client_id]
 
-    def revoke_refresh_tokens(self, user_id: str) -> None:
+    def revoke_refresh_tokens(self, user_id: str) -> int:
+        """Returns the user's new sign-in generation (tokens issued from now on carry it)."""
         key = user_id.lower()
         self.rt_generation[key] = self.rt_generation.get(key, 0) + 1
+        return self.rt_generation[key]
+
+    def issued_generation(self, token_id: str | None) -> int | None:
+        """The sign-in generation a delegated access token (by its ``uti``) was issued in."""
+        entry = self.token_generation.get(token_id or "")
+        return entry[0] if entry else None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -657,6 +668,9 @@ class Entra:
                 claims["roles"] = roles
         else:
             user = self.em._users[user_id.lower()]
+            if len(self.token_generation) >= 10000:
+                self.token_generation = {k: v for k, v in self.token_generation.items() if v[1] > now}
+            self.token_generation[claims["uti"]] = (self.rt_generation.get(user["id"].lower(), 0), claims["exp"])
             claims.update({
                 "idtyp": "user", "oid": user["id"], "sub": user["id"], "scp": " ".join(scopes or []),
                 "name": user.get("displayName") or "", "upn": user.get("userPrincipalName"),

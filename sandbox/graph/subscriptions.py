@@ -95,6 +95,11 @@ class SubscriptionRecord:
     encryption_certificate_id: str | None = None
     latest_supported_tls_version: str = "v1_2"
     silent: bool = False  # stop_delivering(): it silently stops (msteams-docs#11452)
+    # Its owner's sign-in sessions were revoked: reauthorizationRequired was sent, and delivery
+    # pauses from this time until a reauthorize or renewal with a token of this sign-in
+    # generation or later (GraphEmulator._require_reauthorization).
+    reauthorize_by: float | None = None
+    reauthorize_generation: int = 0
     cert: Any = field(default=None, repr=False)
     _ids: frozenset[str] = field(default=frozenset(), init=False, repr=False)
 
@@ -104,6 +109,9 @@ class SubscriptionRecord:
     @property
     def expiration_date_time(self) -> str:
         return format_datetime(self.expires_at)
+
+    def delivering(self, now: float) -> bool:
+        return not self.silent and self.expires_at > now and (self.reauthorize_by is None or now < self.reauthorize_by)
 
     def covers(self, user_id: str) -> bool:
         return user_id.lower() in self._ids

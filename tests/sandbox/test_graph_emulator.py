@@ -1,6 +1,7 @@
 """The Entra/Graph emulator behaves like the documented services: tokens (MSAL end to end),
 presence aggregation and limits, subscriptions with their handshake, notification delivery
-(basic and rich), lifecycle events, directory paging, and every fault switch."""
+(basic and rich), lifecycle events (sent by hand, and reauthorizationRequired after a revocation),
+directory paging, the presence throttles, and every fault switch."""
 
 from __future__ import annotations
 
@@ -797,6 +798,97 @@ def test_lifecycle_events(graph: GraphEmulator, receiver: Receiver) -> None:
     assert call(graph, "GET", f"/subscriptions/{sub['id']}", token).status_code == 404
 
 
+def _sign_in(graph: GraphEmulator, user: dict[str, Any]) -> tuple[msal.ConfidentialClientApplication, dict[str, Any]]:
+    """The user signs in to the test app (authorization code through MSAL): its tokens."""
+    app = msal.ConfidentialClientApplication(TEST_CLIENT_ID, client_credential=TEST_CLIENT_SECRET,
+                                             authority=f"{graph.base_url}/{graph.tenant_id}", instance_discovery=False)
+    flow = app.initiate_auth_code_flow(["Presence.Read.All"], redirect_uri="http://localhost/api/connect/microsoft/"
+                                       "callback", login_hint=user["userPrincipalName"], response_mode="form_post")
+    result = app.acquire_token_by_auth_code_flow(flow, _authorize(graph, flow))
+    assert "access_token" in result and "refresh_token" in result, result
+    return app, result
+
+
+def _posts_to(receiver: Receiver, route: str) -> list[Any]:
+    return [body for path, _, body in receiver.posts if path == route]
+
+
+def test_revoked_sessions_send_reauthorization_required_to_the_owners_subscriptions(
+        graph: GraphEmulator, receiver: Receiver) -> None:
+    alice, bob = graph.add_user(), graph.add_user()
+    sub = subscribe(graph, delegated_subscription_token(graph, alice), [alice["id"], bob["id"]], receiver).json()
+    subscribe(graph, delegated_subscription_token(graph, bob), [alice["id"]], receiver)  # bob's own, not revoked
+    graph.revoke_refresh_tokens(alice["id"])
+    graph.wait_for_deliveries()
+    (path, query, body), = receiver.posts
+    assert (path, query) == ("/api/graph/lifecycle", {"code": "fn-key"})
+    # learn.microsoft.com/graph/change-notifications-lifecycle-events, "Structure of a lifecycle notification".
+    assert body == {"value": [{
+        "subscriptionId": sub["id"], "subscriptionExpirationDateTime": sub["expirationDateTime"],
+        "tenantId": graph.tenant_id, "clientState": "state-123", "lifecycleEvent": "reauthorizationRequired",
+    }]}
+
+
+def test_after_a_revocation_delivery_pauses_until_reauthorized_with_a_fresh_token(
+        graph: GraphEmulator, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", graph.ca_bundle_path)
+    alice = graph.add_user(mail="alice@contoso.example")
+    msal_app, signed_in = _sign_in(graph, alice)
+    old_token = signed_in["access_token"]
+    sub = subscribe(graph, old_token, [alice["id"]], receiver).json()
+    assert graph.reauthorization_grace_s == 300
+
+    graph.revoke_refresh_tokens(alice["id"])
+    graph.clock.advance(250)  # within the grace: change notifications still flow
+    graph.set_teams_client(alice["id"], "Busy")
+    graph.wait_for_deliveries()
+    assert len(_posts_to(receiver, "/api/graph/notifications")) == 1
+    assert [b["value"][0]["lifecycleEvent"] for b in _posts_to(receiver, "/api/graph/lifecycle")] == [
+        "reauthorizationRequired"]
+
+    graph.clock.advance(60)  # past it: delivery pauses, the subscription stays
+    graph.set_teams_client(alice["id"], "DoNotDisturb")
+    graph.wait_for_deliveries()
+    assert len(_posts_to(receiver, "/api/graph/notifications")) == 1
+    assert call(graph, "GET", f"/subscriptions/{sub['id']}", old_token).status_code == 200
+
+    # The old sign-in cannot reauthorize: its refresh token is refused, and its access token
+    # (still unexpired) neither reauthorizes nor renews.
+    refreshed = msal_app.acquire_token_by_refresh_token(signed_in["refresh_token"], ["Presence.Read.All"])
+    assert refreshed.get("error") == "invalid_grant" and 50173 in refreshed["error_codes"]
+    stale = call(graph, "POST", f"/subscriptions/{sub['id']}/reauthorize", old_token)
+    assert stale.status_code == 401 and stale.json()["error"]["code"] == "InvalidAuthenticationToken"
+    assert call(graph, "PATCH", f"/subscriptions/{sub['id']}", old_token,
+                json={"expirationDateTime": iso_in(graph, 50 * 60)}).status_code == 401
+    graph.set_teams_client(alice["id"], "Away")
+    graph.wait_for_deliveries()
+    assert len(_posts_to(receiver, "/api/graph/notifications")) == 1
+
+    # Signing in again gives a token that reauthorizes: delivery resumes; what changed meanwhile is lost.
+    _, again = _sign_in(graph, alice)
+    assert call(graph, "POST", f"/subscriptions/{sub['id']}/reauthorize", again["access_token"]).status_code == 204
+    graph.wait_for_deliveries()
+    assert len(_posts_to(receiver, "/api/graph/notifications")) == 1
+    graph.set_teams_client(alice["id"], "Available")
+    graph.wait_for_deliveries()
+    assert len(_posts_to(receiver, "/api/graph/notifications")) == 2
+
+    # A renewal (PATCH) made with a token issued after the next revocation resumes delivery too.
+    graph.revoke_refresh_tokens(alice["id"])
+    graph.clock.advance(301)
+    graph.set_teams_client(alice["id"], "Busy")
+    graph.wait_for_deliveries()
+    assert len(_posts_to(receiver, "/api/graph/notifications")) == 2
+    _, third = _sign_in(graph, alice)
+    renewed = call(graph, "PATCH", f"/subscriptions/{sub['id']}", third["access_token"],
+                   json={"expirationDateTime": iso_in(graph, 50 * 60)})
+    assert renewed.status_code == 200, renewed.text
+    graph.set_teams_client(alice["id"], "DoNotDisturb")
+    graph.wait_for_deliveries()
+    assert len(_posts_to(receiver, "/api/graph/notifications")) == 3
+    assert len(_posts_to(receiver, "/api/graph/lifecycle")) == 2
+
+
 # ------------------------------------------------------------------------------------------
 # faults and throttling
 # ------------------------------------------------------------------------------------------
@@ -939,6 +1031,71 @@ def test_presence_throttle_forgets_stamps_from_a_clock_moved_back(graph: GraphEm
     assert codes == [200, 200, 429]
     graph.clock.reset()
     assert call(graph, "GET", f"/users/{uid}/presence", token).status_code == 200
+
+
+def test_get_presences_by_user_id_has_a_budget_of_its_own(graph: GraphEmulator) -> None:
+    # learn.microsoft.com/graph/api/cloudcommunications-getpresencesbyuserid: 1,500 per 30 s per app,
+    # within the 10,000 of every presence request. $batch throttles each of its requests on its own.
+    uid = graph.add_user()["id"]
+    token = app_token(graph)
+    read = {"method": "POST", "url": "/communications/getPresencesByUserId",
+            "headers": {"Content-Type": "application/json"}, "body": {"ids": [uid]}}
+    for n in range(75):  # 1,500 reads, 20 to a batch
+        batch = {"requests": [{"id": str(i), **read} for i in range(20)]}
+        answers = call(graph, "POST", "/$batch", token, json=batch).json()["responses"]
+        assert [a["status"] for a in answers] == [200] * 20, n
+    graph.clock.advance(10)
+    refused = call(graph, "POST", "/communications/getPresencesByUserId", token, json={"ids": [uid]})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "TooManyRequests"
+    retry_after = int(refused.headers["Retry-After"])  # whole seconds until the first read leaves the window
+    assert 1 <= retry_after <= 20
+    mixed = {"requests": [{"id": "1", **read}, {"id": "2", "method": "GET", "url": f"/users/{uid}/presence"}]}
+    answers = call(graph, "POST", "/$batch", token, json=mixed).json()["responses"]
+    assert [a["status"] for a in answers] == [429, 200] and int(answers[0]["headers"]["Retry-After"]) >= 1
+    assert call(graph, "GET", f"/users/{uid}/presence", token).status_code == 200  # single reads: not this budget
+    graph.clock.advance(retry_after)  # 30 s after the first reads: they have left the window
+    assert call(graph, "POST", "/communications/getPresencesByUserId", token, json={"ids": [uid]}).status_code == 200
+
+
+def test_bulk_presence_reads_count_in_both_windows_and_single_reads_in_one(graph: GraphEmulator) -> None:
+    uid = graph.add_user()["id"]
+    graph.presence_request_limit, graph.bulk_presence_read_limit = 6, 2
+    token = app_token(graph)
+
+    def bulk() -> requests.Response:
+        return call(graph, "POST", "/communications/getPresencesByUserId", token, json={"ids": [uid]})
+
+    def single() -> requests.Response:
+        return call(graph, "GET", f"/users/{uid}/presence", token)
+
+    assert [single().status_code for _ in range(3)] == [200] * 3
+    assert [bulk().status_code for _ in range(2)] == [200, 200]  # three single reads left the bulk budget alone
+    refused = bulk()  # its own budget is spent, with room left in the presence window (5 of 6)
+    assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 30
+    assert single().status_code == 200  # the refused read was not counted: 6 of 6
+    # 3 single + 2 bulk + 1 single: the bulk reads count in the presence window too.
+    full = single()
+    assert full.status_code == 429 and 1 <= int(full.headers["Retry-After"]) <= 30
+    graph.clock.advance(31)
+    assert bulk().status_code == 200 and single().status_code == 200
+
+
+def test_bulk_presence_budget_is_per_app_and_forgets_a_clock_moved_back(graph: GraphEmulator) -> None:
+    uid = graph.add_user()["id"]
+    other = str(uuid.uuid4())
+    graph.register_app(other, client_secret="s", application_permissions=["Presence.Read.All"])
+    graph.bulk_presence_read_limit = 1
+    token, other_token = app_token(graph), graph.issue_app_token(other)
+
+    def bulk(with_token: str) -> int:
+        return call(graph, "POST", "/communications/getPresencesByUserId", with_token, json={"ids": [uid]}).status_code
+
+    graph.clock.advance(1800)  # within the tokens' hour
+    assert [bulk(token), bulk(token), bulk(other_token)] == [200, 429, 200]
+    graph.clock.reset()
+    assert bulk(token) == 200
+    graph.reset()
+    assert graph.bulk_presence_read_limit == 1500
 
 
 def test_requests_are_recorded(graph: GraphEmulator) -> None:
