@@ -528,6 +528,35 @@ def test_group_restriction_and_opt_out_release_overlays_on_both_sides(world: Wor
     assert world.teams_shows(people[("opted_out", "z")]) == ("Available", "Available")  # still opted out
 
 
+def test_a_scope_run_reads_the_groups_once_and_judges_all_its_invocations_by_them(world: World, monkeypatch):
+    # A run over many links goes on in many invocations, a budget's worth of pages each. Reading the
+    # scope groups again in each would spend a budget on a group of 100,000 people every time, and
+    # a membership changing in between would judge one run's links by two memberships.
+    from shared import scopes
+
+    people = [_linked(world, f"p{i}") for i in range(4)]
+    group = str(uuid.uuid4())
+    world.graph.add_group(group, [p.entra_id for p in people[:2]])
+    monkeypatch.setattr(scopes, "_PAGE", 1)  # a link a page, a page an invocation
+    world.host.pause_queues()  # this test plays the queue itself
+    try:
+        assert world.admin("PUT", "scopes", json={"entra_group_ids": [group]}).status_code == 200
+        read_before = len(world.graph.requests_matching("GET", "/transitiveMembers"))
+        run = scopes.start_and_run("test", budget_s=0)
+        world.graph.add_group(group, [p.entra_id for p in people])  # everybody, from now on
+        invocations = 1
+        while run is not None and run.status == "running":
+            run = scopes.continue_run(run.run_id, budget_s=0)
+            invocations += 1
+        reads = len(world.graph.requests_matching("GET", "/transitiveMembers")) - read_before
+        in_scope = [bool(_link(world, p)["directions"]) for p in people]
+    finally:
+        world.host.resume_queues()
+    assert run is not None and run.status == "done" and invocations >= len(people)
+    assert reads == 1
+    assert in_scope == [True, True, False, False]  # as the groups were when the run read them
+
+
 def test_account_wide_direction_switch(world: World):
     ada = _linked(world, "ada")
     assert world.admin("PUT", "scopes", json={"zoom_to_teams": False}).status_code == 200
