@@ -768,3 +768,24 @@ def test_a_person_zoom_found_signed_out_gets_the_teams_state_once_they_sign_in(w
         world.wait_until(lambda: world.zoom_shows(person) == "Do_Not_Disturb", timeout=20, interval=0.2)
     assert [p["body"]["status"] for p in zoom_puts(world, person)] == ["Do_Not_Disturb"]
     assert world.host.poisoned == []
+
+
+def test_a_person_graph_will_not_read_keeps_no_one_else_in_their_shard_from_being_swept(world: World, caplog):
+    # Graph refuses a whole getPresencesByUserId with a bare 400 for some batches (users report it,
+    # microsoft-graph-docs-contrib#777; the emulator's switch plays it for one id). The sweep reads
+    # the shard again in halves: everyone else in it is swept, the one refused is named by count.
+    people = [world.add_person(f"s{i}") for i in range(8)]
+    refused = people[3]
+    world.graph.refused_presence_ids = {refused.entra_id.lower()}
+    caplog.set_level("WARNING", logger="shared.sweep")
+    with listening(world, "poll"):
+        reads_before = len(world.graph.requests_matching("POST", "getPresencesByUserId"))
+        for person in people:
+            world.graph.set_teams_client(person.entra_id, "Away", "Away")
+        propagate(world, "poll")
+        reads = len(world.graph.requests_matching("POST", "getPresencesByUserId")) - reads_before
+    assert [world.zoom_shows(p) for p in people if p is not refused] == ["Away"] * 7
+    assert world.zoom_shows(refused) == "Available"
+    assert reads <= 1 + 2 * 3  # the whole shard, then two halves at each of three levels at most
+    assert "Graph refused to read 1 of shard" in caplog.text
+    assert world.host.poisoned == []

@@ -1108,3 +1108,16 @@ def test_requests_are_recorded(graph: GraphEmulator) -> None:
     assert graph.requests_matching("GET", "/users")[-1].query == {"$top": "5"}
     graph.reset()
     assert graph.requests == []
+
+
+def test_a_bulk_read_naming_a_refused_id_is_refused_whole(graph: GraphEmulator) -> None:
+    # The switch plays Graph's bare 400 for a whole batch (microsoft-graph-docs-contrib#777).
+    first, second = graph.add_user()["id"], graph.add_user()["id"]
+    token = app_token(graph)
+    graph.refused_presence_ids = {second.lower()}
+    both = call(graph, "POST", "/communications/getPresencesByUserId", token, json={"ids": [first, second.upper()]})
+    assert both.status_code == 400 and both.json()["error"]["code"] == "BadRequest"
+    alone = call(graph, "POST", "/communications/getPresencesByUserId", token, json={"ids": [first]})
+    assert alone.status_code == 200 and [p["id"] for p in alone.json()["value"]] == [first]
+    graph.reset()
+    assert graph.refused_presence_ids == set()
