@@ -10,12 +10,14 @@ commit). An idle process reads at once, so a lone notification waits for nothing
 A read never starts before the ids it answers were asked for, so what it shows is no older
 than the notification that asked; its start time is returned as the report's timestamp. One
 read is in flight per process: a second would only shrink the batches. If Graph refuses a shared
-read (400 or 404), each caller retries its own ids alone, so one id Graph refuses cannot fail
-the others' messages; throttling and outages fail every caller, whose queues retry them.
+read (400 or 404), each caller reads its own ids again, in halves as far as it takes
+(:func:`read_splitting`), so one id Graph refuses cannot fail the others' messages, nor the others
+of its own; throttling and outages fail every caller, whose queues retry them.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -24,6 +26,8 @@ from collections.abc import Callable, Sequence
 from shared import graph_client
 from shared.errors import BadRequest, NotFound
 from shared.graph_client import PRESENCE_BATCH
+
+log = logging.getLogger(__name__)
 
 # Longer than a Graph call can take with its retries (shared.graph_client.GRAPH_POLICY, 20 s)
 # and the HTTP timeouts: past it the caller's message is retried by the queue.
@@ -63,12 +67,22 @@ class SharedPresenceReads:
         if not batch.done:
             self._lead(batch)
         if batch.error is not None:
-            if batch.callers == 1 or not isinstance(batch.error, (BadRequest, NotFound)):
+            if not isinstance(batch.error, (BadRequest, NotFound)):
                 # Throttling, outages and timeouts are the app's, not one id's: every caller
                 # retries through its queue.
                 raise batch.error
-            started = time.time()  # one of the others' ids may be what Graph refused
-            return self._call(wanted), started
+            # One id may be what Graph refused, or the batch (a bare 400): each caller reads its
+            # own ids again, in halves as far as it takes, and goes on without those refused alone.
+            started = time.time()
+            if batch.callers == 1 and len(wanted) == 1:
+                raise batch.error
+            found, _reads, refused = read_splitting(self._call, wanted, refused_whole=batch.callers == 1)
+            if len(refused) == len(wanted):
+                raise batch.error  # all of them: the message's retries, then its dead letter, say why
+            if refused:
+                log.warning("teams presence: Graph refused to read %d of %d people (each alone: 400 or 404); "
+                            "the others were read", len(refused), len(wanted))
+            return found, started
         return [batch.found[i] for i in wanted if i in batch.found], batch.started
 
     def _wait_for_turn_or_result(self, wanted: list[str]) -> _Batch:
@@ -115,6 +129,39 @@ class SharedPresenceReads:
         with self._cond:
             self.reads += 1
         return self._read(ids)
+
+
+# At most this many reads of one set of ids Graph refuses: enough to find two or three ids it will
+# not read among 650 (each costs ~10 halvings), few enough for Graph's read budget.
+MAX_SPLIT_READS = 40
+
+
+def read_splitting(read: Read, ids: Sequence[str], *, refused_whole: bool = False) -> tuple[list[dict], int, list[str]]:
+    """The presences of ``ids`` through ``read`` (≤ 650 ids a call), the calls it took, and the ids
+    Graph refused. A whole getPresencesByUserId Graph refuses with a 400 or 404 (users report bare
+    400s for some batches, microsoft-graph-docs-contrib#777; one id it cannot read may be the
+    cause) is read again in halves, so one person does not keep up to 649 others from being read.
+    Throttling and outages are raised, and so is a refusal that outlasts MAX_SPLIT_READS.
+    ``refused_whole``: Graph has just refused ``ids`` as they are; start from their halves."""
+    found: list[dict] = []
+    refused: list[str] = []
+    pending = [list(ids)]
+    if refused_whole and len(ids) > 1:
+        pending = [list(ids[len(ids) // 2:]), list(ids[:len(ids) // 2])]
+    reads = 0
+    while pending:
+        part = pending.pop()
+        if reads >= MAX_SPLIT_READS:
+            raise BadRequest(400, message=f"refused still after {reads} reads in halves")
+        reads += (len(part) + PRESENCE_BATCH - 1) // PRESENCE_BATCH
+        try:
+            found.extend(read(part))
+        except (BadRequest, NotFound):
+            if len(part) == 1:
+                refused.extend(part)
+            else:
+                pending += [part[len(part) // 2:], part[:len(part) // 2]]
+    return found, reads, refused
 
 
 _shared = SharedPresenceReads(lambda ids: graph_client.get_presences(ids))  # looked up per call

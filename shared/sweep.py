@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from shared import graph_client, names, storage, telemetry
 from shared.config import get_settings
 from shared.engine import Observed
-from shared.errors import BadRequest, NotFound, Throttled, VendorError
-from shared.graph_client import PRESENCE_BATCH
-from shared.presence_reads import read_presences
+from shared.errors import Throttled, VendorError
+from shared.presence_reads import read_presences, read_splitting
 from shared.queue_messages import OUTAGE_ROUND, dead_letter, is_outage, outage_round, retry_after_outage, rounds_used_up
 from shared.shards import Shard, read_shard, read_shards, save_shard
 from shared.sync import Outcome, handle_teams_presence
@@ -88,7 +87,7 @@ def _sweep(now: float | None, *, only_shard: int | None, force: bool) -> SweepRe
         # that write would be lost.
         read_at = time.time()
         try:
-            presences, reads, refused = _read_splitting(shard.ids)
+            presences, reads, refused = read_splitting(graph_client.get_presences, shard.ids)
         except Throttled as exc:
             # Respect Graph's throttling: stop this sweep; the next one continues where it must.
             log.warning("sweep: Graph throttled (Retry-After %.0fs); remaining shards wait for the next run",
@@ -123,36 +122,6 @@ def _sweep(now: float | None, *, only_shard: int | None, force: bool) -> SweepRe
     log.log(logging.INFO if report.changes else logging.DEBUG, "sweep: %d shards, %d read, %d Graph reads, %d changes",
             report.shards, report.swept, report.graph_reads, report.changes)
     return report
-
-
-# At most this many reads of one shard when Graph refuses its read: enough to find two or three ids
-# it will not read among 650 (each costs ~10 halvings), few enough for a sweep's budget.
-MAX_SPLIT_READS = 40
-
-
-def _read_splitting(ids: list[str]) -> tuple[list[dict], int, list[str]]:
-    """The presences of ``ids``, the Graph reads it took, and the ids Graph refused. A whole
-    getPresencesByUserId Graph refuses with a 400 (users report it for some batches with no detail,
-    microsoft-graph-docs-contrib#777; one id it cannot read may be the cause) is read again in
-    halves, so that one person does not keep a whole shard of 650 from being swept. Throttling and
-    outages are raised; a refusal that outlasts MAX_SPLIT_READS is raised too."""
-    found: list[dict] = []
-    refused: list[str] = []
-    pending = [list(ids)]
-    reads = 0
-    while pending:
-        part = pending.pop()
-        if reads >= MAX_SPLIT_READS:
-            raise BadRequest(400, message=f"refused still after {reads} reads in halves")
-        reads += (len(part) + PRESENCE_BATCH - 1) // PRESENCE_BATCH
-        try:
-            found.extend(graph_client.get_presences(part))
-        except (BadRequest, NotFound):
-            if len(part) == 1:
-                refused.extend(part)
-            else:
-                pending += [part[len(part) // 2:], part[:len(part) // 2]]
-    return found, reads, refused
 
 
 def _seq_of(presence: dict) -> str:

@@ -139,3 +139,13 @@ def test_a_lone_callers_failure_is_its_own():
     assert reads.reads == 1
     # The next read is not blocked by the failed one.
     assert [p["id"] for p in reads.read(["ok"])[0]] == ["OK"]
+
+
+def test_an_id_graph_refuses_among_a_callers_own_ids_holds_back_none_of_the_others():
+    # One message of many ids (a notification batch): Graph refuses the whole read for one of them.
+    # Read again in halves, the others are read; the one refused is left out, with a warning.
+    ids = [f"u{i}" for i in range(8)]
+    reads = SharedPresenceReads(FakeGraph(refuse="u5"))
+    found, _ = reads.read(ids)
+    assert sorted(p["id"] for p in found) == sorted(i.upper() for i in ids if i != "u5")
+    assert reads.reads == 1 + 2 * 3  # the read, then two halves at each of three levels (not the same read again)
