@@ -39,7 +39,16 @@ from shared import directory_runs as runs
 from shared import graph_client, logs, scopes, storage, zoom_client
 from shared.config import get_settings
 from shared.engine import ALL_DIRECTIONS, UserSync, keep_zoom_side
-from shared.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from shared.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    Throttled,
+    TokenError,
+    TransientVendorError,
+    Unauthorized,
+    VendorError,
+)
 from shared.links import (
     ENTRA_INDEX_TABLE,
     LINKS_TABLE,
@@ -1155,10 +1164,12 @@ def _enable_for_event(zoom_id: str, event_ts: int) -> str:
             return "stale"
         enabled = link.status == STATUS_DISABLED and link.disabled_reason in REACTIVATABLE
         blocked = ""
-        if enabled and link.entra_user_id:
+        if enabled and link.entra_user_id and link.origin == ORIGIN_MATCH:
             # The link has one disabled reason, and the Zoom user's was the last one set: the Teams
             # account may have been disabled or deleted meanwhile too (people leave on both sides),
-            # which matching would otherwise find only at its next run.
+            # which matching would otherwise find only at its next run. Only for a link matching
+            # made: its runs come back to enable it once the account is; a deployment linking by
+            # hand may run none, and an admin's or a person's link is enabled as before.
             if link.entra_user_id not in teams_side:
                 teams_side[link.entra_user_id] = _teams_account_unusable(link.entra_user_id)
             blocked = teams_side[link.entra_user_id]
@@ -1213,11 +1224,16 @@ def _teams_account_unusable(entra_id: str) -> str:
         user = graph_client.get_user(entra_id, "id,accountEnabled")
     except NotFound:
         return "entra_not_found"
-    except Forbidden:
-        # Without User.Read.All (links made by hand, docs/deploy.md) there is nothing to look at:
-        # enabled, as the Zoom user is; a Teams account gone shows as the link's error on its write.
-        log.warning("matching: the Teams account of Entra user %s could not be checked (Graph refused: "
-                    "User.Read.All?); its link is enabled with its Zoom user", entra_id)
+    except (Throttled, TransientVendorError):
+        raise  # the event's queue retries it
+    except (VendorError, TokenError) as exc:
+        if isinstance(exc, TokenError) and exc.transient:
+            raise
+        # Refused (a permission the app lacks, its credentials): nothing to look at. Enabled with
+        # its Zoom user, as before this check; a Teams account gone shows as the link's error on
+        # its first write, and the next run judges it.
+        log.warning("matching: the Teams account of Entra user %s could not be checked (%s); its link is "
+                    "enabled with its Zoom user", entra_id, exc)
         return ""
     return "entra_disabled" if user.get("accountEnabled") is False else ""
 

@@ -54,15 +54,16 @@ class SharedPresenceReads:
         self._in_flight = False
         self.reads = 0  # Graph calls made (tests and the benchmark count them)
 
-    def read(self, ids: Sequence[str]) -> tuple[list[dict], float]:
-        """The presences of ``ids`` (unknown ids absent) and when the read that got them began."""
+    def read(self, ids: Sequence[str]) -> tuple[list[dict], float, list[str]]:
+        """The presences of ``ids`` (unknown ids absent), when the read that got them began, and
+        the ids Graph refused to read, each alone (the caller queues them to be retried alone)."""
         wanted = list(dict.fromkeys(str(i).lower() for i in ids))
         if not wanted:
-            return [], time.time()
+            return [], time.time(), []
         if len(wanted) > PRESENCE_BATCH:
             # A message holds at most 650 ids; more can only come from a direct caller.
             started = time.time()
-            return self._call(wanted), started
+            return self._call(wanted), started, []
         batch = self._wait_for_turn_or_result(wanted)
         if not batch.done:
             self._lead(batch)
@@ -80,10 +81,10 @@ class SharedPresenceReads:
             if len(refused) == len(wanted):
                 raise batch.error  # all of them: the message's retries, then its dead letter, say why
             if refused:
-                log.warning("teams presence: Graph refused to read %d of %d people (each alone: 400 or 404); "
-                            "the others were read", len(refused), len(wanted))
-            return found, started
-        return [batch.found[i] for i in wanted if i in batch.found], batch.started
+                log.warning("teams presence: Graph refused to read %d of %d people, each alone (400 or 404): %s; "
+                            "the others were read", len(refused), len(wanted), ", ".join(refused[:10]))
+            return found, started, refused
+        return [batch.found[i] for i in wanted if i in batch.found], batch.started, []
 
     def _wait_for_turn_or_result(self, wanted: list[str]) -> _Batch:
         deadline = time.monotonic() + WAIT_SECONDS
@@ -131,17 +132,19 @@ class SharedPresenceReads:
         return self._read(ids)
 
 
-# At most this many reads of one set of ids Graph refuses: enough to find two or three ids it will
-# not read among 650 (each costs ~10 halvings), few enough for Graph's read budget.
-MAX_SPLIT_READS = 40
+# At most this many reads of one set of ids Graph refuses: enough to find one id it will not read
+# among 650 (two reads a halving, ~20 in all). A refusal that outlasts it is more than one person's
+# (several ids, or Graph refusing whatever it is asked): given up, not worth the read budget.
+MAX_SPLIT_READS = 24
 
 
-def read_splitting(read: Read, ids: Sequence[str], *, refused_whole: bool = False) -> tuple[list[dict], int, list[str]]:
+def read_splitting(read: Read, ids: Sequence[str], *, refused_whole: bool = False,
+                   max_reads: int = MAX_SPLIT_READS) -> tuple[list[dict], int, list[str]]:
     """The presences of ``ids`` through ``read`` (≤ 650 ids a call), the calls it took, and the ids
     Graph refused. A whole getPresencesByUserId Graph refuses with a 400 or 404 (users report bare
     400s for some batches, microsoft-graph-docs-contrib#777; one id it cannot read may be the
     cause) is read again in halves, so one person does not keep up to 649 others from being read.
-    Throttling and outages are raised, and so is a refusal that outlasts MAX_SPLIT_READS.
+    Throttling and outages are raised, and so is a refusal that outlasts ``max_reads``.
     ``refused_whole``: Graph has just refused ``ids`` as they are; start from their halves."""
     found: list[dict] = []
     refused: list[str] = []
@@ -151,7 +154,7 @@ def read_splitting(read: Read, ids: Sequence[str], *, refused_whole: bool = Fals
     reads = 0
     while pending:
         part = pending.pop()
-        if reads >= MAX_SPLIT_READS:
+        if reads >= max_reads:
             raise BadRequest(400, message=f"refused still after {reads} reads in halves")
         reads += (len(part) + PRESENCE_BATCH - 1) // PRESENCE_BATCH
         try:
@@ -167,6 +170,7 @@ def read_splitting(read: Read, ids: Sequence[str], *, refused_whole: bool = Fals
 _shared = SharedPresenceReads(lambda ids: graph_client.get_presences(ids))  # looked up per call
 
 
-def read_presences(ids: Sequence[str]) -> tuple[list[dict], float]:
-    """Presences of ``ids`` read app-only, sharing the read with concurrent callers."""
+def read_presences(ids: Sequence[str]) -> tuple[list[dict], float, list[str]]:
+    """Presences of ``ids`` read app-only, sharing the read with concurrent callers (see
+    :meth:`SharedPresenceReads.read`)."""
     return _shared.read(ids)

@@ -818,7 +818,15 @@ def _lifecycle_event(sub_id: str, event: str) -> str:
             # page): the cached one may predate what caused the challenge (sessions revoked, a
             # password reset), and a renewal Graph took with it would leave the subscription
             # paused. A refresh the grant no longer allows marks the account broken here.
-            run.token(account, refresh=True)
+            try:
+                run.token(account, refresh=True)
+            except TokenError as exc:
+                if exc.transient:
+                    raise
+                # Refused for the app's own credentials (an expired client secret, say), not this
+                # account's grant: no fresh token for anyone; renewed with the one held, as before.
+                log.warning("subscriptions: no fresh token for account %s before reauthorizing %s (%s); "
+                            "renewing with the one held", account, sub_id, exc)
             body = run.renew(account, sub_id)
         except (Throttled, TransientVendorError):
             raise  # Graph is busy or down, the subscription may well be fine: the queue retries the renewal

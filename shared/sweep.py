@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from shared import graph_client, names, storage, telemetry
 from shared.config import get_settings
 from shared.engine import Observed
-from shared.errors import Throttled, VendorError
-from shared.presence_reads import read_presences, read_splitting
+from shared.errors import BadRequest, NotFound, Throttled, VendorError
+from shared.presence_reads import MAX_SPLIT_READS, read_presences, read_splitting
 from shared.queue_messages import OUTAGE_ROUND, dead_letter, is_outage, outage_round, retry_after_outage, rounds_used_up
 from shared.shards import Shard, read_shard, read_shards, save_shard
 from shared.sync import Outcome, handle_teams_presence
@@ -72,6 +72,7 @@ def _sweep(now: float | None, *, only_shard: int | None, force: bool) -> SweepRe
         shards = [one] if one is not None else []
     else:
         shards = sorted(read_shards(), key=lambda s: (s.last_swept_at, s.number))
+    split_reads = MAX_SPLIT_READS
     for shard in shards:
         report.shards += 1
         if not shard.ids:
@@ -87,7 +88,7 @@ def _sweep(now: float | None, *, only_shard: int | None, force: bool) -> SweepRe
         # that write would be lost.
         read_at = time.time()
         try:
-            presences, reads, refused = read_splitting(graph_client.get_presences, shard.ids)
+            presences, reads, refused = read_splitting(graph_client.get_presences, shard.ids, max_reads=split_reads)
         except Throttled as exc:
             # Respect Graph's throttling: stop this sweep; the next one continues where it must.
             log.warning("sweep: Graph throttled (Retry-After %.0fs); remaining shards wait for the next run",
@@ -96,11 +97,17 @@ def _sweep(now: float | None, *, only_shard: int | None, force: bool) -> SweepRe
             break
         except VendorError as exc:
             log.warning("sweep: reading shard %s failed: %s", shard.number, exc)
+            if isinstance(exc, (BadRequest, NotFound)):
+                # Refused beyond one person's worth of halving: likely Graph refusing whatever it is
+                # asked this run. The other shards get one read each, not a budget's worth.
+                split_reads = 1
             continue
         report.graph_reads += reads
         if refused:
-            log.warning("sweep: Graph refused to read %d of shard %s's %d people (each alone: 400 or 404); the "
-                        "others were read", len(refused), shard.number, len(shard.ids))
+            # Named (Entra object ids), since no message carries them to a dead letter: the sweep
+            # tries them again on its next run, and their pushed changes are read alone.
+            log.warning("sweep: Graph refused to read %d of shard %s's %d people, each alone (400 or 404): %s; "
+                        "the others were read", len(refused), shard.number, len(shard.ids), ", ".join(refused[:10]))
         report.swept += 1
         changed = [p for p in presences if _is_change(shard, p)]
         # Ordered by sequenceNumber where present (the engine also drops older reports).
@@ -162,8 +169,13 @@ def handle_teams_message(message: dict) -> list[Outcome]:
         ids = [str(i) for i in message["ids"]]
         # Shared with the notifications being handled alongside; timed from when that read
         # began, so what it shows is no older than the report's timestamp.
-        presences, read_at = read_presences(ids)
+        presences, read_at, refused = read_presences(ids)
         ts_ms = int(read_at * 1000)
+        for entra_id in refused:
+            # Read alone again by a message of its own: retried, then dead-lettered with Graph's
+            # refusal as the reason, instead of dropped with the batch the others were read in.
+            storage.enqueue(names.TEAMS_PRESENCE_QUEUE, telemetry.inject(
+                {"kind": "teams_ids", "ids": [entra_id], "source": "refused_in_batch", "cid": uuid.uuid4().hex}))
     elif kind == "teams_presences":
         presences = list(message["presences"])
         read_at = float(message.get("read_at") or time.time())

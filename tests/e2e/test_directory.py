@@ -656,17 +656,22 @@ def test_lifecycle_webhooks_disable_and_enable_links(world: World):
     assert _link(world, ada)["status"] == "active"
 
 
-@pytest.mark.parametrize("teams_side", ["disabled", "deleted"])
+@pytest.mark.parametrize("teams_side", ["disabled", "deleted", "disabled, admin's link"])
 def test_a_zoom_user_activated_again_stays_disabled_while_its_teams_account_is_gone(world: World, teams_side,
                                                                                    caplog):
     # People leave on both sides: Zoom deactivates ada's user, Entra disables (or deletes) her account.
     # The link keeps one reason, Zoom's, the last set; when Zoom activates the user again (a licence
-    # reassigned, say) the link must not sync a Teams account that cannot be synced until the next run.
+    # reassigned, say) a link matching made must not sync a Teams account that cannot be synced until
+    # the next run, whose job enabling it again then is. An admin's link (a deployment linking by
+    # hand may run no matching) is enabled with its Zoom user, as before.
     ada = directory_person(world, "ada")
-    run_matching(world)
+    if teams_side.endswith("admin's link"):
+        assert world.admin("PUT", f"links/{ada.zoom_api_id}", json={"entra_user_id": ada.entra_id}).status_code == 200
+    else:
+        run_matching(world)
     world.zoom.deactivate_user(ada.zoom_id)
     world.settle()
-    if teams_side == "disabled":
+    if teams_side.startswith("disabled"):
         world.graph.update_user(ada.entra_id, accountEnabled=False)
     else:
         world.graph.delete_user(ada.entra_id)
@@ -674,6 +679,10 @@ def test_a_zoom_user_activated_again_stays_disabled_while_its_teams_account_is_g
         world.zoom.activate_user(ada.zoom_id)
         world.settle()
     link = _link(world, ada)
+    if teams_side.endswith("admin's link"):
+        assert (link["status"], link["disabled_reason"]) == ("active", None)
+        assert "its Teams account is" not in caplog.text
+        return
     reason = "entra_disabled" if teams_side == "disabled" else "entra_not_found"
     assert (link["status"], link["disabled_reason"]) == ("disabled", reason)
     assert caplog.text.count(f"its Teams account is {'disabled' if teams_side == 'disabled' else 'gone'}") == 1

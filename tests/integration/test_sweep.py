@@ -4,6 +4,7 @@ and what the changes it queues do to a person's record."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -89,3 +90,50 @@ def test_a_change_read_after_our_write_is_timed_by_its_shard_s_read_not_by_the_r
     assert link.sync.teams_overlay is None and link.sync.teams_yielded == source
     assert link.teams_shows == "Available/Available" and link.sync.teams_seen_seq == "0002"
     assert writes == []
+
+
+def test_a_person_graph_will_not_read_among_a_notification_batch_is_queued_alone_to_be_retried(sweep_env,
+                                                                                                monkeypatch):
+    # Graph refuses the whole read of a batch for one id in it. The others are read and applied;
+    # the one refused is not dropped with the batch but queued alone, where its own retries and then
+    # its dead letter (naming Graph's refusal) follow.
+    from shared import queue_messages
+    from shared.errors import BadRequest
+    from shared.presence_reads import _shared
+
+    def get_presences(ids):
+        if "bad" in ids:
+            raise BadRequest(400, "BadRequest", "Bad request.")
+        return [_presence(i) for i in ids]
+
+    monkeypatch.setattr(_shared, "_read", get_presences)
+    outcomes = sweep.handle_teams_message({"kind": "teams_ids", "ids": ["e1", "bad", "e2"], "cid": "c1"})
+    assert len(outcomes) == 2  # e1 and e2 (not linked here: nothing to write, but each was read)
+    [(queue_name, alone)] = sweep_env
+    assert queue_name == names.TEAMS_PRESENCE_QUEUE
+    assert (alone["kind"], alone["ids"], alone["source"]) == ("teams_ids", ["bad"], "refused_in_batch")
+    body = json.dumps(alone).encode()
+    with pytest.raises(BadRequest):  # its last attempt: the host moves it to the poison queue
+        queue_messages.run_queue_message(names.TEAMS_PRESENCE_QUEUE, body, queue_messages.MAX_DEQUEUE_COUNT,
+                                         sweep.handle_teams_message, outage_retries=True)
+
+
+def test_a_graph_refusing_every_read_costs_one_shard_s_halving_and_a_read_for_each_other(sweep_env, monkeypatch):
+    # Not one person's refusal but Graph refusing whatever it is asked: the first shard's halving
+    # gives up at its cap, and the run's other shards are read once each, not halved too.
+    from shared.errors import BadRequest
+    from shared.presence_reads import MAX_SPLIT_READS
+
+    for number in range(3):
+        save_shard(Shard(number, ids=[f"e{number}-{i}" for i in range(650)]))
+    calls = []
+
+    def refuse(ids):
+        calls.append(len(ids))
+        raise BadRequest(400, "BadRequest", "Bad request.")
+
+    monkeypatch.setattr(graph_client, "get_presences", refuse)
+    report = sweep.sweep(1_900_000_000.0)
+    assert len(calls) == MAX_SPLIT_READS + 2
+    assert report.swept == 0 and sweep_env == []
+    assert all(s.last_swept_at == 0 for s in read_shards())  # first in line next run

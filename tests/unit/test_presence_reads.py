@@ -86,9 +86,9 @@ def test_a_lone_read_goes_out_at_once_with_its_own_ids():
     graph = FakeGraph()
     reads = SharedPresenceReads(graph)
     before = time.time()
-    presences, started = reads.read(["A1", "a1", "b2"])
+    presences, started, refused = reads.read(["A1", "a1", "b2"])
     assert graph.calls == [["a1", "b2"]]  # duplicates asked once, ids compared without case
-    assert [p["id"] for p in presences] == ["A1", "B2"]
+    assert [p["id"] for p in presences] == ["A1", "B2"] and refused == []
     assert before <= started <= graph.started_at[0]
     assert reads.reads == 1
 
@@ -146,6 +146,7 @@ def test_an_id_graph_refuses_among_a_callers_own_ids_holds_back_none_of_the_othe
     # Read again in halves, the others are read; the one refused is left out, with a warning.
     ids = [f"u{i}" for i in range(8)]
     reads = SharedPresenceReads(FakeGraph(refuse="u5"))
-    found, _ = reads.read(ids)
+    found, _, refused = reads.read(ids)
     assert sorted(p["id"] for p in found) == sorted(i.upper() for i in ids if i != "u5")
+    assert refused == ["u5"]  # for the caller to queue alone: retried, then dead-lettered with the reason
     assert reads.reads == 1 + 2 * 3  # the read, then two halves at each of three levels (not the same read again)
