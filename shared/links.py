@@ -534,18 +534,18 @@ def _claim_in_progress(entity: dict | None, holder_link: Link | None, entra: str
 def repair_entra_index(entra_user_id: str, zoom_user_id: str, listed_holder: str) -> bool:
     """Point the Teams account's index entry at ``zoom_user_id`` for a matching run that judged,
     from its listing of the index (the entry then named ``listed_holder``, "" for none), that this
-    link is the account's rightful holder. Only if the entry is still as listed and no claim on it is
-    in progress: one changed since (an admin's save claiming the account for another link once this
-    one was deactivated, say) is not the listing's to judge, and is left to the next run. False
-    when left."""
+    link is the account's rightful holder. Only if the entry is still as listed, or gone (the run
+    re-pointing its holder deletes it), and no claim on it is in progress: one changed since (an
+    admin's save claiming the account for another link once this one was deactivated, say) is not
+    the listing's to judge, and is left to the next run. False when left."""
     entra, zoom = entra_user_id.lower(), zoom_user_id.lower()
     entity, etag = storage.read_entity(ENTRA_INDEX_TABLE, entra, ROW)
     holder = str((entity or {}).get("zoom_user_id") or "")
     if holder == zoom:
         _index_cache.put(entra, zoom)
         return True
-    if holder != listed_holder.lower():
-        return False
+    if holder and holder != listed_holder.lower():
+        return False  # (none at all: nobody's claim, whatever the listing saw; inserted if still absent)
     if holder and _claim_in_progress(entity, read_link(holder)[0], entra):
         return False
     try:

@@ -353,3 +353,20 @@ def test_a_claimed_write_whose_answer_was_lost_keeps_its_claim_only_if_it_landed
             links.write_claimed_link(link, None, claim)
     assert zoom_id_for_entra(landed[1], fresh=True) == landed[0]  # the link is there: so is its claim
     assert zoom_id_for_entra(lost[1], fresh=True) is None  # given back
+
+
+def test_a_run_repairs_an_index_entry_only_as_it_listed_it_or_gone(claims_env):
+    # As the run listed it: repaired. Gone since (the run's own re-point of its holder deletes it):
+    # repaired too, nobody claims an entry by deleting it. Naming another link since: left.
+    from shared.links import _delete_index_if_points_to, index_entra, repair_entra_index
+
+    entra = str(uuid.uuid4())
+    index_entra(entra, "z-listed")
+    assert repair_entra_index(entra, "z-owner", "z-listed") is True
+    assert zoom_id_for_entra(entra, fresh=True) == "z-owner"
+    _delete_index_if_points_to(entra, "z-owner")
+    assert repair_entra_index(entra, "z-owner", "z-listed") is True
+    assert zoom_id_for_entra(entra, fresh=True) == "z-owner"
+    index_entra(entra, "z-admin")  # claimed for another link since the listing
+    assert repair_entra_index(entra, "z-owner", "z-listed") is False
+    assert zoom_id_for_entra(entra, fresh=True) == "z-admin"
