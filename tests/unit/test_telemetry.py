@@ -328,6 +328,7 @@ def test_every_path_the_vendor_clients_call_is_recorded_without_its_ids(vendor_b
         "clear_user_preferred_presence": lambda: graph.clear_user_preferred_presence(GRAPH_ID),
         "get_presence": lambda: graph.get_presence(GRAPH_ID),
         "get_presences": lambda: graph.get_presences([GRAPH_ID]),
+        "get_user": lambda: graph.get_user(GRAPH_ID, "id,accountEnabled"),
         "list_users": lambda: list(graph.list_users("id")),
         "transitive_member_ids": lambda: list(graph.transitive_member_ids(GRAPH_ID)),
         "create_subscription": lambda: graph.create_subscription({}, "token"),
@@ -352,7 +353,7 @@ def test_every_path_the_vendor_clients_call_is_recorded_without_its_ids(vendor_b
     assert {op for vendor, op in operations if vendor == "graph"} == {
         "POST /users/{id}/presence/setPresence", "POST /users/{id}/presence/clearPresence",
         "POST /users/{id}/presence/setUserPreferredPresence", "POST /users/{id}/presence/clearUserPreferredPresence",
-        "GET /users/{id}/presence", "POST /communications/getPresencesByUserId", "GET /users",
+        "GET /users/{id}/presence", "POST /communications/getPresencesByUserId", "GET /users", "GET /users/{id}",
         "GET /groups/{id}/transitiveMembers", "POST /subscriptions", "PATCH /subscriptions/{id}",
         "DELETE /subscriptions/{id}", "GET /subscriptions"}
 
