@@ -95,12 +95,21 @@ class _Result:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _presence_read_api(method: str, low: list[str]) -> str | None:
+    """Which presence read API a call is (each has its own 1,500 / 30 s), or None for the others."""
+    if method == "POST" and low == ["communications", "getpresencesbyuserid"]:
+        return "getPresencesByUserId"
+    if method == "GET" and (low[-1:] == ["presence"] or low[:2] == ["communications", "presences"]):
+        return "presence-get"
+    return None
+
+
 class GraphEmulator:
     """Entra ID and Microsoft Graph (users, groups, presence, subscriptions) on loopback HTTPS."""
 
     def __init__(self, *, clock: Clock | None = None, tenant_id: str = DEFAULT_TENANT_ID, host: str = "127.0.0.1",
                  port: int = 0, tenant_domain: str = DEFAULT_TENANT_DOMAIN, presence_request_limit: int = 10000,
-                 presence_window_s: float = 30.0, bulk_presence_read_limit: int = 1500,
+                 presence_window_s: float = 30.0, presence_read_limit: int = 1500,
                  delivery_timeout_s: float = 3.0, delivery_workers: int = 1, handshake_timeout_s: float = 10.0,
                  reauthorization_grace_s: float = 300.0) -> None:
         self.clock = clock or Clock()
@@ -109,13 +118,15 @@ class GraphEmulator:
         self.host, self._port = host, port
         # Graph presence throttling: 10,000 requests per 30 s per app per tenant
         # (learn.microsoft.com/graph/throttling-limits, "Presence service limits"); and, on top of
-        # it, getPresencesByUserId's own page still says 1,500 per 30 s (API-FACTS §8;
-        # learn.microsoft.com/graph/api/cloudcommunications-getpresencesbyuserid): both apply.
-        self._limits = (presence_request_limit, presence_window_s, bulk_presence_read_limit)
-        self.presence_request_limit, self.presence_window_s, self.bulk_presence_read_limit = self._limits
+        # it, each read API's own page still says 1,500 per 30 s "for this API" (API-FACTS §8;
+        # learn.microsoft.com/graph/api/cloudcommunications-getpresencesbyuserid for the bulk read,
+        # .../presence-get for GET /users/{id}/presence, /me/presence, /communications/presences):
+        # all apply, each read API counted on its own.
+        self._limits = (presence_request_limit, presence_window_s, presence_read_limit)
+        self.presence_request_limit, self.presence_window_s, self.presence_read_limit = self._limits
         # After a revocation, how long change notifications still flow before they pause: the
         # lifecycle page says only "may continue for a while" (see _require_reauthorization).
-        self.reauthorization_grace_s = reauthorization_grace_s
+        self.reauthorization_grace_s = self._reauthorization_grace_s = reauthorization_grace_s
         # What a reauthorize or renewal made with a token from before the revocation gets: the page
         # names no answer. "refused" (401, the default) or "accepted": answered as done while the
         # subscription stays paused, the worse case for a client (see _reauthorize).
@@ -139,7 +150,7 @@ class GraphEmulator:
         self._scheduled: dict[str, float] = {}
         self._subs: dict[str, SubscriptionRecord] = {}
         self._presence_calls: dict[str, collections.deque[float]] = {}
-        self._bulk_presence_calls: dict[str, collections.deque[float]] = {}
+        self._presence_read_calls: dict[tuple[str, str], collections.deque[float]] = {}  # (API, app)
         self._handshakes: list[Delivery] = []
         self._seq = itertools.count(1)
         self.entra = Entra(self)
@@ -210,10 +221,11 @@ class GraphEmulator:
             self._scheduled.clear()
             self._subs.clear()
             self._presence_calls.clear()
-            self._bulk_presence_calls.clear()
+            self._presence_read_calls.clear()
             self._handshakes.clear()
             self.entra.reset()
-            self.presence_request_limit, self.presence_window_s, self.bulk_presence_read_limit = self._limits
+            self.presence_request_limit, self.presence_window_s, self.presence_read_limit = self._limits
+            self.reauthorization_grace_s = self._reauthorization_grace_s
             self.stale_token_reauthorization = "refused"
             self.refused_presence_ids = set()
         self._log.clear()
@@ -850,15 +862,15 @@ class GraphEmulator:
         raise GraphError(403, code, "Insufficient privileges to complete the operation. API requires one of "
                          f"'{', '.join(wanted)}'. Scopes on the request '{' '.join(sorted(p.scopes))}'.")
 
-    def _check_presence_throttle(self, p: Principal, bulk: bool) -> None:
-        """The presence window, and for getPresencesByUserId its own one too: a call refused by
-        either counts in neither (nothing was served)."""
+    def _check_presence_throttle(self, p: Principal, read_api: str | None) -> None:
+        """The presence window, and for a read its API's own one too: a call refused by either
+        counts in neither (nothing was served)."""
         now = self.clock.now()
         client = p.client_id.lower()
         windows = [(self._presence_window(self._presence_calls, client, now), self.presence_request_limit)]
-        if bulk:
-            windows.append((self._presence_window(self._bulk_presence_calls, client, now),
-                            self.bulk_presence_read_limit))
+        if read_api:
+            windows.append((self._presence_window(self._presence_read_calls, (read_api, client), now),
+                            self.presence_read_limit))
         full = [window for window, limit in windows if len(window) >= limit]
         if full:
             # Whole seconds until the oldest call of each full window leaves it.
@@ -868,9 +880,8 @@ class GraphEmulator:
         for window, _ in windows:
             window.append(now)
 
-    def _presence_window(self, calls: dict[str, collections.deque[float]], client: str,
-                         now: float) -> collections.deque[float]:
-        window = calls.setdefault(client, collections.deque())
+    def _presence_window(self, calls: dict, key: Any, now: float) -> collections.deque[float]:
+        window = calls.setdefault(key, collections.deque())
         if window and window[-1] > now:
             # The clock was moved back (a test reset it): stamps from its future count for nothing.
             window.clear()
@@ -886,7 +897,7 @@ class GraphEmulator:
         with self._lock:
             self._process_due()
             if any("presence" in s for s in low):
-                self._check_presence_throttle(p, bulk=low == ["communications", "getpresencesbyuserid"])
+                self._check_presence_throttle(p, _presence_read_api(method, low))
             return self._route_graph(p, method, segs, low, args, body)
 
     def _route_graph(self, p: Principal, method: str, segs: list[str], low: list[str], args: dict[str, str],
@@ -1041,7 +1052,7 @@ class GraphEmulator:
         if len(ids) > MAX_PRESENCE_IDS:
             raise GraphError(400, "BadRequest", f"The number of ids ({len(ids)}) exceeds the maximum of "
                              f"{MAX_PRESENCE_IDS}.")
-        if self.refused_presence_ids & {i.lower() for i in ids}:
+        if {r.lower() for r in self.refused_presence_ids} & {i.lower() for i in ids}:
             raise GraphError(400, "BadRequest", "Bad request.")
         values = []
         for i in ids:
@@ -1198,6 +1209,14 @@ class GraphEmulator:
                 encryption_certificate_id=body.get("encryptionCertificateId") if rich else None, cert=cert,
             )
             self._subs[sub.id] = sub
+            current = self.entra.rt_generation.get((p.user_id or "").lower(), 0)
+            issued = self.entra.issued_generation(p.token_id)
+            if p.user_id and current and (issued is None or issued < current):
+                # Made with an access token from before its owner's sessions were revoked (still
+                # valid until it expires): it needs reauthorizing like those made before.
+                sub.reauthorize_generation = current
+                sub.reauthorize_by = self.clock.now() + self.reauthorization_grace_s
+                self._send_lifecycle(sub, "reauthorizationRequired")
             return _Result(201, sub.to_json(self._sub_context()))
 
     def _check_duplicate(self, p: Principal) -> None:

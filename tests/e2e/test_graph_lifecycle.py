@@ -112,6 +112,8 @@ def test_a_revoked_holder_loses_the_shard_to_another_account_and_push_goes_on(sh
             assert (subs["active"], subs["on_poll"]) == (1, 0)
             assert subs["items"][0]["account"] == spare and subs["items"][0]["healthy"]
 
+            assert [s.id.lower() for s in owned_by(world, holder)] == [old_id]  # Graph's to expire
+
             # Past Graph's grace the old subscription is paused; the new one carries the change.
             world.graph.clock.advance(GRACE_S + 1)
             sweeps = invocations(world, "presence_sweep")

@@ -889,6 +889,30 @@ def test_after_a_revocation_delivery_pauses_until_reauthorized_with_a_fresh_toke
     assert len(_posts_to(receiver, "/api/graph/lifecycle")) == 2
 
 
+def test_a_subscription_made_with_a_token_from_before_the_revocation_needs_reauthorizing_too(
+        graph: GraphEmulator, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Deleted and made again with the old, still unexpired access token: no way round the pause.
+    # With the switch set to "accepted", a stale-token reauthorize is answered 204 and changes nothing.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", graph.ca_bundle_path)
+    alice = graph.add_user(mail="alice@contoso.example")
+    _, signed_in = _sign_in(graph, alice)
+    old_token = signed_in["access_token"]
+    first = subscribe(graph, old_token, [alice["id"]], receiver).json()
+    graph.revoke_refresh_tokens(alice["id"])
+    assert call(graph, "DELETE", f"/subscriptions/{first['id']}", old_token).status_code == 204
+    again = subscribe(graph, old_token, [alice["id"]], receiver).json()
+    graph.wait_for_deliveries()
+    told = [b["value"][0] for b in _posts_to(receiver, "/api/graph/lifecycle")]
+    assert [(t["subscriptionId"], t["lifecycleEvent"]) for t in told] == [
+        (first["id"], "reauthorizationRequired"), (again["id"], "reauthorizationRequired")]
+    graph.stale_token_reauthorization = "accepted"
+    assert call(graph, "POST", f"/subscriptions/{again['id']}/reauthorize", old_token).status_code == 204
+    graph.clock.advance(301)
+    graph.set_teams_client(alice["id"], "Busy")
+    graph.wait_for_deliveries()
+    assert _posts_to(receiver, "/api/graph/notifications") == []  # paused all the same
+
+
 # ------------------------------------------------------------------------------------------
 # faults and throttling
 # ------------------------------------------------------------------------------------------
@@ -1052,14 +1076,16 @@ def test_get_presences_by_user_id_has_a_budget_of_its_own(graph: GraphEmulator) 
     mixed = {"requests": [{"id": "1", **read}, {"id": "2", "method": "GET", "url": f"/users/{uid}/presence"}]}
     answers = call(graph, "POST", "/$batch", token, json=mixed).json()["responses"]
     assert [a["status"] for a in answers] == [429, 200] and int(answers[0]["headers"]["Retry-After"]) >= 1
-    assert call(graph, "GET", f"/users/{uid}/presence", token).status_code == 200  # single reads: not this budget
+    assert call(graph, "GET", f"/users/{uid}/presence", token).status_code == 200  # single reads: a budget of their own
     graph.clock.advance(retry_after)  # 30 s after the first reads: they have left the window
     assert call(graph, "POST", "/communications/getPresencesByUserId", token, json={"ids": [uid]}).status_code == 200
 
 
-def test_bulk_presence_reads_count_in_both_windows_and_single_reads_in_one(graph: GraphEmulator) -> None:
+def test_each_presence_read_api_has_its_own_budget_and_all_count_in_the_presence_window(graph: GraphEmulator) -> None:
+    # The pages of getPresencesByUserId and of presence-get each give 1,500 / 30 s "for this API";
+    # the throttling-limits page 10,000 / 30 s for every presence request (writes too).
     uid = graph.add_user()["id"]
-    graph.presence_request_limit, graph.bulk_presence_read_limit = 6, 2
+    graph.presence_request_limit, graph.presence_read_limit = 7, 3
     token = app_token(graph)
 
     def bulk() -> requests.Response:
@@ -1069,12 +1095,13 @@ def test_bulk_presence_reads_count_in_both_windows_and_single_reads_in_one(graph
         return call(graph, "GET", f"/users/{uid}/presence", token)
 
     assert [single().status_code for _ in range(3)] == [200] * 3
-    assert [bulk().status_code for _ in range(2)] == [200, 200]  # three single reads left the bulk budget alone
-    refused = bulk()  # its own budget is spent, with room left in the presence window (5 of 6)
+    refused = single()  # the single read's own budget is spent
     assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 30
-    assert single().status_code == 200  # the refused read was not counted: 6 of 6
-    # 3 single + 2 bulk + 1 single: the bulk reads count in the presence window too.
-    full = single()
+    assert [bulk().status_code for _ in range(3)] == [200] * 3  # the single reads left the bulk budget alone
+    assert bulk().status_code == 429
+    # 6 reads served (the two refused not counted) and room for one more presence request: a write.
+    assert set_presence(graph, uid, "Busy", "InACall").status_code == 200
+    full = set_presence(graph, uid, "Away", "Away")  # the reads counted in the presence window too
     assert full.status_code == 429 and 1 <= int(full.headers["Retry-After"]) <= 30
     graph.clock.advance(31)
     assert bulk().status_code == 200 and single().status_code == 200
@@ -1084,7 +1111,7 @@ def test_bulk_presence_budget_is_per_app_and_forgets_a_clock_moved_back(graph: G
     uid = graph.add_user()["id"]
     other = str(uuid.uuid4())
     graph.register_app(other, client_secret="s", application_permissions=["Presence.Read.All"])
-    graph.bulk_presence_read_limit = 1
+    graph.presence_read_limit = 1
     token, other_token = app_token(graph), graph.issue_app_token(other)
 
     def bulk(with_token: str) -> int:
@@ -1095,7 +1122,7 @@ def test_bulk_presence_budget_is_per_app_and_forgets_a_clock_moved_back(graph: G
     graph.clock.reset()
     assert bulk(token) == 200
     graph.reset()
-    assert graph.bulk_presence_read_limit == 1500
+    assert graph.presence_read_limit == 1500
 
 
 def test_requests_are_recorded(graph: GraphEmulator) -> None:
