@@ -20,9 +20,12 @@ def manage_status(req: func.HttpRequest) -> func.HttpResponse:
 
 @bp.route(route="manage", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
 def manage_page(req: func.HttpRequest) -> func.HttpResponse:
-    from shared.admin_page import page_response
+    from shared.admin_page import page_response, redirect_to_canonical
     from shared.config import SettingMissing
 
+    canonical = redirect_to_canonical(req.url)
+    if canonical is not None:
+        return func.HttpResponse(status_code=308, headers={"Location": canonical, "Cache-Control": "no-store"})
     try:
         status, body, headers = page_response(dict(req.params))
     except SettingMissing as exc:

@@ -8,7 +8,7 @@ import html
 import logging
 import secrets
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from shared.admin import LINK_STATES, token_refused
 from shared.links import Link
@@ -395,6 +395,16 @@ def _scope_states(links: list[Link]) -> dict[str, str]:
         log.warning("admin page: scopes unavailable (%s)", type(exc).__name__)
         return {}
     return {link.zoom_user_id: scopes.scope_state(link, current) for link in links}
+
+
+def redirect_to_canonical(url: str) -> str | None:
+    """Where to send a request for the page at ``url`` with a trailing slash (the host routes it
+    here too): its links are relative to the page, and from ``.../manage/`` they would resolve
+    under it. None when the URL is the page's own."""
+    parts = urlsplit(url)
+    if not parts.path.endswith("/"):
+        return None
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), parts.query, ""))
 
 
 def page_response(params: dict[str, str]) -> tuple[int, str, dict[str, str]]:

@@ -152,3 +152,15 @@ def test_status_page_needs_the_admin_key(page_world: World, browser):
     assert page.request.get(page_world.host.url("manage", key=None)).status == 401
     assert page.request.get(page_world.host.url("manage", key="function")).status == 401
     page.close()
+
+
+def test_the_status_page_asked_with_a_trailing_slash_sends_the_browser_to_its_own_url(page_world: World):
+    # The host routes `manage/` to the page too; its links are relative to it, and from `.../manage/`
+    # they would resolve under it (`.../manage/manage?fresh=1`: 404). It answers with a redirect.
+    import requests
+
+    own = page_world.host.url("manage", key="master")
+    path, query = own.split("?", 1)
+    answer = requests.get(f"{path}/?{query}", allow_redirects=False, timeout=30)
+    assert answer.status_code == 308 and answer.headers["Location"] == own
+    assert requests.get(own, timeout=60).status_code == 200
