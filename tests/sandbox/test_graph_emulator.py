@@ -829,13 +829,19 @@ def test_revoked_sessions_send_reauthorization_required_to_the_owners_subscripti
     }]}
 
 
-def test_after_a_revocation_delivery_pauses_until_reauthorized_with_a_fresh_token(
-        graph: GraphEmulator, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+def _alice_subscribed(graph: GraphEmulator, receiver: Receiver, monkeypatch: pytest.MonkeyPatch):
+    """Alice signed in (MSAL, a refresh token) and subscribed to her own presence with that token."""
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", graph.ca_bundle_path)
     alice = graph.add_user(mail="alice@contoso.example")
     msal_app, signed_in = _sign_in(graph, alice)
+    sub = subscribe(graph, signed_in["access_token"], [alice["id"]], receiver).json()
+    return alice, msal_app, signed_in, sub
+
+
+def test_after_a_revocation_delivery_pauses_until_reauthorized_with_a_fresh_token(
+        graph: GraphEmulator, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice, msal_app, signed_in, sub = _alice_subscribed(graph, receiver, monkeypatch)
     old_token = signed_in["access_token"]
-    sub = subscribe(graph, old_token, [alice["id"]], receiver).json()
     assert graph.reauthorization_grace_s == 300
 
     graph.revoke_refresh_tokens(alice["id"])
@@ -893,11 +899,8 @@ def test_a_subscription_made_with_a_token_from_before_the_revocation_needs_reaut
         graph: GraphEmulator, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     # Deleted and made again with the old, still unexpired access token: no way round the pause.
     # With the switch set to "accepted", a stale-token reauthorize is answered 204 and changes nothing.
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", graph.ca_bundle_path)
-    alice = graph.add_user(mail="alice@contoso.example")
-    _, signed_in = _sign_in(graph, alice)
+    alice, _, signed_in, first = _alice_subscribed(graph, receiver, monkeypatch)
     old_token = signed_in["access_token"]
-    first = subscribe(graph, old_token, [alice["id"]], receiver).json()
     graph.revoke_refresh_tokens(alice["id"])
     assert call(graph, "DELETE", f"/subscriptions/{first['id']}", old_token).status_code == 204
     again = subscribe(graph, old_token, [alice["id"]], receiver).json()
