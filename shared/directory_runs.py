@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +203,25 @@ def write_blob(kind: str, row: str, value: Any, **extra: Any) -> None:
 def read_blob(kind: str, row: str) -> tuple[Any, dict | None]:
     entity, _ = storage.read_entity(TABLE, kind, row)
     return unpack(entity), entity
+
+
+class PageMissing(RuntimeError):
+    """A page a run wrote (:func:`write_page`) is not there, or is another run's."""
+
+
+def write_page(kind: str, prefix: str, number: int, run_id: str, records: list) -> None:
+    """Page ``number`` of what run ``run_id`` keeps under ``prefix`` (a listing, members)."""
+    write_blob(kind, f"{prefix}-{number:05d}", records, run_id=run_id, count=len(records))
+
+
+def read_pages(kind: str, prefix: str, pages: int, run_id: str) -> Iterator[Any]:
+    """The values of pages 0..``pages``-1 that ``run_id`` wrote, a page at a time (none is kept);
+    :class:`PageMissing` for one absent or stamped by another run."""
+    for number in range(pages):
+        value, entity = read_blob(kind, f"{prefix}-{number:05d}")
+        if entity is None or entity.get("run_id") != run_id:
+            raise PageMissing(f"snapshot page {prefix} {number} of run {run_id} is missing")
+        yield value
 
 
 OWED_RECONCILES = "owed_reconciles"

@@ -326,15 +326,13 @@ def _changed(link: Link, before: tuple) -> bool:
 
 
 def _save_page(source: str, number: int, run_id: str, records: list) -> None:
-    runs.write_blob(SNAPSHOT, f"{source}-{number:05d}", records, run_id=run_id, count=len(records))
+    runs.write_page(SNAPSHOT, source, number, run_id, records)
 
 
 def _page_records(source: str, pages: int, run_id: str) -> Iterator[list]:
-    """The records of a listing's snapshot pages, a page at a time (none is kept)."""
-    for number in range(pages):
-        records, entity = runs.read_blob(SNAPSHOT, f"{source}-{number:05d}")
-        if entity is None or entity.get("run_id") != run_id:
-            raise _Fatal(f"snapshot page {source} {number} of run {run_id} is missing")
+    """The records of a listing's snapshot pages, a page at a time (none is kept); a page missing
+    ends the run (runs.PageMissing)."""
+    for records in runs.read_pages(SNAPSHOT, source, pages, run_id):
         yield from records or []
 
 
@@ -443,7 +441,7 @@ def continue_run(run_id: str, *, budget_s: float | None = None) -> runs.Run | No
         except _TakenOver:
             log.info("matching: run %s was taken over; stopping", run_id)
             return None
-        except (_Fatal, BadRequest, Forbidden, Unauthorized, runs.TooLarge) as exc:
+        except (_Fatal, BadRequest, Forbidden, Unauthorized, runs.TooLarge, runs.PageMissing) as exc:
             # Retrying cannot help (a permission is missing, a listing is unusable): end the run
             # with its reason for the status page; throttling and outages raise for a retry.
             log.error("matching: run %s failed in phase %s: %s", run_id, phase, exc)

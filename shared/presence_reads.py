@@ -146,11 +146,12 @@ def read_splitting(read: Read, ids: Sequence[str], *, refused_whole: bool = Fals
     cause) is read again in halves, so one person does not keep up to 649 others from being read.
     Throttling and outages are raised, and so is a refusal that outlasts ``max_reads``.
     ``refused_whole``: Graph has just refused ``ids`` as they are; start from their halves."""
+    def halves(part: list[str]) -> list[list[str]]:
+        return [part[len(part) // 2:], part[:len(part) // 2]]  # popped from the end: first half first
+
     found: list[dict] = []
     refused: list[str] = []
-    pending = [list(ids)]
-    if refused_whole and len(ids) > 1:
-        pending = [list(ids[len(ids) // 2:]), list(ids[:len(ids) // 2])]
+    pending = halves(list(ids)) if refused_whole and len(ids) > 1 else [list(ids)]
     reads = 0
     while pending:
         part = pending.pop()
@@ -163,7 +164,7 @@ def read_splitting(read: Read, ids: Sequence[str], *, refused_whole: bool = Fals
             if len(part) == 1:
                 refused.extend(part)
             else:
-                pending += [part[len(part) // 2:], part[:len(part) // 2]]
+                pending += halves(part)
     return found, reads, refused
 
 

@@ -321,7 +321,7 @@ def run_membership(run: runs.Run, scopes: Scopes) -> Membership:
         ordered = sorted(members)
         pages = [ordered[i:i + MEMBERS_PER_PAGE] for i in range(0, len(ordered), MEMBERS_PER_PAGE)]
         for number, page in enumerate(pages):
-            runs.write_blob(MEMBERS_SNAPSHOT, f"{side}-{number:05d}", page, run_id=run.run_id, count=len(page))
+            runs.write_page(MEMBERS_SNAPSHOT, side, number, run.run_id, page)
         counts[side] = len(pages)
     # In the checkpoint the run saves next: pages first, then the state naming them.
     run.state[MEMBER_PAGES] = {"groups": groups, **counts}
@@ -331,14 +331,15 @@ def run_membership(run: runs.Run, scopes: Scopes) -> Membership:
 def _load_members(run_id: str, kept: dict) -> Membership | None:
     """The members kept by :func:`run_membership`; None if a page is missing (read them again)."""
     found: dict[str, set[str]] = {"entra": set(), "zoom": set()}
-    for side, members in found.items():
-        for number in range(int(kept.get(side) or 0)):
-            page, entity = runs.read_blob(MEMBERS_SNAPSHOT, f"{side}-{number:05d}")
-            if entity is None or entity.get("run_id") != run_id or not isinstance(page, list):
-                log.warning("scopes: member page %s %d of run %s is missing; reading the groups again",
-                            side, number, run_id)
-                return None
-            members.update(page)
+    try:
+        for side, members in found.items():
+            for page in runs.read_pages(MEMBERS_SNAPSHOT, side, int(kept.get(side) or 0), run_id):
+                if not isinstance(page, list):
+                    raise runs.PageMissing(f"a member page {side} of run {run_id} is unreadable")
+                members.update(page)
+    except runs.PageMissing as exc:
+        log.warning("scopes: %s; reading the groups again", exc)
+        return None
     return Membership(frozenset(found["entra"]), frozenset(found["zoom"]))
 
 
