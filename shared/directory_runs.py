@@ -209,19 +209,40 @@ class PageMissing(RuntimeError):
     """A page a run wrote (:func:`write_page`) is not there, or is another run's."""
 
 
+def _page_row(prefix: str, number: int, run_id: str) -> str:
+    # Under the run's own id: a run taken over as stale whose last invocation is still going on
+    # writes beside the new run's pages, never over them.
+    return f"{run_id}-{prefix}-{number:05d}"
+
+
 def write_page(kind: str, prefix: str, number: int, run_id: str, records: list) -> None:
     """Page ``number`` of what run ``run_id`` keeps under ``prefix`` (a listing, members)."""
-    write_blob(kind, f"{prefix}-{number:05d}", records, run_id=run_id, count=len(records))
+    write_blob(kind, _page_row(prefix, number, run_id), records, run_id=run_id, count=len(records))
 
 
 def read_pages(kind: str, prefix: str, pages: int, run_id: str) -> Iterator[Any]:
     """The values of pages 0..``pages``-1 that ``run_id`` wrote, a page at a time (none is kept);
-    :class:`PageMissing` for one absent or stamped by another run."""
+    :class:`PageMissing` for one absent."""
     for number in range(pages):
-        value, entity = read_blob(kind, f"{prefix}-{number:05d}")
+        value, entity = read_blob(kind, _page_row(prefix, number, run_id))
         if entity is None or entity.get("run_id") != run_id:
             raise PageMissing(f"snapshot page {prefix} {number} of run {run_id} is missing")
         yield value
+
+
+def drop_pages(kind: str) -> int:
+    """Delete every run's pages of ``kind``: for a run that has ended (saved as such, so no other run
+    is live), including those a taken-over run left. Returns how many; a failure is logged, not
+    raised (the pages are dropped by the next run's end instead)."""
+    dropped = 0
+    try:
+        for entity in storage.query_partition(TABLE, kind, select=["RowKey"]):
+            storage.delete_entity(TABLE, kind, entity["RowKey"])
+            dropped += 1
+    except Exception as exc:  # noqa: BLE001 - a leftover page costs storage only
+        log.warning("directory: %d %s page(s) dropped, the rest left to the next run (%s)", dropped, kind,
+                    type(exc).__name__)
+    return dropped
 
 
 OWED_RECONCILES = "owed_reconciles"

@@ -892,6 +892,7 @@ def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
     run.finished_at = run.updated_at = time.time()
     if not runs.save(run):
         return None
+    runs.drop_pages(SNAPSHOT)  # the listings are of no use once the run has ended
     if error:
         return run
     c = run.state.get("counts", {})

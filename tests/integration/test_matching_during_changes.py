@@ -277,9 +277,12 @@ def test_a_holder_saved_by_an_admin_during_the_run_does_not_give_its_account_way
     assert (counts["entra_taken"], counts["changed_during_run"]) == (1, 1)
 
 
-def test_a_snapshot_page_missing_or_another_run_s_ends_the_run_with_why(run_env):
-    # Read a page at a time as the run applies; one absent, or left by another run under the same
-    # row, must not pass for the listing (its people would look gone): the run fails, saying which.
+def test_a_snapshot_page_missing_ends_the_run_with_why_and_no_run_s_pages_are_left(run_env):
+    # Read a page at a time as the run applies; one absent must not pass for the listing (its people
+    # would look gone), nor another run's page of that number: the run fails, saying which. Once it
+    # has ended, neither run's pages are kept (a listing of 300,000 people is tens of megabytes).
+    from shared import storage
+
     run = _listed_run(time.time() - 5)
     run.state["zoom_pages"] = 2
     directory_runs.write_page(matching.SNAPSHOT, "zoom", 1, "another-run", [["z9", "c@contoso.example", "Z9"]])
@@ -288,3 +291,4 @@ def test_a_snapshot_page_missing_or_another_run_s_ends_the_run_with_why(run_env)
     assert ended.status == "failed"
     assert ended.error == f"apply: snapshot page zoom 1 of run {run.run_id} is missing"
     assert read_link("z1")[0] is None  # nothing applied
+    assert list(storage.query_partition(directory_runs.TABLE, matching.SNAPSHOT)) == []

@@ -58,3 +58,36 @@ def test_a_change_racing_a_reset_applies_to_the_reset_scopes(scopes_env, monkeyp
     assert raced, "the reset never ran: the test proves nothing"
     stored = scopes.read_scopes()
     assert (stored.teams_to_zoom, stored.entra_group_ids) == (False, ())  # the reset's groups, not the old
+
+
+def test_a_taken_over_run_s_late_member_pages_leave_the_new_run_s_alone(scopes_env, monkeypatch):
+    # A run whose invocations stopped checkpointing is taken over as stale; its last invocation may
+    # still be reading the groups and writing member pages. The new run must go on judging by the
+    # members it read itself, not read the groups again (one run judged by two memberships), and
+    # its end must not leave either run's pages behind.
+    groups = scopes.Scopes(entra_group_ids=(str(uuid.uuid4()),), source="stored")
+    read_members = []
+
+    def members_now(entra: set[str]):
+        def load(_scopes):
+            read_members.append(entra)
+            return scopes.Membership(frozenset(entra), frozenset())
+        monkeypatch.setattr(scopes, "load_membership", load)
+
+    old, _ = directory_runs.start_run(scopes.KIND, "test", {"counts": {}}, stale_after_s=60)
+    new, _ = directory_runs.start_run(scopes.KIND, "test", {"counts": {}}, stale_after_s=60,
+                                      now=old.updated_at + 120)
+    assert new is not None and new.run_id != old.run_id, "the old run was not taken over"
+    members_now({"e-new"})
+    assert scopes.run_membership(new, groups).entra == {"e-new"}
+    assert directory_runs.save(new)
+
+    members_now({"e-late"})  # the old run's last invocation, reading the groups as they are later
+    scopes.run_membership(old, groups)
+
+    again = directory_runs.read_run(scopes.KIND)
+    assert scopes.run_membership(again, groups).entra == {"e-new"}
+    assert read_members == [{"e-new"}, {"e-late"}], "the new run read the groups again"
+
+    assert scopes._finish(again) is not None
+    assert list(storage.query_partition(directory_runs.TABLE, scopes.MEMBERS_SNAPSHOT)) == []
