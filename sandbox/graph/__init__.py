@@ -10,9 +10,9 @@
         graph.clock.advance(300)                        # sessions fade and expire
 
 Modules: ``emulator`` (server, Graph API), ``entra`` (login endpoints), ``presence``
-(aggregation rules), ``subscriptions`` (change notifications), ``directory`` (users, groups,
-OData), ``crypto`` (keys, TLS, rich-notification encryption), ``faults`` (fault switches and
-the request log).
+(aggregation rules), ``subscriptions`` (change notifications), ``delivery_health`` (Graph's
+throttling of slow notification endpoints), ``directory`` (users, groups, OData), ``crypto``
+(keys, TLS, rich-notification encryption), ``faults`` (fault switches and the request log).
 """
 
 from sandbox.graph.emulator import (
@@ -22,13 +22,14 @@ from sandbox.graph.emulator import (
     GraphEmulator,
 )
 from sandbox.graph.faults import FaultSwitches, RecordedRequest, RequestLog
-from sandbox.graph.subscriptions import Delivery, SubscriptionRecord
+from sandbox.graph.subscriptions import Delivery, DroppedNotification, SubscriptionRecord
 
 __all__ = [
     "DEFAULT_TENANT_DOMAIN",
     "DEFAULT_TENANT_ID",
     "GRAPH_NOTIFICATION_APP_ID",
     "Delivery",
+    "DroppedNotification",
     "FaultSwitches",
     "GraphEmulator",
     "RecordedRequest",

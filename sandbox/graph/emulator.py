@@ -50,6 +50,7 @@ from sandbox.graph.subscriptions import (
     MAX_PRESENCE_LIFETIME_S,
     Deliverer,
     Delivery,
+    DroppedNotification,
     SubscriptionRecord,
     check_notification_url,
     parse_datetime,
@@ -110,7 +111,7 @@ class GraphEmulator:
     def __init__(self, *, clock: Clock | None = None, tenant_id: str = DEFAULT_TENANT_ID, host: str = "127.0.0.1",
                  port: int = 0, tenant_domain: str = DEFAULT_TENANT_DOMAIN, presence_request_limit: int = 10000,
                  presence_window_s: float = 30.0, presence_read_limit: int = 1500,
-                 delivery_timeout_s: float = 3.0, delivery_workers: int = 1, handshake_timeout_s: float = 10.0,
+                 delivery_timeout_s: float = 10.0, delivery_workers: int = 1, handshake_timeout_s: float = 10.0,
                  reauthorization_grace_s: float = 300.0) -> None:
         self.clock = clock or Clock()
         self.tenant_id = tenant_id
@@ -134,7 +135,16 @@ class GraphEmulator:
         # Ids for which getPresencesByUserId refuses the whole call (400, no detail), as users
         # report Graph doing for some batches, cause unknown (microsoft-graph-docs-contrib#777).
         self.refused_presence_ids: set[str] = set()
-        self.delivery_timeout_s = delivery_timeout_s
+        # How long a notification POST waits for an answer: Graph's 10 s ("HTTP codes and retry
+        # logic"); a test may shorten it, and the answers counted slow shorten with it
+        # (Deliverer.slow_answer_s). Settable while running; reset() restores it.
+        self._delivery_timeout_s = delivery_timeout_s
+        self._default_delivery_timeout_s = delivery_timeout_s
+        # Graph's delivery-health throttling of slow or unresponsive endpoints (delays, then drops,
+        # new notifications; see sandbox.graph.delivery_health). False turns it off, for a test
+        # that wants every notification sent; reset() turns it back on. delivery_health(url)
+        # reports an endpoint's state either way.
+        self.delivery_health_rules = True
         self.handshake_timeout_s = handshake_timeout_s
         self._delivery_workers = delivery_workers
         self.signing_key = SigningKey()
@@ -181,6 +191,7 @@ class GraphEmulator:
             self.clock.now, self.ca_bundle_path, workers=self._delivery_workers, timeout=self.delivery_timeout_s,
             should_drop=lambda: self.faults.take_outbound("drop"),
             should_duplicate=lambda: self.faults.take_outbound("duplicate"),
+            health_rules=lambda: self.delivery_health_rules,
         )
         self._stopping.clear()
         tick = threading.Thread(target=self._ticker, name="graph-emulator-clock", daemon=True)
@@ -211,7 +222,8 @@ class GraphEmulator:
         self.stop()
 
     def reset(self) -> None:
-        """Forget users, groups, presence, subscriptions, tokens, requests and faults (keeps apps and CA)."""
+        """Forget users, groups, presence, subscriptions, tokens, requests, faults, deliveries and
+        endpoints' delivery health (keeps apps and CA)."""
         with self._lock:
             self._users.clear()
             self._by_upn.clear()
@@ -228,6 +240,8 @@ class GraphEmulator:
             self.reauthorization_grace_s = self._reauthorization_grace_s
             self.stale_token_reauthorization = "refused"
             self.refused_presence_ids = set()
+            self.delivery_timeout_s = self._default_delivery_timeout_s
+            self.delivery_health_rules = True
         self._log.clear()
         self.faults.clear()
         if self._deliverer is not None:
@@ -438,6 +452,31 @@ class GraphEmulator:
         return self._deliverer.delivered if self._deliverer else []
 
     @property
+    def delivery_timeout_s(self) -> float:
+        return self._delivery_timeout_s
+
+    @delivery_timeout_s.setter
+    def delivery_timeout_s(self, seconds: float) -> None:
+        self._delivery_timeout_s = seconds
+        if self._deliverer is not None:
+            self._deliverer.timeout = seconds
+
+    @property
+    def dropped_by_health(self) -> list[DroppedNotification]:
+        """New notifications not sent because their endpoint was marked "drop"; Graph drops them
+        "in a way that they can't be recovered", so nothing ever retries them."""
+        return self._deliverer.dropped if self._deliverer else []
+
+    def delivery_health(self, url: str) -> dict[str, Any]:
+        """The delivery health of a notification endpoint (scheme://host:port/path of ``url``,
+        query ignored), as Graph's throttling judges it now: ``state`` ("healthy", "slow" or
+        "drop"), ``answers`` and ``slow`` answers in the last 10 minutes (emulator clock), new
+        notifications ``delayed`` (still waiting) and ``dropped`` by it, and the ``endpoint``."""
+        if self._deliverer is None:
+            raise RuntimeError("the emulator is not running")
+        return self._deliverer.health(url)
+
+    @property
     def handshakes(self) -> list[Delivery]:
         """Every validation request made at subscription creation: (url, {"validationToken"}, status)."""
         with self._lock:
@@ -465,8 +504,8 @@ class GraphEmulator:
             self._subs[subscription_id].silent = True
 
     def wait_for_deliveries(self, timeout: float = 10) -> None:
-        """Block until every notification due now has been attempted (scheduled retries in the
-        emulator's future do not count)."""
+        """Block until every notification due now has been attempted (scheduled retries, and new
+        notifications delayed for a "slow" endpoint, due in the emulator's future do not count)."""
         with self._lock:
             self._process_due()
         if self._deliverer and not self._deliverer.wait_idle(timeout):

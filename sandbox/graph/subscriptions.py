@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from sandbox.graph.delivery_health import DROP, SLOW, SLOW_ANSWER_S, SLOW_DELAY_S, EndpointHealth, endpoint_of
 from sandbox.graph.directory import GraphError
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,14 @@ class Delivery(NamedTuple):
     status: int
 
 
+class DroppedNotification(NamedTuple):
+    """A new notification Graph's delivery-health throttling dropped unsent (endpoint "drop")."""
+
+    url: str
+    payload: dict[str, Any]
+    time: float  # emulator clock
+
+
 @dataclass(order=True)
 class _Job:
     due: float
@@ -176,16 +186,25 @@ class _Job:
 
 class Deliverer:
     """POSTs notifications from background threads so the API call that caused them returns
-    first; retries failures with backoff on the emulator clock, as Graph does for up to 4 hours."""
+    first; retries failures with backoff on the emulator clock, as Graph does for up to 4 hours.
 
-    def __init__(self, now: Callable[[], float], verify: str, workers: int = 1, timeout: float = 3.0,
+    Every answer counts towards its endpoint's delivery health (sandbox.graph.delivery_health);
+    while ``health_rules()`` is true, a new notification to an endpoint marked "drop" is dropped
+    and one to an endpoint marked "slow" goes out 10 s later (emulator clock). Retries of earlier
+    notifications go on either way."""
+
+    def __init__(self, now: Callable[[], float], verify: str, workers: int = 1, timeout: float = SLOW_ANSWER_S,
                  should_drop: Callable[[], bool] = lambda: False,
-                 should_duplicate: Callable[[], bool] = lambda: False) -> None:
+                 should_duplicate: Callable[[], bool] = lambda: False,
+                 health_rules: Callable[[], bool] = lambda: True) -> None:
         self._now = now
         self._verify = verify
         self.timeout = timeout
         self._should_drop = should_drop
         self._should_duplicate = should_duplicate
+        self._health_rules = health_rules
+        self._health: dict[str, EndpointHealth] = {}
+        self._dropped: list[DroppedNotification] = []
         self._cond = threading.Condition()
         self._ready: list[_Job] = []
         self._later: list[_Job] = []  # heap by due time
@@ -202,13 +221,23 @@ class Deliverer:
     # -- API ---------------------------------------------------------------------------
 
     def submit(self, url: str, payload: dict[str, Any]) -> None:
+        """A new notification: judged by its endpoint's health now (retries never are)."""
         with self._cond:
             now = self._now()
-            self._ready.append(_Job(now, next(self._seq), url, payload, self._generation, 0, now))
-            self._cond.notify()
+            job = _Job(now, next(self._seq), url, payload, self._generation, 0, now)
+            state = self._health_of(url).state(now) if self._health_rules() else None
+            if state == DROP:
+                self._dropped.append(DroppedNotification(url, payload, now))
+            elif state == SLOW:
+                job.due = now + SLOW_DELAY_S
+                heapq.heappush(self._later, job)
+            else:
+                self._ready.append(job)
+                self._cond.notify()
 
     def promote_due(self) -> None:
-        """Move retries whose time (emulator clock) has come to the ready queue."""
+        """Move retries, and notifications delayed for a slow endpoint, whose time (emulator
+        clock) has come to the ready queue."""
         with self._cond:
             now = self._now()
             moved = False
@@ -230,7 +259,29 @@ class Deliverer:
     @property
     def scheduled_retries(self) -> int:
         with self._cond:
-            return len(self._later)
+            return sum(1 for job in self._later if job.attempt)
+
+    @property
+    def dropped(self) -> list[DroppedNotification]:
+        with self._cond:
+            return list(self._dropped)
+
+    @property
+    def slow_answer_s(self) -> float:
+        """An answer slower than this counts as slow: Graph's 10 s, or the timeout if a test
+        shortened it (no answer within the timeout is the slowest answer of all)."""
+        return min(SLOW_ANSWER_S, self.timeout)
+
+    def health(self, url: str) -> dict[str, Any]:
+        endpoint = endpoint_of(url)
+        with self._cond:
+            now = self._now()
+            record = self._health_of(url)
+            answers, slow = record.counts(now)
+            delayed = sum(1 for job in self._later if not job.attempt and endpoint_of(job.url) == endpoint)
+            dropped = sum(1 for d in self._dropped if endpoint_of(d.url) == endpoint)
+            return {"endpoint": endpoint, "state": record.state(now), "answers": answers, "slow": slow,
+                    "delayed": delayed, "dropped": dropped}
 
     def reset(self) -> None:
         with self._cond:
@@ -238,6 +289,8 @@ class Deliverer:
             self._ready.clear()
             self._later.clear()
             self._delivered.clear()
+            self._health.clear()
+            self._dropped.clear()
 
     def stop(self) -> None:
         with self._cond:
@@ -272,11 +325,14 @@ class Deliverer:
             return
         copies = 2 if self._should_duplicate() else 1
         for _ in range(copies):
+            started = time.monotonic()
             status = self._post(session, job.url, job.payload)
+            slow = status == 0 or time.monotonic() - started > self.slow_answer_s
             with self._cond:
                 if job.generation != self._generation:
                     return  # reset() happened while this was in flight
                 self._delivered.append(Delivery(job.url, job.payload, status))
+                self._health_of(job.url).record(self._now(), slow)
             if not 200 <= status < 300:
                 self._schedule_retry(job)
                 return
@@ -291,9 +347,12 @@ class Deliverer:
             log.info("notification to %s failed: %s", urlsplit(url).path, type(exc).__name__)
             return 0
 
+    def _health_of(self, url: str) -> EndpointHealth:
+        return self._health.setdefault(endpoint_of(url), EndpointHealth())
+
     def _schedule_retry(self, job: _Job) -> None:
-        # learn.microsoft.com/graph/change-notifications-delivery-webhooks: without a 2xx within
-        # 3 seconds Graph retries with exponential backoff for up to 4 hours.
+        # learn.microsoft.com/graph/change-notifications-delivery-webhooks, "HTTP codes and retry
+        # logic": without a 2xx Graph retries with exponential backoff for up to 4 hours.
         delay = min(60.0 * (2 ** job.attempt), 3600.0)
         now = self._now()
         if now + delay - job.first_at > DELIVERY_RETRY_WINDOW_S:
