@@ -113,6 +113,18 @@ class Azurite:
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def stalled(self):
+        """Storage that takes connections and answers nothing while inside (the process is stopped;
+        the kernel still completes connections): a stalled account or a network black hole,
+        rather than one that refuses at once."""
+        assert self.process is not None and self.process.poll() is None, "azurite is not running"
+        os.killpg(self.process.pid, signal.SIGSTOP)
+        try:
+            yield self
+        finally:
+            os.killpg(self.process.pid, signal.SIGCONT)
+
     def restart(self) -> None:
         """Stop and start on the same ports (fault injection: storage goes away and comes back empty)."""
         self.stop()

@@ -12,6 +12,8 @@ ETag, change a copy, write with ``If-Match``; on a lost race, re-read and try ag
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import json
 import logging
@@ -22,17 +24,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 from azure.core import MatchConditions
 from azure.core.exceptions import (
+    HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
 )
 from azure.data.tables import EdmType, EntityProperty, TableClient, TableServiceClient, UpdateMode
 from azure.storage.queue import (
+    LinearRetry,
     QueueClient,
     QueueServiceClient,
     TextBase64DecodePolicy,
@@ -44,6 +50,7 @@ from shared import http
 from shared.config import SettingMissing, get_settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # The SDK logs every request and its headers at INFO: keep a healthy day quiet.
 logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
 
@@ -59,6 +66,58 @@ _CLIENT_OPTIONS: dict[str, Any] = {
     "connection_timeout": 5,
     "read_timeout": 20,
 }
+
+
+def _queue_retry() -> LinearRetry:
+    """The table client takes azure-core's backoff options above; the queue client has a retry
+    policy of its own that ignores them (its default waits 15-21 s before the first retry, then
+    more: a put to unreachable storage failed after 86 s). A linear one of about the same total."""
+    return LinearRetry(backoff=0.6, random_jitter_range=0.3, retry_total=_CLIENT_OPTIONS["retry_total"])
+
+
+# A webhook must be answered within the vendor's window (API-FACTS: Zoom 3 s; Graph counts an
+# answer after 10 s as slow, and drops new notifications to an endpoint slow too often). The
+# intake's storage calls give up by a deadline (:func:`answer_within`) and it answers 503, which
+# both vendors retry, rather than late.
+INTAKE_BUDGET_S = 1.5
+_RETRY_IF_LEFT_S = 0.2  # another attempt only with this much of the time left
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("storage_deadline", default=None)
+
+
+class DeadlinePassed(ServiceRequestError):
+    """A storage call made under :func:`answer_within` could not be made in the time allowed."""
+
+
+@contextlib.contextmanager
+def answer_within(budget_s: float = INTAKE_BUDGET_S) -> Iterator[None]:
+    """The point reads and queue puts made inside (in this thread) are made within ``budget_s`` from
+    now, or raise (:class:`DeadlinePassed`, or the storage error of the last attempt)."""
+    token = _deadline.set(time.monotonic() + budget_s)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def _within_deadline(what: str, call: Callable[[dict[str, Any]], T]) -> T:
+    """``call(options)`` once, or under :func:`answer_within` in attempts each bounded by the time
+    left, with the SDK's own retries (which wait before trying again) off. A put whose answer was
+    lost may be made twice: queue messages are handled idempotently."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return call({})
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlinePassed(f"{what}: not done within the time allowed")
+        options = {"retry_total": 0, "connection_timeout": min(left, 1.0), "read_timeout": left}
+        try:
+            return call(options)
+        except (ServiceRequestError, ServiceResponseError, HttpResponseError) as exc:
+            transient = not isinstance(exc, HttpResponseError) or (exc.status_code or 0) >= 500
+            if not transient or deadline - time.monotonic() < _RETRY_IF_LEFT_S:
+                raise
+        time.sleep(0.05)
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -155,15 +214,16 @@ def _service_clients(config: StorageConfig) -> tuple[TableServiceClient | None, 
             return cached
         # session_owner=False: the clients share the session and closing one must not close it.
         options = dict(_CLIENT_OPTIONS, session=_storage_session(), session_owner=False)
+        queue_options = dict(options, retry_policy=_queue_retry())
         if config.connection_string:
             tables = TableServiceClient.from_connection_string(config.connection_string, **options)
-            queues = QueueServiceClient.from_connection_string(config.connection_string, **options)
+            queues = QueueServiceClient.from_connection_string(config.connection_string, **queue_options)
         else:
             credential = _credential(config)
             tables = (TableServiceClient(endpoint=config.table_service_uri, credential=credential,
                                          **options) if config.table_service_uri else None)
             queues = (QueueServiceClient(account_url=config.queue_service_uri, credential=credential,
-                                         **options) if config.queue_service_uri else None)
+                                         **queue_options) if config.queue_service_uri else None)
         _services[config] = (tables, queues)
         return tables, queues
 
@@ -184,8 +244,9 @@ def queue_service() -> QueueServiceClient:
     return service
 
 
-def table(name: str) -> TableClient:
-    """A client for table ``name``, created in storage on this process's first use."""
+def table(name: str, **call_options: Any) -> TableClient:
+    """A client for table ``name``, created in storage on this process's first use (that call made
+    with ``call_options``: timeouts, retries)."""
     config = storage_config()
     key = (config, name)
     client = _tables.get(key)
@@ -197,7 +258,7 @@ def table(name: str) -> TableClient:
             service = table_service()
             _count()
             try:
-                service.create_table(name)
+                service.create_table(name, **call_options)
             except ResourceExistsError:
                 pass
             client = service.get_table_client(name)
@@ -205,8 +266,9 @@ def table(name: str) -> TableClient:
     return client
 
 
-def queue(name: str) -> QueueClient:
-    """A client for queue ``name`` (base64 bodies), created in storage on this process's first use.
+def queue(name: str, **call_options: Any) -> QueueClient:
+    """A client for queue ``name`` (base64 bodies), created in storage on this process's first use
+    (that call made with ``call_options``: timeouts, retries).
 
     The Functions host decodes queue-trigger messages as base64 (host.json
     ``extensions.queues.messageEncoding``), while the Python SDK sends plain text unless told
@@ -226,7 +288,7 @@ def queue(name: str) -> QueueClient:
                 message_decode_policy=TextBase64DecodePolicy(),
             )
             try:
-                client.create_queue()
+                client.create_queue(**call_options)
             except ResourceExistsError:
                 pass
             _queues[key] = client
@@ -288,7 +350,9 @@ def enqueue(queue_name: str, message: dict | str, *, delay_seconds: float = 0,
         kwargs["visibility_timeout"] = delay
     if ttl_seconds is not None:
         kwargs["time_to_live"] = ttl_seconds
-    sent = queue(queue_name).send_message(encode_message(message), **kwargs)
+    text = encode_message(message)
+    sent = _within_deadline(f"queue {queue_name}",
+                            lambda options: queue(queue_name, **options).send_message(text, **kwargs, **options))
     return QueuedMessage(queue_name, sent.id, sent.pop_receipt)
 
 
@@ -349,10 +413,10 @@ def read_entity(table_name: str, pk: str, rk: str) -> tuple[dict | None, str | N
     """Point read: ``(entity, etag)``, or ``(None, None)`` when there is no such entity."""
     if not (_storable_key(pk) and _storable_key(rk)):
         return None, None  # a caller-supplied key (a subscription id, say) that no entity can have
-    client = table(table_name)
     _count()
     try:
-        found = client.get_entity(partition_key=pk, row_key=rk)
+        found = _within_deadline(f"table {table_name}", lambda options: table(table_name, **options).get_entity(
+            partition_key=pk, row_key=rk, **options))
     except ResourceNotFoundError:
         return None, None
     return _from_storage(found), _etag_of(found.metadata)

@@ -127,8 +127,12 @@ def verify(headers: Mapping[str, str], body: bytes, secrets: list[str], now: flo
 
 
 def handle(headers: Mapping[str, str], body: bytes, **kwargs) -> WebhookResponse:
-    """One webhook request → the response to give Zoom. Never raises for bad input."""
-    response = _handle(headers, body, **kwargs)
+    """One webhook request → the response to give Zoom. Never raises for bad input. Storage is
+    given the time Zoom gives the answer (3 s): past it, a 503, which Zoom retries."""
+    from shared.storage import answer_within
+
+    with answer_within():
+        response = _handle(headers, body, **kwargs)
     telemetry.webhook_received("zoom", response.status)
     return response
 
