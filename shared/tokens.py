@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shared.config import SettingMissing, get_settings
-from shared.errors import TokenError
+from shared.errors import OAUTH_OUTAGE_ERRORS, TokenError
 from shared.http import RetryPolicy, TransientHttpError, send
 
 log = logging.getLogger(__name__)
@@ -248,12 +248,13 @@ def graph_app_token(force_refresh: bool = False) -> str:
     if not result or "access_token" not in result:
         result = result or {}
         codes = result.get("error_codes") or []
-        code = result.get("error", "unknown")
-        if codes:
-            code = f"{code} (AADSTS{codes[0]})"
+        error = str(result.get("error", "unknown"))
+        code = f"{error} (AADSTS{codes[0]})" if codes else error
         description = str(result.get("error_description", "")).splitlines()
+        # Judged by the OAuth error alone: Entra sends error_codes with it (a throttled request is
+        # temporarily_unavailable, AADSTS90055, which MSAL returns rather than raises).
         raise TokenError("entra", code, description[0] if description else "",
-                         transient=code in ("temporarily_unavailable", "server_error"))
+                         transient=error in OAUTH_OUTAGE_ERRORS)
     if result.get("token_source") == "identity_provider":
         log.info("tokens: fetched a Graph app token (expires in %ss)", result.get("expires_in"))
     return result["access_token"]

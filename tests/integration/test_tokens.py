@@ -328,6 +328,18 @@ def test_graph_token_endpoint_down_is_transient(graph_env):
     assert info.value.transient
 
 
+def test_graph_token_endpoint_throttling_is_transient(graph_env):
+    # Entra's 429 (temporarily_unavailable, AADSTS90055) comes back from MSAL as a result, not an
+    # exception; taken for a refusal, every change needing the app token went to the poison queue
+    # instead of waiting the throttling out.
+    tokens.graph_app_token()
+    graph_env.faults.throttle(count=5, retry_after=1, paths="/oauth2/v2.0/token")
+    with pytest.raises(TokenError) as info:
+        tokens.graph_app_token(force_refresh=True)
+    assert info.value.code == "temporarily_unavailable (AADSTS90055)"
+    assert info.value.transient
+
+
 def test_graph_authority_unreachable_is_transient(graph_env, monkeypatch):
     from sandbox.ports import free_port
 
