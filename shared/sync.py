@@ -686,8 +686,10 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
         telemetry.failed(TEAMS_TO_ZOOM, "zoom_throttled")
         _keep_unanswered_zoom_put(exc, op, result, undo)
         # Until then every PUT for this person would be refused too (the gate holds them back).
+        # News left meanwhile is planned now (plan_news): its Teams writes need nothing of Zoom's,
+        # and the scheduled retry may be hours away (a daily limit's Retry-After).
         _revert(link.zoom_user_id, **undo, blocked_until=time.time() + exc.retry_after_s,
-                blocked_why=BLOCKED_THROTTLED)
+                blocked_why=BLOCKED_THROTTLED, plan_news=True)
         _schedule(link.zoom_user_id, exc.retry_after_s, "zoom_throttled", cid)
         outcome.deferred_until = time.time() + exc.retry_after_s
         return False

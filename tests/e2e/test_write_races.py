@@ -160,3 +160,22 @@ def test_a_write_retried_past_its_lease_does_not_undo_the_next_holders_write(mon
         world.settle(timeout=60)
         assert world.zoom_shows(person) == "Available"
         assert world.teams_shows(person) == ("Available", "Available"), "a late retry put the ended meeting back"
+
+
+def test_news_left_while_a_zoom_put_was_throttled_for_an_hour_is_not_held_back_with_it(world: World):
+    # Zoom answers our PUT 429 with an hour's Retry-After (a daily limit); while that PUT was under
+    # way the person joined a Zoom meeting, which another invocation left to the write's holder.
+    # Zoom's throttling holds back our Zoom PUTs, not the meeting's Teams write: Teams must show
+    # it now, not when the throttled write's retry comes round.
+    person = world.add_person()
+    with listening(world, "push"):
+        _known_on_both_sides(world, person)
+        world.zoom.faults.latency(3.0, count=1, path=PRESENCE_STATUS)
+        world.zoom.faults.throttle(count=1, retry_after=3600, path=PRESENCE_STATUS)
+        world.graph.set_teams_client(person.entra_id, "Away", "Away")
+        world.wait_until(lambda: any(r.get("kind") == "latency" for r in world.zoom.faults.fired), timeout=20,
+                         interval=0.05)
+        world.zoom.join_meeting(person.zoom_id)
+        # (Not settle(): the throttled write's retry waits an hour in the queue.)
+        world.wait_until(lambda: world.teams_shows(person) == ("Busy", "InACall"), timeout=30)
+        assert [r["status"] for r in zoom_put_attempts(world, person)][-1] == 429  # held back

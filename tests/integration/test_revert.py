@@ -54,8 +54,9 @@ def test_a_failed_release_puts_the_overlay_back_only_on_the_account_it_was_for(l
 def test_news_left_for_a_holder_whose_write_failed_is_planned_again(links_table, pending, retry_coming):
     # While we held the lease another invocation recorded what it learnt and left it to us
     # (pending). Our write was refused (a 403: no retry of ours follows): someone must plan that
-    # news, or it waits for the person's next change. When a retry is coming (a throttle's
-    # scheduled reconcile, the queue's retry), it plans the news: no second message.
+    # news, or it waits for the person's next change. When a retry is coming at once (the queue's
+    # retry of the message), it plans the news: no second message. (A throttled Zoom PUT's retry
+    # may be hours away: that revert plans the news, tests/e2e/test_write_races.py.)
     link = Link(sync=UserSync("z-news", "e-a"), status="active", lease_owner="me", lease_until=9e9, pending=pending)
     write_link(link, None)
     sync._revert("z-news", owner="me", teams=(None, OURS_ON_A), entra_user_id="e-a", plan_news=not retry_coming,
