@@ -473,6 +473,10 @@ def _read_teams(link: Link, outcome: Outcome, *, required: bool | str = False) -
 # --- the per-user Zoom rate limit ------------------------------------------------------------------
 
 
+# How much earlier than scheduled a deferred Zoom write's reconcile may run (instances' clocks).
+DEFERRAL_EARLY_S = 2.0
+
+
 def _zoom_gate(link: Link, result: Plan, now: float, min_interval: float) -> tuple[bool, float | None]:
     """May the planned Zoom PUT go now? If not, when should we try again (None: already scheduled)?"""
     if result.zoom_op is None:
@@ -485,8 +489,10 @@ def _zoom_gate(link: Link, result: Plan, now: float, min_interval: float) -> tup
         # then the person's next change after it), and an admin's resync tries at once.
         return False, None
     # Zoom takes one presence update per user per minute (API-FACTS §3): coalesce and defer.
-    if link.zoom_deferred_until >= due - 0.5 and link.zoom_deferred_until > now:
+    if link.zoom_deferred_until >= due - 0.5 and link.zoom_deferred_until > now + DEFERRAL_EARLY_S:
         return False, None  # a reconcile is already scheduled; it will read the latest state
+    # (Within DEFERRAL_EARLY_S of it, this may be that reconcile, run on a clock a little behind
+    # the one that set the time: it schedules again rather than wait for itself.)
     return False, due + 0.5
 
 
