@@ -601,7 +601,7 @@ def _hand_over_zoom(zoom_api_id: str, zoom: dict) -> bool:
         # With its expiry (a Do Not Disturb's duration), so the keep-alive renews it in time: one
         # that lapsed would read as the person choosing Available, and the link would yield.
         s.zoom_overlay = ZoomOverlayRecord(zoom["ours"], now, None if expires_at is None else float(expires_at),
-                                           "handed_over", zoom["restore"])
+                                           "handed_over", zoom["restore"], answered_at=now)  # in place already
         if s.zoom_native is None or s.zoom_native == ours:
             # Not the person's own: what is beneath ours is what we would restore. (A meeting or
             # a sign-out it has seen stays: ours is let go when the slot shows again.)

@@ -69,6 +69,8 @@ class ZoomOverlayRecord:
     expires_at: float | None  # Do_Not_Disturb carries a duration; the others do not expire
     source: str
     restore: str  # the person's own manual status to put back when we let go (PUT vocabulary)
+    # When Zoom answered the PUT; None while it is under way (or its answer was lost).
+    answered_at: float | None = None
 
 
 @dataclass
@@ -139,6 +141,13 @@ def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: Engin
         # up our overlay for good, or mirror a status Zoom no longer shows. (Zoom's event time
         # against our clock.)
         return Observed.STALE
+    if (overlay is not None and state in ZOOM_MANUAL_STATES and state != parse_zoom(overlay.status)
+            and ts_ms <= _zoom_put_in_place_since(overlay, cfg) * 1000):
+        # Set while our PUT was on its way: Zoom has one manual slot and keeps the later write, so
+        # it shows ours or this, and only a read begun after our PUT's answer can tell. (Taken as
+        # the person's while ours landed on top, our status would then pass for theirs: kept on
+        # Zoom, and mirrored to Teams as the person's.)
+        return Observed.UNSURE
     user.zoom_seen_ts = ts_ms
     if overlay is not None and state == parse_zoom(overlay.status):
         # Zoom shows what we put there. If the person's own state was an automatic one
@@ -171,6 +180,14 @@ def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: Engin
         user.zoom_yielded = _current_source(user.teams_native, user.teams_native_since, overlay.source)
         user.zoom_overlay = None
     return _set_zoom_native(user, state, ts_ms) or Observed.UNCHANGED
+
+
+def _zoom_put_in_place_since(overlay: ZoomOverlayRecord, cfg: EngineConfig) -> float:
+    """From when Zoom must show ``overlay`` if it still stands: when Zoom answered its PUT, or,
+    unanswered, a write's longest time after it."""
+    if overlay.answered_at is not None:
+        return overlay.answered_at
+    return overlay.written_at + cfg.write_in_flight_seconds
 
 
 # Zoom times a Do Not Disturb (and Graph a preferred presence) from when it took our write, a
@@ -522,6 +539,14 @@ def _write_zoom(rule: ZoomOverlay, source: str, restore: str, now: float, cfg: E
 def _release_zoom(current: ZoomOverlayRecord, out: Plan) -> None:
     out.zoom_op = ZoomOp(current.restore, None, release=True)
     out.zoom_overlay = None
+
+
+def mark_zoom_answered(user: UserSync, planned: ZoomOverlayRecord | None, answered_at: float) -> None:
+    """Zoom answered the PUT that put ``planned`` in place: note when (in place on ``user``)."""
+    current = user.zoom_overlay
+    if planned is not None and current is not None and current.answered_at is None \
+            and (current.status, current.written_at) == (planned.status, planned.written_at):
+        user.zoom_overlay = replace(current, answered_at=answered_at)
 
 
 def mark_teams_answered(user: UserSync, planned: TeamsOverlayRecord | None, answered_at: float) -> None:

@@ -255,8 +255,11 @@ def _zoom_overlay_from(value: str | None) -> ZoomOverlayRecord | None:
     if not data:
         return None
     expires = data.get("expires_at")
+    # Records from before answered_at existed were in place when written.
+    answered = data["answered_at"] if "answered_at" in data else data["written_at"]
     return ZoomOverlayRecord(data["status"], float(data["written_at"]), float(expires) if expires else None,
-                             data.get("source", ""), data.get("restore", "Available"))
+                             data.get("source", ""), data.get("restore", "Available"),
+                             None if answered is None else float(answered))
 
 
 def _zoom_overlay_to(record: ZoomOverlayRecord | None) -> str:
@@ -264,7 +267,7 @@ def _zoom_overlay_to(record: ZoomOverlayRecord | None) -> str:
         return ""
     return storage.to_json_column({
         "status": record.status, "written_at": record.written_at, "expires_at": record.expires_at,
-        "source": record.source, "restore": record.restore,
+        "source": record.source, "restore": record.restore, "answered_at": record.answered_at,
     })
 
 

@@ -34,6 +34,7 @@ from shared.engine import (
     apply_plan,
     keepalive_expiries,
     mark_teams_answered,
+    mark_zoom_answered,
     observe_teams,
     observe_zoom,
     plan,
@@ -96,6 +97,7 @@ class Outcome:
     error: str | None = None
     reads: int = 0
     notes: list[str] = field(default_factory=list)
+    zoom_unsure: bool = False  # a Zoom report that may predate our PUT: Zoom is read again
 
 
 Observer = Callable[[Link, float], Observed]
@@ -118,9 +120,26 @@ def _state(link: Link) -> tuple:
             link.lease_owner, link.lease_until, link.pending, link.status, link.error_kind)
 
 
+# Reading Zoom again after a report that may predate our PUT: soon after it (the lease holder may
+# still await the answer; the read then finds it unsure too and asks again, until the PUT is
+# answered or its longest time has passed).
+ZOOM_UNSURE = "zoom_unsure"
+ZOOM_UNSURE_REREAD_S = 2.0
+
+
 def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str = "event",
               cid: str = "", confirm_zoom: bool = False, confirm_teams: bool = False) -> Outcome:
     """Bring one person's two sides in step. Raises only for failures worth a queue retry."""
+    outcome = _sync_user(zoom_user_id, observe=observe, reason=reason, cid=cid, confirm_zoom=confirm_zoom,
+                         confirm_teams=confirm_teams)
+    if outcome.zoom_unsure:
+        queue_reconcile(zoom_user_id, ZOOM_UNSURE, delay_s=ZOOM_UNSURE_REREAD_S, confirm_zoom=True, cid=cid)
+        outcome.notes.append("Zoom read again: a report set while our PUT was under way")
+    return outcome
+
+
+def _sync_user(zoom_user_id: str, *, observe: Observer | None, reason: str, cid: str, confirm_zoom: bool,
+               confirm_teams: bool) -> Outcome:
     me = cid or uuid.uuid4().hex
     outcome = Outcome()
     confirmed_zoom: str | None = None
@@ -165,10 +184,13 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
         outcome.notes.append("renewal held: source unread")
 
     def learn(link: Link, now: float) -> None:
+        outcome.zoom_unsure = False  # (learnt again on a conflict's retry)
         if observe is not None:
             outcome.observed = observe(link, now)
+            outcome.zoom_unsure = isinstance(observe, _ZoomReport) and outcome.observed == Observed.UNSURE
         if confirmed_zoom is not None:
-            _apply_zoom_report(link, confirmed_zoom, int(confirmed_zoom_at * 1000), now, engine_config())
+            confirmed = _apply_zoom_report(link, confirmed_zoom, int(confirmed_zoom_at * 1000), now, engine_config())
+            outcome.zoom_unsure = outcome.zoom_unsure or confirmed == Observed.UNSURE
         if confirmed_teams is not None:
             _apply_teams_report(link, confirmed_teams, int(confirmed_teams_at * 1000))
         if unknown is not None:
@@ -273,6 +295,7 @@ def _note_answers(sync: UserSync, step: _Step, answered_at: float) -> None:
         # Zoom counts its per-user minute from when the PUT reached it, which is after we planned
         # it: measure the next one from the answer, or a slow PUT makes the next one come early.
         sync.zoom_last_put_at = max(sync.zoom_last_put_at, answered_at)
+        mark_zoom_answered(sync, step.result.zoom_overlay, answered_at)
     if step.result.teams_ops:
         # Likewise a Teams report only says something about our overlay once Graph answered.
         mark_teams_answered(sync, step.result.teams_overlay, answered_at)
@@ -353,7 +376,7 @@ def _perform_calls(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     if teams.ok:
         return zoom_ok
     if zoom_ok:
-        _let_go_after_zoom_put(link, time.time(), plan_news=not teams.retry_coming)
+        _let_go_after_zoom_put(link, step.result.zoom_overlay, time.time(), plan_news=not teams.retry_coming)
     if teams.error is not None:
         raise teams.error  # the queue retries the Teams part
     return False
@@ -398,9 +421,20 @@ def _apply_teams_report(link: Link, presence: dict, ts_ms: int, earliest_ms: int
     return outcome
 
 
+@dataclass(frozen=True)
+class _ZoomReport:
+    """An observer of one Zoom report (a webhook's)."""
+
+    status: str
+    event_ts: int
+    cfg: EngineConfig
+
+    def __call__(self, link: Link, now: float) -> Observed:
+        return _apply_zoom_report(link, self.status, self.event_ts, now, self.cfg)
+
+
 def zoom_observer(status: str, event_ts: int) -> Observer:
-    cfg = engine_config()
-    return lambda link, now: _apply_zoom_report(link, status, event_ts, now, cfg)
+    return _ZoomReport(status, event_ts, engine_config())
 
 
 class UnknownAccount(Exception):
@@ -646,7 +680,8 @@ def _zoom_undo(link: Link, step: _Step) -> _ZoomUndo:
                      planned=step.result.zoom_overlay, seen_ts=link.sync.zoom_seen_ts)
 
 
-def _let_go_after_zoom_put(link: Link, answered_at: float, *, plan_news: bool) -> None:
+def _let_go_after_zoom_put(link: Link, planned: ZoomOverlayRecord | None, answered_at: float, *,
+                           plan_news: bool) -> None:
     """The Zoom write of a step whose Teams writes failed went through: record when Zoom
     answered (its per-user minute) and let go of the lease the failed Teams writes kept (and plan
     news left meanwhile when no retry of the Teams part is coming to do it)."""
@@ -664,6 +699,7 @@ def _let_go_after_zoom_put(link: Link, answered_at: float, *, plan_news: bool) -
         if current.lease_owner != owner:
             return None
         current.sync.zoom_last_put_at = max(current.sync.zoom_last_put_at, answered_at)
+        mark_zoom_answered(current.sync, planned, answered_at)
         current.lease_owner, current.lease_until = "", 0.0
         news = current.pending
         return link_to_entity(current)

@@ -179,3 +179,27 @@ def test_news_left_while_a_zoom_put_was_throttled_for_an_hour_is_not_held_back_w
         # (Not settle(): the throttled write's retry waits an hour in the queue.)
         world.wait_until(lambda: world.teams_shows(person) == ("Busy", "InACall"), timeout=30)
         assert [r["status"] for r in zoom_put_attempts(world, person)][-1] == 429  # held back
+
+
+def test_a_zoom_status_picked_while_our_put_is_on_its_way_does_not_leave_ours_behind_as_theirs(world: World):
+    # Teams goes Busy and our PUT of Busy is slow to reach Zoom; the person picks Away in Zoom
+    # meanwhile, and ours lands on top of it (Zoom keeps the later write). Zoom shows our Busy: it
+    # must stay ours (released when Teams moves on), not pass for the person's own Busy, kept on
+    # Zoom and mirrored to Teams as theirs.
+    person = world.add_person()
+    with listening(world, "push"):
+        _known_on_both_sides(world, person)
+        writes_before = len(graph_writes(world, person))
+        world.zoom.faults.latency(3.0, count=1, path=PRESENCE_STATUS)
+        world.graph.set_teams_client(person.entra_id, "Busy", "Busy")
+        world.wait_until(lambda: any(r.get("kind") == "latency" for r in world.zoom.faults.fired), timeout=20,
+                         interval=0.05)
+        world.zoom.set_status_by_user(person.zoom_id, "Away")
+        world.settle(timeout=60)
+        assert world.zoom_shows(person) == "Busy"  # ours, on top of the person's Away
+        time.sleep(E2E_ZOOM_MIN_INTERVAL_S + 0.5)
+        world.graph.set_teams_client(person.entra_id, "Available", "Available")
+        world.settle(timeout=60)
+        assert world.zoom_shows(person) == "Available"  # ours let go
+        assert world.teams_shows(person) == ("Available", "Available")
+        assert graph_writes(world, person)[writes_before:] == []  # nothing of Zoom's mirrored to Teams

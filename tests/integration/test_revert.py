@@ -78,7 +78,7 @@ def test_a_revert_that_keeps_the_lease_leaves_the_news_to_the_zoom_write_that_fo
     after, _ = read_link("z-keep")
     assert (after.sync.teams_overlay, after.lease_owner) == (None, "me")
     assert queued(links_table) == []
-    sync._let_go_after_zoom_put(after, 1234.5, plan_news=True)
+    sync._let_go_after_zoom_put(after, None, 1234.5, plan_news=True)
     after, _ = read_link("z-keep")
     assert (after.lease_owner, after.sync.zoom_last_put_at) == ("", 1234.5)
     assert [m["reason"] for m in queued(links_table)] == ["news_after_failed_write"]

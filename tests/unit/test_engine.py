@@ -13,6 +13,7 @@ from shared.engine import (
     UserSync,
     apply_plan,
     mark_teams_answered,
+    mark_zoom_answered,
     observe_teams,
     observe_zoom,
     plan,
@@ -60,6 +61,8 @@ class World:
         self.user = apply_plan(self.user, result, self.now, zoom_written=True)
         if answered and result.teams_ops:  # as sync_user notes once Graph answered
             mark_teams_answered(self.user, result.teams_overlay, self.now)
+        if answered and result.zoom_op:  # and once Zoom answered
+            mark_zoom_answered(self.user, result.zoom_overlay, self.now)
         return result
 
     def teams_read_at(self, ts_ms: int, availability: str, activity: str) -> Observed:
@@ -559,6 +562,57 @@ def test_a_manual_zoom_status_set_after_our_put_still_takes_the_slot():
     w.teams("DoNotDisturb", "DoNotDisturb")
     w.zoom("Away")  # after our PUT: the person's
     assert w.user.zoom_overlay is None and w.user.zoom_yielded
+
+
+def _our_busy_put_under_way(w: World):
+    """Teams goes Busy; our PUT of Busy to Zoom is planned and not yet answered."""
+    w.zoom("Available")
+    w.tick()
+    w.seq += 1
+    observe_teams(w.user, "Busy", "Busy", sequence=f"{w.seq:020d}", ts_ms=w.ts)
+    put = w.reconcile(answered=False)
+    assert put.zoom_op is not None and put.zoom_op.status == "Busy"
+    return put
+
+
+def test_a_zoom_status_the_person_picks_while_our_put_is_on_its_way_is_read_again_not_taken():
+    # The person picks Away in Zoom before our PUT reaches it; ours then lands on top (Zoom keeps
+    # the later write). Taken as theirs, Away gave up our overlay and the echo of our Busy then
+    # passed for their own Busy: left on Zoom when Teams moved on, and mirrored to Teams.
+    w = World()
+    put = _our_busy_put_under_way(w)
+    w.tick(0.2)
+    assert observe_zoom(w.user, "Away", w.ts, w.now, CFG) == Observed.UNSURE
+    assert w.user.zoom_overlay is not None and w.user.zoom_yielded == ""
+    w.tick(0.2)
+    mark_zoom_answered(w.user, put.zoom_overlay, w.now)
+    w.tick()  # the read begun after the answer finds ours
+    assert observe_zoom(w.user, "Busy", w.ts, w.now, CFG) == Observed.ECHO
+    w.teams("Available", "Available")
+    assert [(op.status, op.release) for op in w.zoom_writes] == [("Busy", False), ("Available", True)]
+    assert w.teams_writes == []
+
+
+def test_a_zoom_status_the_person_picked_over_our_put_is_theirs_once_read_after_the_answer():
+    # The other order: ours landed first and the person's Away after it. The report of it is unsure
+    # (from before our answer); the read begun after the answer shows Away: theirs.
+    w = World()
+    put = _our_busy_put_under_way(w)
+    w.tick(0.2)
+    assert observe_zoom(w.user, "Away", w.ts, w.now, CFG) == Observed.UNSURE
+    w.tick(0.2)
+    mark_zoom_answered(w.user, put.zoom_overlay, w.now)
+    w.tick()
+    assert observe_zoom(w.user, "Away", w.ts, w.now, CFG) == Observed.APPLIED
+    assert w.user.zoom_overlay is None and w.user.zoom_yielded
+
+
+def test_a_zoom_put_whose_answer_was_lost_is_unsure_only_for_a_write_s_longest_time():
+    w = World()
+    _our_busy_put_under_way(w)
+    w.tick(CFG.write_in_flight_seconds + 1)  # no answer ever recorded (the holder died)
+    assert observe_zoom(w.user, "Away", w.ts, w.now, CFG) == Observed.APPLIED
+    assert w.user.zoom_overlay is None
 
 
 @pytest.mark.parametrize(("availability", "activity"), [("Offline", "Offline"), ("PresenceUnknown", "PresenceUnknown")])
