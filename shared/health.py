@@ -68,6 +68,11 @@ def check_health() -> dict:
     )
     checks["zoom_configured"] = "ok" if settings.zoom_client_id and settings.zoom_account_id else "missing"
     checks["entra_configured"] = "ok" if settings.entra_client_id and settings.entra_tenant_id else "missing"
+    if settings.graph_notification_certificate:
+        from shared.graph_crypto import notification_certificate_check
+
+        # Unusable, notifications are basic (each change read after): working, but not as set up.
+        checks["notification_certificate"] = notification_certificate_check()
     if checks["storage_configured"] == "ok":
         checks["storage_reachable"] = _storage_reachable()
     # "checking": another caller's first probe of this instance is under way (answered at once, not

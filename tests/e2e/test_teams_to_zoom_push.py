@@ -6,6 +6,7 @@ Zoom *shows*. Timers do not run on their own here, so no poll is involved."""
 from __future__ import annotations
 
 import pytest
+import requests
 
 from sandbox.world import World
 from tests.fixtures.connections import sync_account
@@ -52,6 +53,32 @@ def test_rich_notification_needs_no_presence_read(world: World, app_setting):
         reads = [r for r in world.graph.requests_matching("POST", "getPresencesByUserId")
                  if person.entra_id in [i.lower() for i in (r.json or {}).get("ids", [])]]
         assert reads == []
+
+
+def test_an_unusable_notification_certificate_falls_back_to_basic_notifications_and_says_so(world: World,
+                                                                                                 app_setting, caplog):
+    # A PEM pasted without its private key: every delivery answered 503 and every subscription run
+    # failed on it (so push stopped within the hour), while /api/health said ok. Basic
+    # notifications, read after, keep Teams changes coming; health names the check.
+    from tests.integration.test_graph_notifications import notification_certificate_pem
+
+    pem = notification_certificate_pem()
+    app_setting(GRAPH_NOTIFICATION_CERTIFICATE=pem[pem.index("-----BEGIN CERTIFICATE-----"):])
+    person = world.add_person()
+    with sync_account(world) as account:
+        world.host.fire_timer("graph_subscriptions")
+        [sub] = [s for s in world.graph.subscriptions.values() if s.owner_user_id.lower() == account]
+        assert sub.covers(person.entra_id) and not sub.include_resource_data
+        world.settle()
+        world.graph.set_teams_client(person.entra_id, "DoNotDisturb")
+        world.settle()
+        assert world.zoom_shows(person) == "Do_Not_Disturb"
+        assert [d.status for d in world.graph.delivered if "/notifications" in d.url][-1] == 202
+    health = requests.get(world.host.url("health", key=None), timeout=30)
+    assert health.status_code == 503
+    assert health.json()["checks"]["notification_certificate"] == "invalid"
+    assert "GRAPH_NOTIFICATION_CERTIFICATE must be a PEM" in caplog.text
+    assert "BEGIN CERTIFICATE" not in caplog.text
 
 
 def test_pushed_content_arriving_soon_after_our_write_is_read_again_before_it_counts(world: World):
