@@ -360,6 +360,11 @@ class _ShardFailed(Exception):
     """This shard could not be served this run (the reason goes to ``subscription_error``)."""
 
 
+class _AccountFull(_ShardFailed):
+    """The account already holds a presence subscription we may not delete (Graph allows one per
+    user per app): full, whatever this run counted; another account may have room."""
+
+
 def _urgency(shard: Shard, now: float, leeway_s: float) -> tuple[int, float, int]:
     """Sort key: live subscriptions due for renewal, soonest to expire first (each one reached keeps
     push for its shard); then shards without one (on the poll already, and one that fails every
@@ -488,7 +493,7 @@ class _Run:
         if not self._warned_no_account:
             self._warned_no_account = True
             log.warning("subscriptions: no connected sync account has room; shards stay on the poll "
-                        "(connect more sync accounts, or raise SUBSCRIPTIONS_PER_ACCOUNT)")
+                        "(connect more sync accounts: one per 650 people)")
 
     def referenced(self, except_shard: int | None = None) -> dict[str, int]:
         return {str(sh.extra["subscription_id"]).lower(): n for n, sh in self.shards.items()
@@ -523,6 +528,14 @@ class _Run:
             except ConnectionBroken:
                 self.load[owner] -= 1
                 self.release(shard, "account broken")
+                owner = None
+            except _AccountFull as exc:
+                # Not this shard's account to use (the shard's record may name it still): counted
+                # full for the rest of the run, and the shard tries another (each at most once).
+                log.warning("subscriptions: shard %s: %s; trying another account", shard.number, exc)
+                self.load[owner] = max(self.load[owner], self.limit)
+                if ext.get("subscription_account") == owner:
+                    self.release(shard, str(exc)[:300])
                 owner = None
             except (VendorError, TokenError, TokenDecryptError, _ShardFailed) as exc:
                 self._failed(shard, exc)
@@ -692,10 +705,17 @@ class _Run:
                 merged["clientState"] = client_state
                 return merged, True
         others = self.referenced(except_shard=shard.number)
-        blocking = [s for s in existing if str(s.get("id") or "").lower() in others]
-        if blocking:
-            raise _ShardFailed(f"account {account} already holds the subscription of shard "
-                               f"{others[str(blocking[0]['id']).lower()]}")
+        for sub in existing:
+            sid = str(sub.get("id") or "").lower()
+            # Also one another shard recorded since this run's snapshot (a lifecycle event's run,
+            # or the timer on another instance, picking the same spare account): its lookup row
+            # says so. Deleted, that shard would look healthy with no subscription behind it.
+            holder = others.get(sid)
+            if holder is None and sid and sid != str(old_id or "").lower():
+                ref = lookup_subscription(sid, fresh=True)
+                holder = ref.shard if ref is not None and ref.shard != shard.number else None
+            if holder is not None:
+                raise _AccountFull(f"account {account} already holds the subscription of shard {holder}")
         for sub in existing:
             sid = str(sub.get("id") or "")
             if sid and (_is_ours(sub) or sid.lower() == str(old_id or "").lower()):
@@ -707,7 +727,7 @@ class _Run:
         try:
             return self.call(account, lambda t: graph_client.create_subscription(body, t)), False
         except AlreadyExists as exc:
-            raise _ShardFailed(f"account {account} already holds a presence subscription") from exc
+            raise _AccountFull(f"account {account} already holds a presence subscription") from exc
 
     # -- orphans ------------------------------------------------------------------------------------------
 

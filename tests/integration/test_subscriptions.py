@@ -569,3 +569,72 @@ def test_reauthorization_graph_cannot_answer_now_is_retried_not_recreated(graph_
     graph.faults.clear()
     assert subscriptions.handle_lifecycle_message(message) == ["renewed"]
     assert set(live(graph)) == {sub_id}
+
+
+def _two_shards_of_two(graph, monkeypatch, accounts: int) -> list[str]:
+    """Four people in shards of two (two shards), ``accounts`` sync accounts, one run."""
+    import functools
+
+    from shared import shards
+
+    monkeypatch.setattr(shards, "assign", functools.partial(shards.assign, size=2))
+    people(graph, 4)
+    made = sync_accounts(graph, accounts)
+    run(graph)
+    return made
+
+
+def test_a_shard_whose_account_holds_another_shard_s_subscription_moves_to_a_spare_account(
+        graph_app_env, webhook_host, monkeypatch):
+    # Two runs picking the same spare account at once can leave a shard recorded on an account that
+    # holds another shard's subscription (Graph allows one per user per app). Every run then met
+    # the 409 on that account and failed the shard, while a spare account sat idle.
+    graph = graph_app_env
+    accounts = _two_shards_of_two(graph, monkeypatch, 3)
+    state = shard_state()
+    taken, stuck = state[0]["subscription_account"], state[1]
+    spare = next(a for a in accounts if a not in (taken, stuck["subscription_account"]))
+    webhook_host.pause_queues()
+    subscriptions._update_shard(stuck["shard"], {"subscription_account": taken, "subscription_id": "gone",
+                                                 "subscription_expires_at": graph.clock.now() - 1})
+    report = run(graph)
+    after = shard_state()
+    assert (after[1]["subscription_account"], after[1]["subscription_status"]) != (taken, "error")
+    assert after[1]["subscription_status"] == "active" and report.errors == 0
+    owners = {s.owner_user_id.lower(): sorted(u.lower() for u in s.user_ids) for s in live(graph).values()}
+    assert owners[taken] == sorted(after[0]["ids"])  # the other shard's, untouched
+    assert owners[after[1]["subscription_account"]] == sorted(after[1]["ids"])
+    assert after[1]["subscription_account"] in (spare, stuck["subscription_account"])
+
+
+def test_a_subscription_another_shard_recorded_after_the_run_s_snapshot_is_not_deleted(
+        graph_app_env, webhook_host, monkeypatch):
+    # This run's snapshot of the shards predates another run's new subscription for shard 0 on
+    # account A; this run then tries A for shard 1, meets the 409, and finds on A a subscription
+    # of ours its snapshot does not know. Deleted as a leftover, shard 0 would look healthy with
+    # nothing behind it until its renewal failed, up to 40 minutes without push.
+    graph = graph_app_env
+    accounts = _two_shards_of_two(graph, monkeypatch, 3)
+    webhook_host.pause_queues()
+    state = shard_state()
+    a = state[0]["subscription_account"]
+    stale = subscriptions._Run(graph.clock.now(), read_shards())  # this run's snapshot
+
+    # Meanwhile another run gives shard 0 a new subscription on A.
+    graph_client.delete_subscription(state[0]["subscription_id"], connections.delegated_token(a))
+    subscriptions._update_shard(state[0]["shard"], {"subscription_expires_at": graph.clock.now() - 1})
+    other = subscriptions._Run(graph.clock.now(), read_shards())
+    other.maintain(next(sh for sh in read_shards() if sh.number == 0))
+    fresh_id = shard_state()[0]["subscription_id"]
+    assert fresh_id != state[0]["subscription_id"] and fresh_id in live(graph)
+
+    # This run now serves shard 1 as if it were on A (its subscription expired).
+    shard1 = next(sh for sh in stale.shards.values() if sh.number == 1)
+    shard1.extra.update({"subscription_account": a, "subscription_id": None, "subscription_expires_at": 0.0})
+    stale.load[a] = 0
+    stale.maintain(shard1)
+    assert fresh_id in live(graph), "shard 0's new subscription was deleted"
+    after = shard_state()
+    assert after[0]["subscription_id"] == fresh_id
+    assert after[1]["subscription_status"] == "active" and after[1]["subscription_account"] in accounts
+    assert after[1]["subscription_account"] != a
