@@ -206,7 +206,7 @@ def read_blob(kind: str, row: str) -> tuple[Any, dict | None]:
 
 
 class PageMissing(RuntimeError):
-    """A page a run wrote (:func:`write_page`) is not there, or is another run's."""
+    """A page a run wrote (:func:`write_page`) is not there."""
 
 
 def _page_row(prefix: str, number: int, run_id: str) -> str:
@@ -217,7 +217,8 @@ def _page_row(prefix: str, number: int, run_id: str) -> str:
 
 def write_page(kind: str, prefix: str, number: int, run_id: str, records: list) -> None:
     """Page ``number`` of what run ``run_id`` keeps under ``prefix`` (a listing, members)."""
-    write_blob(kind, _page_row(prefix, number, run_id), records, run_id=run_id, count=len(records))
+    write_blob(kind, _page_row(prefix, number, run_id), records, run_id=run_id, count=len(records),
+               written_at=time.time())
 
 
 def read_pages(kind: str, prefix: str, pages: int, run_id: str) -> Iterator[Any]:
@@ -230,16 +231,18 @@ def read_pages(kind: str, prefix: str, pages: int, run_id: str) -> Iterator[Any]
         yield value
 
 
-def drop_pages(kind: str) -> int:
-    """Delete every run's pages of ``kind``: for a run that has ended (saved as such, so no other run
-    is live), including those a taken-over run left. Returns how many; a failure is logged, not
-    raised (the pages are dropped by the next run's end instead)."""
+def drop_pages(kind: str, run: Run) -> int:
+    """Once ``run`` has ended (saved as such): delete its pages, and those written before it began
+    (left by a run taken over, or whose end did not get to them) — not those of a run begun since,
+    which may be writing them now. Returns how many; a failure is logged, not raised (a leftover
+    page costs storage only, and the next run's end drops it)."""
     dropped = 0
     try:
-        for entity in storage.query_partition(TABLE, kind, select=["RowKey"]):
-            storage.delete_entity(TABLE, kind, entity["RowKey"])
-            dropped += 1
-    except Exception as exc:  # noqa: BLE001 - a leftover page costs storage only
+        for entity in storage.query_partition(TABLE, kind, select=["RowKey", "run_id", "written_at"]):
+            if entity.get("run_id") == run.run_id or float(entity.get("written_at") or 0.0) < run.started_at:
+                storage.delete_entity(TABLE, kind, entity["RowKey"])
+                dropped += 1
+    except Exception as exc:  # noqa: BLE001 - see above
         log.warning("directory: %d %s page(s) dropped, the rest left to the next run (%s)", dropped, kind,
                     type(exc).__name__)
     return dropped

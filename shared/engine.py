@@ -135,6 +135,12 @@ def observe_zoom(user: UserSync, status: str, ts_ms: int, now: float, cfg: Engin
     if ts_ms <= user.zoom_seen_ts:
         _late_manual(user, state, ts_ms, ours)
         return Observed.STALE
+    if (overlay is None and ours and state in ZOOM_MANUAL_STATES and state != parse_zoom(ours[0])
+            and (ours[1] - cfg.write_in_flight_seconds) * 1000 <= ts_ms < ours[1] * 1000):
+        # From around our last PUT (the release that put the person's own status back): its time is
+        # when Zoom answered, a little after Zoom took it, and Zoom keeps the later of two writes.
+        # Only a read begun now can tell whether this came after ours.
+        return Observed.UNSURE
     if ours and state in ZOOM_MANUAL_STATES and state != parse_zoom(ours[0]) and ts_ms < ours[1] * 1000:
         # A manual status from before that (a late delivery, the echo of an older PUT of ours, or
         # of the overlay we released): our PUT replaced it. Taken as the person's, it would give

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from azure.core.exceptions import AzureError
-
 from shared.signing import presented_matches
 
 log = logging.getLogger(__name__)
@@ -58,6 +56,8 @@ def _safe(text: object, limit: int = 64) -> str:
 def _guarded(what: str, handler: Callable[[], Reply]) -> Reply:
     """Configuration or storage trouble is ours, not the sender's: 503 (Graph retries) and a log
     line, never a 500 with a stack trace in the response."""
+    from azure.core.exceptions import AzureError
+
     from shared.config import SettingMissing
 
     try:

@@ -892,8 +892,8 @@ def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
     run.finished_at = run.updated_at = time.time()
     if not runs.save(run):
         return None
-    runs.drop_pages(SNAPSHOT)  # the listings are of no use once the run has ended
     if error:
+        runs.drop_pages(SNAPSHOT, run)  # the listings are of no use once the run has ended
         return run
     c = run.state.get("counts", {})
     log.info("matching: run %s done in %d invocation(s): %d created, %d updated, %d disabled, %d enabled",
@@ -908,6 +908,7 @@ def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
         again, _ = start("asked for during the previous run")
         if again is not None:
             runs.continue_later(KIND, again.run_id)
+    runs.drop_pages(SNAPSHOT, run)  # last: what follows the run is asked for first
     return run
 
 

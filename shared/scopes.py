@@ -438,12 +438,12 @@ def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
     run.finished_at = run.updated_at = time.time()
     if not runs.save(run):
         return None
-    runs.drop_pages(MEMBERS_SNAPSHOT)
     c = run.state.get("counts", {})
     log.info("scopes: run %s %s: %d links, %d changed (%d narrowed, %d widened)", run.run_id, run.status,
              c.get("links", 0), c.get("changed", 0), c.get("narrowed", 0), c.get("widened", 0))
     if runs.rerun_requested(run):
         request_run("asked for during the previous run")
+    runs.drop_pages(MEMBERS_SNAPSHOT, run)  # last: the next run is asked for first
     return run
 
 

@@ -99,20 +99,26 @@ def answer_within(budget_s: float = INTAKE_BUDGET_S) -> Iterator[None]:
         _deadline.reset(token)
 
 
-def _within_deadline(what: str, call: Callable[[dict[str, Any]], T]) -> T:
-    """``call(options)`` once, or under :func:`answer_within` in attempts each bounded by the time
-    left, with the SDK's own retries (which wait before trying again) off. A put whose answer was
-    lost may be made twice: queue messages are handled idempotently."""
+def _within_deadline(what: str, call: Callable[[Callable[[], dict[str, Any]]], T]) -> T:
+    """``call(options)``, where ``options()`` gives the call options for each request it makes:
+    none, or under :func:`answer_within` timeouts bounded by the time then left and the SDK's own
+    retries (which wait before trying again) off, in attempts while time is left. A put whose
+    answer was lost may be made twice: queue messages are handled idempotently."""
     deadline = _deadline.get()
     if deadline is None:
-        return call({})
-    while True:
+        return call(dict)
+
+    def options() -> dict[str, Any]:
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlinePassed(f"{what}: not done within the time allowed")
-        options = {"retry_total": 0, "connection_timeout": min(left, 1.0), "read_timeout": left}
+        return {"retry_total": 0, "connection_timeout": min(left, 1.0), "read_timeout": left}
+
+    while True:
         try:
             return call(options)
+        except DeadlinePassed:
+            raise
         except (ServiceRequestError, ServiceResponseError, HttpResponseError) as exc:
             transient = not isinstance(exc, HttpResponseError) or (exc.status_code or 0) >= 500
             if not transient or deadline - time.monotonic() < _RETRY_IF_LEFT_S:
@@ -351,8 +357,9 @@ def enqueue(queue_name: str, message: dict | str, *, delay_seconds: float = 0,
     if ttl_seconds is not None:
         kwargs["time_to_live"] = ttl_seconds
     text = encode_message(message)
-    sent = _within_deadline(f"queue {queue_name}",
-                            lambda options: queue(queue_name, **options).send_message(text, **kwargs, **options))
+    # (The client first: its queue may be created on this process's first use, with what time is left.)
+    sent = _within_deadline(f"queue {queue_name}", lambda options: queue(queue_name, **options()).send_message(
+        text, **kwargs, **options()))
     return QueuedMessage(queue_name, sent.id, sent.pop_receipt)
 
 
@@ -415,8 +422,8 @@ def read_entity(table_name: str, pk: str, rk: str) -> tuple[dict | None, str | N
         return None, None  # a caller-supplied key (a subscription id, say) that no entity can have
     _count()
     try:
-        found = _within_deadline(f"table {table_name}", lambda options: table(table_name, **options).get_entity(
-            partition_key=pk, row_key=rk, **options))
+        found = _within_deadline(f"table {table_name}", lambda options: table(table_name, **options()).get_entity(
+            partition_key=pk, row_key=rk, **options()))
     except ResourceNotFoundError:
         return None, None
     return _from_storage(found), _etag_of(found.metadata)

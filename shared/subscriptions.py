@@ -511,9 +511,15 @@ class _Run:
         if owner and owner not in self.healthy:
             self.release(shard, "account unavailable")
             owner = None
+        full: _AccountFull | None = None
         while True:
             if owner is None:
                 owner = self.pick()
+                if owner is None and full is not None:
+                    # The accounts left with room by our count hold subscriptions not ours to delete
+                    # (another deployment's, say): the reason goes on the shard, as an error.
+                    self._failed(shard, full)
+                    return
                 if owner is None:
                     self.no_account()
                     if ext.get("subscription_status") != STATUS_NONE or ext.get("subscription_id"):
@@ -533,6 +539,7 @@ class _Run:
                 # Not this shard's account to use (the shard's record may name it still): counted
                 # full for the rest of the run, and the shard tries another (each at most once).
                 log.warning("subscriptions: shard %s: %s; trying another account", shard.number, exc)
+                full = exc
                 self.load[owner] = max(self.load[owner], self.limit)
                 if ext.get("subscription_account") == owner:
                     self.release(shard, str(exc)[:300])

@@ -133,7 +133,8 @@ def sync_user(zoom_user_id: str, *, observe: Observer | None = None, reason: str
     outcome = _sync_user(zoom_user_id, observe=observe, reason=reason, cid=cid, confirm_zoom=confirm_zoom,
                          confirm_teams=confirm_teams)
     if outcome.zoom_unsure:
-        queue_reconcile(zoom_user_id, ZOOM_UNSURE, delay_s=ZOOM_UNSURE_REREAD_S, confirm_zoom=True, cid=cid)
+        # Its own id: a message's id names the lease owner, and this invocation may still hold it.
+        queue_reconcile(zoom_user_id, ZOOM_UNSURE, delay_s=ZOOM_UNSURE_REREAD_S, confirm_zoom=True)
         outcome.notes.append("Zoom read again: a report set while our PUT was under way")
     return outcome
 
@@ -167,7 +168,10 @@ def _sync_user(zoom_user_id: str, *, observe: Observer | None, reason: str, cid:
             if confirm_zoom:
                 # When the read began: a webhook of a change made during the read is newer than it.
                 confirmed_zoom_at = time.time()
-                confirmed_zoom = _read_zoom(link, outcome, required=link.sync.zoom_native is None)
+                # The read after an unsure report is all that decides it: failing for now, it is
+                # retried through the queue, not skipped.
+                confirmed_zoom = _read_zoom(link, outcome, required=TRANSIENT if reason == ZOOM_UNSURE
+                                            else link.sync.zoom_native is None)
             if confirm_teams:
                 confirmed_teams_at = time.time()  # when the read began: what it shows is no older
                 confirmed_teams = _read_teams(link, outcome, required=link.sync.teams_native is None)
@@ -178,7 +182,7 @@ def _sync_user(zoom_user_id: str, *, observe: Observer | None, reason: str, cid:
     # not renewed on the word of what we knew before, or a lost "it ended" would keep it forever.
     # The next keep-alive run looks again while the overlay is still due.
     unconfirmed = frozenset() if unknown is not None else frozenset(
-        [ZOOM_TO_TEAMS] * (confirm_zoom and confirmed_zoom is None)
+        [ZOOM_TO_TEAMS] * (confirm_zoom and confirmed_zoom is None and reason != ZOOM_UNSURE)
         + [TEAMS_TO_ZOOM] * (confirm_teams and confirmed_teams is None))
     if unconfirmed:
         outcome.notes.append("renewal held: source unread")
@@ -372,7 +376,7 @@ def _perform_calls(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
     # A Teams write that failed does not hold back the Zoom write planned with it: Graph
     # throttling, refusing (403) or down is no reason for Zoom to keep showing what it should not.
     with telemetry.write_span(TEAMS_TO_ZOOM, "zoom", link.zoom_user_id, step.result.zoom_op.status):
-        zoom_ok = _run_zoom_op(link, step, outcome, cid)
+        zoom_ok = _run_zoom_op(link, step, outcome, cid, teams_retry_coming=not teams.ok and teams.retry_coming)
     if teams.ok:
         return zoom_ok
     if zoom_ok:
@@ -387,7 +391,7 @@ def _perform_calls(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
 
 def _apply_zoom_report(link: Link, status: str, ts_ms: int, now: float, cfg: EngineConfig) -> Observed:
     outcome = observe_zoom(link.sync, status, ts_ms, now, cfg)
-    if outcome != Observed.STALE:
+    if outcome not in (Observed.STALE, Observed.UNSURE):
         link.zoom_shows = status
         _end_not_signed_in_wait(link, ts_ms)
     return outcome
@@ -709,7 +713,7 @@ def _let_go_after_zoom_put(link: Link, planned: ZoomOverlayRecord | None, answer
         _plan_left_news(link.zoom_user_id)
 
 
-def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
+def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str, *, teams_retry_coming: bool = False) -> bool:
     result = step.result
     op = result.zoom_op
     settings = get_settings()
@@ -729,9 +733,10 @@ def _run_zoom_op(link: Link, step: _Step, outcome: Outcome, cid: str) -> bool:
         _keep_unanswered_zoom_put(exc, op, result, undo)
         # Until then every PUT for this person would be refused too (the gate holds them back).
         # News left meanwhile is planned now (plan_news): its Teams writes need nothing of Zoom's,
-        # and the scheduled retry may be hours away (a daily limit's Retry-After).
+        # and the scheduled retry may be hours away (a daily limit's Retry-After) — unless the
+        # step's Teams writes failed too and their retry is coming (it plans the news then).
         _revert(link.zoom_user_id, **undo, blocked_until=time.time() + exc.retry_after_s,
-                blocked_why=BLOCKED_THROTTLED, plan_news=True)
+                blocked_why=BLOCKED_THROTTLED, plan_news=not teams_retry_coming)
         _schedule(link.zoom_user_id, exc.retry_after_s, "zoom_throttled", cid)
         outcome.deferred_until = time.time() + exc.retry_after_s
         return False

@@ -277,10 +277,11 @@ def test_a_holder_saved_by_an_admin_during_the_run_does_not_give_its_account_way
     assert (counts["entra_taken"], counts["changed_during_run"]) == (1, 1)
 
 
-def test_a_snapshot_page_missing_ends_the_run_with_why_and_no_run_s_pages_are_left(run_env):
+def test_a_snapshot_page_missing_ends_the_run_with_why_and_its_pages_are_dropped(run_env):
     # Read a page at a time as the run applies; one absent must not pass for the listing (its people
     # would look gone), nor another run's page of that number: the run fails, saying which. Once it
-    # has ended, neither run's pages are kept (a listing of 300,000 people is tens of megabytes).
+    # has ended its pages are dropped (a listing of 300,000 people is tens of megabytes), not those
+    # written since it began: a run begun after its end may be writing them.
     from shared import storage
 
     run = _listed_run(time.time() - 5)
@@ -291,4 +292,15 @@ def test_a_snapshot_page_missing_ends_the_run_with_why_and_no_run_s_pages_are_le
     assert ended.status == "failed"
     assert ended.error == f"apply: snapshot page zoom 1 of run {run.run_id} is missing"
     assert read_link("z1")[0] is None  # nothing applied
-    assert list(storage.query_partition(directory_runs.TABLE, matching.SNAPSHOT)) == []
+    def pages_of() -> set[str]:
+        return {e["run_id"] for e in storage.query_partition(directory_runs.TABLE, matching.SNAPSHOT)}
+
+    assert pages_of() == {"another-run"}
+    following, _ = matching.start("test")
+    matching._save_page("entra", 0, following.run_id, [[E1, True, ["a@contoso.example"]]])
+    directory_runs.drop_pages(matching.SNAPSHOT, ended)  # the ended run's drop, late: begun since, kept
+    assert pages_of() == {"another-run", following.run_id}
+    following.status = "done"
+    assert directory_runs.save(following)
+    directory_runs.drop_pages(matching.SNAPSHOT, following)
+    assert pages_of() == set()

@@ -4,6 +4,7 @@ changes, so two admins changing different fields at the same moment must both ta
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -63,8 +64,9 @@ def test_a_change_racing_a_reset_applies_to_the_reset_scopes(scopes_env, monkeyp
 def test_a_taken_over_run_s_late_member_pages_leave_the_new_run_s_alone(scopes_env, monkeypatch):
     # A run whose invocations stopped checkpointing is taken over as stale; its last invocation may
     # still be reading the groups and writing member pages. The new run must go on judging by the
-    # members it read itself, not read the groups again (one run judged by two memberships), and
-    # its end must not leave either run's pages behind.
+    # members it read itself, not read the groups again (one run judged by two memberships). Its
+    # end drops its own pages, not those written since it began (a run begun after its end may be
+    # writing them); the stale run's are dropped by the end of the next run.
     groups = scopes.Scopes(entra_group_ids=(str(uuid.uuid4()),), source="stored")
     read_members = []
 
@@ -74,9 +76,9 @@ def test_a_taken_over_run_s_late_member_pages_leave_the_new_run_s_alone(scopes_e
             return scopes.Membership(frozenset(entra), frozenset())
         monkeypatch.setattr(scopes, "load_membership", load)
 
-    old, _ = directory_runs.start_run(scopes.KIND, "test", {"counts": {}}, stale_after_s=60)
-    new, _ = directory_runs.start_run(scopes.KIND, "test", {"counts": {}}, stale_after_s=60,
-                                      now=old.updated_at + 120)
+    old, _ = directory_runs.start_run(scopes.KIND, "test", {"counts": {}}, stale_after_s=60,
+                                      now=time.time() - 120)  # last checkpointed two minutes ago
+    new, _ = directory_runs.start_run(scopes.KIND, "test", {"counts": {}}, stale_after_s=60)
     assert new is not None and new.run_id != old.run_id, "the old run was not taken over"
     members_now({"e-new"})
     assert scopes.run_membership(new, groups).entra == {"e-new"}
@@ -89,5 +91,14 @@ def test_a_taken_over_run_s_late_member_pages_leave_the_new_run_s_alone(scopes_e
     assert scopes.run_membership(again, groups).entra == {"e-new"}
     assert read_members == [{"e-new"}, {"e-late"}], "the new run read the groups again"
 
+    def pages_of() -> set[str]:
+        return {e["run_id"] for e in storage.query_partition(directory_runs.TABLE, scopes.MEMBERS_SNAPSHOT)}
+
     assert scopes._finish(again) is not None
-    assert list(storage.query_partition(directory_runs.TABLE, scopes.MEMBERS_SNAPSHOT)) == []
+    assert pages_of() == {old.run_id}
+    following, _ = directory_runs.start_run(scopes.KIND, "test", {"counts": {}}, stale_after_s=60)
+    members_now({"e-next"})
+    scopes.run_membership(following, groups)
+    assert directory_runs.save(following)
+    assert scopes._finish(following) is not None
+    assert pages_of() == set()

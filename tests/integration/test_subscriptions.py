@@ -638,3 +638,26 @@ def test_a_subscription_another_shard_recorded_after_the_run_s_snapshot_is_not_d
     assert after[0]["subscription_id"] == fresh_id
     assert after[1]["subscription_status"] == "active" and after[1]["subscription_account"] in accounts
     assert after[1]["subscription_account"] != a
+
+
+def test_an_account_holding_a_subscription_not_ours_leaves_the_shard_in_error_naming_it(graph_app_env,
+                                                                                       webhook_host):
+    # The one sync account already holds a presence subscription another deployment made (Graph
+    # allows one per user per app): not ours to delete. The shard stays on the poll with that
+    # reason and counts as an error (the renewal-failure alert), not as "no account has room".
+    graph = graph_app_env
+    ids = people(graph, 3)
+    [account] = sync_accounts(graph, 1)
+    theirs = webhook_host.base_url.replace("127.0.0.1", "localhost") + "/api/graph/notifications"
+    key = f"?code={webhook_host.function_key}"
+    graph_client.create_subscription({
+        "changeType": "updated", "resource": subscriptions.presence_resource(ids[:1]),
+        "notificationUrl": theirs + key, "lifecycleNotificationUrl": theirs.replace("notifications", "lifecycle") + key,
+        "expirationDateTime": subscriptions._iso(graph.clock.now() + 1800), "clientState": "another-deployment",
+    }, connections.delegated_token(account))
+    report = run(graph)
+    [state] = shard_state().values()
+    assert report.errors == 1 and report.active == 0
+    assert state["subscription_status"] == "error"
+    assert f"account {account} already holds a presence subscription" in state["subscription_error"]
+    assert len(live(graph)) == 1  # theirs, untouched

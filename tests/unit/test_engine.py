@@ -607,6 +607,31 @@ def test_a_zoom_status_the_person_picked_over_our_put_is_theirs_once_read_after_
     assert w.user.zoom_overlay is None and w.user.zoom_yielded
 
 
+def test_a_zoom_status_the_person_picks_while_our_release_is_on_its_way_is_read_again_not_dropped():
+    # Our release (the person's Available put back) reaches Zoom, then the person picks Away; the
+    # release's time on record is Zoom's answer, after both. Dropped as older than our PUT, the
+    # person's Away was later overwritten by a restore of Available.
+    w = World()
+    put = _our_busy_put_under_way(w)
+    w.tick(0.2)
+    mark_zoom_answered(w.user, put.zoom_overlay, w.now)
+    w.user.zoom_last_put_at = w.now
+    w.zoom("Busy")  # echo
+    w.tick()
+    w.seq += 1
+    observe_teams(w.user, "Available", "Available", sequence=f"{w.seq:020d}", ts_ms=w.ts)
+    release = w.reconcile(answered=False)
+    assert release.zoom_op is not None and release.zoom_op.release
+    w.tick(0.2)
+    away_ts = w.ts
+    w.tick(0.2)
+    w.user.zoom_last_put_at = w.now  # Zoom answered the release (as sync_user notes it)
+    assert observe_zoom(w.user, "Away", away_ts, w.now, CFG) == Observed.UNSURE
+    w.tick()  # the read begun after the answer
+    assert observe_zoom(w.user, "Away", w.ts, w.now, CFG) == Observed.APPLIED
+    assert w.user.zoom_native == Presence.AWAY
+
+
 def test_a_zoom_put_whose_answer_was_lost_is_unsure_only_for_a_write_s_longest_time():
     w = World()
     _our_busy_put_under_way(w)
