@@ -18,13 +18,18 @@ def invocations(world: World, name: str) -> int:
     return sum(1 for inv in world.host.invocations if inv.function == name)
 
 
+def _subscribed_basic(world: World, account: str, person) -> None:
+    """The subscription timer has run: ``account`` holds a basic subscription covering ``person``."""
+    world.host.fire_timer("graph_subscriptions")
+    [sub] = [s for s in world.graph.subscriptions.values() if s.owner_user_id.lower() == account]
+    assert sub.covers(person.entra_id) and not sub.include_resource_data
+    world.settle()
+
+
 def test_teams_do_not_disturb_reaches_zoom_by_push(world: World):
     person = world.add_person()
     with sync_account(world) as account:
-        world.host.fire_timer("graph_subscriptions")
-        [sub] = [s for s in world.graph.subscriptions.values() if s.owner_user_id.lower() == account]
-        assert sub.covers(person.entra_id) and not sub.include_resource_data
-        world.settle()
+        _subscribed_basic(world, account, person)
         assert world.zoom_shows(person) == "Available"
 
         notifications, sweeps = invocations(world, "graph_notifications"), invocations(world, "presence_sweep")
@@ -66,10 +71,7 @@ def test_an_unusable_notification_certificate_falls_back_to_basic_notifications_
     app_setting(GRAPH_NOTIFICATION_CERTIFICATE=pem[pem.index("-----BEGIN CERTIFICATE-----"):])
     person = world.add_person()
     with sync_account(world) as account:
-        world.host.fire_timer("graph_subscriptions")
-        [sub] = [s for s in world.graph.subscriptions.values() if s.owner_user_id.lower() == account]
-        assert sub.covers(person.entra_id) and not sub.include_resource_data
-        world.settle()
+        _subscribed_basic(world, account, person)
         world.graph.set_teams_client(person.entra_id, "DoNotDisturb")
         world.settle()
         assert world.zoom_shows(person) == "Do_Not_Disturb"
