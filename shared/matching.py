@@ -892,9 +892,16 @@ def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
     run.finished_at = run.updated_at = time.time()
     if not runs.save(run):
         return None
-    if error:
-        runs.drop_pages(SNAPSHOT, run)  # the listings are of no use once the run has ended
-        return run
+    if not error:
+        _follow_up(run)
+    # The listings are of no use once the run has ended (dropped last: what follows the run is
+    # asked for first).
+    runs.drop_pages(SNAPSHOT, run)
+    return run
+
+
+def _follow_up(run: runs.Run) -> None:
+    """What a run that ended well leads to: its log line, a scope run, a run asked for meanwhile."""
     c = run.state.get("counts", {})
     log.info("matching: run %s done in %d invocation(s): %d created, %d updated, %d disabled, %d enabled",
              run.run_id, run.invocations, c.get("created", 0), c.get("updated", 0), c.get("disabled", 0),
@@ -908,8 +915,6 @@ def _finish(run: runs.Run, error: str = "") -> runs.Run | None:
         again, _ = start("asked for during the previous run")
         if again is not None:
             runs.continue_later(KIND, again.run_id)
-    runs.drop_pages(SNAPSHOT, run)  # last: what follows the run is asked for first
-    return run
 
 
 def _save_report(run: runs.Run, plan: MatchPlan, held: dict[str, str] | None = None) -> None:
